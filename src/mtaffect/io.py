@@ -1,0 +1,47 @@
+"""Safe file output: atomic writes that never overwrite a user's file unless asked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """Raised instead of silently overwriting an existing output."""
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputExistsError(f"{p} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` in one step.
+
+    A crash mid-write leaves the old file (or nothing) in place, never a half-written output.
+    """
+    target = check_writable(path, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", overwrite: bool = False, **kw) -> Iterator:
+    """Open a file for writing atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, overwrite) as tmp, open(tmp, mode, **kw) as fh:
+        yield fh

@@ -1,0 +1,57 @@
+"""Names, orders and missing-label codes of the ABAW Multi-Task Learning challenge.
+
+This is the one place these facts live; every other module imports them from here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The 12 action units in the official (column) order of the annotation files.
+AU_NAMES: Final[tuple[str, ...]] = (
+    "AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26",
+)  # fmt: skip
+#: OpenFace-style zero-padded names (``AU01``), used in application outputs.
+AU_OPENFACE_NAMES: Final[tuple[str, ...]] = tuple(f"AU{int(n[2:]):02d}" for n in AU_NAMES)
+
+#: The 8 expression classes; the position is the official class index.
+EXPR_NAMES: Final[tuple[str, ...]] = (
+    "Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other",
+)  # fmt: skip
+
+NUM_AUS: Final[int] = len(AU_NAMES)
+NUM_EXPR: Final[int] = len(EXPR_NAMES)
+VA_NAMES: Final[tuple[str, str]] = ("valence", "arousal")
+
+#: Missing-label codes as written in the annotation files (VA may also be written -5.0).
+MISSING_VA: Final[float] = -5.0
+MISSING_EXPR: Final[int] = -1
+MISSING_AU: Final[int] = -1
+
+#: Header of annotation files and submissions (line 1 of an annotation file is skipped whatever it says).
+OFFICIAL_HEADER: Final[str] = "image,valence,arousal,expression,aus"
+#: Number of comma-separated fields of an annotation / submission row.
+NUM_FIELDS: Final[int] = 4 + NUM_AUS
+
+# ---- LabelTable columns (one row per annotated image) -------------------------------------------------
+LABEL_COLUMNS: Final[tuple[str, ...]] = ("image", "video", "frame", "valence", "arousal", "expression", *AU_NAMES)
+
+# ---- PredictionTable columns (the currency between models, post-processing, metric and submission) ----
+#: Probability column of each expression class, in class-index order.
+EXPR_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"p_{n}" for n in EXPR_NAMES)
+#: Probability column of each AU, in official AU order.
+AU_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"p_{n}" for n in AU_NAMES)
+PREDICTION_COLUMNS: Final[tuple[str, ...]] = ("image", *VA_NAMES, *EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS)
+
+#: Default decision threshold for AUs (a probability >= threshold is a positive).
+DEFAULT_AU_THRESHOLD: Final[float] = 0.5
+
+# ---- Official data layout ------------------------------------------------------------------------------
+CROPPED_DIR: Final[str] = "cropped_aligned"
+TRAIN_ANNOTATIONS: Final[str] = "training_set_annotations.txt"
+VAL_ANNOTATIONS: Final[str] = "validation_set_annotations.txt"
+#: Test lists as released: ABAW7 and ABAW4.
+TEST_LIST_NAMES: Final[tuple[str, ...]] = ("MTL.txt", "MTL_Challenge_test_set_release.txt")
+#: Labels of the synthetic test set (the real test labels are never released).
+TEST_ANNOTATIONS: Final[str] = "test_set_annotations.txt"
+SPLIT_FILES: Final[dict[str, str]] = {"train": TRAIN_ANNOTATIONS, "val": VAL_ANNOTATIONS}
