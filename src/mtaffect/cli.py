@@ -1,5 +1,251 @@
-"""Command-line interface (typer)."""
+"""The ``mtaffect`` command line: thin wrappers over the library, one command per job.
+
+Every command validates at the boundary and turns the library's errors (which name the file, line and
+what to do) into a one-line message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
 
 import typer
+from rich.console import Console
 
-app = typer.Typer(help="mtaffect: multi-task facial affect analysis", no_args_is_help=True)
+from mtaffect.io import atomic_open
+
+app = typer.Typer(
+    help="mtaffect: multi-task facial affect analysis (12 AUs, 8 expressions, valence/arousal).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect s-Aff-Wild2 style data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+#: Errors that are the user's to fix: reported in one line, exit code 2.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def user_errors(fn: F) -> F:
+    """Report expected errors as a clear message and exit code 2 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _write_json(obj: dict, path: Path, overwrite: bool) -> None:
+    with atomic_open(path, "w", overwrite=overwrite) as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    console.print(f"wrote {path}")
+
+
+def _images_of(path: Path) -> list[str]:
+    """Image names from an annotation file (16 fields a row) or a test list (one name a line)."""
+    from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.submission import read_test_list
+    from mtaffect.schema import NUM_FIELDS
+
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln for ln in (fh.readline(), fh.readline()) if ln.strip()]
+    if lines and len(lines[-1].rstrip("\r\n").split(",")) == NUM_FIELDS:
+        return list(read_annotations(path, keep_duplicates=True).images)
+    return read_test_list(path)
+
+
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+Thresholds = Annotated[
+    Path | None,
+    typer.Option(help='Per-AU thresholds: JSON {"AU1": 0.4, ...} or a list of 12 numbers (default 0.5).'),
+]
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to create (the official s-Aff-Wild2 layout).")],
+    videos: Annotated[int, typer.Option(help="Number of videos.")] = 12,
+    frames: Annotated[int, typer.Option(help="Annotated rows per video (on average).")] = 150,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives identical files.")] = 0,
+    workers: Annotated[int, typer.Option(help="Rendering processes.")] = 1,
+    overwrite: Overwrite = False,
+) -> None:
+    """Generate a synthetic s-Aff-Wild2 set (faces, annotations, test list and its labels)."""
+    from mtaffect.data.synth import SynthConfig, generate
+
+    summary = generate(
+        out, SynthConfig(videos=videos, frames=frames, seed=seed), overwrite=overwrite, workers=workers,
+        progress=True,
+    )
+    rate = summary.images / max(summary.seconds, 1e-9)
+    console.print(
+        f"wrote {summary.images} images to {summary.root} in {summary.seconds:.1f}s ({rate:.0f} images/s); "
+        f"rows: {summary.rows}"
+    )
+
+
+@app.command()
+@user_errors
+def evaluate(
+    gt: Annotated[Path, typer.Option(help="Ground-truth annotation file (official format).")],
+    pred: Annotated[Path, typer.Option(help="PredictionTable (.csv/.parquet) or a submission file.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON.")] = None,
+    keep_duplicates: Annotated[
+        bool, typer.Option(help="Score duplicate annotation lines as often as they occur (as the official "
+                           "validation scoring does).")
+    ] = False,
+    thresholds: Thresholds = None,
+    lenient: Annotated[bool, typer.Option(help="Skip (and report) malformed annotation rows.")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Score predictions with the official ABAW MTL metric P = CCC_VA + F1_EXPR + F1_AU."""
+    from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.data.submission import thresholds_from_json
+    from mtaffect.metrics import score
+
+    table = read_annotations(gt, keep_duplicates=keep_duplicates, lenient=lenient)
+    for problem in table.skipped:
+        err_console.print(f"[yellow]skipped[/] {problem.path}:{problem.line}: {problem.message}", highlight=False)
+    ths = thresholds_from_json(thresholds) if thresholds else None
+    result = score(table, PredictionTable.read(pred), au_thresholds=ths)
+    console.print(result.table())
+    dup = "kept" if keep_duplicates else "dropped"
+    console.print(f"P = {result.P:.4f}   ({len(table)} rows; {table.duplicates} duplicate lines {dup})")
+    if json_out:
+        _write_json(result.to_dict(), json_out, overwrite)
+
+
+@app.command()
+@user_errors
+def submit(
+    pred: Annotated[Path, typer.Option(help="PredictionTable (.csv/.parquet) with a row for every test image.")],
+    test_list: Annotated[Path, typer.Option(help="The challenge test list (e.g. MTL.txt).")],
+    out: Annotated[Path, typer.Option(help="Submission file to write.")],
+    thresholds: Thresholds = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a challenge submission: one line per test-list line, in order, hard decisions."""
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.data.submission import read_test_list, thresholds_from_json, validate_submission, write_submission
+
+    names = read_test_list(test_list)
+    ths = thresholds_from_json(thresholds) if thresholds else None
+    path = write_submission(PredictionTable.read(pred), names, out, au_thresholds=ths, overwrite=overwrite)
+    problems = validate_submission(path, names)
+    if problems:  # a writer bug, never the user's: say so loudly
+        raise ValueError(f"internal error: the written submission fails validation: {problems[0]}")
+    console.print(f"wrote {path} ({len(names)} lines, validated against {test_list})")
+
+
+@app.command("validate-submission")
+@user_errors
+def validate_submission_cmd(
+    file: Annotated[Path, typer.Argument(help="Submission file to check.")],
+    test_list: Annotated[Path, typer.Option(help="The test list it answers.")],
+) -> None:
+    """Check a submission against its test list: count, order, names, value ranges."""
+    from mtaffect.data.submission import read_test_list, validate_submission
+
+    problems = validate_submission(file, read_test_list(test_list))
+    if problems:
+        for p in problems:
+            err_console.print(f"[red]{file}[/]: {p}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{file}: valid")
+
+
+@app.command()
+@user_errors
+def baseline(
+    kind: Annotated[str, typer.Option(help="constant (all AUs on, majority expression, mean VA) or random.")],
+    train: Annotated[Path, typer.Option(help="Training annotations (statistics for 'constant').")],
+    images: Annotated[Path, typer.Option(help="Annotation file or test list naming the images to predict.")],
+    out: Annotated[Path, typer.Option(help="PredictionTable to write (.csv or .parquet).")],
+    seed: int = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Write a trivial baseline PredictionTable: the floor every model must beat."""
+    from mtaffect.baselines import BASELINES, constant_baseline, random_baseline
+    from mtaffect.data.annotations import read_annotations
+
+    if kind not in BASELINES:
+        raise ValueError(f"--kind must be one of {', '.join(BASELINES)}, got {kind!r}")
+    names = list(dict.fromkeys(_images_of(images)))
+    table = constant_baseline(read_annotations(train), names) if kind == "constant" else random_baseline(names, seed)
+    console.print(f"wrote {table.write(out, overwrite=overwrite)} ({len(table)} rows, {kind} baseline)")
+
+
+@data_app.command("stats")
+@user_errors
+def data_stats(
+    path: Annotated[Path, typer.Argument(help="A dataset root or one annotation file.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the statistics as JSON.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Rows, videos, valid labels per task, duplicates, class counts and AU prevalence."""
+    from mtaffect.data.stats import render_stats, stats_for_path
+
+    stats = stats_for_path(path)
+    console.print(render_stats(stats))
+    if json_out:
+        _write_json(stats, json_out, overwrite)
+
+
+@app.command()
+@user_errors
+def extract(
+    data: Annotated[Path, typer.Option(help="Dataset root (official layout).")],
+    out: Annotated[Path, typer.Option(help="Feature store folder to create (or resume).")],
+    backbone: Annotated[str, typer.Option(help="Backbone name; see `mtaffect backbones`.")] = "fer-minixception",
+    split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
+    batch_size: int = 256,
+    device: str = "cpu",
+    workers: Annotated[int, typer.Option(help="Decoding processes.")] = 1,
+    tokens: Annotated[bool, typer.Option(help="Also store patch tokens (backbones that have them).")] = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Run a frozen backbone once over every face; resumable, sharded per rank under torchrun."""
+    from mtaffect.features.extract import extract as run_extract
+
+    splits = tuple(s.strip() for s in split.split(",") if s.strip())
+    res = run_extract(
+        data, backbone, out, splits=splits, batch_size=batch_size, device=device, workers=workers,
+        tokens=tokens, overwrite=overwrite,
+    )
+    console.print(
+        f"store {res.store}: {res.images} images ({res.extracted} extracted now, {res.resumed_from} resumed), "
+        f"{res.failed} failed{f' (see {res.failed_report})' if res.failed else ''}; "
+        f"{res.images_per_s:.0f} images/s"
+    )
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from mtaffect.features.registry import list_backbones
+
+    for name in list_backbones():
+        console.print(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="mtaffect")

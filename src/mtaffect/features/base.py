@@ -10,6 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+#: ImageNet normalisation (pixels in [0, 1]), shared by most hub backbones.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:

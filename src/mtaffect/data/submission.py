@@ -1,0 +1,248 @@
+"""Challenge test lists and submissions: read the list, write the predictions file, check it line by line.
+
+A submission has the header ``image,valence,arousal,expression,aus`` and then, for every line of the
+test list and in its order (repeats repeated), ``name,V,A,expression_index,AU1,...,AU26`` with VA in
+[-1, 1], the expression an integer 0..7 and each AU 0 or 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mtaffect.data.predictions import PredictionTable
+from mtaffect.io import atomic_open, check_writable
+from mtaffect.schema import (
+    AU_NAMES,
+    AU_OPENFACE_NAMES,
+    DEFAULT_AU_THRESHOLD,
+    NUM_AUS,
+    NUM_EXPR,
+    NUM_FIELDS,
+    OFFICIAL_HEADER,
+)
+
+#: ``<video>/<frame number>[.ext]``: what a test-list entry looks like (a header line does not).
+_IMAGE_RE = re.compile(r"^[^\s,]+/[0-9]+(\.[A-Za-z0-9]+)?$")
+_AU_INDEX = {**{n: i for i, n in enumerate(AU_NAMES)}, **{n: i for i, n in enumerate(AU_OPENFACE_NAMES)}}
+
+
+class SubmissionError(ValueError):
+    """A test list, submission or threshold file that cannot be used."""
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SubmissionError(
+            f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines without line endings, trailing blank lines dropped (CRLF and LF both fine)."""
+    lines = [ln.rstrip("\r") for ln in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
+def read_test_list(path: str | os.PathLike) -> list[str]:
+    """Image names of a test list, one per line, in order, repeats kept.
+
+    An optional header (a first line that is not an image name) is skipped; anything after the first
+    comma of a line is ignored (ABAW7 lines end with a trailing comma). Blank lines inside are an error.
+    """
+    p = Path(path)
+    lines = _lines(_read_text(p, "test list"))
+    names: list[str] = []
+    for lineno, line in enumerate(lines, start=1):
+        name = line.split(",", 1)[0].strip()
+        if lineno == 1 and not _IMAGE_RE.match(name):
+            continue  # header
+        if not name:
+            raise SubmissionError(f"{p}:{lineno}: blank line inside the test list; every line names an image")
+        if not _IMAGE_RE.match(name):
+            raise SubmissionError(
+                f"{p}:{lineno}: {name!r} is not an image name like 'video1/00001.jpg'; "
+                "a test list holds one <video>/<frame>.jpg per line"
+            )
+        names.append(name)
+    if not names:
+        raise SubmissionError(f"{p}: the test list names no images")
+    return names
+
+
+def _as_thresholds(au_thresholds: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    if au_thresholds is None:
+        return np.full(NUM_AUS, DEFAULT_AU_THRESHOLD, dtype=np.float64)
+    thr = np.asarray(au_thresholds, dtype=np.float64)
+    if thr.shape != (NUM_AUS,):
+        raise SubmissionError(
+            f"au_thresholds needs {NUM_AUS} values (order {list(AU_NAMES)}), got {thr.shape}"
+        )
+    if not (np.isfinite(thr) & (thr >= 0) & (thr <= 1)).all():
+        raise SubmissionError(f"au_thresholds must lie in [0, 1], got {thr.tolist()}")
+    return thr
+
+
+def write_submission(
+    pred: PredictionTable,
+    test_list: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    au_thresholds: Sequence[float] | np.ndarray | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the challenge file: one line per test-list entry, in order, hard labels from probabilities.
+
+    VA is clipped to [-1, 1]; the expression is the most probable class; AU k is 1 iff its probability
+    is >= ``au_thresholds[k]`` (default :data:`~mtaffect.schema.DEFAULT_AU_THRESHOLD`).
+    """
+    names = list(test_list)
+    if not names:
+        raise SubmissionError("the test list is empty: nothing to write")
+    thr = _as_thresholds(au_thresholds)
+    target = check_writable(out, overwrite)  # fail before aligning a large table
+    aligned = pred.align_to(names)
+    table = pd.DataFrame(
+        {
+            "image": names,
+            "valence": np.clip(aligned.valence, -1.0, 1.0),
+            "arousal": np.clip(aligned.arousal, -1.0, 1.0),
+            "expression": aligned.expr_labels,
+        }
+    )
+    aus = (aligned.au_probs >= thr).astype(np.int64)
+    for j, au in enumerate(AU_NAMES):
+        table[au] = aus[:, j]
+    with atomic_open(target, "w", overwrite=overwrite, newline="", encoding="utf-8") as fh:
+        fh.write(OFFICIAL_HEADER + "\n")
+        table.to_csv(fh, header=False, index=False, lineterminator="\n")
+    return target
+
+
+def _field_problems(fields: list[str], lineno: int, expected: str) -> list[str]:
+    """What is wrong with one 16-field submission line."""
+    out = []
+    name = fields[0].strip()
+    if name != expected:
+        out.append(f"line {lineno}: expected image {expected!r}, found {name!r}")
+    for k, label in ((1, "valence"), (2, "arousal")):
+        raw = fields[k].strip()
+        try:
+            x = float(raw)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and -1.0 <= x <= 1.0):
+            out.append(f"line {lineno}: {label} must be a number in [-1, 1], found {raw!r}")
+    raw = fields[3].strip()
+    if not (raw.isascii() and raw.isdigit() and int(raw) < NUM_EXPR):
+        out.append(f"line {lineno}: expression must be an integer 0..{NUM_EXPR - 1}, found {raw!r}")
+    for k, au in enumerate(AU_NAMES, start=4):
+        raw = fields[k].strip()
+        if raw not in ("0", "1"):
+            out.append(f"line {lineno}: {au} must be 0 or 1, found {raw!r}")
+    return out
+
+
+def validate_submission(
+    path: str | os.PathLike, test_list: Sequence[str], *, max_problems: int = 20
+) -> list[str]:
+    """Problems of a submission against its test list, each naming its line; an empty list means valid.
+
+    Checks the header, the line count, each line's image (order included) and the value ranges. At most
+    ``max_problems`` are listed, followed by a count of the rest. A missing or unreadable file is
+    reported as a problem rather than raised, so callers can print the list either way.
+    """
+    p = Path(path)
+    expected = list(test_list)
+    try:
+        lines = _lines(_read_text(p, "submission"))
+    except (FileNotFoundError, SubmissionError) as exc:
+        return [str(exc)]
+    if not lines:
+        return [f"{p}: the file is empty; expected the header {OFFICIAL_HEADER!r} and {len(expected)} lines"]
+    problems: list[str] = []
+    header = lines[0].strip()
+    start = 1
+    if header.replace(" ", "") != OFFICIAL_HEADER:
+        first = header.split(",", 1)[0].strip()
+        if _IMAGE_RE.match(first) or (expected and first == expected[0]):
+            problems.append(f"line 1: the header {OFFICIAL_HEADER!r} is missing (found an image line)")
+            start = 0
+        else:
+            problems.append(f"line 1: expected the header {OFFICIAL_HEADER!r}, found {header!r}")
+    data = lines[start:]
+    if len(data) != len(expected):
+        problems.append(
+            f"expected {len(expected)} prediction lines after the header (one per test-list line), "
+            f"found {len(data)}"
+        )
+    for k, (line, name) in enumerate(zip(data, expected, strict=False)):
+        lineno = start + k + 1
+        fields = line.split(",")
+        if len(fields) != NUM_FIELDS:
+            what = "blank line" if not line.strip() else f"found {len(fields)}"
+            problems.append(f"line {lineno}: expected {NUM_FIELDS} comma-separated fields, {what}")
+            continue
+        problems.extend(_field_problems(fields, lineno, name))
+    if len(problems) > max_problems:
+        rest = len(problems) - max_problems
+        problems = [*problems[:max_problems], f"... and {rest} more problem(s)"]
+    return problems
+
+
+def thresholds_from_json(path_or_obj: str | os.PathLike | Mapping | Sequence[float]) -> np.ndarray:
+    """Per-AU decision thresholds (official AU order) from JSON or an already loaded object.
+
+    Accepts ``{"AU1": 0.4, ...}`` (missing AUs keep the default; ``AU01`` spellings work too; a
+    ``{"au_thresholds": {...}}`` wrapper is unwrapped) or a list of 12 numbers. Unknown names are an error.
+    """
+    where = "thresholds"
+    obj: object = path_or_obj
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        p = Path(path_or_obj)
+        where = str(p)
+        text = _read_text(p, "threshold file")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SubmissionError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(obj, Mapping) and set(obj) == {"au_thresholds"}:
+        obj = obj["au_thresholds"]
+    thr = np.full(NUM_AUS, DEFAULT_AU_THRESHOLD, dtype=np.float64)
+    if isinstance(obj, Mapping):
+        unknown = [k for k in obj if k not in _AU_INDEX]
+        if unknown:
+            raise SubmissionError(f"{where}: unknown AU name(s) {unknown}; expected some of {list(AU_NAMES)}")
+        items = [(_AU_INDEX[k], k, v) for k, v in obj.items()]
+    elif isinstance(obj, (Sequence, np.ndarray)) and not isinstance(obj, (str, bytes)):
+        values = list(obj)
+        if len(values) != NUM_AUS:
+            raise SubmissionError(
+                f"{where}: a threshold list needs {NUM_AUS} values (order {list(AU_NAMES)}), "
+                f"got {len(values)}"
+            )
+        items = [(i, AU_NAMES[i], v) for i, v in enumerate(values)]
+    else:
+        raise SubmissionError(
+            f"{where}: expected a mapping AU name -> threshold or a list of {NUM_AUS} numbers"
+        )
+    for i, name, v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise SubmissionError(f"{where}: threshold of {name} must be a number in [0, 1], got {v!r}")
+        if not (math.isfinite(float(v)) and 0.0 <= float(v) <= 1.0):
+            raise SubmissionError(f"{where}: threshold of {name} must lie in [0, 1], got {v!r}")
+        thr[i] = float(v)
+    return thr

@@ -1,0 +1,155 @@
+"""``hf:`` backbones on tiny random-init models saved to tmp folders, loaded offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mtaffect.features.hf import hub_commit, normalisation_from_processor, size_from_processor  # noqa: E402
+from mtaffect.features.registry import create_backbone  # noqa: E402
+
+VIT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+}
+PROCESSOR = {
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": True,
+    "size": {"height": 32, "width": 32},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.4, 0.3],
+    "image_std": [0.2, 0.25, 0.3],
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _save(model, folder, processor: dict | None = PROCESSOR):
+    model.save_pretrained(folder)
+    if processor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def _images(n: int, size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def test_vit_folder_with_processor(tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.ViTModel(transformers.ViTConfig(**VIT)).eval()
+    folder = _save(ref, tmp_path / "vit")
+    bb = create_backbone(f"hf:{folder}")
+    spec = bb.spec
+    assert spec.name == f"hf:{folder.resolve()}"
+    assert spec.input_size == 32 and spec.colour == "RGB"
+    np.testing.assert_allclose(spec.mean, PROCESSOR["image_mean"])
+    np.testing.assert_allclose(spec.std, PROCESSOR["image_std"])
+    assert spec.feature_dim == 32 and spec.token_shape == (16, 32)
+    assert spec.config["pooling"] == "pooler" and spec.config["model_type"] == "vit"
+    assert set(spec.config["weights_sha256"]) == {"model.safetensors"}
+
+    imgs = _images(3, 32)
+    x = bb.preprocess(imgs)
+    mean, std = (torch.tensor(PROCESSOR[k]).view(1, 3, 1, 1) for k in ("image_mean", "image_std"))
+    want_x = (torch.from_numpy(imgs).permute(0, 3, 1, 2) / 255 - mean) / std
+    torch.testing.assert_close(x, want_x)
+    with torch.no_grad():
+        got = bb(x, tokens=True)
+        want = ref(pixel_values=x)
+    torch.testing.assert_close(got.features, want.pooler_output)
+    torch.testing.assert_close(got.tokens, want.last_hidden_state[:, 1:])  # CLS left out
+    assert bb(x).tokens is None
+    assert create_backbone(f"hf:{folder}").spec.fingerprint() == spec.fingerprint()
+
+
+def test_checkpoint_without_pooler_is_mean_pooled(tmp_path):
+    torch.manual_seed(0)
+    ref = transformers.ViTModel(transformers.ViTConfig(**VIT), add_pooling_layer=False).eval()
+    folder = _save(ref, tmp_path / "vit-nopool")
+    bb = create_backbone(f"hf:{folder}")  # AutoModel adds a pooler, but its weights would be random
+    assert bb.spec.config["pooling"] == "mean"
+    x = bb.preprocess(_images(2, 32))
+    with torch.no_grad():
+        hidden = ref(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(bb(x).features, hidden[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="no \\(loaded\\) pooler"):
+        create_backbone(f"hf:{folder}", pooling="pooler")
+
+
+def test_no_processor_needs_explicit_normalisation_and_other_sizes_interpolate(tmp_path):
+    torch.manual_seed(0)
+    folder = _save(transformers.ViTModel(transformers.ViTConfig(**VIT)), tmp_path / "bare", processor=None)
+    with pytest.raises(ValueError, match="mean= and std="):
+        create_backbone(f"hf:{folder}")
+    bb = create_backbone(f"hf:{folder}", image_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, pooling="cls")
+    assert bb.spec.input_size == 48 and bb.spec.token_shape == (36, 32)  # 6x6 patches of 8
+    out = bb(bb.preprocess(_images(2, 48)), tokens=True)
+    assert out.features.shape == (2, 32) and out.tokens.shape == (2, 36, 32)
+
+
+def test_convolutional_model_tokens_are_the_flattened_grid(tmp_path):
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=3)
+    torch.manual_seed(0)
+    folder = _save(transformers.ResNetModel(cfg), tmp_path / "resnet")
+    bb = create_backbone(f"hf:{folder}")
+    x = bb.preprocess(_images(2, 32))
+    out = bb(x, tokens=True)
+    assert out.features.shape == (2, 16)
+    n, t, c = out.tokens.shape
+    assert (n, c) == (2, 16) and bb.spec.token_shape == (t, 16)
+    torch.testing.assert_close(out.features, out.tokens.mean(1), rtol=1e-5, atol=1e-5)  # avg-pool pooler
+
+
+def test_vit_mae_sees_every_patch_in_order(tmp_path):
+    cfg = transformers.ViTMAEConfig(**VIT)  # mask_ratio 0.75 as in pre-training
+    torch.manual_seed(0)
+    folder = _save(transformers.ViTMAEModel(cfg), tmp_path / "mae")
+    bb = create_backbone(f"hf:{folder}")
+    assert bb.spec.token_shape == (16, 32) and bb.spec.config["pooling"] == "mean"
+    x = bb.preprocess(_images(2, 32))
+    a, b = bb(x, tokens=True), bb(x, tokens=True)
+    torch.testing.assert_close(a.tokens, b.tokens)  # no random shuffling or masking
+
+
+def test_processor_settings_are_converted():
+    mean, std = normalisation_from_processor(
+        {"rescale_factor": 1 / 127.5, "image_mean": 1.0, "image_std": 1.0}
+    )
+    np.testing.assert_allclose(mean, (0.5,) * 3)  # x/127.5 - 1 == (x/255 - 0.5) / 0.5
+    np.testing.assert_allclose(std, (0.5,) * 3)
+    assert normalisation_from_processor({"do_normalize": False}) == ((0.0,) * 3, (1.0,) * 3)
+    assert (
+        size_from_processor({"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224}) == 224
+    )
+    assert size_from_processor({"size": {"height": 224, "width": 224}}) == 224
+    assert size_from_processor({"size": {"height": 224, "width": 160}}) is None
+
+
+def test_missing_hub_model_offline_says_what_to_do():
+    with pytest.raises(OSError, match="huggingface-cli download nobody/no-such-vit"):
+        create_backbone("hf:nobody/no-such-vit")
+
+
+def test_hub_models_are_fingerprinted_by_their_cached_commit(tmp_path):
+    repo = tmp_path / "models--org--tiny"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert hub_commit("org/tiny", None, cache_dir=tmp_path) == "abc123"
+    assert hub_commit("org/absent", None, cache_dir=tmp_path) is None

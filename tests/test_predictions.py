@@ -1,0 +1,183 @@
+"""PredictionTable: validation, CSV/Parquet round-trips, submission files read back, alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtaffect.data.predictions import MissingPredictionsError, PredictionError, PredictionTable
+from mtaffect.io import OutputExistsError
+from mtaffect.schema import (
+    AU_PROB_COLUMNS,
+    EXPR_PROB_COLUMNS,
+    NUM_AUS,
+    NUM_EXPR,
+    OFFICIAL_HEADER,
+    PREDICTION_COLUMNS,
+)
+
+
+def make(n: int = 6, seed: int = 0, **extra) -> PredictionTable:
+    rng = np.random.default_rng(seed)
+    return PredictionTable.from_arrays(
+        [f"139-14-720x480/{i + 1:05d}.jpg" for i in range(n)],
+        rng.uniform(-1, 1, n),
+        rng.uniform(-1, 1, n),
+        rng.dirichlet(np.ones(NUM_EXPR), n),
+        rng.uniform(0, 1, (n, NUM_AUS)),
+        **extra,
+    )
+
+
+def test_from_arrays_columns_and_views():
+    t = make(4, video=["341"] * 4, face_id=[0, 0, 1, 0])
+    assert list(t.frame.columns) == [*PREDICTION_COLUMNS, "video", "face_id"]
+    assert len(t) == 4
+    assert t.expr_probs.shape == (4, NUM_EXPR) and t.au_probs.shape == (4, NUM_AUS)
+    assert t.expr_labels.tolist() == t.expr_probs.argmax(axis=1).tolist()
+    assert t.images[0] == "139-14-720x480/00001.jpg"
+    assert t.valence.dtype == np.float64
+    with pytest.raises(PredictionError, match="expr_probs has shape"):
+        PredictionTable.from_arrays(["a/1.jpg"], [0], [0], np.ones((1, 7)), np.zeros((1, NUM_AUS)))
+    with pytest.raises(PredictionError, match="clashes"):
+        make(2, p_Anger=[0, 0])
+
+
+def test_probabilities_are_not_renormalised():
+    probs = np.full((1, NUM_EXPR), 0.1)  # sums to 0.8: kept as given
+    t = PredictionTable.from_arrays(["a/00001.jpg"], [0.2], [0.1], probs, np.zeros((1, NUM_AUS)))
+    np.testing.assert_array_equal(t.expr_probs, probs)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "needle"),
+    [
+        ("p_Anger", 1.2, "probability in [0, 1]"),
+        ("p_AU12", -0.1, "probability in [0, 1]"),
+        ("p_Fear", np.nan, "probability in [0, 1]"),
+        ("valence", np.inf, "finite number"),
+        ("arousal", "high", "finite number"),
+    ],
+)
+def test_invalid_values_rejected_with_column_and_row(column, value, needle):
+    df = make(5).frame.astype({column: object})
+    df.loc[3, column] = value
+    with pytest.raises(PredictionError) as ei:
+        PredictionTable(df, source="preds.parquet")
+    msg = str(ei.value)
+    assert msg.startswith("preds.parquet: ") and repr(column) in msg and needle in msg and "row 3" in msg
+
+
+def test_missing_columns_listed():
+    df = make(2).frame.drop(columns=["p_AU4", "arousal"])
+    with pytest.raises(PredictionError) as ei:
+        PredictionTable(df, source="x.csv")
+    assert "x.csv" in str(ei.value) and "['arousal', 'p_AU4']" in str(ei.value)
+
+
+def test_csv_and_parquet_round_trip_exactly(tmp_path):
+    t = make(50, video=[f"{i % 3}" for i in range(50)], frame=np.arange(50), time=np.linspace(0, 2, 50))
+    for name in ("p.csv", "p.parquet", "p.pq"):
+        path = t.write(tmp_path / name)
+        back = PredictionTable.read(path)
+        pd.testing.assert_frame_equal(back.frame, t.frame, check_exact=True)
+        assert back.source == str(path)
+        with pytest.raises(OutputExistsError):
+            t.write(path)
+    t.write(tmp_path / "p.csv", overwrite=True)
+    with pytest.raises(PredictionError, match="write_submission"):
+        t.write(tmp_path / "p.txt")
+
+
+def test_csv_errors_name_file_and_line(tmp_path):
+    df = make(4).frame
+    df.loc[2, "p_AU1"] = 3.0
+    p = tmp_path / "bad.csv"
+    df.to_csv(p, index=False)
+    with pytest.raises(PredictionError) as ei:
+        PredictionTable.read(p)
+    assert str(ei.value).startswith(f"{p}: column 'p_AU1'") and "line 4" in str(ei.value)
+    with pytest.raises(PredictionError, match="unsupported suffix"):
+        PredictionTable.read(_touch(tmp_path / "p.json"))
+    with pytest.raises(FileNotFoundError):
+        PredictionTable.read(tmp_path / "none.csv")
+
+
+def _touch(p):
+    p.write_text("{}")
+    return p
+
+
+SUB_ROWS = [
+    "a-1_left/00001.jpg,0.5,-0.25,4,1,0,0,0,0,0,1,0,0,0,1,0",
+    "a-1_left/00002.jpg,-1,1,0,0,0,0,0,0,0,0,0,0,0,0,1",
+]
+
+
+@pytest.mark.parametrize("header", [OFFICIAL_HEADER, None])
+def test_submission_file_read_as_probabilities(tmp_path, header):
+    p = tmp_path / "predictions.txt"
+    p.write_text("\n".join([header] * (header is not None) + SUB_ROWS) + "\n\n")
+    t = PredictionTable.read(p)
+    assert t.images.tolist() == ["a-1_left/00001.jpg", "a-1_left/00002.jpg"]
+    assert t.valence.tolist() == [0.5, -1.0] and t.arousal.tolist() == [-0.25, 1.0]
+    assert t.expr_labels.tolist() == [4, 0]
+    np.testing.assert_array_equal(t.expr_probs[0], np.eye(NUM_EXPR)[4])
+    assert (t.au_probs >= 0.5).astype(int)[0].tolist() == [1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0]
+    assert set(np.unique(t.au_probs)) <= {0.0, 1.0}
+
+
+def test_bad_submission_rows_name_the_line(tmp_path):
+    p = tmp_path / "s.csv"
+    bad_expr = "a-1_left/00002.jpg,-1,1,9," + ",".join(["0"] * NUM_AUS)
+    bad_au = "a-1_left/00003.jpg,0,0,1,0,0,2," + ",".join(["0"] * (NUM_AUS - 3))
+    p.write_text("\n".join([OFFICIAL_HEADER, SUB_ROWS[0], bad_expr, bad_au]))
+    with pytest.raises(PredictionError, match=rf"{p}:3: expression must be an integer 0\.\.7 \(got: '9'\)"):
+        PredictionTable.read(p)
+    p.write_text("\n".join([OFFICIAL_HEADER, SUB_ROWS[0], bad_au]))
+    with pytest.raises(PredictionError, match=rf"{p}:3: AU4 must be 0 or 1 \(got: '2'\)"):
+        PredictionTable.read(p)
+    p.write_text("\n".join([OFFICIAL_HEADER, SUB_ROWS[0] + ",1"]))
+    with pytest.raises(PredictionError, match=rf"{p}:2: expected 16"):
+        PredictionTable.read(p)
+
+
+def test_align_to_reorders_repeats_and_reports_missing():
+    t = make(5, frame=np.arange(5))
+    names = t.images
+    aligned = t.align_to([names[3], names[0], names[3]])
+    assert aligned.frame["frame"].tolist() == [3, 0, 3]
+    np.testing.assert_array_equal(aligned.au_probs[0], t.au_probs[3])
+    with pytest.raises(MissingPredictionsError) as ei:
+        t.align_to([names[0], *[f"x/{i:05d}.jpg" for i in range(8)], "x/00000.jpg"])
+    err = ei.value
+    assert isinstance(err, PredictionError)
+    assert "8 of 9 requested image(s) have no prediction" in str(err)
+    assert "x/00004.jpg" in str(err) and "x/00005.jpg" not in str(err)  # at most 5 examples
+    assert err.missing[:2] == ["x/00000.jpg", "x/00001.jpg"] and len(err.missing) == 8
+
+
+def test_align_to_duplicate_predictions():
+    t = make(3)
+    same = PredictionTable(pd.concat([t.frame, t.frame.iloc[[1]]], ignore_index=True))
+    assert same.align_to(t.images).frame.equals(t.frame)
+    changed = t.frame.iloc[[1]].copy()
+    changed["valence"] = 0.99
+    ambiguous = PredictionTable(pd.concat([t.frame, changed], ignore_index=True), source="two_faces.csv")
+    with pytest.raises(PredictionError, match="ambiguous") as ei:
+        ambiguous.align_to(t.images)
+    assert t.images[1] in str(ei.value) and "two_faces.csv" in str(ei.value)
+
+
+def test_column_constants_are_in_schema_order():
+    t = make(1)
+    assert [c for c in t.frame.columns if c.startswith("p_")] == [*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS]
+
+
+def test_csv_round_trip_of_awkward_text_columns(tmp_path):
+    t = make(2, note=['says "hi", twice', "plain"], face=[0, 1])
+    back = PredictionTable.read(t.write(tmp_path / "p.csv"))
+    assert back.frame["note"].tolist() == ['says "hi", twice', "plain"]
+    assert back.frame["face"].tolist() == [0, 1]
+    np.testing.assert_array_equal(back.au_probs, t.au_probs)
