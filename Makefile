@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning costs 10x (see docs/benchmarks.md).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test lint demo bench clean
 

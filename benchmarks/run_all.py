@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see docs/benchmarks.md)
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,0 +1,276 @@
+"""Face crops for the backbones: 5-point similarity alignment and plain box crops.
+
+Alignment maps a face's five landmarks (left eye, right eye, nose, mouth left, mouth right; image
+left/right as seen) onto a fixed template with the least-squares similarity transform (rotation,
+uniform scale, translation; Umeyama 1991), so that every face reaches the backbone at the same pose
+and scale, like the s-Aff-Wild2 ``cropped_aligned`` images.
+
+The template is the widely used ArcFace/InsightFace 112x112 five-point reference (:data:`REFERENCE_5PT_112`):
+left eye (38.2946, 51.6963), right eye (73.5318, 51.5014), nose (56.0252, 71.7366), mouth left
+(41.5493, 92.3655), mouth right (70.7299, 92.2041), in pixels of a 112x112 crop. Other sizes scale it;
+a custom template may be passed.
+
+Coordinates follow the pixel-index convention (pixel ``(r, c)`` has its centre at ``x=c, y=r``), the one
+MTCNN landmarks and OpenCV's ``warpAffine`` use. Sampling is bilinear, areas outside the image are
+black, and strong down-scaling is antialiased by supersampling. The batched torch samplers underneath,
+:func:`warp_affine` (one affine map per crop) and :func:`sample_grid` (axis-aligned crops, used by
+MTCNN), read many crops from many frames in one gather.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: ArcFace/InsightFace five-point template of a 112x112 crop, (x, y) in pixels.
+REFERENCE_5PT_112: np.ndarray = np.array(
+    [
+        [38.2946, 51.6963],  # left eye
+        [73.5318, 51.5014],  # right eye
+        [56.0252, 71.7366],  # nose tip
+        [41.5493, 92.3655],  # mouth left corner
+        [70.7299, 92.2041],  # mouth right corner
+    ],
+    dtype=np.float64,
+)
+REFERENCE_5PT_112.setflags(write=False)
+
+#: Upper bound of the supersampling factor used to antialias strong down-scaling.
+MAX_SUPERSAMPLE = 4
+
+
+# ---- geometry -----------------------------------------------------------------------------------------
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity transform (Umeyama) taking ``src`` points onto ``dst``; (2, 3) matrix.
+
+    ``dst ≈ M[:, :2] @ src + M[:, 2]`` with ``M[:, :2]`` a scaled rotation (never a reflection).
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    if src.ndim != 2 or src.shape[1] != 2 or src.shape != dst.shape or len(src) < 2:
+        raise ValueError(f"expected two (N, 2) point sets with N >= 2, got {src.shape} and {dst.shape}")
+    if not (np.isfinite(src).all() and np.isfinite(dst).all()):
+        raise ValueError("landmarks contain NaN or inf; align only detected faces")
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    sc, dc = src - mu_s, dst - mu_d
+    var_s = (sc**2).sum() / len(src)
+    if var_s <= 1e-12:
+        raise ValueError("source points coincide; a similarity transform is undefined")
+    cov = dc.T @ sc / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # the optimum would reflect: flip the weakest axis
+        d[-1] = -1.0
+    rot = u @ np.diag(d) @ vt
+    scale = float((s * d).sum() / var_s)
+    m = np.empty((2, 3))
+    m[:, :2] = scale * rot
+    m[:, 2] = mu_d - scale * rot @ mu_s
+    return m
+
+
+def invert_affine(m: np.ndarray) -> np.ndarray:
+    """Inverse of (..., 2, 3) affine matrices."""
+    m = np.asarray(m, dtype=np.float64)
+    a_inv = np.linalg.inv(m[..., :2])
+    t = -np.einsum("...ij,...j->...i", a_inv, m[..., 2])
+    return np.concatenate([a_inv, t[..., None]], axis=-1)
+
+
+def template_for(size: int, template: np.ndarray | None = None) -> np.ndarray:
+    """The 5-point template for a ``size`` crop: ``template`` as given, else the 112 reference scaled."""
+    if template is not None:
+        t = np.asarray(template, dtype=np.float64)
+        if t.shape != (5, 2):
+            raise ValueError(f"template must have shape (5, 2), got {t.shape}")
+        return t
+    # Scale about pixel centres so the template keeps its relative place in the crop.
+    return (REFERENCE_5PT_112 + 0.5) * (size / 112.0) - 0.5
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+
+
+def _bilinear(
+    images: torch.Tensor, frame_index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, fill: float = 0.0
+) -> torch.Tensor:
+    """Bilinear reads of ``images[frame_index[k]]`` at (y, x); x and y broadcast to (K, h, w).
+
+    Pixel-index coordinates; taps outside the image weigh zero and the missing weight reads ``fill``.
+    Per-axis work (floors, weights, bounds) stays at the size of x and y, so separable grids (x of shape
+    (K, 1, w), y of shape (K, h, 1)) are about twice as cheap as full ones. Returns (K, C, h, w) float32.
+    """
+    n_img, chans, height, width = images.shape
+    shape = torch.broadcast_shapes(x.shape, y.shape)
+    flat = images.permute(0, 2, 3, 1).reshape(n_img * height * width, chans)  # a view if channels-last
+    x, y = x.float(), y.float()
+    x0f, y0f = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0f, y - y0f
+    x0, y0 = x0f.long(), y0f.long()
+    base = (frame_index.to(images.device).long() * (height * width))[:, None, None]
+    out = covered = None
+    for dy in (0, 1):
+        yi = y0 + dy
+        wy = (fy if dy else 1 - fy) * ((yi >= 0) & (yi < height))  # zero weight outside the image
+        row = base + yi.clamp(0, height - 1) * width
+        for dx in (0, 1):
+            xi = x0 + dx
+            wx = (fx if dx else 1 - fx) * ((xi >= 0) & (xi < width))
+            w = (wy * wx).expand(shape)
+            idx = (row + xi.clamp(0, width - 1)).expand(shape).reshape(-1)
+            term = flat.index_select(0, idx).view(*shape, chans).float().mul_(w[..., None])
+            out = term if out is None else out.add_(term)
+            covered = w if covered is None else covered + w
+    if fill != 0.0:
+        out.add_((fill * (1 - covered))[..., None])
+    return out.permute(0, 3, 1, 2)
+
+
+def warp_affine(
+    images: torch.Tensor,
+    frame_index: torch.Tensor,
+    inverse: torch.Tensor,
+    size: int | tuple[int, int],
+    supersample: int = 1,
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """Sample K crops from a batch of images, each through its own affine map.
+
+    images: (F, C, H, W), uint8 or float (channels-last strides avoid a copy); frame_index: (K,) which
+    image each crop reads; inverse: (K, 2, 3) maps output pixel (u, v) to source pixel (x, y)
+    (pixel-index convention). Bilinear; points outside the image read ``fill``. With ``supersample``
+    s > 1 each output pixel averages s x s samples, which antialiases down-scaling. Returns
+    (K, C, h, w) float32.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (F, C, H, W), got {tuple(images.shape)}")
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    dev = images.device
+    if inverse.shape[0] == 0:
+        return torch.zeros((0, images.shape[1], out_h, out_w), device=dev)
+    s = max(1, int(supersample))
+    a = inverse.to(device=dev, dtype=torch.float32)[:, :, :, None, None]  # (K, 2, 3, 1, 1)
+    # Sub-pixel sample positions in output pixel units (centres of an s x s grid in each pixel).
+    us = (torch.arange(out_w * s, device=dev, dtype=torch.float32) + 0.5) / s - 0.5
+    vs = (torch.arange(out_h * s, device=dev, dtype=torch.float32) + 0.5) / s - 0.5
+    src = a[:, :, 0] * us + a[:, :, 1] * vs[:, None] + a[:, :, 2]  # (K, 2, h*s, w*s)
+    out = _bilinear(images, frame_index, src[:, 0], src[:, 1], fill)
+    return F.avg_pool2d(out, s) if s > 1 else out
+
+
+def sample_grid(
+    images: torch.Tensor, frame_index: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, fill: float = 0.0
+) -> torch.Tensor:
+    """Axis-aligned crops: crop k reads ``images[frame_index[k]]`` at rows ys[k] x columns xs[k].
+
+    xs: (K, w), ys: (K, h), pixel-index coordinates. The separable special case of :func:`warp_affine`
+    (box crops), about twice as fast; bilinear, ``fill`` outside the image; returns (K, C, h, w) float32.
+    """
+    if xs.shape[0] == 0:
+        return torch.zeros((0, images.shape[1], ys.shape[1], xs.shape[1]), device=images.device)
+    return _bilinear(images, frame_index, xs[:, None, :], ys[:, :, None], fill)
+
+
+def _supersample_for(matrices: np.ndarray) -> np.ndarray:
+    """Supersampling factor per forward map (image -> crop): about how many source pixels one output spans."""
+    lin = np.asarray(matrices, dtype=np.float64)[..., :2]
+    scale = np.sqrt(np.abs(np.linalg.det(lin)))  # output pixels per source pixel
+    span = 1.0 / np.maximum(scale, 1e-12)
+    return np.clip(np.ceil(span - 1e-6), 1, MAX_SUPERSAMPLE).astype(int)
+
+
+def _as_image(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image of shape (H, W, 3), got {img.dtype} {img.shape}")
+    return img
+
+
+def warp_image(image: np.ndarray, matrices: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Warp one uint8 RGB image through K forward affine maps (K, 2, 3); returns (K, h, w, 3) uint8."""
+    img = _as_image(image)
+    m = np.asarray(matrices, dtype=np.float64).reshape(-1, 2, 3)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    if len(m) == 0:
+        return np.zeros((0, out_h, out_w, 3), np.uint8)
+    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # uint8, read in place
+    inv = torch.from_numpy(invert_affine(m)).float()
+    factors = _supersample_for(m)
+    out = torch.empty((len(m), out_h, out_w, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        for ss in np.unique(factors):  # each crop gets its own factor, alone or in a batch
+            sel = torch.from_numpy(np.flatnonzero(factors == ss))
+            crops = warp_affine(t, torch.zeros(len(sel), dtype=torch.long), inv[sel], (out_h, out_w), int(ss))
+            out[sel] = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out.numpy()
+
+
+# ---- public crops -------------------------------------------------------------------------------------
+
+
+def alignment_matrices(
+    landmarks: np.ndarray, size: int = 112, template: np.ndarray | None = None
+) -> np.ndarray:
+    """Forward maps (k, 2, 3) from the image onto the template for (k, 5, 2) landmarks."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.ndim != 3 or lm.shape[1:] != (5, 2):
+        raise ValueError(f"landmarks must have shape (k, 5, 2), got {lm.shape}")
+    dst = template_for(size, template)
+    return np.stack([similarity_transform(p, dst) for p in lm]) if len(lm) else np.zeros((0, 2, 3))
+
+
+def align_faces(
+    image: np.ndarray, landmarks: np.ndarray, size: int = 112, template: np.ndarray | None = None
+) -> np.ndarray:
+    """Align k faces of one uint8 RGB image by their (k, 5, 2) landmarks; (k, size, size, 3) uint8."""
+    return warp_image(image, alignment_matrices(landmarks, size, template), size)
+
+
+def align_face(
+    image: np.ndarray, landmarks: np.ndarray, size: int = 112, template: np.ndarray | None = None
+) -> np.ndarray:
+    """Align one face by its (5, 2) landmarks onto the template; (size, size, 3) uint8."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape != (5, 2):
+        raise ValueError(f"landmarks must have shape (5, 2), got {lm.shape}")
+    return align_faces(image, lm[None], size, template)[0]
+
+
+def box_matrices(boxes: np.ndarray, margin: float = 0.2, size: int = 112) -> np.ndarray:
+    """Forward maps (k, 2, 3) taking the square around each box (x1, y1, x2, y2) onto a ``size`` crop.
+
+    The square is centred on the box with side ``max(w, h) * (1 + margin)``; boxes use edge coordinates
+    (a box spanning pixels 0..9 is x1=0, x2=10), as MTCNN's boxes do.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if margin <= -1:
+        raise ValueError(f"margin must be > -1, got {margin}")
+    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    if np.any(w <= 0) or np.any(h <= 0):
+        raise ValueError("boxes must have x2 > x1 and y2 > y1")
+    side = np.maximum(w, h) * (1.0 + margin)
+    left = (b[:, 0] + b[:, 2]) / 2 - side / 2
+    top = (b[:, 1] + b[:, 3]) / 2 - side / 2
+    scale = size / side
+    m = np.zeros((len(b), 2, 3))
+    m[:, 0, 0] = m[:, 1, 1] = scale
+    # Edge coordinate e maps to (e - left) * scale; pixel-index coordinates are edge - 0.5 on both sides.
+    m[:, 0, 2] = (0.5 - left) * scale - 0.5
+    m[:, 1, 2] = (0.5 - top) * scale - 0.5
+    return m
+
+
+def crop_boxes(image: np.ndarray, boxes: np.ndarray, margin: float = 0.2, size: int = 112) -> np.ndarray:
+    """Square crops around k boxes, padded black outside the image; (k, size, size, 3) uint8."""
+    return warp_image(image, box_matrices(boxes, margin, size), size)
+
+
+def crop_box(image: np.ndarray, box: np.ndarray, margin: float = 0.2, size: int = 112) -> np.ndarray:
+    """Square crop around one box (x1, y1, x2, y2), padded black outside the image; (size, size, 3) uint8."""
+    b = np.asarray(box, dtype=np.float64)
+    if b.shape != (4,):
+        raise ValueError(f"box must have shape (4,), got {b.shape}")
+    return crop_boxes(image, b[None], margin, size)[0]
