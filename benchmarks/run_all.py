@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see docs/benchmarks.md)
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = HERE.parent / "bench_out" / "results.json"
     out.parent.mkdir(exist_ok=True)
     machine = {
-        "python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
     }
     out.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
