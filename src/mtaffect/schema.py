@@ -34,7 +34,9 @@ OFFICIAL_HEADER: Final[str] = "image,valence,arousal,expression,aus"
 NUM_FIELDS: Final[int] = 4 + NUM_AUS
 
 # ---- LabelTable columns (one row per annotated image) -------------------------------------------------
-LABEL_COLUMNS: Final[tuple[str, ...]] = ("image", "video", "frame", "valence", "arousal", "expression", *AU_NAMES)
+LABEL_COLUMNS: Final[tuple[str, ...]] = (
+    "image", "video", "frame", "valence", "arousal", "expression", *AU_NAMES,
+)  # fmt: skip
 
 # ---- PredictionTable columns (the currency between models, post-processing, metric and submission) ----
 #: Probability column of each expression class, in class-index order.
