@@ -1,0 +1,180 @@
+"""Recipe 3: progressive learning (Liu et al.; ABAW7 first place).
+
+Stage 1 trains one small model per task (AU, EXPR, VA) on the shared backbone features, each on its
+own task. Stage 2 freezes them and trains the joint model: the Feature Fusion Module sums the
+projected backbone feature with the task-specific features of ``fusion_tasks`` (any subset), then
+Linear-ReLU-Dropout(0.3)-Linear, an optional Temporal Convergence Module over windows of consecutive
+frames (``temporal``: none, transformer, lstm, tcn), and per-task heads (VA with tanh).
+
+Which path ``forward`` returns follows the stage contract of :class:`~mtaffect.models.base.Stage`:
+while the joint part is frozen and a task model trains (stage 1), the outputs are the task models'
+own predictions (so each task model learns from its own loss, and validation scores the stage-1
+models); otherwise (stage 2, inference, a fresh model) they come from the joint model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mtaffect.models.base import TASKS, MTLModel, Stage
+from mtaffect.models.blocks import (
+    TEMPORAL_KINDS,
+    create_temporal,
+    flatten_leading,
+    require_input,
+    unflatten_leading,
+)
+from mtaffect.models.registry import register_model
+from mtaffect.schema import NUM_AUS, NUM_EXPR
+
+TASK_OUT: dict[str, int] = {"au": NUM_AUS, "expr": NUM_EXPR, "va": 2}
+
+
+def _head(task: str, dim: int) -> nn.Module:
+    linear = nn.Linear(dim, TASK_OUT[task])
+    return nn.Sequential(linear, nn.Tanh()) if task == "va" else linear
+
+
+class TaskModel(nn.Module):
+    """Stage-1 single-task model: an MLP encoder (its output is the task-specific feature) + a head.
+
+    Without ``head`` (non-progressive ablation: everything trained jointly) only the encoder exists,
+    so no parameter is left without a gradient.
+    """
+
+    def __init__(self, task: str, in_dim: int, dim: int, dropout: float, head: bool = True) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(in_dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim), nn.ReLU()
+        )
+        self.head = _head(task, dim) if head else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feat = self.encoder(x)
+        return feat, self.head(feat) if self.head is not None else None
+
+
+def _task_tuple(tasks: Sequence[str] | str) -> tuple[str, ...]:
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or len(set(tasks)) != len(tasks):
+        raise ValueError(f"fusion_tasks must be distinct names among {TASKS}, got {list(tasks)}")
+    return tuple(t for t in TASKS if t in tasks)  # canonical order
+
+
+@register_model("progressive")
+class ProgressiveMTL(MTLModel):
+    """Task models -> feature fusion -> optional temporal module -> per-task heads."""
+
+    recipe = "progressive"
+    inputs = ("features",)
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_logits: int = 0,
+        token_shape: Sequence[int] | None = None,
+        fusion_tasks: Sequence[str] = TASKS,
+        temporal: str = "none",
+        dim: int = 256,
+        task_dim: int = 256,
+        dropout: float = 0.3,
+        task_dropout: float = 0.1,
+        temporal_kwargs: Mapping | None = None,
+        progressive: bool = True,
+    ) -> None:
+        super().__init__()
+        if temporal not in TEMPORAL_KINDS:
+            raise ValueError(f"temporal must be one of {TEMPORAL_KINDS}, got {temporal!r}")
+        self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
+        self.token_shape = tuple(token_shape) if token_shape is not None else None
+        self.fusion_tasks = _task_tuple(fusion_tasks)
+        self.temporal_kind = temporal
+        self.temporal = temporal != "none"  # the training loop reads this to build windows
+        self.dim, self.task_dim, self.dropout, self.task_dropout = dim, task_dim, dropout, task_dropout
+        self.temporal_kwargs = dict(temporal_kwargs or {})
+        self.progressive = progressive
+        for t in self.fusion_tasks:  # attributes task_au, task_expr, task_va: what stage 1 names
+            self.add_module(f"task_{t}", TaskModel(t, self.feature_dim, task_dim, task_dropout, progressive))
+        # Feature Fusion Module: projected backbone feature + projected task features, then an MLP
+        self.proj = nn.ModuleDict({"features": nn.Linear(self.feature_dim, dim)})
+        for t in self.fusion_tasks:
+            self.proj[t] = nn.Linear(task_dim, dim) if task_dim != dim else nn.Identity()
+        self.fusion = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        defaults = {"transformer": {"layers": 2, "heads": 4}, "lstm": {"layers": 2}}.get(temporal, {})
+        self.temporal_net = create_temporal(temporal, dim, **{**defaults, **self.temporal_kwargs})
+        self.heads = nn.ModuleDict({t: _head(t, dim) for t in TASKS})
+
+    def config(self) -> dict:
+        return {
+            "feature_dim": self.feature_dim, "num_logits": self.num_logits,
+            "token_shape": list(self.token_shape) if self.token_shape is not None else None,
+            "fusion_tasks": list(self.fusion_tasks), "temporal": self.temporal_kind, "dim": self.dim,
+            "task_dim": self.task_dim, "dropout": self.dropout, "task_dropout": self.task_dropout,
+            "temporal_kwargs": dict(self.temporal_kwargs), "progressive": self.progressive,
+        }  # fmt: skip
+
+    def stages(self) -> list[Stage]:
+        joint_modules = ("proj", "fusion", "temporal_net", "heads")
+        if not self.progressive:
+            return [Stage("joint")]
+        stage1 = [Stage(f"task_{t}", tasks=(t,), train_modules=(f"task_{t}",)) for t in self.fusion_tasks]
+        return [*stage1, Stage("joint", tasks=TASKS, train_modules=joint_modules)]
+
+    def task_models(self) -> dict[str, TaskModel]:
+        """The stage-1 model of each fused task, by task name."""
+        return {t: getattr(self, f"task_{t}") for t in self.fusion_tasks}
+
+    def in_stage1(self) -> bool:
+        """True while the joint part is frozen and a task model trains (stage 1 of the contract)."""
+        joint_frozen = not any(
+            p.requires_grad for m in (self.proj, self.fusion, self.heads) for p in m.parameters()
+        )
+        task_trains = any(p.requires_grad for m in self.task_models().values() for p in m.parameters())
+        return joint_frozen and task_trains
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = require_input(batch, "features", self.recipe, (self.feature_dim,))
+        single_step = self.temporal and x.ndim == 2  # (N, D) rows: windows of one frame
+        if single_step:
+            x = x.unsqueeze(1)
+        flat, lead = flatten_leading(x, 1)
+        task_out = {t: m(flat) for t, m in self.task_models().items()}
+        if self.progressive and self.in_stage1():
+            out = {t: task_out[t][1] if t in task_out else self._zeros(flat, t) for t in TASKS}
+        else:
+            fused = self.proj["features"](flat)
+            for t, (feat, _) in task_out.items():
+                fused = fused + self.proj[t](feat)
+            h = unflatten_leading(self.fusion(fused), lead)
+            if self.temporal:
+                h = self.temporal_net(h)
+            h, _ = flatten_leading(h, 1)
+            out = {t: head(h) for t, head in self.heads.items()}
+        out = {t: unflatten_leading(v, lead) for t, v in out.items()}
+        return {t: v.squeeze(1) for t, v in out.items()} if single_step else out
+
+    @staticmethod
+    def _zeros(like: torch.Tensor, task: str) -> torch.Tensor:
+        """Neutral output for a task with no stage-1 model (only seen while another task trains)."""
+        return like.new_zeros(like.shape[0], TASK_OUT[task])
+
+
+def search_space(temporal: Sequence[str] = TEMPORAL_KINDS, min_tasks: int = 1) -> list[dict]:
+    """Config overrides for ``mtaffect search``: every fusion task subset x every temporal module.
+
+    The published strategy search compared task combinations in the fusion module and temporal
+    modules; each entry is a dict of constructor overrides, e.g. ``{"fusion_tasks": ["au", "va"],
+    "temporal": "lstm"}``.
+    """
+    for kind in temporal:
+        if kind not in TEMPORAL_KINDS:
+            raise ValueError(f"unknown temporal module {kind!r}; choose among {TEMPORAL_KINDS}")
+    subsets = [
+        list(c) for r in range(max(min_tasks, 0), len(TASKS) + 1) for c in itertools.combinations(TASKS, r)
+    ]
+    return [{"fusion_tasks": s, "temporal": k} for s in subsets for k in temporal]

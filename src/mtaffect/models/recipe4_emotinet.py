@@ -1,0 +1,75 @@
+"""Recipe 4: MT-EmotiNet heads (Savchenko; ABAW7 second place).
+
+Three independent light heads over a frozen extractor: EXPR is one linear layer (softmax; class
+weights live in the loss), AU is Dense(128, ReLU) -> 12 logits (per-AU weighted BCE in the loss), and
+VA is a tanh linear layer that sees only the extractor's logits. Each head is trained in its own
+stage on its own task's valid rows. Without logits (``num_logits=0``, e.g. a backbone with no
+classifier) the VA head reads the features instead; the attribute ``va_input`` records which.
+(Smoothing, thresholds and blending are post-processing, outside the model.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mtaffect.models.base import MTLModel, Stage
+from mtaffect.models.blocks import require_input
+from mtaffect.models.registry import register_model
+from mtaffect.schema import NUM_AUS, NUM_EXPR
+
+
+@register_model("emotinet")
+class EmotiNetHeads(MTLModel):
+    """Separate EXPR (linear), AU (MLP) and VA (tanh linear on the extractor's logits) heads."""
+
+    recipe = "emotinet"
+    inputs = ("features", "logits")
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_logits: int = 0,
+        token_shape: Sequence[int] | None = None,
+        au_hidden: int = 128,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
+        self.token_shape = tuple(token_shape) if token_shape is not None else None
+        self.au_hidden, self.dropout = au_hidden, dropout
+        self.va_input = "logits" if self.num_logits else "features"
+        self.inputs = ("features", "logits") if self.num_logits else ("features",)
+        self.expr_head = nn.Linear(self.feature_dim, NUM_EXPR)
+        self.au_head = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(self.feature_dim, au_hidden),
+            nn.ReLU(),
+            nn.Linear(au_hidden, NUM_AUS),
+        )
+        self.va_head = nn.Sequential(nn.Linear(self.num_logits or self.feature_dim, 2), nn.Tanh())
+
+    def config(self) -> dict:
+        return {
+            "feature_dim": self.feature_dim, "num_logits": self.num_logits,
+            "token_shape": list(self.token_shape) if self.token_shape is not None else None,
+            "au_hidden": self.au_hidden, "dropout": self.dropout,
+        }  # fmt: skip
+
+    def stages(self) -> list[Stage]:
+        return [
+            Stage("expr", tasks=("expr",), train_modules=("expr_head",)),
+            Stage("au", tasks=("au",), train_modules=("au_head",)),
+            Stage("va", tasks=("va",), train_modules=("va_head",)),
+        ]
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = require_input(batch, "features", self.recipe, (self.feature_dim,))
+        va_in = (
+            require_input(batch, "logits", self.recipe, (self.num_logits,)).to(x.dtype)
+            if self.num_logits
+            else x
+        )
+        return {"au": self.au_head(x), "expr": self.expr_head(x), "va": self.va_head(va_in)}
