@@ -71,7 +71,42 @@ def _images_of(path: Path) -> list[str]:
     return read_test_list(path)
 
 
+def _predictions(preds: list[Path], post: Path | None, thresholds: Path | None):
+    """Read one or more PredictionTables, apply ``--post`` (blend, smoothing, bias) and pick thresholds.
+
+    Thresholds: ``--thresholds`` wins over the post-processing config's, which wins over the default.
+    """
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.data.submission import thresholds_from_json
+
+    tables = [PredictionTable.read(p) for p in preds]
+    ths = None
+    if post is not None:
+        from mtaffect.post.config import PostConfig
+
+        config = PostConfig.load(post)
+        table, ths = config.apply(tables), config.au_thresholds
+    elif len(tables) > 1:
+        raise ValueError(
+            f"{len(tables)} --pred files were given: blending them needs --post POSTPROC.yaml "
+            "(written by `mtaffect tune`)"
+        )
+    else:
+        table = tables[0]
+    if thresholds is not None:
+        ths = thresholds_from_json(thresholds)
+    return table, ths
+
+
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
+Post = Annotated[
+    Path | None,
+    typer.Option(help="Post-processing config from `mtaffect tune` (blending, smoothing, thresholds)."),
+]
+Preds = Annotated[
+    list[Path],
+    typer.Option(help="PredictionTable (.csv/.parquet) or submission file; repeat to blend (needs --post)."),
+]
 Thresholds = Annotated[
     Path | None,
     typer.Option(help='Per-AU thresholds: JSON {"AU1": 0.4, ...} or a list of 12 numbers (default 0.5).'),
@@ -109,7 +144,7 @@ def synth(
 @user_errors
 def evaluate(
     gt: Annotated[Path, typer.Option(help="Ground-truth annotation file (official format).")],
-    pred: Annotated[Path, typer.Option(help="PredictionTable (.csv/.parquet) or a submission file.")],
+    pred: Preds,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the scores as JSON.")] = None,
     keep_duplicates: Annotated[
         bool,
@@ -119,13 +154,12 @@ def evaluate(
         ),
     ] = False,
     thresholds: Thresholds = None,
+    post: Post = None,
     lenient: Annotated[bool, typer.Option(help="Skip (and report) malformed annotation rows.")] = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Score predictions with the official ABAW MTL metric P = CCC_VA + F1_EXPR + F1_AU."""
     from mtaffect.data.annotations import read_annotations
-    from mtaffect.data.predictions import PredictionTable
-    from mtaffect.data.submission import thresholds_from_json
     from mtaffect.metrics import score
 
     table = read_annotations(gt, keep_duplicates=keep_duplicates, lenient=lenient)
@@ -133,8 +167,8 @@ def evaluate(
         err_console.print(
             f"[yellow]skipped[/] {problem.path}:{problem.line}: {problem.message}", highlight=False
         )
-    ths = thresholds_from_json(thresholds) if thresholds else None
-    result = score(table, PredictionTable.read(pred), au_thresholds=ths)
+    predictions, ths = _predictions(pred, post, thresholds)
+    result = score(table, predictions, au_thresholds=ths)
     console.print(result.table())
     dup = "kept" if keep_duplicates else "dropped"
     console.print(f"P = {result.P:.4f}   ({len(table)} rows; {table.duplicates} duplicate lines {dup})")
@@ -145,26 +179,19 @@ def evaluate(
 @app.command()
 @user_errors
 def submit(
-    pred: Annotated[
-        Path, typer.Option(help="PredictionTable (.csv/.parquet) with a row for every test image.")
-    ],
+    pred: Preds,
     test_list: Annotated[Path, typer.Option(help="The challenge test list (e.g. MTL.txt).")],
     out: Annotated[Path, typer.Option(help="Submission file to write.")],
     thresholds: Thresholds = None,
+    post: Post = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Write a challenge submission: one line per test-list line, in order, hard decisions."""
-    from mtaffect.data.predictions import PredictionTable
-    from mtaffect.data.submission import (
-        read_test_list,
-        thresholds_from_json,
-        validate_submission,
-        write_submission,
-    )
+    from mtaffect.data.submission import read_test_list, validate_submission, write_submission
 
     names = read_test_list(test_list)
-    ths = thresholds_from_json(thresholds) if thresholds else None
-    path = write_submission(PredictionTable.read(pred), names, out, au_thresholds=ths, overwrite=overwrite)
+    predictions, ths = _predictions(pred, post, thresholds)
+    path = write_submission(predictions, names, out, au_thresholds=ths, overwrite=overwrite)
     problems = validate_submission(path, names)
     if problems:  # a writer bug, never the user's: say so loudly
         raise ValueError(f"internal error: the written submission fails validation: {problems[0]}")
