@@ -19,7 +19,7 @@ import numpy as np
 
 from mtaffect.data.predictions import PredictionError, PredictionTable
 from mtaffect.metrics import au_f1, ccc, expression_f1
-from mtaffect.post.smoothing import TASK_COLUMNS, TASKS, finish_task, with_columns
+from mtaffect.post.smoothing import TASK_COLUMNS, TASKS, finish_task
 from mtaffect.post.thresholds import tune_au_thresholds
 from mtaffect.schema import MISSING_VA
 
@@ -78,7 +78,7 @@ def blend(
             values += wi * t.frame[list(cols)].to_numpy(dtype=np.float64)
         values = finish_task(task, values)
         updates.update({c: values[:, j] for j, c in enumerate(cols)})
-    return with_columns(aligned[0], updates)
+    return aligned[0].with_columns(updates)
 
 
 def fold_ensemble(tables: Sequence[PredictionTable]) -> PredictionTable:

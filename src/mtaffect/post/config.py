@@ -29,7 +29,7 @@ import yaml
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.io import atomic_open
 from mtaffect.post.blend import blend, check_weights
-from mtaffect.post.smoothing import TASKS, Kernel, SmoothingError, smooth, with_columns
+from mtaffect.post.smoothing import TASKS, Kernel, SmoothingError, smooth
 from mtaffect.post.thresholds import apply_expr_bias
 from mtaffect.schema import AU_NAMES, DEFAULT_AU_THRESHOLD, EXPR_NAMES, EXPR_PROB_COLUMNS, NUM_AUS, NUM_EXPR
 
@@ -118,7 +118,7 @@ class PostConfig:
         table = smooth(table, self.kernels, group_by=group_by, frame_col=frame_col)
         if self.expr_bias.any():
             probs = apply_expr_bias(table.expr_probs, self.expr_bias)
-            table = with_columns(table, {c: probs[:, j] for j, c in enumerate(EXPR_PROB_COLUMNS)})
+            table = table.with_columns({c: probs[:, j] for j, c in enumerate(EXPR_PROB_COLUMNS)})
         return table
 
     # ---- YAML ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtaffect.data.predictions import PredictionTable, _trusted
+from mtaffect.data.predictions import PredictionTable
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS, VA_NAMES
 
 #: The tasks a kernel may be given for, and the prediction columns each one smooths.
@@ -271,14 +271,6 @@ def finish_task(task: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
-def with_columns(table: PredictionTable, columns: Mapping[str, np.ndarray]) -> PredictionTable:
-    """A new table with some prediction columns replaced (same rows, same extra columns)."""
-    frame = table.frame.copy(deep=False)
-    for name, values in columns.items():
-        frame[name] = values
-    return _trusted(frame, table.source)
-
-
 def smooth(
     table: PredictionTable,
     kernels: Mapping[str, Kernel],
@@ -294,10 +286,10 @@ def smooth(
     """
     kernels = {t: k for t, k in check_kernels(kernels).items() if not k.is_identity}
     if not kernels or len(table) == 0:
-        return with_columns(table, {})
+        return table.with_columns({})
     plan = make_plan(table, group_by, frame_col)
     updates: dict[str, np.ndarray] = {}
     for task, kernel in kernels.items():
         values = smooth_task(plan, table, task, kernel)
         updates.update({c: values[:, j] for j, c in enumerate(TASK_COLUMNS[task])})
-    return with_columns(table, updates)
+    return table.with_columns(updates)
