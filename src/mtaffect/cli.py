@@ -6,18 +6,14 @@ what to do) into a one-line message and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from mtaffect.io import atomic_open
+from mtaffect.clikit import Overwrite, console, err_console, user_errors, write_json
 
 app = typer.Typer(
     help="mtaffect: multi-task facial affect analysis (12 AUs, 8 expressions, valence/arousal).",
@@ -27,35 +23,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect s-Aff-Wild2 style data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable)
-
-#: Errors that are the user's to fix: reported in one line, exit code 2.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
-
-
-def user_errors(fn: F) -> F:
-    """Report expected errors as a clear message and exit code 2 instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from exc
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _write_json(obj: dict, path: Path, overwrite: bool) -> None:
-    with atomic_open(path, "w", overwrite=overwrite) as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    console.print(f"wrote {path}")
 
 
 def _images_of(path: Path) -> list[str]:
@@ -98,7 +65,6 @@ def _predictions(preds: list[Path], post: Path | None, thresholds: Path | None):
     return table, ths
 
 
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")]
 Post = Annotated[
     Path | None,
     typer.Option(help="Post-processing config from `mtaffect tune` (blending, smoothing, thresholds)."),
@@ -173,7 +139,7 @@ def evaluate(
     dup = "kept" if keep_duplicates else "dropped"
     console.print(f"P = {result.P:.4f}   ({len(table)} rows; {table.duplicates} duplicate lines {dup})")
     if json_out:
-        _write_json(result.to_dict(), json_out, overwrite)
+        write_json(result.to_dict(), json_out, overwrite)
 
 
 @app.command()
@@ -254,7 +220,7 @@ def data_stats(
     stats = stats_for_path(path)
     console.print(render_stats(stats))
     if json_out:
-        _write_json(stats, json_out, overwrite)
+        write_json(stats, json_out, overwrite)
 
 
 @app.command()
@@ -299,6 +265,18 @@ def backbones() -> None:
 
     for name in list_backbones():
         console.print(name)
+
+
+def _register_areas() -> None:
+    """Commands that live beside their code: tune (post-processing) and predict (application)."""
+    from mtaffect.post.cli import register as register_post
+    from mtaffect.predict.cli import register as register_predict
+
+    register_post(app)
+    register_predict(app)
+
+
+_register_areas()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from mtaffect.io import atomic_open, check_writable
-
-F = TypeVar("F", bound=Callable)
-#: Errors that are the user's to fix: one line and exit code 2 (as the main CLI does).
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
-
-
-def _user_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from exc
-
-    return wrapper  # type: ignore[return-value]
+from mtaffect.clikit import Overwrite, console, user_errors, write_json
+from mtaffect.io import check_writable
 
 
 def _numbers(text: str, what: str) -> tuple[float, ...]:
@@ -48,7 +28,7 @@ def register(app: typer.Typer) -> None:
         context_settings={"allow_interspersed_args": True},
         epilog="Apply the result with `--post POSTPROC.yaml` (evaluate, submit, predict).",
     )
-    @_user_errors
+    @user_errors
     def tune(
         gt: Annotated[Path, typer.Option(help="Validation annotation file (official format).")],
         pred: Annotated[
@@ -88,9 +68,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Also write the report as JSON.")
         ] = None,
-        overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="Replace existing output files.")
-        ] = False,
+        overwrite: Overwrite = False,
     ) -> None:
         """Tune smoothing, AU thresholds and blend weights on validation; print each step's gain."""
         from mtaffect.data.annotations import read_annotations
@@ -98,7 +76,6 @@ def register(app: typer.Typer) -> None:
         from mtaffect.post.tune import SearchSpace
         from mtaffect.post.tune import tune as run_tune
 
-        console = Console()
         check_writable(out, overwrite)  # fail before the search, not after it
         if json_out is not None:
             check_writable(json_out, overwrite)
@@ -131,7 +108,4 @@ def register(app: typer.Typer) -> None:
         report.config.save(out, overwrite=overwrite)
         console.print(f"wrote {out}")
         if json_out is not None:
-            with atomic_open(json_out, "w", overwrite=overwrite) as fh:
-                json.dump(report.to_dict(), fh, indent=2)
-                fh.write("\n")
-            console.print(f"wrote {json_out}")
+            write_json(report.to_dict(), json_out, overwrite)

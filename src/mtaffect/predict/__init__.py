@@ -1,0 +1,32 @@
+"""The application: run a face-affect model on images, folders and videos (``mtaffect predict``).
+
+``Predictor(model=None).predict("clip.mp4")`` returns the per-frame, per-face table (see
+:mod:`mtaffect.predict.outputs` for its columns); the CLI writes the same table, plus timelines, an
+annotated video and an HTML report. Names are imported lazily so ``import mtaffect.predict`` (and the CLI's
+start-up) does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Predictor": "mtaffect.predict.pipeline",
+    "FileResult": "mtaffect.predict.pipeline",
+    "load_affect_model": "mtaffect.predict.pipeline",
+    "predict": "mtaffect.predict.pipeline",
+    "COLUMNS": "mtaffect.predict.outputs",
+    "read_table": "mtaffect.predict.outputs",
+    "write_table": "mtaffect.predict.outputs",
+    "to_prediction_table": "mtaffect.predict.outputs",
+    "InputError": "mtaffect.predict.sources",
+    "FaceTracker": "mtaffect.predict.tracking",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mtaffect.predict' has no attribute {name!r}")

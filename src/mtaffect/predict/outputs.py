@@ -1,0 +1,228 @@
+"""The prediction table: one row per analysed frame and face, the same from the CLI and the Python API.
+
+Columns, in order (names from :mod:`mtaffect.schema`; documented in docs/formats.md):
+
+- ``file`` (input path), ``frame`` (0-based decoded-frame number; 0 for a still image), ``time``
+  (seconds from the stream start, from the frame's own timestamp; NaN for still images);
+- ``face_id`` (stable over a shot within one file; -1 on a row without a face), ``success`` (1 when a
+  face was found, 0 on the one row of a frame without any face: frames are never silently missing),
+  ``confidence`` (the detector's face probability; 0 when no face);
+- ``x1, y1, x2, y2``: the face box in pixels (edge coordinates);
+- five landmarks ``eye_l_x, eye_l_y, eye_r_x, eye_r_y, nose_x, nose_y, mouth_l_x, mouth_l_y, mouth_r_x,
+  mouth_r_y`` (left/right as seen in the image);
+- ``AU01_p`` .. ``AU26_p``: AU probabilities (OpenFace-style names); ``AU01_c`` .. ``AU26_c``: 0/1
+  decisions at the model's (or the post-processing config's) per-AU thresholds;
+- ``Neutral_p`` .. ``Other_p``: the 8 expression probabilities (sum to 1) and ``expression``: the most
+  probable class name;
+- ``valence``, ``arousal`` in [-1, 1].
+
+Rows without a face carry NaN in every measured column (and ``expression`` is empty).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pandas as pd
+
+from mtaffect.io import atomic_path
+from mtaffect.schema import AU_NAMES, AU_OPENFACE_NAMES, AU_PROB_COLUMNS, EXPR_NAMES, EXPR_PROB_COLUMNS
+
+LANDMARK_NAMES: Final[tuple[str, ...]] = ("eye_l", "eye_r", "nose", "mouth_l", "mouth_r")
+ID_COLUMNS: Final[tuple[str, ...]] = ("file", "frame", "time", "face_id", "success", "confidence")
+BOX_COLUMNS: Final[tuple[str, ...]] = ("x1", "y1", "x2", "y2")
+LANDMARK_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_{a}" for n in LANDMARK_NAMES for a in ("x", "y"))
+AU_P_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in AU_OPENFACE_NAMES)
+AU_C_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_c" for n in AU_OPENFACE_NAMES)
+EXPR_P_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in EXPR_NAMES)
+VA_COLUMNS: Final[tuple[str, str]] = ("valence", "arousal")
+COLUMNS: Final[tuple[str, ...]] = (
+    *ID_COLUMNS,
+    *BOX_COLUMNS,
+    *LANDMARK_COLUMNS,
+    *AU_P_COLUMNS,
+    *AU_C_COLUMNS,
+    *EXPR_P_COLUMNS,
+    "expression",
+    *VA_COLUMNS,
+)
+FORMATS: Final[tuple[str, ...]] = ("csv", "parquet")
+
+
+class TableBuilder:
+    """Accumulates rows as numpy blocks (no per-row Python objects) and builds the DataFrame once."""
+
+    def __init__(self) -> None:
+        self._blocks: list[dict[str, np.ndarray]] = []
+        self._files: list[tuple[str, int]] = []  # (file, rows) per block
+
+    def add(
+        self,
+        file: str,
+        frame: np.ndarray,
+        time: np.ndarray,
+        face_id: np.ndarray,
+        confidence: np.ndarray,
+        boxes: np.ndarray,
+        landmarks: np.ndarray,
+        expr: np.ndarray,
+        au: np.ndarray,
+        va: np.ndarray,
+    ) -> None:
+        """Rows of faces: arrays of length n (boxes (n, 4), landmarks (n, 5, 2), expr (n, 8), au (n, 12))."""
+        n = len(frame)
+        if n == 0:
+            return
+        self._blocks.append(
+            {
+                "frame": np.asarray(frame, np.int64),
+                "time": np.asarray(time, np.float64),
+                "face_id": np.asarray(face_id, np.int64),
+                "success": np.ones(n, np.int8),
+                "confidence": np.asarray(confidence, np.float32),
+                "boxes": np.asarray(boxes, np.float32).reshape(n, 4),
+                "landmarks": np.asarray(landmarks, np.float32).reshape(n, 10),
+                "expr": np.asarray(expr, np.float32).reshape(n, len(EXPR_NAMES)),
+                "au": np.asarray(au, np.float32).reshape(n, len(AU_NAMES)),
+                "va": np.asarray(va, np.float32).reshape(n, 2),
+            }
+        )
+        self._files.append((file, n))
+
+    def add_empty(self, file: str, frame: np.ndarray, time: np.ndarray) -> None:
+        """Rows of frames without a face (success=0)."""
+        n = len(frame)
+        if n == 0:
+            return
+        nan = np.float32("nan")
+        self._blocks.append(
+            {
+                "frame": np.asarray(frame, np.int64),
+                "time": np.asarray(time, np.float64),
+                "face_id": np.full(n, -1, np.int64),
+                "success": np.zeros(n, np.int8),
+                "confidence": np.zeros(n, np.float32),
+                "boxes": np.full((n, 4), nan, np.float32),
+                "landmarks": np.full((n, 10), nan, np.float32),
+                "expr": np.full((n, len(EXPR_NAMES)), nan, np.float32),
+                "au": np.full((n, len(AU_NAMES)), nan, np.float32),
+                "va": np.full((n, 2), nan, np.float32),
+            }
+        )
+        self._files.append((file, n))
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self._files)
+
+    def build(self, au_thresholds: Sequence[float]) -> pd.DataFrame:
+        """The table, sorted by file order, frame and face id."""
+        if not self._blocks:
+            return empty_table()
+        cat = {k: np.concatenate([b[k] for b in self._blocks]) for k in self._blocks[0]}
+        files = np.concatenate([np.full(n, i, np.int64) for i, (_, n) in enumerate(self._files)])
+        names = [f for f, _ in self._files]
+        data: dict[str, np.ndarray] = {"file": np.array(names, dtype=object)[files]}
+        for k in ("frame", "time", "face_id", "success", "confidence"):
+            data[k] = cat[k]
+        data.update(zip(BOX_COLUMNS, cat["boxes"].T, strict=True))
+        data.update(zip(LANDMARK_COLUMNS, cat["landmarks"].T, strict=True))
+        data.update(zip(AU_P_COLUMNS, cat["au"].T, strict=True))
+        data.update(zip(EXPR_P_COLUMNS, cat["expr"].T, strict=True))
+        data.update(zip(VA_COLUMNS, cat["va"].T, strict=True))
+        df = pd.DataFrame(data)
+        # Stable order: files as added (first appearance), then frame, then face id.
+        first = {f: i for i, f in reversed(list(enumerate(names)))}
+        df["_order"] = df["file"].map(first)
+        df = df.sort_values(["_order", "frame", "face_id"], kind="stable").drop(columns="_order")
+        return finalize(df.reset_index(drop=True), au_thresholds)
+
+
+def empty_table() -> pd.DataFrame:
+    """A table with every column and no row."""
+    df = pd.DataFrame({c: pd.Series(dtype="float32") for c in COLUMNS})
+    df = df.astype(
+        {"file": object, "frame": "int64", "face_id": "int64", "success": "int8", "expression": object}
+    )
+    return df
+
+
+def finalize(df: pd.DataFrame, au_thresholds: Sequence[float]) -> pd.DataFrame:
+    """(Re)compute the derived columns — AU decisions and the expression label — and order the columns.
+
+    Call it again after changing probabilities (smoothing, post-processing) so the labels follow.
+    """
+    th = np.asarray(au_thresholds, np.float64).reshape(-1)
+    if th.shape != (len(AU_NAMES),):
+        raise ValueError(f"au_thresholds must have {len(AU_NAMES)} values, got {th.shape}")
+    df = df.copy()
+    p = df[list(AU_P_COLUMNS)].to_numpy(np.float64)
+    ok = df["success"].to_numpy() == 1
+    dec = np.where(ok[:, None], (p >= th).astype(np.float64), np.nan)
+    for i, c in enumerate(AU_C_COLUMNS):
+        df[c] = pd.array(np.where(np.isnan(dec[:, i]), pd.NA, dec[:, i]), dtype="Int8")
+    e = df[list(EXPR_P_COLUMNS)].to_numpy(np.float64)
+    label = np.array(EXPR_NAMES, dtype=object)[np.nan_to_num(e, nan=-1).argmax(1)] if len(e) else []
+    df["expression"] = np.where(ok, label, "") if len(e) else pd.Series(dtype=object)
+    return df[list(COLUMNS)]
+
+
+def check_format(fmt: str) -> str:
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def write_table(
+    df: pd.DataFrame, path: str | os.PathLike, fmt: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write atomically as CSV or Parquet (by ``fmt`` or the suffix); never overwrites unless asked."""
+    path = Path(path)
+    fmt = check_format(fmt or path.suffix or "csv")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if fmt == "csv":
+            df.to_csv(tmp, index=False, float_format="%.6g")
+        else:
+            df.to_parquet(tmp, index=False)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a table written by :func:`write_table` (CSV or Parquet), with the same dtypes."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, dtype={"file": str, "expression": str}, keep_default_na=False, na_values=[""])
+        df["expression"] = df["expression"].fillna("")
+        for c in AU_C_COLUMNS:
+            df[c] = df[c].astype("Int8")
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not an mtaffect prediction table (missing {missing[:4]})")
+    return df
+
+
+def to_prediction_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a face in PredictionTable column names (see :mod:`mtaffect.data.predictions`), plus
+    ``file``, ``frame``, ``time`` and ``face_id``; ``image`` is ``<file>:<frame>:<face_id>``. This is what
+    post-processing, blending and the metric read."""
+    ok = df[df["success"] == 1]
+    out = pd.DataFrame(
+        {
+            "image": ok["file"].astype(str) + ":" + ok["frame"].astype(str) + ":" + ok["face_id"].astype(str),
+            "valence": ok["valence"].to_numpy(np.float64),
+            "arousal": ok["arousal"].to_numpy(np.float64),
+        }
+    )
+    for src, dst in zip(EXPR_P_COLUMNS, EXPR_PROB_COLUMNS, strict=True):
+        out[dst] = ok[src].to_numpy(np.float64)
+    for src, dst in zip(AU_P_COLUMNS, AU_PROB_COLUMNS, strict=True):
+        out[dst] = ok[src].to_numpy(np.float64)
+    for c in ("file", "frame", "time", "face_id"):
+        out[c] = ok[c].to_numpy()
+    return out.reset_index(drop=True)

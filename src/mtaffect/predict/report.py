@@ -1,0 +1,276 @@
+"""One self-contained HTML page per run: inputs, summary statistics per face, timelines, the model.
+
+Everything is inline (CSS, PNGs as base64 data URIs): the file can be mailed or archived and opens
+offline. Values are HTML-escaped; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from mtaffect.io import atomic_open
+from mtaffect.predict.outputs import AU_C_COLUMNS, AU_P_COLUMNS, EXPR_P_COLUMNS
+from mtaffect.predict.plots import EXPR_COLOURS
+from mtaffect.predict.sources import SourceInfo
+from mtaffect.schema import AU_OPENFACE_NAMES, EXPR_NAMES
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1150px;
+color:#222;line-height:1.4;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:1.8em}
+h3{margin-bottom:.3em}.muted{color:#666;font-size:.92em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f5f5f5}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.card{background:#fafafa;border:1px solid #e3e3e3;border-radius:6px;padding:10px 14px;margin:10px 0}
+.bar{display:inline-block;height:10px;vertical-align:middle;margin-right:1px}
+.err{color:#b00020}img{max-width:100%;border:1px solid #eee}
+.chip{display:inline-block;padding:1px 7px;border-radius:9px;font-size:.85em;margin:1px;color:#111}
+"""
+
+
+@dataclass
+class ReportInput:
+    """What the report shows for one input: its description, its rows, its timelines, its output files."""
+
+    info: SourceInfo
+    table: pd.DataFrame
+    pngs: Mapping[int, bytes] = field(default_factory=dict)
+    seconds: float = 0.0
+    analysed: int = 0
+    outputs: Sequence[str] = ()
+    error: str | None = None
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def face_summary(rows: pd.DataFrame) -> dict:
+    """Statistics of one face's rows: counts, VA mean/std, expression shares and mean probs, AU rates."""
+    labels = rows["expression"].value_counts(normalize=True)
+    return {
+        "frames": len(rows),
+        "first_frame": int(rows["frame"].min()),
+        "last_frame": int(rows["frame"].max()),
+        "first_time": float(rows["time"].min()),
+        "last_time": float(rows["time"].max()),
+        "valence_mean": float(rows["valence"].mean()),
+        "valence_std": float(rows["valence"].std(ddof=0)),
+        "arousal_mean": float(rows["arousal"].mean()),
+        "arousal_std": float(rows["arousal"].std(ddof=0)),
+        "expression_share": {n: float(labels.get(n, 0.0)) for n in EXPR_NAMES},
+        "expression_mean_p": {
+            n: float(rows[c].mean()) for n, c in zip(EXPR_NAMES, EXPR_P_COLUMNS, strict=True)
+        },
+        "au_rate": {
+            n: float(rows[c].astype("float64").mean())
+            for n, c in zip(AU_OPENFACE_NAMES, AU_C_COLUMNS, strict=True)
+        },
+        "au_mean_p": {n: float(rows[c].mean()) for n, c in zip(AU_OPENFACE_NAMES, AU_P_COLUMNS, strict=True)},
+        "confidence_mean": float(rows["confidence"].mean()),
+    }
+
+
+def _meta_table(inp: ReportInput) -> str:
+    i = inp.info
+    t = inp.table
+    frames = t["frame"].nunique() if len(t) else 0
+    with_face = t.loc[t["success"] == 1, "frame"].nunique() if len(t) else 0
+    ids = sorted(int(x) for x in t.loc[t["success"] == 1, "face_id"].unique()) if len(t) else []
+    rows = [("kind", i.kind), ("resolution", f"{i.width} x {i.height}" if i.width else "–")]
+    if i.kind == "video":
+        rows += [
+            ("codec", i.codec or "–"),
+            ("average frame rate", f"{_fmt(i.fps)} frames/s"),
+            ("duration", f"{_fmt(i.duration)} s"),
+            ("analysed", "every frame" if i.every == 1 else f"every {i.every}th frame"),
+        ]
+    rows += [
+        ("analysed frames", f"{frames}"),
+        ("frames with a face", f"{with_face} ({100 * with_face / frames:.0f}%)" if frames else "0"),
+        ("face ids", ", ".join(map(str, ids)) or "none"),
+        (
+            "processing",
+            f"{inp.seconds:.1f} s ({inp.analysed / inp.seconds:.1f} frames/s)" if inp.seconds > 0 else "–",
+        ),
+    ]
+    if inp.outputs:
+        rows.append(("outputs", "<br>".join(_e(o) for o in inp.outputs)))
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{v if k == 'outputs' else _e(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _expr_bar(shares: Mapping[str, float]) -> str:
+    parts = []
+    for n in EXPR_NAMES:
+        w = shares.get(n, 0.0)
+        if w > 0:
+            parts.append(
+                f'<span class="bar" title="{_e(n)} {100 * w:.0f}%" '
+                f'style="width:{max(1, round(300 * w))}px;background:{EXPR_COLOURS[n]}"></span>'
+            )
+    chips = "".join(
+        f'<span class="chip" style="background:{EXPR_COLOURS[n]}">{_e(n)} {100 * w:.0f}%</span>'
+        for n, w in sorted(shares.items(), key=lambda kv: -kv[1])
+        if w >= 0.01
+    )
+    return "".join(parts) + "<br>" + chips
+
+
+def _span(s: Mapping) -> str:
+    """When a face is in view: seconds when the frames have times, else frame numbers."""
+    if math.isfinite(s["first_time"]) and math.isfinite(s["last_time"]):
+        return f"seen {s['first_time']:.2f}–{s['last_time']:.2f} s"
+    return f"seen in frames {s['first_frame']}–{s['last_frame']}"
+
+
+def _face_block(inp: ReportInput, fid: int) -> str:
+    rows = inp.table[(inp.table["face_id"] == fid) & (inp.table["success"] == 1)]
+    s = face_summary(rows)
+    top_aus = sorted(s["au_rate"].items(), key=lambda kv: -kv[1])
+    au_cells = "".join(f"<th>{_e(n)}</th>" for n in AU_OPENFACE_NAMES)
+    au_rate = "".join(f'<td class="num">{100 * s["au_rate"][n]:.0f}%</td>' for n in AU_OPENFACE_NAMES)
+    au_p = "".join(f'<td class="num">{s["au_mean_p"][n]:.2f}</td>' for n in AU_OPENFACE_NAMES)
+    active = ", ".join(f"{n} ({100 * r:.0f}%)" for n, r in top_aus if r >= 0.5) or "none above 50% of frames"
+    out = [
+        f"<h3>Face {fid}</h3>",
+        '<div class="card">',
+        f"<b>{s['frames']}</b> of {inp.table['frame'].nunique()} analysed frames, {_span(s)} · "
+        f"mean detection confidence {_fmt(s['confidence_mean'], 3)}<br>",
+        f"valence <b>{_fmt(s['valence_mean'])}</b> ± {_fmt(s['valence_std'])} · "
+        f"arousal <b>{_fmt(s['arousal_mean'])}</b> ± {_fmt(s['arousal_std'])}<br>",
+        f"expression (share of frames): {_expr_bar(s['expression_share'])}<br>",
+        f"AUs active in most frames: {_e(active)}</div>",
+        f"<table><tr><th></th>{au_cells}</tr><tr><th>active</th>{au_rate}</tr>"
+        f"<tr><th>mean P</th>{au_p}</tr></table>",
+    ]
+    if fid in inp.pngs:
+        b64 = base64.b64encode(inp.pngs[fid]).decode("ascii")
+        out.append(f'<img alt="timeline of face {fid}" src="data:image/png;base64,{b64}">')
+    return "\n".join(out)
+
+
+def _stills_table(inputs: Sequence[ReportInput]) -> str:
+    """One line per face of still images (folders can hold hundreds: a table, not sections)."""
+    head = (
+        "<tr><th>image</th><th>face</th><th>confidence</th><th>expression</th><th>valence</th>"
+        "<th>arousal</th><th>active AUs</th></tr>"
+    )
+    lines = []
+    for inp in inputs:
+        t = inp.table
+        if not len(t) or not (t["success"] == 1).any():
+            lines.append(
+                f"<tr><td>{_e(Path(inp.info.file).name)}</td>"
+                "<td colspan=6 class=muted>no face found</td></tr>"
+            )
+            continue
+        for _, r in t[t["success"] == 1].iterrows():
+            aus = ", ".join(n for n, c in zip(AU_OPENFACE_NAMES, AU_C_COLUMNS, strict=True) if r[c] == 1)
+            p = max(r[c] for c in EXPR_P_COLUMNS)
+            lines.append(
+                f"<tr><td>{_e(Path(inp.info.file).name)}</td><td>{int(r['face_id'])}</td>"
+                f'<td class="num">{r["confidence"]:.3f}</td>'
+                f'<td><span class="chip" style="background:{EXPR_COLOURS.get(r["expression"], "#eee")}">'
+                f"{_e(r['expression'])}</span> {p:.2f}</td>"
+                f'<td class="num">{r["valence"]:.2f}</td><td class="num">{r["arousal"]:.2f}</td>'
+                f"<td>{_e(aus) or '–'}</td></tr>"
+            )
+    return f"<table>{head}{''.join(lines)}</table>"
+
+
+def _model_card(card: Mapping[str, str]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in card.items())
+    return f"<table>{body}</table>"
+
+
+def render_report(
+    inputs: Sequence[ReportInput],
+    model_card: Mapping[str, str],
+    settings: Mapping[str, object] | None = None,
+    title: str = "mtaffect prediction report",
+) -> str:
+    """The HTML page as a string."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ok = [i for i in inputs if i.error is None]
+    failed = [i for i in inputs if i.error is not None]
+    stills = [i for i in ok if i.info.kind == "image"]
+    clips = [i for i in ok if i.info.kind != "image"]
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="muted">{len(inputs)} input(s), {len(failed)} failed · generated {now} by mtaffect</p>',
+        "<h2>Model</h2>",
+        _model_card(model_card),
+    ]
+    if settings:
+        parts.append(
+            '<p class="muted">settings: ' + _e(", ".join(f"{k}={v}" for k, v in settings.items())) + "</p>"
+        )
+    parts.append(
+        '<p class="muted">Columns and conventions: valence/arousal in [-1, 1]; expression shares count the '
+        "frames where a class is the most probable; an AU is active where its probability reaches its "
+        "threshold. A face keeps its id within a file while it stays in view; one that is out of view "
+        "for more than about a second comes back with a new id.</p>"
+    )
+    if failed:
+        items = "".join(f"<li class=err>{_e(i.error)}</li>" for i in failed)
+        parts.append(f"<h2>Failed inputs ({len(failed)})</h2><ul>{items}</ul>")
+    for inp in clips:
+        parts.append(f"<h2>{_e(Path(inp.info.file).name)}</h2>")
+        parts.append(f'<p class="muted">{_e(inp.info.file)}</p>')
+        parts.append(_meta_table(inp))
+        ids = sorted(int(x) for x in inp.table.loc[inp.table["success"] == 1, "face_id"].unique())
+        if not ids:
+            parts.append("<p>No face was found in this input.</p>")
+        for fid in ids:
+            parts.append(_face_block(inp, fid))
+    if stills:
+        parts.append(f"<h2>Images ({len(stills)})</h2>")
+        parts.append(_stills_table(stills))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    path: str | os.PathLike,
+    inputs: Sequence[ReportInput],
+    model_card: Mapping[str, str],
+    settings: Mapping[str, object] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the page atomically."""
+    with atomic_open(path, "w", overwrite=overwrite, encoding="utf-8") as fh:
+        fh.write(render_report(inputs, model_card, settings))
+    return Path(path)
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (file, face_id) summary rows (frames, VA means, dominant expression) — for the CLI and users."""
+    ok = table[table["success"] == 1]
+    if not len(ok):
+        return pd.DataFrame(columns=["file", "face_id", "frames", "valence", "arousal", "expression"])
+    g = ok.groupby(["file", "face_id"], sort=False)
+    out = g.agg(frames=("frame", "size"), valence=("valence", "mean"), arousal=("arousal", "mean"))
+    out["expression"] = g["expression"].agg(lambda s: s.value_counts().index[0])
+    return out.reset_index()
+
+
+__all__ = ["ReportInput", "face_summary", "render_report", "summarise", "write_report"]

@@ -1,0 +1,281 @@
+"""`mtaffect predict` and `Predictor`: images, folders, videos (one, two, no faces), bad files, the table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("skimage")  # the public-domain test face
+
+from mtaffect.io import OutputExistsError
+from mtaffect.predict import demo_media
+from mtaffect.predict.cli import register
+from mtaffect.predict.outputs import (
+    AU_C_COLUMNS,
+    AU_P_COLUMNS,
+    COLUMNS,
+    EXPR_P_COLUMNS,
+    read_table,
+    write_table,
+)
+from mtaffect.predict.pipeline import Predictor
+from mtaffect.predict.sources import InputError
+from mtaffect.schema import EXPR_NAMES
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("media")
+    two = demo_media.make_demo_video(d / "two.mp4", seconds=1.2, faces=2)
+    none = demo_media.make_demo_video(d / "none.mp4", seconds=0.4, faces=0)
+    one = demo_media.make_demo_video(d / "one.mp4", seconds=0.8, faces=1)
+    folder = d / "stills"
+    folder.mkdir()
+    frames = list(demo_media.frames(3, faces=1))
+    Image.fromarray(frames[0]).save(folder / "b10.png")
+    Image.fromarray(frames[2]).save(folder / "b2.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    bad = d / "broken.mp4"
+    bad.write_bytes(b"\x00\x01 definitely not a video")
+    vfr_times = [0.0, 0.04, 0.1, 0.13, 0.2, 0.26]
+    vfr = demo_media.write_video(d / "vfr.mkv", list(demo_media.frames(6, 1)), times=vfr_times)
+    return {"two": two, "none": none, "one": one, "folder": folder, "bad": bad, "vfr": vfr, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor()
+
+
+def _check_schema(df: pd.DataFrame) -> None:
+    assert tuple(df.columns) == COLUMNS
+    ok = df["success"] == 1
+    probs = df.loc[ok, list(EXPR_P_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    expected = np.array(EXPR_NAMES, dtype=object)[probs.argmax(1)]
+    assert (df.loc[ok, "expression"].to_numpy() == expected).all()
+    au = df.loc[ok, list(AU_P_COLUMNS)].to_numpy()
+    assert ((au >= 0) & (au <= 1)).all()
+    assert (df.loc[ok, list(AU_C_COLUMNS)].to_numpy(dtype=float) == (au >= 0.5)).all()
+    assert (df.loc[ok, ["valence", "arousal"]].abs().to_numpy() <= 1).all()
+    assert (df.loc[ok, "x2"] > df.loc[ok, "x1"]).all() and (df.loc[ok, "confidence"] > 0.5).all()
+    assert df.loc[~ok, list(AU_P_COLUMNS)].isna().all().all()
+    assert (df.loc[~ok, "face_id"] == -1).all()
+
+
+def test_single_image(predictor, media):
+    img_path = media["folder"] / "b10.png"
+    df = predictor.predict(img_path)
+    _check_schema(df)
+    assert len(df) == 1 and df["success"].iloc[0] == 1 and df["face_id"].iloc[0] == 0
+    assert df["file"].iloc[0] == str(img_path) and math.isnan(df["time"].iloc[0]) and df["frame"].iloc[0] == 0
+    r = df.iloc[0]
+    for name in ("eye_l", "eye_r", "nose", "mouth_l", "mouth_r"):  # landmarks inside the box
+        assert r.x1 <= r[f"{name}_x"] <= r.x2 and r.y1 <= r[f"{name}_y"] <= r.y2
+    assert r.eye_l_x < r.eye_r_x and r.eye_l_y < r.mouth_l_y
+    assert r.expression == "Happiness" and r.valence > 0.3  # the astronaut smiles
+
+
+def test_array_inputs(predictor):
+    frame = next(demo_media.frames(1, faces=2))
+    df = predictor.predict(frame)
+    assert len(df) == 2 and set(df["face_id"]) == {0, 1}
+    clip = np.stack(list(demo_media.frames(4, faces=1)))
+    df = predictor.predict(clip, fps=25)
+    assert df["frame"].tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(df["time"], [0, 0.04, 0.08, 0.12])
+
+
+def test_folder_natural_order_and_non_media_skipped(predictor, media):
+    df = predictor.predict(media["folder"])
+    _check_schema(df)
+    names = [Path(f).name for f in df["file"]]
+    assert names == ["b2.jpg", "b10.png"]  # natural order, notes.txt ignored
+    assert (df["success"] == 1).all()
+
+
+def test_two_face_video_keeps_ids(predictor, media):
+    df = predictor.predict(media["two"])
+    _check_schema(df)
+    n_frames = 30
+    assert df["frame"].nunique() == n_frames and (df["success"] == 1).all()
+    assert all(sorted(ids) == [0, 1] for ids in df.groupby("frame")["face_id"].apply(list))
+    centre = (df["x1"] + df["x2"]) / 2
+    side = df.assign(left=centre < 320).groupby("face_id")["left"].agg(["min", "max"])
+    assert (side["min"] == side["max"]).all()  # each id stays on its own side: no swap
+    np.testing.assert_allclose(df.groupby("frame")["time"].first(), np.arange(n_frames) / 25, atol=1e-6)
+
+
+def test_video_without_faces_has_rows_with_success_0(predictor, media):
+    df = predictor.predict(media["none"])
+    _check_schema(df)
+    assert len(df) == 10 and (df["success"] == 0).all() and (df["confidence"] == 0).all()
+    assert df["frame"].tolist() == list(range(10)) and (df["expression"] == "").all()
+
+
+def test_every_and_detect_every(media):
+    p = Predictor(every=3, detect_every=4)
+    df = p.predict(media["one"])
+    _check_schema(df)
+    assert df["frame"].tolist() == list(range(0, 20, 3))
+    np.testing.assert_allclose(df["time"], df["frame"] / 25, atol=1e-6)
+    assert (df["success"] == 1).all() and (df["face_id"] == 0).all()
+
+
+def test_variable_frame_rate_times_are_real(predictor, media):
+    df = predictor.predict(media["vfr"])
+    np.testing.assert_allclose(
+        df.groupby("frame")["time"].first(), [0.0, 0.04, 0.1, 0.13, 0.2, 0.26], atol=1e-3
+    )
+
+
+def test_max_faces_keeps_the_largest(media):
+    df = Predictor(max_faces=1).predict(media["two"])
+    assert (df.groupby("frame").size() == 1).all()
+
+
+def test_unreadable_input_is_reported_and_others_still_processed(predictor, media):
+    with pytest.raises(InputError, match=r"broken\.mp4"):
+        predictor.predict(media["bad"])
+    with pytest.warns(UserWarning, match=r"broken\.mp4|missing\.jpg"):
+        df = predictor.predict(
+            [media["bad"], media["folder"] / "b10.png", media["dir"] / "missing.jpg"], errors="skip"
+        )
+    assert len(df) == 1
+    assert [Path(f).name for f, _ in predictor.failures] == ["broken.mp4", "missing.jpg"]
+    assert "not found" in predictor.failures[1][1]
+
+
+def test_table_round_trips_and_is_never_overwritten(predictor, media, tmp_path):
+    df = predictor.predict([media["none"], media["folder"] / "b10.png"])
+    for fmt in ("csv", "parquet"):
+        path = write_table(df, tmp_path / f"t.{fmt}")
+        back = read_table(path)
+        pd.testing.assert_frame_equal(back, df, check_dtype=False, atol=1e-5)
+        with pytest.raises(OutputExistsError):
+            write_table(df, path)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def other() -> None:  # a second command keeps typer in sub-command mode
+        pass
+
+    return app
+
+
+def test_cli_writes_tables_plots_video_and_a_self_contained_report(media, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "predict",
+            str(media["two"]),
+            str(media["folder"]),
+            str(media["bad"]),
+            "--out",
+            str(out),
+            "--plot",
+            "--video",
+            "--report",
+            "--quiet",
+            "--detect-every",
+            "2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "broken.mp4" in res.output and "1 of 4 input(s) failed" in res.output
+    assert read_table(out / "two.csv")["face_id"].nunique() == 2
+    assert len(read_table(out / "stills.csv")) == 2
+    for fid in (0, 1):
+        assert (out / f"two_face{fid}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "two_annotated.mp4").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "http://" not in html and "https://" not in html
+    assert "broken.mp4" in html and "Face 1" in html
+    again = CliRunner().invoke(_app(), ["predict", str(media["none"]), "--out", str(out), "--quiet"])
+    assert again.exit_code == 0
+    refused = CliRunner().invoke(_app(), ["predict", str(media["none"]), "--out", str(out), "--quiet"])
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+
+
+def test_cli_exit_code_1_when_every_input_fails(media, tmp_path):
+    res = CliRunner().invoke(
+        _app(),
+        ["predict", str(media["bad"]), str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), "--quiet"],
+    )
+    assert res.exit_code == 1
+    assert "broken.mp4" in res.output and "nope.png" in res.output
+
+
+def test_smoothing_per_track_centred_and_causal(media):
+    clip = np.stack(list(demo_media.frames(12, faces=2)))
+    raw = Predictor().predict(clip, fps=25)
+    centred = Predictor(smoothing="centred", smoothing_seconds=0.1).predict(clip, fps=25)
+    _check_schema(centred)
+    assert (raw["face_id"].to_numpy() == centred["face_id"].to_numpy()).all()
+    for fid in (0, 1):  # smoothing reduces frame-to-frame change, per track
+        r = raw[raw.face_id == fid]["Happiness_p"].diff().abs().sum()
+        c = centred[centred.face_id == fid]["Happiness_p"].diff().abs().sum()
+        assert c < r
+    # causal: a frame's value never depends on later frames
+    causal = Predictor(smoothing="causal", smoothing_seconds=0.1)
+    full, head = causal.predict(clip, fps=25), causal.predict(clip[:6], fps=25)
+    cols = ["valence", "arousal", *EXPR_P_COLUMNS, *AU_P_COLUMNS]
+    np.testing.assert_allclose(full[full.frame < 6][cols].to_numpy(), head[cols].to_numpy(), atol=1e-6)
+
+
+def test_post_config_thresholds_and_kernels_are_applied(media):
+    from mtaffect.post.config import PostConfig
+    from mtaffect.post.smoothing import Kernel
+
+    th = np.full(12, 0.99)
+    th[6] = 0.01  # AU12 always on, everything else off
+    post = PostConfig(kernels={"va": Kernel("box", 2)}, au_thresholds=th)
+    df = Predictor(post=post).predict(media["one"])
+    decisions = df[list(AU_C_COLUMNS)].to_numpy(dtype=float)
+    assert (decisions[:, 6] == 1).all() and (np.delete(decisions, 6, 1) == 0).all()
+
+
+def test_a_trained_checkpoint_runs_in_the_same_pipeline(media, tmp_path):
+    import torch
+
+    from mtaffect.features.registry import create_backbone
+    from mtaffect.models.checkpoint import save_checkpoint
+    from mtaffect.models.registry import create_model
+
+    torch.manual_seed(0)
+    spec = create_backbone("fer-minixception").spec
+    recipe = create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits)
+    backbone = {"name": "fer-minixception", "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
+    path = save_checkpoint(
+        tmp_path / "ck", recipe.eval(), backbone=backbone, feature_dim=spec.feature_dim,
+        num_logits=spec.num_logits, au_thresholds=[0.3] * 12,
+    )  # fmt: skip
+    p = Predictor(model=path)
+    df = p.predict(media["two"])
+    decisions = df[list(AU_C_COLUMNS)].to_numpy(dtype=float)
+    assert (df["success"] == 1).all() and df["face_id"].nunique() == 2
+    assert (decisions == (df[list(AU_P_COLUMNS)].to_numpy() >= 0.3)).all()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Predictor(model=tmp_path / "missing")
+
+
+def test_a_list_file_names_the_inputs(predictor, media, tmp_path):
+    lst = tmp_path / "inputs.txt"
+    lst.write_text(f"# my inputs\n{media['folder'] / 'b10.png'}\n\n{media['folder']}  # the whole folder\n")
+    df = predictor.predict(lst)
+    assert [Path(f).name for f in df["file"]] == ["b10.png", "b2.jpg", "b10.png"]
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(InputError, match="names no input"):
+        predictor.predict(tmp_path / "empty.txt")
