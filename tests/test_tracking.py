@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtaffect.predict.tracking import FaceTracker, iou_matrix, refine_boxes
+from mtaffect.predict.tracking import FaceTracker, iou_matrix
 
 
 def _box(cx: float, cy: float, s: float = 80) -> np.ndarray:
@@ -81,12 +81,12 @@ def test_refine_boxes_follows_a_face_and_drops_it_when_gone():
     found = det.detect(img)[0]
     shifted = np.zeros_like(img)
     shifted[:, 12:] = img[:, :-12]  # the face moved 12 px to the right
-    ref = refine_boxes(det, shifted, found.boxes)
+    ref = det.refine(shifted, found.boxes)
     assert len(ref) == 1 and ref.scores[0] > 0.9
     centre_old = (found.boxes[0, 0] + found.boxes[0, 2]) / 2
     centre_new = (ref.boxes[0, 0] + ref.boxes[0, 2]) / 2
     assert 6 < centre_new - centre_old < 18
     assert ref.landmarks.shape == (1, 5, 2)
     blank = np.full_like(img, 128)
-    assert len(refine_boxes(det, blank, found.boxes)) == 0
-    assert len(refine_boxes(det, img, np.zeros((0, 4)))) == 0
+    assert len(det.refine(blank, found.boxes)) == 0
+    assert len(det.refine(img, np.zeros((0, 4)))) == 0

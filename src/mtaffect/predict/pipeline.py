@@ -5,7 +5,7 @@ once (MTCNN batches same-sized frames), every face of the chunk is aligned and g
 and the model's heads in one batch, then the tracker gives ids frame by frame. Nothing but the output
 rows is kept, so memory is flat in the video's length. With ``detect_every=k`` the full detector runs on
 every k-th analysed frame and in between each face is followed by MTCNN's O-Net alone (see
-:func:`~mtaffect.predict.tracking.refine_boxes`); when O-Net loses a face the frame gets a full
+:func:`~mtaffect.faces.mtcnn.MTCNN.refine`); when O-Net loses a face the frame gets a full
 detection at once. Faces entering in between are picked up at the next full detection.
 
 Faces are aligned to the 112x112 five-point template (as the s-Aff-Wild2 ``cropped_aligned`` images the
@@ -45,7 +45,7 @@ from mtaffect.predict.outputs import (
     to_prediction_table,
 )
 from mtaffect.predict.sources import InputError, MediaSource, SourceInfo, expand_inputs, open_source, prefetch
-from mtaffect.predict.tracking import FaceTracker, refine_boxes
+from mtaffect.predict.tracking import FaceTracker
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
@@ -292,7 +292,7 @@ class Predictor:
             if d is None:
                 h, w = fr.image.shape[:2]
                 det = self._detector(h, w, still)
-                d = refine_boxes(det, fr.image, state.last_boxes)
+                d = det.refine(fr.image, state.last_boxes)
                 if len(d) < len(state.last_boxes):  # a face was lost (moved fast, or left): look again
                     d = det.detect(fr.image)[0]
             d = self._keep(d)

@@ -7,8 +7,8 @@ or a missed frame — when the appearance agrees and the box centre moved less t
 sides. Greedy in decreasing score is optimal for the usual case (faces far apart) and avoids a solver
 dependency. A track not seen for ``max_age`` analysed frames is retired; its id is never reused.
 
-:func:`refine_boxes` is the "detect every k frames" helper: between two full MTCNN passes it re-runs
-only MTCNN's last stage (O-Net) on each face's previous box, which follows the face, updates its
+Between two full detections ("detect every k frames") the pipeline calls ``MTCNN.refine``: only the
+detector's last stage (O-Net) on each face's previous box, which follows the face, updates its
 landmarks and notices when it is gone, at a small fraction of a full detection.
 """
 
@@ -17,9 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from mtaffect.faces.mtcnn import MTCNN, FaceDetections
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -136,30 +133,3 @@ class FaceTracker:
             t.feature = f if t.feature is None else _unit(self.momentum * t.feature + (1 - self.momentum) * f)
 
 
-def _square(boxes: torch.Tensor) -> torch.Tensor:
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True) / 2
-    return torch.cat([centre - half, centre + half], 1)
-
-
-@torch.inference_mode()
-def refine_boxes(mtcnn: MTCNN, image: np.ndarray, boxes: np.ndarray) -> FaceDetections:
-    """Re-locate faces near ``boxes`` (k, 4) in ``image`` with MTCNN's O-Net only.
-
-    Each previous box is squared (the shape O-Net was trained on) and re-scored; faces whose O-Net
-    probability falls below the detector's last threshold are dropped (the face left or turned away).
-    """
-    if len(boxes) == 0:
-        return FaceDetections.empty()
-    from mtaffect.faces.mtcnn import _Level  # the detector's crop source; same package
-
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(mtcnn.device).permute(2, 0, 1)[None]
-    b = _square(torch.as_tensor(np.asarray(boxes, np.float32), device=mtcnn.device))
-    frame = torch.zeros(len(b), dtype=torch.long, device=mtcnn.device)
-    _, out_boxes, prob, marks = mtcnn._output([_Level(x, 1.0, 1.0)], frame, b)
-    order = torch.argsort(prob, descending=True)
-    return FaceDetections(
-        out_boxes[order].float().cpu().numpy(),
-        prob[order].float().cpu().numpy(),
-        marks[order].float().cpu().numpy(),
-    )
