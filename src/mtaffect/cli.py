@@ -25,19 +25,6 @@ data_app = typer.Typer(help="Inspect s-Aff-Wild2 style data.", no_args_is_help=T
 app.add_typer(data_app, name="data")
 
 
-def _images_of(path: Path) -> list[str]:
-    """Image names from an annotation file (16 fields a row) or a test list (one name a line)."""
-    from mtaffect.data.annotations import read_annotations
-    from mtaffect.data.submission import read_test_list
-    from mtaffect.schema import NUM_FIELDS
-
-    with open(path, encoding="utf-8") as fh:
-        lines = [ln for ln in (fh.readline(), fh.readline()) if ln.strip()]
-    if lines and len(lines[-1].rstrip("\r\n").split(",")) == NUM_FIELDS:
-        return list(read_annotations(path, keep_duplicates=True).images)
-    return read_test_list(path)
-
-
 def _predictions(preds: list[Path], post: Path | None, thresholds: Path | None):
     """Read one or more PredictionTables, apply ``--post`` (blend, smoothing, bias) and pick thresholds.
 
@@ -194,10 +181,11 @@ def baseline(
     """Write a trivial baseline PredictionTable: the floor every model must beat."""
     from mtaffect.baselines import BASELINES, constant_baseline, random_baseline
     from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.submission import read_image_names
 
     if kind not in BASELINES:
         raise ValueError(f"--kind must be one of {', '.join(BASELINES)}, got {kind!r}")
-    names = list(dict.fromkeys(_images_of(images)))
+    names = list(dict.fromkeys(read_image_names(images)))
     if kind == "constant":
         table = constant_baseline(read_annotations(train), names)
     else:
@@ -268,10 +256,12 @@ def backbones() -> None:
 
 
 def _register_areas() -> None:
-    """Commands that live beside their code: tune (post-processing) and predict (application)."""
+    """Commands that live beside their code: training, post-processing and the application."""
     from mtaffect.post.cli import register as register_post
     from mtaffect.predict.cli import register as register_predict
+    from mtaffect.train.cli import register as register_train
 
+    register_train(app)
     register_post(app)
     register_predict(app)
 

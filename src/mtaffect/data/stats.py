@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from mtaffect.data.annotations import LabelTable, read_annotations
-from mtaffect.data.submission import read_test_list
-from mtaffect.schema import AU_NAMES, EXPR_NAMES, NUM_FIELDS, SPLIT_FILES, TEST_ANNOTATIONS, TEST_LIST_NAMES
+from mtaffect.data.submission import is_annotation_file, read_test_list
+from mtaffect.schema import AU_NAMES, EXPR_NAMES, SPLIT_FILES, TEST_ANNOTATIONS, TEST_LIST_NAMES
 
 #: Frame-gap buckets (inclusive bounds) of the histogram summary.
 _GAP_BUCKETS: tuple[tuple[str, int, float], ...] = (
@@ -95,14 +95,6 @@ def _test_list_stats(path: Path) -> dict:
     }
 
 
-def _is_annotation_file(path: Path) -> bool:
-    """An annotation file's data lines have 16 fields; a test list's have one (plus a trailing comma)."""
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        lines = [ln for ln in (fh.readline() for _ in range(3)) if ln.strip()]
-    data = lines[1:] or lines
-    return bool(data) and data[0].count(",") == NUM_FIELDS - 1
-
-
 def stats_for_path(path_or_root: str | os.PathLike, *, lenient: bool = False) -> dict:
     """Stats of one file (``{file name: stats}``) or of a dataset root (one entry per split present).
 
@@ -112,7 +104,7 @@ def stats_for_path(path_or_root: str | os.PathLike, *, lenient: bool = False) ->
     """
     p = Path(path_or_root)
     if p.is_file():
-        if p.name in TEST_LIST_NAMES or not _is_annotation_file(p):
+        if p.name in TEST_LIST_NAMES or not is_annotation_file(p):
             return {p.name: _test_list_stats(p)}
         return {p.name: dataset_stats(read_annotations(p, lenient=lenient))}
     if not p.is_dir():

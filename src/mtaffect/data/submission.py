@@ -27,6 +27,7 @@ from mtaffect.schema import (
     NUM_EXPR,
     NUM_FIELDS,
     OFFICIAL_HEADER,
+    TEST_LIST_NAMES,
 )
 
 #: ``<video>/<frame number>[.ext]``: what a test-list entry looks like (a header line does not).
@@ -55,6 +56,33 @@ def _lines(text: str) -> list[str]:
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
+
+
+def find_test_list(root: str | os.PathLike) -> Path | None:
+    """The official test list in a dataset root (ABAW7 ``MTL.txt``, then ABAW4's name), or None."""
+    for name in TEST_LIST_NAMES:
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    return None
+
+
+def is_annotation_file(path: str | os.PathLike) -> bool:
+    """An annotation file's data lines have 16 fields; a test list's have one (plus a trailing comma)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
+        lines = [ln for ln in (fh.readline() for _ in range(3)) if ln.strip()]
+    data = lines[1:] or lines
+    return bool(data) and data[0].count(",") == NUM_FIELDS - 1
+
+
+def read_image_names(path: str | os.PathLike) -> list[str]:
+    """Image names, in file order, of an annotation file or a test list (whichever ``path`` is)."""
+    from mtaffect.data.annotations import read_annotations
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image list not found: {path}")
+    if is_annotation_file(path):
+        return [str(n) for n in read_annotations(path, keep_duplicates=True).images]
+    return read_test_list(path)
 
 
 def read_test_list(path: str | os.PathLike) -> list[str]:

@@ -119,7 +119,7 @@ def collect_images(root: str | os.PathLike, splits: Sequence[str] = ("train", "v
     ABAW4 name) at the root.
     """
     from mtaffect.data.annotations import load_split
-    from mtaffect.data.submission import read_test_list
+    from mtaffect.data.submission import find_test_list, read_test_list
 
     if isinstance(splits, str):
         splits = (splits,)
@@ -130,13 +130,13 @@ def collect_images(root: str | os.PathLike, splits: Sequence[str] = ("train", "v
         if split in SPLIT_FILES:
             names.update(str(n) for n in load_split(root, split).images)
         elif split == "test":
-            lists = [Path(root) / n for n in TEST_LIST_NAMES if (Path(root) / n).is_file()]
-            if not lists:
+            test_list = find_test_list(root)
+            if test_list is None:
                 raise FileNotFoundError(
                     f"no test list in {root} (looked for {', '.join(TEST_LIST_NAMES)}); "
                     "extract without the test split (CLI: --split train,val)"
                 )
-            names.update(read_test_list(lists[0]))
+            names.update(read_test_list(test_list))
         else:
             raise ValueError(f"unknown split {split!r}; choose from {', '.join([*SPLIT_FILES, 'test'])}")
     return sorted(names)

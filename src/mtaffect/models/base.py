@@ -50,6 +50,9 @@ class MTLModel(nn.Module):
     recipe: ClassVar[str] = ""
     temporal: ClassVar[bool] = False
     inputs: ClassVar[tuple[str, ...]] = ("features",)
+    #: Set by the training loop during a training step to the stage's tasks (None otherwise): a recipe
+    #: may then skip computing outputs no loss of the stage uses (a speed hint, never required).
+    active_tasks: tuple[str, ...] | None = None
 
     def stages(self) -> list[Stage]:
         """Training phases in order; the default is one joint phase over all tasks and parameters."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mtaffect.models.base import MTLModel, Stage
+from mtaffect.models.base import TASKS, MTLModel, Stage
 from mtaffect.models.blocks import require_input
 from mtaffect.models.registry import register_model
 from mtaffect.schema import NUM_AUS, NUM_EXPR
@@ -67,9 +67,17 @@ class EmotiNetHeads(MTLModel):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = require_input(batch, "features", self.recipe, (self.feature_dim,))
-        va_in = (
-            require_input(batch, "logits", self.recipe, (self.num_logits,)).to(x.dtype)
-            if self.num_logits
-            else x
-        )
-        return {"au": self.au_head(x), "expr": self.expr_head(x), "va": self.va_head(va_in)}
+        tasks = self.active_tasks or TASKS  # the heads are independent: a stage computes only its own
+        out: dict[str, torch.Tensor] = {}
+        if "au" in tasks:
+            out["au"] = self.au_head(x)
+        if "expr" in tasks:
+            out["expr"] = self.expr_head(x)
+        if "va" in tasks:
+            va_in = (
+                require_input(batch, "logits", self.recipe, (self.num_logits,)).to(x.dtype)
+                if self.num_logits
+                else x
+            )
+            out["va"] = self.va_head(va_in)
+        return out

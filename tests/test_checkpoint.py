@@ -1,0 +1,106 @@
+"""Checkpoints: safetensors + config.json round trip, no silent overwrite, the FaceAffectModel contract."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_train import TinyModel, TinyTemporal, make_store, video_names
+
+from mtaffect.features.store import FeatureStore, StoreError
+from mtaffect.io import OutputExistsError
+from mtaffect.models.base import FaceAffectModel
+from mtaffect.models.checkpoint import CheckpointError, load_model, save_checkpoint
+
+BACKBONE = {"name": "hand-made", "spec": {"name": "hand-made"}, "fingerprint": "abc123"}
+
+
+def _save(model, path, **kw):
+    return save_checkpoint(path, model, backbone=BACKBONE, feature_dim=12, **kw)
+
+
+def test_round_trip_predicts_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = TinyModel(12, hidden=8).eval()
+    _save(model, tmp_path / "ck", metrics={"P": 1.23}, au_thresholds=[0.4] * 12)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["recipe"] == "tiny-test" and cfg["model_config"] == {"feature_dim": 12, "hidden": 8}
+    assert (
+        cfg["backbone"]["fingerprint"] == "abc123" and cfg["metrics"]["P"] == 1.23 and cfg["mtaffect_version"]
+    )
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_model(tmp_path / "ck")
+    assert isinstance(loaded, FaceAffectModel)
+    assert loaded.backbone == "hand-made" and loaded.backbone_kwargs == {}
+    np.testing.assert_allclose(loaded.au_thresholds, 0.4)
+    x = torch.randn(5, 12)
+    out = loaded.predict(x)
+    ref = model({"features": x})
+    np.testing.assert_allclose(out.expr_probs, torch.softmax(ref["expr"], -1).detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.au_probs, torch.sigmoid(ref["au"]).detach().numpy(), atol=1e-6)
+    assert out.va.shape == (5, 2) and np.allclose(out.expr_probs.sum(1), 1)
+
+
+def test_never_overwrites_without_permission(tmp_path):
+    model = TinyModel(12)
+    _save(model, tmp_path / "ck")
+    np.testing.assert_array_equal(load_model(tmp_path / "ck").au_thresholds, np.full(12, 0.5))  # the default
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        _save(model, tmp_path / "ck")
+    _save(TinyModel(12, hidden=4), tmp_path / "ck", overwrite=True)
+    assert load_model(tmp_path / "ck").model.hidden == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
+
+
+def test_damaged_checkpoints_are_explained(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+        load_model(tmp_path / "nothing")
+    _save(TinyModel(12), tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        load_model(tmp_path / "ck")
+    _save(TinyModel(12, hidden=8), tmp_path / "ck2")
+    cfg = json.loads((tmp_path / "ck2" / "config.json").read_text())
+    cfg["model_config"]["hidden"] = 9  # weights no longer fit
+    (tmp_path / "ck2" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "ck2")
+
+
+def test_temporal_predict_and_predict_store_take_each_frame_once(tmp_path):
+    torch.manual_seed(0)
+    names = video_names(2, 7)
+    make_store(tmp_path / "s", names)
+    store = FeatureStore.open(tmp_path / "s")
+    model = TinyTemporal(12).eval()
+    _save(model, tmp_path / "ck", window=3)
+    m = load_model(tmp_path / "ck")
+    x = torch.from_numpy(store.features(store.rows(names[:3])))
+    seq = m.predict(x[None])  # one sequence (1, T, D) -> T rows with temporal context
+    single = m.predict(x)  # N faces, each a sequence of length 1
+    assert seq.va.shape == single.va.shape == (3, 2) and not np.allclose(seq.au_probs, single.au_probs)
+    # windows of 3 listed frames per video, sorted by frame; asked in shuffled order with a repeat
+    order = np.random.default_rng(0).permutation(len(names))
+    asked = [names[i] for i in order] + [names[6]]
+    table = m.predict_store(store, asked).align_to([*names, names[6]])
+    assert len(table) == len(names) + 1
+    feats = torch.from_numpy(store.features(store.rows(names)))
+    # video 0 (frames 1-7): windows 1-3, 4-6 and 7 padded with copies of frame 7
+    padded = torch.cat([feats[6:7]] * 3)[None]
+    for rows, window in (
+        (slice(0, 3), feats[None, :3]),
+        (slice(3, 6), feats[None, 3:6]),
+        (slice(6, 7), padded),
+    ):
+        ref = torch.sigmoid(model({"features": window})["au"][0]).detach().numpy()
+        np.testing.assert_allclose(table.au_probs[rows], ref[: rows.stop - rows.start], atol=1e-6)
+    np.testing.assert_allclose(table.au_probs[6], table.au_probs[-1])  # the repeat gets the same row
+    other = make_store(tmp_path / "s2", names)  # same names, different backbone fingerprint below
+    meta = json.loads((tmp_path / "s2" / "meta.json").read_text())
+    meta["fingerprint"] = "fff999"
+    (tmp_path / "s2" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="never mix"):
+        m.predict_store(tmp_path / "s2", names)
+    del other
