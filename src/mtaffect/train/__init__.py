@@ -1,6 +1,5 @@
-"""Training: Lightning loop over feature stores, cross-validation, strategy search, CLI commands."""
+"""Training: Lightning loop over feature stores, cross-validation, strategy search, CLI commands.
 
-from mtaffect.train.config import TrainConfig, load_config
-from mtaffect.train.fit import TrainResult, fit, fit_from_root
-
-__all__ = ["TrainConfig", "TrainResult", "fit", "fit_from_root", "load_config"]
+Entry points: :func:`mtaffect.train.fit.fit` / ``fit_from_root``, :func:`mtaffect.train.config.load_config`,
+:func:`mtaffect.train.cv.cross_validate`. Nothing is imported here so the CLI starts without Lightning.
+"""

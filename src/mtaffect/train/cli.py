@@ -103,7 +103,7 @@ def infer(
     from mtaffect.models.checkpoint import load_model
 
     check_writable(out, overwrite)
-    names = read_image_names(images)
+    names = list(dict.fromkeys(read_image_names(images)))  # a test list repeats names: predict each once
     m = load_model(model)
     table = m.predict_store(features, names)
     table.write(out, overwrite=overwrite)
