@@ -304,3 +304,55 @@ def test_registry_backbone_on_a_synthetic_set(tmp_path):
     assert store.meta["preprocessing"]["decode"] == "JPEG luma plane"
     assert np.isfinite(store.features(np.arange(len(store)))).all() and store.valid(slice(None)).all()
     assert "0 failed" in res.summary()
+
+
+def test_hub_backbones_extract_into_a_store(faces, tmp_path):
+    """The two hub families go through the same extraction path: a random-init DINOv2 with tokens,
+    and an EmotiEffLib-style ONNX model (a tiny graph built here) by path."""
+    pytest.importorskip("transformers")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mtaffect.features.registry import create_backbone
+
+    root, names = faces
+    dino = create_backbone(
+        "dinov2-small", image_size=28, config={"hidden_size": 16, "num_hidden_layers": 1,
+                                              "num_attention_heads": 2, "intermediate_size": 32,
+                                              "patch_size": 14, "image_size": 28},
+    )  # fmt: skip
+    res = extract(root, dino, tmp_path / "dino", images=names, tokens=True, **RUN)
+    store = FeatureStore.open(res.store)
+    assert store.has_tokens and store.tokens([0]).shape == (1, 4, 16)  # 28 px / 14 = 2x2 patches
+    pix = np.stack([decode_image(root / "cropped_aligned" / n, 28, "RGB") for n in names[:3]])
+    with torch.inference_mode():
+        direct = dino(dino.preprocess(pix)).features.numpy()
+    np.testing.assert_allclose(store.features(np.arange(3)), direct, rtol=2e-3, atol=2e-3)  # float16
+
+    rng = np.random.default_rng(0)
+    init = {"w1": rng.normal(size=(6, 3)), "b1": rng.normal(size=6), "w2": rng.normal(size=(10, 6)),
+            "b2": rng.normal(size=10)}  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["gap"]),
+         helper.make_node("Flatten", ["gap"], ["f"]),
+         helper.make_node("Gemm", ["f", "w1", "b1"], ["h0"], transB=1),
+         helper.make_node("Relu", ["h0"], ["h"]),
+         helper.make_node("Gemm", ["h", "w2", "b2"], ["scores"], transB=1)],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "tiny.onnx"))
+    ort = create_backbone(f"emotiefflib:{tmp_path / 'tiny.onnx'}", mean=(0.5,) * 3, std=(0.5,) * 3)
+    res = extract(root, ort, tmp_path / "onnx", images=names, **RUN)
+    store = FeatureStore.open(res.store)
+    assert (store.feature_dim, store.num_logits) == (6, 10) and store.valid(np.arange(len(names))).all()
+    pix = np.stack([decode_image(root / "cropped_aligned" / n, 32, "RGB") for n in names[:3]])
+    x = (pix / 255.0 - 0.5) / 0.5
+    hidden = np.maximum(x.mean(axis=(1, 2)) @ init["w1"].T + init["b1"], 0.0)
+    np.testing.assert_allclose(store.features(np.arange(3)), hidden, rtol=2e-3, atol=2e-3)
+    logits = hidden @ init["w2"].T + init["b2"]
+    np.testing.assert_allclose(store.logits(np.arange(3)), logits, rtol=2e-3, atol=5e-3)
