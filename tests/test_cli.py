@@ -109,3 +109,32 @@ def test_missing_predictions_are_an_error(synth_root: Path, tmp_path: Path):
     pred.write_text("\n".join(text[:-3]) + "\n")
     out = run("evaluate", "--gt", val, "--pred", pred, code=2).output
     assert "3" in out and "prediction" in out.lower()
+
+
+def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
+    """`tune` writes a config that `evaluate --post` applies exactly as the library does."""
+    from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.metrics import score
+    from mtaffect.post.config import PostConfig
+
+    train = synth_root / "training_set_annotations.txt"
+    val = synth_root / "validation_set_annotations.txt"
+    preds = []
+    for seed in (1, 2):
+        preds.append(tmp_path / f"r{seed}.csv")
+        run("baseline", "--kind", "random", "--seed", seed, "--train", train, "--images", val,
+            "--out", preds[-1])  # fmt: skip
+    post = tmp_path / "post.yaml"
+    out = run("tune", "--gt", val, "--pred", preds[0], preds[1], "--out", post, "--widths", "2,4").output
+    assert "held-out" in out
+    both = ("--pred", preds[0], "--pred", preds[1])
+    assert "blending them needs --post" in run("evaluate", "--gt", val, *both, code=2).output
+    js = tmp_path / "post.json"
+    run("evaluate", "--gt", val, *both, "--post", post, "--json", js)
+    config = PostConfig.load(post)
+    expected = score(
+        read_annotations(val), config.apply([PredictionTable.read(p) for p in preds]),
+        au_thresholds=config.au_thresholds,
+    )  # fmt: skip
+    assert json.loads(js.read_text())["P"] == pytest.approx(expected.P, abs=1e-9)
