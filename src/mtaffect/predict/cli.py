@@ -72,7 +72,7 @@ def run_predict(
     """The command's work; returns (succeeded, failed) input counts."""
     from mtaffect.io import check_writable
     from mtaffect.predict.outputs import check_format, write_table
-    from mtaffect.predict.pipeline import Predictor
+    from mtaffect.predict.pipeline import Predictor, streaming_threads
     from mtaffect.predict.report import ReportInput, write_report
 
     fmt = check_format(fmt)
@@ -92,6 +92,7 @@ def run_predict(
         every=every,
         post=post,
         smoothing=smoothing,
+        num_threads=streaming_threads(),
     )
     card = _model_card(predictor)
     report_inputs: list[ReportInput] = []

@@ -118,6 +118,16 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
+def streaming_threads() -> int:
+    """Torch threads for a whole-machine streaming run: every core but one, which decodes video.
+
+    Measured on 2 cores: 1 torch thread + the decode thread runs 55 frames/s where torch's default of
+    2 threads (competing with decoding) runs 50 (docs/benchmarks.md). The CLI uses this; the library
+    leaves torch's global setting alone unless ``num_threads`` is given.
+    """
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 class Predictor:
     """Run a face-affect model on images, folders, videos or arrays; ``predict`` returns the table.
 
