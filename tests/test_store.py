@@ -8,33 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_helpers import write_store_by_hand
 
-from mtaffect.features.store import FORMAT_NAME, FeatureStore, MissingImagesError, StoreError, partial_path
+from mtaffect.features.store import FeatureStore, MissingImagesError, StoreError, partial_path
 
 
 def make_store(path: Path, names: list[str], dim: int = 64, logits: int = 0, seed: int = 0) -> np.ndarray:
-    """Write a store by hand, exactly as the module docstring documents the format; return its features."""
-    path.mkdir(parents=True)
+    """A store written by hand from the documented format (every 7th image failed); returns its features."""
     rng = np.random.default_rng(seed)
     feats = rng.normal(size=(len(names), dim)).astype(np.float16)
     valid = np.ones(len(names), dtype=bool)
     valid[::7] = False
     feats[~valid] = 0
-    arrays = {"features": feats, "valid": valid}
-    if logits:
-        arrays["logits"] = rng.normal(size=(len(names), logits)).astype(np.float16)
-    for name, arr in arrays.items():
-        np.save(path / f"{name}.npy", arr)
-    (path / "images.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-    (path / "failed.csv").write_text(
-        "image,reason\n" + "".join(f"{n},missing file\n" for n in np.array(names)[~valid])
-    )
-    meta = {
-        "format": FORMAT_NAME, "format_version": 1, "backbone": "hand-made", "spec": {"name": "hand-made"},
-        "fingerprint": "abc123", "dtype": "float16", "arrays": {k: list(v.shape) for k, v in arrays.items()},
-        "counts": {"images": len(names), "valid": int(valid.sum()), "failed": int((~valid).sum())},
-    }  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
+    lg = rng.normal(size=(len(names), logits)).astype(np.float16) if logits else None
+    write_store_by_hand(path, names, feats, logits=lg, valid=valid, reason="missing file")
     return feats
 
 

@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from store_helpers import write_store_by_hand
 from torch import nn
 
 from mtaffect.data.annotations import LabelTable
-from mtaffect.features.store import FORMAT_NAME, FeatureStore
+from mtaffect.features.store import FeatureStore
 from mtaffect.metrics import score
 from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.registry import register_model
@@ -85,26 +86,13 @@ _register()
 def make_store(path: Path, names: list[str], dim: int = 12, logits: int = 0, seed: int = 0,
                invalid: tuple[int, ...] = ()) -> np.ndarray:  # fmt: skip
     """A finished store written as documented; rows in ``invalid`` failed extraction. Returns the features."""
-    path.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     feats = rng.normal(size=(len(names), dim)).astype(np.float16)
     valid = np.ones(len(names), dtype=bool)
     valid[list(invalid)] = False
     feats[~valid] = 0
-    arrays = {"features": feats, "valid": valid}
-    if logits:
-        arrays["logits"] = rng.normal(size=(len(names), logits)).astype(np.float16)
-    for name, arr in arrays.items():
-        np.save(path / f"{name}.npy", arr)
-    (path / "images.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-    bad = np.array(names)[~valid]
-    (path / "failed.csv").write_text("image,reason\n" + "".join(f"{n},unreadable\n" for n in bad))
-    meta = {
-        "format": FORMAT_NAME, "format_version": 1, "backbone": "hand-made", "spec": {"name": "hand-made"},
-        "fingerprint": "abc123", "dtype": "float16", "arrays": {k: list(v.shape) for k, v in arrays.items()},
-        "counts": {"images": len(names), "valid": int(valid.sum()), "failed": int((~valid).sum())},
-    }  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
+    lg = rng.normal(size=(len(names), logits)).astype(np.float16) if logits else None
+    write_store_by_hand(path, names, feats, logits=lg, valid=valid)
     return feats.astype(np.float32)
 
 
