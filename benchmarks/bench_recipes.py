@@ -18,13 +18,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from recipe_configs import RECIPES, config_path
+
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "queries-gcn": "queries_gcn.yaml",
-    "au-graph": "au_graph.yaml",
-    "progressive": "progressive.yaml",
-    "emotinet": "emotinet.yaml",
-}
 
 
 def prepare(out: Path, videos: int, frames: int, seed: int) -> tuple[Path, Path]:
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out")
-    ap.add_argument("--recipes", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     ap.add_argument("--override", "-o", action="append", default=[], help="applied to every recipe")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.prepare_only:
         return result
     for name in args.recipes:
-        cfg = load_config(REPO / "configs" / CONFIGS[name], ["trainer.progress=false", *args.override])
+        cfg = load_config(config_path(name), ["trainer.progress=false", *args.override])
         t0 = time.perf_counter()
         res = fit(cfg, store, train, val, None, log=None)
         m = res.metrics

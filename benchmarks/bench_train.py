@@ -21,14 +21,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
+from recipe_configs import config_path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "emotinet": "emotinet.yaml",
-    "au-graph": "au_graph.yaml",
-    "progressive": "progressive.yaml",
-    "queries-gcn": "queries_gcn.yaml",
-}
 
 
 def write_store(
@@ -104,7 +99,7 @@ def run(recipe: str, st, train, val, overrides: list[str]) -> dict:
     from mtaffect.train.fit import fit
 
     cfg = load_config(
-        REPO / "configs" / CONFIGS[recipe], ["trainer.progress=false", "trainer.patience=0", *overrides]
+        config_path(recipe), ["trainer.progress=false", "trainer.patience=0", *overrides]
     )
     t0 = time.perf_counter()
     res = fit(cfg, st, train, val, None, log=None)
