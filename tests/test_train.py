@@ -160,25 +160,6 @@ def test_join_excludes_failed_images_and_names_missing_ones(dataset, tmp_path):
         join_labels(store, other)
 
 
-def test_windows_stay_in_one_video_sorted_by_frame_and_pad_the_last():
-    from mtaffect.train.data import make_windows
-
-    video = np.array(["b"] * 5 + ["a"] * 3, dtype=object)
-    frame = np.array([9, 3, 5, 1, 7, 20, 10, 30])  # unsorted, sparse
-    idx, mask = make_windows(video, frame, window=4, stride=2)
-    for w, m in zip(idx, mask, strict=True):
-        assert len(set(video[w])) == 1  # never across videos
-        real = frame[w[m]]
-        assert (np.diff(real) > 0).all()  # consecutive annotated frames in order
-        assert (w[~m] == w[m][-1]).all()  # padding repeats the last real frame
-    # video a: frames 10, 20, 30 -> one padded window; video b: 1,3,5,7 then 5,7,9 (padded)
-    assert sorted(tuple(frame[w[m]]) for w, m in zip(idx, mask, strict=True)) == [
-        (1, 3, 5, 7), (5, 7, 9), (10, 20, 30)
-    ]  # fmt: skip
-    idx, mask = make_windows(video, frame, window=2, stride=2)  # stride == window: each frame once
-    assert sorted(idx[mask].tolist()) == list(range(8))
-
-
 def test_sharded_batches_are_disjoint_across_ranks():
     from mtaffect.train.data import ShardedBatches
 

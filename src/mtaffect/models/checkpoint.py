@@ -242,14 +242,9 @@ class TrainedAffectModel:
         frame, the last padded); every frame is predicted exactly once.
         """
         from mtaffect.data.predictions import PredictionTable
+        from mtaffect.data.units import make_windows, split_image_names
+        from mtaffect.features.reader import InputSource
         from mtaffect.features.store import FeatureStore
-        from mtaffect.train.data import (
-            InputSource,
-            ShardedBatches,
-            UnitDataset,
-            make_windows,
-            split_image_names,
-        )
 
         st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         if self.fingerprint and st.fingerprint != self.fingerprint:
@@ -262,20 +257,18 @@ class TrainedAffectModel:
         expr = np.zeros((n, 8))
         au = np.zeros((n, NUM_AUS))
         if self.temporal:
-            video, frame = split_image_names(names)
+            video, frame = split_image_names(names, strict=False)
             units, mask = make_windows(video, frame, self.window, self.window)
             bs = max(1, batch_size // self.window)
         else:
             units, mask, bs = np.arange(n), None, batch_size
-        ds = UnitDataset(source, units, mask)
-        for ids in ShardedBatches(len(ds), bs, shuffle=False, pad=False):
-            batch = ds[ids]
-            out = self._forward(batch)
-            probs = outputs_to_probs(out)
-            idx = batch["index"].numpy()
+        for s in range(0, len(units), bs):
+            pos = units[s : s + bs]
+            probs = outputs_to_probs(self._forward(source.get(pos)))
+            idx = pos
             if mask is not None:
-                keep = batch["step_mask"].numpy()
-                idx = idx[keep]
+                keep = mask[s : s + bs]
+                idx = pos[keep]
                 probs = AffectOutputs(probs.va[keep], probs.expr_probs[keep], probs.au_probs[keep])
             va[idx], expr[idx], au[idx] = probs.va, probs.expr_probs, probs.au_probs
         pos = {name: i for i, name in enumerate(names)}

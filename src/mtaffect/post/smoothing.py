@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
+from mtaffect.data import units
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS, VA_NAMES
 
@@ -114,24 +113,11 @@ class SmoothingPlan:
 
 
 def split_image_names(images: Sequence[str] | np.ndarray | pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Video and integer frame number of each ``<video>/<frame>.jpg`` name (vectorised in Arrow)."""
-    arr = pa.array(pd.Series(np.asarray(images, dtype=object)).astype(str), type=pa.string())
-    parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
-    ok = pc.equal(pc.list_value_length(parts), 2)
-    stems = None
-    if pc.all(ok).as_py():
-        video = pc.list_element(parts, 0)
-        stems = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1), 0)
-        ok = pc.and_(pc.ascii_is_decimal(stems), pc.greater(pc.utf8_length(video), 0))
-    if stems is None or not pc.all(ok).as_py():
-        bad = np.flatnonzero(~np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool))
-        i = int(bad[0]) if bad.size else 0
-        raise SmoothingError(
-            f"row {i}: image {arr[i].as_py()!r} is not '<video>/<frame>.jpg', so its video and frame are "
-            "unknown; add 'video' and 'frame' columns to the prediction table"
-        )
-    frames = pc.cast(stems, pa.int64()).to_numpy(zero_copy_only=False)
-    return video.to_numpy(zero_copy_only=False).astype(object), frames.astype(np.int64)
+    """Video and frame of each ``<video>/<frame>.jpg`` name (see :mod:`mtaffect.data.units`)."""
+    try:
+        return units.split_image_names(images)
+    except units.ImageNameError as exc:
+        raise SmoothingError(f"{exc}; add 'video' and 'frame' columns to the prediction table") from None
 
 
 def make_plan(

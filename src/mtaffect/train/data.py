@@ -2,14 +2,9 @@
 
 - :func:`join_labels` maps each labelled image to its store row, drops images whose extraction failed
   (``valid=False``, counted) and turns the missing-label codes into values + masks.
-- :func:`make_windows` cuts each video's annotated frames (sorted by frame number; never across
-  videos) into windows of ``window`` steps every ``stride`` frames. The last window of a video is
-  padded by repeating its last frame; ``step_mask`` marks real steps, so padded steps give no loss
-  and no prediction. With ``stride == window`` every frame appears in exactly one window (validation
-  and prediction use that, so each frame is predicted once).
-- :class:`InputSource` serves the model's input arrays by row: from RAM (loaded once when they fit
-  ``memory_limit_gb``: float32, or float16 when only that fits) or straight from the memory-mapped
-  store (O(batch) memory).
+- Units are rows, or windows of consecutive annotated frames of one video
+  (:func:`mtaffect.data.units.make_windows`, one definition for every path); inputs are read through
+  :class:`mtaffect.features.reader.InputSource`.
 - :class:`UnitDataset` + :class:`ShardedBatches`: a dataset indexed by a whole batch of units (rows
   or windows) at once, so a batch costs one fancy-index per array instead of per-row Python calls
   and a collate (what makes 142k rows per epoch cheap). Under DDP each rank takes a disjoint share.
@@ -27,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mtaffect.data.annotations import LabelTable
+from mtaffect.data.units import make_windows
+from mtaffect.features.reader import InputSource
 from mtaffect.features.store import FeatureStore, MissingImagesError, StoreError
 from mtaffect.schema import MISSING_AU, MISSING_EXPR, MISSING_VA
 
@@ -112,114 +109,6 @@ def join_labels(
     )
     report = JoinReport(labelled=len(table), excluded_invalid=int((~ok).sum()), used=int(ok.sum()))
     return arrays.take(np.flatnonzero(ok)), report
-
-
-def make_windows(
-    video: Sequence[str] | np.ndarray, frame: np.ndarray, window: int, stride: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(W, window) positions into the input arrays and the (W, window) mask of real (unpadded) steps.
-
-    Positions of one video are sorted by frame; windows start every ``stride`` frames until one
-    reaches the video's end; the last is padded by repeating its last position.
-    """
-    if window < 1 or stride < 1:
-        raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
-    video = np.asarray(video, dtype=object)
-    frame = np.asarray(frame, dtype=np.int64)
-    if len(video) == 0:
-        return np.zeros((0, window), dtype=np.int64), np.zeros((0, window), dtype=bool)
-    codes, _ = _factorize(video)
-    order = np.lexsort((frame, codes))  # by video, then frame
-    bounds = np.flatnonzero(np.diff(codes[order])) + 1
-    idx_list: list[np.ndarray] = []
-    mask_list: list[np.ndarray] = []
-    steps = np.arange(window)
-    for seg in np.split(order, bounds):
-        n = len(seg)
-        starts = np.arange(0, max(n - window, 0) + stride, stride)
-        starts = starts[starts < n]
-        if starts[-1] + window < n:  # the stride skipped past the end: one more window reaches it
-            starts = np.append(starts, starts[-1] + stride)
-        pos = starts[:, None] + steps[None, :]
-        mask = pos < n
-        idx_list.append(seg[np.minimum(pos, n - 1)])
-        mask_list.append(mask)
-    return np.concatenate(idx_list), np.concatenate(mask_list)
-
-
-def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    uniques, codes = np.unique(values.astype(str), return_inverse=True)
-    return codes.astype(np.int64), uniques
-
-
-def split_image_names(images: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(video, frame) of ``video/00012.jpg`` names; a name without a numeric frame keeps its list order."""
-    video = np.empty(len(images), dtype=object)
-    frame = np.zeros(len(images), dtype=np.int64)
-    for i, name in enumerate(images):
-        v, _, base = str(name).rpartition("/")
-        stem = base.rpartition(".")[0] or base
-        video[i] = v
-        frame[i] = int(stem) if stem.isdigit() else i
-    return video, frame
-
-
-class InputSource:
-    """The model's input arrays for a fixed list of store rows, in RAM or read from the store per batch."""
-
-    def __init__(
-        self, store: FeatureStore, rows: np.ndarray, inputs: Sequence[str], in_memory: bool | str = "auto",
-        memory_limit_gb: float = 8.0,
-    ) -> None:  # fmt: skip
-        self.store = store
-        self.rows = np.asarray(rows, dtype=np.int64)
-        self.inputs = tuple(inputs)
-        for name in self.inputs:
-            if name == "logits" and store.num_logits == 0:
-                raise StoreError(f"the model reads the backbone's logits but {store.path} holds none")
-            if name == "tokens" and not store.has_tokens:
-                raise StoreError(
-                    f"the model reads patch tokens but {store.path} holds none; extract with --tokens"
-                )
-        limit = memory_limit_gb * 2**30
-        self.in_memory = self.nbytes(2) <= limit if in_memory == "auto" else bool(in_memory)
-        # float32 in RAM when it fits (a batch is then one index_select, no conversion), else float16
-        self.dtype = torch.float32 if self.nbytes(4) <= limit else torch.float16
-        self._ram: dict[str, torch.Tensor] = {}
-        if self.in_memory:
-            for name in self.inputs:
-                self._ram[name] = self._load(name)
-
-    def nbytes(self, itemsize: int = 2) -> int:
-        """Bytes of the selected rows of every input array at ``itemsize`` bytes a value."""
-        per_row = sum(int(np.prod(self.store._arrays[name].shape[1:])) for name in self.inputs)
-        return itemsize * per_row * len(self.rows)
-
-    def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
-        return getattr(self.store, name)(rows)
-
-    def _load(self, name: str, chunk: int = 32768) -> torch.Tensor:
-        shape = self.store._arrays[name].shape[1:]
-        out = torch.empty((len(self.rows), *shape), dtype=self.dtype)
-        order = np.argsort(self.rows, kind="stable")  # sequential disk reads
-        for s in range(0, len(order), chunk):
-            part = order[s : s + chunk]
-            out[torch.from_numpy(part)] = torch.from_numpy(self._read(name, self.rows[part])).to(self.dtype)
-        return out
-
-    def get(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        """float32 arrays for ``positions`` (indices into ``rows``), any index shape (e.g. (B, T))."""
-        flat = torch.from_numpy(np.asarray(positions, dtype=np.int64).reshape(-1))
-        out: dict[str, torch.Tensor] = {}
-        for name in self.inputs:
-            if self.in_memory:  # index_select is several times faster than advanced indexing here
-                t = torch.index_select(self._ram[name], 0, flat).float()
-            else:
-                rows = self.rows[flat.numpy()]
-                uniq, inv = np.unique(rows, return_inverse=True)  # sorted reads, each row once
-                t = torch.from_numpy(self._read(name, uniq))[torch.from_numpy(inv.reshape(-1))]
-            out[name] = t.reshape(*np.shape(positions), *t.shape[1:])
-        return out
 
 
 class UnitDataset(Dataset):

@@ -1,0 +1,97 @@
+"""What training and prediction iterate over: rows, or windows of consecutive annotated frames.
+
+One definition for every path that needs frame order (the feature-store loop, image training,
+``predict_store``, smoothing): names are ``<video>/<frame>.jpg``; frames are sparse, so windows are
+cut from each video's *annotated* frames sorted by frame number, never across videos.
+
+- :func:`split_image_names` gives each name's video and integer frame number.
+- :func:`make_windows` cuts each video into windows of ``window`` steps every ``stride`` frames; the
+  last window is padded by repeating its last position and ``step_mask`` marks real steps, so padding
+  never enters a loss, the metric or a prediction. With ``stride == window`` every frame appears in
+  exactly one window (validation and prediction use that, so each frame is predicted once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+class ImageNameError(ValueError):
+    """An image name is not ``<video>/<frame>.<ext>``, so its video and frame number are unknown."""
+
+
+def split_image_names(
+    images: Sequence[str] | np.ndarray | pd.Series, *, strict: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Video (object array) and integer frame number of each ``<video>/<frame>.jpg`` name.
+
+    ``strict=False`` accepts any name: the video is the folder part (``""`` for none) and a stem that
+    is not a number takes the name's list position as its frame, so list order is kept.
+    """
+    arr = pa.array(pd.Series(np.asarray(images, dtype=object)).astype(str), type=pa.string())
+    if len(arr) == 0:
+        return np.empty(0, dtype=object), np.zeros(0, dtype=np.int64)
+    parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
+    if pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():  # fast path: every name has a folder
+        video = pc.list_element(parts, 0)
+        stems = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1), 0)
+        ok = pc.and_(pc.ascii_is_decimal(stems), pc.greater(pc.utf8_length(video), 0))
+        if pc.all(ok).as_py():
+            frames = pc.cast(stems, pa.int64()).to_numpy(zero_copy_only=False)
+            return video.to_numpy(zero_copy_only=False).astype(object), frames.astype(np.int64)
+    video_out = np.empty(len(arr), dtype=object)
+    frame_out = np.zeros(len(arr), dtype=np.int64)
+    for i, name in enumerate(arr.to_pylist()):
+        v, _, base = name.rpartition("/")
+        stem = base.partition(".")[0]
+        if not (v and stem.isascii() and stem.isdigit()):
+            if strict:
+                raise ImageNameError(
+                    f"row {i}: image {name!r} is not '<video>/<frame>.jpg', so its video and frame are "
+                    "unknown"
+                )
+            stem = str(i)
+        video_out[i], frame_out[i] = v, int(stem)
+    return video_out, frame_out
+
+
+def make_windows(
+    video: Sequence[str] | np.ndarray, frame: np.ndarray, window: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(W, window) positions into the row arrays and the (W, window) mask of real (unpadded) steps.
+
+    Positions of one video are sorted by frame; windows start every ``stride`` frames until one
+    reaches the video's end; the last is padded by repeating its last position.
+    """
+    if window < 1 or stride < 1:
+        raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
+    video = np.asarray(video, dtype=object)
+    frame = np.asarray(frame, dtype=np.int64)
+    if len(video) == 0:
+        return np.zeros((0, window), dtype=np.int64), np.zeros((0, window), dtype=bool)
+    _, codes = np.unique(video.astype(str), return_inverse=True)
+    codes = codes.astype(np.int64).reshape(-1)
+    order = np.lexsort((frame, codes))  # by video, then frame
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    idx_list: list[np.ndarray] = []
+    mask_list: list[np.ndarray] = []
+    steps = np.arange(window)
+    for seg in np.split(order, bounds):
+        n = len(seg)
+        starts = np.arange(0, max(n - window, 0) + stride, stride)
+        starts = starts[starts < n]
+        if starts[-1] + window < n:  # the stride skipped past the end: one more window reaches it
+            starts = np.append(starts, starts[-1] + stride)
+        pos = starts[:, None] + steps[None, :]
+        mask = pos < n
+        idx_list.append(seg[np.minimum(pos, n - 1)])
+        mask_list.append(mask)
+    return np.concatenate(idx_list), np.concatenate(mask_list)
+
+
+__all__ = ["ImageNameError", "make_windows", "split_image_names"]

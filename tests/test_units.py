@@ -1,0 +1,42 @@
+"""Units shared by every path that needs frame order: image names -> (video, frame), and windows."""
+
+import numpy as np
+import pytest
+
+from mtaffect.data.units import ImageNameError, make_windows, split_image_names
+
+
+def test_split_image_names_reads_video_and_frame():
+    video, frame = split_image_names(["v1/00012.jpg", "a/b/7.png", "v1/3.jpg"])
+    assert video.tolist() == ["v1", "a/b", "v1"]
+    assert frame.tolist() == [12, 7, 3]
+
+
+def test_split_image_names_strict_names_the_bad_row():
+    with pytest.raises(ImageNameError, match=r"row 1: image 'v1/cover.jpg'"):
+        split_image_names(["v1/1.jpg", "v1/cover.jpg"])
+    with pytest.raises(ImageNameError, match="row 0"):
+        split_image_names(["00001.jpg"])  # no video folder
+
+
+def test_split_image_names_lenient_keeps_list_order_for_odd_names():
+    video, frame = split_image_names(["v/cover.jpg", "v/5.jpg", "loose.png"], strict=False)
+    assert video.tolist() == ["v", "v", ""]
+    assert frame.tolist() == [0, 5, 2]  # a non-numeric stem takes its list position
+
+
+def test_windows_stay_in_one_video_sorted_by_frame_and_pad_the_last():
+    video = np.array(["b"] * 5 + ["a"] * 3, dtype=object)
+    frame = np.array([9, 3, 5, 1, 7, 20, 10, 30])  # unsorted, sparse
+    idx, mask = make_windows(video, frame, window=4, stride=2)
+    for w, m in zip(idx, mask, strict=True):
+        assert len(set(video[w])) == 1  # never across videos
+        real = frame[w[m]]
+        assert (np.diff(real) > 0).all()  # consecutive annotated frames in order
+        assert (w[~m] == w[m][-1]).all()  # padding repeats the last real frame
+    # video a: frames 10, 20, 30 -> one padded window; video b: 1,3,5,7 then 5,7,9 (padded)
+    assert sorted(tuple(frame[w[m]]) for w, m in zip(idx, mask, strict=True)) == [
+        (1, 3, 5, 7), (5, 7, 9), (10, 20, 30)
+    ]  # fmt: skip
+    idx, mask = make_windows(video, frame, window=2, stride=2)  # stride == window: each frame once
+    assert sorted(idx[mask].tolist()) == list(range(8))
