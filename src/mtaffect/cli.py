@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from mtaffect.clikit import Overwrite, console, err_console, user_errors, write_json
+from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, write_json
 
 app = typer.Typer(
     help="mtaffect: multi-task facial affect analysis (12 AUs, 8 expressions, valence/arousal).",
@@ -113,8 +113,11 @@ def evaluate(
 ) -> None:
     """Score predictions with the official ABAW MTL metric P = CCC_VA + F1_EXPR + F1_AU."""
     from mtaffect.data.annotations import read_annotations
+    from mtaffect.io import check_writable
     from mtaffect.metrics import score
 
+    if json_out:
+        check_writable(json_out, overwrite)  # before the work, not after it
     table = read_annotations(gt, keep_duplicates=keep_duplicates, lenient=lenient)
     for problem in table.skipped:
         err_console.print(
@@ -141,7 +144,9 @@ def submit(
 ) -> None:
     """Write a challenge submission: one line per test-list line, in order, hard decisions."""
     from mtaffect.data.submission import read_test_list, validate_submission, write_submission
+    from mtaffect.io import check_writable
 
+    check_writable(out, overwrite)
     names = read_test_list(test_list)
     predictions, ths = _predictions(pred, post, thresholds)
     path = write_submission(predictions, names, out, au_thresholds=ths, overwrite=overwrite)
@@ -182,9 +187,11 @@ def baseline(
     from mtaffect.baselines import BASELINES, constant_baseline, random_baseline
     from mtaffect.data.annotations import read_annotations
     from mtaffect.data.submission import read_image_names
+    from mtaffect.io import check_writable
 
     if kind not in BASELINES:
         raise ValueError(f"--kind must be one of {', '.join(BASELINES)}, got {kind!r}")
+    check_writable(out, overwrite)
     names = list(dict.fromkeys(read_image_names(images)))
     if kind == "constant":
         table = constant_baseline(read_annotations(train), names)
@@ -204,7 +211,10 @@ def data_stats(
 ) -> None:
     """Rows, videos, valid labels per task, duplicates, class counts and AU prevalence."""
     from mtaffect.data.stats import render_stats, stats_for_path
+    from mtaffect.io import check_writable
 
+    if json_out:
+        check_writable(json_out, overwrite)  # before the work, not after it
     stats = stats_for_path(path)
     console.print(render_stats(stats))
     if json_out:
@@ -224,15 +234,21 @@ def extract(
     device: str = "cpu",
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 1,
     tokens: Annotated[bool, typer.Option(help="Also store patch tokens (backbones that have them).")] = False,
+    trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Run a frozen backbone once over every face; resumable, sharded per rank under torchrun."""
     from mtaffect.features.extract import extract as run_extract
 
     splits = tuple(s.strip() for s in split.split(",") if s.strip())
+    model = backbone
+    if trust_remote_code:  # the person's explicit decision; never read from a file
+        from mtaffect.features.registry import create_backbone, with_trust
+
+        model = create_backbone(backbone, **with_trust(backbone, {}, True))
     res = run_extract(
         data,
-        backbone,
+        model,
         out,
         splits=splits,
         batch_size=batch_size,

@@ -6,9 +6,12 @@ and registers them on the one app in :mod:`mtaffect.cli`; this module keeps thei
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -21,22 +24,76 @@ console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
 
-#: Errors that are the user's to fix: reported in one line, exit code 2.
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+#: Errors that are the user's to fix: reported in one line, exit code 2. ``OSError`` covers what the
+#: machine refuses (read-only or full disk, permissions, a directory where a file was expected).
+USER_ERRORS = (ValueError, KeyError, OSError)
 
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let an hf:<model> backbone run the Python code its hub repository or folder ships "
+        "(transformers' trust_remote_code). That code runs with your permissions: use it only for "
+        "sources you trust. Never read from checkpoints or config files.",
+    ),
+]
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line text of a user error: our messages as they are; an OS error as ``PATH: reason``.
+
+    Python's own ``OSError`` text (``[Errno 30] Read-only file system: 'x'``) is turned into the path,
+    the reason and a hint for the common cases (read-only or full disk, permissions).
+    """
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        where = exc.filename if exc.filename is not None else None
+        hint = _OS_HINTS.get(exc.errno, "")
+        text = f"{exc.strerror} (errno {exc.errno}){hint}"
+        return f"{where}: {text}" if where is not None else text
+    return str(exc)
+
+
+_OS_HINTS = {
+    errno.EROFS: ": the output location is read-only; write somewhere else",
+    errno.ENOSPC: ": the disk is full; free space or write somewhere else",
+    errno.EDQUOT: ": the disk quota is exhausted; free space or write somewhere else",
+    errno.EACCES: ": permission denied; check the file's and folder's permissions",
+    errno.EISDIR: ": a folder is where a file was expected; give a file path",
+}
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Library warnings (``warnings.warn``) shown as one ``warning: ...`` line each, not Python's two."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    before = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
 
 
 def user_errors(fn: F) -> F:
-    """Report expected errors (they name the file, line and what to do) as one line and exit code 2."""
+    """Report expected errors (they name the file, line and what to do) as one line and exit code 2.
+
+    This is the one place that turns a user-fixable error or an OS error into ``error: ...``; commands
+    raise, they do not print and exit themselves.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _one_line_warnings():
+                return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {error_message(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from exc
 
     return wrapper  # type: ignore[return-value]

@@ -14,8 +14,10 @@ class OutputExistsError(FileExistsError):
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``."""
+    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``, and always a folder."""
     p = Path(path)
+    if p.is_dir():  # never replaced, even with overwrite: a file output does not take a folder's place
+        raise IsADirectoryError(f"{p} is a folder; give the path of a file to write")
     if p.exists() and not overwrite:
         raise OutputExistsError(f"{p} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     return p

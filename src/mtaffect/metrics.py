@@ -549,7 +549,22 @@ def score(gt: Any, pred: Any, *, au_thresholds: Any = None) -> MetricResult:
     ``gt`` needs ``.images``, ``.valence``, ``.arousal``, ``.expression``, ``.aus``; ``pred`` needs
     ``.align_to(images)`` returning a table in that order with ``.valence``, ``.arousal``,
     ``.expr_probs``, ``.au_probs`` (alignment errors, e.g. unpredicted images, are raised there).
+    Ground truth with no labelled row (e.g. a header-only file) is a ValueError: zero scored rows give
+    no score, never a P of 0.
     """
+    labelled = (
+        (np.asarray(gt.valence) != MISSING_VA)
+        | (np.asarray(gt.arousal) != MISSING_VA)
+        | (np.asarray(gt.expression) != MISSING_EXPR)
+        | (np.asarray(gt.aus) != MISSING_AU).reshape(len(gt.images), -1).any(axis=1)
+    )
+    if not labelled.any():
+        where = getattr(gt, "source", None) or "the ground truth"
+        what = "no data rows" if len(gt.images) == 0 else f"{len(gt.images)} rows but not one label"
+        raise ValueError(
+            f"{where}: nothing to score: it holds {what} (zero scored rows); check that it is the right "
+            "annotation file and that its line ends and header are intact"
+        )
     aligned = pred.align_to(gt.images)
     return official_metric(
         valence_true=gt.valence,

@@ -45,6 +45,16 @@ class Registry(Generic[T]):
         self._load_builtins()
         return sorted(self._factories) + sorted(f"{p}:<...>" for p in self._prefixes)
 
+    def factory(self, name: str) -> Callable[..., T]:
+        """The factory ``create(name)`` would call (prefixed families: the family's factory)."""
+        self._load_builtins()
+        if name in self._factories:
+            return self._factories[name]
+        prefix, sep, _ = name.partition(":")
+        if sep and prefix in self._prefixes:
+            return self._prefixes[prefix]
+        raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+
     def create(self, name: str, **kwargs) -> T:
         self._load_builtins()
         if name in self._factories:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mtaffect.data.units import unsafe_name_reason
 from mtaffect.io import atomic_open
 from mtaffect.schema import (
     AU_NAMES,
@@ -33,6 +35,7 @@ from mtaffect.schema import (
     OFFICIAL_HEADER,
     SPLIT_FILES,
 )
+from mtaffect.textfiles import normalise_newlines
 
 #: The 15 numeric fields of a row, in file order (valence, arousal, expression, 12 AUs).
 _NUMERIC_FIELDS: tuple[str, ...] = ("valence", "arousal", "expression", *AU_NAMES)
@@ -262,12 +265,18 @@ class _Rows:
         self.lines = lines
         self.raw = raw  # the numeric fields as written, for messages (None: use the parsed value)
         self.bad_image = np.zeros(len(images), dtype=bool)
+        self.unsafe: dict[int, str] = {}  # row -> why its name could leave the dataset folder
         if video_frame is not None:  # already split (and known valid) by the fast path
             self.video, self.frame = video_frame
             return
         self.video = np.empty(len(images), dtype=object)
         self.frame = np.zeros(len(images), dtype=np.int64)
         for i, name in enumerate(images.tolist()):
+            reason = unsafe_name_reason(name)
+            if reason is not None:
+                self.bad_image[i] = True
+                self.unsafe[i] = reason
+                continue
             video, sep, base = name.rpartition("/")
             stem = base.rpartition(".")[0] if "." in base else base
             if not sep or not video or not stem.isascii() or not stem.isdigit() or len(stem) > 18:
@@ -307,6 +316,14 @@ class _Rows:
 
     def problem_for(self, i: int, path: str, failures: list[tuple[int, np.ndarray, str]]) -> AnnotationError:
         """The first thing wrong with row ``i``, in field order."""
+        if i in self.unsafe:
+            return AnnotationError(
+                path,
+                int(self.lines[i]),
+                f"image name {self.unsafe[i]}; names are relative to the dataset's {CROPPED_DIR}/ folder "
+                "('<video>/<frame>.jpg') and may not leave it",
+                self.images[i],
+            )
         if self.bad_image[i]:
             return AnnotationError(
                 path,
@@ -330,6 +347,8 @@ class _Rows:
         sub.images, sub.values, sub.lines = self.images[idx], self.values[idx], self.lines[idx]
         sub.raw = None if self.raw is None else [r[idx] for r in self.raw]
         sub.video, sub.frame, sub.bad_image = self.video[idx], self.frame[idx], self.bad_image[idx]
+        pos = {int(old): new for new, old in enumerate(np.arange(len(self.images))[idx].tolist())}
+        sub.unsafe = {pos[i]: r for i, r in self.unsafe.items() if i in pos}
         return sub
 
     def to_frame(self) -> pd.DataFrame:
@@ -391,6 +410,8 @@ def _fast_rows(raw: bytes) -> _Rows | None:
 def _split_images_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Strip image names and split them into video and frame in Arrow (vectorised); None if any is odd."""
     arr = pc.utf8_trim_whitespace(pa.array(names, type=pa.string()))
+    if pc.any(pc.match_substring(arr, "..")).as_py() or pc.any(pc.starts_with(arr, "/")).as_py():
+        return None  # maybe a name that leaves the dataset folder: the diagnostic path decides
     parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
     if not pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():
         return None
@@ -414,6 +435,12 @@ def _split_images_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def _slow_rows(raw_bytes: bytes, where: str) -> tuple[_Rows, list[AnnotationError]]:
     """Line-by-line parse that keeps line numbers and explains every malformed row."""
+    nul = raw_bytes.find(b"\0")
+    if nul >= 0:
+        line = raw_bytes[:nul].count(b"\n") + 1
+        raise AnnotationError(
+            where, line, "a binary file (NUL byte), not a text annotation file", raw_bytes[nul : nul + 8]
+        )
     try:
         text = raw_bytes.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -515,7 +542,8 @@ def read_annotations(path: str | Path, *, keep_duplicates: bool = False, lenient
     where = str(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {where}")
-    raw = path.read_bytes()
+    raw = normalise_newlines(path.read_bytes())
+    _warn_if_headerless(raw, where)
     rows = _fast_rows(raw)
     problems: list[AnnotationError] = []
     if rows is not None:
@@ -537,6 +565,22 @@ def read_annotations(path: str | Path, *, keep_duplicates: bool = False, lenient
         rows = rows.take(np.flatnonzero(~drop))
     skipped = [RowProblem(where, p.line, str(p)) for p in problems]
     return LabelTable(rows.to_frame(), source=where, duplicates=int(dup.sum()), skipped=skipped)
+
+
+def _warn_if_headerless(raw: bytes, where: str) -> None:
+    """Line 1 is the header and is never read: say so when it looks like a data row instead."""
+    first = raw.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
+    parts = first.split(",")
+    if len(parts) != NUM_FIELDS:
+        return
+    values = pd.to_numeric(pd.Series([p.strip() for p in parts[1:]]), errors="coerce")
+    rows = _Rows(np.array([parts[0].strip()], dtype=object), values.to_numpy()[None, :], np.ones(1, np.int64))
+    if not rows.problem_mask()[0]:
+        warnings.warn(
+            f"{where}:1: line 1 is a data row ({_show(first)}), but line 1 of an annotation file is its "
+            f"header and is not read; if the file has no header, add {OFFICIAL_HEADER!r} as line 1",
+            stacklevel=3,
+        )
 
 
 def load_split(root: str | Path, split: str, **kw) -> LabelTable:

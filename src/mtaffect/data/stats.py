@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mtaffect.data.annotations import LabelTable, read_annotations
-from mtaffect.data.submission import is_annotation_file, read_test_list
+from mtaffect.data.submission import TEST_LIST, list_kind, read_test_list
 from mtaffect.schema import AU_NAMES, EXPR_NAMES, SPLIT_FILES, TEST_ANNOTATIONS, TEST_LIST_NAMES
 
 #: Frame-gap buckets (inclusive bounds) of the histogram summary.
@@ -104,7 +104,7 @@ def stats_for_path(path_or_root: str | os.PathLike, *, lenient: bool = False) ->
     """
     p = Path(path_or_root)
     if p.is_file():
-        if p.name in TEST_LIST_NAMES or not is_annotation_file(p):
+        if p.name in TEST_LIST_NAMES or list_kind(p) == TEST_LIST:
             return {p.name: _test_list_stats(p)}
         return {p.name: dataset_stats(read_annotations(p, lenient=lenient))}
     if not p.is_dir():

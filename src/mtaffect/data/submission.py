@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from mtaffect.data.predictions import PredictionTable
+from mtaffect.data.units import unsafe_name_reason
 from mtaffect.io import atomic_open, check_writable
 from mtaffect.schema import (
     AU_NAMES,
@@ -29,6 +30,7 @@ from mtaffect.schema import (
     OFFICIAL_HEADER,
     TEST_LIST_NAMES,
 )
+from mtaffect.textfiles import read_text, split_lines
 
 #: ``<video>/<frame number>[.ext]``: what a test-list entry looks like (a header line does not).
 _IMAGE_RE = re.compile(r"^[^\s,]+/[0-9]+(\.[A-Za-z0-9]+)?$")
@@ -39,23 +41,31 @@ class SubmissionError(ValueError):
     """A test list, submission or threshold file that cannot be used."""
 
 
+#: The two kinds of image-list file (what :func:`list_kind` returns).
+ANNOTATIONS = "annotation file"
+TEST_LIST = "test list"
+_KINDS_HINT = (
+    f"an annotation file (the header {OFFICIAL_HEADER!r}, then rows of {NUM_FIELDS} comma-separated "
+    "fields) or a test list (one '<video>/<frame>.jpg' per line)"
+)
+_HEAD_BYTES = 1 << 16
+
+
 def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SubmissionError(
-            f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
+    return read_text(path, what, error=SubmissionError)
 
 
 def _lines(text: str) -> list[str]:
-    """Lines without line endings, trailing blank lines dropped (CRLF and LF both fine)."""
-    lines = [ln.rstrip("\r") for ln in text.split("\n")]
+    """Lines without line endings (LF, CRLF or CR), trailing blank lines dropped."""
+    lines = split_lines(text)
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
+
+
+def _is_image_line(fields: list[str]) -> bool:
+    """A test-list line: one image name, optionally followed by an empty field (ABAW7's trailing comma)."""
+    return len(fields) <= 2 and bool(_IMAGE_RE.match(fields[0])) and (len(fields) == 1 or not fields[1])
 
 
 def find_test_list(root: str | os.PathLike) -> Path | None:
@@ -66,22 +76,47 @@ def find_test_list(root: str | os.PathLike) -> Path | None:
     return None
 
 
-def is_annotation_file(path: str | os.PathLike) -> bool:
-    """An annotation file's data lines have 16 fields; a test list's have one (plus a trailing comma)."""
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        lines = [ln for ln in (fh.readline() for _ in range(3)) if ln.strip()]
-    data = lines[1:] or lines
-    return bool(data) and data[0].count(",") == NUM_FIELDS - 1
+def list_kind(path: str | os.PathLike) -> str:
+    """:data:`ANNOTATIONS` or :data:`TEST_LIST`, decided from the file's first (header) line.
+
+    A first line of 16 fields (the long header, or a data row) means annotations; one field (a header
+    such as ``image``, or an image name with its optional trailing comma) a test list. The official
+    header ``image,valence,arousal,expression,aus`` may head either, so then (and for any other header)
+    the majority of the next 20 lines decides: one malformed line does not change the verdict.
+    An empty or binary file is an error that says what was expected.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image list not found: {p}")
+    with open(p, "rb") as fh:
+        head = fh.read(_HEAD_BYTES)
+    if b"\0" in head:
+        raise SubmissionError(f"{p}: a binary file, not text; expected {_KINDS_HINT}")
+    lines = [ln for ln in split_lines(head.decode("utf-8-sig", errors="replace")) if ln.strip()]
+    if not lines:
+        raise SubmissionError(f"{p}: the file is empty; expected {_KINDS_HINT}")
+    fields = [f.strip() for f in lines[0].split(",")]
+    if len(fields) == NUM_FIELDS:
+        return ANNOTATIONS
+    if len(fields) == 1 or _is_image_line(fields):
+        return TEST_LIST
+    data = lines[1:21]
+    rows = sum(ln.count(",") == NUM_FIELDS - 1 for ln in data)
+    names = sum(_is_image_line([f.strip() for f in ln.split(",")]) for ln in data)
+    return TEST_LIST if names > rows else ANNOTATIONS
 
 
 def read_image_names(path: str | os.PathLike) -> list[str]:
     """Image names, in file order, of an annotation file or a test list (whichever ``path`` is)."""
-    from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.annotations import AnnotationError, read_annotations
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image list not found: {path}")
-    if is_annotation_file(path):
-        return [str(n) for n in read_annotations(path, keep_duplicates=True).images]
+    if list_kind(path) == ANNOTATIONS:
+        try:
+            return [str(n) for n in read_annotations(path, keep_duplicates=True).images]
+        except AnnotationError as exc:  # say why the file was read as annotations
+            raise AnnotationError(
+                exc.path, exc.line, f"{exc.what} [read as an annotation file, from its first line]", exc.got
+            ) from None
     return read_test_list(path)
 
 
@@ -93,6 +128,8 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
     """
     p = Path(path)
     lines = _lines(_read_text(p, "test list"))
+    if not lines:
+        raise SubmissionError(f"{p}: the file is empty; expected a test list (one image name per line)")
     names: list[str] = []
     for lineno, line in enumerate(lines, start=1):
         name = line.split(",", 1)[0].strip()
@@ -105,9 +142,15 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
                 f"{p}:{lineno}: {name!r} is not an image name like 'video1/00001.jpg'; "
                 "a test list holds one <video>/<frame>.jpg per line"
             )
+        unsafe = unsafe_name_reason(name)
+        if unsafe is not None:
+            raise SubmissionError(
+                f"{p}:{lineno}: image name {name!r} {unsafe}; names are relative to the dataset's image "
+                "folder and may not leave it"
+            )
         names.append(name)
     if not names:
-        raise SubmissionError(f"{p}: the test list names no images")
+        raise SubmissionError(f"{p}: the test list names no images (only a header line)")
     return names
 
 

@@ -25,6 +25,19 @@ class ImageNameError(ValueError):
     """An image name is not ``<video>/<frame>.<ext>``, so its video and frame number are unknown."""
 
 
+def unsafe_name_reason(name: str) -> str | None:
+    """Why an image name could point outside the dataset's image folder, or None when it cannot.
+
+    Names are joined to ``<root>/cropped_aligned/``; an absolute path or a ``..`` part would make a
+    list file read (and a store record) any file on the machine.
+    """
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":" and name[0].isalpha()):
+        return "is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "has a '..' part"
+    return None
+
+
 def split_image_names(
     images: Sequence[str] | np.ndarray | pd.Series, *, strict: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -94,4 +107,4 @@ def make_windows(
     return np.concatenate(idx_list), np.concatenate(mask_list)
 
 
-__all__ = ["ImageNameError", "make_windows", "split_image_names"]
+__all__ = ["ImageNameError", "make_windows", "split_image_names", "unsafe_name_reason"]

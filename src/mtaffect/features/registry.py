@@ -6,10 +6,17 @@ Plain names (``fer-minixception``, ``dinov2-small``) map to a factory; prefixed 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 from mtaffect.features.base import Backbone
 from mtaffect.registry import Registry
+
+#: Backbone options that make a library run Python code shipped with the weights (transformers'
+#: ``trust_remote_code``). They are never read from a file (checkpoint, store, config): only the
+#: person running a command switches them on (CLI ``--trust-remote-code``, or a Python call).
+CODE_EXECUTING_OPTIONS: Final[frozenset[str]] = frozenset({"trust_remote_code"})
 
 BACKBONES: Registry[Backbone] = Registry(
     "backbone",
@@ -34,3 +41,45 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, **kwargs) -> Backbone:
     """Build a backbone by registry name, e.g. ``create_backbone("dinov2-small", weights="path")``."""
     return BACKBONES.create(name, **kwargs)
+
+
+def options_from_file(options: object, where: str) -> dict[str, Any]:
+    """Backbone options recorded in a file, checked: a mapping of plain values, none that runs code.
+
+    ``where`` names the file and key for messages (e.g. ``ckpt/config.json: backbone.kwargs``).
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f"{where} must be a mapping of option names to values, got {options!r}")
+    code = sorted(CODE_EXECUTING_OPTIONS & set(options))
+    if code:
+        raise ValueError(
+            f"{where} sets {code[0]!r}, an option that runs code shipped with the model: options that run "
+            "code are never read from a file. Remove it from the file; if you trust the model's source, "
+            "pass --trust-remote-code on the command line (Python: trust_remote_code=True) instead"
+        )
+    return dict(options)
+
+
+def accepts_option(name: str, option: str) -> bool:
+    """Whether the factory of backbone ``name`` takes the keyword ``option``."""
+    params = inspect.signature(BACKBONES.factory(name)).parameters
+    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def with_trust(name: str, options: Mapping[str, Any], trust_remote_code: bool) -> dict[str, Any]:
+    """``options`` plus the person's ``trust_remote_code`` decision (only ever from a CLI flag or code).
+
+    Without trust the options are returned as they are; with it, backbones that cannot run remote code
+    are an error rather than a flag silently ignored.
+    """
+    out = dict(options)
+    if trust_remote_code:
+        if not accepts_option(name, "trust_remote_code"):
+            raise ValueError(
+                f"--trust-remote-code applies to hub backbones (hf:<model>); backbone {name!r} runs no "
+                "code from its weights"
+            )
+        out["trust_remote_code"] = True
+    return out

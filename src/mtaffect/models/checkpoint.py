@@ -14,6 +14,11 @@ describes the model::
 A checkpoint is written into a temporary folder beside its target and renamed into place, so a crash
 never leaves half a checkpoint; an existing one is replaced only with ``overwrite=True``.
 
+A checkpoint is data, never code: every field of ``config.json`` is checked when read (types, ranges,
+registered recipe), the weights are safetensors, and ``backbone.kwargs`` may not hold an option that
+runs code (``trust_remote_code``): that is only ever the person's decision (``load_model(...,
+trust_remote_code=True)``, CLI ``--trust-remote-code``), never the file's.
+
 :func:`load_model` returns a :class:`TrainedAffectModel` (a :class:`FaceAffectModel`).
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -30,8 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mtaffect.features.registry import CODE_EXECUTING_OPTIONS, options_from_file, with_trust
 from mtaffect.io import OutputExistsError
 from mtaffect.models.base import AffectOutputs, MTLModel, outputs_to_probs
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
@@ -103,7 +111,11 @@ def save_checkpoint(
         "window": int(window),
         "backbone": {
             "name": backbone["name"],
-            "kwargs": _jsonable(backbone.get("kwargs", {})),
+            "kwargs": {  # the person's trust in remote code is theirs to give on each load, never stored
+                k: v
+                for k, v in _jsonable(backbone.get("kwargs", {})).items()
+                if k not in CODE_EXECUTING_OPTIONS
+            },
             "spec": _jsonable(backbone.get("spec", {})),
             "fingerprint": backbone.get("fingerprint"),
         },
@@ -125,10 +137,8 @@ def save_checkpoint(
             json.dump(config, fh, indent=1)
             fh.write("\n")
         os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.replaced")
-            if old.exists():
-                shutil.rmtree(old)
+        if target.exists():  # swap through a fresh name: never a folder this call did not create
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".replaced", dir=target.parent))
             os.rename(target, old)
             os.rename(tmp, target)
             shutil.rmtree(old)
@@ -141,6 +151,7 @@ def save_checkpoint(
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
+    """The checked ``config.json`` of a checkpoint folder (see :func:`_audit` for what is checked)."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"no checkpoint folder at {p}; expected a folder with {WEIGHTS} and {CONFIG}")
@@ -153,11 +164,68 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p / CONFIG}: cannot read ({exc})") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{p / CONFIG}: not an mtaffect checkpoint config")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{p}: checkpoint format {config['format_version']} is newer than this mtaffect"
-        )
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{p / CONFIG}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint format {version} is newer than this mtaffect")
+    _audit(config, str(p / CONFIG))
     return config
+
+
+def _audit(config: dict, where: str) -> None:
+    """Check every field a loader uses, so a damaged or hostile file fails here, naming the key."""
+
+    def fail(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {key} {what}, got {_short(config.get(key))}")
+
+    def is_int(v: Any, low: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    if not isinstance(config.get("recipe"), str) or not config["recipe"]:
+        raise fail("recipe", "must be a recipe name")
+    if not isinstance(config.get("model_config"), dict):
+        raise fail("model_config", "must be a mapping of the recipe's settings")
+    if not isinstance(config.get("temporal", False), bool):
+        raise fail("temporal", "must be true or false")
+    inputs = config.get("inputs", ["features"])
+    if not isinstance(inputs, list) or not inputs or not set(inputs) <= {"features", "logits", "tokens"}:
+        raise fail("inputs", "must list some of features, logits, tokens")
+    if not is_int(config.get("window", 1), 1):
+        raise fail("window", "must be an integer >= 1")
+    for key, low in (("feature_dim", 1), ("num_logits", 0)):
+        if key in config and not is_int(config[key], low):
+            raise fail(key, f"must be an integer >= {low}")
+    shape = config.get("token_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) == 2 and all(is_int(x, 1) for x in shape)
+    ):
+        raise fail("token_shape", "must be null or [tokens, channels]")
+    thr = config.get("au_thresholds", [DEFAULT_AU_THRESHOLD] * NUM_AUS)
+    if not (
+        isinstance(thr, list)
+        and len(thr) == NUM_AUS
+        and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 <= t <= 1
+                for t in thr)
+    ):  # fmt: skip
+        raise fail("au_thresholds", f"must be {NUM_AUS} numbers in [0, 1]")
+    for key in ("metrics", "train_config"):
+        if not isinstance(config.get(key, {}), dict):
+            raise fail(key, "must be a mapping")
+    bb = config.get("backbone")
+    if not isinstance(bb, dict) or not isinstance(bb.get("name"), str) or not bb["name"]:
+        raise fail("backbone", "must be a mapping with the backbone's registry name")
+    if not isinstance(bb.get("spec", {}), dict) or not isinstance(bb.get("fingerprint"), str | None):
+        raise fail("backbone", "must hold spec (a mapping) and fingerprint (a string)")
+    try:
+        bb["kwargs"] = options_from_file(bb.get("kwargs"), f"{where}: backbone.kwargs")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_mtl_model(path: str | os.PathLike) -> tuple[MTLModel, dict]:
@@ -168,11 +236,18 @@ def load_mtl_model(path: str | os.PathLike) -> tuple[MTLModel, dict]:
     config = read_checkpoint_config(p)
     try:
         model = create_model(config["recipe"], **config["model_config"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         raise CheckpointError(
-            f"{p / CONFIG}: cannot rebuild recipe {config.get('recipe')!r} ({exc})"
+            f"{p / CONFIG}: cannot rebuild recipe {config.get('recipe')!r} ({msg})"
         ) from exc
-    state = load_file(str(p / WEIGHTS))
+    try:
+        state = load_file(str(p / WEIGHTS))
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(
+            f"{p / WEIGHTS}: not a readable safetensors file ({exc}); the checkpoint is damaged: copy or "
+            "train it again"
+        ) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -189,13 +264,21 @@ class TrainedAffectModel:
     :meth:`predict_store` predicts a whole store, temporal recipes over windows of each video.
     """
 
-    def __init__(self, model: MTLModel, config: dict, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        model: MTLModel,
+        config: dict,
+        device: str | torch.device = "cpu",
+        *,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.model = model.to(device).eval()
         self.config = config
         self.device = torch.device(device)
         bb = config["backbone"]
         self.backbone: str = bb["name"]
-        self.backbone_kwargs: dict = dict(bb.get("kwargs") or {})
+        kwargs = options_from_file(bb.get("kwargs"), "checkpoint config: backbone.kwargs")
+        self.backbone_kwargs: dict = with_trust(self.backbone, kwargs, trust_remote_code)
         self.fingerprint: str | None = bb.get("fingerprint")
         self.au_thresholds = np.asarray(config.get("au_thresholds", [DEFAULT_AU_THRESHOLD] * NUM_AUS), float)
         self.temporal = bool(config.get("temporal", False))
@@ -278,10 +361,16 @@ class TrainedAffectModel:
         )
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedAffectModel:
-    """Load a checkpoint folder written by :func:`save_checkpoint` (safetensors only, no pickle)."""
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+) -> TrainedAffectModel:
+    """Load a checkpoint folder written by :func:`save_checkpoint` (safetensors only, no pickle).
+
+    ``trust_remote_code=True`` lets an ``hf:`` backbone run the Python code its hub repository or
+    folder ships (transformers' option of that name): the caller's decision, never the checkpoint's.
+    """
     model, config = load_mtl_model(path)
-    return TrainedAffectModel(model, config, device)
+    return TrainedAffectModel(model, config, device, trust_remote_code=trust_remote_code)
 
 
 __all__ = ["CheckpointError", "TrainedAffectModel", "load_model", "read_checkpoint_config", "save_checkpoint"]

@@ -32,6 +32,7 @@ from mtaffect.post.blend import blend, check_weights
 from mtaffect.post.smoothing import TASKS, Kernel, SmoothingError, smooth
 from mtaffect.post.thresholds import apply_expr_bias
 from mtaffect.schema import AU_NAMES, DEFAULT_AU_THRESHOLD, EXPR_NAMES, EXPR_PROB_COLUMNS, NUM_AUS, NUM_EXPR
+from mtaffect.textfiles import read_yaml
 
 FORMAT = "mtaffect-postproc"
 VERSION = 1
@@ -150,13 +151,7 @@ class PostConfig:
         where = str(p)
         if not p.is_file():
             raise FileNotFoundError(f"post-processing file not found: {where}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.MarkedYAMLError as exc:
-            line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
-            raise PostConfigError(f"{where}:{line}: not valid YAML ({exc.problem})") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise PostConfigError(f"{where}: not a readable YAML file ({exc})") from None
+        data = read_yaml(p, "post-processing config (YAML, from `mtaffect tune`)", error=PostConfigError)
         return cls.from_dict({} if data is None else data, where)
 
     @classmethod

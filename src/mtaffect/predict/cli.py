@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from mtaffect.clikit import Overwrite, console, err_console, user_errors
+from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors
 
 
 class _RateColumn(ProgressColumn):
@@ -68,6 +68,7 @@ def run_predict(
     report: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[int, int]:
     """The command's work; returns (succeeded, failed) input counts."""
     from mtaffect.io import check_writable
@@ -82,6 +83,12 @@ def run_predict(
     report_path = out / "report.html"
     for p in [*tables, *([report_path] if report else [])]:
         check_writable(p, overwrite)  # fail before any work, not after an hour of video
+    if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
+        if model in (None, "default"):
+            raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
+        from mtaffect.models.checkpoint import load_model
+
+        model = load_model(model, device=device, trust_remote_code=True)
     predictor = Predictor(
         model=model,
         device=device,
@@ -238,6 +245,7 @@ def register(app: typer.Typer) -> None:
         video: Annotated[bool, typer.Option("--video", help="Annotated MP4 per video input.")] = False,
         report: Annotated[bool, typer.Option("--report", help="One self-contained HTML report.")] = False,
         overwrite: Overwrite = False,
+        trust_remote_code: TrustRemoteCode = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     ) -> None:
         """Faces, 12 AUs, 8 expressions and valence/arousal for every frame of images and videos.
@@ -253,6 +261,7 @@ def register(app: typer.Typer) -> None:
         good, _ = run_predict(
             inputs, out, model, post, every, detect_every, batch_size, device, max_faces, min_face_size,
             smoothing, fmt, plot, video, report, overwrite, progress=not quiet,
+            trust_remote_code=trust_remote_code,
         )  # fmt: skip
         if good == 0:
             raise typer.Exit(1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import yaml
 
 from mtaffect.models.losses import LossConfig
+from mtaffect.textfiles import read_yaml
 
 
 class ConfigError(ValueError):
@@ -101,10 +103,19 @@ _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "so
 _FREE_KEYS = {("model", "hparams"), ("loss", "weights")}  # dict-valued fields
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
 def _check_type(value: Any, default: Any, where: str) -> Any:
-    """Coerce/validate a scalar against the default's type (ints accepted for floats)."""
-    if isinstance(default, bool) or default is None:
+    """Coerce/validate a scalar against the default's type (ints accepted for floats, never booleans)."""
+    if default is None:
         return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) and isinstance(default, (int, float)):  # YAML `true` is no number
+        raise ConfigError(f"{where} must be a number, got {value!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
@@ -117,7 +128,7 @@ def _check_type(value: Any, default: Any, where: str) -> Any:
             return value
         if isinstance(default, str) and isinstance(value, bool):  # in_memory: "auto" | bool
             return value
-        raise ConfigError(f"{where} must be a {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be {_TYPE_NAMES[type(default)]}, got {value!r}")
     return value
 
 
@@ -164,6 +175,8 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         raise ConfigError(
             f"{where}: model.recipe is required (e.g. emotinet, au-graph, progressive, queries-gcn)"
         )
+    _check_numbers(cfg, where)
+    t = cfg.trainer
     checks = [
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
@@ -171,8 +184,17 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
-        (cfg.trainer.epochs >= 1, "trainer.epochs must be >= 1"),
-        (cfg.trainer.patience >= 0, "trainer.patience must be >= 0"),
+        (cfg.data.memory_limit_gb >= 0, "data.memory_limit_gb must be >= 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0: no clipping)"),
+        (1 <= t.epochs <= MAX_EPOCHS, f"trainer.epochs must be in 1..{MAX_EPOCHS}"),
+        (0 <= t.patience <= MAX_EPOCHS, f"trainer.patience must be in 0..{MAX_EPOCHS}"),
+        (0 <= t.seed < 2**32, "trainer.seed must be in 0..4294967295 (numpy's seed range)"),
+        (t.accelerator in ACCELERATORS, f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}"),
+        (_devices_ok(t.devices),
+         "trainer.devices must be a count >= 1, -1 (all), 'auto' or a list of device indices like '0,1'"),
+        (t.num_nodes >= 1, "trainer.num_nodes must be >= 1"),
+        (t.log_every_n_steps >= 1, "trainer.log_every_n_steps must be >= 1"),
         (0 < cfg.trainer.au_threshold < 1, "trainer.au_threshold must be in (0, 1)"),
         (cfg.trainer.strategy in ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"),
          "trainer.strategy must be auto, ddp or ddp_spawn"),
@@ -188,6 +210,61 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
     unknown = set(cfg.loss.weights) - {"au", "expr", "va"}
     if unknown:
         raise ConfigError(f"{where}: loss.weights has unknown task(s) {sorted(unknown)}; tasks: au, expr, va")
+    for task, w in cfg.loss.weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"{where}: loss.weights.{task} must be a number >= 0, got {w!r}")
+    if not any(w > 0 for w in cfg.loss.weights.values()):
+        raise ConfigError(
+            f"{where}: loss.weights are all 0: nothing would be trained; give at least one task a weight > 0"
+        )
+    _check_hparams(cfg.model.hparams, where)
+
+
+#: Upper bound of epochs and patience: beyond it a value is a typo (``1e20``), not a plan.
+MAX_EPOCHS = 100_000
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def _check_numbers(cfg: TrainConfig, where: str) -> None:
+    """Every numeric setting is a finite number (YAML reads ``.nan``/``.inf`` as floats)."""
+    for section in ("data", "optim", "trainer"):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{where}: {section}.{f.name} must be a finite number, got {v!r}")
+
+
+def _devices_ok(devices: Any) -> bool:
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return True
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return bool(parts) and all(p.isdigit() for p in parts) and (len(parts) > 1 or text.endswith(","))
+    return False
+
+
+def _check_hparams(hparams: dict, where: str) -> None:
+    """What no recipe accepts: negative sizes or counts, dropout outside [0, 1), non-finite numbers.
+
+    The recipe checks the rest when it is built; these would otherwise fail deep inside torch without
+    naming the key.
+    """
+    for key, v in hparams.items():
+        name = f"model.hparams.{key}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{where}: {name} must be a finite number, got {v!r}")
+        if "dropout" in str(key) and not 0 <= v < 1:
+            raise ConfigError(f"{where}: {name} is a dropout rate and must be in [0, 1), got {v!r}")
+        if isinstance(v, int) and v < 0:
+            raise ConfigError(f"{where}: {name} must be >= 0 (a size or a count), got {v!r}")
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -195,15 +272,18 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-    raw = apply_overrides(raw, overrides)
+    raw = read_yaml(p, "recipe config (YAML)", error=ConfigError)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{p}: a recipe config is a mapping of sections {sorted(_SECTIONS)}, got a {type(raw).__name__}"
+        )
+    raw = apply_overrides(raw, overrides, str(p))
     return config_from_dict(raw, str(p))
 
 
-def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>") -> dict:
     """``section.key=value`` (``model.hparams.name=value``) applied to a raw config dict (a copy)."""
     out = copy.deepcopy(raw) if raw else {}
     for item in overrides:
@@ -232,9 +312,14 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
         node = out
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
                 node[part] = {}
+            if not isinstance(node[part], dict):
+                path = ".".join(parts[: depth + 1])
+                raise ConfigError(
+                    f"override {item!r}: {where}: {path} is a {type(node[part]).__name__}, not a mapping"
+                )
             node = node[part]
         node[parts[-1]] = value
     return out

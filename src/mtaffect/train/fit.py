@@ -103,7 +103,7 @@ def build_model(config: TrainConfig, store: FeatureStore) -> MTLModel:
             token_shape=store.token_shape,
             **config.model.hparams,
         )
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a size torch cannot allocate
         where = config.source or "the config"
         raise ValueError(f"{where}: model.hparams do not fit recipe {config.model.recipe!r}: {exc}") from exc
 
