@@ -49,6 +49,8 @@ from mtaffect.schema import (
 
 GENERATOR_VERSION = "1.0"
 INFO_FILE = "synth_info.json"
+#: Hidden marker written first into a folder being generated: proof that a rerun may replace it.
+SYNTH_MARKER = ".mtaffect-synth"
 TEST_LIST = TEST_LIST_NAMES[0]  # ABAW7 style "MTL.txt"
 SPLITS = ("train", "val", "test")
 
@@ -461,6 +463,34 @@ def _assign_splits(rng: np.random.Generator, groups: list[list[str]], sizes: dic
     return out
 
 
+def _fill_every_split(
+    groups: list[list[str]], splits: list[str], sizes: dict[str, int]
+) -> tuple[list[list[str]], list[str]]:
+    """Give every split the plan asks for at least one video (tiny sets: a left/right pair can leave
+    one empty, and an empty test list breaks ``extract``). Deterministic and a no-op when nothing is
+    empty, so larger sets are unchanged."""
+    groups, splits = [list(g) for g in groups], list(splits)
+    used = {name for g in groups for name in g}
+    for split in SPLITS:
+        if sizes[split] == 0 or split in splits:
+            continue
+        counts = {s: splits.count(s) for s in SPLITS}
+        donors = [i for i, s in enumerate(splits) if counts[s] > 1]
+        if donors:  # move a group (the smallest, the last of equals) from a split that has several
+            i = min(donors, key=lambda k: (len(groups[k]), -k))
+            splits[i] = split
+            continue
+        pair = next(i for i, g in enumerate(groups) if len(g) > 1)  # fewer groups than splits: a pair
+        groups[pair].pop()  # its second face becomes a video of its own, under a new id
+        k = 1
+        while f"video{k}" in used:
+            k += 1
+        used.add(f"video{k}")
+        groups.append([f"video{k}"])
+        splits.append(split)
+    return groups, splits
+
+
 class _ClassBag:
     """Expression classes drawn without replacement from a refilled bag: proportions hold even in small
     sets, and consecutive segments of a video get different classes when possible."""
@@ -488,6 +518,7 @@ def _plan(config: SynthConfig, model: LabelModel, out: Path) -> list[_VideoTask]
     rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0,)))
     groups = _video_groups(rng, config.videos)
     splits = _assign_splits(rng, groups, sizes)
+    groups, splits = _fill_every_split(groups, splits, sizes)
     bags = {s: _ClassBag(rng, model.expr_p) for s in SPLITS}
     tasks: list[_VideoTask] = []
     for group, split in zip(groups, splits, strict=True):
@@ -608,7 +639,13 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                 f"{out} holds files that are not part of a synthetic set ({', '.join(foreign[:5])}); "
                 "refusing to overwrite it, choose an empty folder"
             )
-        # remove the previous set first: a crash mid-way must not leave its info beside new images
+        if not _is_synthetic_set(out):  # e.g. the real s-Aff-Wild2 root: the same names, not ours
+            raise OutputExistsError(
+                f"{out} holds a dataset that `mtaffect synth` did not write (no {SYNTH_MARKER} nor a "
+                f"{INFO_FILE} of ours); refusing to overwrite it, choose an empty folder"
+            )
+        # remove the previous set first: a crash mid-way must not leave its info beside new images;
+        # the hidden marker stays, so a rerun may still finish an interrupted removal
         for name in sorted(_OWN_NAMES):
             path = out / name
             if path.is_dir():
@@ -616,6 +653,18 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             elif path.exists():
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / SYNTH_MARKER).write_text("written by mtaffect synth\n", encoding="utf-8")
+
+
+def _is_synthetic_set(folder: Path) -> bool:
+    """Whether ``folder`` was written by :func:`generate` (its marker, or an info file of ours)."""
+    if (folder / SYNTH_MARKER).is_file():
+        return True
+    try:
+        info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("generator") == "mtaffect.data.synth"
 
 
 def _split_counts(results: list[_VideoResult]) -> dict:

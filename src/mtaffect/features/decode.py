@@ -13,6 +13,9 @@ decoder does as little work as the backbone needs:
 
 Failures (missing, unreadable, truncated files) never raise: the image is left black, flagged
 ``ok=False`` and the reason is returned, so one bad file cannot stop a run over 400k images.
+
+Every decoded image, here and in the application (``predict.sources.read_image``), goes through
+:func:`to_8bit`, the one conversion to 8-bit RGB/L: 16-bit greyscale PNGs are scaled, not clipped.
 """
 
 from __future__ import annotations
@@ -50,6 +53,35 @@ def preprocessing_description(size: int, colour: str) -> dict:
     }
 
 
+class ImageDepthError(ValueError):
+    """An image whose pixel values have no known 8-bit equivalent (float, or integers beyond 16 bits)."""
+
+
+#: Pillow modes of 16-bit greyscale images (PNG opens as ``I;16``; some builds give ``I``).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` as an 8-bit ``mode`` ("RGB" or "L") image; the one conversion every decoded image takes.
+
+    Pillow's ``convert`` clips 16-bit greyscale values to 255, which turns a 16-bit PNG white; here they
+    are scaled (``v * 255 / 65535``, rounded). 16-bit colour PNGs already open as 8-bit RGB. Float
+    images and integer images beyond 16 bits have no known range: :class:`ImageDepthError`.
+    """
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        values = np.asarray(im)
+        if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageDepthError(
+                f"a 32-bit integer image (values {values.min()}..{values.max()}) has no known 8-bit "
+                "equivalent; save it as an 8- or 16-bit PNG or a JPEG"
+            )
+        scaled = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        im = Image.fromarray(scaled, "L")
+    elif im.mode == "F":
+        raise ImageDepthError("a 32-bit float image has no known 8-bit equivalent; save it as PNG or JPEG")
+    return im.convert(mode) if im.mode != mode else im
+
+
 def decode_image(path: str | os.PathLike, size: int, mode: str) -> np.ndarray:
     """Decode one image to uint8 ``(size, size)`` ("L") or ``(size, size, 3)`` ("RGB"); raises on failure.
 
@@ -59,7 +91,7 @@ def decode_image(path: str | os.PathLike, size: int, mode: str) -> np.ndarray:
         if im.format == "JPEG":
             # Largest DCT scaling whose result is still >= size: never upsampled, then resized below.
             im.draft(mode, (size, size))
-        img = im.convert(mode) if im.mode != mode else im
+        img = to_8bit(im, mode)
         if img.size != (size, size):
             img = img.resize((size, size), RESAMPLE)
         else:

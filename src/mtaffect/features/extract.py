@@ -25,18 +25,30 @@ Design (crash safety, resume, sharding):
 - With ``world_size > 1`` ranks coordinate through ``torch.distributed`` (an initialised process
   group, or a gloo group initialised here from torchrun's environment): one broadcast after rank 0
   prepares and one gather before finalising, both carrying errors so no rank waits on a failed one.
-- A flock on ``progress/rank-NNNNN.lock`` stops two live runs from writing the same shard.
+- A POSIX record lock on ``progress/rank-NNNNN.lock`` (holding the owner's pid) stops two live runs
+  from writing the same shard. Unlike ``flock`` it belongs to the process, not to the open file, so
+  DataLoader workers forked while it is held do not keep it after their parent is killed.
+- Nothing is deleted that this code did not create: the preparation folder has a unique name, and
+  every folder extraction may later remove (``<out>.partial``, the preparation folder, the old store
+  being swapped out by ``overwrite``) carries the marker file ``.mtaffect-extract`` naming the process
+  that made it. A folder of ours left by a dead process is removed on the next run; anything else is
+  left alone and named in the message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mtaffect.data.units import unsafe_name_reason
 from mtaffect.features.base import Backbone
 from mtaffect.features.decode import BatchDecodeDataset, preprocessing_description
 from mtaffect.features.store import (
@@ -78,6 +91,8 @@ except ImportError:  # pragma: no cover - Windows
 
 PLAN: Final[str] = "plan.json"
 PROGRESS: Final[str] = "progress"
+#: Marker file of a folder this module created (and so may remove): JSON {pid, host, created}.
+OWNER_MARKER: Final[str] = ".mtaffect-extract"
 #: Test hook: SIGKILL this process after it has recorded this many chunks (proves crash safety).
 KILL_AFTER_ENV: Final[str] = "MTAFFECT_TEST_KILL_AFTER_CHUNKS"
 #: Keys of the plan that a resumed run must match exactly.
@@ -283,6 +298,58 @@ def _is_store(path: Path) -> bool:
     return path.is_dir() and (path / META).is_file()
 
 
+def _mark_owned(folder: Path) -> None:
+    """Write the marker that proves ``folder`` was made (or taken over) by extraction in this process."""
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "created": dt.datetime.now().isoformat()}
+    (folder / OWNER_MARKER).write_text(json.dumps(info) + "\n", encoding="utf-8")
+
+
+def _owner(folder: Path) -> dict | None:
+    """The marker's content, or None when ``folder`` is not one extraction created."""
+    try:
+        info = json.loads((folder / OWNER_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _owner_alive(info: dict) -> bool:
+    """Whether the process that wrote a marker may still run (another host's: assume it does)."""
+    if info.get("host") != socket.gethostname():
+        return True
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path, partial: Path) -> None:
+    """Remove preparation and swap folders of extraction runs that died; name, but keep, foreign ones."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    patterns = (glob.escape(f".{partial.name}.") + "*.tmp", glob.escape(f".{out.name}.") + "*.replaced")
+    for pattern in patterns:
+        for folder in sorted(parent.glob(pattern)):
+            info = _owner(folder)
+            if info is None:
+                warnings.warn(
+                    f"{folder} looks like an extraction's temporary folder but has no {OWNER_MARKER} "
+                    "marker, so it was not created by mtaffect extract: left alone",
+                    stacklevel=2,
+                )
+            elif not _owner_alive(info):
+                shutil.rmtree(folder)
+
+
 def _state_of(partial: Path) -> dict:
     """The job description of an unfinished store: meta.json once finalised, else plan.json."""
     for name in (META, PLAN):
@@ -322,28 +389,40 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _prepare(out: Path, partial: Path, plan: dict, images: Sequence[str], overwrite: bool) -> dict:
     """Rank 0: check the target, create or validate ``<out>.partial``; return what is already done."""
     _check_target(out, overwrite)
-    replaced = out.with_name(out.name + ".replaced")
-    if replaced.exists():  # left by a crash while swapping in a new store
-        shutil.rmtree(replaced)
-    if partial.exists():
+    _clean_leftovers(out, partial)
+    if partial.exists() or partial.is_symlink():
+        owned = partial.is_dir() and not partial.is_symlink() and _owner(partial) is not None
         try:
             why = _mismatch(_state_of(partial), plan)
         except StoreError as exc:
             why = str(exc)
-        if why is None:
+        if why is None:  # the same job: resuming deletes nothing
+            if partial.is_dir() and not partial.is_symlink():
+                _mark_owned(partial)  # this run carries it on (and may remove it when discarding it later)
             if (partial / META).is_file():
                 return {"done": [], "finalised": True}
             return {"done": sorted(_read_progress(partial)), "finalised": False}
+        if not owned:
+            raise StoreError(
+                f"{partial} exists but was not created by mtaffect extract (it has no {OWNER_MARKER} "
+                f"marker; {why}): it is left alone, even with --overwrite. Move it away or choose "
+                "another output"
+            )
         if not overwrite:
             raise StoreError(
                 f"{partial} holds an unfinished extraction of another job: {why}. Rerun that command to "
                 "finish it, or pass overwrite=True (CLI: --overwrite) to discard it"
             )
+        info = _owner(partial) or {}
+        if _owner_alive(info) and info.get("pid") != os.getpid():
+            raise StoreError(
+                f"{partial} belongs to a running extraction (pid {info.get('pid')} on {info.get('host')}); "
+                "wait for it to end"
+            )
         shutil.rmtree(partial)
-    tmp = partial.with_name(partial.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{partial.name}.", suffix=".tmp", dir=partial.parent))
+    _mark_owned(tmp)
     write_images(tmp / IMAGES, images)
     allocate_arrays(tmp, {k: tuple(v) for k, v in plan["arrays"].items()})
     (tmp / PROGRESS).mkdir()
@@ -387,29 +466,41 @@ def _finalise(out: Path, partial: Path, plan: dict, images: Sequence[str], extra
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    if out.exists():  # _prepare allowed this only with overwrite=True
-        replaced = out.with_name(out.name + ".replaced")
+    if out.exists():  # _prepare allowed this only with overwrite=True, and only for a finished store
+        replaced = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.replaced")
+        _mark_owned(out)  # the old store is ours to remove from here on, even after a crash
         os.rename(out, replaced)
         os.rename(partial, out)
         shutil.rmtree(replaced)
     else:
         os.rename(partial, out)
+    with contextlib.suppress(FileNotFoundError):
+        (out / OWNER_MARKER).unlink()  # a finished store holds exactly the documented files
     return meta["counts"]
 
 
 @contextlib.contextmanager
 def _shard_lock(partial: Path, rank: int) -> Iterator[None]:
-    """Exclusive lock on this rank's shard: two live runs must not interleave progress records."""
+    """Exclusive lock on this rank's shard: two live runs must not interleave progress records.
+
+    A POSIX record lock (``lockf``): it belongs to this process, so it goes with it, even while forked
+    DataLoader workers that inherited the descriptor are still winding down after a SIGKILL. The file
+    holds the owner's pid, for the message another run gets.
+    """
     path = partial / PROGRESS / f"rank-{rank:05d}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         if fcntl is not None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
                 raise StoreError(
-                    f"{partial}: another extraction is writing this store (rank {rank}); wait for it to end"
+                    f"{partial}: another extraction (pid {holder}) is writing this store (rank {rank}); "
+                    "wait for it to end"
                 ) from exc
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
@@ -613,6 +704,13 @@ def extract(
     if not names_list:
         raise ValueError("no images to extract: the splits / image list are empty")
     check_names(names_list)
+    for name in names_list:
+        reason = unsafe_name_reason(name)
+        if reason is not None:
+            raise ValueError(
+                f"image name {name!r} {reason}; names are relative to {Path(root) / CROPPED_DIR} and may "
+                "not leave it"
+            )
     names = np.array(names_list, dtype=object)
     folder = Path(root) / CROPPED_DIR  # as mtaffect.data.annotations.image_path
 

@@ -125,15 +125,55 @@ def write_images(path: Path, images: Sequence[str]) -> None:
         fh.writelines(f"{name}\n" for name in images)
 
 
-def read_images(path: Path) -> np.ndarray:
+def read_images(path: Path, sha256: str | None = None) -> np.ndarray:
+    """The names of images.txt; with ``sha256`` (meta.json's ``images_sha256``) checked against it.
+
+    The hash ties every row to its name: an edited or reordered images.txt would silently mislabel
+    every row, so it is refused.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: cannot read the image list ({exc})") from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StoreError(
+            f"{path} does not match the images_sha256 recorded in {META}: the image list was edited or "
+            "reordered after extraction, so rows would get the wrong names; restore it or extract again"
+        )
     names = text.split("\n")
     if names and names[-1] == "":
         names.pop()
     return np.array(names, dtype=str)
+
+
+def check_meta(meta: dict, where: str) -> None:
+    """The fields of a finished store's meta.json that readers use, checked (a damaged or hand-edited
+    file fails here, naming the key, instead of deep inside a reader)."""
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    arrays = meta.get("arrays")
+    if (
+        not isinstance(arrays, dict)
+        or not {"features", "valid"} <= set(arrays)
+        or not set(arrays) <= set(ARRAY_FILES)
+        or not all(isinstance(s, list) and s and all(is_int(x) for x in s) for s in arrays.values())
+    ):
+        raise StoreError(
+            f"{where}: arrays must map features, valid (and optionally logits, tokens) to shapes, "
+            f"got {str(arrays)[:80]}"
+        )
+    counts = meta.get("counts")
+    if not isinstance(counts, dict) or not all(is_int(counts.get(k)) for k in ("images", "failed")):
+        raise StoreError(f"{where}: counts must hold the integers images and failed, got {str(counts)[:80]}")
+    for key, kind in (("backbone", str), ("fingerprint", str), ("spec", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise StoreError(f"{where}: {key} must be a {kind.__name__}, got {str(meta.get(key))[:80]}")
+    sha = meta.get("images_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise StoreError(f"{where}: images_sha256 must be a hex string, got {sha!r}")
 
 
 # ---- arrays -----------------------------------------------------------------------------------------
@@ -274,12 +314,16 @@ class FeatureStore:
         meta = read_json(p / META, "store metadata")
         if meta.get("format") != FORMAT_NAME:
             raise StoreError(f"{p / META}: not a feature store (format {meta.get('format')!r})")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise StoreError(f"{p / META}: format_version must be an integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise StoreError(
-                f"{p}: store format version {meta['format_version']} is newer than this mtaffect "
+                f"{p}: store format version {version} is newer than this mtaffect "
                 f"(reads up to {FORMAT_VERSION}); upgrade mtaffect"
             )
-        images = read_images(p / IMAGES)
+        check_meta(meta, str(p / META))
+        images = read_images(p / IMAGES, meta.get("images_sha256"))
         arrays: dict[str, np.memmap] = {}
         for name, shape in meta["arrays"].items():
             file = p / ARRAY_FILES[name]

@@ -24,6 +24,8 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mtaffect.features.decode import to_8bit
+
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
@@ -147,7 +149,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            return np.array(im.convert("RGB"))  # writable: torch reads it in place
+            return np.array(to_8bit(im, "RGB"))  # writable: torch reads it in place; 16-bit scaled
     except FileNotFoundError as e:
         raise InputError(f"{path}: file not found") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
