@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,57 @@ def test_parses_a_real_size_file(tmp_path):
     t = read_annotations(p)
     assert len(t) == n and t.frame["frame"].iloc[-1] == 600
     assert t.videos[:2] == ["0-30-484x360_left", "1-30-484x360_left"]
+
+
+# ---- safety (issue 12) -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("/etc/passwd/00001.jpg", "is an absolute path"),
+        ("../../secret/00001.jpg", "has a '..' part"),
+        ("vid/../../00001.jpg", "has a '..' part"),
+    ],
+)
+def test_image_names_may_not_leave_the_dataset(tmp_path, name, why):
+    lines = [*GOOD[:2], row(name), GOOD[2]]
+    path = write(tmp_path, lines)
+    with pytest.raises(AnnotationError, match=rf"^{path}:4: image name {why}"):
+        read_annotations(path)
+    assert [s.line for s in read_annotations(path, lenient=True).skipped] == [4]
+    big = write(tmp_path, [row(f"v/{i:05d}.jpg") for i in range(1, 300)] + [row(name)], name="big.txt")
+    with pytest.raises(AnnotationError, match=rf"^{big}:301: image name {why}"):  # the fast path too
+        read_annotations(big)
+
+
+def test_dots_inside_a_video_name_are_fine(tmp_path):
+    t = read_annotations(write(tmp_path, [row("clip..v2/00003.jpg")]))
+    assert t.frame["video"].tolist() == ["clip..v2"]
+
+
+@pytest.mark.parametrize("nl", ["\r", "\r\n"])
+def test_cr_only_and_crlf_line_ends_are_line_ends(tmp_path, nl):
+    lf = read_annotations(write(tmp_path, GOOD, name="lf.txt"))
+    other = read_annotations(write(tmp_path, GOOD, name="cr.txt", nl=nl))
+    assert len(other) == len(GOOD)
+    pd.testing.assert_frame_equal(lf.frame, other.frame)
+    bad = write(tmp_path, [*GOOD[:2], row("v/00001.jpg", v="7")], name="bad.txt", nl=nl)
+    with pytest.raises(AnnotationError, match=rf"^{bad}:4: valence"):
+        read_annotations(bad)
+
+
+def test_a_data_row_on_line_1_is_reported(tmp_path):
+    path = write(tmp_path, GOOD[1:], header=GOOD[0])  # a file without its header line
+    with pytest.warns(UserWarning, match=rf"^{path}:1: line 1 is a data row .* add 'image,valence"):
+        t = read_annotations(path)
+    assert len(t) == len(GOOD) - 1
+    for header in (OFFICIAL_HEADER, "image,valence,arousal,expression," + ",".join(AU_NAMES), "x"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            read_annotations(write(tmp_path, GOOD, name="h.txt", header=header))
+
+
+def test_a_binary_file_is_named_as_such(tmp_path):
+    path = tmp_path / "ann.txt"
+    path.write_bytes(OFFICIAL_HEADER.encode() + b"\n" + b"\x00\x01\x02PK\x03\x04")
+    with pytest.raises(AnnotationError, match=rf"^{path}:2: a binary file"):
+        read_annotations(path)

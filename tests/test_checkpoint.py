@@ -104,3 +104,100 @@ def test_temporal_predict_and_predict_store_take_each_frame_once(tmp_path):
     with pytest.raises(StoreError, match="never mix"):
         m.predict_store(tmp_path / "s2", names)
     del other
+
+
+# ---- a checkpoint is data, never code (issue 12) -----------------------------------------------------------
+def _hub_folder_with_code(folder, sentinel):
+    """A transformers folder whose config asks to import its own Python module (which leaves a sentinel)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.Evil"}}
+        )
+    )
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(sentinel)!r}).write_text('ran')\n")
+    return folder
+
+
+def test_a_checkpoint_cannot_switch_on_remote_code(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from mtaffect.features.registry import create_backbone
+
+    sentinel = tmp_path / "code_ran"
+    hub = _hub_folder_with_code(tmp_path / "hub", sentinel)
+    ck = save_checkpoint(
+        tmp_path / "ck", TinyModel(12), backbone={**BACKBONE, "name": f"hf:{hub}"}, feature_dim=12
+    )
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["backbone"]["kwargs"] = {"trust_remote_code": True}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        CheckpointError, match=r"backbone.kwargs sets 'trust_remote_code'.*--trust-remote-code"
+    ):
+        load_model(ck)
+
+    del cfg["backbone"]["kwargs"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ck)
+    assert model.backbone_kwargs == {}
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("transformers asked whether to run code"))
+    with pytest.raises(OSError, match="custom code"):
+        create_backbone(model.backbone, **model.backbone_kwargs)
+    assert not sentinel.exists()
+    # Only the person running the command switches it on, and only for backbones that can run code.
+    assert load_model(ck, trust_remote_code=True).backbone_kwargs == {"trust_remote_code": True}
+    _save(TinyModel(12), tmp_path / "plain")
+    with pytest.raises(ValueError, match="applies to hub backbones"):
+        load_model(tmp_path / "plain", trust_remote_code=True)
+
+
+def test_saving_never_records_remote_code_trust(tmp_path):
+    backbone = {**BACKBONE, "name": "hf:org/model", "kwargs": {"trust_remote_code": True, "pooling": "mean"}}
+    ck = save_checkpoint(tmp_path / "ck", TinyModel(12), backbone=backbone, feature_dim=12)
+    assert json.loads((ck / "config.json").read_text())["backbone"]["kwargs"] == {"pooling": "mean"}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("format_version", [1], "format_version must be an integer"),
+        ("recipe", 3, "recipe must be a recipe name"),
+        ("model_config", "hidden=8", "model_config must be a mapping"),
+        ("inputs", ["features", "os.system"], "inputs must list some of features, logits, tokens"),
+        ("window", 0, "window must be an integer >= 1"),
+        ("au_thresholds", [0.5] * 11, "au_thresholds must be 12 numbers in"),
+        ("au_thresholds", [2.0] * 12, "au_thresholds must be 12 numbers in"),
+        ("backbone", {"name": ""}, "backbone must be a mapping with the backbone's registry name"),
+        ("backbone", {"name": "x", "kwargs": ["a"]}, "backbone.kwargs must be a mapping"),
+        ("model_config", {"feature_dim": 12, "hidden": -3}, "cannot rebuild recipe 'tiny-test'"),
+        ("recipe", "no-such-recipe", "cannot rebuild recipe 'no-such-recipe' .*unknown model"),
+    ],
+)
+def test_every_config_field_is_checked(tmp_path, key, value, message):
+    ck = _save(TinyModel(12, hidden=8), tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg[key] = value
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(ck)
+
+
+def test_corrupt_weights_are_a_checkpoint_error(tmp_path):
+    ck = _save(TinyModel(12), tmp_path / "ck")
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+        load_model(ck)
+    (ck / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_model(ck)
+
+
+def test_replacing_keeps_a_users_folder_named_like_the_swap(tmp_path):
+    _save(TinyModel(12), tmp_path / "ck")
+    mine = tmp_path / ".ck.replaced"  # the swap name older versions used (and deleted)
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    _save(TinyModel(12, hidden=4), tmp_path / "ck", overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.replaced", "ck"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,155 @@ def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
         au_thresholds=config.au_thresholds,
     )  # fmt: skip
     assert json.loads(js.read_text())["P"] == pytest.approx(expected.P, abs=1e-9)
+
+
+# ---- every failure is one `error:` line with exit code 2 (issue 12) ----------------------------------------
+@pytest.fixture(scope="module")
+def synth_store(synth_root: Path, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("cli_store") / "fer"
+    run("extract", "--data", synth_root, "--out", store, "--workers", "0")
+    return store
+
+
+def _os_error(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/mnt/out/file")
+
+    return fail
+
+
+def _one_error_line(output: str, *needles: str) -> None:
+    assert "Traceback" not in output
+    errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_os_errors_in_every_command_are_one_line(synth_root, synth_store, tmp_path, monkeypatch, code):
+    import mtaffect.features.extract as extract_module
+    import mtaffect.io as io_module
+    import mtaffect.train.fit as fit_module
+    from mtaffect.features.store import FeatureStore
+    from mtaffect.models.checkpoint import save_checkpoint
+    from mtaffect.models.registry import create_model
+
+    train = synth_root / "training_set_annotations.txt"
+    val = synth_root / "validation_set_annotations.txt"
+    st = FeatureStore.open(synth_store)
+    model = create_model("emotinet", feature_dim=st.feature_dim, num_logits=st.num_logits)
+    backbone = {"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint}
+    ckpt = save_checkpoint(
+        tmp_path / "ck", model, backbone=backbone, feature_dim=st.feature_dim, num_logits=st.num_logits
+    )
+    reason = os.strerror(code)
+    with monkeypatch.context() as m:
+        m.setattr(io_module.tempfile, "mkstemp", _os_error(code))  # every atomic file write
+        out = run("baseline", "--kind", "constant", "--train", train, "--images", val, "--out",
+                  tmp_path / "b.csv", code=2).output  # fmt: skip
+        _one_error_line(out, "/mnt/out/file", reason, f"errno {code}")
+        out = run("infer", "--model", ckpt, "--features", synth_store, "--images", val, "--out",
+                  tmp_path / "i.csv", code=2).output  # fmt: skip
+        _one_error_line(out, reason)
+    with monkeypatch.context() as m:
+        m.setattr(extract_module, "allocate_arrays", _os_error(code))
+        out = run("extract", "--data", synth_root, "--out", tmp_path / "st", "--workers", "0", code=2).output
+        _one_error_line(out, reason)
+    with monkeypatch.context() as m:
+        m.setattr(fit_module, "atomic_open", _os_error(code))
+        config = Path(__file__).resolve().parents[1] / "configs" / "emotinet.yaml"
+        out = run("train", "--config", config, "--features", synth_store, "--data", synth_root, "--out",
+                  tmp_path / "run", "--no-progress", "-o", "trainer.epochs=1", code=2).output  # fmt: skip
+        _one_error_line(out, reason)
+
+
+def test_a_folder_given_as_output_file_is_refused_even_with_overwrite(synth_root, tmp_path):
+    val = synth_root / "validation_set_annotations.txt"
+    pred = tmp_path / "p.csv"
+    run("baseline", "--kind", "random", "--train", val, "--images", synth_root / "MTL.txt", "--out", pred)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    out = run("submit", "--pred", pred, "--test-list", synth_root / "MTL.txt", "--out", folder, "--overwrite",
+              code=2).output  # fmt: skip
+    _one_error_line(out, "is a folder")
+    run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", tmp_path / "v.csv")
+    out = run("tune", "--gt", val, "--pred", tmp_path / "v.csv", "--out", folder, "--overwrite", code=2)
+    out = out.output
+    _one_error_line(out, "is a folder")
+    assert (folder / "keep.txt").read_text() == "mine"
+
+
+def test_json_outputs_are_checked_before_the_work(synth_root, tmp_path, monkeypatch):
+    import mtaffect.data.stats as stats_module
+    import mtaffect.metrics as metrics_module
+
+    val = synth_root / "validation_set_annotations.txt"
+    pred = tmp_path / "p.csv"
+    run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", pred)
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    monkeypatch.setattr(metrics_module, "score", lambda *a, **k: pytest.fail("scored before checking --json"))
+    monkeypatch.setattr(stats_module, "stats_for_path", lambda *a, **k: pytest.fail("computed first"))
+    _one_error_line(run("evaluate", "--gt", val, "--pred", pred, "--json", taken, code=2).output, "overwrite")
+    _one_error_line(run("data", "stats", synth_root, "--json", taken, code=2).output, "overwrite")
+
+
+def test_cr_only_and_header_only_ground_truth(synth_root, tmp_path):
+    val = synth_root / "validation_set_annotations.txt"
+    pred = tmp_path / "p.csv"
+    run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", pred)
+    lf = run("evaluate", "--gt", val, "--pred", pred).output.splitlines()[-1]
+    cr = tmp_path / "cr.txt"
+    cr.write_bytes(val.read_bytes().replace(b"\n", b"\r"))
+    assert run("evaluate", "--gt", cr, "--pred", pred).output.splitlines()[-1] == lf
+    header_only = tmp_path / "header.txt"
+    header_only.write_text(val.read_text().splitlines()[0] + "\n")
+    out = run("evaluate", "--gt", header_only, "--pred", pred, code=2).output
+    _one_error_line(out, "header.txt: nothing to score", "zero scored rows")
+
+
+def test_lenient_messages_name_file_and_line_once(synth_root, tmp_path):
+    val = synth_root / "validation_set_annotations.txt"
+    lines = val.read_text().splitlines()
+    lines[5] = lines[5].rsplit(",", 1)[0] + ",7"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(lines) + "\n")
+    pred = tmp_path / "p.csv"
+    run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", pred)
+    out = run("evaluate", "--gt", bad, "--pred", pred, "--lenient").output
+    assert f"skipped {bad}:6: AU26 must be" in out and out.count(f"{bad}:6:") == 1
+
+
+def test_annotations_with_a_bad_line_2_are_not_taken_for_a_test_list(synth_root, tmp_path):
+    lines = (synth_root / "validation_set_annotations.txt").read_text().splitlines()
+    lines[1] = lines[1].rsplit(",", 4)[0]  # four fields short
+    bad = tmp_path / "ann.txt"
+    bad.write_text("\n".join(lines) + "\n")
+    out = run("data", "stats", bad, code=2).output
+    _one_error_line(out, f"{bad}:2:", "expected 16")
+    train = synth_root / "training_set_annotations.txt"
+    out = run("baseline", "--kind", "random", "--train", train, "--images", bad, "--out", tmp_path / "x.csv",
+              code=2).output  # fmt: skip
+    _one_error_line(out, f"{bad}:2:", "read as an annotation file")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_error_line(run("data", "stats", empty, code=2).output, "empty", "annotation file", "test list")
+
+
+def test_synth_three_videos_then_extract(tmp_path):
+    root = tmp_path / "three"
+    run("synth", "--out", root, "--videos", "3", "--frames", "6", "--seed", "1")
+    from mtaffect.data.submission import read_test_list
+
+    assert read_test_list(root / "MTL.txt")
+    run("extract", "--data", root, "--out", tmp_path / "st", "--workers", "0")
+
+
+def test_trust_remote_code_is_only_a_flag_and_only_where_it_means_something(synth_root, tmp_path):
+    out = run("extract", "--data", synth_root, "--out", tmp_path / "st", "--trust-remote-code", code=2).output
+    _one_error_line(out, "applies to hub backbones")
+    out = run("predict", tmp_path / "x.jpg", "--out", tmp_path / "o", "--trust-remote-code", code=2).output
+    _one_error_line(out, "--trust-remote-code needs --model")
+    assert "--trust-remote-code" in run("predict", "--help").output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -356,3 +357,141 @@ def test_hub_backbones_extract_into_a_store(faces, tmp_path):
     np.testing.assert_allclose(store.features(np.arange(3)), hidden, rtol=2e-3, atol=2e-3)
     logits = hidden @ init["w2"].T + init["b2"]
     np.testing.assert_allclose(store.logits(np.arange(3)), logits, rtol=2e-3, atol=5e-3)
+
+
+# ---- nothing deleted that extraction did not create; names stay inside the root (issue 12) -----------------
+def _user_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "mine.txt").write_text("keep me")
+    return path
+
+
+def test_folders_it_did_not_create_are_left_alone(faces, tmp_path):
+    from mtaffect.features.extract import OWNER_MARKER
+
+    root, names = faces
+    out = tmp_path / "store"
+    kw = {"images": names[:4], "workers": 0, "progress": False}
+    kept = [_user_folder(tmp_path / f"store{s}") for s in (".replaced", ".partial.tmp")]
+    odd = _user_folder(tmp_path / ".store.partial.abc.tmp")  # our naming pattern, but no marker
+    ours = tmp_path / ".store.partial.dead.tmp"  # a preparation folder of a run that died
+    ours.mkdir()
+    (ours / OWNER_MARKER).write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))
+    with pytest.warns(UserWarning, match=r"\.store\.partial\.abc\.tmp .*no .mtaffect-extract marker"):
+        extract(root, TinyBackbone(), out, **kw)
+    with pytest.warns(UserWarning, match="left alone"):  # swaps the old store out and deletes it
+        extract(root, TinyBackbone(seed=2), out, overwrite=True, **kw)
+    for folder in (*kept, odd):
+        assert (folder / "mine.txt").read_text() == "keep me"
+    assert not ours.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["store", "store.replaced", "store.partial.tmp", ".store.partial.abc.tmp"]
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted([*ARRAYS, "meta.json"])  # no marker left
+    users = _user_folder(partial_path(tmp_path / "other"))
+    with pytest.raises(StoreError, match=r"other.partial exists but was not created by mtaffect extract"):
+        extract(root, TinyBackbone(), tmp_path / "other", overwrite=True, **kw)
+    assert (users / "mine.txt").read_text() == "keep me"
+
+
+def test_overwrite_never_discards_a_running_extraction(faces, tmp_path):
+    """--overwrite discards an unfinished extraction of another job, but not one a live process writes."""
+    from mtaffect.features.extract import OWNER_MARKER
+
+    root, names = faces
+    out = tmp_path / "store"
+    run = {**RUN, "chunk_size": 2, "batch_size": 2}
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract(root, FailingBackbone(seed=0), out, images=names[:6], **run)
+    partial = partial_path(out)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        marker = json.loads((partial / OWNER_MARKER).read_text())
+        (partial / OWNER_MARKER).write_text(json.dumps({**marker, "pid": live.pid}))
+        before = sorted(p.name for p in partial.rglob("*"))
+        with pytest.raises(StoreError, match=rf"belongs to a running extraction \(pid {live.pid}"):
+            extract(root, TinyBackbone(seed=1), out, images=names[:6], overwrite=True, **run)
+        assert sorted(p.name for p in partial.rglob("*")) == before
+    finally:
+        live.kill()
+        live.wait()
+    res = extract(root, TinyBackbone(seed=1), out, images=names[:6], overwrite=True, **run)  # owner gone
+    assert res.resumed_from == 0 and not partial.exists()
+
+
+_HOLD_LOCK = """
+import os, sys, time
+from pathlib import Path
+from mtaffect.features.extract import _shard_lock
+partial = Path(sys.argv[1])
+with _shard_lock(partial, 0):
+    child = os.fork()  # like a DataLoader worker: inherits the open lock file
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_shard_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from mtaffect.features.extract import _shard_lock
+
+    partial = tmp_path / "store.partial"
+    (partial / "progress").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(partial)], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(StoreError, match=rf"another extraction \(pid {holder.pid}\) .* wait for it"), \
+                _shard_lock(partial, 0):  # fmt: skip
+            pass
+        holder.kill()  # SIGKILL: the forked worker lives on with the inherited descriptor
+        holder.wait()
+        os.kill(worker, 0)  # still alive
+        with _shard_lock(partial, 0):  # yet the lock went with its process
+            pass
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_names_outside_the_dataset_are_refused(faces, tmp_path):
+    root, names = faces
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(secret / "00001.jpg")
+    for bad in ("../../secret/00001.jpg", str(secret / "00001.jpg")):
+        with pytest.raises(ValueError, match="may not leave it"):
+            extract(root, TinyBackbone(), tmp_path / "s", images=[names[0], bad], **RUN)
+    data = tmp_path / "data"
+    (data / "cropped_aligned").mkdir(parents=True)
+    aus = ",".join(["0"] * NUM_AUS)
+    (data / TRAIN_ANNOTATIONS).write_text(f"{OFFICIAL_HEADER}\n../../secret/00001.jpg,0.1,0.2,3,{aus}\n")
+    with pytest.raises(ValueError, match=rf"{TRAIN_ANNOTATIONS}:2: image name has a '..' part"):
+        extract(data, TinyBackbone(), tmp_path / "s", splits=("train",), **RUN)
+    assert not (tmp_path / "s").exists() and not partial_path(tmp_path / "s").exists()
+
+
+# ---- high bit depth (issue 12) -----------------------------------------------------------------------------
+def test_16_bit_greyscale_is_scaled_not_clipped(faces, tmp_path):
+    from mtaffect.features.decode import ImageDepthError
+    from mtaffect.predict.sources import InputError, read_image
+
+    root, names = faces
+    grey8 = np.asarray(Image.open(root / "cropped_aligned" / names[0]).convert("L"))
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # same image, 16 bits
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    for mode in ("L", "RGB"):
+        a = decode_image(tmp_path / "g8.png", 24, mode).astype(int)
+        b = decode_image(tmp_path / "g16.png", 24, mode).astype(int)
+        assert np.abs(a - b).max() <= 1
+    np.testing.assert_array_equal(read_image(tmp_path / "g16.png"), read_image(tmp_path / "g8.png"))
+    Image.fromarray(grey8.astype(np.float32) / 255).save(tmp_path / "float.tif")  # a 32-bit float image
+    with pytest.raises(ImageDepthError, match="32-bit float image"):
+        decode_image(tmp_path / "float.tif", 24, "RGB")
+    with pytest.raises(InputError, match=r"float.tif: not a readable image .*32-bit float"):
+        read_image(tmp_path / "float.tif")

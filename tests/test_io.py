@@ -38,3 +38,18 @@ def test_creates_parent_folders_with_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_folder_is_never_replaced_by_a_file_output(tmp_path):
+    from mtaffect.io import check_writable
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match="is a folder; give the path of a file"), atomic_open(
+            tmp_path / "out", overwrite=overwrite
+        ):
+            pass
+        with pytest.raises(IsADirectoryError):
+            check_writable(tmp_path / "out", overwrite=overwrite)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
@@ -338,6 +339,25 @@ def test_score_aligns_predictions_to_labels():
     )  # fmt: skip
     res = score(gt, Pred([images[i] for i in order], order))
     assert res.to_dict() == official_metric(**d).to_dict()
+
+
+def test_zero_scored_rows_is_an_error_not_a_score():
+    """A header-only ground truth (or one without a single label) must not score P = 0 with success."""
+    from mtaffect.data.annotations import LabelTable
+    from mtaffect.data.predictions import PredictionTable
+
+    columns = ["image", "valence", "arousal", "expression", *AU_NAMES]
+    empty = LabelTable.from_frame(pd.DataFrame(columns=columns))
+    empty.source = "gt.txt"
+    pred = PredictionTable.from_arrays([], [], [], np.zeros((0, NUM_EXPR)), np.zeros((0, NUM_AUS)))
+    with pytest.raises(ValueError, match=r"^gt.txt: nothing to score: it holds no data rows"):
+        score(empty, pred)
+    unlabelled = types.SimpleNamespace(
+        images=["v/1.jpg"], valence=np.array([-5.0]), arousal=np.array([-5.0]), expression=np.array([-1]),
+        aus=-np.ones((1, NUM_AUS), dtype=int), source="gt.txt",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"1 rows but not one label"):
+        score(unlabelled, pred)
 
 
 # ---- streaming accumulator ----------------------------------------------------------------------------

@@ -106,3 +106,43 @@ def test_missing_images_error_is_a_key_error_listing_all(tmp_path):
         FeatureStore.open(tmp_path / "s").rows(["x/00001.jpg", "y/00002.jpg"])
     assert isinstance(info.value, MissingImagesError) and info.value.missing == ["x/00001.jpg", "y/00002.jpg"]
     assert str(info.value).startswith("2 of 2 images")
+
+
+def _set_meta(path: Path, **changes) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def test_a_reordered_image_list_is_refused_on_open(tmp_path):
+    """Rows are bound to names by images_sha256: an edited images.txt would mislabel every row."""
+    import hashlib
+
+    store = tmp_path / "s"
+    make_store(store, names_of(10))
+    text = (store / "images.txt").read_bytes()
+    _set_meta(store, images_sha256=hashlib.sha256(text).hexdigest())
+    assert len(FeatureStore.open(store)) == 10
+    lines = text.decode().splitlines()
+    (store / "images.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    with pytest.raises(StoreError, match=r"images.txt does not match the images_sha256 .* wrong names"):
+        FeatureStore.open(store)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"arrays": {"features": [10, 64], "valid": [10], "evil": [1]}}, "arrays must map"),
+        ({"arrays": {"features": [10, 64]}}, "arrays must map"),
+        ({"arrays": {"features": "10x64", "valid": [10]}}, "arrays must map"),
+        ({"counts": {"images": "ten", "failed": 0}}, "counts must hold"),
+        ({"fingerprint": ["abc"]}, "fingerprint must be a str"),
+        ({"format_version": [1]}, "format_version must be an integer"),
+        ({"images_sha256": 12}, "images_sha256 must be a hex string"),
+    ],
+)
+def test_damaged_meta_fields_are_named(tmp_path, changes, message):
+    store = tmp_path / "s"
+    make_store(store, names_of(10))
+    _set_meta(store, **changes)
+    with pytest.raises(StoreError, match=rf"meta.json: {message}"):
+        FeatureStore.open(store)

@@ -193,3 +193,61 @@ def test_thresholds_from_json(tmp_path):
     p.write_text("{bad json")
     with pytest.raises(SubmissionError, match=r"thr\.json:1: not valid JSON"):
         thresholds_from_json(p)
+
+
+# ---- safety (issue 12) -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["/abs/video/00001.jpg", "../other/00001.jpg", "v/../../x/00002.jpg"])
+def test_test_list_names_may_not_leave_the_dataset(tmp_path, name):
+    p = tmp_path / "MTL.txt"
+    p.write_text(f"image\n{NAMES[0]},\n{name},\n")
+    with pytest.raises(SubmissionError, match=rf"^{p}:3: image name .* (absolute path|'\.\.' part)"):
+        read_test_list(p)
+
+
+def test_test_list_with_cr_only_line_ends(tmp_path):
+    p = tmp_path / "MTL.txt"
+    p.write_bytes(("image\r" + "".join(f"{n},\r" for n in NAMES)).encode())
+    assert read_test_list(p) == NAMES
+
+
+def _annotation_lines(bad_line_2: bool = False) -> list[str]:
+    aus = ",".join(["0"] * NUM_AUS)
+    rows = [f"{n},0.1,0.2,3,{aus}" for n in NAMES]
+    if bad_line_2:
+        rows[0] = rows[0].rsplit(",", 3)[0]  # three fields short
+    return [OFFICIAL_HEADER, *rows]
+
+
+def test_the_kind_of_an_image_list_comes_from_its_first_line(tmp_path):
+    from mtaffect.data.submission import ANNOTATIONS, TEST_LIST, list_kind, read_image_names
+
+    cases = {
+        "ann.txt": ("\n".join(_annotation_lines()) + "\n", ANNOTATIONS),
+        "ann_headerless.txt": ("\n".join(_annotation_lines()[1:]) + "\n", ANNOTATIONS),
+        "mtl.txt": ("image\n" + "".join(f"{n},\n" for n in NAMES), TEST_LIST),
+        "mtl_headerless.txt": ("".join(f"{n}\n" for n in NAMES), TEST_LIST),
+        "mtl_official_header.txt": (OFFICIAL_HEADER + "\n" + "".join(f"{n},\n" for n in NAMES), TEST_LIST),
+    }
+    for name, (text, kind) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert list_kind(tmp_path / name) == kind, name
+    # One malformed line 2 does not turn annotations into a test list: the row error is reported.
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join(_annotation_lines(bad_line_2=True)) + "\n")
+    assert list_kind(bad) == ANNOTATIONS
+    with pytest.raises(ValueError, match=rf"^{bad}:2: expected 16 .*read as an annotation file"):
+        read_image_names(bad)
+
+
+@pytest.mark.parametrize(("data", "what"), [(b"", "is empty"), (b"\x89PNG\r\n\x1a\n\x00\x00", "binary file")])
+def test_empty_or_binary_image_lists_say_what_was_expected(tmp_path, data, what):
+    from mtaffect.data.submission import read_image_names
+
+    p = tmp_path / "list.txt"
+    p.write_bytes(data)
+    with pytest.raises(
+        SubmissionError, match=rf"^{p}: .*{what}.*expected an annotation file .* or a test list"
+    ):
+        read_image_names(p)
+    with pytest.raises(SubmissionError, match=rf"^{p}.*{what}.*expected a test list"):
+        read_test_list(p)

@@ -321,3 +321,28 @@ def test_workers_fall_back_to_one_process_when_main_cannot_be_imported(tmp_path,
     with pytest.warns(RuntimeWarning, match="one process"):
         summary = generate(tmp_path / "b", cfg, workers=2)
     assert file_hashes(summary.root) == reference
+
+
+@pytest.mark.parametrize("seed", [1, 2, 4])  # seeds where a left/right pair used to leave a split empty
+def test_three_videos_fill_every_split(tmp_path, seed):
+    from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.submission import read_test_list
+
+    summary = generate(tmp_path / "s", SynthConfig(videos=3, frames=8, seed=seed))
+    assert all(summary.rows[s] > 0 for s in ("train", "val", "test"))
+    assert read_test_list(tmp_path / "s" / "MTL.txt")
+    files = (TRAIN_ANNOTATIONS, VAL_ANNOTATIONS, TEST_ANNOTATIONS)
+    videos = [set(read_annotations(tmp_path / "s" / f).frame["video"]) for f in files]
+    assert all(videos) and not (videos[0] & videos[1] or videos[0] & videos[2] or videos[1] & videos[2])
+
+
+def test_overwrite_never_replaces_a_dataset_it_did_not_write(tmp_path):
+    """A real s-Aff-Wild2 root has exactly the names of a synthetic set: --overwrite must not delete it."""
+    real = tmp_path / "real"
+    (real / "cropped_aligned" / "v1").mkdir(parents=True)
+    (real / "cropped_aligned" / "v1" / "00001.jpg").write_bytes(b"\xff\xd8 a face")
+    for name in ("training_set_annotations.txt", "validation_set_annotations.txt", "MTL.txt"):
+        (real / name).write_text("image\n")
+    with pytest.raises(OutputExistsError, match="did not write"):
+        generate(real, SynthConfig(videos=3, frames=8), overwrite=True)
+    assert (real / "cropped_aligned" / "v1" / "00001.jpg").read_bytes() == b"\xff\xd8 a face"

@@ -298,7 +298,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="unknown section"):
         load_config(path, ["trainr.epochs=3"])
     path.write_text("model: {recipe: tiny-test}\ntrainer: {epochs: many}\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: trainer.epochs must be a int"):
+    with pytest.raises(ConfigError, match=r"c.yaml: trainer.epochs must be an integer"):
         load_config(path)
 
 

@@ -112,6 +112,8 @@ def evaluate(
     overwrite: Overwrite = False,
 ) -> None:
     """Score predictions with the official ABAW MTL metric P = CCC_VA + F1_EXPR + F1_AU."""
+    from rich.markup import escape
+
     from mtaffect.data.annotations import read_annotations
     from mtaffect.io import check_writable
     from mtaffect.metrics import score
@@ -120,9 +122,7 @@ def evaluate(
         check_writable(json_out, overwrite)  # before the work, not after it
     table = read_annotations(gt, keep_duplicates=keep_duplicates, lenient=lenient)
     for problem in table.skipped:
-        err_console.print(
-            f"[yellow]skipped[/] {problem.path}:{problem.line}: {problem.message}", highlight=False
-        )
+        err_console.print(f"[yellow]skipped[/] {escape(problem.message)}", highlight=False, soft_wrap=True)
     predictions, ths = _predictions(pred, post, thresholds)
     result = score(table, predictions, au_thresholds=ths)
     console.print(result.table())
@@ -163,12 +163,14 @@ def validate_submission_cmd(
     test_list: Annotated[Path, typer.Option(help="The test list it answers.")],
 ) -> None:
     """Check a submission against its test list: count, order, names, value ranges."""
+    from rich.markup import escape
+
     from mtaffect.data.submission import read_test_list, validate_submission
 
     problems = validate_submission(file, read_test_list(test_list))
     if problems:
         for p in problems:
-            err_console.print(f"[red]{file}[/]: {p}", highlight=False)
+            err_console.print(f"[red]{escape(str(file))}[/]: {escape(p)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"{file}: valid")
 

@@ -17,6 +17,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mtaffect.io import atomic_open
 
@@ -70,7 +71,7 @@ def _one_line_warnings() -> Iterator[None]:
     """Library warnings (``warnings.warn``) shown as one ``warning: ...`` line each, not Python's two."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
     before = warnings.showwarning
     warnings.showwarning = show
@@ -93,7 +94,10 @@ def user_errors(fn: F) -> F:
             with _one_line_warnings():
                 return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            err_console.print(f"[bold red]error:[/] {error_message(exc)}", highlight=False, soft_wrap=True)
+            # escaped: a message's own brackets ("[read as ...]", "['a', 'b']") are text, not markup
+            err_console.print(
+                f"[bold red]error:[/] {escape(error_message(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from exc
 
     return wrapper  # type: ignore[return-value]

@@ -556,7 +556,7 @@ def score(gt: Any, pred: Any, *, au_thresholds: Any = None) -> MetricResult:
         (np.asarray(gt.valence) != MISSING_VA)
         | (np.asarray(gt.arousal) != MISSING_VA)
         | (np.asarray(gt.expression) != MISSING_EXPR)
-        | (np.asarray(gt.aus) != MISSING_AU).reshape(len(gt.images), -1).any(axis=1)
+        | (np.asarray(gt.aus) != MISSING_AU).reshape(len(gt.images), NUM_AUS).any(axis=1)
     )
     if not labelled.any():
         where = getattr(gt, "source", None) or "the ground truth"

@@ -55,7 +55,7 @@ class AnnotationError(ValueError):
 
 @dataclass(frozen=True)
 class RowProblem:
-    """A row skipped by a lenient read, with the reason (same text as the strict error)."""
+    """A row skipped by a lenient read; ``message`` is the strict error's text (it starts with FILE:LINE)."""
 
     path: str
     line: int

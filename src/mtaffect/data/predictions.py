@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mtaffect.schema import (
     PREDICTION_COLUMNS,
     VA_NAMES,
 )
+from mtaffect.textfiles import normalise_newlines, read_text
 
 #: Suffixes read and written as CSV / Parquet; ``.txt`` is read as CSV (submissions are .txt files).
 CSV_SUFFIXES = (".csv",)
@@ -120,14 +122,20 @@ class PredictionTable:
             except Exception as exc:  # pyarrow raises several types for a damaged file
                 raise PredictionError(f"{where}: not a readable Parquet file ({exc})") from exc
             return cls(df, source=where)
-        first = _first_line(p)
+        text = normalise_newlines(read_text(p, "prediction table (CSV) or submission", error=PredictionError))
+        first = next((ln.strip() for ln in text.split("\n") if ln.strip()), "")
+        if not first:
+            raise PredictionError(
+                f"{where}: the file is empty; expected a prediction table (CSV with the columns "
+                f"{', '.join(PREDICTION_COLUMNS[:3])}, ...) or a submission"
+            )
         kind = _submission_kind(first)
         if kind is not None:
-            return cls(_read_submission(p, has_header=kind == "header"), source=where)
-        try:
-            df = pd.read_csv(p, dtype={"image": str, "video": str})  # video ids like "341" stay text
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise PredictionError(f"{where}: not a readable CSV table ({exc})") from exc
+            return cls(_read_submission(text, where, has_header=kind == "header"), source=where)
+        try:  # video ids like "341" stay text
+            df = pd.read_csv(io.StringIO(text), dtype={"image": str, "video": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+            raise PredictionError(_csv_error(where, exc)) from None
         return _trusted(_validate(df, where, 2), where)  # CSV rows are reported by line number
 
     # ---- output ----------------------------------------------------------------------------------
@@ -308,12 +316,12 @@ def _validate(frame: pd.DataFrame, where: str, line_offset: int | None) -> pd.Da
 # ---------------------------------------------------------------------------------------------------
 
 
-def _first_line(path: Path) -> str:
-    with open(path, encoding="utf-8-sig", errors="replace") as fh:
-        for line in fh:
-            if line.strip():
-                return line.strip()
-    return ""
+def _csv_error(where: str, exc: Exception) -> str:
+    """pandas' parser message as ``FILE:LINE: ...`` on one line."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"line (\d+)", text)
+    prefix = f"{where}:{found.group(1)}" if found else where
+    return f"{prefix}: not a readable CSV table ({text})"
 
 
 def _submission_kind(first_line: str) -> str | None:
@@ -330,14 +338,16 @@ def _submission_kind(first_line: str) -> str | None:
     return None
 
 
-def _read_submission(path: Path, *, has_header: bool) -> pd.DataFrame:
+def _read_submission(text: str, where: str, *, has_header: bool) -> pd.DataFrame:
     """Hard labels -> probabilities: expression index -> one-hot, AU 0/1 -> 0.0/1.0."""
-    where = str(path)
-    text = path.read_text(encoding="utf-8-sig")
     rows: list[list[str]] = []
     lines: list[int] = []
+    header_pending = has_header
     for lineno, line in enumerate(text.split("\n"), start=1):
-        if (has_header and lineno == 1) or not line.strip():
+        if not line.strip():
+            continue
+        if header_pending:  # the first non-blank line
+            header_pending = False
             continue
         parts = line.split(",")
         if len(parts) != NUM_FIELDS:

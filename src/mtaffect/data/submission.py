@@ -112,11 +112,14 @@ def read_image_names(path: str | os.PathLike) -> list[str]:
 
     if list_kind(path) == ANNOTATIONS:
         try:
-            return [str(n) for n in read_annotations(path, keep_duplicates=True).images]
+            names = [str(n) for n in read_annotations(path, keep_duplicates=True).images]
         except AnnotationError as exc:  # say why the file was read as annotations
             raise AnnotationError(
                 exc.path, exc.line, f"{exc.what} [read as an annotation file, from its first line]", exc.got
             ) from None
+        if not names:
+            raise SubmissionError(f"{path}: the annotation file has no data rows after its header line")
+        return names
     return read_test_list(path)
 
 

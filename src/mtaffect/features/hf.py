@@ -333,15 +333,22 @@ def create_hf_backbone(
 
     ``image_size``/``mean``/``std`` override (or stand in for a missing) preprocessor_config.json;
     ``mean``/``std`` apply to [0, 1] pixels. ``pooling`` is auto|pooler|mean|cls (module docstring).
+    ``trust_remote_code=True`` lets transformers import and run the Python code the repository or
+    folder ships; without it such a model is refused. Only a person's flag may set it, never a file.
     """
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
     transformers = import_transformers()
     src = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
     offline = resolve_offline(src, local_files_only)
-    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    # Always explicit: left unset, transformers would prompt on a terminal for a repository with custom
+    # code; running that code is only ever the caller's decision (CLI --trust-remote-code).
     net, info = load_pretrained(
-        transformers.AutoModel, src, revision=revision, local_files_only=offline, **extra
+        transformers.AutoModel,
+        src,
+        revision=revision,
+        local_files_only=offline,
+        trust_remote_code=trust_remote_code is True,
     )
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:

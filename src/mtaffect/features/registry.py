@@ -63,8 +63,11 @@ def options_from_file(options: object, where: str) -> dict[str, Any]:
 
 
 def accepts_option(name: str, option: str) -> bool:
-    """Whether the factory of backbone ``name`` takes the keyword ``option``."""
-    params = inspect.signature(BACKBONES.factory(name)).parameters
+    """Whether the factory of backbone ``name`` takes the keyword ``option`` (False for unknown names)."""
+    try:
+        params = inspect.signature(BACKBONES.factory(name)).parameters
+    except KeyError:
+        return False
     return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 

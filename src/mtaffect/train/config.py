@@ -318,7 +318,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>"
             if not isinstance(node[part], dict):
                 path = ".".join(parts[: depth + 1])
                 raise ConfigError(
-                    f"override {item!r}: {where}: {path} is a {type(node[part]).__name__}, not a mapping"
+                    f"override {item!r}: {where}: {path} is {node[part]!r}, not a mapping"
                 )
             node = node[part]
         node[parts[-1]] = value

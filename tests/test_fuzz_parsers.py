@@ -1,0 +1,253 @@
+"""Every parser of a user's file, fed a few hundred random mutations of a valid file.
+
+Through the CLI's own error path (``clikit.user_errors``, in-process: no subprocesses), each mutation
+must either parse into something valid or end with exit code 2 and one ``error:`` line naming the
+file (and the line, for line-based formats) -- never a traceback, never a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mtaffect import clikit
+from mtaffect.data.annotations import LabelTable, read_annotations
+from mtaffect.data.predictions import PredictionTable
+from mtaffect.data.submission import _IMAGE_RE, read_image_names, read_test_list
+from mtaffect.data.units import unsafe_name_reason
+from mtaffect.post.config import PostConfig
+from mtaffect.schema import AU_NAMES, AU_PROB_COLUMNS, EXPR_PROB_COLUMNS, OFFICIAL_HEADER
+from mtaffect.train.config import TrainConfig, load_config, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXAMPLES = 250  # per parser; the whole module runs in a few seconds
+
+#: Byte strings a careless or hostile edit tends to introduce.
+TOKENS = [
+    b",", b"\n", b"\r", b"\r\n", b"\x00", b"-5", b"-1", b"nan", b"inf", b"1e999", b"..", b"/", b"/etc/",
+    b"\xff", b"\xc3", b" ", b'"', b"'", b":", b"#", b"{", b"}", b"[", b"- ", b"\t", b"9" * 25, "é".encode(),
+    b"!!python/object/apply:os.system ['true']", b"&a", b"*a", b"~", b"true", b"0", b"1", b"2", b".5",
+    OFFICIAL_HEADER.encode(),
+]  # fmt: skip
+
+_OP = st.sampled_from(["insert", "delete", "replace", "dup_line", "drop_line", "swap_lines", "truncate"])
+_PIECE = st.one_of(st.sampled_from(TOKENS), st.binary(min_size=1, max_size=3))
+MUTATIONS = st.lists(st.tuples(_OP, st.integers(0, 1 << 20), _PIECE), min_size=1, max_size=4)
+
+
+def mutate(data: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
+    """Apply edit operations (positions taken modulo the current length)."""
+    for op, pos, piece in ops:
+        n = len(data)
+        at = pos % (n + 1)
+        if op == "insert":
+            data = data[:at] + piece + data[at:]
+        elif op == "delete":
+            data = data[:at] + data[at + len(piece) :]
+        elif op == "replace":
+            data = data[:at] + piece + data[at + len(piece) :]
+        elif op == "truncate":
+            data = data[:at]
+        else:
+            lines = data.split(b"\n")
+            i, j = pos % len(lines), (pos // 7) % len(lines)
+            if op == "dup_line":
+                lines.insert(i, lines[i])
+            elif op == "drop_line":
+                del lines[i]
+            else:
+                lines[i], lines[j] = lines[j], lines[i]
+            data = b"\n".join(lines)
+    return data
+
+
+def through_cli(fn: Callable[[], object]) -> tuple[object, str | None]:
+    """Run ``fn`` as a command runs it: (result, None), or (None, the printed text) on exit code 2.
+
+    Any other exception propagates and fails the test: that is a traceback the user would see.
+    """
+    buf = io.StringIO()
+    before = clikit.err_console.file
+    clikit.err_console.file = buf
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return clikit.user_errors(fn)(), None
+    except typer.Exit as exc:
+        assert exc.exit_code == 2
+        return None, buf.getvalue()
+    finally:
+        clikit.err_console.file = before
+
+
+def check_error(text: str, path: Path, *, line_based: bool) -> None:
+    """One ``error:`` line naming the file, and its line where the problem is in one."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), text
+    message = " ".join(lines)
+    assert str(path) in message, message
+    assert message.count(f"{path}:") <= 1 or message.count(str(path)) == message.count(f"{path}:"), message
+    assert not re.search(re.escape(str(path)) + r":\d+: " + re.escape(str(path)), message), message
+    if line_based:
+        file_level = ("empty", "binary", "names no images", "no data rows", "not UTF-8")
+        assert re.search(re.escape(str(path)) + r":\d+", message) or any(w in message for w in file_level), (
+            message
+        )
+
+
+def fuzz_settings(**kw):
+    return settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,  # the same examples every run: a deterministic test
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        database=None,
+        **kw,
+    )
+
+
+# ---- valid files ---------------------------------------------------------------------------------------
+def _annotation_bytes(rows: int = 12) -> bytes:
+    rng = np.random.default_rng(0)
+    lines = [OFFICIAL_HEADER]
+    for i in range(rows):
+        aus = ",".join(str(int(x)) for x in rng.integers(-1, 2, len(AU_NAMES)))
+        lines.append(f"vid{i % 3}/{i + 1:05d}.jpg,{rng.uniform(-1, 1):.3f},-5,{i % 8},{aus}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _test_list_bytes() -> bytes:
+    return ("image\n" + "".join(f"vid{i % 3}/{i + 1:05d}.jpg,\n" for i in range(12))).encode()
+
+
+def _predictions_bytes() -> bytes:
+    rng = np.random.default_rng(1)
+    cols = ["image", "valence", "arousal", *EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS]
+    lines = [",".join(cols)]
+    for i in range(8):
+        expr = rng.dirichlet(np.ones(8))
+        vals = [rng.uniform(-1, 1), rng.uniform(-1, 1), *expr, *rng.uniform(0, 1, 12)]
+        lines.append(f"vid0/{i + 1:05d}.jpg," + ",".join(f"{v:.4f}" for v in vals))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _submission_bytes() -> bytes:
+    rng = np.random.default_rng(2)
+    lines = [OFFICIAL_HEADER]
+    for i in range(8):
+        aus = ",".join(str(int(x)) for x in rng.integers(0, 2, 12))
+        lines.append(f"vid0/{i + 1:05d}.jpg,{rng.uniform(-1, 1):.3f},{rng.uniform(-1, 1):.3f},{i % 8},{aus}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _post_bytes() -> bytes:
+    return (
+        b"format: mtaffect-postproc\nversion: 1\n"
+        b"kernels: {va: {kind: gaussian, width: 6.0, causal: false}, au: {kind: box, width: 2}}\n"
+        b"au_thresholds: {AU1: 0.41, AU2: 0.3, AU26: 0.37}\n"
+        b"expr_bias: {Neutral: 0.0, Other: 0.2}\n"
+        b"blend_weights: null\ninfo: {tuned_on: val}\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def _write(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+# ---- the parsers -----------------------------------------------------------------------------------------
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_annotation_files(folder: Path, ops):
+    path = _write(folder, "annotations.txt", mutate(_annotation_bytes(), ops))
+    table, err = through_cli(lambda: read_annotations(path))
+    if err is not None:
+        check_error(err, path, line_based=True)
+        return
+    assert isinstance(table, LabelTable)
+    LabelTable.from_frame(table.frame)  # every row that was read is a valid row
+    assert all(unsafe_name_reason(n) is None for n in table.images)
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_test_lists(folder: Path, ops):
+    path = _write(folder, "MTL.txt", mutate(_test_list_bytes(), ops))
+    names, err = through_cli(lambda: read_test_list(path))
+    if err is not None:
+        check_error(err, path, line_based=True)
+        return
+    assert names and all(_IMAGE_RE.match(n) and unsafe_name_reason(n) is None for n in names)
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS, base=st.sampled_from(["annotations", "test list"]))
+def test_image_lists_of_either_kind(folder: Path, ops, base):
+    data = _annotation_bytes() if base == "annotations" else _test_list_bytes()
+    path = _write(folder, "images.txt", mutate(data, ops))
+    names, err = through_cli(lambda: read_image_names(path))
+    if err is not None:
+        check_error(err, path, line_based=True)
+        return
+    assert names and all(unsafe_name_reason(n) is None for n in names)
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_prediction_tables(folder: Path, ops):
+    path = _write(folder, "pred.csv", mutate(_predictions_bytes(), ops))
+    table, err = through_cli(lambda: PredictionTable.read(path))
+    if err is not None:
+        check_error(err, path, line_based=False)
+        return
+    PredictionTable(table.frame)  # what was read passes validation as a whole
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_submissions_read_as_predictions(folder: Path, ops):
+    path = _write(folder, "submission.txt", mutate(_submission_bytes(), ops))
+    table, err = through_cli(lambda: PredictionTable.read(path))
+    if err is not None:
+        check_error(err, path, line_based=False)
+        return
+    PredictionTable(table.frame)
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_post_configs(folder: Path, ops):
+    path = _write(folder, "post.yaml", mutate(_post_bytes(), ops))
+    config, err = through_cli(lambda: PostConfig.load(path))
+    if err is not None:
+        check_error(err, path, line_based=False)
+        return
+    assert isinstance(config, PostConfig)
+    assert PostConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS, recipe=st.sampled_from(sorted(p.name for p in CONFIGS.glob("*.yaml"))))
+def test_recipe_configs(folder: Path, ops, recipe):
+    path = _write(folder, "recipe.yaml", mutate((CONFIGS / recipe).read_bytes(), ops))
+    config, err = through_cli(lambda: load_config(path))
+    if err is not None:
+        check_error(err, path, line_based=False)
+        return
+    assert isinstance(config, TrainConfig)
+    validate(config, str(path))
