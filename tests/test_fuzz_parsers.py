@@ -7,7 +7,6 @@ file (and the line, for line-based formats) -- never a traceback, never a silent
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 from collections.abc import Callable
@@ -75,18 +74,17 @@ def through_cli(fn: Callable[[], object]) -> tuple[object, str | None]:
 
     Any other exception propagates and fails the test: that is a traceback the user would see.
     """
-    buf = io.StringIO()
-    before = clikit.err_console.file
-    clikit.err_console.file = buf
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return clikit.user_errors(fn)(), None
-    except typer.Exit as exc:
-        assert exc.exit_code == 2
-        return None, buf.getvalue()
-    finally:
-        clikit.err_console.file = before
+    code = 0
+    with clikit.err_console.capture() as captured, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = clikit.user_errors(fn)()
+        except typer.Exit as exc:
+            code = exc.exit_code
+    if code == 0:
+        return result, None
+    assert code == 2
+    return None, captured.get()
 
 
 def check_error(text: str, path: Path, *, line_based: bool) -> None:

@@ -364,7 +364,18 @@ def _read_progress(partial: Path) -> dict[int, list]:
     folder = partial / PROGRESS
     if folder.is_dir():
         for file in sorted(folder.glob("rank-*.json")):
-            for key, failures in read_json(file, "progress file").get("chunks", {}).items():
+            chunks = read_json(file, "progress file").get("chunks", {})
+            ok = isinstance(chunks, dict) and all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, list)
+                and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], int) for f in v)
+                for k, v in chunks.items()
+            )  # fmt: skip
+            if not ok:
+                raise StoreError(
+                    f"{file}: chunks must map chunk numbers to lists of [row, reason]; the unfinished "
+                    "store is damaged: rerun with overwrite=True (CLI: --overwrite)"
+                )
+            for key, failures in chunks.items():
                 done[int(key)] = failures
     return done
 
