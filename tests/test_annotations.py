@@ -357,3 +357,12 @@ def test_a_binary_file_is_named_as_such(tmp_path):
     path.write_bytes(OFFICIAL_HEADER.encode() + b"\n" + b"\x00\x01\x02PK\x03\x04")
     with pytest.raises(AnnotationError, match=rf"^{path}:2: a binary file"):
         read_annotations(path)
+
+
+def test_the_frame_is_the_whole_stem_on_every_path(tmp_path):
+    """Found by the fuzz tests: the fast path read 'v/0.5.jpg' as frame 0, the row check refused it."""
+    for name, rows in (("small.txt", 1), ("big.txt", 300)):
+        lines = [row(f"v/{i:05d}.jpg") for i in range(1, rows)] + [row("v/0.50004.jpg")]
+        path = write(tmp_path, lines, name=name)
+        with pytest.raises(AnnotationError, match=rf"^{path}:{rows + 1}: image name must be"):
+            read_annotations(path)

@@ -416,7 +416,7 @@ def _split_images_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.nd
     if not pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():
         return None
     video = pc.list_element(parts, 0)
-    stem = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1), 0)
+    stem = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1, reverse=True), 0)
     if (
         not pc.all(pc.ascii_is_decimal(stem)).as_py()
         or not pc.all(pc.greater(pc.utf8_length(video), 0)).as_py()

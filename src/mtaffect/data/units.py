@@ -52,7 +52,8 @@ def split_image_names(
     parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
     if pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():  # fast path: every name has a folder
         video = pc.list_element(parts, 0)
-        stems = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1), 0)
+        base = pc.list_element(parts, 1)  # the stem runs up to the last dot, as in annotations
+        stems = pc.list_element(pc.split_pattern(base, ".", max_splits=1, reverse=True), 0)
         ok = pc.and_(pc.ascii_is_decimal(stems), pc.greater(pc.utf8_length(video), 0))
         if pc.all(ok).as_py():
             frames = pc.cast(stems, pa.int64()).to_numpy(zero_copy_only=False)
@@ -61,7 +62,7 @@ def split_image_names(
     frame_out = np.zeros(len(arr), dtype=np.int64)
     for i, name in enumerate(arr.to_pylist()):
         v, _, base = name.rpartition("/")
-        stem = base.partition(".")[0]
+        stem = base.rpartition(".")[0] if "." in base else base
         if not (v and stem.isascii() and stem.isdigit()):
             if strict:
                 raise ImageNameError(
