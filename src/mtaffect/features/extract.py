@@ -346,7 +346,8 @@ def _clean_leftovers(out: Path, partial: Path) -> None:
                     "marker, so it was not created by mtaffect extract: left alone",
                     stacklevel=2,
                 )
-            elif not _owner_alive(info):
+            elif not _owner_alive(info) and (pattern.endswith(".tmp") or out.exists()):
+                # an old store swapped out is removed only once its successor is in place
                 shutil.rmtree(folder)
 
 
