@@ -14,7 +14,9 @@ Columns, in order (names from :mod:`mtaffect.schema`; documented in docs/formats
   decisions at the model's (or the post-processing config's) per-AU thresholds;
 - ``Neutral_p`` .. ``Other_p``: the 8 expression probabilities (sum to 1) and ``expression``: the most
   probable class name;
-- ``valence``, ``arousal`` in [-1, 1].
+- ``valence``, ``arousal`` in [-1, 1];
+- ``ended_early``: 1 on every row of an input that stopped before the length its container declares
+  (a cut file, a dropped stream) or whose decoder failed part-way; its rows are what was decoded.
 
 Rows without a face carry NaN in every measured column (and ``expression`` is empty).
 """
@@ -49,6 +51,7 @@ COLUMNS: Final[tuple[str, ...]] = (
     *EXPR_P_COLUMNS,
     "expression",
     *VA_COLUMNS,
+    "ended_early",
 )
 FORMATS: Final[tuple[str, ...]] = ("csv", "parquet")
 
@@ -133,6 +136,7 @@ class TableBuilder:
         data.update(zip(AU_P_COLUMNS, cat["au"].T, strict=True))
         data.update(zip(EXPR_P_COLUMNS, cat["expr"].T, strict=True))
         data.update(zip(VA_COLUMNS, cat["va"].T, strict=True))
+        data["ended_early"] = np.zeros(len(data["frame"]), np.int8)
         df = pd.DataFrame(data)
         # Stable order: files as added (first appearance), then frame, then face id.
         first = {f: i for i, f in reversed(list(enumerate(names)))}
@@ -145,7 +149,14 @@ def empty_table() -> pd.DataFrame:
     """A table with every column and no row."""
     df = pd.DataFrame({c: pd.Series(dtype="float32") for c in COLUMNS})
     df = df.astype(
-        {"file": object, "frame": "int64", "face_id": "int64", "success": "int8", "expression": object}
+        {
+            "file": object,
+            "frame": "int64",
+            "face_id": "int64",
+            "success": "int8",
+            "expression": object,
+            "ended_early": "int8",
+        }
     )
     return df
 
@@ -167,6 +178,8 @@ def finalize(df: pd.DataFrame, au_thresholds: Sequence[float]) -> pd.DataFrame:
     e = df[list(EXPR_P_COLUMNS)].to_numpy(np.float64)
     label = np.array(EXPR_NAMES, dtype=object)[np.nan_to_num(e, nan=-1).argmax(1)] if len(e) else []
     df["expression"] = np.where(ok, label, "") if len(e) else pd.Series(dtype=object)
+    if "ended_early" not in df.columns:
+        df["ended_early"] = np.int8(0)
     return df[list(COLUMNS)]
 
 
@@ -201,6 +214,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         df["expression"] = df["expression"].fillna("")
         for c in AU_C_COLUMNS:
             df[c] = df[c].astype("Int8")
+    if "ended_early" not in df.columns:  # tables written before the column existed
+        df["ended_early"] = np.int8(0)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not an mtaffect prediction table (missing {missing[:4]})")
