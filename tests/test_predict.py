@@ -302,9 +302,8 @@ def test_an_oversized_image_fails_alone(predictor, media, tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="too large"):
         df = predictor.predict([big, media["folder"] / "b10.png"], errors="skip")
     assert len(df) == 1 and df["file"].iloc[0].endswith("b10.png")
-    res = CliRunner().invoke(
-        _app(), ["predict", str(big), str(media["folder"] / "b10.png"), "--out", str(tmp_path / "o"), "--quiet"]
-    )
+    args = ["predict", str(big), str(media["folder"] / "b10.png"), "--out", str(tmp_path / "o"), "--quiet"]
+    res = CliRunner().invoke(_app(), args)
     assert res.exit_code == 0, res.output
     assert "bomb.png: image too large" in res.output and "1 of 2 input(s) failed" in res.output
 
@@ -327,7 +326,8 @@ def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, me
     out = tmp_path / "out"
     res = CliRunner().invoke(_app(), ["predict", str(cut), "--out", str(out), "--quiet", "--report"])
     assert res.exit_code == 0, res.output
-    assert "warning: " in res.output and "ended early: decoded" in res.output and "of the 20 frames" in res.output
+    assert "warning: " in res.output and "ended early: decoded" in res.output
+    assert "of the 20 frames the container declares" in res.output
     table = read_table(out / "cut.csv")
     assert 0 < table["frame"].nunique() < 20 and (table["ended_early"] == 1).all()
     assert "Ended early: decoded" in (out / "report.html").read_text()

@@ -76,7 +76,11 @@ def research(tmp_path_factory) -> dict:
 def _by_image(table: pd.DataFrame) -> pd.DataFrame:
     """predict's rows keyed by the s-Aff-Wild2 image key (video, frame), PredictionTable column names."""
     out = pd.DataFrame({"video": [Path(f).name for f in table["file"]], "frame": table["frame"].to_numpy()})
-    for src, dst in (*zip(EXPR_P_COLUMNS, EXPR_PROB_COLUMNS), *zip(AU_P_COLUMNS, AU_PROB_COLUMNS)):
+    pairs = [
+        *zip(EXPR_P_COLUMNS, EXPR_PROB_COLUMNS, strict=True),
+        *zip(AU_P_COLUMNS, AU_PROB_COLUMNS, strict=True),
+    ]
+    for src, dst in pairs:
         out[dst] = table[src].to_numpy(np.float64)
     out["valence"], out["arousal"] = table["valence"].to_numpy(), table["arousal"].to_numpy()
     return out.set_index(["video", "frame"]).sort_index()
@@ -93,7 +97,8 @@ def _pred_by_image(pred: PredictionTable) -> pd.DataFrame:
 def test_predict_aligned_gives_the_numbers_of_infer(research, tmp_path):
     r = research
     out = tmp_path / "o"
-    run("predict", r["root"], "--recursive", "--aligned", "--model", r["frame_model"], "--out", out, "--quiet")
+    run("predict", r["root"], "--recursive", "--aligned", "--model", r["frame_model"], "--out", out,
+        "--quiet")  # fmt: skip
     table = read_table(out / f"{CROPPED_DIR}.csv")
     assert (table["success"] == 1).all() and (table["face_id"] == 0).all()
     assert table["file"].nunique() == 3 and table["confidence"].isna().all()

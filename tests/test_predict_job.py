@@ -46,9 +46,11 @@ def reference(clip, predictor, tmp_path_factory) -> pd.DataFrame:
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
+    import torch
     import mtaffect.predict.job as job
     from mtaffect.predict.pipeline import Predictor
 
+    torch.set_num_threads(int(sys.argv[4]))  # as the parent: the same numbers, to the last bit
     job.COMMIT_SECONDS = 0.0  # commit every chunk, so where the kill lands is known
     seen = 0
 
@@ -58,7 +60,8 @@ KILLER = textwrap.dedent(
         if seen >= int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    job.predict_to_file(Predictor(detect_every=3, chunk_frames=4), sys.argv[1], sys.argv[2], progress=progress)
+    predictor = Predictor(detect_every=3, chunk_frames=4)
+    job.predict_to_file(predictor, sys.argv[1], sys.argv[2], progress=progress)
     """
 )
 
@@ -66,7 +69,12 @@ KILLER = textwrap.dedent(
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_a_killed_job_resumes_after_the_last_completed_frame(clip, predictor, reference, tmp_path):
     target = tmp_path / "two.csv"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(clip), str(target), "13"], capture_output=True)
+    import torch
+
+    threads = str(torch.get_num_threads())
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(clip), str(target), "13", threads], capture_output=True
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not target.exists()  # no half table, ever
     part = partial_dir(target)
@@ -146,7 +154,8 @@ def _app() -> typer.Typer:
 def test_output_folder_removes_only_the_temporary_files_of_killed_runs(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    stale = [out / ".two.csv.k3j_x9a2.part", out / ".report.html.abcdefgh.part", out / ".t_face1.png.a1b2c3d4.part"]
+    stale = [out / ".two.csv.k3j_x9a2.part", out / ".report.html.abcdefgh.part"]
+    stale.append(out / ".t_face1.png.a1b2c3d4.part")
     kept = [
         out / ".notes.part",  # not a temporary-file name of ours
         out / "two.csv.k3j_x9a2.part",  # not hidden

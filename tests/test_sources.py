@@ -111,7 +111,7 @@ def test_an_unreadable_frame_is_skipped_and_listed(tmp_path):
     assert len(src.info.unreadable) == 1 and "002.jpg" in src.info.unreadable[0][0]
 
 
-# ---- URLs, cameras, PIL, BGR --------------------------------------------------------------------------------
+# ---- URLs, cameras, PIL, BGR ---------------------------------------------------------------------------
 
 
 def test_urls_are_never_turned_into_paths(tmp_path):
@@ -159,7 +159,7 @@ def test_pil_images_and_bgr_arrays():
         ArraySource(bgr, channels="bgra")
 
 
-# ---- videos and streams that end early ----------------------------------------------------------------------
+# ---- videos and streams that end early -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,8 @@ def run_predict(
     from mtaffect.io import check_writable
     from mtaffect.predict.job import OutputFolder
     from mtaffect.predict.outputs import check_format
-    from mtaffect.predict.pipeline import torch_device
+    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads, torch_device
+    from mtaffect.predict.report import ReportInput, write_report
 
     fmt = check_format(fmt)
     torch_device(device)
@@ -112,14 +113,45 @@ def run_predict(
         raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
     names = _output_names(inputs)
     tables = [out / f"{n}.{fmt}" for n in names]
-    with OutputFolder(out, log=_note) as folder:
-        for p in [*tables, *([folder.path / "report.html"] if report else [])]:
+    report_path = out / "report.html"
+    with OutputFolder(out, log=_note):
+        for p in [*tables, *([report_path] if report else [])]:
             check_writable(p, overwrite)  # fail before any work, not after an hour of video
-        return _run(
-            inputs, names, tables, out, model, post, every, detect_every, batch_size, device, max_faces,
-            min_face_size, smoothing, fmt, plot, video, report, overwrite, progress, recursive, aligned,
-            sequences, fps, temporal, resume,
+        predictor = Predictor(
+            model=model, device=device, batch_size=batch_size, detect_every=detect_every,
+            max_faces=max_faces, min_face_size="auto" if min_face_size == "auto" else float(min_face_size),
+            every=every, post=post, smoothing=smoothing, num_threads=streaming_threads(), aligned=aligned,
+            temporal=temporal,
         )  # fmt: skip
+        job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
+               "sequences": sequences}  # fmt: skip
+        extras = {"plot": plot, "video": video and not aligned, "report": report, "overwrite": overwrite}
+        report_inputs: list[ReportInput] = []
+        ok_count = fail_count = 0
+        with _progress_bar(progress) as bar:
+            for arg, name, table_path in zip(inputs, names, tables, strict=True):
+                results = _run_job(predictor, arg, name, table_path, fmt, bar, job)
+                for r in results:
+                    if not r.ok:
+                        err_console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
+                        report_inputs.append(ReportInput(r.info, r.table, error=r.error))
+                    for msg in source_warnings(r.info):
+                        _warn(msg)
+                good = [r for r in results if r.ok]
+                ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
+                if good:
+                    report_inputs += _write_extras(arg, good, name, table_path, **extras)
+        if report:
+            settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
+                        "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
+                        "aligned": aligned}  # fmt: skip
+            if predictor.window > 1:
+                settings["temporal"] = f"{temporal} (window {predictor.window})"
+            write_report(report_path, report_inputs, _model_card(predictor), settings, overwrite=overwrite)
+            console.print(f"wrote {report_path}")
+    if fail_count:
+        err_console.print(f"{fail_count} of {ok_count + fail_count} input(s) failed", highlight=False)
+    return ok_count, fail_count
 
 
 def _note(msg: str) -> None:
@@ -130,141 +162,88 @@ def _warn(msg: str) -> None:
     err_console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
-def _run(
-    inputs, names, tables, out, model, post, every, detect_every, batch_size, device, max_faces,
-    min_face_size, smoothing, fmt, plot, video, report, overwrite, progress, recursive, aligned,
-    sequences, fps, temporal, resume,
-) -> tuple[int, int]:  # fmt: skip
+def _progress_bar(enabled: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    return Progress(*columns, console=err_console, disable=not enabled, transient=False)
+
+
+def _run_job(predictor, arg: str, name: str, table_path: Path, fmt: str, bar: Progress, job: dict) -> list:
+    """One INPUT's table as a resumable job; its warnings printed; Ctrl-C keeps the partial rows."""
     from mtaffect.predict.job import partial_dir, predict_to_file
-    from mtaffect.predict.pipeline import FileResult, Predictor, source_warnings, streaming_threads
-    from mtaffect.predict.report import ReportInput, write_report
+    from mtaffect.predict.outputs import empty_table
+    from mtaffect.predict.pipeline import FileResult
     from mtaffect.predict.sources import SourceInfo
 
-    mfs: float | str = "auto" if min_face_size == "auto" else float(min_face_size)
-    predictor = Predictor(
-        model=model,
-        device=device,
-        batch_size=batch_size,
-        detect_every=detect_every,
-        max_faces=max_faces,
-        min_face_size=mfs,
-        every=every,
-        post=post,
-        smoothing=smoothing,
-        num_threads=streaming_threads(),
-        aligned=aligned,
-        temporal=temporal,
+    task = bar.add_task(name, total=None)
+
+    def started(info, is_dir=Path(arg).is_dir()):
+        if not is_dir:  # a folder keeps its name and counts frames without a total
+            bar.update(task, description=Path(info.file).name, total=info.expected_analysed)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = predict_to_file(
+                predictor, arg, table_path, fmt, **job, log=_note, on_start=started,
+                progress=lambda n: bar.advance(task, n),
+            )  # fmt: skip
+    except ValueError as e:  # e.g. an empty folder: this input fails, the others go on
+        results = [FileResult(SourceInfo(str(arg), "unknown"), empty_table(), error=str(e))]
+    except KeyboardInterrupt:
+        bar.stop()
+        err_console.print(
+            f"interrupted: the rows so far are kept in {partial_dir(table_path)}; rerun the same command "
+            "to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    for w in caught:
+        _warn(str(w.message))
+    bar.update(task, completed=bar.tasks[task].completed, total=bar.tasks[task].completed or 1)
+    return results
+
+
+def _write_extras(
+    arg: str, good: list, name: str, table_path: Path, plot: bool, video: bool, report: bool, overwrite: bool
+) -> list:
+    """Timelines, annotated videos and report entries of an INPUT's successful results; one summary line."""
+    from mtaffect.predict.report import ReportInput
+
+    out = table_path.parent
+    written = [str(table_path)]
+    report_inputs = []
+    for r in good:
+        outputs = [str(table_path)]
+        stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
+        pngs = {}
+        if plot or report:
+            from mtaffect.predict.plots import timeline_pngs, write_png
+
+            pngs = timeline_pngs(r.table, r.info.file)
+            if plot:
+                for fid, data in pngs.items():
+                    outputs.append(str(write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)))
+        if video and r.info.kind == "video":
+            from mtaffect.predict.annotate import annotate_video
+
+            p = annotate_video(r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite)
+            outputs.append(str(p))
+        written += outputs[1:]
+        report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
+    n_frames = sum(r.analysed for r in good)
+    secs = sum(r.seconds for r in good)
+    n_faces = sum(
+        int(r.table.loc[r.table["success"] == 1].groupby(["file", "face_id"]).ngroups) for r in good
     )
-    card = _model_card(predictor)
-    report_path = out / "report.html"
-    report_inputs: list[ReportInput] = []
-    ok_count = fail_count = 0
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
+    rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
+    console.print(
+        f"{arg}: {n_frames} frames, {n_faces} face track(s){rate} -> {', '.join(written)}",
+        highlight=False,
+        soft_wrap=True,
     )
-    with Progress(*columns, console=err_console, disable=not progress, transient=False) as bar:
-        for arg, name, table_path in zip(inputs, names, tables, strict=True):
-            task = bar.add_task(name, total=None)
-
-            def started(info, task=task, is_dir=Path(arg).is_dir()):
-                if not is_dir:  # a folder keeps its name and counts frames without a total
-                    bar.update(task, description=Path(info.file).name, total=info.expected_analysed)
-
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    results = predict_to_file(
-                        predictor, arg, table_path, fmt, overwrite=overwrite, resume=resume, fps=fps,
-                        recursive=recursive, sequences=sequences, log=_note,
-                        progress=lambda n, t=task: bar.advance(t, n), on_start=started,
-                    )  # fmt: skip
-            except ValueError as e:  # e.g. an empty folder: this input fails, the others go on
-                results = [FileResult(SourceInfo(str(arg), "unknown"), _empty(), error=str(e))]
-            except KeyboardInterrupt:
-                bar.stop()
-                err_console.print(
-                    f"interrupted: the rows so far are kept in {partial_dir(table_path)}; rerun the same "
-                    "command to resume",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-                raise typer.Exit(130) from None
-            for w in caught:
-                _warn(str(w.message))
-            bar.update(task, completed=bar.tasks[task].completed, total=bar.tasks[task].completed or 1)
-            good = [r for r in results if r.ok]
-            for r in results:
-                if not r.ok:
-                    fail_count += 1
-                    err_console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
-                    report_inputs.append(ReportInput(r.info, r.table, error=r.error))
-                for msg in source_warnings(r.info):
-                    _warn(msg)
-            if not good:
-                continue
-            ok_count += len(good)
-            written = [str(table_path)]
-            for r in good:
-                outputs = [str(table_path)]
-                pngs = {}
-                if plot or report:
-                    from mtaffect.predict.plots import timeline_pngs, write_png
-
-                    pngs = timeline_pngs(r.table, r.info.file)
-                    if plot:
-                        stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
-                        for fid, data in pngs.items():
-                            p = write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)
-                            outputs.append(str(p))
-                            written.append(str(p))
-                if video and r.info.kind == "video" and not aligned:
-                    from mtaffect.predict.annotate import annotate_video
-
-                    stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
-                    p = annotate_video(
-                        r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite
-                    )
-                    outputs.append(str(p))
-                    written.append(str(p))
-                report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
-            n_frames = sum(r.analysed for r in good)
-            secs = sum(r.seconds for r in good)
-            n_faces = sum(
-                int(r.table.loc[r.table["success"] == 1].groupby(["file", "face_id"]).ngroups) for r in good
-            )
-            rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
-            console.print(
-                f"{arg}: {n_frames} frames, {n_faces} face track(s){rate} -> {', '.join(written)}",
-                highlight=False,
-                soft_wrap=True,
-            )
-    if report:
-        settings = {
-            "every": every,
-            "detect_every": detect_every,
-            "min_face_size": min_face_size,
-            "max_faces": max_faces,
-            "smoothing": smoothing,
-            "post": post or "none",
-            "aligned": aligned,
-        }
-        if predictor.window > 1:
-            settings["temporal"] = f"{temporal} (window {predictor.window})"
-        write_report(report_path, report_inputs, card, settings, overwrite=overwrite)
-        console.print(f"wrote {report_path}")
-    if fail_count:
-        err_console.print(f"{fail_count} of {ok_count + fail_count} input(s) failed", highlight=False)
-    return ok_count, fail_count
-
-
-def _empty():
-    from mtaffect.predict.outputs import empty_table
-
-    return empty_table()
+    return report_inputs
 
 
 def _model_card(predictor) -> dict:

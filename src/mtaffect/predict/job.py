@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from mtaffect.io import atomic_open, check_writable
-from mtaffect.predict.outputs import COLUMNS, empty_table, read_table, write_table
+from mtaffect.predict.outputs import TableBuilder, empty_table, read_table, write_table
 from mtaffect.predict.pipeline import FileResult, Predictor, Resume
 from mtaffect.predict.sources import (
     ArrayInput,
@@ -52,6 +52,7 @@ from mtaffect.predict.sources import (
     expand_inputs,
     input_name,
 )
+from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
 FORMAT: Final[str] = "mtaffect-predict-job"
 FORMAT_VERSION: Final[int] = 1
@@ -127,9 +128,15 @@ class PartialTable:
     """
 
     def __init__(
-        self, target: Path, signature: dict, resume: bool = True, log: Callable[[str], None] | None = None
+        self,
+        target: Path,
+        signature: dict,
+        resume: bool = True,
+        log: Callable[[str], None] | None = None,
+        thresholds: np.ndarray | None = None,
     ) -> None:
         self.target, self.folder = target, partial_dir(target)
+        self.thresholds = np.full(NUM_AUS, DEFAULT_AU_THRESHOLD) if thresholds is None else thresholds
         self.signature = json.loads(json.dumps(signature))  # as it reads back from job.json
         self.log = log or (lambda _msg: None)
         self.state = {"format": FORMAT, "format_version": FORMAT_VERSION, "signature": self.signature,
@@ -148,6 +155,7 @@ class PartialTable:
             self._commit()
         self._fh = open(self._rows_path, "ab")  # noqa: SIM115 - held open while the job appends
         self._bytes = self._fh.tell()  # rows.csv bytes that go with state["current"]
+        self._pending, self._pending_point = TableBuilder(), None
         self._last_commit = time.monotonic()
 
     @property
@@ -204,27 +212,39 @@ class PartialTable:
         return _resume_from(cur["resume"]), cur
 
     def append(
-        self, index: int, table: pd.DataFrame, resume: Resume, info: SourceInfo, seconds: float
+        self, index: int, rows: TableBuilder, resume: Resume, info: SourceInfo, seconds: float
     ) -> None:
-        """Append final rows of input ``index`` and (throttled) commit the point reached.
+        """Final rows of input ``index`` and the point they reach; written out (and committed) at most
+        every ``COMMIT_SECONDS`` (a DataFrame and a CSV write cost more than a chunk of frames)."""
+        self._pending.extend(rows)
+        self._pending_point = (index, resume, info, seconds)
+        if time.monotonic() - self._last_commit >= COMMIT_SECONDS:
+            self.flush()
 
-        The rows and the point they reach become part of the state together (an interruption between
-        the two leaves the rows uncommitted: they are cut on resume and computed again)."""
+    def flush(self) -> None:
+        """Write the pending rows and commit the point they reach, together: an interruption between
+        the two leaves the rows uncommitted (they are cut on resume and computed again)."""
+        if self._pending_point is None:
+            return
+        index, resume, info, seconds = self._pending_point
         cur = self.state["current"]
         if cur is None or cur["index"] != index:
             cur = {"index": index, "start_bytes": self._bytes}
-        if len(table):
-            rows = table[list(COLUMNS)].copy()
-            rows.insert(0, INPUT_COLUMN, index)
-            header = self._fh.tell() == 0
-            self._fh.write(rows.to_csv(index=False, header=header, float_format="%.9g").encode("utf-8"))
+        self._fh.flush()
+        self._fh.truncate(self._bytes)  # whatever an interrupted write left after the committed rows
+        if len(self._pending):
+            table = self._pending.build(self.thresholds)
+            table.insert(0, INPUT_COLUMN, index)
+            header = self._bytes == 0
+            self._fh.write(table.to_csv(index=False, header=header, float_format="%.9g").encode("utf-8"))
         cur = {**cur, "resume": _resume_dict(resume), "info": _info_dict(info), "seconds": seconds}
         self.state["current"], self._bytes = cur, self._fh.tell()
-        if time.monotonic() - self._last_commit >= COMMIT_SECONDS:
-            self._commit()
+        self._pending, self._pending_point = TableBuilder(), None
+        self._commit()
 
     def finish(self, index: int, info: SourceInfo, seconds: float, analysed: int, error: str | None) -> None:
         """Input ``index`` is done (or failed): recorded at once."""
+        self.flush()
         self.state["done"][str(index)] = {
             "info": _info_dict(info), "seconds": seconds, "analysed": analysed, "error": error,
         }  # fmt: skip
@@ -253,7 +273,9 @@ class PartialTable:
         return read_table(self._rows_path)
 
     def close(self) -> None:
+        """Interrupted: keep what is final (the pending rows go out with their point)."""
         with contextlib.suppress(OSError):
+            self.flush()
             self._commit()
         self._fh.close()
 
@@ -295,7 +317,7 @@ def predict_to_file(
         "fps": fps,
         "channels": channels,
     }
-    part = PartialTable(path, signature, resume, log)
+    part = PartialTable(path, signature, resume, log, predictor.au_thresholds)
     try:
         for index, item in enumerate(items):
             if part.finished(index) is None:
@@ -344,7 +366,7 @@ def _run_input(
     try:
         for batch in _interruptible(predictor.stream_source(source, progress, start), source.info):
             analysed = batch.resume.steps
-            part.append(index, batch.table, batch.resume, source.info, before + time.perf_counter() - t0)
+            part.append(index, batch.rows, batch.resume, source.info, before + time.perf_counter() - t0)
     except InputError as e:
         part.finish(index, source.info, before + time.perf_counter() - t0, analysed, str(e))
         return

@@ -121,6 +121,35 @@ class TableBuilder:
     def __len__(self) -> int:
         return sum(n for _, n in self._files)
 
+    def extend(self, other: TableBuilder) -> TableBuilder:
+        """Append ``other``'s rows (no copy); returns self."""
+        self._blocks.extend(other._blocks)
+        self._files.extend(other._files)
+        return self
+
+    def split(self, last_frame: int) -> tuple[TableBuilder, TableBuilder]:
+        """(rows of frames up to ``last_frame``, the later rows), as two builders: streaming hands out
+        rows in frame order while later ones wait (building a DataFrame per chunk would cost more than
+        the chunk's model)."""
+        early, late = TableBuilder(), TableBuilder()
+        for block, (file, _) in zip(self._blocks, self._files, strict=True):
+            keep = block["frame"] <= last_frame
+            for dst, mask in ((early, keep), (late, ~keep)):
+                n = int(mask.sum())
+                if n:
+                    dst._blocks.append({k: v[mask] for k, v in block.items()})
+                    dst._files.append((file, n))
+        return early, late
+
+    def faces_at(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (k, 4) and face ids (k,) of the face rows of ``frame``."""
+        boxes, ids = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.int64)]
+        for b in self._blocks:
+            sel = (b["frame"] == frame) & (b["success"] == 1)
+            boxes.append(b["boxes"][sel])
+            ids.append(b["face_id"][sel])
+        return np.concatenate(boxes), np.concatenate(ids)
+
     def build(self, au_thresholds: Sequence[float]) -> pd.DataFrame:
         """The table, sorted by file order, frame and face id."""
         if not self._blocks:

@@ -45,7 +45,6 @@ from mtaffect.features.registry import create_backbone
 from mtaffect.models.base import AffectOutputs, FaceAffectModel
 from mtaffect.predict.outputs import (
     AU_P_COLUMNS,
-    BOX_COLUMNS,
     EXPR_P_COLUMNS,
     VA_COLUMNS,
     TableBuilder,
@@ -115,10 +114,10 @@ class Resume:
 
 @dataclass
 class RowBatch:
-    """Rows that are final (raw model outputs, before smoothing/post-processing) and where that leaves
-    the stream."""
+    """Rows that are final (raw model outputs, before smoothing/post-processing), not yet a DataFrame
+    (``rows.build(thresholds)`` makes one), and where they leave the stream."""
 
-    table: pd.DataFrame
+    rows: TableBuilder
     resume: Resume
 
 
@@ -368,12 +367,11 @@ class Predictor:
     ) -> FileResult:
         """Run the pipeline over one opened source: its whole, final table."""
         t0 = time.perf_counter()
-        parts, analysed = [], 0
+        rows, analysed = TableBuilder(), 0
         for batch in self.stream_source(source, progress):
-            parts.append(batch.table)
+            rows.extend(batch.rows)
             analysed = batch.resume.steps
-        table = pd.concat(parts, ignore_index=True) if parts else empty_table()
-        table = self.finish_table(table, source.info)
+        table = self.finish_table(rows.build(self.au_thresholds), source.info)
         return FileResult(source.info, table, time.perf_counter() - t0, analysed)
 
     def stream_source(
@@ -401,7 +399,7 @@ class Predictor:
                 self._process_chunk(info, chunk, state)
                 if progress is not None:
                     progress(len(chunk))
-                if (batch := state.release(self.au_thresholds, final=False)) is not None:
+                if (batch := state.release(final=False)) is not None:
                     yield batch
             if state.windows is not None:
                 self._add_emitted(info, state.windows.flush(), state)
@@ -409,7 +407,7 @@ class Predictor:
             close = getattr(frames, "close", None)
             if close is not None:
                 close()
-        batch = state.release(self.au_thresholds, final=True)
+        batch = state.release(final=True)
         if batch is not None:
             yield batch
 
@@ -689,39 +687,26 @@ class _State:
     committed: Resume = field(default_factory=Resume)
     #: analysed frame numbers not yet released, in order
     frames: list[int] = field(default_factory=list)
-    held: pd.DataFrame | None = None
+    held: TableBuilder = field(default_factory=TableBuilder)
 
     def log_frames(self, numbers: Sequence[int]) -> None:
         self.frames.extend(int(n) for n in numbers)
 
-    def release(self, au_thresholds: np.ndarray, final: bool) -> RowBatch | None:
+    def release(self, final: bool) -> RowBatch | None:
         """The rows that are final now (all rows of every frame before the first row a temporal window
         still waits for) and the resume point after them; later rows are held back."""
-        new = self.builder.build(au_thresholds) if len(self.builder) else None
+        self.held.extend(self.builder)
         self.builder = TableBuilder()
-        parts = [t for t in (self.held, new) if t is not None and len(t)]
-        table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else None)
         waiting = None if final or self.windows is None else self.windows.pending_min_frame()
         done = [f for f in self.frames if waiting is None or f < waiting]
         if not done:
-            self.held = table
             return None
         after = done[-1]
-        if table is not None:
-            ready = table["frame"].to_numpy() <= after
-            self.held = table[~ready].reset_index(drop=True) if not ready.all() else None
-            table = table[ready].sort_values(["frame", "face_id"], kind="stable").reset_index(drop=True)
-        last = empty_table() if table is None else table
-        last = last[(last["frame"] == after) & (last["success"] == 1)]
-        self.committed = Resume(
-            after=after,
-            steps=self.committed.steps + len(done),
-            next_id=self.next_id,
-            boxes=last[list(BOX_COLUMNS)].to_numpy(np.float32),
-            ids=last["face_id"].to_numpy(np.int64),
-        )
+        ready, self.held = self.held.split(after)
+        boxes, ids = ready.faces_at(after)
+        self.committed = Resume(after, self.committed.steps + len(done), self.next_id, boxes, ids)
         self.frames = self.frames[len(done) :]
-        return RowBatch(table if table is not None else empty_table(), self.committed)
+        return RowBatch(ready, self.committed)
 
 
 def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
