@@ -195,3 +195,21 @@ def test_cli_keeps_a_resumable_partial_when_interrupted(clip, tmp_path, monkeypa
     assert res.exit_code == 0, res.output
     assert read_table(out / "two.csv")["frame"].nunique() == 30 and not partial_dir(out / "two.csv").exists()
     assert os.listdir(out) == ["two.csv"]
+
+
+def test_ctrl_c_ends_a_live_stream_and_keeps_its_rows(predictor, tmp_path):
+    from mtaffect.predict.sources import StreamInput
+
+    live = StreamInput("testsrc=size=96x64:rate=25", "lavfi", "camera")  # endless, like a camera
+    seen = []
+
+    def ctrl_c(n: int) -> None:
+        seen.append(n)
+        if sum(seen) >= 12:
+            raise KeyboardInterrupt
+
+    (res,) = predict_to_file(predictor, live, tmp_path / "cam.csv", progress=ctrl_c)
+    table = read_table(tmp_path / "cam.csv")
+    assert res.ok and res.info.kind == "stream" and res.info.ended_early is None
+    assert table["frame"].tolist() == list(range(8))  # the chunks handed out before Ctrl-C
+    assert (table["ended_early"] == 0).all() and not partial_dir(tmp_path / "cam.csv").exists()
