@@ -15,6 +15,7 @@ Run: ``python benchmarks/bench_predict_job.py [--what job,resume,temporal] [--se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench_predict import long_video  # noqa: E402  (same folder)
+from bench_predict import long_video  # same folder
 
 
 def _predictor(**kw):
@@ -88,10 +89,8 @@ def bench_resume(video: Path) -> dict:
                 raise KeyboardInterrupt
 
         t0 = time.perf_counter()
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             predict_to_file(p, video, target, progress=stop_half)
-        except KeyboardInterrupt:
-            pass
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         predict_to_file(p, video, target)
@@ -127,10 +126,12 @@ def bench_temporal(video: Path, settings: dict) -> list[dict]:
         torch.manual_seed(0)
         models = {
             "emotinet (per frame)": (
-                create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits), 1
+                create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits),
+                1,
             ),
             "progressive + lstm, window 30": (
-                create_model("progressive", feature_dim=spec.feature_dim, temporal="lstm"), 30
+                create_model("progressive", feature_dim=spec.feature_dim, temporal="lstm"),
+                30,
             ),
         }
         for name, (model, window) in models.items():

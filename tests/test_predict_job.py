@@ -28,7 +28,7 @@ SETTINGS = {"detect_every": 3, "chunk_frames": 4}  # O-Net tracking between dete
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
-    return demo_media.make_demo_video(tmp_path_factory.mktemp("job") / "two.mp4", seconds=1.2, faces=2)
+    return demo_media.make_demo_video(tmp_path_factory.mktemp("job") / "two.mp4", seconds=0.8, faces=2)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_a_killed_job_resumes_after_the_last_completed_frame(clip, predictor, re
     )  # fmt: skip
     analysed, notes = [], []
     predict_to_file(predictor, clip, target, progress=analysed.append, log=notes.append)
-    assert sum(analysed) == 30 - (after + 1)  # only the frames after the last completed one
+    assert sum(analysed) == 20 - (after + 1)  # only the frames after the last completed one
     assert any("resuming" in n and "after frame 11" in n for n in notes)
     pd.testing.assert_frame_equal(read_table(target), reference, check_exact=False, atol=1e-6)
     assert not part.exists()
@@ -116,10 +116,10 @@ def test_interrupted_list_of_inputs_resumes_and_changed_settings_start_again(cli
     assert sorted(state["done"]) == ["0", "1"] and state["current"]["index"] == 2
     done, notes = [], []
     predict_to_file(predictor, inputs, target, progress=done.append, log=notes.append)
-    assert sum(done) == 30 - (state["current"]["resume"]["after"] + 1)
+    assert sum(done) == 20 - (state["current"]["resume"]["after"] + 1)
     table = read_table(target)
     assert [Path(f).name for f in table["file"].unique()] == ["s0.png", "s1.png", "two.mp4"]
-    assert table[table.file == str(clip)]["frame"].nunique() == 30
+    assert table[table.file == str(clip)]["frame"].nunique() == 20
 
     with pytest.raises(KeyboardInterrupt):  # again, then rerun with other settings: no mixing
         predict_to_file(predictor, inputs, tmp_path / "b.csv", progress=interrupt)
@@ -127,7 +127,7 @@ def test_interrupted_list_of_inputs_resumes_and_changed_settings_start_again(cli
     predict_to_file(other, inputs, tmp_path / "b.csv", log=notes.append)
     assert any("discarding" in n for n in notes)
     b = read_table(tmp_path / "b.csv")
-    assert b[b.file == str(clip)]["frame"].tolist()[::2] == list(range(0, 30, 2))
+    assert b[b.file == str(clip)]["frame"].tolist()[::2] == list(range(0, 20, 2))
 
 
 def test_a_folder_of_the_partial_name_that_is_not_ours_is_left_alone(clip, predictor, tmp_path):
@@ -193,7 +193,7 @@ def test_cli_keeps_a_resumable_partial_when_interrupted(clip, tmp_path, monkeypa
     monkeypatch.setattr(job, "_run_input", real)
     res = CliRunner().invoke(_app(), ["predict", str(clip), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert read_table(out / "two.csv")["frame"].nunique() == 30 and not partial_dir(out / "two.csv").exists()
+    assert read_table(out / "two.csv")["frame"].nunique() == 20 and not partial_dir(out / "two.csv").exists()
     assert os.listdir(out) == ["two.csv"]
 
 

@@ -137,7 +137,7 @@ class PartialTable:
     ) -> None:
         self.target, self.folder = target, partial_dir(target)
         self.thresholds = np.full(NUM_AUS, DEFAULT_AU_THRESHOLD) if thresholds is None else thresholds
-        self.signature = json.loads(json.dumps(signature))  # as it reads back from job.json
+        self.signature = json.loads(json.dumps(signature, default=str))  # as it reads back from job.json
         self.log = log or (lambda _msg: None)
         self.state = {"format": FORMAT, "format_version": FORMAT_VERSION, "signature": self.signature,
                       "done": {}, "current": None, "rows_bytes": 0}  # fmt: skip

@@ -392,7 +392,7 @@ class Predictor:
         source.after = resume.after
         state = self._new_state(info, resume)
         frames: Iterator[Frame] = iter(source)
-        if self.decode_thread and info.kind in ("video", "stream"):
+        if self.decode_thread and info.kind in ("video", "stream", "sequence"):
             frames = prefetch(frames, depth=2 * self.chunk_frames)
         try:
             for chunk in _batched(frames, self.chunk_frames):
