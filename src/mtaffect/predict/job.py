@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -447,6 +448,9 @@ class OutputFolder:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                self.log(f"cannot lock {self.path} ({e.strerror}); a second run into it would not be noticed")
+                return
             raise ValueError(
                 f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it "
                 "to finish or choose another --out"
