@@ -279,3 +279,102 @@ def test_a_list_file_names_the_inputs(predictor, media, tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(InputError, match="names no input"):
         predictor.predict(tmp_path / "empty.txt")
+
+
+# ---- inputs (issue 13 item 9, issue 12 items 6, 10, 11) ----------------------------------------------------
+
+
+def test_pil_images_and_bgr_arrays_find_the_same_faces(predictor):
+    frame = next(demo_media.frames(1, faces=2, width=320, height=240))
+    ref = predictor.predict(frame)
+    cols = ["face_id", "x1", "y1", "valence", *EXPR_P_COLUMNS]
+    from_pil = predictor.predict(Image.fromarray(frame))
+    pd.testing.assert_frame_equal(from_pil[cols], ref[cols])
+    from_bgr = predictor.predict(np.ascontiguousarray(frame[..., ::-1]), channels="bgr")
+    pd.testing.assert_frame_equal(from_bgr[cols], ref[cols])
+    assert len(ref) == 2
+
+
+def test_an_oversized_image_fails_alone(predictor, media, tmp_path, monkeypatch):
+    big = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((1000, 1000, 3), np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400_000)  # 1000x1000 is over twice that; 640x480 not
+    with pytest.warns(UserWarning, match="too large"):
+        df = predictor.predict([big, media["folder"] / "b10.png"], errors="skip")
+    assert len(df) == 1 and df["file"].iloc[0].endswith("b10.png")
+    args = ["predict", str(big), str(media["folder"] / "b10.png"), "--out", str(tmp_path / "o"), "--quiet"]
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    assert "bomb.png: image too large" in res.output and "1 of 2 input(s) failed" in res.output
+
+
+def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, media, tmp_path):
+    import av
+
+    src = media["one"]
+    fast = tmp_path / "fast.mp4"
+    with av.open(str(src)) as i, av.open(str(fast), "w", options={"movflags": "faststart"}) as o:
+        s_in = i.streams.video[0]
+        s_out = o.add_stream_from_template(s_in)
+        for pkt in i.demux(s_in):
+            if pkt.dts is not None:
+                pkt.stream = s_out
+                o.mux(pkt)
+    data = fast.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(_app(), ["predict", str(cut), "--out", str(out), "--quiet", "--report"])
+    assert res.exit_code == 0, res.output
+    assert "warning: " in res.output and "ended early: decoded" in res.output
+    assert "of the 20 frames the container declares" in res.output
+    table = read_table(out / "cut.csv")
+    assert 0 < table["frame"].nunique() < 20 and (table["ended_early"] == 1).all()
+    assert "Ended early: decoded" in (out / "report.html").read_text()
+    with pytest.warns(UserWarning, match="ended early"):
+        assert (predictor.predict(cut)["ended_early"] == 1).all()
+    assert (predictor.predict(media["one"])["ended_early"] == 0).all()  # the whole file: not flagged
+
+
+def test_stream_urls_reach_ffmpeg_unmangled(media, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(media["one"].parent))
+    )
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/one.mp4"
+    try:
+        res = CliRunner().invoke(_app(), ["predict", url, "--out", str(tmp_path / "o"), "--quiet"])
+    finally:
+        srv.shutdown()
+    assert res.exit_code == 0, res.output
+    table = read_table(tmp_path / "o" / "one.csv")
+    assert (table["file"] == url).all() and table["frame"].tolist() == list(range(20))
+    assert (table["success"] == 1).all()
+
+
+def test_device_and_out_are_checked_before_any_work(media, tmp_path, monkeypatch):
+    import torch
+
+    import mtaffect.predict.pipeline as pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded before the checks")
+
+    monkeypatch.setattr(pipeline, "load_affect_model", no_model)
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--device", "cuda", "--quiet"])
+        assert res.exit_code == 2 and "error:" in res.output and "CUDA is not available" in res.output
+    res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--device", "tpu", "--quiet"])
+    assert res.exit_code == 2 and "not a torch device" in res.output
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("mine\n")
+    res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--out", str(a_file), "--quiet"])
+    assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "mine\n"

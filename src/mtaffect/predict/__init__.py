@@ -15,6 +15,7 @@ _EXPORTS = {
     "FileResult": "mtaffect.predict.pipeline",
     "load_affect_model": "mtaffect.predict.pipeline",
     "predict": "mtaffect.predict.pipeline",
+    "predict_to_file": "mtaffect.predict.job",
     "COLUMNS": "mtaffect.predict.outputs",
     "read_table": "mtaffect.predict.outputs",
     "write_table": "mtaffect.predict.outputs",

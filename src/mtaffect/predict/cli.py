@@ -1,22 +1,29 @@
 """``mtaffect predict``: the application command (wired into the main app with :func:`register`).
 
-Each INPUT (an image, a video, a folder of them, a .txt list of paths) gives one table
-``OUT/<name>.<format>`` (a folder or list: one table for all its files), plus with ``--plot`` a
-timeline PNG per face (``OUT/<name>_face<id>.png``), with ``--video`` an annotated copy of each video
-(``OUT/<name>_annotated.mp4``), and with ``--report`` one HTML page ``OUT/report.html`` for the run.
+Each INPUT (an image, a video, a folder of them, a .txt list of paths, a stream URL, a camera number)
+gives one table ``OUT/<name>.<format>`` (a folder or list: one table for all its files), plus with
+``--plot`` a timeline PNG per face (``OUT/<name>_face<id>.png``), with ``--video`` an annotated copy of
+each video (``OUT/<name>_annotated.mp4``), and with ``--report`` one HTML page ``OUT/report.html``.
+
+Each table is a resumable job: rows are written as they are produced into a hidden partial folder, a
+killed run resumes when the same command is rerun, and the table appears only when complete.
 
 An unreadable input is reported (file and reason) and counted; the other inputs are still processed.
 Exit status: 0 when at least one input succeeded, 1 when every input failed, 2 for a usage error
-(bad option, existing output without ``--overwrite``).
+(bad option, existing output without ``--overwrite``, an unusable ``--out`` or ``--device``), 130 when
+interrupted (rerun to resume).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,12 +45,25 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:5.1f} frames/s" if speed else "  ... frames/s", style="cyan")
 
 
-def _output_names(inputs: list[Path]) -> list[str]:
-    """A distinct file stem per input (clip, clip-2, ...)."""
+def _output_names(inputs: list[str]) -> list[str]:
+    """A distinct file stem per input (clip, clip-2, ...); URLs and cameras get a name of their own."""
+    from urllib.parse import urlsplit
+
+    from mtaffect.predict.sources import StreamInput, classify
+
     names, seen = [], {}
-    for p in inputs:
-        base = p.name if p.is_dir() else p.stem
-        base = base or "input"
+    for arg in inputs:
+        try:
+            item = classify(arg)
+        except ValueError:
+            item = Path(arg)
+        if isinstance(item, StreamInput):
+            parts = urlsplit(item.url)
+            base = item.name or Path(parts.path).stem or (parts.hostname or "stream")
+        else:
+            p = Path(item)
+            base = p.name if p.is_dir() else p.stem
+        base = re.sub(r"[^\w.-]+", "_", base).strip("._") or "input"
         n = seen.get(base, 0) + 1
         seen[base] = n
         names.append(base if n == 1 else f"{base}-{n}")
@@ -51,7 +71,7 @@ def _output_names(inputs: list[Path]) -> list[str]:
 
 
 def run_predict(
-    inputs: list[Path],
+    inputs: list[str],
     out: Path,
     model: str | None = None,
     post: Path | None = None,
@@ -68,131 +88,172 @@ def run_predict(
     report: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    *,
+    recursive: bool = False,
+    aligned: bool = False,
+    sequences: bool = True,
+    fps: float | None = None,
+    temporal: str = "centred",
+    resume: bool = True,
     trust_remote_code: bool = False,
 ) -> tuple[int, int]:
-    """The command's work; returns (succeeded, failed) input counts."""
+    """The command's work; returns (succeeded, failed) input counts.
+
+    Everything that can be checked is checked before the model loads: the output folder (not a file,
+    creatable, not in use by another run), existing outputs, the device. Each INPUT's table is a
+    resumable job (:func:`mtaffect.predict.job.predict_to_file`).
+    """
     from mtaffect.io import check_writable
-    from mtaffect.predict.outputs import check_format, write_table
-    from mtaffect.predict.pipeline import Predictor, streaming_threads
+    from mtaffect.predict.job import OutputFolder
+    from mtaffect.predict.outputs import check_format
+    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads, torch_device
     from mtaffect.predict.report import ReportInput, write_report
 
     fmt = check_format(fmt)
-    mfs: float | str = "auto" if min_face_size == "auto" else float(min_face_size)
+    torch_device(device)
+    if fps is not None and not fps > 0:
+        raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
     names = _output_names(inputs)
     tables = [out / f"{n}.{fmt}" for n in names]
     report_path = out / "report.html"
-    for p in [*tables, *([report_path] if report else [])]:
-        check_writable(p, overwrite)  # fail before any work, not after an hour of video
-    if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
-        if model in (None, "default"):
-            raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
-        from mtaffect.models.checkpoint import load_model
+    with OutputFolder(out, log=_note):
+        for p in [*tables, *([report_path] if report else [])]:
+            check_writable(p, overwrite)  # fail before any work, not after an hour of video
+        if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
+            if model in (None, "default"):
+                raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
+            from mtaffect.models.checkpoint import load_model
 
-        model = load_model(model, device=device, trust_remote_code=True)
-    predictor = Predictor(
-        model=model,
-        device=device,
-        batch_size=batch_size,
-        detect_every=detect_every,
-        max_faces=max_faces,
-        min_face_size=mfs,
-        every=every,
-        post=post,
-        smoothing=smoothing,
-        num_threads=streaming_threads(),
-    )
-    card = _model_card(predictor)
-    report_inputs: list[ReportInput] = []
-    ok_count = fail_count = 0
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=err_console, disable=not progress, transient=False) as bar:
-        for arg, name, table_path in zip(inputs, names, tables, strict=True):
-            task = bar.add_task(name, total=None)
-
-            def started(info, task=task, is_dir=arg.is_dir()):
-                if not is_dir:  # a folder keeps its name and counts frames without a total
-                    bar.update(task, description=Path(info.file).name, total=info.expected_analysed)
-
-            results, frames = [], []
-            try:
-                for res in predictor.iter_predict(
-                    arg, progress=lambda n, t=task: bar.advance(t, n), on_start=started
-                ):
-                    results.append(res)
-            except ValueError as e:  # e.g. an empty folder
-                from mtaffect.predict.outputs import empty_table
-                from mtaffect.predict.pipeline import FileResult
-                from mtaffect.predict.sources import SourceInfo
-
-                results.append(FileResult(SourceInfo(str(arg), "unknown"), empty_table(), error=str(e)))
-            bar.update(task, completed=bar.tasks[task].completed, total=bar.tasks[task].completed or 1)
-            good = [r for r in results if r.ok]
-            for r in results:
-                if not r.ok:
-                    fail_count += 1
-                    err_console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
-                    report_inputs.append(ReportInput(r.info, r.table, error=r.error))
-            if not good:
-                continue
-            ok_count += len(good)
-            import pandas as pd
-
-            frames = [r.table for r in good if len(r.table)]
-            table = pd.concat(frames, ignore_index=True) if frames else good[0].table
-            write_table(table, table_path, fmt, overwrite=overwrite)
-            written = [str(table_path)]
-            for r in good:
-                outputs = [str(table_path)]
-                pngs = {}
-                if plot or report:
-                    from mtaffect.predict.plots import timeline_pngs, write_png
-
-                    pngs = timeline_pngs(r.table, r.info.file)
-                    if plot:
-                        stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
-                        for fid, data in pngs.items():
-                            p = write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)
-                            outputs.append(str(p))
-                            written.append(str(p))
-                if video and r.info.kind == "video":
-                    from mtaffect.predict.annotate import annotate_video
-
-                    stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
-                    p = annotate_video(
-                        r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite
-                    )
-                    outputs.append(str(p))
-                    written.append(str(p))
-                report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
-            n_frames = sum(r.analysed for r in good)
-            secs = sum(r.seconds for r in good)
-            n_faces = int(table.loc[table["success"] == 1].groupby(["file", "face_id"]).ngroups)
-            rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
-            console.print(
-                f"{arg}: {n_frames} frames, {n_faces} face track(s){rate} -> {', '.join(written)}",
-                highlight=False,
-                soft_wrap=True,
-            )
-    if report:
-        settings = {
-            "every": every,
-            "detect_every": detect_every,
-            "min_face_size": min_face_size,
-            "max_faces": max_faces,
-            "smoothing": smoothing,
-            "post": post or "none",
-        }
-        write_report(report_path, report_inputs, card, settings, overwrite=overwrite)
-        console.print(f"wrote {report_path}")
+            model = load_model(model, device=device, trust_remote_code=True)
+        predictor = Predictor(
+            model=model, device=device, batch_size=batch_size, detect_every=detect_every,
+            max_faces=max_faces, min_face_size="auto" if min_face_size == "auto" else float(min_face_size),
+            every=every, post=post, smoothing=smoothing, num_threads=streaming_threads(), aligned=aligned,
+            temporal=temporal,
+        )  # fmt: skip
+        job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
+               "sequences": sequences}  # fmt: skip
+        extras = {"plot": plot, "video": video and not aligned, "report": report, "overwrite": overwrite}
+        report_inputs: list[ReportInput] = []
+        ok_count = fail_count = 0
+        with _progress_bar(progress) as bar:
+            for arg, name, table_path in zip(inputs, names, tables, strict=True):
+                results = _run_job(predictor, arg, name, table_path, fmt, bar, job)
+                for r in results:
+                    if not r.ok:
+                        err_console.print(
+                            f"[bold red]error:[/] {escape(r.error)}", highlight=False, soft_wrap=True
+                        )
+                        report_inputs.append(ReportInput(r.info, r.table, error=r.error))
+                    for msg in source_warnings(r.info):
+                        _warn(msg)
+                good = [r for r in results if r.ok]
+                ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
+                if good:
+                    report_inputs += _write_extras(arg, good, name, table_path, **extras)
+        if report:
+            settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
+                        "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
+                        "aligned": aligned}  # fmt: skip
+            if predictor.window > 1:
+                settings["temporal"] = f"{temporal} (window {predictor.window})"
+            write_report(report_path, report_inputs, _model_card(predictor), settings, overwrite=overwrite)
+            console.print(f"wrote {report_path}")
     if fail_count:
         err_console.print(f"{fail_count} of {ok_count + fail_count} input(s) failed", highlight=False)
     return ok_count, fail_count
+
+
+def _note(msg: str) -> None:
+    err_console.print(f"note: {escape(msg)}", highlight=False, soft_wrap=True)
+
+
+def _warn(msg: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    return Progress(*columns, console=err_console, disable=not enabled, transient=False)
+
+
+def _run_job(predictor, arg: str, name: str, table_path: Path, fmt: str, bar: Progress, job: dict) -> list:
+    """One INPUT's table as a resumable job; its warnings printed; Ctrl-C keeps the partial rows."""
+    from mtaffect.predict.job import partial_dir, predict_to_file
+    from mtaffect.predict.outputs import empty_table
+    from mtaffect.predict.pipeline import FileResult
+    from mtaffect.predict.sources import SourceInfo
+
+    task = bar.add_task(name, total=None)
+
+    def started(info, is_dir=Path(arg).is_dir()):
+        if not is_dir:  # a folder keeps its name and counts frames without a total
+            bar.update(task, description=Path(info.file).name, total=info.expected_analysed)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = predict_to_file(
+                predictor, arg, table_path, fmt, **job, log=_note, on_start=started,
+                progress=lambda n: bar.advance(task, n),
+            )  # fmt: skip
+    except ValueError as e:  # e.g. an empty folder: this input fails, the others go on
+        results = [FileResult(SourceInfo(str(arg), "unknown"), empty_table(), error=str(e))]
+    except KeyboardInterrupt:
+        bar.stop()
+        err_console.print(
+            f"interrupted: the rows so far are kept in {partial_dir(table_path)}; rerun the same command "
+            "to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
+    for w in caught:
+        _warn(str(w.message))
+    bar.update(task, completed=bar.tasks[task].completed, total=bar.tasks[task].completed or 1)
+    return results
+
+
+def _write_extras(
+    arg: str, good: list, name: str, table_path: Path, plot: bool, video: bool, report: bool, overwrite: bool
+) -> list:
+    """Timelines, annotated videos and report entries of an INPUT's successful results; one summary line."""
+    from mtaffect.predict.report import ReportInput
+
+    out = table_path.parent
+    written = [str(table_path)]
+    report_inputs = []
+    for r in good:
+        outputs = [str(table_path)]
+        stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
+        pngs = {}
+        if plot or report:
+            from mtaffect.predict.plots import timeline_pngs, write_png
+
+            pngs = timeline_pngs(r.table, r.info.file)
+            if plot:
+                for fid, data in pngs.items():
+                    outputs.append(str(write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)))
+        if video and r.info.kind == "video":
+            from mtaffect.predict.annotate import annotate_video
+
+            p = annotate_video(r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite)
+            outputs.append(str(p))
+        written += outputs[1:]
+        report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
+    n_frames = sum(r.analysed for r in good)
+    secs = sum(r.seconds for r in good)
+    n_faces = sum(
+        int(r.table.loc[r.table["success"] == 1].groupby(["file", "face_id"]).ngroups) for r in good
+    )
+    rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
+    console.print(
+        f"{arg}: {n_frames} frames, {n_faces} face track(s){rate} -> {', '.join(written)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return report_inputs
 
 
 def _model_card(predictor) -> dict:
@@ -213,7 +274,11 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def predict(
         inputs: Annotated[
-            list[Path], typer.Argument(help="Images, videos, folders of them, or .txt lists of paths.")
+            list[str],
+            typer.Argument(
+                help="Images, videos, folders of them, .txt lists of paths, stream URLs (rtsp://, "
+                "http(s)://...) or a camera number (0 = the first camera)."
+            ),
         ],
         out: Annotated[Path, typer.Option(help="Output folder (created).")] = Path("mtaffect_out"),
         model: Annotated[
@@ -228,7 +293,7 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Full face detection every K analysed frames; tracking in between.")
         ] = 1,
         batch_size: Annotated[int, typer.Option(help="Faces per backbone batch.")] = 64,
-        device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+        device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:N or mps.")] = "cpu",
         max_faces: Annotated[int | None, typer.Option(help="Keep the K largest faces per frame.")] = None,
         min_face_size: Annotated[
             str,
@@ -244,6 +309,40 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[bool, typer.Option("--plot", help="Timeline PNG per face.")] = False,
         video: Annotated[bool, typer.Option("--video", help="Annotated MP4 per video input.")] = False,
         report: Annotated[bool, typer.Option("--report", help="One self-contained HTML report.")] = False,
+        recursive: Annotated[
+            bool, typer.Option("--recursive", "-r", help="Search folders' subfolders too.")
+        ] = False,
+        aligned: Annotated[
+            bool,
+            typer.Option(
+                "--aligned",
+                help="Inputs are already cropped, aligned faces (s-Aff-Wild2 cropped_aligned): no "
+                "detection, one face per image, decoded as `extract` decodes them.",
+            ),
+        ] = False,
+        stills: Annotated[
+            bool,
+            typer.Option(
+                "--stills", help="Folders of numbered images are separate stills, not frame sequences."
+            ),
+        ] = False,
+        fps: Annotated[
+            float | None,
+            typer.Option(help="Frame rate of frame sequences (folders of numbered images): gives times."),
+        ] = None,
+        temporal: Annotated[
+            str,
+            typer.Option(
+                help="Temporal checkpoints: centred (their training windows over each face track) or "
+                "causal (a window ending at each frame, for live use)."
+            ),
+        ] = "centred",
+        no_resume: Annotated[
+            bool,
+            typer.Option(
+                "--no-resume", help="Start again instead of resuming the unfinished rows of a killed run."
+            ),
+        ] = False,
         overwrite: Overwrite = False,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
@@ -260,7 +359,8 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"--min-face-size must be 'auto' or a number, got {min_face_size!r}") from e
         good, _ = run_predict(
             inputs, out, model, post, every, detect_every, batch_size, device, max_faces, min_face_size,
-            smoothing, fmt, plot, video, report, overwrite, progress=not quiet,
+            smoothing, fmt, plot, video, report, overwrite, progress=not quiet, recursive=recursive,
+            aligned=aligned, sequences=not stills, fps=fps, temporal=temporal, resume=not no_resume,
             trust_remote_code=trust_remote_code,
         )  # fmt: skip
         if good == 0:

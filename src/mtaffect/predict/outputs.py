@@ -14,7 +14,9 @@ Columns, in order (names from :mod:`mtaffect.schema`; documented in docs/formats
   decisions at the model's (or the post-processing config's) per-AU thresholds;
 - ``Neutral_p`` .. ``Other_p``: the 8 expression probabilities (sum to 1) and ``expression``: the most
   probable class name;
-- ``valence``, ``arousal`` in [-1, 1].
+- ``valence``, ``arousal`` in [-1, 1];
+- ``ended_early``: 1 on every row of an input that stopped before the length its container declares
+  (a cut file, a dropped stream) or whose decoder failed part-way; its rows are what was decoded.
 
 Rows without a face carry NaN in every measured column (and ``expression`` is empty).
 """
@@ -49,6 +51,7 @@ COLUMNS: Final[tuple[str, ...]] = (
     *EXPR_P_COLUMNS,
     "expression",
     *VA_COLUMNS,
+    "ended_early",
 )
 FORMATS: Final[tuple[str, ...]] = ("csv", "parquet")
 
@@ -118,6 +121,35 @@ class TableBuilder:
     def __len__(self) -> int:
         return sum(n for _, n in self._files)
 
+    def extend(self, other: TableBuilder) -> TableBuilder:
+        """Append ``other``'s rows (no copy); returns self."""
+        self._blocks.extend(other._blocks)
+        self._files.extend(other._files)
+        return self
+
+    def split(self, last_frame: int) -> tuple[TableBuilder, TableBuilder]:
+        """(rows of frames up to ``last_frame``, the later rows), as two builders: streaming hands out
+        rows in frame order while later ones wait (building a DataFrame per chunk would cost more than
+        the chunk's model)."""
+        early, late = TableBuilder(), TableBuilder()
+        for block, (file, _) in zip(self._blocks, self._files, strict=True):
+            keep = block["frame"] <= last_frame
+            for dst, mask in ((early, keep), (late, ~keep)):
+                n = int(mask.sum())
+                if n:
+                    dst._blocks.append({k: v[mask] for k, v in block.items()})
+                    dst._files.append((file, n))
+        return early, late
+
+    def faces_at(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (k, 4) and face ids (k,) of the face rows of ``frame``."""
+        boxes, ids = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.int64)]
+        for b in self._blocks:
+            sel = (b["frame"] == frame) & (b["success"] == 1)
+            boxes.append(b["boxes"][sel])
+            ids.append(b["face_id"][sel])
+        return np.concatenate(boxes), np.concatenate(ids)
+
     def build(self, au_thresholds: Sequence[float]) -> pd.DataFrame:
         """The table, sorted by file order, frame and face id."""
         if not self._blocks:
@@ -133,6 +165,7 @@ class TableBuilder:
         data.update(zip(AU_P_COLUMNS, cat["au"].T, strict=True))
         data.update(zip(EXPR_P_COLUMNS, cat["expr"].T, strict=True))
         data.update(zip(VA_COLUMNS, cat["va"].T, strict=True))
+        data["ended_early"] = np.zeros(len(data["frame"]), np.int8)
         df = pd.DataFrame(data)
         # Stable order: files as added (first appearance), then frame, then face id.
         first = {f: i for i, f in reversed(list(enumerate(names)))}
@@ -145,7 +178,14 @@ def empty_table() -> pd.DataFrame:
     """A table with every column and no row."""
     df = pd.DataFrame({c: pd.Series(dtype="float32") for c in COLUMNS})
     df = df.astype(
-        {"file": object, "frame": "int64", "face_id": "int64", "success": "int8", "expression": object}
+        {
+            "file": object,
+            "frame": "int64",
+            "face_id": "int64",
+            "success": "int8",
+            "expression": object,
+            "ended_early": "int8",
+        }
     )
     return df
 
@@ -167,6 +207,8 @@ def finalize(df: pd.DataFrame, au_thresholds: Sequence[float]) -> pd.DataFrame:
     e = df[list(EXPR_P_COLUMNS)].to_numpy(np.float64)
     label = np.array(EXPR_NAMES, dtype=object)[np.nan_to_num(e, nan=-1).argmax(1)] if len(e) else []
     df["expression"] = np.where(ok, label, "") if len(e) else pd.Series(dtype=object)
+    if "ended_early" not in df.columns:
+        df["ended_early"] = np.int8(0)
     return df[list(COLUMNS)]
 
 
@@ -201,6 +243,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         df["expression"] = df["expression"].fillna("")
         for c in AU_C_COLUMNS:
             df[c] = df[c].astype("Int8")
+    if "ended_early" not in df.columns:  # tables written before the column existed
+        df["ended_early"] = np.int8(0)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not an mtaffect prediction table (missing {missing[:4]})")

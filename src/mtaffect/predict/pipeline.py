@@ -11,6 +11,13 @@ detection at once. Faces entering in between are picked up at the next full dete
 Faces are aligned to the 112x112 five-point template (as the s-Aff-Wild2 ``cropped_aligned`` images the
 models are trained on) and then resized exactly as feature extraction does
 (:func:`mtaffect.features.decode.resize_array`), so a trained checkpoint sees the pixels it was trained on.
+With ``aligned=True`` the inputs already are such crops (s-Aff-Wild2's ``cropped_aligned`` frames): no
+detection, one face per image, decoded exactly as extraction decodes them, so a checkpoint run on its
+own validation frames gives the numbers of ``mtaffect infer`` on a store of those frames.
+
+Temporal checkpoints (a recipe with an LSTM/Transformer/TCN over windows) run over each face track with
+their training windows (:mod:`mtaffect.predict.temporal`). :meth:`Predictor.stream_source` gives the
+rows as they become final, with the point to resume from (what :mod:`mtaffect.predict.job` writes).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Final
@@ -34,7 +42,7 @@ from mtaffect.faces.align import alignment_matrices, invert_affine
 from mtaffect.faces.mtcnn import MTCNN, FaceDetections
 from mtaffect.features.decode import resize_array
 from mtaffect.features.registry import create_backbone
-from mtaffect.models.base import FaceAffectModel
+from mtaffect.models.base import AffectOutputs, FaceAffectModel
 from mtaffect.predict.outputs import (
     AU_P_COLUMNS,
     EXPR_P_COLUMNS,
@@ -44,7 +52,19 @@ from mtaffect.predict.outputs import (
     finalize,
     to_prediction_table,
 )
-from mtaffect.predict.sources import InputError, MediaSource, SourceInfo, expand_inputs, open_source, prefetch
+from mtaffect.predict.sources import (
+    CHANNELS,
+    Frame,
+    InputError,
+    MediaSource,
+    SourceInfo,
+    expand_inputs,
+    input_name,
+    open_source,
+    prefetch,
+    read_face_crop,
+)
+from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows, window_of
 from mtaffect.predict.tracking import FaceTracker
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
@@ -54,6 +74,8 @@ ALIGN_SIZE: Final[int] = 112
 TRACK_MEMORY_S: Final[float] = 1.0
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
+#: Frame rate assumed for smoothing when an input has none (frame sequences without ``fps``).
+DEFAULT_RATE: Final[float] = 25.0
 
 
 @dataclass
@@ -73,6 +95,30 @@ class FileResult:
     @property
     def fps(self) -> float:
         return self.analysed / self.seconds if self.seconds > 0 else math.nan
+
+
+@dataclass
+class Resume:
+    """Where a stream of rows stands: every row of frames up to ``after`` is final.
+
+    ``steps`` analysed frames lie up to ``after``; ``boxes``/``ids`` are the faces of the last of them
+    (they seed the tracker and O-Net tracking), ``next_id`` the next face id to give.
+    """
+
+    after: int = -1
+    steps: int = 0
+    next_id: int = 0
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass
+class RowBatch:
+    """Rows that are final (raw model outputs, before smoothing/post-processing), not yet a DataFrame
+    (``rows.build(thresholds)`` makes one), and where they leave the stream."""
+
+    rows: TableBuilder
+    resume: Resume
 
 
 def load_affect_model(
@@ -113,6 +159,28 @@ def load_post(post):
     return post
 
 
+def torch_device(name: str | torch.device) -> torch.device:
+    """``name`` as a torch device that exists here; a clear ValueError (not a traceback later) when
+    it does not parse, or names CUDA/MPS on a machine without them."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
+    return dev
+
+
 def _batched(it: Iterator, n: int) -> Iterator[list]:
     while chunk := list(islice(it, n)):
         yield chunk
@@ -128,8 +196,20 @@ def streaming_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def source_warnings(info: SourceInfo) -> list[str]:
+    """What the user must hear about an input that was read only in part (ended early, bad frames)."""
+    out = []
+    if info.ended_early:
+        out.append(f"{info.file}: ended early: {info.ended_early}")
+    if info.unreadable:
+        first = info.unreadable[0][1]
+        more = f" (and {len(info.unreadable) - 1} more)" if len(info.unreadable) > 1 else ""
+        out.append(f"{info.file}: {len(info.unreadable)} unreadable frame(s) skipped: {first}{more}")
+    return out
+
+
 class Predictor:
-    """Run a face-affect model on images, folders, videos or arrays; ``predict`` returns the table.
+    """Run a face-affect model on images, folders, videos, streams or arrays; ``predict`` returns the table.
 
     ``model``: None (the embedded default model), a checkpoint path, or any ``FaceAffectModel``.
     ``every``: analyse every N-th frame of videos. ``detect_every``: full detection every k analysed
@@ -138,6 +218,9 @@ class Predictor:
     ``post``: a post-processing config (path or ``PostConfig``): its smoothing kernels and AU thresholds
     replace ``smoothing`` and the model's thresholds. ``smoothing``: per face track, "causal" (past
     frames only, for live use) or "centred", a Gaussian with sigma ``smoothing_seconds``.
+    ``aligned``: inputs are already cropped and aligned faces (no detection; one face per image).
+    ``temporal``: how a temporal checkpoint sees each track, "centred" (its training windows) or
+    "causal" (a window ending at each frame: live use); see :mod:`mtaffect.predict.temporal`.
     """
 
     def __init__(
@@ -156,6 +239,8 @@ class Predictor:
         num_threads: int | None = None,
         decode_thread: bool = True,
         tracker: dict | None = None,
+        aligned: bool = False,
+        temporal: str = "centred",
     ) -> None:
         for name, v in (
             ("batch_size", batch_size),
@@ -169,13 +254,15 @@ class Predictor:
             raise ValueError(f"max_faces must be >= 1 or None, got {max_faces}")
         if smoothing not in SMOOTHING:
             raise ValueError(f"smoothing must be one of {', '.join(SMOOTHING)}, got {smoothing!r}")
+        if temporal not in TEMPORAL_MODES:
+            raise ValueError(f"temporal must be one of {', '.join(TEMPORAL_MODES)}, got {temporal!r}")
         if not (min_face_size == "auto" or (isinstance(min_face_size, int | float) and min_face_size >= 12)):
             raise ValueError(
                 f"min_face_size must be 'auto' or a number of pixels >= 12, got {min_face_size!r}"
             )
+        self.device = torch_device(device)
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.device = torch.device(device)
         self.model = load_affect_model(model, self.device)
         self.backbone = create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
         self.backbone.to(self.device).eval()
@@ -188,6 +275,8 @@ class Predictor:
         self.smoothing, self.smoothing_seconds = smoothing, float(smoothing_seconds)
         self.chunk_frames, self.decode_thread = int(chunk_frames), decode_thread
         self.tracker_kwargs = dict(tracker or {})
+        self.aligned, self.temporal = bool(aligned), temporal
+        self.window = window_of(self.model)
         self._detectors: dict[float, MTCNN] = {}
         self.failures: list[tuple[str, str]] = []
 
@@ -198,21 +287,38 @@ class Predictor:
         post_th = getattr(self.post, "au_thresholds", None) if self.post is not None else None
         return np.asarray(post_th if post_th is not None else self.model.au_thresholds, np.float64)
 
-    def predict(self, inputs, errors: str = "raise", fps: float | None = None) -> pd.DataFrame:
-        """Table for one input (image/video path, folder, (H, W, 3) or (N, H, W, 3) array) or a list.
+    def predict(
+        self,
+        inputs,
+        errors: str = "raise",
+        fps: float | None = None,
+        *,
+        recursive: bool = False,
+        sequences: bool = True,
+        channels: str = "rgb",
+    ) -> pd.DataFrame:
+        """Table for one input or a list: an image/video path, a folder, a stream URL, a camera number,
+        a uint8 array ((H, W, 3) image or (N, H, W, 3) clip; RGB unless ``channels="bgr"``) or a PIL image.
 
         ``errors="raise"`` stops at the first unreadable input; ``"skip"`` warns, records it in
-        ``self.failures`` and goes on. ``fps`` gives times to an in-memory clip.
+        ``self.failures`` and goes on. ``fps`` gives times to in-memory clips and frame sequences.
+        ``recursive`` searches subfolders; ``sequences`` treats a folder of numbered images as one clip.
+        An input that ended early (or had unreadable frames) warns, and its rows have ``ended_early=1``.
         """
         if errors not in ("raise", "skip"):
             raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
         tables = []
-        for res in self.iter_predict(inputs, fps=fps):
+        for res in self.iter_predict(
+            inputs, fps=fps, recursive=recursive, sequences=sequences, channels=channels
+        ):
             if res.error is not None:
                 if errors == "raise":
                     raise InputError(res.error)
                 warnings.warn(res.error, stacklevel=2)
-            elif len(res.table):
+                continue
+            for msg in source_warnings(res.info):
+                warnings.warn(msg, stacklevel=2)
+            if len(res.table):
                 tables.append(res.table)
         return pd.concat(tables, ignore_index=True) if tables else empty_table()
 
@@ -222,52 +328,133 @@ class Predictor:
         progress: Callable[[int], None] | None = None,
         fps: float | None = None,
         on_start: Callable[[SourceInfo], None] | None = None,
+        *,
+        recursive: bool = False,
+        sequences: bool = True,
+        channels: str = "rgb",
     ) -> Iterator[FileResult]:
         """One :class:`FileResult` per input, in order; an unreadable input yields a result with ``error``
         (and is added to ``self.failures``) instead of stopping the others."""
         self.failures = []
-        for item in expand_inputs(inputs):
-            name = "<array>" if isinstance(item, np.ndarray) else str(item)
+        for item in expand_inputs(inputs, recursive=recursive, sequences=sequences):
             t0 = time.perf_counter()
             try:
-                source = open_source(item, every=self.every, fps=fps)
+                source = self.open(item, fps=fps, channels=channels)
                 if on_start is not None:
                     on_start(source.info)
                 yield self.predict_source(source, progress)
             except InputError as e:
-                self.failures.append((name, str(e)))
-                yield FileResult(
-                    SourceInfo(name, "unknown"), empty_table(), time.perf_counter() - t0, 0, str(e)
-                )
+                yield self.failed(item, str(e), time.perf_counter() - t0)
+
+    def failed(self, item, error: str, seconds: float = 0.0) -> FileResult:
+        """The result of an input that could not be read (recorded in ``self.failures``)."""
+        name = input_name(item)
+        self.failures.append((name, error))
+        return FileResult(SourceInfo(name, "unknown"), empty_table(), seconds, 0, error)
+
+    def open(self, item, fps: float | None = None, channels: str = "rgb") -> MediaSource:
+        """A source for one expanded input; with ``aligned`` its frames are backbone-ready crops."""
+        if channels not in CHANNELS:
+            raise ValueError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
+        if not self.aligned:
+            return open_source(item, every=self.every, fps=fps, channels=channels)
+        reader = partial(read_face_crop, size=self._size, colour=self._colour)
+        prepare = partial(resize_array, size=self._size, colour=self._colour)
+        return open_source(item, every=self.every, fps=fps, channels=channels, reader=reader, prepare=prepare)
 
     def predict_source(
         self, source: MediaSource, progress: Callable[[int], None] | None = None
     ) -> FileResult:
-        """Run the pipeline over one opened source."""
-        info = source.info
+        """Run the pipeline over one opened source: its whole, final table."""
         t0 = time.perf_counter()
-        tracker = dict(self.tracker_kwargs)
-        if "max_age" not in tracker and info.fps == info.fps and info.fps > 0:
-            # Forget a face after TRACK_MEMORY_S seconds out of view, whatever ``every`` is.
-            tracker["max_age"] = max(2, round(TRACK_MEMORY_S * info.fps / info.every))
-        state = _State(FaceTracker(**tracker), TableBuilder())
-        frames = iter(source)
-        if self.decode_thread and info.kind == "video":
+        rows, analysed = TableBuilder(), 0
+        for batch in self.stream_source(source, progress):
+            rows.extend(batch.rows)
+            analysed = batch.resume.steps
+        table = self.finish_table(rows.build(self.au_thresholds), source.info)
+        return FileResult(source.info, table, time.perf_counter() - t0, analysed)
+
+    def stream_source(
+        self,
+        source: MediaSource,
+        progress: Callable[[int], None] | None = None,
+        resume: Resume | None = None,
+    ) -> Iterator[RowBatch]:
+        """Rows of one source as they become final, in frame order, a batch per chunk of frames.
+
+        Rows carry the model's raw outputs (no smoothing, no post-processing: :meth:`finish_table`
+        applies them to the whole table). ``resume`` (from a previous batch) continues an interrupted
+        run after its frame ``after``: frames up to it are skipped and the tracker carries on with the
+        faces and ids of that frame.
+        """
+        info = source.info
+        resume = resume or Resume()
+        source.after = resume.after
+        state = self._new_state(info, resume)
+        frames: Iterator[Frame] = iter(source)
+        if self.decode_thread and info.kind in ("video", "stream", "sequence"):
             frames = prefetch(frames, depth=2 * self.chunk_frames)
         try:
             for chunk in _batched(frames, self.chunk_frames):
                 self._process_chunk(info, chunk, state)
                 if progress is not None:
                     progress(len(chunk))
+                if (batch := state.release(final=False)) is not None:
+                    yield batch
+            if state.windows is not None:
+                self._add_emitted(info, state.windows.flush(), state)
         finally:
             close = getattr(frames, "close", None)
             if close is not None:
                 close()
-        table = state.builder.build(self.au_thresholds)
+        batch = state.release(final=True)
+        if batch is not None:
+            yield batch
+
+    def finish_table(self, table: pd.DataFrame, info: SourceInfo) -> pd.DataFrame:
+        """An input's raw rows -> its final table: smoothing or the post-processing config, the AU
+        decisions and labels recomputed, and ``ended_early`` set when the input stopped early."""
         table = self._postprocess(table, info)
-        return FileResult(info, table, time.perf_counter() - t0, state.step)
+        table["ended_early"] = np.int8(1 if info.ended_early else 0)
+        return table
+
+    def settings(self) -> dict:
+        """What determines the raw rows (a resumed job must use the same)."""
+        m = self.model
+        cfg = getattr(m, "config", None)
+        return {
+            "model": type(m).__name__,
+            "model_config": cfg if isinstance(cfg, dict) else None,
+            "backbone": m.backbone,
+            "backbone_kwargs": dict(m.backbone_kwargs),
+            "every": self.every,
+            "detect_every": self.detect_every,
+            "max_faces": self.max_faces,
+            "min_face_size": self.min_face_size,
+            "aligned": self.aligned,
+            "temporal": self.temporal if self.window > 1 else None,
+            "tracker": self.tracker_kwargs,
+            "chunk_frames": self.chunk_frames,
+        }
 
     # ---- internals -------------------------------------------------------------------------------------
+
+    def _new_state(self, info: SourceInfo, resume: Resume) -> _State:
+        tracker = dict(self.tracker_kwargs)
+        if "max_age" not in tracker and info.fps == info.fps and info.fps > 0:
+            # Forget a face after TRACK_MEMORY_S seconds out of view, whatever ``every`` is.
+            tracker["max_age"] = max(2, round(TRACK_MEMORY_S * info.fps / info.every))
+        tr = FaceTracker(**tracker)
+        if len(resume.ids) or resume.next_id:
+            tr.restore(resume.boxes, resume.ids, resume.next_id)
+        windows = None
+        if self.window > 1:
+            windows = TrackWindows(self.model, self.temporal, max_age=tr.max_age)
+        state = _State(tr, TableBuilder(), windows=windows)
+        state.step, state.committed = resume.steps, resume
+        state.last_boxes = np.asarray(resume.boxes, np.float32).reshape(-1, 4)
+        state.next_id = resume.next_id
+        return state
 
     def _detector(self, height: int, width: int, still: bool) -> MTCNN:
         if self.min_face_size == "auto":
@@ -311,66 +498,122 @@ class Predictor:
         return out
 
     @torch.inference_mode()
-    def _heads(self, faces: np.ndarray):
-        """Aligned faces (n, S, S[, 3]) -> (features (n, D) numpy, AffectOutputs), in batches."""
-        feats, va, expr, au = [], [], [], []
+    def _backbone_batches(self, faces: np.ndarray) -> Iterator:
+        """Backbone outputs for aligned faces (n, S, S[, 3]), ``batch_size`` at a time."""
         for s in range(0, len(faces), self.batch_size):
             x = self.backbone.preprocess(faces[s : s + self.batch_size]).to(self.device)
-            out = self.backbone(x, tokens=self._tokens)
+            yield self.backbone(x, tokens=self._tokens)
+
+    @torch.inference_mode()
+    def _heads(self, faces: np.ndarray) -> tuple[np.ndarray, AffectOutputs]:
+        """Per-frame models: aligned faces -> (features (n, D) numpy, their outputs), in batches."""
+        feats, va, expr, au = [], [], [], []
+        for out in self._backbone_batches(faces):
             res = self.model.predict(out.features, out.logits, out.tokens)
             feats.append(out.features.float().cpu().numpy())
             va.append(np.asarray(res.va))
             expr.append(np.asarray(res.expr_probs))
             au.append(np.asarray(res.au_probs))
-        return np.concatenate(feats), np.concatenate(va), np.concatenate(expr), np.concatenate(au)
+        cat = np.concatenate
+        return cat(feats), AffectOutputs(cat(va), cat(expr), cat(au))
 
-    def _process_chunk(self, info: SourceInfo, chunk: list, state: _State) -> None:
-        dets = self._locate(info, chunk, state)
-        counts = np.array([len(d) for d in dets])
+    def _embed(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        """Temporal models: the backbone arrays they read, per face (their heads run per window)."""
+        parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "tokens": []}
+        for out in self._backbone_batches(faces):
+            for name in parts:
+                a = getattr(out, name, None)
+                if a is not None:
+                    parts[name].append(a.float().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+    def _faces(
+        self, info: SourceInfo, chunk: list[Frame], state: _State
+    ) -> tuple[np.ndarray, FaceRows, np.ndarray]:
+        """(faces per frame, their rows without ids, their backbone-ready crops)."""
         frame_no = np.array([f.index for f in chunk], np.int64)
         times = np.array([f.time for f in chunk], np.float64)
-        empty = counts == 0
-        state.builder.add_empty(info.file, frame_no[empty], times[empty])
-        if info.kind == "image":
-            state.tracker.reset()  # each still is its own scene
-        if counts.sum() == 0:
-            for _ in chunk:
-                state.tracker.update(np.zeros((0, 4)))
-            state.step += len(chunk)
-            return
-        crops = []
-        for fr, d in zip(chunk, dets, strict=True):
-            if len(d):
-                for face in align_faces_fast(fr.image, d.landmarks, ALIGN_SIZE):
-                    crops.append(resize_array(face, self._size, self._colour))
-        feats, va, expr, au = self._heads(np.stack(crops))
-        ids = np.empty(counts.sum(), np.int64)
-        start = 0
-        for d, n in zip(dets, counts, strict=True):
-            ids[start : start + n] = state.tracker.update(d.boxes, feats[start : start + n])
-            start += n
+        if self.aligned:  # the whole image is the face: no box, no landmarks, no detector confidence
+            n = len(chunk)
+            rows = FaceRows(
+                frame_no, times, np.zeros(n, np.int64), np.full(n, np.nan, np.float32),
+                np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32),
+            )  # fmt: skip
+            return np.ones(n, np.int64), rows, np.stack([f.image for f in chunk])
+        dets = self._locate(info, chunk, state)
+        counts = np.array([len(d) for d in dets], np.int64)
         rep = np.repeat(np.arange(len(chunk)), counts)
-        state.builder.add(
+        crops = [
+            resize_array(face, self._size, self._colour)
+            for fr, d in zip(chunk, dets, strict=True)
+            if len(d)
+            for face in align_faces_fast(fr.image, d.landmarks, ALIGN_SIZE)
+        ]
+        rows = FaceRows(
+            frame_no[rep], times[rep], np.full(len(rep), -1, np.int64),
+            np.concatenate([d.scores for d in dets]).astype(np.float32),
+            np.concatenate([d.boxes for d in dets]).reshape(-1, 4),
+            np.concatenate([d.landmarks for d in dets]).reshape(-1, 5, 2),
+        )  # fmt: skip
+        return counts, rows, (np.stack(crops) if crops else np.zeros((0,)))
+
+    def _track(self, info: SourceInfo, counts: np.ndarray, rows: FaceRows, feats, state: _State) -> None:
+        """Face ids, frame by frame (every still is its own scene; aligned input is one face: id 0)."""
+        if self.aligned:
+            return
+        if info.kind == "image":
+            state.tracker.reset()
+        start = 0
+        for n in counts:
+            sl = slice(start, start + n)
+            f = None if feats is None or n == 0 else feats[sl]
+            rows.face_id[sl] = state.tracker.update(rows.boxes[sl], f)
+            start += n
+
+    def _process_chunk(self, info: SourceInfo, chunk: list[Frame], state: _State) -> None:
+        counts, rows, crops = self._faces(info, chunk, state)
+        empty = counts == 0
+        state.builder.add_empty(
             info.file,
-            frame_no[rep],
-            times[rep],
-            ids,
-            np.concatenate([d.scores for d in dets]),
-            np.concatenate([d.boxes for d in dets]),
-            np.concatenate([d.landmarks for d in dets]),
-            expr,
-            au,
-            va,
+            np.array([f.index for f in chunk], np.int64)[empty],
+            np.array([f.time for f in chunk], np.float64)[empty],
         )
+        state.log_frames([f.index for f in chunk])
+        if state.windows is None:
+            if counts.sum():
+                feats, outputs = self._heads(crops)
+                self._track(info, counts, rows, feats, state)
+                self._add_emitted(info, [Emitted(rows, outputs)], state)
+            else:
+                self._track(info, counts, rows, None, state)
+        else:
+            arrays = self._embed(crops) if counts.sum() else {}
+            self._track(info, counts, rows, arrays.get("features"), state)
+            start = 0
+            for n in counts:  # one analysed frame at a time: windows follow each track
+                sel = np.arange(start, start + n)
+                start += n
+                emitted = state.windows.push(rows.take(sel), {k: v[sel] for k, v in arrays.items()})
+                self._add_emitted(info, emitted, state)
         state.step += len(chunk)
+
+    def _add_emitted(self, info: SourceInfo, emitted: list[Emitted], state: _State) -> None:
+        for e in emitted:
+            if not len(e.rows):
+                continue
+            r, o = e.rows, e.outputs
+            state.builder.add(
+                info.file, r.frame, r.time, r.face_id, r.confidence, r.boxes, r.landmarks,
+                o.expr_probs, o.au_probs, o.va,
+            )  # fmt: skip
+            state.next_id = max(state.next_id, int(r.face_id.max()) + 1)
 
     def _postprocess(self, table: pd.DataFrame, info: SourceInfo) -> pd.DataFrame:
         """Per-track smoothing (``smoothing``) or the post-processing config (its smoothing kernels and
         expression bias), on the face rows; the AU decisions and labels are then recomputed."""
         ok = table["success"] == 1
-        temporal = info.kind in ("video", "array")
-        if not ok.any() or (self.post is None and (self.smoothing == "none" or not temporal)):
-            return table
+        if not ok.any() or (self.post is None and (self.smoothing == "none" or not info.temporal)):
+            return table.copy()
         from mtaffect.data.predictions import PredictionTable
 
         pred = PredictionTable(to_prediction_table(table[ok]), source=info.file)
@@ -379,7 +622,7 @@ class Predictor:
         else:
             from mtaffect.post.smoothing import Kernel, smooth
 
-            rate = info.fps if info.fps == info.fps and info.fps > 0 else 25.0
+            rate = info.fps if info.fps == info.fps and info.fps > 0 else DEFAULT_RATE
             k = Kernel(
                 kind="gaussian", width=self.smoothing_seconds * rate, causal=self.smoothing == "causal"
             )
@@ -433,10 +676,37 @@ def align_faces_fast(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGN
 
 @dataclass
 class _State:
+    """What one source's run carries from chunk to chunk."""
+
     tracker: FaceTracker
     builder: TableBuilder
     step: int = 0
     last_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    windows: TrackWindows | None = None
+    next_id: int = 0
+    committed: Resume = field(default_factory=Resume)
+    #: analysed frame numbers not yet released, in order
+    frames: list[int] = field(default_factory=list)
+    held: TableBuilder = field(default_factory=TableBuilder)
+
+    def log_frames(self, numbers: Sequence[int]) -> None:
+        self.frames.extend(int(n) for n in numbers)
+
+    def release(self, final: bool) -> RowBatch | None:
+        """The rows that are final now (all rows of every frame before the first row a temporal window
+        still waits for) and the resume point after them; later rows are held back."""
+        self.held.extend(self.builder)
+        self.builder = TableBuilder()
+        waiting = None if final or self.windows is None else self.windows.pending_min_frame()
+        done = [f for f in self.frames if waiting is None or f < waiting]
+        if not done:
+            return None
+        after = done[-1]
+        ready, self.held = self.held.split(after)
+        boxes, ids = ready.faces_at(after)
+        self.committed = Resume(after, self.committed.steps + len(done), self.next_id, boxes, ids)
+        self.frames = self.frames[len(done) :]
+        return RowBatch(ready, self.committed)
 
 
 def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
@@ -444,4 +714,4 @@ def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
     return Predictor(model, **kwargs).predict(inputs)
 
 
-__all__: Sequence[str] = ("FileResult", "Predictor", "load_affect_model", "predict")
+__all__: Sequence[str] = ("FileResult", "Predictor", "Resume", "RowBatch", "load_affect_model", "predict")

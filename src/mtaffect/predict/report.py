@@ -94,13 +94,17 @@ def _meta_table(inp: ReportInput) -> str:
     with_face = t.loc[t["success"] == 1, "frame"].nunique() if len(t) else 0
     ids = sorted(int(x) for x in t.loc[t["success"] == 1, "face_id"].unique()) if len(t) else []
     rows = [("kind", i.kind), ("resolution", f"{i.width} x {i.height}" if i.width else "–")]
-    if i.kind == "video":
+    if i.kind in ("video", "stream"):
         rows += [
             ("codec", i.codec or "–"),
             ("average frame rate", f"{_fmt(i.fps)} frames/s"),
             ("duration", f"{_fmt(i.duration)} s"),
             ("analysed", "every frame" if i.every == 1 else f"every {i.every}th frame"),
         ]
+    if i.ended_early:
+        rows.append(("ended early", i.ended_early))
+    if i.unreadable:
+        rows.append(("unreadable frames", f"{len(i.unreadable)} skipped, e.g. {i.unreadable[0][1]}"))
     rows += [
         ("analysed frames", f"{frames}"),
         ("frames with a face", f"{with_face} ({100 * with_face / frames:.0f}%)" if frames else "0"),
@@ -235,6 +239,8 @@ def render_report(
         parts.append(f"<h2>Failed inputs ({len(failed)})</h2><ul>{items}</ul>")
     for inp in clips:
         parts.append(f"<h2>{_e(Path(inp.info.file).name)}</h2>")
+        if inp.info.ended_early:
+            parts.append(f'<p class="err">Ended early: {_e(inp.info.ended_early)}</p>')
         parts.append(f'<p class="muted">{_e(inp.info.file)}</p>')
         parts.append(_meta_table(inp))
         ids = sorted(int(x) for x in inp.table.loc[inp.table["success"] == 1, "face_id"].unique())

@@ -70,6 +70,16 @@ class FaceTracker:
         self._next_id = 0
         self._step = -1
 
+    def restore(self, boxes: np.ndarray, ids: np.ndarray, next_id: int) -> None:
+        """Continue an interrupted run: the faces ``boxes`` with ``ids`` were seen in the last analysed
+        frame, and new faces get ids from ``next_id`` on (appearance is learnt again from the next frame)."""
+        self.reset()
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        self._step = 0
+        self.tracks = [Track(int(i), b.copy(), None, 0) for b, i in zip(boxes, ids, strict=True)]
+        self._next_id = max(int(next_id), int(ids.max()) + 1 if len(ids) else 0)
+
     def live_boxes(self) -> np.ndarray:
         """Boxes of the tracks seen in the last analysed frame (k, 4)."""
         boxes = [t.box for t in self.tracks if t.last_step == self._step]
@@ -131,5 +141,3 @@ class FaceTracker:
         if feat is not None:
             f = _unit(feat)
             t.feature = f if t.feature is None else _unit(self.momentum * t.feature + (1 - self.momentum) * f)
-
-

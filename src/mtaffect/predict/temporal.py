@@ -1,0 +1,159 @@
+"""Temporal checkpoints in the application: run a window model over each face track.
+
+A recipe trained with a temporal module (LSTM, Transformer, TCN over windows of ``window`` consecutive
+frames) sees, per face track, the windows it was trained and validated on:
+
+- ``"centred"`` (offline, the default): the track's rows are cut into consecutive windows of
+  ``window`` rows from its first row, the last one padded by repeating its last row, exactly as
+  :meth:`~mtaffect.models.checkpoint.TrainedAffectModel.predict_store` (``mtaffect infer``) cuts a
+  video's frames (:func:`mtaffect.data.units.make_windows` with ``stride == window``), so each frame is
+  predicted once with the context of its window, past and future. A window is predicted as soon as it
+  is full; a track's last, partial window when the track ends (out of view longer than the tracking
+  memory) or the input ends.
+- ``"causal"`` (live): each row is predicted at once from a window that ends at it: the track's last
+  ``window - 1`` rows and itself (at the start of a track the oldest row is repeated to fill the
+  window, as training pads). Nothing from the future is used; the state kept per track is those rows.
+
+The per-frame path (one-frame sequences) is what every non-temporal model uses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from mtaffect.models.base import AffectOutputs
+
+TEMPORAL_MODES: Final[tuple[str, str]] = ("centred", "causal")
+
+
+def window_of(model) -> int:
+    """The window a model was trained on (1 for per-frame models)."""
+    return int(getattr(model, "window", 1) or 1) if getattr(model, "temporal", False) else 1
+
+
+@dataclass
+class FaceRows:
+    """Per-face row data (everything but the model's outputs), as parallel arrays of length n."""
+
+    frame: np.ndarray
+    time: np.ndarray
+    face_id: np.ndarray
+    confidence: np.ndarray
+    boxes: np.ndarray  # (n, 4)
+    landmarks: np.ndarray  # (n, 5, 2)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def take(self, idx) -> FaceRows:
+        return FaceRows(*(np.asarray(a)[idx] for a in self._arrays()))
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.frame, self.time, self.face_id, self.confidence, self.boxes, self.landmarks)
+
+    @staticmethod
+    def concat(parts: list[FaceRows]) -> FaceRows:
+        return FaceRows(*(np.concatenate(a) for a in zip(*(p._arrays() for p in parts), strict=True)))
+
+
+@dataclass
+class Emitted:
+    """Rows whose predictions are known."""
+
+    rows: FaceRows
+    outputs: AffectOutputs
+
+
+@dataclass
+class _Track:
+    rows: list[FaceRows] = field(default_factory=list)  # one row each
+    arrays: list[dict[str, np.ndarray]] = field(default_factory=list)  # one face each
+    last_step: int = 0
+
+
+class TrackWindows:
+    """Feeds a temporal model windows of each face track (see the module docstring).
+
+    ``push`` takes one analysed frame's faces (rows, ids, the backbone arrays the model reads) and
+    returns the rows it can predict now; ``flush`` predicts everything pending (at the input's end).
+    ``max_age``: analysed frames a track may go unseen before its pending window is closed.
+    """
+
+    def __init__(self, model, mode: str = "centred", max_age: int = 25) -> None:
+        if mode not in TEMPORAL_MODES:
+            raise ValueError(f"temporal mode must be one of {', '.join(TEMPORAL_MODES)}, got {mode!r}")
+        self.model, self.mode, self.max_age = model, mode, int(max_age)
+        self.window = window_of(model)
+        # features always (the model's predict takes them first; the tracker uses them too)
+        self.inputs = tuple(dict.fromkeys(("features", *(getattr(model, "inputs", ()) or ()))))
+        self._tracks: dict[int, _Track] = {}
+        self._history: dict[int, deque] = {}
+        self._step = -1
+
+    def pending_min_frame(self) -> int | None:
+        """The earliest frame number still waiting for its window (None when nothing waits)."""
+        firsts = [int(t.rows[0].frame[0]) for t in self._tracks.values() if t.rows]
+        return min(firsts) if firsts else None
+
+    def push(self, rows: FaceRows, arrays: Mapping[str, np.ndarray]) -> list[Emitted]:
+        """One analysed frame: ``rows`` of its faces and their backbone ``arrays`` ((n, ...) each)."""
+        self._step += 1
+        out: list[Emitted] = []
+        for k in range(len(rows)):
+            fid = int(rows.face_id[k])
+            one = {name: np.asarray(arrays[name][k]) for name in self.inputs}
+            if self.mode == "causal":
+                out.append(self._causal(fid, rows.take([k]), one))
+                continue
+            track = self._tracks.setdefault(fid, _Track())
+            track.rows.append(rows.take([k]))
+            track.arrays.append(one)
+            track.last_step = self._step
+            if len(track.rows) == self.window:
+                out.append(self._predict_track(fid))
+        if self.mode == "centred":
+            for fid in [f for f, t in self._tracks.items() if self._step - t.last_step > self.max_age]:
+                if self._tracks[fid].rows:
+                    out.append(self._predict_track(fid))
+                del self._tracks[fid]
+        return out
+
+    def flush(self) -> list[Emitted]:
+        """Predict every pending (partial, padded) window; the tracks are forgotten."""
+        out = [self._predict_track(fid) for fid, t in self._tracks.items() if t.rows]
+        self._tracks.clear()
+        self._history.clear()
+        return out
+
+    def _predict_track(self, fid: int) -> Emitted:
+        track = self._tracks[fid]
+        n = len(track.rows)
+        pad = [track.arrays[-1]] * (self.window - n)  # as make_windows pads: repeat the last row
+        probs = self._run([*track.arrays, *pad])
+        emitted = Emitted(
+            FaceRows.concat(track.rows),
+            AffectOutputs(probs.va[:n], probs.expr_probs[:n], probs.au_probs[:n]),
+        )
+        track.rows, track.arrays = [], []
+        return emitted
+
+    def _causal(self, fid: int, row: FaceRows, one: dict[str, np.ndarray]) -> Emitted:
+        hist = self._history.setdefault(fid, deque(maxlen=self.window))
+        hist.append(one)
+        steps = list(hist)
+        steps = [steps[0]] * (self.window - len(steps)) + steps  # left-pad with the oldest row
+        probs = self._run(steps)
+        return Emitted(row, AffectOutputs(probs.va[-1:], probs.expr_probs[-1:], probs.au_probs[-1:]))
+
+    def _run(self, steps: list[dict[str, np.ndarray]]) -> AffectOutputs:
+        """One window (T steps) through the model as a (1, T, ...) sequence -> T rows of outputs."""
+        seq = {name: np.stack([s[name] for s in steps])[None] for name in self.inputs}
+        return self.model.predict(seq["features"], seq.get("logits"), seq.get("tokens"))
+
+
+__all__ = ["TEMPORAL_MODES", "Emitted", "FaceRows", "TrackWindows", "window_of"]

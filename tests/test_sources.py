@@ -1,0 +1,224 @@
+"""What `predict` accepts as input: folders (recursive, numbered frames as sequences), URLs, cameras,
+PIL images and BGR arrays, and videos or streams that end before their declared length."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtaffect.predict.sources import (
+    ArrayInput,
+    ArraySource,
+    FrameSequence,
+    InputError,
+    StreamInput,
+    VideoSource,
+    camera_input,
+    classify,
+    expand_inputs,
+    open_source,
+)
+
+
+def _jpg(path: Path, value: int = 128, size: int = 32) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+    return path
+
+
+def write_clip(path: Path, n: int = 200, codec: str = "libx264", options: dict | None = None) -> Path:
+    """A tiny 64x64 clip at 25 frames/s (no faces: these tests are about containers)."""
+    with av.open(str(path), "w", options=options or {}) as c:
+        s = c.add_stream(codec, rate=25)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(n):
+            img = np.full((64, 64, 3), (i * 7) % 255, np.uint8)
+            img[: i % 64] = 30
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return path
+
+
+def cut_in_half(path: Path) -> Path:
+    data = path.read_bytes()
+    out = path.with_name(f"cut_{path.name}")
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+def decode_all(source) -> int:
+    return sum(1 for _ in source)
+
+
+# ---- folders ----------------------------------------------------------------------------------------------
+
+
+def test_cropped_aligned_layout_needs_recursive_and_gives_one_sequence_per_video(tmp_path):
+    root = tmp_path / "cropped_aligned"
+    for video, frames in (("v2", (3, 1, 10, 2)), ("v10", (5, 6))):
+        for f in frames:
+            _jpg(root / video / f"{f:05d}.jpg")
+    with pytest.raises(InputError, match="--recursive"):
+        expand_inputs(root)
+    seqs = expand_inputs(root, recursive=True)
+    assert [s.folder.name for s in seqs] == ["v2", "v10"]  # natural order of folders
+    assert seqs[0].frames == (1, 2, 3, 10)  # frame numbers from the names, sorted numerically
+    assert [p.name for p in seqs[0].paths] == ["00001.jpg", "00002.jpg", "00003.jpg", "00010.jpg"]
+    src = open_source(seqs[0], fps=30)
+    frames = list(src)
+    assert src.info.kind == "sequence" and src.info.temporal
+    assert [f.index for f in frames] == [1, 2, 3, 10]
+    np.testing.assert_allclose([f.time for f in frames], np.array([1, 2, 3, 10]) / 30)
+
+
+def test_subfolders_are_not_skipped_silently(tmp_path):
+    _jpg(tmp_path / "a.jpg")
+    _jpg(tmp_path / "sub" / "b.jpg")
+    _jpg(tmp_path / ".hidden" / "c.jpg")
+    with pytest.warns(UserWarning, match=r"1 subfolder\(s\) not searched \(sub\).*--recursive"):
+        assert [p.name for p in expand_inputs(tmp_path)] == ["a.jpg"]
+    assert [p.name for p in expand_inputs(tmp_path, recursive=True)] == ["a.jpg", "b.jpg"]
+
+
+def test_numbered_images_are_a_sequence_unless_stills_are_asked(tmp_path):
+    for f in (1, 2, 3):
+        _jpg(tmp_path / "frames" / f"{f}.png")
+    _jpg(tmp_path / "photos" / "IMG_0001.jpg")
+    _jpg(tmp_path / "photos" / "IMG_0002.jpg")
+    (seq,) = expand_inputs(tmp_path / "frames")
+    assert isinstance(seq, FrameSequence) and seq.frames == (1, 2, 3)
+    assert len(expand_inputs(tmp_path / "frames", sequences=False)) == 3
+    assert all(isinstance(p, Path) for p in expand_inputs(tmp_path / "photos"))  # names not all numbers
+
+
+def test_an_unreadable_frame_is_skipped_and_listed(tmp_path):
+    for f in (1, 2, 3):
+        _jpg(tmp_path / f"{f:03d}.jpg")
+    (tmp_path / "002.jpg").write_bytes(b"not a jpeg")
+    (seq,) = expand_inputs(tmp_path)
+    src = open_source(seq)
+    assert [f.index for f in src] == [1, 3]
+    assert len(src.info.unreadable) == 1 and "002.jpg" in src.info.unreadable[0][0]
+
+
+# ---- URLs, cameras, PIL, BGR ---------------------------------------------------------------------------
+
+
+def test_urls_are_never_turned_into_paths(tmp_path):
+    url = "rtsp://user:pw@cam.local:554//live/stream?channel=1&subtype=0"
+    assert classify(url) == StreamInput(url)
+    assert expand_inputs(["https://example.org/a//b.mp4"]) == [StreamInput("https://example.org/a//b.mp4")]
+    assert classify("file:///tmp/my%20clip.mp4") == Path("/tmp/my clip.mp4")
+    with pytest.raises(InputError, match="unknown URL scheme 'gopher'"):
+        classify("gopher://x/y")
+
+
+def test_camera_numbers(tmp_path, monkeypatch):
+    assert camera_input(0, "linux") == StreamInput("/dev/video0", "v4l2", "camera0")
+    assert camera_input(1, "darwin") == StreamInput("1", "avfoundation", "camera1")
+    with pytest.raises(InputError, match="Windows"):
+        camera_input(0, "win32")
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(classify("0"), StreamInput) and isinstance(classify(2), StreamInput)
+    (tmp_path / "0").write_bytes(b"")  # a file named 0 wins over the camera
+    assert classify("0") == Path("0")
+
+
+def test_a_missing_camera_is_an_input_error_naming_it():
+    with pytest.raises(InputError, match=r"camera9 \(/dev/video9\): not a readable stream or camera"):
+        open_source(StreamInput("/dev/video9", "v4l2", "camera9"))
+
+
+def test_live_sources_stream_without_a_declared_length():
+    src = open_source(StreamInput("testsrc=size=64x48:rate=25:duration=0.4", "lavfi", "test"))
+    assert src.info.kind == "stream" and src.info.frames is None
+    assert decode_all(src) == 10 and src.info.decoded == 10 and src.info.ended_early is None
+
+
+def test_pil_images_and_bgr_arrays():
+    rgb = np.zeros((8, 10, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    im = Image.fromarray(rgb)
+    (item,) = expand_inputs(im)
+    assert isinstance(item, ArrayInput) and item.name == "<PIL image>"
+    np.testing.assert_array_equal(next(iter(open_source(item))).image, rgb)
+    bgr = rgb[..., ::-1].copy()
+    frame = next(iter(ArraySource(bgr, channels="bgr")))
+    np.testing.assert_array_equal(frame.image, rgb)
+    with pytest.raises(ValueError, match="channels"):
+        ArraySource(bgr, channels="bgra")
+
+
+# ---- videos and streams that end early -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("clips")
+    return {
+        "faststart": write_clip(d / "fast.mp4", options={"movflags": "faststart"}),
+        "mkv": write_clip(d / "clip.mkv"),
+        "webm": write_clip(d / "clip.webm", codec="libvpx-vp9"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["faststart", "mkv", "webm"])
+def test_a_cut_video_keeps_its_frames_and_says_it_ended_early(clips, kind):
+    whole = VideoSource(clips[kind])
+    assert decode_all(whole) == 200 and whole.info.ended_early is None
+    cut = VideoSource(cut_in_half(clips[kind]))
+    n = decode_all(cut)
+    assert 20 < n < 180 and cut.info.decoded == n
+    assert f"decoded {n} of the 200 frames the container" in cut.info.ended_early
+
+
+def _serve(handler) -> tuple[http.server.ThreadingHTTPServer, str]:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_http_stream_and_a_stream_that_stops(clips):
+    folder = clips["mkv"].parent
+    srv, base = _serve(functools.partial(_Quiet, directory=str(folder)))
+    try:
+        (item,) = expand_inputs(f"{base}/clip.mkv")
+        src = open_source(item)
+        assert src.info.file == f"{base}/clip.mkv" and src.info.kind == "stream"
+        assert decode_all(src) == 200 and src.info.ended_early is None
+    finally:
+        srv.shutdown()
+
+    data = clips["mkv"].read_bytes()
+
+    class Drops(_Quiet):  # announces the whole file, then the connection drops half-way
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+
+    srv, base = _serve(Drops)
+    try:
+        src = open_source(f"{base}/live.mkv")
+        n = decode_all(src)
+        assert 20 < n < 180 and src.info.decoded == n
+        assert f"{n} of 200" in src.info.ended_early
+    finally:
+        srv.shutdown()
