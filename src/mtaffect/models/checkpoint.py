@@ -5,11 +5,18 @@ describes the model::
 
     recipe, model_config      create_model(recipe, **model_config) rebuilds the architecture
     temporal, inputs, window  what the model reads; temporal models predict over windows of `window`
-    backbone                  {name, kwargs, spec, fingerprint}: the features it was trained on
+    backbone                  {name, kwargs, spec, fingerprint[, mode, weights]}: the features it was
+                              trained on; create_backbone(name, **kwargs) rebuilds the backbone
     feature_dim, num_logits, token_shape
     au_thresholds             12 decision thresholds (default 0.5)
     metrics                   validation metrics of the saved weights (P and its terms)
     train_config              the resolved training config; mtaffect_version, created
+
+A model trained from images with a fine-tuned backbone (``backbone.mode: finetune``) also holds the
+backbone's weights: ``backbone/`` (safetensors, loaded by the backbone's own ``weights=`` option) and
+``backbone.weights = "backbone"``; its ``fingerprint`` is null, since its features are its own and no
+feature store holds them (such a model predicts from images only). ``kwargs`` are data (sizes,
+normalisation, dtype): an option that would run code (``trust_remote_code``) is never honoured here.
 
 A checkpoint is written into a temporary folder beside its target and renamed into place, so a crash
 never leaves half a checkpoint; an existing one is replaced only with ``overwrite=True``.
@@ -40,6 +47,9 @@ FORMAT = "mtaffect-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+BACKBONE_DIR = "backbone"  # a fine-tuned backbone's weights
+#: Backbone options that would execute code from elsewhere: never read from a checkpoint.
+CODE_OPTIONS = ("trust_remote_code",)
 
 
 class CheckpointError(ValueError):
@@ -77,8 +87,13 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     train_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    backbone_weights: Any = None,
 ) -> Path:
-    """Write ``model`` to the folder ``path``; ``backbone`` = {name, spec, fingerprint[, kwargs]}."""
+    """Write ``model`` to the folder ``path``; ``backbone`` = {name, spec, fingerprint[, kwargs, mode]}.
+
+    ``backbone_weights``: a fine-tuned :class:`~mtaffect.features.base.Backbone` whose weights go into
+    ``backbone/`` (its ``save_weights`` decides the files and the kwargs that load them again).
+    """
     target = Path(path)
     if target.exists() and not overwrite:
         raise OutputExistsError(
@@ -105,7 +120,8 @@ def save_checkpoint(
             "name": backbone["name"],
             "kwargs": _jsonable(backbone.get("kwargs", {})),
             "spec": _jsonable(backbone.get("spec", {})),
-            "fingerprint": backbone.get("fingerprint"),
+            "fingerprint": None if backbone_weights is not None else backbone.get("fingerprint"),
+            **({"mode": str(backbone["mode"])} if "mode" in backbone else {}),
         },
         "feature_dim": int(feature_dim),
         "num_logits": int(num_logits),
@@ -119,6 +135,10 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
     try:
+        if backbone_weights is not None:
+            kwargs = backbone_weights.save_weights(tmp / BACKBONE_DIR, dict(backbone.get("kwargs", {})))
+            config["backbone"]["kwargs"] = _jsonable(kwargs)
+            config["backbone"]["weights"] = BACKBONE_DIR
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "recipe": model.recipe})
         with open(tmp / CONFIG, "w", encoding="utf-8") as fh:
@@ -186,17 +206,27 @@ class TrainedAffectModel:
     ``predict(features, logits, tokens)`` takes N faces, one time step each. Temporal recipes also
     accept one sequence ``(1, T, ...)`` (consecutive frames of one video) and then return T rows;
     (N, ...) input is treated as N sequences of length 1 (no temporal context).
-    :meth:`predict_store` predicts a whole store, temporal recipes over windows of each video.
+    :meth:`predict_store` predicts a whole store, temporal recipes over windows of each video;
+    :meth:`predict_images` the same from face crops (the backbone runs on them);
+    :meth:`create_backbone` builds the backbone the model was trained with (fine-tuned weights included).
+    ``backbone_module`` gives an already built backbone (e.g. a model still in memory after training).
     """
 
-    def __init__(self, model: MTLModel, config: dict, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, model: MTLModel, config: dict, device: str | torch.device = "cpu", *,
+        path: str | os.PathLike | None = None, backbone_module: Any = None,
+    ) -> None:  # fmt: skip
         self.model = model.to(device).eval()
         self.config = config
         self.device = torch.device(device)
+        self.path = None if path is None else Path(path)
+        self._backbone_module = backbone_module
         bb = config["backbone"]
         self.backbone: str = bb["name"]
         self.backbone_kwargs: dict = dict(bb.get("kwargs") or {})
+        self.backbone_weights: str | None = bb.get("weights")  # fine-tuned weights inside the checkpoint
         self.fingerprint: str | None = bb.get("fingerprint")
+        self.failures: list[tuple[str, str]] = []  # images predict_images could not read
         self.au_thresholds = np.asarray(config.get("au_thresholds", [DEFAULT_AU_THRESHOLD] * NUM_AUS), float)
         self.temporal = bool(config.get("temporal", False))
         self.window = int(config.get("window", 1))
@@ -235,23 +265,39 @@ class TrainedAffectModel:
             return outputs_to_probs({k: v[:, 0] for k, v in out.items()})
         return outputs_to_probs(self._forward(arrays))
 
-    def predict_store(self, store: Any, images: Sequence[str], batch_size: int = 4096) -> Any:
-        """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
+    def create_backbone(self) -> Any:
+        """The backbone this model reads: ``create_backbone(name, **kwargs)``, with the checkpoint's own
+        fine-tuned weights when it has them (eval mode, on the model's device)."""
+        if self._backbone_module is not None:
+            return self._backbone_module.to(self.device).eval()
+        from mtaffect.features.registry import create_backbone
 
-        Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
-        frame, the last padded); every frame is predicted exactly once.
-        """
+        kwargs = dict(self.backbone_kwargs)
+        where = self.path / CONFIG if self.path is not None else "the checkpoint config"
+        code = [k for k in CODE_OPTIONS if kwargs.get(k)]
+        if code:
+            raise CheckpointError(
+                f"{where}: backbone option(s) {code} would run code from the model's source; a checkpoint "
+                "never switches that on (build the backbone yourself if you trust it)"
+            )
+        if self.backbone_weights:
+            folder = (self.path / self.backbone_weights) if self.path is not None else None
+            if folder is None or not folder.is_dir() or self.path.resolve() not in folder.resolve().parents:
+                raise CheckpointError(
+                    f"{where}: the fine-tuned backbone's weights ({self.backbone_weights!r}) are not a "
+                    "folder "
+                    "inside the checkpoint; the checkpoint is damaged"
+                )
+            kwargs["weights"] = str(folder)
+        return create_backbone(self.backbone, **kwargs).to(self.device).eval()
+
+    def _predict_units(self, get: Any, images: Sequence[str], batch_size: int) -> Any:
+        """The prediction loop of :meth:`predict_store` / :meth:`predict_images`; ``get(positions)``
+        returns the model's input arrays for positions into the de-duplicated names."""
         from mtaffect.data.predictions import PredictionTable
         from mtaffect.data.units import make_windows, split_image_names
-        from mtaffect.features.reader import InputSource
-        from mtaffect.features.store import FeatureStore
 
-        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        if self.fingerprint and st.fingerprint != self.fingerprint:
-            st.check_compatible(self.fingerprint, self.backbone)
         names = list(dict.fromkeys(str(x) for x in images))
-        rows = st.rows(names)
-        source = InputSource(st, rows, self.inputs, in_memory=False)
         n = len(names)
         va = np.zeros((n, 2))
         expr = np.zeros((n, 8))
@@ -264,7 +310,7 @@ class TrainedAffectModel:
             units, mask, bs = np.arange(n), None, batch_size
         for s in range(0, len(units), bs):
             pos = units[s : s + bs]
-            probs = outputs_to_probs(self._forward(source.get(pos)))
+            probs = outputs_to_probs(self._forward(get(pos)))
             idx = pos
             if mask is not None:
                 keep = mask[s : s + bs]
@@ -277,11 +323,71 @@ class TrainedAffectModel:
             [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take]
         )
 
+    def predict_store(self, store: Any, images: Sequence[str], batch_size: int = 4096) -> Any:
+        """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
+
+        Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
+        frame, the last padded); every frame is predicted exactly once.
+        """
+        from mtaffect.features.reader import InputSource
+        from mtaffect.features.store import FeatureStore
+
+        if self.backbone_weights:
+            raise CheckpointError(
+                f"this model fine-tuned its backbone ({self.backbone!r}): no feature store holds its "
+                "features; "
+                "predict from the images (infer --data, predict)"
+            )
+        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        if self.fingerprint and st.fingerprint != self.fingerprint:
+            st.check_compatible(self.fingerprint, self.backbone)
+        rows = st.rows(list(dict.fromkeys(str(x) for x in images)))
+        source = InputSource(st, rows, self.inputs, in_memory=False)
+        return self._predict_units(source.get, images, batch_size)
+
+    @torch.no_grad()
+    def predict_images(self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256) -> Any:
+        """A PredictionTable for ``images`` (names relative to ``folder``, e.g. a dataset's
+        ``cropped_aligned``), decoded and normalised exactly as extraction does, through the backbone.
+
+        An unreadable image is predicted from a black image (as extraction stores it), listed in
+        ``self.failures`` and reported in one warning: never silently.
+        """
+        import warnings
+
+        from mtaffect.features.base import normalise, pixels_to_unit
+        from mtaffect.features.decode import ImageReader
+        from mtaffect.models.image_model import ImageMTLModel
+
+        bb = self.create_backbone()
+        spec = bb.spec
+        loop = ImageMTLModel(bb, self.model)  # frozen: the same backbone -> head path as training
+        reader = ImageReader(
+            folder, list(dict.fromkeys(str(x) for x in images)), spec.input_size, spec.colour
+        )
+        self.failures = []
+
+        def get(positions: np.ndarray) -> dict[str, torch.Tensor]:
+            pixels, _, failed = reader.read(positions)
+            self.failures.extend(failed)
+            x = pixels_to_unit(torch.from_numpy(pixels).to(self.device), spec.colour)
+            return loop.backbone_outputs(normalise(x, spec.mean, spec.std))
+
+        table = self._predict_units(get, images, batch_size)
+        if self.failures:
+            first = "; ".join(f"{n} ({why})" for n, why in self.failures[:3])
+            warnings.warn(
+                f"{len(self.failures)} image(s) could not be read and were predicted from a black "
+                f"image: {first}",
+                stacklevel=2,
+            )
+        return table
+
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TrainedAffectModel:
     """Load a checkpoint folder written by :func:`save_checkpoint` (safetensors only, no pickle)."""
     model, config = load_mtl_model(path)
-    return TrainedAffectModel(model, config, device)
+    return TrainedAffectModel(model, config, device, path=path)
 
 
 __all__ = ["CheckpointError", "TrainedAffectModel", "load_model", "read_checkpoint_config", "save_checkpoint"]
