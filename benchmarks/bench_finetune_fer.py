@@ -22,34 +22,22 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench_recipes import prepare
+from bench_recipes import add_data_args, data_and_baseline, metric_row
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=24)
-    ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "bench_out")
+    add_data_args(ap)
     ap.add_argument("--override", "-o", action="append", default=[], help="applied to finetune_fer")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    import torch
-
-    from mtaffect.baselines import constant_baseline
-    from mtaffect.data.annotations import load_split
-    from mtaffect.metrics import score
     from mtaffect.train.config import load_config
     from mtaffect.train.fit import fit
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    root, store = prepare(args.out, args.videos, args.frames, args.seed)
-    train, val = load_split(root, "train"), load_split(root, "val")
-    base = score(val, constant_baseline(train, val.images))
-    print(f"data {root.name}: train {len(train)} rows, val {len(val)} rows; constant baseline P {base.P:.4f}")
+    root, store, train, val, base = data_and_baseline(args)
     runs = {
         "frozen emotinet (store)": (REPO / "configs" / "emotinet.yaml", store, []),
         "finetune_fer (images)": (REPO / "configs" / "finetune_fer.yaml", root, args.override),
@@ -59,11 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(conf, ["trainer.progress=false", *over])
         t0 = time.perf_counter()
         res = fit(cfg, source, train, val, None, log=None)
-        m = res.metrics
-        result["runs"][name] = {
-            "P": m["P"], "ccc_va": m["va"]["mean"], "f1_expr": m["expr"]["f1"], "f1_au": m["au"]["f1"],
-            "epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": time.perf_counter() - t0,
-        }  # fmt: skip
+        row = metric_row(res, time.perf_counter() - t0)
+        result["runs"][name] = {**row, "epochs": len(res.history), "best_epoch": res.best_epoch}
         print(f"{name}: {res.summary()}", flush=True)
     print(f"\n{'run':<26}{'P':>8}{'CCC_VA':>8}{'F1_EXPR':>9}{'F1_AU':>8}{'epochs':>8}{'train s':>9}")
     for name, r in result["runs"].items():

@@ -70,38 +70,42 @@ def _batches(dm, n: int):
     """``n`` training batches as the model sees them (decoded, augmented, normalised)."""
     loader = dm.train_dataloader()
     for batch in itertools.islice(itertools.cycle(loader), n):
-        yield dm.on_after_batch_transfer(batch, 0)
+        yield dm.device_batch(batch, training=True)
+
+
+class _Step:
+    """One optimiser step of the model's first stage: forward, masked multi-task loss, backward, AdamW."""
+
+    def __init__(self, model, cfg) -> None:
+        import torch
+
+        from mtaffect.models.losses import MTLLoss
+        from mtaffect.train.module import apply_stage
+
+        self.model, self.stage = model, model.stages()[0]
+        apply_stage(model, self.stage)
+        model.train()
+        self.loss = MTLLoss()
+        self.opt = torch.optim.AdamW(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay))
+
+    def __call__(self, batch: dict) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss, _ = self.loss(self.model(batch), batch, self.stage.tasks)
+        loss.backward()
+        self.opt.step()
 
 
 def measure(name: str, cfg, root: Path, workers: list[int], batches: int) -> dict:
-    import torch
-
     from mtaffect.data.annotations import load_split
-    from mtaffect.models.losses import MTLLoss
     from mtaffect.train.fit import build_training
-    from mtaffect.train.module import apply_stage
 
     train = load_split(root, "train")
     rows: dict = {"workers": {}}
     for w in workers:
         cfg.data.workers = w
         t = build_training(cfg, root, train, None)
-        dm, model = t.datamodule, t.model
-        dm.trainer = None  # outside Lightning: treat every batch as a training batch
-        stage = model.stages()[0]
-        apply_stage(model, stage)
-        model.train()
-        loss_fn = MTLLoss()
-        opt = torch.optim.AdamW(model.param_groups(cfg.optim.lr, cfg.optim.weight_decay))
+        dm, step = t.datamodule, _Step(t.model, cfg)
         bs = dm.batch_size
-
-        def step(batch):
-            opt.zero_grad(set_to_none=True)
-            loss, _ = loss_fn(model(batch), batch, stage.tasks)
-            loss.backward()
-            opt.step()
-
-        dm.prepare_pixels = _training_pixels(dm)
         list(_batches(dm, 2))  # warm up (worker start, first kornia call)
         t0 = time.perf_counter()
         ready = list(_batches(dm, batches))
@@ -116,21 +120,10 @@ def measure(name: str, cfg, root: Path, workers: list[int], batches: int) -> dic
         for b in _batches(dm, batches):
             step(b)
         train_s = time.perf_counter() - t0
-        rows["workers"][w] = {"loader": bs * batches / loader_s, "train": bs * batches / train_s}
-        r = rows["workers"][w]
-        print(f"{name:28s} workers {w}: loader {r['loader']:7.0f} img/s   model step {rows['model']:7.0f} img/s"
-              f"   train step {r['train']:7.0f} img/s", flush=True)  # fmt: skip
+        rows["workers"][w] = r = {"loader": bs * batches / loader_s, "train": bs * batches / train_s}
+        print(f"{name:28s} workers {w}: loader {r['loader']:7.0f} img/s   model step "
+              f"{rows['model']:7.0f} img/s   train step {r['train']:7.0f} img/s", flush=True)  # fmt: skip
     return rows
-
-
-def _training_pixels(dm):
-    """``prepare_pixels`` with augmentation on (outside Lightning there is no trainer to say 'training')."""
-    original = dm.prepare_pixels
-
-    def prepare(pixels, training):
-        return original(pixels, True)
-
-    return prepare
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -205,7 +203,8 @@ def test_missing_and_corrupt_images_are_counted_and_excluded(data, tmp_path):
     path.write_bytes(path.read_bytes()[:200])  # truncated JPEG: found only when decoded
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = fit(cfg(), root, train, val, log=None)
+        c = cfg(data={"workers": 1}, model={"recipe": "emotinet", "hparams": {"joint": True}})
+        res = fit(c, root, train, val, log=None)  # decoded in a worker process
     text = " ".join(str(w.message) for w in caught)
     assert "1 image(s) of the training labels are missing" in text and missing in text
     assert corrupt in text and "left out of its batches" in text
@@ -263,41 +262,27 @@ def test_extract_backbone_args_reach_the_backbone_and_the_store(data, tmp_path):
 DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
-import lightning as L
 import test_image_training as T
+from ddp_helpers import Rows
 from mtaffect.data.annotations import load_split
 from mtaffect.train.fit import fit
-
-class Rows(L.Callback):
-    def __init__(self):
-        self.rows = set()
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.current_epoch == 0:
-            self.rows.update(batch["index"].tolist())
-    def on_train_end(self, trainer, module):
-        with open(os.path.join({out!r}, f"rows{{trainer.global_rank}}.json"), "w") as fh:
-            json.dump(sorted(self.rows), fh)
 
 c = T.cfg(augment={{"preset": "li2024"}}, model={{"recipe": "emotinet", "hparams": {{"joint": True}}}},
           trainer={{"epochs": 1, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}})
 res = fit(c, {data!r}, load_split({data!r}, "train"), load_split({data!r}, "val"),
-          os.path.join({out!r}, "run"), callbacks=[Rows()], log=None)
+          os.path.join({out!r}, "run"), callbacks=[Rows({out!r})], log=None)
 if res.checkpoint is not None:
     json.dump({{"P": res.P}}, open(os.path.join({out!r}, "result.json"), "w"))
 """
 
 
 def test_ddp_two_processes_read_disjoint_shards_and_score_every_row(data, tmp_path):
+    from ddp_helpers import run_two_ranks
+
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path), data=str(data)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=180)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = run_two_ranks(script, tmp_path)
     train, val = load_split(data, "train"), load_split(data, "val")
-    r0, r1 = (set(json.loads((tmp_path / f"rows{r}.json").read_text())) for r in range(2))
     n = int(train.any_label_mask.sum())
     assert r0 and r1 and len(r0 & r1) <= n % 2  # disjoint (DistributedSampler pads an odd count)
     assert len(r0 | r1) == n

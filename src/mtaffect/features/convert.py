@@ -25,8 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 import torch
 
 from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD
-from mtaffect.io import OutputExistsError
+from mtaffect.io import OutputExistsError, atomic_folder
 
 #: Heads of the published ViT sizes, by width (Ti, S, B, L, H): timm files do not record it.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -236,25 +234,11 @@ def convert_timm_vit(
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [float(m) for m in mean], "image_std": [float(s) for s in std],
     }  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "converted_from": "timm"})
         config.to_json_file(str(tmp / "config.json"))
-        (tmp / "preprocessor_config.json").write_text(
-            json.dumps(processor, indent=1) + "\n", encoding="utf-8"
-        )
-        os.chmod(tmp, 0o755)
-        if target.exists():  # the old folder goes only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.rename(target, old / "x")
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        text = json.dumps(processor, indent=1) + "\n"
+        (tmp / "preprocessor_config.json").write_text(text, encoding="utf-8")
     return report
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtaffect.io import OutputExistsError
+from mtaffect.io import OutputExistsError, atomic_folder
 from mtaffect.models.base import AffectOutputs, MTLModel, outputs_to_probs
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
@@ -132,9 +130,7 @@ def save_checkpoint(
         "mtaffect_version": _version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         if backbone_weights is not None:
             kwargs = backbone_weights.save_weights(tmp / BACKBONE_DIR, dict(backbone.get("kwargs", {})))
             config["backbone"]["kwargs"] = _jsonable(kwargs)
@@ -144,19 +140,6 @@ def save_checkpoint(
         with open(tmp / CONFIG, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=1)
             fh.write("\n")
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.replaced")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target
 
 

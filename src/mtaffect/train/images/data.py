@@ -170,10 +170,14 @@ class ImageDataModule(MTLDataModule):
         return normalise(x, self.mean, self.std)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        t = self.trainer
+        return self.device_batch(batch, training=bool(t is not None and t.training))
+
+    def device_batch(self, batch: dict, training: bool) -> dict:
+        """A decoded batch, once on its device, as the model reads it: ``pixels`` normalised (and
+        augmented when ``training``), images that failed to decode left out."""
         if "pixels" not in batch:
             return batch
-        t = self.trainer
-        training = bool(t is not None and t.training)
         ok = batch.pop("ok")
         failed = batch.pop("failed", [])
         batch["pixels"] = self.prepare_pixels(batch["pixels"], training)
