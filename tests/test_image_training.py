@@ -188,6 +188,20 @@ def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_pa
     assert r.exit_code == 2 and "exactly one of --features" in r.output
 
 
+def test_cross_validation_from_images_ensembles_the_test_images(data, tmp_path):
+    from mtaffect.data.annotations import LabelTable
+    from mtaffect.data.submission import read_test_list
+    from mtaffect.train.cv import cross_validate
+
+    labels = LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
+    test = list(dict.fromkeys(read_test_list(data / "MTL.txt")))[:12]
+    c = cfg(model={"recipe": "emotinet", "hparams": {"joint": True}})
+    res = cross_validate(c, data, labels, 2, tmp_path / "cv", test_images=test, log=None)
+    assert len(res.folds) == 2 and (tmp_path / "cv" / "fold1" / "best" / "config.json").is_file()
+    pred = res.test_predictions
+    assert pred is not None and pred.images.tolist() == test and np.isfinite(pred.au_probs).all()
+
+
 # ---- failed images --------------------------------------------------------------------------------------
 def test_missing_and_corrupt_images_are_counted_and_excluded(data, tmp_path):
     import shutil
