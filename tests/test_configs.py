@@ -89,3 +89,14 @@ def test_config_trains_saves_reloads_and_predicts(config: Path, synth_store, tmp
     np.testing.assert_allclose(pred.expr_probs.sum(1), 1.0, atol=1e-5)
     assert ((pred.au_probs >= 0) & (pred.au_probs <= 1)).all()
     assert (np.abs(pred.frame[["valence", "arousal"]].to_numpy()) <= 1).all()
+    if images:  # the application runs the checkpoint's backbone on a detected, aligned face
+        from PIL import Image
+
+        from mtaffect.predict import demo_media
+
+        Image.fromarray(next(demo_media.frames(1, faces=1))).save(tmp_path / "face.png")
+        run("predict", tmp_path / "face.png", "--model", tmp_path / "run" / "best", "--out", tmp_path / "app",
+            "--quiet")  # fmt: skip
+        from mtaffect.predict.outputs import read_table
+
+        assert read_table(tmp_path / "app" / "face.csv")["success"].eq(1).any()
