@@ -224,7 +224,7 @@ def test_missing_and_corrupt_images_are_counted_and_excluded(data, tmp_path):
     text = " ".join(str(w.message) for w in caught)
     assert "1 image(s) of the training labels are missing" in text and missing in text
     assert corrupt in text and "left out of its batches" in text
-    assert res.rows["train"]["excluded_invalid"] == 1
+    assert res.rows["train"]["excluded_invalid"] == 1 and corrupt in res.rows["failed_to_decode"]
     preds = res.val_predictions
     assert corrupt not in set(preds.images) and len(preds) == len(val) - 1  # never scored
 

@@ -170,3 +170,17 @@ class ImageReader:
         ]
         inv = inv.reshape(-1)
         return pixels[inv].reshape(*pos.shape, *pixels.shape[1:]), ok[inv].reshape(pos.shape), failed
+
+
+class ReaderBatches(Dataset):
+    """Item ``i`` is ``reader.read(batches[i])``: an :class:`ImageReader`'s batches for a DataLoader with
+    decoding workers (``batch_size=None``), in order."""
+
+    def __init__(self, reader: ImageReader, batches: Sequence[np.ndarray]) -> None:
+        self.reader, self.batches = reader, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        return self.reader.read(self.batches[i])

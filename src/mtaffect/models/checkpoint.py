@@ -274,9 +274,10 @@ class TrainedAffectModel:
             kwargs["weights"] = str(folder)
         return create_backbone(self.backbone, **kwargs).to(self.device).eval()
 
-    def _predict_units(self, get: Any, images: Sequence[str], batch_size: int) -> Any:
-        """The prediction loop of :meth:`predict_store` / :meth:`predict_images`; ``get(positions)``
-        returns the model's input arrays for positions into the de-duplicated names."""
+    def _predict_units(self, inputs: Any, images: Sequence[str], batch_size: int) -> Any:
+        """The prediction loop of :meth:`predict_store` / :meth:`predict_images`: ``inputs(batches)``
+        yields, in order, the model's input arrays for each array of positions (into the de-duplicated
+        names) of ``batches``."""
         from mtaffect.data.predictions import PredictionTable
         from mtaffect.data.units import make_windows, split_image_names
 
@@ -291,9 +292,10 @@ class TrainedAffectModel:
             bs = max(1, batch_size // self.window)
         else:
             units, mask, bs = np.arange(n), None, batch_size
-        for s in range(0, len(units), bs):
+        starts = range(0, len(units), bs)
+        for s, arrays in zip(starts, inputs([units[s : s + bs] for s in starts]), strict=True):
             pos = units[s : s + bs]
-            probs = outputs_to_probs(self._forward(get(pos)))
+            probs = outputs_to_probs(self._forward(arrays))
             idx = pos
             if mask is not None:
                 keep = mask[s : s + bs]
@@ -326,20 +328,25 @@ class TrainedAffectModel:
             st.check_compatible(self.fingerprint, self.backbone)
         rows = st.rows(list(dict.fromkeys(str(x) for x in images)))
         source = InputSource(st, rows, self.inputs, in_memory=False)
-        return self._predict_units(source.get, images, batch_size)
+        return self._predict_units(lambda batches: map(source.get, batches), images, batch_size)
 
     @torch.no_grad()
-    def predict_images(self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256) -> Any:
+    def predict_images(
+        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0
+    ) -> Any:
         """A PredictionTable for ``images`` (names relative to ``folder``, e.g. a dataset's
         ``cropped_aligned``), decoded and normalised exactly as extraction does, through the backbone.
 
-        An unreadable image is predicted from a black image (as extraction stores it), listed in
+        ``workers`` decoding processes (0: decode here) prepare the next batches while the backbone
+        runs. An unreadable image is predicted from a black image (as extraction stores it), listed in
         ``self.failures`` and reported in one warning: never silently.
         """
         import warnings
 
+        from torch.utils.data import DataLoader
+
         from mtaffect.features.base import normalise, pixels_to_unit
-        from mtaffect.features.decode import ImageReader
+        from mtaffect.features.decode import ImageReader, ReaderBatches
         from mtaffect.models.image_model import ImageMTLModel
 
         bb = self.create_backbone()
@@ -350,13 +357,14 @@ class TrainedAffectModel:
         )
         self.failures = []
 
-        def get(positions: np.ndarray) -> dict[str, torch.Tensor]:
-            pixels, _, failed = reader.read(positions)
-            self.failures.extend(failed)
-            x = pixels_to_unit(torch.from_numpy(pixels).to(self.device), spec.colour)
-            return loop.backbone_outputs(normalise(x, spec.mean, spec.std))
+        def inputs(batches: list[np.ndarray]):
+            decoded = DataLoader(ReaderBatches(reader, batches), batch_size=None, num_workers=workers)
+            for pixels, _, failed in decoded:
+                self.failures.extend(failed)
+                x = pixels_to_unit(torch.as_tensor(pixels).to(self.device), spec.colour)
+                yield loop.backbone_outputs(normalise(x, spec.mean, spec.std))
 
-        table = self._predict_units(get, images, batch_size)
+        table = self._predict_units(inputs, images, batch_size)
         if self.failures:
             first = "; ".join(f"{n} ({why})" for n, why in self.failures[:3])
             warnings.warn(

@@ -131,6 +131,7 @@ def infer(
         typer.Option(help="Dataset root: run the checkpoint's backbone on its cropped_aligned/ images."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone batch (with --data).")] = 256,
+    workers: Annotated[int, typer.Option(help="JPEG-decoding processes (with --data).")] = 1,
     overwrite: Overwrite = False,
 ) -> None:
     """Predict the listed images with a trained checkpoint, from a feature store or from the images."""
@@ -145,7 +146,7 @@ def infer(
     names = list(dict.fromkeys(read_image_names(images)))  # a test list repeats names: predict each once
     m = load_model(model)
     if data is not None:
-        table = m.predict_images(data / CROPPED_DIR, names, batch_size=batch_size)
+        table = m.predict_images(data / CROPPED_DIR, names, batch_size=batch_size, workers=workers)
         if m.failures:
             console.print(f"[yellow]{len(m.failures)} image(s) could not be read[/] (e.g. {m.failures[0]})")
     else:

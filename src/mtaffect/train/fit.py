@@ -378,6 +378,8 @@ def fit(
             log(f"stage {stage.name}: best P {r.P:.4f} at epoch {module.best_epoch}")
         if sdir is not None and rank0 and k < len(stages) - 1:
             training.save(sdir, None, True)
+    if getattr(dm, "failures", None):  # images that failed to decode while training (left out)
+        rows["failed_to_decode"] = dict(sorted(dm.failures.items()))
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

@@ -14,7 +14,7 @@ share). What differs:
 - images that are missing when training starts are excluded and counted, as a store's failed images
   are (the report's ``excluded_invalid``); an image that fails to decode later (e.g. truncated) is
   dropped from its batch (for windows: its step is masked), counted in :attr:`ImageDataModule.failures`
-  and reported in a warning, never silently.
+  (a run's ``metrics.json``: ``rows.failed_to_decode``) and reported in a warning, never silently.
 """
 
 from __future__ import annotations
