@@ -147,6 +147,7 @@ class TrainConfig:
         d.pop("source")
         if not self.from_images:  # store configs keep their former shape (resume compares it)
             d.pop("backbone")
+            d["data"].pop("workers")  # image decoding only
             if self.augment == AugmentSection():
                 d.pop("augment")
         if not self.optim.groups:
