@@ -37,31 +37,50 @@ def prepare(out: Path, videos: int, frames: int, seed: int) -> tuple[Path, Path]
     return root, store
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic set's options (shared with bench_finetune_fer.py: the same split)."""
     ap.add_argument("--videos", type=int, default=24)
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out")
-    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
-    ap.add_argument("--override", "-o", action="append", default=[], help="applied to every recipe")
-    ap.add_argument("--prepare-only", action="store_true")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
 
+
+def data_and_baseline(args: argparse.Namespace):
+    """(root, store, train, val, constant-baseline MetricResult), printed; all cores for torch."""
     import torch
 
     from mtaffect.baselines import constant_baseline
     from mtaffect.data.annotations import load_split
     from mtaffect.metrics import score
-    from mtaffect.train.config import load_config
-    from mtaffect.train.fit import fit
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     root, store = prepare(args.out, args.videos, args.frames, args.seed)
     train, val = load_split(root, "train"), load_split(root, "val")
     base = score(val, constant_baseline(train, val.images))
     print(f"data {root.name}: train {len(train)} rows, val {len(val)} rows; constant baseline P {base.P:.4f}")
+    return root, store, train, val, base
+
+
+def metric_row(res, seconds: float) -> dict:
+    """P, its terms and the train time of a TrainResult."""
+    m = res.metrics
+    return {"P": m["P"], "ccc_va": m["va"]["mean"], "f1_expr": m["expr"]["f1"], "f1_au": m["au"]["f1"],
+            "seconds": seconds}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_args(ap)
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--override", "-o", action="append", default=[], help="applied to every recipe")
+    ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from mtaffect.train.config import load_config
+    from mtaffect.train.fit import fit
+
+    root, store, train, val, base = data_and_baseline(args)
     result: dict = {"baseline_P": base.P, "data": str(root), "recipes": {}}
     if args.prepare_only:
         return result
@@ -69,11 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(config_path(name), ["trainer.progress=false", *args.override])
         t0 = time.perf_counter()
         res = fit(cfg, store, train, val, None, log=None)
-        m = res.metrics
-        result["recipes"][name] = {
-            "P": m["P"], "ccc_va": m["va"]["mean"], "f1_expr": m["expr"]["f1"], "f1_au": m["au"]["f1"],
-            "seconds": time.perf_counter() - t0, "ratio": m["P"] / base.P if base.P > 0 else float("inf"),
-        }  # fmt: skip
+        row = metric_row(res, time.perf_counter() - t0)
+        row["ratio"] = row["P"] / base.P if base.P > 0 else float("inf")
+        result["recipes"][name] = row
         print(f"{name}: {res.summary()}", flush=True)
     ranked = sorted(result["recipes"].items(), key=lambda kv: -kv[1]["P"])
     print(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,33 +338,24 @@ def test_cli_train_then_infer(dataset, tmp_path):
 DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
-import numpy as np, lightning as L
 import test_train as T
-from mtaffect.features.store import FeatureStore
+from ddp_helpers import Rows
 from mtaffect.data.annotations import LabelTable
 import pandas as pd
 from mtaffect.train.fit import fit
 
-class Rows(L.Callback):
-    def __init__(self):
-        self.rows = set()
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.current_epoch == 0:
-            self.rows.update(batch["index"].tolist())
-    def on_train_end(self, trainer, module):
-        with open(os.path.join({out!r}, f"rows{{trainer.global_rank}}.json"), "w") as fh:
-            json.dump(sorted(self.rows), fh)
-
 train = LabelTable(pd.read_parquet({train!r}))
 val = LabelTable(pd.read_parquet({val!r}))
 c = T.cfg(trainer={{"epochs": 1, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}})
-res = fit(c, {store!r}, train, val, os.path.join({out!r}, "run"), callbacks=[Rows()], log=None)
+res = fit(c, {store!r}, train, val, os.path.join({out!r}, "run"), callbacks=[Rows({out!r})], log=None)
 if res.checkpoint is not None:
     json.dump({{"P": res.P}}, open(os.path.join({out!r}, "result.json"), "w"))
 """
 
 
 def test_ddp_two_cpu_processes(dataset, tmp_path):
+    from ddp_helpers import run_two_ranks
+
     from mtaffect.data.predictions import PredictionTable
 
     store, train, val = dataset
@@ -377,13 +366,7 @@ def test_ddp_two_cpu_processes(dataset, tmp_path):
     script.write_text(
         DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path), store=str(store), **paths)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (set(json.loads((tmp_path / f"rows{r}.json").read_text())) for r in range(2))
+    r0, r1 = run_two_ranks(script, tmp_path, timeout=120)
     # each rank trains on its own share; DistributedSampler pads the odd row count (239) with one repeat
     assert r0 and r1 and len(r0 & r1) <= (len(train) - 1) % 2
     assert len(r0 | r1) == len(train) - 1  # together they cover every valid training row

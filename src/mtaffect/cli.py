@@ -236,6 +236,14 @@ def extract(
     device: str = "cpu",
     workers: Annotated[int, typer.Option(help="Decoding processes.")] = 1,
     tokens: Annotated[bool, typer.Option(help="Also store patch tokens (backbones that have them).")] = False,
+    backbone_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backbone-arg",
+            help="Backbone option KEY=VALUE (value read as YAML), e.g. image_size=238 or weights=DIR "
+            "(repeatable).",
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -243,11 +251,12 @@ def extract(
     from mtaffect.features.extract import extract as run_extract
 
     splits = tuple(s.strip() for s in split.split(",") if s.strip())
+    kwargs = parse_backbone_args(backbone_arg or [])
     model = backbone
-    if trust_remote_code:  # the person's explicit decision; never read from a file
+    if trust_remote_code:  # the person's explicit decision; never read from a file, never recorded
         from mtaffect.features.registry import create_backbone, with_trust
 
-        model = create_backbone(backbone, **with_trust(backbone, {}, True))
+        model = create_backbone(backbone, **with_trust(backbone, kwargs, True))
     res = run_extract(
         data,
         model,
@@ -258,10 +267,70 @@ def extract(
         workers=workers,
         tokens=tokens,
         overwrite=overwrite,
+        backbone_kwargs=kwargs,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary (rank 0 finalises the store)
         return
     console.print(f"store {res.summary()}")
+
+
+def parse_backbone_args(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> keyword arguments (values parsed as YAML: 238 -> int, [0.5, 0.5] -> list)."""
+    import yaml
+
+    from mtaffect.features.registry import CODE_EXECUTING_OPTIONS
+
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--backbone-arg {item!r} must look like KEY=VALUE (e.g. image_size=238)")
+        if key in CODE_EXECUTING_OPTIONS:
+            raise ValueError(
+                f"--backbone-arg {key} is not accepted: it would run code from the model's source; "
+                "pass --trust-remote-code if you trust it"
+            )
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--backbone-arg {item!r}: the value is not valid YAML ({exc})") from exc
+    return out
+
+
+@app.command("convert-weights")
+@user_errors
+def convert_weights(
+    src: Annotated[Path, typer.Argument(help="timm / MAE ViT weights (.pth state dict).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (model.safetensors + config.json).")],
+    heads: Annotated[
+        int | None, typer.Option(help="Attention heads (inferred for widths 192/384/768/1024/1280).")
+    ] = None,
+    mean: Annotated[str, typer.Option(help="Normalisation mean of [0,1] RGB pixels, 3 comma-separated.")] = (
+        "0.485,0.456,0.406"
+    ),
+    std: Annotated[
+        str, typer.Option(help="Normalisation std, 3 comma-separated values.")
+    ] = "0.229,0.224,0.225",
+    overwrite: Overwrite = False,
+) -> None:
+    """Convert a timm/MAE ViT .pth into a transformers ViT folder (safetensors) for `hf:OUT_DIR`.
+
+    Reads the file with torch.load(weights_only=True): tensors only, no code runs.
+    """
+    from mtaffect.features.convert import convert_timm_vit
+
+    def floats(text: str, what: str) -> list[float]:
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+
+    report = convert_timm_vit(
+        src, out_dir, num_heads=heads, mean=floats(mean, "mean"), std=floats(std, "std"), overwrite=overwrite
+    )
+    console.print(report.summary(), highlight=False)
+    console.print(f"wrote {out_dir} (load it as backbone hf:{out_dir})", highlight=False)
 
 
 @app.command()

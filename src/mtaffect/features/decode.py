@@ -1,4 +1,4 @@
-"""Decoding face crops for extraction, in DataLoader worker processes.
+"""Decoding face crops for extraction, image training and prediction, in DataLoader worker processes.
 
 For a small backbone on CPU, JPEG decoding is a large share of the cost of a feature cache, so the
 decoder does as little work as the backbone needs:
@@ -124,6 +124,27 @@ def failure_reason(exc: BaseException) -> str:
     return f"unreadable: {text}"[:200]
 
 
+def decode_rows(
+    folder: str, names: Sequence[str], rows: np.ndarray, size: int, mode: str
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode ``names[rows]`` under ``folder`` into one preallocated uint8 array; never raises.
+
+    Returns ``pixels`` (B, S, S) for "L" or (B, S, S, 3) for "RGB" (black where decoding failed),
+    ``ok`` (B,) and ``reasons`` (B strings, "" where ok).
+    """
+    shape = (len(rows), size, size) + ((3,) if mode == "RGB" else ())
+    pixels = np.zeros(shape, dtype=np.uint8)
+    ok = np.zeros(len(rows), dtype=bool)
+    reasons = [""] * len(rows)
+    for j, row in enumerate(rows):
+        try:
+            pixels[j] = decode_image(os.path.join(folder, names[row]), size, mode)
+            ok[j] = True
+        except Exception as exc:
+            reasons[j] = failure_reason(exc)
+    return pixels, ok, reasons
+
+
 class BatchDecodeDataset(Dataset):
     """Item ``i`` is a whole batch: the images ``names[batches[i]]`` under ``folder``, in one uint8 array.
 
@@ -151,14 +172,47 @@ class BatchDecodeDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rows = np.asarray(self.batches[i], dtype=np.int64)
-        shape = (len(rows), self.size, self.size) + ((3,) if self.mode == "RGB" else ())
-        pixels = np.zeros(shape, dtype=np.uint8)
-        ok = np.zeros(len(rows), dtype=bool)
-        reasons = [""] * len(rows)
-        for j, row in enumerate(rows):
-            try:
-                pixels[j] = decode_image(os.path.join(self.folder, self.names[row]), self.size, self.mode)
-                ok[j] = True
-            except Exception as exc:
-                reasons[j] = failure_reason(exc)
+        pixels, ok, reasons = decode_rows(self.folder, self.names, rows, self.size, self.mode)
         return {"rows": rows, "pixels": pixels, "ok": ok, "reasons": reasons}
+
+
+class ImageReader:
+    """Decoded pixels of a fixed list of images by position, exactly as extraction decodes them.
+
+    ``read(positions)`` takes any index shape (e.g. (B, T) windows), decodes each distinct image once
+    and returns ``pixels`` (positions.shape + (S, S[, 3])) uint8, ``ok`` (positions.shape) and the
+    ``(name, reason)`` of every failure. Image training and prediction from images read through it.
+    """
+
+    def __init__(self, folder: str | os.PathLike, names: Sequence[str], size: int, colour: str) -> None:
+        self.folder = os.fspath(folder)
+        self.names = np.asarray(names, dtype=object)
+        self.size = int(size)
+        self.mode = decode_mode(colour)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        pos = np.asarray(positions, dtype=np.int64)
+        uniq, inv = np.unique(pos.reshape(-1), return_inverse=True)
+        pixels, ok, reasons = decode_rows(self.folder, self.names, uniq, self.size, self.mode)
+        failed = [
+            (str(self.names[r]), why) for r, good, why in zip(uniq, ok, reasons, strict=True) if not good
+        ]
+        inv = inv.reshape(-1)
+        return pixels[inv].reshape(*pos.shape, *pixels.shape[1:]), ok[inv].reshape(pos.shape), failed
+
+
+class ReaderBatches(Dataset):
+    """Item ``i`` is ``reader.read(batches[i])``: an :class:`ImageReader`'s batches for a DataLoader with
+    decoding workers (``batch_size=None``), in order."""
+
+    def __init__(self, reader: ImageReader, batches: Sequence[np.ndarray]) -> None:
+        self.reader, self.batches = reader, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+        return self.reader.read(self.batches[i])

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput, BackboneSpec
+from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD, BackboneOutput, BackboneSpec
 from mtaffect.features.hf import (
+    TransformersBackbone,
     file_sha256,
     import_transformers,
     load_pretrained,
@@ -75,7 +76,7 @@ def _config_digest(config: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class DinoV2Backbone(Backbone):
+class DinoV2Backbone(TransformersBackbone):
     """A ``Dinov2Model`` giving concat(CLS, mean patch) features and, on request, the patch tokens."""
 
     def __init__(self, model: Any, spec: BackboneSpec) -> None:
@@ -140,6 +141,8 @@ def create_dinov2(
     *,
     weights: str | None = None,
     image_size: int = 224,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     config: Any = None,
     random_init: bool = False,
     seed: int = 0,
@@ -147,7 +150,14 @@ def create_dinov2(
     revision: str | None = None,
     local_files_only: bool | None = None,
 ) -> DinoV2Backbone:
-    """Build ``dinov2-<size>``; see the module docstring for ``weights``/``config``/``random_init``."""
+    """Build ``dinov2-<size>``; see the module docstring for ``weights``/``config``/``random_init``.
+
+    ``mean``/``std`` (on [0, 1] RGB pixels) replace the ImageNet normalisation the models were trained with.
+    """
+    if (mean is None) != (std is None):
+        raise ValueError("pass both mean= and std= (3 values each, for pixels scaled to [0, 1])")
+    if mean is not None and (len(mean) != 3 or len(std) != 3):  # type: ignore[arg-type]
+        raise ValueError(f"mean/std need 3 values (RGB), got {list(mean)} / {list(std)}")  # type: ignore[arg-type]
     if size not in SIZES:
         raise ValueError(f"unknown DINOv2 size {size!r}; choose one of {SIZES}")
     transformers = import_transformers()
@@ -197,8 +207,8 @@ def create_dinov2(
         name=f"dinov2-{size}",
         input_size=image_size,
         colour="RGB",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=IMAGENET_MEAN if mean is None else tuple(float(m) for m in mean),
+        std=IMAGENET_STD if std is None else tuple(float(v) for v in std),
         feature_dim=2 * hidden,
         token_shape=(n_tokens, hidden),
         config={

@@ -49,7 +49,7 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -157,17 +157,22 @@ def collect_images(root: str | os.PathLike, splits: Sequence[str] = ("train", "v
     return sorted(names)
 
 
-def _resolve_backbone(backbone: str | Backbone) -> Backbone:
+def _resolve_backbone(backbone: str | Backbone, kwargs: Mapping[str, Any] | None = None) -> Backbone:
     if isinstance(backbone, str):
         from mtaffect.features.registry import create_backbone
 
-        backbone = create_backbone(backbone)
+        try:
+            backbone = create_backbone(backbone, **dict(kwargs or {}))
+        except TypeError as exc:
+            raise ValueError(f"backbone {backbone!r} does not take {sorted(kwargs or {})}: {exc}") from exc
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a registry name or a Backbone, got {type(backbone).__name__}")
     return backbone
 
 
-def _make_plan(bb: Backbone, images: Sequence[str], tokens: bool, chunk_size: int) -> dict:
+def _make_plan(
+    bb: Backbone, images: Sequence[str], tokens: bool, chunk_size: int, kwargs: Mapping[str, Any] | None
+) -> dict:
     spec = bb.spec
     if tokens and spec.token_shape is None:
         raise ValueError(f"backbone {spec.name!r} has no tokens; extract without tokens (drop --tokens)")
@@ -179,6 +184,8 @@ def _make_plan(bb: Backbone, images: Sequence[str], tokens: bool, chunk_size: in
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "backbone": spec.name,
+        # create_backbone(backbone, **backbone_kwargs) rebuilds it (checkpoints trained here carry them)
+        "backbone_kwargs": json.loads(json.dumps(dict(kwargs or {}), default=str)),
         "spec": json.loads(json.dumps(asdict(spec), default=str)),
         "fingerprint": spec.fingerprint(),
         "preprocessing": prep,
@@ -689,6 +696,7 @@ def extract(
     rank: int | None = None,
     world_size: int | None = None,
     threads: int | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
 ) -> ExtractResult:
     """Extract ``backbone`` features of the images of ``splits`` under ``root`` into the store ``out``.
 
@@ -702,6 +710,8 @@ def extract(
     (default on CPU: the cores the workers leave). Under torchrun (or an initialised process group)
     each rank extracts its share of the chunks and rank 0 finalises; every rank returns the same
     result. A Backbone instance is moved to ``device``. See the module docstring for the design.
+    ``backbone_kwargs`` (plain data, e.g. ``{"image_size": 238}``) build a named backbone and are
+    recorded in the store, so a model trained on it rebuilds the same backbone for prediction.
     """
     t_start = time.perf_counter()
     if batch_size < 1 or chunk_size < 1 or workers < 0:
@@ -730,8 +740,8 @@ def extract(
     ranks = _resolve_ranks(rank, world_size)
     try:
         dev = _resolve_device(device, ranks)
-        bb = _resolve_backbone(backbone).to(dev).eval()
-        plan = _make_plan(bb, names_list, tokens, chunk_size)
+        bb = _resolve_backbone(backbone, backbone_kwargs).to(dev).eval()
+        plan = _make_plan(bb, names_list, tokens, chunk_size, backbone_kwargs)
         state = ranks.on_rank0(lambda: _prepare(out, partial, plan, names_list, overwrite))
         done = set(state["done"])
         n, cs = len(names_list), chunk_size

@@ -15,19 +15,20 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Mapping
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtaffect.features.base import Backbone, BackboneOutput, BackboneSpec
+from mtaffect.features.base import Backbone, BackboneLayout, BackboneOutput, BackboneSpec
 from mtaffect.features.registry import register_backbone
 from mtaffect.schema import EXPR_NAMES
 
@@ -193,12 +194,15 @@ def default_weights_path() -> Path:
 
 
 def load_minixception(weights: str | os.PathLike | None = None) -> tuple[MiniXception, str]:
-    """Build the unfused network with ``weights`` (a safetensors file; None: the vendored one).
+    """Build the unfused network with ``weights`` (a safetensors file, or a folder holding
+    ``model.safetensors`` such as a fine-tuned checkpoint's ``backbone/``; None: the vendored one).
 
     Returns the model in eval mode and the sha256 of the weights file. Raises ``ValueError`` naming
     the file when it is not a safetensors file of this architecture.
     """
     path = Path(weights) if weights is not None else default_weights_path()
+    if path.is_dir():
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(
             f"fer-minixception weights {path} not found; give a .safetensors file made by "
@@ -248,6 +252,7 @@ class FerMiniXception(Backbone):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         net, sha = load_minixception(weights)
+        self._weights_src = weights  # rebuilt unfused from it for fine-tuning
         self.net = net.fuse_().requires_grad_(False) if fuse else net  # fused: inference only
         self.channels_last = channels_last
         self.chunk = chunk
@@ -306,6 +311,33 @@ class FerMiniXception(Backbone):
         if tokens:
             toks = torch.cat([p[2].flatten(2).transpose(1, 2) for p in parts])
         return BackboneOutput(features=features, logits=logits, tokens=toks)
+
+    # ---- fine-tuning ---------------------------------------------------------------------------------
+    def prepare_finetune(self) -> None:
+        """Trainable weights: a fused network (BatchNorm folded, inference only) is rebuilt unfused."""
+        if self.net.fused:
+            self.net = load_minixception(self._weights_src)[0]
+            self._layout_cl = False
+        self.requires_grad_(True)
+
+    def layout(self) -> BackboneLayout:
+        return BackboneLayout(
+            stem=("net.stem1", "net.stem2"),
+            blocks=tuple(f"net.blocks.{i}" for i in range(len(self.net.blocks))),
+        )
+
+    def save_weights(self, folder: str | os.PathLike, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``folder/model.safetensors`` in the vendored file's layout (loaded with ``weights=folder``)."""
+        if self.net.fused:
+            raise ValueError("a fused fer-minixception (fuse=True) has no trainable weights to save")
+        state = {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.net.state_dict().items()
+            if not k.endswith("num_batches_tracked")
+        }
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "fer-minixception"})
+        return {k: v for k, v in kwargs.items() if k not in ("weights", "fuse")}
 
 
 @register_backbone("fer-minixception")

@@ -25,12 +25,14 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from mtaffect.features.base import Backbone, BackboneOutput, BackboneSpec
+from mtaffect.features.base import Backbone, BackboneLayout, BackboneOutput, BackboneSpec
 from mtaffect.features.registry import register_backbone
 
 HUB_EXTRA_HINT = "install the hub extras: pip install 'mtaffect[hub]'"
@@ -246,8 +248,62 @@ def _patch_size(config: Any) -> int | None:
     return int(p) if isinstance(p, int) else None
 
 
+# ---- fine-tuning a transformers model -------------------------------------------------------------------
+#: Factory options that only say where weights came from: dropped when a fine-tuned copy is saved.
+_SOURCE_KWARGS = (
+    "weights",
+    "revision",
+    "local_files_only",
+    "trust_remote_code",
+    "config",
+    "random_init",
+    "seed",
+)
+#: Where transformers vision models keep their blocks (ViT/ViT-MAE in transformers 5: ``layers``).
+_BLOCK_LISTS = ("encoder.layer", "layers", "encoder.layers", "encoder.layer_list")
+
+
+class TransformersBackbone(Backbone):
+    """A backbone around a transformers model in ``self.model``: layout, checkpointing, saving."""
+
+    model: Any
+
+    def layout(self) -> BackboneLayout | None:
+        """``embeddings`` as the stem and the model's list of transformer blocks, when it has them."""
+        stem = ("model.embeddings",) if isinstance(getattr(self.model, "embeddings", None), nn.Module) else ()
+        for path in _BLOCK_LISTS:
+            try:
+                blocks = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(blocks, nn.ModuleList) and len(blocks):
+                return BackboneLayout(
+                    stem=stem, blocks=tuple(f"model.{path}.{i}" for i in range(len(blocks)))
+                )
+        return None
+
+    def set_gradient_checkpointing(self, enabled: bool) -> bool:
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            return False
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        m = self.model
+        if not enabled:
+            (m.activation_checkpointing_disable if hasattr(m, "activation_checkpointing_enable")
+             else m.gradient_checkpointing_disable)()  # fmt: skip
+        elif hasattr(m, "activation_checkpointing_enable"):  # non-reentrant: frozen inputs, DDP
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return True
+
+    def save_weights(self, folder: str | os.PathLike, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``save_pretrained`` (config.json + model.safetensors): a folder ``weights=`` loads offline."""
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+        return {k: v for k, v in kwargs.items() if k not in _SOURCE_KWARGS}
+
+
 # ---- the hf: backbone --------------------------------------------------------------------------------
-class HFBackbone(Backbone):
+class HFBackbone(TransformersBackbone):
     """A transformers vision model reduced to ``BackboneOutput`` (see the module docstring for pooling)."""
 
     def __init__(self, model: Any, *, input_size: int, pooling: str, use_pooler_weights: bool) -> None:
@@ -315,11 +371,20 @@ class HFBackbone(Backbone):
         feats, toks = self._reduce(self._run(x))
         return BackboneOutput(features=feats, tokens=toks if tokens else None)
 
+    def save_weights(self, folder: str | os.PathLike, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """As the base class, plus the resolved preprocessing and pooling (a saved pooler would
+        otherwise switch ``pooling="auto"`` from mean to pooler)."""
+        out = super().save_weights(folder, kwargs)
+        s = self.spec
+        return {**out, "pooling": self.pooling, "image_size": s.input_size, "mean": list(s.mean),
+                "std": list(s.std)}  # fmt: skip
+
 
 @register_backbone("hf", prefix=True)
 def create_hf_backbone(
     model: str,
     *,
+    weights: str | None = None,
     image_size: int | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
@@ -335,10 +400,14 @@ def create_hf_backbone(
     ``mean``/``std`` apply to [0, 1] pixels. ``pooling`` is auto|pooler|mean|cls (module docstring).
     ``trust_remote_code=True`` lets transformers import and run the Python code the repository or
     folder ships; without it such a model is refused. Only a person's flag may set it, never a file.
+
+    ``weights`` (a hub id or local folder) loads other weights of the same model than ``model`` names,
+    e.g. a fine-tuned copy saved in a checkpoint.
     """
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
     transformers = import_transformers()
+    model = weights or model
     src = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
     offline = resolve_offline(src, local_files_only)
     # Always explicit: left unset, transformers would prompt on a terminal for a repository with custom

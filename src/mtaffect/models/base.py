@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ class MTLModel(nn.Module):
     #: Set by the training loop during a training step to the stage's tasks (None otherwise): a recipe
     #: may then skip computing outputs no loss of the stage uses (a speed hint, never required).
     active_tasks: tuple[str, ...] | None = None
+    #: Optimiser settings per submodule, ``{dotted name: {"lr": ..., "weight_decay": ...}}`` (the
+    #: config's ``optim.groups``), read by :meth:`param_groups`; not part of the architecture.
+    group_settings: Mapping[str, Mapping[str, float]] = {}
 
     def stages(self) -> list[Stage]:
         """Training phases in order; the default is one joint phase over all tasks and parameters."""
@@ -61,6 +64,34 @@ class MTLModel(nn.Module):
     def config(self) -> dict:
         """Keyword arguments that rebuild this model with ``create_model(self.recipe, **config)``."""
         raise NotImplementedError
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups over the trainable parameters.
+
+        A submodule named in :attr:`group_settings` (e.g. recipe 3's ``fusion``, ``temporal_net``,
+        ``heads``) gets its own lr and weight decay (the most specific name wins); every other
+        trainable parameter trains at ``lr`` / ``weight_decay``. Groups carry a ``name``.
+        """
+        names = sorted(self.group_settings, key=lambda n: -n.count("."))  # most specific first
+        known = {n for n, _ in self.named_modules()}
+        bad = [n for n in names if n not in known]
+        if bad:
+            children = [n for n, _ in self.named_children()]
+            raise ValueError(
+                f"optim.groups names {bad}, not submodules of recipe {self.recipe!r} (its parts: {children})"
+            )
+        members: dict[str, list[torch.nn.Parameter]] = {n: [] for n in ["", *names]}
+        for pname, p in self.named_parameters():
+            if p.requires_grad:
+                owner = next((n for n in names if pname.startswith(n + ".")), "")
+                members[owner].append(p)
+        groups = []
+        for name, params in members.items():
+            if params:
+                s = self.group_settings.get(name, {})
+                groups.append({"name": name or "default", "params": params, "lr": float(s.get("lr", lr)),
+                               "weight_decay": float(s.get("weight_decay", weight_decay))})  # fmt: skip
+        return groups
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

@@ -5,11 +5,18 @@ describes the model::
 
     recipe, model_config      create_model(recipe, **model_config) rebuilds the architecture
     temporal, inputs, window  what the model reads; temporal models predict over windows of `window`
-    backbone                  {name, kwargs, spec, fingerprint}: the features it was trained on
+    backbone                  {name, kwargs, spec, fingerprint[, mode, weights]}: the features it was
+                              trained on; create_backbone(name, **kwargs) rebuilds the backbone
     feature_dim, num_logits, token_shape
     au_thresholds             12 decision thresholds (default 0.5)
     metrics                   validation metrics of the saved weights (P and its terms)
     train_config              the resolved training config; mtaffect_version, created
+
+A model trained from images with a fine-tuned backbone (``backbone.mode: finetune``) also holds the
+backbone's weights: ``backbone/`` (safetensors, loaded by the backbone's own ``weights=`` option) and
+``backbone.weights = "backbone"``; its ``fingerprint`` is null, since its features are its own and no
+feature store holds them (such a model predicts from images only). ``kwargs`` are data (sizes,
+normalisation, dtype): an option that would run code (``trust_remote_code``) is never honoured here.
 
 A checkpoint is written into a temporary folder beside its target and renamed into place, so a crash
 never leaves half a checkpoint; an existing one is replaced only with ``overwrite=True``.
@@ -28,8 +35,6 @@ import datetime as dt
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtaffect.features.registry import CODE_EXECUTING_OPTIONS, options_from_file, with_trust
-from mtaffect.io import OutputExistsError
+from mtaffect.io import OutputExistsError, atomic_folder
 from mtaffect.models.base import AffectOutputs, MTLModel, outputs_to_probs
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
@@ -48,6 +53,7 @@ FORMAT = "mtaffect-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+BACKBONE_DIR = "backbone"  # a fine-tuned backbone's weights
 
 
 class CheckpointError(ValueError):
@@ -85,8 +91,13 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     train_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    backbone_weights: Any = None,
 ) -> Path:
-    """Write ``model`` to the folder ``path``; ``backbone`` = {name, spec, fingerprint[, kwargs]}."""
+    """Write ``model`` to the folder ``path``; ``backbone`` = {name, spec, fingerprint[, kwargs, mode]}.
+
+    ``backbone_weights``: a fine-tuned :class:`~mtaffect.features.base.Backbone` whose weights go into
+    ``backbone/`` (its ``save_weights`` decides the files and the kwargs that load them again).
+    """
     target = Path(path)
     if target.exists() and not overwrite:
         raise OutputExistsError(
@@ -117,7 +128,8 @@ def save_checkpoint(
                 if k not in CODE_EXECUTING_OPTIONS
             },
             "spec": _jsonable(backbone.get("spec", {})),
-            "fingerprint": backbone.get("fingerprint"),
+            "fingerprint": None if backbone_weights is not None else backbone.get("fingerprint"),
+            **({"mode": str(backbone["mode"])} if "mode" in backbone else {}),
         },
         "feature_dim": int(feature_dim),
         "num_logits": int(num_logits),
@@ -128,25 +140,16 @@ def save_checkpoint(
         "mtaffect_version": _version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
+        if backbone_weights is not None:
+            kwargs = backbone_weights.save_weights(tmp / BACKBONE_DIR, dict(backbone.get("kwargs", {})))
+            config["backbone"]["kwargs"] = _jsonable(kwargs)
+            config["backbone"]["weights"] = BACKBONE_DIR
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "recipe": model.recipe})
         with open(tmp / CONFIG, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=1)
             fh.write("\n")
-        os.chmod(tmp, 0o755)
-        if target.exists():  # swap through a fresh name: never a folder this call did not create
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".replaced", dir=target.parent))
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target
 
 
@@ -261,25 +264,28 @@ class TrainedAffectModel:
     ``predict(features, logits, tokens)`` takes N faces, one time step each. Temporal recipes also
     accept one sequence ``(1, T, ...)`` (consecutive frames of one video) and then return T rows;
     (N, ...) input is treated as N sequences of length 1 (no temporal context).
-    :meth:`predict_store` predicts a whole store, temporal recipes over windows of each video.
+    :meth:`predict_store` predicts a whole store, temporal recipes over windows of each video;
+    :meth:`predict_images` the same from face crops (the backbone runs on them);
+    :meth:`create_backbone` builds the backbone the model was trained with (fine-tuned weights included).
+    ``backbone_module`` gives an already built backbone (e.g. a model still in memory after training).
     """
 
     def __init__(
-        self,
-        model: MTLModel,
-        config: dict,
-        device: str | torch.device = "cpu",
-        *,
-        trust_remote_code: bool = False,
-    ) -> None:
+        self, model: MTLModel, config: dict, device: str | torch.device = "cpu", *,
+        path: str | os.PathLike | None = None, backbone_module: Any = None, trust_remote_code: bool = False,
+    ) -> None:  # fmt: skip
         self.model = model.to(device).eval()
         self.config = config
         self.device = torch.device(device)
+        self.path = None if path is None else Path(path)
+        self._backbone_module = backbone_module
         bb = config["backbone"]
         self.backbone: str = bb["name"]
         kwargs = options_from_file(bb.get("kwargs"), "checkpoint config: backbone.kwargs")
         self.backbone_kwargs: dict = with_trust(self.backbone, kwargs, trust_remote_code)
+        self.backbone_weights: str | None = bb.get("weights")  # fine-tuned weights inside the checkpoint
         self.fingerprint: str | None = bb.get("fingerprint")
+        self.failures: list[tuple[str, str]] = []  # images predict_images could not read
         self.au_thresholds = np.asarray(config.get("au_thresholds", [DEFAULT_AU_THRESHOLD] * NUM_AUS), float)
         self.temporal = bool(config.get("temporal", False))
         self.window = int(config.get("window", 1))
@@ -318,23 +324,36 @@ class TrainedAffectModel:
             return outputs_to_probs({k: v[:, 0] for k, v in out.items()})
         return outputs_to_probs(self._forward(arrays))
 
-    def predict_store(self, store: Any, images: Sequence[str], batch_size: int = 4096) -> Any:
-        """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
+    def create_backbone(self) -> Any:
+        """The backbone this model reads: ``create_backbone(name, **kwargs)``, with the checkpoint's own
+        fine-tuned weights when it has them (eval mode, on the model's device)."""
+        if self._backbone_module is not None:
+            return self._backbone_module.to(self.device).eval()
+        from mtaffect.features.registry import create_backbone
 
-        Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
-        frame, the last padded); every frame is predicted exactly once.
-        """
+        kwargs = dict(self.backbone_kwargs)
+        where = self.path / CONFIG if self.path is not None else "the checkpoint config"
+        # backbone_kwargs come from the file through options_from_file (no code-running option) plus
+        # the caller's own trust_remote_code decision (with_trust), never anything else
+        if self.backbone_weights:
+            folder = (self.path / self.backbone_weights) if self.path is not None else None
+            if folder is None or not folder.is_dir() or self.path.resolve() not in folder.resolve().parents:
+                raise CheckpointError(
+                    f"{where}: the fine-tuned backbone's weights ({self.backbone_weights!r}) are not a "
+                    "folder "
+                    "inside the checkpoint; the checkpoint is damaged"
+                )
+            kwargs["weights"] = str(folder)
+        return create_backbone(self.backbone, **kwargs).to(self.device).eval()
+
+    def _predict_units(self, inputs: Any, images: Sequence[str], batch_size: int) -> Any:
+        """The prediction loop of :meth:`predict_store` / :meth:`predict_images`: ``inputs(batches)``
+        yields, in order, the model's input arrays for each array of positions (into the de-duplicated
+        names) of ``batches``."""
         from mtaffect.data.predictions import PredictionTable
         from mtaffect.data.units import make_windows, split_image_names
-        from mtaffect.features.reader import InputSource
-        from mtaffect.features.store import FeatureStore
 
-        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        if self.fingerprint and st.fingerprint != self.fingerprint:
-            st.check_compatible(self.fingerprint, self.backbone)
         names = list(dict.fromkeys(str(x) for x in images))
-        rows = st.rows(names)
-        source = InputSource(st, rows, self.inputs, in_memory=False)
         n = len(names)
         va = np.zeros((n, 2))
         expr = np.zeros((n, 8))
@@ -345,9 +364,10 @@ class TrainedAffectModel:
             bs = max(1, batch_size // self.window)
         else:
             units, mask, bs = np.arange(n), None, batch_size
-        for s in range(0, len(units), bs):
+        starts = range(0, len(units), bs)
+        for s, arrays in zip(starts, inputs([units[s : s + bs] for s in starts]), strict=True):
             pos = units[s : s + bs]
-            probs = outputs_to_probs(self._forward(source.get(pos)))
+            probs = outputs_to_probs(self._forward(arrays))
             idx = pos
             if mask is not None:
                 keep = mask[s : s + bs]
@@ -360,6 +380,72 @@ class TrainedAffectModel:
             [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take]
         )
 
+    def predict_store(self, store: Any, images: Sequence[str], batch_size: int = 4096) -> Any:
+        """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
+
+        Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
+        frame, the last padded); every frame is predicted exactly once.
+        """
+        from mtaffect.features.reader import InputSource
+        from mtaffect.features.store import FeatureStore
+
+        if self.backbone_weights:
+            raise CheckpointError(
+                f"this model fine-tuned its backbone ({self.backbone!r}): no feature store holds its "
+                "features; "
+                "predict from the images (infer --data, predict)"
+            )
+        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        if self.fingerprint and st.fingerprint != self.fingerprint:
+            st.check_compatible(self.fingerprint, self.backbone)
+        rows = st.rows(list(dict.fromkeys(str(x) for x in images)))
+        source = InputSource(st, rows, self.inputs, in_memory=False)
+        return self._predict_units(lambda batches: map(source.get, batches), images, batch_size)
+
+    @torch.no_grad()
+    def predict_images(
+        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0
+    ) -> Any:
+        """A PredictionTable for ``images`` (names relative to ``folder``, e.g. a dataset's
+        ``cropped_aligned``), decoded and normalised exactly as extraction does, through the backbone.
+
+        ``workers`` decoding processes (0: decode here) prepare the next batches while the backbone
+        runs. An unreadable image is predicted from a black image (as extraction stores it), listed in
+        ``self.failures`` and reported in one warning: never silently.
+        """
+        import warnings
+
+        from torch.utils.data import DataLoader
+
+        from mtaffect.features.base import normalise, pixels_to_unit
+        from mtaffect.features.decode import ImageReader, ReaderBatches
+        from mtaffect.models.image_model import ImageMTLModel
+
+        bb = self.create_backbone()
+        spec = bb.spec
+        loop = ImageMTLModel(bb, self.model)  # frozen: the same backbone -> head path as training
+        reader = ImageReader(
+            folder, list(dict.fromkeys(str(x) for x in images)), spec.input_size, spec.colour
+        )
+        self.failures = []
+
+        def inputs(batches: list[np.ndarray]):
+            decoded = DataLoader(ReaderBatches(reader, batches), batch_size=None, num_workers=workers)
+            for pixels, _, failed in decoded:
+                self.failures.extend(failed)
+                x = pixels_to_unit(torch.as_tensor(pixels).to(self.device), spec.colour)
+                yield loop.backbone_outputs(normalise(x, spec.mean, spec.std))
+
+        table = self._predict_units(inputs, images, batch_size)
+        if self.failures:
+            first = "; ".join(f"{n} ({why})" for n, why in self.failures[:3])
+            warnings.warn(
+                f"{len(self.failures)} image(s) could not be read and were predicted from a black "
+                f"image: {first}",
+                stacklevel=2,
+            )
+        return table
+
 
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
@@ -370,7 +456,7 @@ def load_model(
     folder ships (transformers' option of that name): the caller's decision, never the checkpoint's.
     """
     model, config = load_mtl_model(path)
-    return TrainedAffectModel(model, config, device, trust_remote_code=trust_remote_code)
+    return TrainedAffectModel(model, config, device, path=path, trust_remote_code=trust_remote_code)
 
 
 __all__ = ["CheckpointError", "TrainedAffectModel", "load_model", "read_checkpoint_config", "save_checkpoint"]

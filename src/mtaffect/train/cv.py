@@ -27,7 +27,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
 from mtaffect.train.config import TrainConfig
-from mtaffect.train.fit import TrainResult, env_rank, fit
+from mtaffect.train.fit import TrainResult, env_rank, fit, open_training_data
 
 _SIDE = re.compile(r"_(left|right)$")
 TERMS = ("P", "ccc_va", "f1_expr", "f1_au")
@@ -114,8 +114,11 @@ def cross_validate(
     overwrite: bool = False,
     log=print,
 ) -> CVResult:
-    """Train one model per fold (``labels`` = train + val rows), report mean ± std, ensemble the test set."""
-    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    """Train one model per fold (``labels`` = train + val rows), report mean ± std, ensemble the test set.
+
+    For a config with a ``backbone:`` section, ``store`` is the dataset root (training from its images).
+    """
+    st = open_training_data(config, store)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path / "cv.json", overwrite)
@@ -148,6 +151,13 @@ def cross_validate(
 
         preds = []
         for result in models:
+            if not isinstance(st, FeatureStore):  # trained from images: predict the test images
+                from mtaffect.schema import CROPPED_DIR
+                from mtaffect.train.images.build import image_affect_model
+
+                tm = image_affect_model(result.model, config)  # type: ignore[arg-type]
+                preds.append(tm.predict_images(st / CROPPED_DIR, list(test_images)))
+                continue
             tm = TrainedAffectModel(
                 result.model, {"backbone": {"name": st.backbone, "fingerprint": st.fingerprint},
                                "temporal": bool(result.model.temporal), "window": config.data.window,

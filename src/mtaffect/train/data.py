@@ -75,12 +75,39 @@ class JoinReport:
     used: int
 
 
+def labelled(labels: LabelTable) -> LabelTable:
+    """The rows of ``labels`` with at least one label (the units a training or validation set uses)."""
+    keep = np.flatnonzero(labels.any_label_mask)
+    return labels.subset(keep) if len(keep) != len(labels) else labels
+
+
+def label_arrays(table: LabelTable, rows: np.ndarray) -> LabelArrays:
+    """``table``'s labels as values (missing filled with 0) + per-task masks, with each image's ``rows``
+    (its row in whatever source reads the inputs: a feature store, or an image list)."""
+    valence, arousal = table.valence, table.arousal
+    va = np.stack([valence, arousal], axis=1).astype(np.float32)
+    va_mask = va != MISSING_VA
+    expr = table.expression
+    au = table.aus
+    return LabelArrays(
+        images=table.images,
+        video=table.frame["video"].to_numpy(dtype=object),
+        frame=table.frame["frame"].to_numpy(dtype=np.int64),
+        rows=np.asarray(rows, dtype=np.int64),
+        va=np.where(va_mask, va, 0).astype(np.float32),
+        va_mask=va_mask,
+        expr=np.where(expr != MISSING_EXPR, expr, 0).astype(np.int64),
+        expr_mask=expr != MISSING_EXPR,
+        au=np.where(au != MISSING_AU, au, 0).astype(np.float32),
+        au_mask=au != MISSING_AU,
+    )
+
+
 def join_labels(
     store: FeatureStore, labels: LabelTable, what: str = "labels"
 ) -> tuple[LabelArrays, JoinReport]:
     """Labelled images of ``labels`` -> store rows + label arrays; failed images are excluded and counted."""
-    keep = np.flatnonzero(labels.any_label_mask)
-    table = labels.subset(keep) if len(keep) != len(labels) else labels
+    table = labelled(labels)
     try:
         rows = store.rows(table.images)
     except MissingImagesError as exc:
@@ -90,23 +117,7 @@ def join_labels(
             f"(e.g. {exc.missing[:3]}); extract a store that covers this split"
         ) from exc
     ok = store.valid(rows) if len(rows) else np.zeros(0, dtype=bool)
-    valence, arousal = table.valence, table.arousal
-    va = np.stack([valence, arousal], axis=1).astype(np.float32)
-    va_mask = va != MISSING_VA
-    expr = table.expression
-    au = table.aus
-    arrays = LabelArrays(
-        images=table.images,
-        video=table.frame["video"].to_numpy(dtype=object),
-        frame=table.frame["frame"].to_numpy(dtype=np.int64),
-        rows=rows,
-        va=np.where(va_mask, va, 0).astype(np.float32),
-        va_mask=va_mask,
-        expr=np.where(expr != MISSING_EXPR, expr, 0).astype(np.int64),
-        expr_mask=expr != MISSING_EXPR,
-        au=np.where(au != MISSING_AU, au, 0).astype(np.float32),
-        au_mask=au != MISSING_AU,
-    )
+    arrays = label_arrays(table, rows)
     report = JoinReport(labelled=len(table), excluded_invalid=int((~ok).sum()), used=int(ok.sum()))
     return arrays.take(np.flatnonzero(ok)), report
 
@@ -199,7 +210,13 @@ def loader(dataset: UnitDataset, sampler: ShardedBatches) -> DataLoader:
 
 
 class MTLDataModule(L.LightningDataModule):
-    """Train / validation datasets over one store; rows or windows as the model wants."""
+    """Train / validation datasets over one store; rows or windows as the model wants.
+
+    Where the inputs come from is three hooks: :meth:`_join` (labels -> label arrays + report),
+    :meth:`_make_source` (the reader of the inputs) and :meth:`_loader`; image training
+    (:class:`mtaffect.train.images.data.ImageDataModule`) overrides them and shares the rest (units,
+    task selection, sharding).
+    """
 
     def __init__(
         self, store: FeatureStore, train: LabelTable, val: LabelTable | None, *, inputs: Sequence[str],
@@ -214,19 +231,29 @@ class MTLDataModule(L.LightningDataModule):
         self.eval_batch_size = max(1, eval_batch_size // per_unit)
         self.seed = seed
         self.window, self.stride = window, stride
-        self.train_labels, self.train_report = join_labels(store, train, "training labels")
+        self.train_labels, self.train_report = self._join(train, "training labels")
         if val is not None:
-            self.val_labels, self.val_report = join_labels(store, val, "validation labels")
+            self.val_labels, self.val_report = self._join(val, "validation labels")
         else:
             self.val_labels, self.val_report = None, None
         n_train = len(self.train_labels)
         rows = self.train_labels.rows
         if self.val_labels is not None:
             rows = np.concatenate([rows, self.val_labels.rows])
-        self.source = InputSource(store, rows, inputs, in_memory, memory_limit_gb)
+        self.source = self._make_source(rows, inputs, in_memory, memory_limit_gb)
         self._all_train = self._dataset(self.train_labels, 0, stride)
         self.train_set = self._all_train
         self.val_set = None if self.val_labels is None else self._dataset(self.val_labels, n_train, window)
+
+    def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
+        return join_labels(self.store, labels, what)
+
+    def _make_source(self, rows: np.ndarray, inputs: Sequence[str], in_memory: bool | str,
+                     memory_limit_gb: float) -> InputSource:  # fmt: skip
+        return InputSource(self.store, rows, inputs, in_memory, memory_limit_gb)
+
+    def _loader(self, dataset: UnitDataset, sampler: ShardedBatches) -> DataLoader:
+        return loader(dataset, sampler)
 
     def _dataset(self, labels: LabelArrays, offset: int, stride: int) -> UnitDataset:
         # Labels are indexed by position within their split; inputs by position in the joint source.
@@ -269,13 +296,13 @@ class MTLDataModule(L.LightningDataModule):
         return len(self.train_sampler(0, world))
 
     def train_dataloader(self) -> DataLoader:
-        return loader(self.train_set, self.train_sampler(*self._rank_world()))
+        return self._loader(self.train_set, self.train_sampler(*self._rank_world()))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []  # type: ignore[return-value]
         rank, world = self._rank_world()
-        return loader(
+        return self._loader(
             self.val_set,
             ShardedBatches(
                 len(self.val_set), self.eval_batch_size, shuffle=False, rank=rank, world=world, pad=False

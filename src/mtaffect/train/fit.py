@@ -20,6 +20,10 @@ it is never written nor read: resumption never unpickles anything.
 
 Under DDP (``trainer.strategy: ddp``, ``devices``, ``num_nodes``) every process runs :func:`fit`;
 ranks train on disjoint shares, the validation metric is merged across ranks, and only rank 0 writes.
+
+What is trained comes from :func:`build_training`: a recipe over a feature store, or, for a config
+with a ``backbone:`` section, the backbone in the loop over a dataset's images
+(:mod:`mtaffect.train.images`); the loop below is the same for both.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,12 +95,15 @@ def env_rank() -> int:
     return 0
 
 
-def build_model(config: TrainConfig, store: FeatureStore) -> MTLModel:
-    """``create_model(recipe, feature_dim, num_logits, token_shape, **hparams)`` with a clear error."""
+def build_model(config: TrainConfig, store: Any) -> MTLModel:
+    """``create_model(recipe, feature_dim, num_logits, token_shape, **hparams)`` with a clear error.
+
+    ``store`` is anything with those three sizes: a :class:`FeatureStore` or a backbone's spec.
+    """
     from mtaffect.models.registry import create_model
 
     try:
-        return create_model(
+        model = create_model(
             config.model.recipe,
             feature_dim=store.feature_dim,
             num_logits=store.num_logits,
@@ -106,6 +113,57 @@ def build_model(config: TrainConfig, store: FeatureStore) -> MTLModel:
     except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a size torch cannot allocate
         where = config.source or "the config"
         raise ValueError(f"{where}: model.hparams do not fit recipe {config.model.recipe!r}: {exc}") from exc
+    model.group_settings = dict(config.optim.groups)
+    return model
+
+
+@dataclass
+class Training:
+    """What :func:`fit` trains: the model, its data module, and how a stage's weights are saved/restored."""
+
+    model: MTLModel
+    datamodule: Any  # MTLDataModule (or a subclass)
+    save: Callable[[Path, dict | None, bool], Path]  # (folder, metrics, overwrite) -> checkpoint folder
+    restore: Callable[[Path], None]  # load a saved stage checkpoint into ``model``
+
+
+def open_training_data(config: TrainConfig, data: Any) -> Any:
+    """The data a config trains on: a :class:`FeatureStore` (opened once), or for a config with a
+    ``backbone:`` section the dataset root (its images are read while training)."""
+    if config.from_images:
+        if isinstance(data, FeatureStore):
+            raise ValueError(
+                f"{config.source or 'the config'} trains from images (it has a backbone section): give the "
+                "dataset root, not a feature store"
+            )
+        return Path(data)
+    return data if isinstance(data, FeatureStore) else FeatureStore.open(data)
+
+
+def build_training(config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None) -> Training:
+    """The model and data module of ``config`` over ``data`` (see :func:`open_training_data`)."""
+    data = open_training_data(config, data)
+    if config.from_images:
+        from mtaffect.train.images.build import build_image_training
+
+        return build_image_training(config, data, train, val)
+    model = build_model(config, data)
+    dm = MTLDataModule(
+        data, train, val, inputs=model.inputs, temporal=bool(model.temporal),
+        batch_size=config.data.batch_size,
+        eval_batch_size=config.data.eval_batch_size, window=config.data.window, stride=config.data.stride,
+        in_memory=config.data.in_memory, memory_limit_gb=config.data.memory_limit_gb,
+        seed=config.trainer.seed,
+    )  # fmt: skip
+
+    def restore(path: Path) -> None:
+        saved, _ = load_mtl_model(path)
+        model.load_state_dict(saved.state_dict())
+
+    def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
+        return _save(path, model, config, data, metrics, overwrite)
+
+    return Training(model=model, datamodule=dm, save=save, restore=restore)
 
 
 def _precision(config: TrainConfig, accelerator: str) -> str:
@@ -239,9 +297,12 @@ def fit(
     callbacks: Sequence = (),
     log: Any = print,
 ) -> TrainResult:
-    """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``'s P."""
+    """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``'s P.
+
+    For a config with a ``backbone:`` section, ``store`` is the dataset root: training reads its images.
+    """
     t0 = time.perf_counter()
-    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    st = open_training_data(config, store)
     rank0 = env_rank() == 0
     out_path = Path(out) if out is not None else None
     if out_path is not None and rank0:
@@ -255,13 +316,8 @@ def fit(
                     "and overrides, or start over with --overwrite"
                 )
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    model = build_model(config, st)
-    dm = MTLDataModule(
-        st, train, val, inputs=model.inputs, temporal=bool(model.temporal), batch_size=config.data.batch_size,
-        eval_batch_size=config.data.eval_batch_size, window=config.data.window, stride=config.data.stride,
-        in_memory=config.data.in_memory, memory_limit_gb=config.data.memory_limit_gb,
-        seed=config.trainer.seed,
-    )  # fmt: skip
+    training = build_training(config, st, train, val)
+    model, dm = training.model, training.datamodule
     rows = {
         "train": vars(dm.train_report),
         "val": vars(dm.val_report) if dm.val_report else None,
@@ -273,6 +329,7 @@ def fit(
         log(
             f"rows: train {dm.train_report.used}, val {dm.val_report.used if dm.val_report else 0}; "
             f"excluded {excl} whose image failed extraction"
+            + (" or is missing" if config.from_images else "")
         )
     if len(dm.train_set) == 0:
         raise ValueError("no training row: the training labels match no valid image of the store")
@@ -291,8 +348,7 @@ def fit(
     for k, stage in enumerate(stages):
         sdir = _stage_dir(out_path, k, stage) if out_path is not None else None
         if resume and sdir is not None and (sdir / "config.json").is_file() and k < len(stages) - 1:
-            saved, _ = load_mtl_model(sdir)
-            model.load_state_dict(saved.state_dict())
+            training.restore(sdir)
             if rank0 and log:
                 log(f"stage {stage.name}: resumed from {sdir}")
             continue
@@ -321,7 +377,9 @@ def fit(
             r = module.best_result
             log(f"stage {stage.name}: best P {r.P:.4f} at epoch {module.best_epoch}")
         if sdir is not None and rank0 and k < len(stages) - 1:
-            _save(sdir, model, config, st, None, overwrite=True)
+            training.save(sdir, None, True)
+    if getattr(dm, "failures", None):  # images that failed to decode while training (left out)
+        rows["failed_to_decode"] = dict(sorted(dm.failures.items()))
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -335,7 +393,7 @@ def fit(
         seconds=time.perf_counter() - t0, rows=rows,
     )  # fmt: skip
     if out_path is not None and rank0:
-        result.checkpoint = _save(out_path / "best", model, config, st, metrics, overwrite=True)
+        result.checkpoint = training.save(out_path / "best", metrics, True)
         if preds is not None:
             preds.write(out_path / "val_predictions.parquet", overwrite=True)
         _write_json(
@@ -350,7 +408,8 @@ def _save(path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore, me
           overwrite: bool) -> Path:  # fmt: skip
     return save_checkpoint(
         path, model,
-        backbone={"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint},
+        backbone={"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint,
+                  "kwargs": st.meta.get("backbone_kwargs", {})},
         feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
         window=config.data.window if model.temporal else 1,
         au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
@@ -372,14 +431,16 @@ def _prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> Predi
 
 
 def fit_from_root(
-    config: TrainConfig, features: str | os.PathLike, data: str | os.PathLike,
+    config: TrainConfig, features: str | os.PathLike | None, data: str | os.PathLike,
     out: str | os.PathLike | None = None,
     **kw: Any,
 ) -> TrainResult:  # fmt: skip
-    """:func:`fit` on the official train/val splits of a dataset root."""
+    """:func:`fit` on the official train/val splits of a dataset root (its images without ``features``)."""
     from mtaffect.data.annotations import load_split
 
-    return fit(config, features, load_split(data, "train"), load_split(data, "val"), out, **kw)
+    source = data if features is None else features
+    return fit(config, source, load_split(data, "train"), load_split(data, "val"), out, **kw)
 
 
-__all__ = ["TrainResult", "build_model", "fit", "fit_from_root"]
+__all__ = ["TrainResult", "Training", "build_model", "build_training", "fit", "fit_from_root",
+           "open_training_data"]  # fmt: skip

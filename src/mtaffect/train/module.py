@@ -5,7 +5,9 @@
   (all three outputs are still required whenever it is ``None``: validation, prediction).
 - Only the stage's ``train_modules`` are trainable (the rest frozen and kept in eval mode every
   epoch, since Lightning puts the whole model back in train mode) and only its task losses optimised.
-- AdamW over the trainable parameters; per-step schedule: linear warm-up that starts above 0
+- AdamW over the trainable parameters, in the groups the model gives (:meth:`MTLModel.param_groups`:
+  the config's ``optim.groups``, a fine-tuned backbone's own lr and layer decay); per-step schedule:
+  linear warm-up that starts above 0
   (step 0 trains at ``lr / (warmup + 1)``: one peer's warm-up gave lr 0 for the whole first epoch),
   then cosine down to ``min_lr_ratio * lr``.
 - Validation accumulates :class:`mtaffect.metrics.MTLMetric` on each rank; at the epoch end the
@@ -140,8 +142,10 @@ class MTLModule(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        # the model groups its trainable parameters (per-submodule lr / weight decay, a backbone's layers)
+        opt = torch.optim.AdamW(
+            self.model.param_groups(self.lr, self.weight_decay), lr=self.lr, weight_decay=self.weight_decay
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.warmup_steps, self.total_steps, self.min_lr_ratio)
         )

@@ -24,7 +24,7 @@ from mtaffect.data.annotations import LabelTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
 from mtaffect.train.config import ConfigError, TrainConfig
-from mtaffect.train.fit import env_rank, fit
+from mtaffect.train.fit import env_rank, fit, open_training_data
 
 
 @dataclass
@@ -66,7 +66,7 @@ def search(
         raise ConfigError(
             f"{config.source or 'the config'}: search.grid is empty; list model.hparams variants to compare"
         )
-    st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+    st = open_training_data(config, store)  # a store, or the dataset root for image configs
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path / "search.json", overwrite)

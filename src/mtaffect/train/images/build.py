@@ -1,0 +1,116 @@
+"""From a config with a ``backbone:`` section to what :func:`mtaffect.train.fit.fit` trains.
+
+:func:`build_image_training` builds the backbone (``create_backbone(name, **kwargs)``), the recipe on
+its output sizes (the head), the :class:`~mtaffect.models.image_model.ImageMTLModel` around both, the
+:class:`~mtaffect.train.images.data.ImageDataModule` and the checkpoint writer/reader. Checkpoints
+have the store path's format: the head's weights, the backbone's name and (data-only) kwargs, and for
+a fine-tuned backbone its weights in ``backbone/``. A frozen model's checkpoint is interchangeable with
+one trained on a store of the same backbone (same fingerprint): it predicts from that store too.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mtaffect.data.annotations import LabelTable
+from mtaffect.features.base import Backbone
+from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model, save_checkpoint
+from mtaffect.models.image_model import ImageMTLModel
+from mtaffect.train.config import TrainConfig
+from mtaffect.train.fit import Training, build_model
+from mtaffect.train.images.augment import Augmenter
+from mtaffect.train.images.data import ImageDataModule
+
+
+def build_backbone(config: TrainConfig) -> Backbone:
+    """``create_backbone(backbone.name, **backbone.factory_kwargs())`` with a clear error."""
+    from mtaffect.features.registry import create_backbone
+
+    b = config.backbone
+    kwargs = b.factory_kwargs()
+    where = config.source or "the config"
+    try:
+        return create_backbone(b.name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(
+            f"{where}: backbone {b.name!r} does not take the options {sorted(kwargs)} ({exc}); "
+            "see its factory's parameters"
+        ) from exc
+
+
+def _on_gpu(config: TrainConfig) -> bool:
+    acc = config.trainer.accelerator
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def build_image_training(
+    config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None
+) -> Training:
+    """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``."""
+    b = config.backbone
+    backbone = build_backbone(config)
+    spec = backbone.spec
+    head = build_model(config, spec)  # a BackboneSpec has the store's feature_dim/num_logits/token_shape
+    model = ImageMTLModel(
+        backbone, head, mode=b.mode, frozen_blocks=b.frozen_blocks, lr=b.lr, weight_decay=b.weight_decay,
+        layer_decay=b.layer_decay, train_stages=b.stages, grad_checkpointing=b.grad_checkpointing,
+    )  # fmt: skip
+    d = config.data
+    if d.eval_batch_size > 4 * max(d.batch_size, 64):
+        warnings.warn(
+            f"data.eval_batch_size={d.eval_batch_size}: with a backbone in the loop each validation batch is "
+            "decoded and run through the backbone at once; set it near data.batch_size",
+            stacklevel=2,
+        )
+    augment = Augmenter.from_config(
+        config.augment.preset, config.augment.ops, spec.input_size, len(spec.mean)
+    )
+    dm = ImageDataModule(
+        root, train, val, size=spec.input_size, colour=spec.colour, mean=spec.mean, std=spec.std,
+        temporal=bool(head.temporal), augment=augment, batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size, window=d.window, stride=d.stride, seed=config.trainer.seed,
+        workers=d.workers, pin_memory=_on_gpu(config),
+    )  # fmt: skip
+    record = {
+        "name": b.name, "kwargs": b.factory_kwargs(), "spec": asdict(spec), "fingerprint": spec.fingerprint(),
+        "mode": b.mode,
+    }  # fmt: skip
+    finetune = b.mode == "finetune"
+
+    def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
+        return save_checkpoint(
+            path, head, backbone=record, feature_dim=spec.feature_dim, num_logits=spec.num_logits,
+            token_shape=spec.token_shape, window=d.window if head.temporal else 1,
+            au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
+            overwrite=overwrite, backbone_weights=backbone if finetune else None,
+        )  # fmt: skip
+
+    def restore(path: Path) -> None:
+        saved, cfg = load_mtl_model(path)
+        head.load_state_dict(saved.state_dict())
+        if finetune:  # the stage's fine-tuned backbone, made trainable as the live one is
+            done = TrainedAffectModel(saved, cfg, path=path).create_backbone()
+            done.prepare_finetune()
+            backbone.load_state_dict(done.state_dict())
+
+    return Training(model=model, datamodule=dm, save=save, restore=restore)
+
+
+def image_affect_model(model: ImageMTLModel, config: TrainConfig) -> TrainedAffectModel:
+    """A trained image model in memory as a :class:`TrainedAffectModel` (e.g. to predict test images)."""
+    spec = model.backbone.spec
+    info = {
+        "backbone": {"name": config.backbone.name, "kwargs": config.backbone.factory_kwargs(),
+                     "fingerprint": spec.fingerprint() if model.mode == "frozen" else None},
+        "temporal": bool(model.head.temporal), "window": config.data.window,
+        "inputs": list(model.head.inputs),
+    }  # fmt: skip
+    return TrainedAffectModel(model.head, info, backbone_module=model.backbone)
+
+
+__all__ = ["build_backbone", "build_image_training", "image_affect_model"]

@@ -1,0 +1,198 @@
+"""Image training data: the official layout's face crops, decoded in workers, augmented on the device.
+
+:class:`ImageDataModule` is the store path's :class:`~mtaffect.train.data.MTLDataModule` with images as
+its source: the same labelled units (rows, or windows of consecutive annotated frames of one video),
+the same label masks and task selection, the same rank sharding (each DDP rank decodes only its own
+share). What differs:
+
+- the source is an :class:`ImageSource` over ``<root>/cropped_aligned``: each batch is decoded by
+  DataLoader workers (``data.workers``) with :mod:`mtaffect.features.decode`, exactly as extraction
+  decodes (same size, colour, filter), into one uint8 array (4x less host-to-device traffic than floats);
+- after the batch reaches the device (``on_after_batch_transfer``) pixels become [0, 1] floats, training
+  batches are augmented (:mod:`mtaffect.train.images.augment`, seeded per batch, one transform per
+  window) and everything is normalised with the backbone's mean/std: the model receives ``pixels``;
+- images that are missing when training starts are excluded and counted, as a store's failed images
+  are (the report's ``excluded_invalid``); an image that fails to decode later (e.g. truncated) is
+  dropped from its batch (for windows: its step is masked), counted in :attr:`ImageDataModule.failures`
+  (a run's ``metrics.json``: ``rows.failed_to_decode``) and reported in a warning, never silently.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mtaffect.data.annotations import LabelTable
+from mtaffect.features.base import normalise, pixels_to_unit
+from mtaffect.features.decode import ImageReader
+from mtaffect.schema import CROPPED_DIR
+from mtaffect.train.data import (
+    JoinReport,
+    LabelArrays,
+    MTLDataModule,
+    ShardedBatches,
+    UnitDataset,
+    label_arrays,
+    labelled,
+)
+from mtaffect.train.images.augment import Augmenter, batch_seed
+
+#: How many failed images are named one by one before only the count is reported.
+_NAMED_FAILURES = 5
+
+
+class ImageSource:
+    """The model input of image training: uint8 ``pixels`` (positions.shape + (S, S[, 3])) and ``ok``."""
+
+    in_memory = False  # what the store path reports about its source
+
+    def __init__(self, reader: ImageReader) -> None:
+        self.reader = reader
+
+    def get(self, positions: np.ndarray) -> dict:
+        pixels, ok, failed = self.reader.read(positions)
+        return {"pixels": torch.from_numpy(pixels), "ok": torch.from_numpy(ok), "failed": failed}
+
+
+def _drop_failed(batch: dict, ok: torch.Tensor, training: bool) -> dict:
+    """Leave the images that failed to decode out of a batch: rows are removed, window steps masked."""
+    if "step_mask" in batch:
+        batch["step_mask"] = batch["step_mask"] & ok
+        return batch
+    keep = ok.nonzero().squeeze(1)
+    if keep.numel() == 0 and training:  # BatchNorm cannot train on an empty batch: no label, zero loss
+        for key in ("va_mask", "expr_mask", "au_mask"):
+            batch[key] = torch.zeros_like(batch[key])
+        return batch
+    n = ok.shape[0]
+    return {k: v[keep] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in batch.items()}
+
+
+class ImageDataModule(MTLDataModule):
+    """Units of labelled face crops under ``root`` for a backbone with ``size``/``colour``/``mean``/``std``.
+
+    ``augment`` transforms training batches (``None``: none). Other arguments as
+    :class:`~mtaffect.train.data.MTLDataModule` (batch sizes count images: temporal models get
+    ``batch_size // window`` windows).
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *, size: int, colour: str,
+        mean: Sequence[float], std: Sequence[float], temporal: bool, augment: Augmenter | None = None,
+        batch_size: int = 64, eval_batch_size: int = 128, window: int = 32, stride: int = 16, seed: int = 0,
+        workers: int = 2, pin_memory: bool = False,
+    ) -> None:  # fmt: skip
+        self.folder = Path(root) / CROPPED_DIR
+        if not self.folder.is_dir():
+            raise FileNotFoundError(
+                f"{self.folder} not found: training from images reads the face crops of the official layout "
+                f"(<root>/{CROPPED_DIR}/<video>/<frame>.jpg)"
+            )
+        self.size, self.colour = int(size), colour
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.augment = augment
+        self.workers, self.pin_memory = int(workers), pin_memory
+        self.missing: list[str] = []  # images absent when training started (excluded)
+        self.failures: dict[str, str] = {}  # images that failed to decode during training (dropped)
+        self._names: list[np.ndarray] = []
+        self._stage_no = 0
+        self._batch_no: dict[tuple[int, int], int] = {}
+        super().__init__(
+            None, train, val, inputs=("pixels",), temporal=temporal, batch_size=batch_size,  # type: ignore[arg-type]
+            eval_batch_size=eval_batch_size, window=window, stride=stride, seed=seed,
+        )  # fmt: skip
+
+    # ---- the source hooks of MTLDataModule ------------------------------------------------------------
+    def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
+        """Labelled images whose file exists; the others are excluded and counted (like failed extraction)."""
+        table = labelled(labels)
+        folder = os.fspath(self.folder)
+        ok = np.fromiter((os.path.isfile(os.path.join(folder, n)) for n in table.images), bool, len(table))
+        missing = [str(n) for n in table.images[~ok]]
+        if missing:
+            self.missing.extend(missing)
+            warnings.warn(
+                f"{len(missing)} image(s) of the {what} are missing under {self.folder} and are excluded "
+                f"(e.g. {missing[:3]})",
+                stacklevel=3,
+            )
+        offset = sum(len(n) for n in self._names)
+        kept = np.flatnonzero(ok)
+        arrays = label_arrays(table, np.zeros(len(table), dtype=np.int64)).take(kept)
+        arrays.rows = offset + np.arange(len(arrays), dtype=np.int64)  # positions in the image list
+        self._names.append(arrays.images)
+        return arrays, JoinReport(labelled=len(table), excluded_invalid=len(missing), used=len(arrays))
+
+    def _make_source(self, rows: np.ndarray, inputs: Sequence[str], in_memory: bool | str,
+                     memory_limit_gb: float) -> ImageSource:  # fmt: skip
+        names = np.concatenate(self._names) if self._names else np.zeros(0, dtype=object)
+        return ImageSource(ImageReader(self.folder, names[rows], self.size, self.colour))
+
+    def _loader(self, dataset: UnitDataset, sampler: ShardedBatches) -> DataLoader:
+        w = self.workers
+        return DataLoader(
+            dataset, sampler=sampler, batch_size=None, num_workers=w, pin_memory=self.pin_memory,
+            persistent_workers=w > 0, prefetch_factor=2 if w > 0 else None,
+        )  # fmt: skip
+
+    def set_tasks(self, tasks: Sequence[str]) -> int:
+        self._stage_no += 1  # each stage draws fresh augmentations
+        return super().set_tasks(tasks)
+
+    # ---- on the device -------------------------------------------------------------------------------
+    def _seed(self) -> int:
+        t = self.trainer
+        epoch, rank = (t.current_epoch, t.global_rank) if t is not None else (0, 0)
+        key = (self._stage_no, epoch)
+        n = self._batch_no.get(key, 0)
+        self._batch_no[key] = n + 1
+        return batch_seed(self.seed, self._stage_no, epoch, rank, n)
+
+    def _note_failures(self, failed: list[tuple[str, str]]) -> None:
+        for name, why in failed:
+            if name in self.failures:
+                continue
+            self.failures[name] = why
+            if len(self.failures) <= _NAMED_FAILURES:
+                warnings.warn(f"{name}: {why}; left out of its batches", stacklevel=2)
+
+    def prepare_pixels(self, pixels: torch.Tensor, training: bool) -> torch.Tensor:
+        """uint8 pixels -> [0, 1] floats -> (training) augmented -> normalised, on their device."""
+        x = pixels_to_unit(pixels, self.colour)
+        if training and self.augment is not None and not self.augment.identity:
+            x = self.augment(x, self._seed())
+        return normalise(x, self.mean, self.std)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        t = self.trainer
+        return self.device_batch(batch, training=bool(t is not None and t.training))
+
+    def device_batch(self, batch: dict, training: bool) -> dict:
+        """A decoded batch, once on its device, as the model reads it: ``pixels`` normalised (and
+        augmented when ``training``), images that failed to decode left out."""
+        if "pixels" not in batch:
+            return batch
+        ok = batch.pop("ok")
+        failed = batch.pop("failed", [])
+        batch["pixels"] = self.prepare_pixels(batch["pixels"], training)
+        if failed:
+            self._note_failures(failed)
+            batch = _drop_failed(batch, ok, training)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if len(self.failures) > _NAMED_FAILURES:
+            warnings.warn(
+                f"{len(self.failures)} images failed to decode during training and were left out of their "
+                "batches (see ImageDataModule.failures)",
+                stacklevel=2,
+            )
+
+
+__all__ = ["ImageDataModule", "ImageSource"]

