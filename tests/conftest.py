@@ -1,0 +1,23 @@
+"""Fixtures shared by several test modules (built once per session, only when a test asks for them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_export(tmp_path_factory) -> tuple[Path, dict]:
+    """The embedded default model and MTCNN exported with --quantize (folder, manifest).
+
+    Exported over an existing folder with ``overwrite=True``: the old content must be gone.
+    """
+    pytest.importorskip("onnxscript")
+    from mtaffect.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("export") / "default"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older export")
+    manifest = export_model("default", out, quantize=True, overwrite=True)
+    return out, manifest
