@@ -77,8 +77,9 @@ class CascadeNets(Protocol):
 
     ``pnet`` receives the uint8 frames (B, H, W, 3) and the pyramid sizes; it yields, level by level,
     P(face) (B, h, w) and box offsets (B, 4, h, w) of ``normalise(resize_bilinear(frames, size))``.
-    ``rnet``/``onet`` take normalised crops (K, 3, 24, 24) / (K, 3, 48, 48) and return P(face) (K,),
-    offsets (K, 4) and, for O-Net, landmarks (K, 10).
+    ``rnet``/``onet`` take normalised crops (K, 3, 24, 24) / (K, 3, 48, 48) (a channels-last view:
+    call ``np.ascontiguousarray`` if the engine needs NCHW memory) and return P(face) (K,), offsets
+    (K, 4) and, for O-Net, landmarks (K, 10).
     """
 
     def pnet(
@@ -202,7 +203,7 @@ def _crops(sources: list[_Level], frame: np.ndarray, boxes: np.ndarray, size: in
         out[sel] = sample_grid(lv.image, frame[sel], xs, ys)
     out -= np.float32(PIXEL_MEAN)
     out *= np.float32(PIXEL_SCALE)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+    return out.transpose(0, 3, 1, 2)  # a view: channels-last memory, the layout torch's convs like
 
 
 # ---- boxes ---------------------------------------------------------------------------------------------
