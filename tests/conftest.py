@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Single-threaded torch: deterministic, and immune to OpenMP spin-waits on a shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def default_export(tmp_path_factory) -> tuple[Path, dict]:
     """The embedded default model and MTCNN exported with --quantize (folder, manifest).

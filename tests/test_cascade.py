@@ -14,6 +14,7 @@ from mtaffect.faces.cascade import Cascade, _half, resize_bilinear
 from mtaffect.faces.mtcnn import MTCNN, TorchNets
 
 skimage_data = pytest.importorskip("skimage.data")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 #: torch's uint8 bilinear kernel is the int16 one on these CPUs (elsewhere a float fallback).
 _EXACT_KERNEL = platform.machine().lower() in (
@@ -55,7 +56,6 @@ class _NumpyPyramid(TorchNets):
 
 @pytest.mark.skipif(not _EXACT_KERNEL, reason="torch uses its float fallback for uint8 resizing here")
 def test_the_torch_engine_sees_the_shared_pyramid():
-    torch.set_num_threads(1)
     img = skimage_data.astronaut()
     frames = [img, np.ascontiguousarray(img[40:400, 60:470])]
     (want, want_crop) = MTCNN().detect(frames)

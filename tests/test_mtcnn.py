@@ -18,13 +18,7 @@ skimage_data = pytest.importorskip("skimage.data")
 ASTRONAUT_FACE = (181.0, 62.0, 268.0, 172.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Single-threaded: deterministic, and immune to OpenMP spin-waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.usefixtures("torch_one_thread")
 def test_runtime_detects_and_predicts_without_torch(default_export, tmp_path):
     folder, _ = default_export
     script = tmp_path / "no_torch.py"
@@ -74,7 +75,6 @@ def test_runtime_detects_and_predicts_without_torch(default_export, tmp_path):
     rng = np.random.default_rng(3)
     canvas = np.full((240, 320, 3), 90, np.uint8)
     canvas[60:172, 100:212] = render_face(rng.uniform(0, 0.5, 12), FaceIdentity.sample(rng, size=112), rng)
-    torch.set_num_threads(1)
     (det,) = MTCNN().detect(canvas)
     assert len(det) == 1 == len(got["boxes"])
     np.testing.assert_allclose(got["boxes"], det.boxes, atol=1e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,3 +53,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", overwrite: bool = Fals
     """Open a file for writing atomically (see :func:`atomic_path`)."""
     with atomic_path(path, overwrite) as tmp, open(tmp, mode, **kw) as fh:
         yield fh
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` onto ``target`` (made beside it), replacing an old ``target``.
+
+    The old folder is renamed aside first and deleted only after the new one is in place, so at every
+    moment ``target`` is either the complete old folder or the complete new one.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.replaced")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)

@@ -41,7 +41,7 @@ from mtaffect.export.graphs import (
 from mtaffect.faces.align import REFERENCE_5PT_112
 from mtaffect.faces.cascade import ONET_SIZE, PIXEL_MEAN, PIXEL_SCALE, RNET_SIZE, normalise
 from mtaffect.features.decode import RESAMPLE_NAME, resize_array
-from mtaffect.io import OutputExistsError
+from mtaffect.io import OutputExistsError, replace_dir
 from mtaffect.models.base import AffectOutputs
 from mtaffect.runtime.manifest import (
     FACE_MODEL,
@@ -474,24 +474,12 @@ def export_model(
         manifest["files"] = file_records(tmp)
         write_manifest(tmp, manifest)
         os.chmod(tmp, 0o755)
-        _move_into_place(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     log(f"wrote {target}")
     return manifest
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.replaced")
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, target)
 
 
 def _manifest(model, spec: str, graph: FaceGraph, window, opset, quantize, detector, checks, ort) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtaffect.io import OutputExistsError
+from mtaffect.io import OutputExistsError, replace_dir
 from mtaffect.models.base import AffectOutputs, MTLModel, outputs_to_probs
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
@@ -125,15 +125,7 @@ def save_checkpoint(
             json.dump(config, fh, indent=1)
             fh.write("\n")
         os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.replaced")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
