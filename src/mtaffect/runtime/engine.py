@@ -132,10 +132,12 @@ class ExportedFaceModel:
             )
         if self.window is not None and x.shape[1] != self.window:
             raise ValueError(f"this export has a fixed window of {self.window} frames, got {x.shape[1]}")
-        if len(x) == 0:
+        if len(x) == 0:  # no face: empty arrays of the right shapes, without a session call
             lead = x.shape[:2] if self.temporal else x.shape[:1]
-            return _empty(lead), {}
-        got = dict(zip(self.outputs, self._face.run(list(self.outputs), {"pixels": x}), strict=True))
+            shapes = self.manifest["face_model"]["outputs"]
+            got = {k: np.zeros((*lead, *shapes[k]["shape"][len(lead) :]), np.float32) for k in self.outputs}
+        else:
+            got = dict(zip(self.outputs, self._face.run(list(self.outputs), {"pixels": x}), strict=True))
         if single:
             got = {k: v[:, 0] for k, v in got.items()}
         probs = AffectOutputs(got["va"], got["expr_probs"], got["au_probs"])
@@ -164,11 +166,6 @@ class ExportedFaceModel:
         if self.temporal:
             expr, au, va = (a[0] if one_sequence else a[:, 0] for a in (expr, au, va))
         return AffectOutputs(va, expr, au)
-
-
-def _empty(lead: tuple[int, ...]) -> AffectOutputs:
-    z = np.zeros
-    return AffectOutputs(z((*lead, 2), np.float32), z((*lead, 8), np.float32), z((*lead, 12), np.float32))
 
 
 class Runtime:
