@@ -18,7 +18,7 @@ def export(
     quantize: Annotated[
         bool, typer.Option("--quantize", help="Also write face_model.int8.onnx (dynamic int8 weights).")
     ] = False,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (17-21); default 18.")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (18-21); default 18.")] = None,
     window: Annotated[
         int | None, typer.Option(help="Temporal models: fix the window length T (default: dynamic).")
     ] = None,

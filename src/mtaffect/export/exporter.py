@@ -55,10 +55,10 @@ from mtaffect.runtime.manifest import (
 )
 from mtaffect.schema import AU_NAMES, EXPR_NAMES, VA_NAMES
 
-#: Default ONNX opset: onnxruntime >= 1.14 runs it; the exporter's own default may be newer.
+#: Default ONNX opset: onnxruntime >= 1.14 runs it (torch's exporter writes nothing older).
 DEFAULT_OPSET: Final[int] = 18
-#: Opsets accepted by ``--opset`` (the torch exporter converts down to 17 at the lowest).
-OPSETS: Final[range] = range(17, 22)
+#: Opsets accepted by ``--opset`` (tested: 18 and 21; onnxruntime >= 1.20 runs 21).
+OPSETS: Final[range] = range(18, 22)
 #: Largest accepted |onnxruntime - torch| on probabilities and VA (and MTCNN outputs).
 TOLERANCE: Final[float] = 1e-4
 
@@ -166,14 +166,19 @@ def onnx_export(
             opset_version=opset, optimize=True, verbose=False, custom_translation_table=CUSTOM_TRANSLATIONS,
         )  # fmt: skip
         program.save(str(path))
-    _check_dynamic(path, inputs, dynamic)
+    _check_graph(path, inputs, dynamic, opset)
 
 
-def _check_dynamic(path: Path, inputs: list[str], dynamic: dict[str, dict[int, str]]) -> None:
-    """Refuse a graph whose dynamic axis the exporter fixed (it may fall back to specialising)."""
+def _check_graph(path: Path, inputs: list[str], dynamic: dict[str, dict[int, str]], opset: int) -> None:
+    """Refuse a graph of another opset than asked, or whose dynamic axis the exporter fixed (it may
+    fall back to specialising a shape rather than fail)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    got = {o.domain: o.version for o in model.opset_import}.get("", opset)
+    if got != opset:
+        raise ExportCheckError(f"{path.name}: the exporter wrote opset {got} where {opset} was asked")
+    graph = model.graph
     for value in graph.input:
         if value.name not in inputs:
             continue
