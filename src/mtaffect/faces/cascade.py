@@ -117,15 +117,14 @@ def _resize_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.n
     return lo, np.minimum(lo + 1, n_in - 1), q, precision
 
 
-def _resize_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    first, second, q, precision = _resize_weights(x.shape[axis], n_out)
+def _interpolate(
+    x: np.ndarray, axis: int, first: np.ndarray, second: np.ndarray, q: np.ndarray, precision: int
+) -> np.ndarray:
+    """One pass: ``(x[first] * q0 + x[second] * q1 + round) >> precision`` along ``axis``, as uint8."""
     shape = [1] * x.ndim
-    shape[axis] = n_out
-    acc = np.take(x, first, axis=axis).astype(np.int32)
-    acc *= q[:, 0].reshape(shape)
-    nxt = np.take(x, second, axis=axis).astype(np.int32)
-    nxt *= q[:, 1].reshape(shape)
-    acc += nxt
+    shape[axis] = len(first)
+    acc = np.multiply(np.take(x, first, axis=axis), q[:, 0].reshape(shape), dtype=np.int32)
+    acc += np.multiply(np.take(x, second, axis=axis), q[:, 1].reshape(shape), dtype=np.int32)
     acc += 1 << (precision - 1)
     acc >>= precision
     return acc.astype(np.uint8)  # never above 255: the weights sum to at most 2**precision + 1
@@ -136,14 +135,21 @@ def resize_bilinear(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Bit-identical to PyTorch's uint8 ``F.interpolate(..., mode="bilinear", align_corners=False)`` on
     CPUs with AVX2 or NEON (the pyramid the torch engine builds): horizontal pass first, rounded to
-    uint8, then the vertical pass, both with torch's int16-quantised weights.
+    uint8, then the vertical pass, both with torch's int16-quantised weights. The horizontal pass
+    runs only on the rows the vertical pass reads.
     """
     h, w = size
     x = frames
-    if w != x.shape[2]:
-        x = _resize_axis(x, 2, w)
+    vertical = None
     if h != x.shape[1]:
-        x = _resize_axis(x, 1, h)
+        first, second, q, precision = _resize_weights(x.shape[1], h)
+        rows = np.unique(np.concatenate([first, second]))
+        x = x[:, rows]
+        vertical = (np.searchsorted(rows, first), np.searchsorted(rows, second), q, precision)
+    if w != x.shape[2]:
+        x = _interpolate(x, 2, *_resize_weights(x.shape[2], w))
+    if vertical is not None:
+        x = _interpolate(x, 1, *vertical)
     return x if x is not frames else frames.copy()
 
 
