@@ -87,3 +87,13 @@ def test_runtime_detects_and_predicts_without_torch(default_export, tmp_path):
     np.testing.assert_allclose(got["expr"], want.expr_probs, atol=1e-4)
     np.testing.assert_allclose(got["au"], want.au_probs, atol=1e-4)
     np.testing.assert_allclose(got["va"], want.va, atol=1e-4)
+
+
+def test_a_missing_execution_provider_is_a_clear_error(default_export):
+    from mtaffect.runtime import Runtime
+
+    folder, _ = default_export
+    with pytest.raises(ValueError, match="no NoSuchExecutionProvider"):
+        Runtime(folder, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Runtime(folder, threads=0)

@@ -43,6 +43,7 @@ from mtaffect.faces.cascade import ONET_SIZE, PIXEL_MEAN, PIXEL_SCALE, RNET_SIZE
 from mtaffect.features.decode import RESAMPLE_NAME, resize_array
 from mtaffect.io import OutputExistsError, replace_dir
 from mtaffect.models.base import AffectOutputs
+from mtaffect.runtime.engine import make_session
 from mtaffect.runtime.manifest import (
     FACE_MODEL,
     FACE_MODEL_INT8,
@@ -192,14 +193,6 @@ def _check_graph(path: Path, inputs: list[str], dynamic: dict[str, dict[int, str
                 )
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         raise ExportCheckError(f"onnxruntime returned shape {a.shape} where PyTorch returns {b.shape}")
@@ -234,14 +227,14 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
     outputs = [*PROB_OUTPUTS, *graph.outputs]
     pixels = torch.from_numpy(example)
     onnx_export(graph, (pixels,), folder / FACE_MODEL, ["pixels"], outputs, dynamic, opset)
-    face_sess, head_sess = session(folder / FACE_MODEL), None
+    face_sess, head_sess = make_session(folder / FACE_MODEL), None
     if graph.temporal:  # the heads alone, for windows over face tracks
         with torch.inference_mode():
             arrays = graph(pixels)[len(PROB_OUTPUTS) :]
         head_args = tuple(arrays[graph.outputs.index(k)].clone() for k in graph.reads)
         onnx_export(graph.head, head_args, folder / HEAD, list(graph.reads), list(PROB_OUTPUTS),
                     {k: dynamic["pixels"] for k in graph.reads}, opset)  # fmt: skip
-        head_sess = session(folder / HEAD)
+        head_sess = make_session(folder / HEAD)
 
     # The check: a batch size and window the example did not have, and a single face.
     checks: dict[str, Any] = {"faces": 0}
@@ -296,8 +289,8 @@ def _quantize(folder: Path, graph: FaceGraph, model) -> dict[str, Any]:
     pixels = synthetic_faces(16, graph.size, graph.colour,
                              window=3 if graph.temporal else 1, seed=99)  # fmt: skip
     names = list(PROB_OUTPUTS)
-    ref = dict(zip(names, session(src).run(names, {"pixels": pixels}), strict=True))
-    got = dict(zip(names, session(dst).run(names, {"pixels": pixels}), strict=True))
+    ref = dict(zip(names, make_session(src).run(names, {"pixels": pixels}), strict=True))
+    got = dict(zip(names, make_session(dst).run(names, {"pixels": pixels}), strict=True))
     thr = np.asarray(model.au_thresholds, np.float32)
     return {
         "faces": int(np.prod(pixels.shape[: 2 if graph.temporal else 1])),
@@ -343,7 +336,7 @@ def _export_mtcnn(folder: Path, opset: int, tolerance: float) -> dict[str, Any]:
             x[:2] if name != "pnet" else normalise(resize_bilinear(frame[None], (40, 52)))
         )
         onnx_export(net, (example,), path, inputs, outputs, {inputs[0]: dyn}, opset)
-        got = session(path).run(outputs, {inputs[0]: x})
+        got = make_session(path).run(outputs, {inputs[0]: x})
         want = [t.numpy() for t in net(torch.from_numpy(x))]
         diffs = {f"{name} {o}": _max_diff(g, w) for o, g, w in zip(outputs, got, want, strict=True)}
         _refuse_if(diffs, MTCNN_FILES[name], tolerance)

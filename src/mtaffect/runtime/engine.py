@@ -123,15 +123,13 @@ class ExportedFaceModel:
         single = self.temporal and x.ndim == 4
         if single:
             x = x[:, None]
-        want = 5 if self.temporal else 4
-        if x.ndim != want or x.shape[-3:-1] != (self.size, self.size):
-            c = 1 if self.colour == "L" else 3
+        want, c = (5 if self.temporal else 4), (1 if self.colour == "L" else 3)
+        if x.ndim != want or x.shape[-3:] != (self.size, self.size, c):
             raise ValueError(
                 f"the face model takes uint8 faces (N{', T' if self.temporal else ''}, {self.size}, "
                 f"{self.size}, {c}) from prepare(), got {pixels.shape}"
             )
-        if self.window is not None and x.shape[1] != self.window:
-            raise ValueError(f"this export has a fixed window of {self.window} frames, got {x.shape[1]}")
+        self._check_window(x.shape[1] if self.temporal else None)
         if len(x) == 0:  # no face: empty arrays of the right shapes, without a session call
             lead = x.shape[:2] if self.temporal else x.shape[:1]
             shapes = self.manifest["face_model"]["outputs"]
@@ -142,6 +140,13 @@ class ExportedFaceModel:
             got = {k: v[:, 0] for k, v in got.items()}
         probs = AffectOutputs(got["va"], got["expr_probs"], got["au_probs"])
         return probs, {k: v for k, v in got.items() if k not in _PROBS}
+
+    def _check_window(self, t: int | None) -> None:
+        if self.window is not None and t is not None and t != self.window:
+            raise ValueError(
+                f"this export has a fixed window of {self.window} frames, got {t}; single faces and other "
+                "window lengths need an export with a dynamic window (mtaffect export without --window)"
+            )
 
     def predict(
         self, features: np.ndarray, logits: np.ndarray | None = None, tokens: np.ndarray | None = None
@@ -162,6 +167,7 @@ class ExportedFaceModel:
         one_sequence = self.temporal and first.ndim == self._window_ndim and first.shape[0] == 1
         if self.temporal and not one_sequence:  # N rows: N sequences of one frame
             feeds = {k: v[:, None] for k, v in feeds.items()}
+        self._check_window(feeds[self.reads[0]].shape[1] if self.temporal else None)
         expr, au, va = self._head.run(list(_PROBS), feeds)
         if self.temporal:
             expr, au, va = (a[0] if one_sequence else a[:, 0] for a in (expr, au, va))
