@@ -129,7 +129,8 @@ def torch_reference(
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporter prints progress and warns about things that do not concern our graphs."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", None)  # None: the root logger,
+    loggers = [logging.getLogger(n) for n in names]  # where onnxruntime.quantization warns
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
