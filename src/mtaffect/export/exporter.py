@@ -430,6 +430,11 @@ def export_model(
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     loaded = load_prediction_model(model)
+    if str(loaded.backbone).startswith("emotiefflib:"):
+        raise ValueError(
+            f"{model}: its backbone {loaded.backbone} is an ONNX model run by onnxruntime inside torch, "
+            "which torch's exporter cannot trace; exporting such models is not supported yet"
+        )
     temporal = bool(getattr(loaded, "temporal", False))
     if window is not None and (not temporal or window < 1):
         raise ValueError(
