@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mtaffect.faces import (
     MTCNN,
@@ -17,14 +16,7 @@ from mtaffect.faces import (
 )
 from mtaffect.faces.align import warp_image
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Single-threaded: deterministic, and immune to OpenMP spin-waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

@@ -18,13 +18,7 @@ skimage_data = pytest.importorskip("skimage.data")
 ASTRONAUT_FACE = (181.0, 62.0, 268.0, 172.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Single-threaded: deterministic, and immune to OpenMP spin-waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +37,7 @@ def astronaut_faces(detector, astronaut) -> FaceDetections:
 
 
 def _iou(a, b) -> float:
-    a, b = (torch.as_tensor(np.asarray(v, np.float32)).reshape(1, 4) for v in (a, b))
-    return float(box_iou(a, b)[0, 0])
+    return float(box_iou(np.reshape(a, (1, 4)), np.reshape(b, (1, 4)))[0, 0])
 
 
 def test_weights_are_safetensors_with_provenance():
@@ -146,7 +139,7 @@ def test_bad_weights_name_the_file(tmp_path):
 def _greedy_nms(boxes, scores, thr, groups, mode):
     """Plain reference: walk boxes by score, drop later same-group boxes overlapping a kept one."""
     order = np.argsort(-scores, kind="stable")
-    iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(boxes), mode).numpy()
+    iou = box_iou(boxes, boxes, mode)
     keep: list[int] = []
     for i in order:
         if all(groups[i] != groups[j] or iou[j, i] <= thr for j in keep):
@@ -163,7 +156,7 @@ def test_vectorised_nms_equals_greedy_nms(n, n_groups, mode):
     boxes = np.concatenate([xy, xy + wh], 1)
     scores = rng.permutation(n).astype(np.float32)  # distinct: greedy order is unambiguous
     groups = rng.integers(0, n_groups, n)
-    got = nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5, torch.from_numpy(groups), mode)
+    got = nms(boxes, scores, 0.5, groups, mode)
     assert got.tolist() == _greedy_nms(boxes, scores, 0.5, groups, mode)
 
 

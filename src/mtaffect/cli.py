@@ -343,7 +343,8 @@ def backbones() -> None:
 
 
 def _register_areas() -> None:
-    """Commands that live beside their code: training, post-processing and the application."""
+    """Commands that live beside their code: training, post-processing, the application and export."""
+    from mtaffect.export.cli import register as register_export
     from mtaffect.post.cli import register as register_post
     from mtaffect.predict.cli import register as register_predict
     from mtaffect.train.cli import register as register_train
@@ -351,6 +352,7 @@ def _register_areas() -> None:
     register_train(app)
     register_post(app)
     register_predict(app)
+    register_export(app)
 
 
 _register_areas()

@@ -57,9 +57,26 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", overwrite: bool = Fals
         yield fh
 
 
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``tmp`` onto ``target`` (made beside it), replacing an old ``target``.
+
+    The old folder is first moved into a fresh hidden folder of this call's own (never a name a user's
+    folder could have) and deleted only once the new one is in place, so at every moment ``target`` is
+    either the complete old folder or the complete new one.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.rename(target, old / target.name)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it becomes ``path`` by a rename.
+    """Yield a temporary folder beside ``path``; on success it becomes ``path`` (:func:`replace_dir`).
 
     An existing folder at ``path`` is replaced only once the new one is complete (the caller decides
     whether replacing is allowed); a crash leaves the old folder, never a half-written one.
@@ -70,13 +87,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.rename(target, old / target.name)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -1,4 +1,12 @@
-"""Face detection (MTCNN with embedded weights) and 112x112 crops (5-point alignment or box crop)."""
+"""Face detection (MTCNN with embedded weights) and 112x112 crops (5-point alignment or box crop).
+
+:class:`MTCNN` (PyTorch) is imported on first use, so the numpy parts (alignment, the cascade) import
+without torch, as the onnxruntime engine needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from mtaffect.faces.align import (
     REFERENCE_5PT_112,
@@ -8,7 +16,7 @@ from mtaffect.faces.align import (
     crop_boxes,
     similarity_transform,
 )
-from mtaffect.faces.mtcnn import MTCNN, FaceDetections
+from mtaffect.faces.cascade import FaceDetections
 
 __all__ = [
     "MTCNN",
@@ -20,3 +28,11 @@ __all__ = [
     "crop_boxes",
     "similarity_transform",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MTCNN":
+        from mtaffect.faces.mtcnn import MTCNN
+
+        return MTCNN
+    raise AttributeError(f"module 'mtaffect.faces' has no attribute {name!r}")

@@ -12,16 +12,16 @@ a custom template may be passed.
 
 Coordinates follow the pixel-index convention (pixel ``(r, c)`` has its centre at ``x=c, y=r``), the one
 MTCNN landmarks and OpenCV's ``warpAffine`` use. Sampling is bilinear, areas outside the image are
-black, and strong down-scaling is antialiased by supersampling. The batched torch samplers underneath,
+black, and strong down-scaling is antialiased by supersampling. The batched numpy samplers underneath,
 :func:`warp_affine` (one affine map per crop) and :func:`sample_grid` (axis-aligned crops, used by
-MTCNN), read many crops from many frames in one gather.
+MTCNN), read many crops from many frames in one gather. Nothing here needs torch: the onnxruntime
+engine (:mod:`mtaffect.runtime`) aligns faces with this module too.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 
 #: ArcFace/InsightFace five-point template of a 112x112 crop, (x, y) in pixels.
 REFERENCE_5PT_112: np.ndarray = np.array(
@@ -95,82 +95,88 @@ def template_for(size: int, template: np.ndarray | None = None) -> np.ndarray:
 
 
 def _bilinear(
-    images: torch.Tensor, frame_index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, fill: float = 0.0
-) -> torch.Tensor:
+    images: np.ndarray, frame_index: np.ndarray, x: np.ndarray, y: np.ndarray, fill: float = 0.0
+) -> np.ndarray:
     """Bilinear reads of ``images[frame_index[k]]`` at (y, x); x and y broadcast to (K, h, w).
 
-    Pixel-index coordinates; taps outside the image weigh zero and the missing weight reads ``fill``.
-    Per-axis work (floors, weights, bounds) stays at the size of x and y, so separable grids (x of shape
-    (K, 1, w), y of shape (K, h, 1)) are about twice as cheap as full ones. Returns (K, C, h, w) float32.
+    ``images`` (F, H, W, C), uint8 or float. Pixel-index coordinates; taps outside the image weigh zero
+    and the missing weight reads ``fill``. Per-axis work (floors, weights, bounds) stays at the size of
+    x and y, so separable grids (x of shape (K, 1, w), y of shape (K, h, 1)) are about twice as cheap as
+    full ones. Returns (K, h, w, C) float32.
     """
-    n_img, chans, height, width = images.shape
-    shape = torch.broadcast_shapes(x.shape, y.shape)
-    flat = images.permute(0, 2, 3, 1).reshape(n_img * height * width, chans)  # a view if channels-last
-    x, y = x.float(), y.float()
-    x0f, y0f = torch.floor(x), torch.floor(y)
+    n_img, height, width, chans = images.shape
+    shape = np.broadcast_shapes(x.shape, y.shape)
+    flat = images.reshape(n_img * height * width, chans)
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    x0f, y0f = np.floor(x), np.floor(y)
     fx, fy = x - x0f, y - y0f
-    x0, y0 = x0f.long(), y0f.long()
-    base = (frame_index.to(images.device).long() * (height * width))[:, None, None]
-    out = covered = None
+    x0, y0 = x0f.astype(np.int64), y0f.astype(np.int64)
+    base = (np.asarray(frame_index, np.int64) * (height * width))[:, None, None]
+    out = np.zeros((*shape, chans), np.float32)
+    term = np.empty_like(out)
+    covered = np.zeros(shape, np.float32) if fill != 0.0 else None
     for dy in (0, 1):
         yi = y0 + dy
         wy = (fy if dy else 1 - fy) * ((yi >= 0) & (yi < height))  # zero weight outside the image
-        row = base + yi.clamp(0, height - 1) * width
+        row = base + np.clip(yi, 0, height - 1) * width
         for dx in (0, 1):
             xi = x0 + dx
             wx = (fx if dx else 1 - fx) * ((xi >= 0) & (xi < width))
-            w = (wy * wx).expand(shape)
-            idx = (row + xi.clamp(0, width - 1)).expand(shape).reshape(-1)
-            term = flat.index_select(0, idx).view(*shape, chans).float().mul_(w[..., None])
-            out = term if out is None else out.add_(term)
-            covered = w if covered is None else covered + w
-    if fill != 0.0:
-        out.add_((fill * (1 - covered))[..., None])
-    return out.permute(0, 3, 1, 2)
+            w = wy * wx
+            # take() along axis 0 gathers whole pixels, several times faster than fancy indexing.
+            np.multiply(np.take(flat, row + np.clip(xi, 0, width - 1), axis=0), w[..., None], out=term)
+            out += term
+            if covered is not None:
+                covered += w
+    if covered is not None:
+        out += (fill * (1 - covered))[..., None]
+    return out
 
 
 def warp_affine(
-    images: torch.Tensor,
-    frame_index: torch.Tensor,
-    inverse: torch.Tensor,
+    images: np.ndarray,
+    frame_index: np.ndarray,
+    inverse: np.ndarray,
     size: int | tuple[int, int],
     supersample: int = 1,
     fill: float = 0.0,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Sample K crops from a batch of images, each through its own affine map.
 
-    images: (F, C, H, W), uint8 or float (channels-last strides avoid a copy); frame_index: (K,) which
-    image each crop reads; inverse: (K, 2, 3) maps output pixel (u, v) to source pixel (x, y)
-    (pixel-index convention). Bilinear; points outside the image read ``fill``. With ``supersample``
-    s > 1 each output pixel averages s x s samples, which antialiases down-scaling. Returns
-    (K, C, h, w) float32.
+    images: (F, H, W, C), uint8 or float; frame_index: (K,) which image each crop reads; inverse:
+    (K, 2, 3) maps output pixel (u, v) to source pixel (x, y) (pixel-index convention). Bilinear;
+    points outside the image read ``fill``. With ``supersample`` s > 1 each output pixel averages s x s
+    samples, which antialiases down-scaling. Returns (K, h, w, C) float32.
     """
     if images.ndim != 4:
-        raise ValueError(f"images must be (F, C, H, W), got {tuple(images.shape)}")
+        raise ValueError(f"images must be (F, H, W, C), got {tuple(images.shape)}")
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    dev = images.device
-    if inverse.shape[0] == 0:
-        return torch.zeros((0, images.shape[1], out_h, out_w), device=dev)
+    if len(inverse) == 0:
+        return np.zeros((0, out_h, out_w, images.shape[3]), np.float32)
     s = max(1, int(supersample))
-    a = inverse.to(device=dev, dtype=torch.float32)[:, :, :, None, None]  # (K, 2, 3, 1, 1)
+    a = np.asarray(inverse, np.float32)[:, :, :, None, None]  # (K, 2, 3, 1, 1)
     # Sub-pixel sample positions in output pixel units (centres of an s x s grid in each pixel).
-    us = (torch.arange(out_w * s, device=dev, dtype=torch.float32) + 0.5) / s - 0.5
-    vs = (torch.arange(out_h * s, device=dev, dtype=torch.float32) + 0.5) / s - 0.5
+    us = (np.arange(out_w * s, dtype=np.float32) + 0.5) / s - 0.5
+    vs = (np.arange(out_h * s, dtype=np.float32) + 0.5) / s - 0.5
     src = a[:, :, 0] * us + a[:, :, 1] * vs[:, None] + a[:, :, 2]  # (K, 2, h*s, w*s)
     out = _bilinear(images, frame_index, src[:, 0], src[:, 1], fill)
-    return F.avg_pool2d(out, s) if s > 1 else out
+    if s == 1:
+        return out
+    k, c = len(out), out.shape[-1]
+    return out.reshape(k, out_h, s, out_w, s, c).mean(axis=(2, 4), dtype=np.float32)
 
 
 def sample_grid(
-    images: torch.Tensor, frame_index: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, fill: float = 0.0
-) -> torch.Tensor:
+    images: np.ndarray, frame_index: np.ndarray, xs: np.ndarray, ys: np.ndarray, fill: float = 0.0
+) -> np.ndarray:
     """Axis-aligned crops: crop k reads ``images[frame_index[k]]`` at rows ys[k] x columns xs[k].
 
-    xs: (K, w), ys: (K, h), pixel-index coordinates. The separable special case of :func:`warp_affine`
-    (box crops), about twice as fast; bilinear, ``fill`` outside the image; returns (K, C, h, w) float32.
+    images: (F, H, W, C); xs: (K, w), ys: (K, h), pixel-index coordinates. The separable special case
+    of :func:`warp_affine` (box crops), about twice as fast; bilinear, ``fill`` outside the image;
+    returns (K, h, w, C) float32.
     """
     if xs.shape[0] == 0:
-        return torch.zeros((0, images.shape[1], ys.shape[1], xs.shape[1]), device=images.device)
+        return np.zeros((0, ys.shape[1], xs.shape[1], images.shape[3]), np.float32)
     return _bilinear(images, frame_index, xs[:, None, :], ys[:, :, None], fill)
 
 
@@ -196,16 +202,14 @@ def warp_image(image: np.ndarray, matrices: np.ndarray, size: int | tuple[int, i
     out_h, out_w = (size, size) if isinstance(size, int) else size
     if len(m) == 0:
         return np.zeros((0, out_h, out_w, 3), np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None]  # uint8, read in place
-    inv = torch.from_numpy(invert_affine(m)).float()
+    inv = invert_affine(m)
     factors = _supersample_for(m)
-    out = torch.empty((len(m), out_h, out_w, 3), dtype=torch.uint8)
-    with torch.inference_mode():
-        for ss in np.unique(factors):  # each crop gets its own factor, alone or in a batch
-            sel = torch.from_numpy(np.flatnonzero(factors == ss))
-            crops = warp_affine(t, torch.zeros(len(sel), dtype=torch.long), inv[sel], (out_h, out_w), int(ss))
-            out[sel] = crops.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return out.numpy()
+    out = np.empty((len(m), out_h, out_w, 3), dtype=np.uint8)
+    for ss in np.unique(factors):  # each crop gets its own factor, alone or in a batch
+        sel = np.flatnonzero(factors == ss)
+        crops = warp_affine(img[None], np.zeros(len(sel), np.int64), inv[sel], (out_h, out_w), int(ss))
+        out[sel] = np.clip(np.rint(crops), 0, 255).astype(np.uint8)
+    return out
 
 
 # ---- public crops -------------------------------------------------------------------------------------
@@ -227,6 +231,40 @@ def align_faces(
 ) -> np.ndarray:
     """Align k faces of one uint8 RGB image by their (k, 5, 2) landmarks; (k, size, size, 3) uint8."""
     return warp_image(image, alignment_matrices(landmarks, size, template), size)
+
+
+def align_faces_fast(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> list[np.ndarray]:
+    """Five-point alignment like :func:`align_faces` (same template and transform), about 7x faster on
+    large faces: the face's region is first box-reduced by the integer factor of the down-scaling
+    (``Image.reduce``, exact averaging), then warped with PIL's bilinear affine transform. Measured
+    against ``align_faces``: mean absolute difference below one grey level. Prediction uses this one
+    (both engines), so its crops are the ones models see at inference.
+    """
+    h, w = image.shape[:2]
+    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64) - 0.5
+    out = []
+    for m in alignment_matrices(landmarks, size):
+        inv = invert_affine(m)
+        r = max(1, int(np.floor(1.0 / np.sqrt(abs(np.linalg.det(m[:, :2]))))))
+        src = corners @ inv[:, :2].T + inv[:, 2]
+        x0 = int(min(max(0, np.floor(src[:, 0].min()) - r), w - 1))
+        y0 = int(min(max(0, np.floor(src[:, 1].min()) - r), h - 1))
+        x1 = int(max(min(w, np.ceil(src[:, 0].max()) + r + 1), x0 + 1))
+        y1 = int(max(min(h, np.ceil(src[:, 1].max()) + r + 1), y0 + 1))
+        region = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
+        if r > 1:
+            region = region.reduce(r)
+        # Reduced pixel u holds source pixels x0 + r*u .. x0 + r*u + r - 1 (centre x0 + (r-1)/2 + r*u);
+        # PIL's affine map works in edge coordinates (pixel-index + 0.5).
+        a = inv[:, :2] / r
+        c = (inv[:, 2] - [x0 + (r - 1) / 2, y0 + (r - 1) / 2]) / r + 0.5 - a @ [0.5, 0.5]
+        data = (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1])
+        out.append(
+            np.asarray(
+                region.transform((size, size), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
+            )
+        )
+    return out
 
 
 def align_face(

@@ -27,7 +27,6 @@ from typing import Final
 import numpy as np
 import PIL
 from PIL import Image
-from torch.utils.data import Dataset
 
 #: The one resampling filter used for every resize: extraction must be reproducible.
 RESAMPLE: Final = Image.Resampling.BILINEAR
@@ -145,12 +144,14 @@ def decode_rows(
     return pixels, ok, reasons
 
 
-class BatchDecodeDataset(Dataset):
+class BatchDecodeDataset:
     """Item ``i`` is a whole batch: the images ``names[batches[i]]`` under ``folder``, in one uint8 array.
 
     Returns a dict: ``rows`` int64 (B,), ``pixels`` uint8 (B, S, S) for "L" or (B, S, S, 3) for "RGB",
     ``ok`` bool (B,) and ``reasons`` (B strings, "" where ok). Use it with ``DataLoader(batch_size=None)``.
     Paths are joined here, in the workers: building 400k ``Path`` objects up front costs ~20 s.
+    A plain map-style dataset (``__len__`` + ``__getitem__``), so this module imports without torch:
+    the onnxruntime engine resizes faces with :func:`resize_array` too.
     """
 
     def __init__(
@@ -204,7 +205,7 @@ class ImageReader:
         return pixels[inv].reshape(*pos.shape, *pixels.shape[1:]), ok[inv].reshape(pos.shape), failed
 
 
-class ReaderBatches(Dataset):
+class ReaderBatches:
     """Item ``i`` is ``reader.read(batches[i])``: an :class:`ImageReader`'s batches for a DataLoader with
     decoding workers (``batch_size=None``), in order."""
 

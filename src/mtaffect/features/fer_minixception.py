@@ -302,8 +302,9 @@ class FerMiniXception(Backbone):
             self.net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
             self._layout_cl = cl
         x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        # Training: BatchNorm batch statistics need the whole batch at once.
-        chunks = [x] if self.training or x.shape[0] <= self.chunk else x.split(self.chunk)
+        # Training: BatchNorm batch statistics need the whole batch at once; ONNX export: any batch size.
+        whole = self.training or torch.onnx.is_in_onnx_export() or x.shape[0] <= self.chunk
+        chunks = [x] if whole else x.split(self.chunk)
         parts = [self.net(c) for c in chunks]
         features = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         logits = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtaffect.models.outputs import AffectOutputs
+
 #: Task keys used in model outputs, losses, stages and configs.
 TASKS: tuple[str, str, str] = ("au", "expr", "va")
 #: Cached backbone arrays a recipe may read (names of the FeatureStore arrays).
@@ -95,15 +97,6 @@ class MTLModel(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
-
-
-@dataclass
-class AffectOutputs:
-    """Per-face predictions as probabilities: what a PredictionTable row holds."""
-
-    va: np.ndarray  # (N, 2) valence, arousal in [-1, 1]
-    expr_probs: np.ndarray  # (N, 8), rows sum to 1
-    au_probs: np.ndarray  # (N, 12)
 
 
 def outputs_to_probs(out: Mapping[str, torch.Tensor]) -> AffectOutputs:

@@ -1,0 +1,295 @@
+"""`mtaffect export`: the folder and its manifest, onnxruntime == PyTorch for the default model, every
+recipe (temporal ones over windows) and MTCNN on a real photo, int8 quantisation, refusals that leave
+nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxscript")
+pytest.importorskip("skimage")  # the public-domain test photos
+
+from skimage import data as skimage_data
+
+from mtaffect.cli import app
+from mtaffect.export.exporter import DEFAULT_OPSET, ExportCheckError, export_model, synthetic_faces
+from mtaffect.faces import MTCNN
+from mtaffect.faces.align import align_faces_fast
+from mtaffect.features.decode import resize_array
+from mtaffect.features.registry import create_backbone
+from mtaffect.io import OutputExistsError
+from mtaffect.models.default import DefaultAffectModel
+from mtaffect.runtime import ExportError, Runtime, read_manifest
+from mtaffect.runtime.manifest import sha256_file
+
+TOL = 1e-4
+runner = CliRunner()
+
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _torch_path(model, faces: np.ndarray) -> tuple:
+    """What `mtaffect predict` computes with PyTorch for prepared faces (N, S, S[, C]) uint8."""
+    backbone = create_backbone(model.backbone, **dict(model.backbone_kwargs)).eval()
+    x = faces[..., 0] if faces.shape[-1] == 1 else faces
+    with torch.inference_mode():
+        out = backbone(backbone.preprocess(x), tokens="tokens" in tuple(getattr(model, "inputs", ())))
+    return model.predict(out.features, out.logits, out.tokens), out
+
+
+def _assert_close(got, want, tol: float = TOL) -> None:
+    for name in ("expr_probs", "au_probs", "va"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape, name
+        assert np.abs(a - b).max() <= tol, (name, float(np.abs(a - b).max()))
+
+
+# ---- the default model and MTCNN ------------------------------------------------------------------------
+
+
+def test_folder_lists_every_file_with_its_hash_and_how_to_feed_it(default_export):
+    out, manifest = default_export
+    assert not (out / "stale.txt").exists()  # --overwrite replaced the old folder as a whole
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert set(manifest["files"]) == {
+        "face_model.onnx", "face_model.int8.onnx", "mtcnn_pnet.onnx", "mtcnn_rnet.onnx", "mtcnn_onet.onnx"
+    }  # fmt: skip
+    for name, record in manifest["files"].items():
+        assert record["sha256"] == sha256_file(out / name)
+        assert record["bytes"] == (out / name).stat().st_size
+    assert read_manifest(out) == json.loads((out / "export.json").read_text())
+    import onnx
+
+    assert manifest["opset"] == DEFAULT_OPSET
+    opsets = {o.domain: o.version for o in onnx.load(str(out / "face_model.onnx")).opset_import}
+    assert opsets[""] == DEFAULT_OPSET
+    face = manifest["face_model"]
+    assert face["inputs"]["pixels"] == {"dtype": "uint8", "shape": ["batch", 64, 64, 1]}
+    assert list(face["outputs"])[:3] == ["expr_probs", "au_probs", "va"]
+    pre = manifest["preprocessing"]
+    assert pre["resize"]["size"] == 64 and pre["colour"] == "L" and pre["normalise"]["mean"] == [0.5]
+    assert "BILINEAR" in pre["resize"]["filter"] and len(pre["align"]["template"]) == 5
+    np.testing.assert_allclose(
+        manifest["postprocessing"]["au_thresholds"], DefaultAffectModel().au_thresholds
+    )
+    checks = manifest["checks"]
+    assert max(checks["face_model"]["max_abs_diff"].values()) <= TOL
+    assert max(checks["mtcnn"]["max_abs_diff"].values()) <= TOL
+
+
+def test_default_model_on_a_real_face_matches_torch(default_export):
+    out, _ = default_export
+    img = skimage_data.astronaut()
+    (det,) = MTCNN().detect(img)
+    faces = np.stack([resize_array(f, 64, "L") for f in align_faces_fast(img, det.landmarks)])[..., None]
+    want, backbone_out = _torch_path(DefaultAffectModel(), faces)
+    rt = Runtime(out, precision="float32")
+    got, arrays = rt.model.run(faces)
+    _assert_close(got, want)
+    np.testing.assert_allclose(arrays["features"], backbone_out.features.numpy(), atol=TOL)
+    # the same through the runtime's own detector and alignment
+    found, probs = rt.analyse(img)
+    assert len(found) == 1
+    _assert_close(probs, want)
+    assert probs.expr_probs[0].argmax() == 4  # a broad smile: Happiness
+
+
+def test_mtcnn_onnxruntime_detections_match_torch_on_real_photos(default_export):
+    out, _ = default_export
+    img = skimage_data.astronaut()
+    photos = [
+        img,
+        np.ascontiguousarray(img[:, ::-1]),
+        np.ascontiguousarray(img[:, 210:]),
+        skimage_data.coffee(),
+    ]
+    want = MTCNN().detect(photos)
+    got = Runtime(out).detector().detect(photos)
+    assert [len(d) for d in got] == [len(d) for d in want]
+    assert len(got[0]) == 1
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+        np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    moved = want[0].boxes + 3.0  # O-Net tracking step between detections
+    a, b = Runtime(out).detector().refine(img, moved), MTCNN().refine(img, moved)
+    np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
+
+
+def test_int8_model_is_smaller_reported_and_chosen_by_default(default_export):
+    out, manifest = default_export
+    files = manifest["files"]
+    assert files["face_model.int8.onnx"]["bytes"] < 0.6 * files["face_model.onnx"]["bytes"]
+    report = manifest["checks"]["int8"]
+    assert report["faces"] > 0 and 0 <= report["expression_agreement"] <= 1
+    assert set(report["max_abs_diff"]) == {"expr_probs", "au_probs", "va"}
+    rt = Runtime(out)
+    assert rt.precision == "int8"
+    probs, _ = rt.model.run(synthetic_faces(3, 64, "L", seed=4))
+    np.testing.assert_allclose(probs.expr_probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_a_damaged_or_incomplete_export_is_refused(default_export, tmp_path):
+    src, _ = default_export
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    blob = bytearray((bad / "face_model.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (bad / "face_model.onnx").write_bytes(bytes(blob))
+    with pytest.raises(ExportError, match=r"face_model\.onnx does not match the sha256"):
+        Runtime(bad)
+    (bad / "mtcnn_onet.onnx").unlink()
+    with pytest.raises(ExportError, match=r"mtcnn_onet\.onnx is missing"):
+        Runtime(bad, verify=False)
+    with pytest.raises(ExportError, match="not an mtaffect export"):
+        Runtime(tmp_path)
+    plain = tmp_path / "plain"  # as exported without --quantize
+    shutil.copytree(src, plain)
+    manifest = json.loads((plain / "export.json").read_text())
+    manifest["face_model"]["int8_file"] = None
+    del manifest["files"]["face_model.int8.onnx"]
+    (plain / "export.json").write_text(json.dumps(manifest))
+    assert Runtime(plain).precision == "float32"
+    with pytest.raises(ValueError, match="no int8 face model"):
+        Runtime(plain, precision="int8")
+
+
+def test_existing_output_is_kept_and_bad_options_refused_before_any_work(tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        export_model("default", out)
+    assert (out / "mine.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="for temporal models"):
+        export_model("default", tmp_path / "w", window=5)
+    with pytest.raises(ValueError, match="opset"):
+        export_model("default", tmp_path / "o", opset=9)
+    result = runner.invoke(app, ["export", "--out", str(out)])
+    assert result.exit_code == 2 and "error:" in result.output and "overwrite" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_a_disagreeing_export_is_refused_and_leaves_nothing(default_export, tmp_path, monkeypatch):
+    """The check compares onnxruntime with PyTorch for real; here PyTorch's answer is shifted by 1e-3."""
+    import mtaffect.export.exporter as exporter
+
+    src, _ = default_export
+    real = exporter.torch_reference
+
+    def shifted(*args):
+        probs, arrays = real(*args)
+        probs.va = probs.va + 1e-3
+        return probs, arrays
+
+    def reuse(module, args, path, *rest):  # the session's graph of the same model: no re-export
+        shutil.copy(src / "face_model.onnx", path)
+
+    monkeypatch.setattr(exporter, "torch_reference", shifted)
+    monkeypatch.setattr(exporter, "onnx_export", reuse)
+    with pytest.raises(ExportCheckError, match=r"differs from PyTorch by more than 0\.0001 \(va 1\.0"):
+        export_model("default", tmp_path / "exp", detector=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- trained recipes -----------------------------------------------------------------------------------
+
+#: Tiny versions of the shipped configs (one decoder block, one transformer layer: every layer kind
+#: that matters for export, at a fraction of the export time).
+TINY = {
+    "queries_gcn_cached": ["model.hparams.dim=16", "model.hparams.blocks=1", "model.hparams.heads=2",
+                    "model.hparams.ffn_dim=32"],
+    "au_graph": ["model.hparams.node_dim=8", "model.hparams.hidden=16", "model.hparams.key_dim=8",
+                 "model.hparams.attn_dim=8"],
+    "progressive": ["model.hparams.dim=16", "model.hparams.task_dim=16", "data.window=6", "data.stride=3"],
+    "emotinet": ["model.hparams.au_hidden=16"],
+}  # fmt: skip
+#: One checkpoint per recipe (recipe 3 with its published LSTM), and recipe 3 with a transformer for the
+#: fixed-window export.
+RUNS = {
+    "queries_gcn": ("queries_gcn_cached", []),  # the heads on cached tokens (the shipped config runs ViT-g)
+    "au_graph": ("au_graph", []),
+    "emotinet": ("emotinet", []),
+    "progressive": ("progressive", ["model.hparams.temporal=lstm"]),
+    "progressive-transformer": (
+        "progressive",
+        ["model.hparams.temporal=transformer", "model.hparams.temporal_kwargs={layers: 1}"],
+    ),
+}
+RECIPES = ["queries_gcn", "au_graph", "emotinet", "progressive"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """One checkpoint per run of RUNS, each trained one epoch on a small synthetic store."""
+    from mtaffect.data.synth import SynthConfig, generate
+    from mtaffect.features.extract import extract
+    from mtaffect.train.config import load_config
+    from mtaffect.train.fit import fit_from_root
+
+    root = tmp_path_factory.mktemp("recipes")
+    generate(root / "data", SynthConfig(videos=4, frames=20, seed=1))
+    extract(root / "data", "fer-minixception", root / "fer", workers=0, tokens=True)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    out = {}
+    for run, (recipe, extra) in RUNS.items():
+        cfg = load_config(configs / f"{recipe}.yaml", [*TINY[recipe], *extra, "trainer.epochs=1"])
+        cfg.trainer.progress = False
+        fit_from_root(cfg, root / "fer", root / "data", root / run, log=None)
+        out[run] = root / run / "best"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", RECIPES)
+def test_trained_checkpoint_exports_with_parity(trained, run, tmp_path):
+    from mtaffect.models.checkpoint import load_model
+
+    model = load_model(trained[run])
+    export_model(trained[run], tmp_path / "exp", detector=False)
+    rt = Runtime(tmp_path / "exp")
+    faces = synthetic_faces(5, 64, "L", seed=11)
+    want, _ = _torch_path(model, faces)
+    got, arrays = rt.model.run(faces)  # temporal models: each face a sequence of one frame, as in torch
+    _assert_close(got, want)
+    assert set(arrays) == {"features", *model.inputs}
+    if not model.temporal:
+        return
+    assert (tmp_path / "exp" / "head.onnx").is_file()
+    windows = synthetic_faces(3, 64, "L", window=9, seed=12)  # a window length never exported
+    got_w, arrays_w = rt.model.run(windows)
+    for i in range(len(windows)):
+        _, out = _torch_path(model, windows[i])
+        seq = model.predict(out.features[None])  # one sequence (1, T, D)
+        _assert_close(type(got_w)(got_w.va[i], got_w.expr_probs[i], got_w.au_probs[i]), seq)
+        _assert_close(rt.model.predict(arrays_w["features"][i : i + 1]), seq)  # the heads alone
+    _assert_close(rt.model.predict(arrays["features"]), want)  # N rows: N one-frame sequences
+
+
+@pytest.mark.slow
+def test_a_fixed_window_is_exported_and_enforced(trained, tmp_path):
+    from mtaffect.models.checkpoint import load_model
+
+    run = trained["progressive-transformer"]
+    export_model(run, tmp_path / "exp", detector=False, window=4)
+    manifest = read_manifest(tmp_path / "exp")
+    assert manifest["face_model"]["inputs"]["pixels"]["shape"][:2] == ["batch", 4]
+    rt = Runtime(tmp_path / "exp")
+    windows = synthetic_faces(2, 64, "L", window=4, seed=13)
+    got, arrays = rt.model.run(windows)
+    model = load_model(run)
+    for i in range(len(windows)):
+        _, out = _torch_path(model, windows[i])
+        want = model.predict(out.features[None])
+        _assert_close(type(got)(got.va[i], got.expr_probs[i], got.au_probs[i]), want)
+        _assert_close(rt.model.predict(arrays["features"][i : i + 1]), want)
+    with pytest.raises(ValueError, match="fixed window of 4"):
+        rt.model.run(synthetic_faces(2, 64, "L", window=5, seed=13))
