@@ -36,9 +36,8 @@ from typing import Final
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from mtaffect.faces.align import alignment_matrices, invert_affine
+from mtaffect.faces.align import align_faces_fast
 from mtaffect.faces.mtcnn import MTCNN, FaceDetections
 from mtaffect.features.decode import resize_array
 from mtaffect.features.registry import create_backbone
@@ -645,39 +644,6 @@ class Predictor:
             for s_, d in zip(src, dst, strict=True):
                 table.loc[ok, d] = frame[s_].to_numpy(np.float32)
         return finalize(table, self.au_thresholds)
-
-
-def align_faces_fast(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGN_SIZE) -> list[np.ndarray]:
-    """Five-point alignment like :func:`mtaffect.faces.align.align_faces` (same template and transform),
-    about 7x faster on large faces: the face's region is first box-reduced by the integer factor of the
-    down-scaling (``Image.reduce``, exact averaging), then warped with PIL's bilinear affine transform.
-    Measured against ``align_faces``: mean absolute difference below one grey level.
-    """
-    h, w = image.shape[:2]
-    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64) - 0.5
-    out = []
-    for m in alignment_matrices(landmarks, size):
-        inv = invert_affine(m)
-        r = max(1, int(np.floor(1.0 / np.sqrt(abs(np.linalg.det(m[:, :2]))))))
-        src = corners @ inv[:, :2].T + inv[:, 2]
-        x0 = int(min(max(0, np.floor(src[:, 0].min()) - r), w - 1))
-        y0 = int(min(max(0, np.floor(src[:, 1].min()) - r), h - 1))
-        x1 = int(max(min(w, np.ceil(src[:, 0].max()) + r + 1), x0 + 1))
-        y1 = int(max(min(h, np.ceil(src[:, 1].max()) + r + 1), y0 + 1))
-        region = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]))
-        if r > 1:
-            region = region.reduce(r)
-        # Reduced pixel u holds source pixels x0 + r*u .. x0 + r*u + r - 1 (centre x0 + (r-1)/2 + r*u);
-        # PIL's affine map works in edge coordinates (pixel-index + 0.5).
-        a = inv[:, :2] / r
-        c = (inv[:, 2] - [x0 + (r - 1) / 2, y0 + (r - 1) / 2]) / r + 0.5 - a @ [0.5, 0.5]
-        data = (a[0, 0], a[0, 1], c[0], a[1, 0], a[1, 1], c[1])
-        out.append(
-            np.asarray(
-                region.transform((size, size), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR)
-            )
-        )
-    return out
 
 
 @dataclass
