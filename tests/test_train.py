@@ -33,6 +33,10 @@ class TinyModel(MTLModel):
 
     recipe = "tiny-test"
     inputs = ("features",)
+    #: Test switches (set by callbacks): ``poison`` makes validation outputs NaN; ``cheat`` predicts the
+    #: expression labels perfectly and every AU absent, so P is high while the AU F1 is 0.
+    poison = False
+    cheat = False
 
     def __init__(self, feature_dim: int, num_logits: int = 0, token_shape=None, hidden: int = 16) -> None:
         super().__init__()
@@ -47,7 +51,15 @@ class TinyModel(MTLModel):
 
     def forward(self, batch):
         h = self.trunk(batch["features"])
-        return {"au": self.au(h), "expr": self.expr(h), "va": self.va(h)}
+        return self.switches(batch, {"au": self.au(h), "expr": self.expr(h), "va": self.va(h)})
+
+    def switches(self, batch, out):
+        if self.poison and not self.training:
+            out = {k: v * float("nan") for k, v in out.items()}
+        if self.cheat and not self.training:
+            out["expr"] = torch.nn.functional.one_hot(batch["expr"], 8).float() * 20
+            out["au"] = torch.full_like(out["au"], -20.0)
+        return out
 
 
 class TinyTemporal(TinyModel):
@@ -73,8 +85,17 @@ class TinyTwoStage(TinyModel):
         return [Stage("au", ("au",), ("trunk", "au")), Stage("rest", ("expr", "va"), ("expr", "va"))]
 
 
+class TinyPerTask(TinyModel):
+    """One stage per task, each training its own head (the emotinet layout)."""
+
+    recipe = "tiny-per-task"
+
+    def stages(self) -> list[Stage]:
+        return [Stage(t, (t,), ("trunk", t) if t == "expr" else (t,)) for t in ("expr", "au", "va")]
+
+
 def _register() -> None:
-    for cls in (TinyModel, TinyTemporal, TinyTwoStage):
+    for cls in (TinyModel, TinyTemporal, TinyTwoStage, TinyPerTask):
         with contextlib.suppress(ValueError):  # already registered in this process
             register_model(cls.recipe)(cls)
 
@@ -160,16 +181,23 @@ def test_join_excludes_failed_images_and_names_missing_ones(dataset, tmp_path):
         join_labels(store, other)
 
 
-def test_sharded_batches_are_disjoint_across_ranks():
-    from mtaffect.train.data import ShardedBatches
+def test_rank_shares_are_fixed_disjoint_and_padded_to_equal_steps():
+    from mtaffect.train.data import ShardedBatches, rank_shares
 
-    seen = [np.concatenate(list(ShardedBatches(10, 3, shuffle=False, rank=r, world=2, pad=False)))
-            for r in range(2)]  # fmt: skip
-    assert set(seen[0]).isdisjoint(seen[1]) and sorted(np.concatenate(seen)) == list(range(10))
-    train = [
-        np.concatenate(list(ShardedBatches(10, 4, shuffle=True, seed=1, rank=r, world=2))) for r in range(2)
-    ]
-    assert len(train[0]) == len(train[1]) == 5 and set(train[0]).isdisjoint(train[1])
+    owner = rank_shares(11, world=2, seed=1, block=2)
+    shares = [np.flatnonzero(owner == r) for r in range(2)]
+    assert set(shares[0]).isdisjoint(shares[1]) and sorted(np.concatenate(shares)) == list(range(11))
+    assert np.array_equal(owner, rank_shares(11, world=2, seed=1, block=2))  # fixed for the run
+    length = max(len(x) for x in shares)
+    samplers = [ShardedBatches(x, 4, shuffle=True, seed=3, length=length) for x in shares]
+    for r, sampler in enumerate(samplers):
+        epoch0 = np.concatenate(list(sampler))
+        sampler.set_epoch(1)
+        epoch1 = np.concatenate(list(sampler))
+        assert len(epoch0) == length and set(epoch0) == set(epoch1) == set(shares[r])  # only its share
+        assert len(sampler) == -(-length // 4)  # every rank runs the same number of steps
+    resumed = ShardedBatches(shares[0], 4, shuffle=True, seed=3, length=length, epoch_offset=1)
+    assert np.array_equal(np.concatenate(list(resumed)), np.concatenate(list(samplers[0])))  # epoch 1 again
 
 
 # ---- schedule, stages ----------------------------------------------------------------------------------
@@ -226,15 +254,106 @@ def test_stages_freeze_and_keep_frozen_modules_in_eval(dataset):
     assert {h["stage"] for h in res.history} == {"au", "rest"}
 
 
-def test_a_stage_without_labels_errors_clearly(dataset):
+def _without(table: LabelTable, *tasks: str) -> LabelTable:
+    frame = table.frame.copy()
+    if "expr" in tasks:
+        frame["expression"] = -1
+    if "va" in tasks:
+        frame[["valence", "arousal"]] = -5.0
+    if "au" in tasks:
+        frame[list(AU_NAMES)] = -1
+    return LabelTable(frame)
+
+
+def test_training_rows_without_any_label_are_a_clear_error(dataset):
     from mtaffect.train.fit import fit
 
-    _, train, val = dataset
-    frame = train.frame.copy()
-    frame["expression"] = -1
-    frame[["valence", "arousal"]] = -5.0
-    with pytest.raises(ValueError, match=r"stage 'rest' trains expr, va but the training rows hold no valid"):
-        fit(cfg("tiny-two-stage"), dataset[0], LabelTable(frame), val, log=None)
+    store, train, val = dataset
+    with pytest.raises(ValueError, match=r"the training rows hold no label of any task"):
+        fit(cfg("tiny-two-stage"), store, _without(train, "au", "expr", "va"), val, log=None)
+
+
+def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(dataset, tmp_path):
+    """Item 6: CK+-like data (AU + expression, no valence/arousal) trains; the VA stage is skipped."""
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+    logs: list[str] = []
+    res = fit(cfg("tiny-per-task", trainer={"epochs": 2}), store, _without(train, "va"), _without(val, "va"),
+              tmp_path / "run", log=logs.append)  # fmt: skip
+    assert any("stage va skipped" in m and "no va label" in m for m in logs), logs
+    assert {h["stage"] for h in res.history} == {"expr", "au"}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tasks"] == ["au", "expr"] and metrics["absent_tasks"] == ["va"]
+    terms = metrics["best"]
+    assert res.P == pytest.approx(terms["expr"]["f1"] + terms["au"]["f1"]) == metrics["P_tasks"]
+    assert "va absent" in res.summary() and "P[au+expr]" in res.summary()
+
+
+def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_cleanly(dataset, tmp_path):
+    """Item 1: NaN predictions after the first epoch: logged, not selected, early stopping ends the run."""
+    import lightning as L
+
+    from mtaffect.models.checkpoint import load_model
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+    out = tmp_path / "run"
+
+    class Poison(L.Callback):
+        best_on_disk = False
+
+        def on_validation_epoch_start(self, trainer, module):
+            module.model.poison = trainer.current_epoch >= 1
+
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:  # epoch 0 improved: its weights are already on disk
+                self.best_on_disk = (out / "best" / "model.safetensors").is_file()
+
+    poison = Poison()
+    logs: list[str] = []
+    res = fit(cfg(trainer={"epochs": 6, "patience": 2}), store, train, val, out, callbacks=[poison],
+              log=logs.append)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["finite"] for h in metrics["history"]] == [True, False, False]  # patience 2 stopped it
+    assert metrics["history"][1]["nonfinite_rows"] == len(val) - 1 and metrics["history"][1]["P"] is None
+    assert metrics["best_epoch"] == res.best_epoch == 0 and np.isfinite(res.P)
+    assert poison.best_on_disk and (out / "val_predictions.parquet").is_file()
+    assert any("non-finite" in m and "not selected" in m for m in logs), logs
+    model = load_model(out / "best")
+    assert all(torch.isfinite(p).all() for p in model.model.parameters())
+
+
+def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
+    """Item 4: the AU stage picks its epoch on F1_AU, not on a P moved by the other (untrained) heads."""
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+
+    class Cheat(L.Callback):  # epoch 0 of stage "au": perfect expressions, no AU -> high P, F1_AU 0
+        def __init__(self):
+            self.au = {}
+
+        def on_validation_epoch_start(self, trainer, module):
+            module.model.cheat = module.stage.name == "au" and trainer.current_epoch == 0
+
+        def on_validation_epoch_end(self, trainer, module):
+            if module.stage.name == "au":
+                self.au[trainer.current_epoch] = module.model.au.weight.detach().clone()
+            module.model.cheat = False
+
+    cheat = Cheat()
+    res = fit(cfg("tiny-two-stage", trainer={"epochs": 4}), store, train, val, tmp_path / "run",
+              callbacks=[cheat], log=None)  # fmt: skip
+    au_hist = [h for h in res.history if h["stage"] == "au"]
+    assert au_hist[0]["P"] == max(h["P"] for h in au_hist) and au_hist[0]["f1_au"] == 0
+    best = max(au_hist, key=lambda h: h["f1_au"])["epoch"]
+    assert best != 0
+    saved = load_file(str(tmp_path / "run" / "stages" / "0-au" / "model.safetensors"))
+    assert torch.equal(saved["au.weight"], cheat.au[best])
 
 
 # ---- a run end to end ----------------------------------------------------------------------------------
@@ -265,8 +384,9 @@ def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_
     with pytest.raises(ValueError, match="another config"):
         fit(cfg("tiny-two-stage"), store, train, val, out, resume=True, log=None)
     logs = []
-    fit(c, store, train, val, out, resume=True, log=logs.append)
-    assert any("stage au: resumed" in m for m in logs)  # the finished stage is not trained again
+    again = fit(c, store, train, val, out, resume=True, log=logs.append)
+    assert "stage au: finished in an earlier session" in logs  # finished stages are not trained again
+    assert "stage rest: finished in an earlier session" in logs and again.P == res.P
 
 
 def test_temporal_model_predicts_each_frame_once(dataset, tmp_path):
@@ -334,6 +454,18 @@ def test_cli_train_then_infer(dataset, tmp_path):
                             "--images", str(test_list), "--out", str(tmp_path / "pred.parquet")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert PredictionTable.read(tmp_path / "pred.parquet").images.tolist() == list(val.images[:10])
+    # Item 5: an image whose extraction failed is an error naming it, or a row with valid = 0 when allowed
+    test_list.write_text("\n".join(val.images[:12]) + "\n")  # val.images[10] failed extraction
+    infer = ["infer", "--model", str(tmp_path / "run" / "best"), "--features", str(store),
+             "--images", str(test_list), "--out", str(tmp_path / "pred2.parquet")]  # fmt: skip
+    r = runner.invoke(app, infer)
+    assert r.exit_code == 2 and not (tmp_path / "pred2.parquet").exists()
+    assert "1 of 12 images failed extraction" in r.output and val.images[10] in r.output, r.output
+    assert "--allow-missing" in r.output
+    r = runner.invoke(app, [*infer, "--allow-missing"])
+    assert r.exit_code == 0, r.output
+    table = PredictionTable.read(tmp_path / "pred2.parquet")
+    assert table.frame["valid"].tolist() == [1] * 10 + [0, 1] and "1 image(s) failed extraction" in r.output
 
 
 # ---- DDP: 2 CPU processes (gloo) -----------------------------------------------------------------------

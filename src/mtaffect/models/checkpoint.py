@@ -22,8 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtaffect.io import OutputExistsError
+from mtaffect.io import OutputExistsError, atomic_dir
 from mtaffect.models.base import AffectOutputs, MTLModel, outputs_to_probs
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
@@ -116,27 +114,12 @@ def save_checkpoint(
         "mtaffect_version": _version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=overwrite) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "recipe": model.recipe})
         with open(tmp / CONFIG, "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=1)
             fh.write("\n")
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.replaced")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target
 
 
@@ -216,9 +199,8 @@ class TrainedAffectModel:
             a = arrays.get(name)
             if a is None:
                 raise ValueError(f"this model reads {name!r} from the backbone; pass {name}=...")
-            batch[name] = (
-                torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).float().to(self.device)
-            )
+            t = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
+            batch[name] = t.to(self.device).float()  # float16 from a store is cast on the device
         return self.model(batch)
 
     def predict(
@@ -235,15 +217,22 @@ class TrainedAffectModel:
             return outputs_to_probs({k: v[:, 0] for k, v in out.items()})
         return outputs_to_probs(self._forward(arrays))
 
-    def predict_store(self, store: Any, images: Sequence[str], batch_size: int = 4096) -> Any:
+    def predict_store(
+        self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False
+    ) -> Any:
         """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
 
         Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
         frame, the last padded); every frame is predicted exactly once.
+
+        Images whose extraction failed (their store rows are zeros) are an error
+        (:class:`mtaffect.features.reader.FailedImagesError`, counting them and naming the first few).
+        With ``allow_missing`` the table gets a ``valid`` column: 0 for those rows, whose values are
+        the model's output on zero features (placeholders to filter or fill), 1 for the others.
         """
         from mtaffect.data.predictions import PredictionTable
         from mtaffect.data.units import make_windows, split_image_names
-        from mtaffect.features.reader import InputSource
+        from mtaffect.features.reader import InputSource, check_valid
         from mtaffect.features.store import FeatureStore
 
         st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
@@ -251,6 +240,7 @@ class TrainedAffectModel:
             st.check_compatible(self.fingerprint, self.backbone)
         names = list(dict.fromkeys(str(x) for x in images))
         rows = st.rows(names)
+        ok = check_valid(st, rows, names, allow_missing=allow_missing)
         source = InputSource(st, rows, self.inputs, in_memory=False)
         n = len(names)
         va = np.zeros((n, 2))
@@ -273,8 +263,9 @@ class TrainedAffectModel:
             va[idx], expr[idx], au[idx] = probs.va, probs.expr_probs, probs.au_probs
         pos = {name: i for i, name in enumerate(names)}
         take = np.array([pos[str(x)] for x in images], dtype=np.int64)
+        extra = {"valid": ok[take].astype(np.int8)} if allow_missing else {}
         return PredictionTable.from_arrays(
-            [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take]
+            [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take], **extra
         )
 
 

@@ -17,6 +17,13 @@ Override = Annotated[
     typer.Option("--override", "-o", help="section.key=value, e.g. trainer.epochs=5 (repeatable)."),
 ]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")]
+AllowMissing = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing",
+        help="Predict images whose extraction failed too, with a `valid` column = 0 (default: an error).",
+    ),
+]
 
 
 def _config(path: Path, overrides: list[str] | None, progress: bool):
@@ -36,16 +43,33 @@ def train(
     config: Config, features: Features, data: Data,
     out: Annotated[Path, typer.Option(help="Run folder: best/, metrics.json, val_predictions.parquet.")],
     override: Override = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a run: skip finished stages.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")
+    ] = False,
+    trainval: Annotated[
+        bool,
+        typer.Option(
+            "--trainval",
+            help="Refit on train + val for the configured epochs, without validation or selection "
+            "(how final test models are made).",
+        ),
+    ] = False,
     overwrite: Overwrite = False, progress: Progress = True,
 ) -> None:  # fmt: skip
-    """Train a recipe on a feature store; keep the best validation P."""
+    """Train a recipe on a feature store; keep the epoch with the best validation P."""
     from mtaffect.train.fit import fit_from_root
 
     cfg = _config(config, override, progress)
-    result = fit_from_root(cfg, features, data, out, overwrite=overwrite, resume=resume, log=_log)
+    result = fit_from_root(
+        cfg, features, data, out, trainval=trainval, overwrite=overwrite, resume=resume, log=_log
+    )
+    if result.rank != 0:  # under DDP only rank 0 reports (and writes)
+        return
     console.print(f"[bold]{result.summary()}[/bold]", highlight=False)
-    console.print(f"wrote {out}/best, {out}/metrics.json, {out}/val_predictions.parquet", highlight=False)
+    written = ["best", "metrics.json"] + (
+        [] if result.val_predictions is None else ["val_predictions.parquet"]
+    )
+    console.print("wrote " + ", ".join(f"{out}/{w}" for w in written), highlight=False)
 
 
 def cv(
@@ -56,19 +80,24 @@ def cv(
         Path | None, typer.Option(help="Test list for the fold ensemble (default: the one in --data).")
     ] = None,
     override: Override = None, overwrite: Overwrite = False, progress: Progress = True,
+    allow_missing: AllowMissing = False,
 ) -> None:  # fmt: skip
     """K-fold cross-validation over train + val by video: mean ± std of P and its terms."""
     from mtaffect.data.annotations import LabelTable, load_split
     from mtaffect.data.submission import find_test_list, read_test_list
     from mtaffect.train.cv import cross_validate
+    from mtaffect.train.fit import env_rank
 
     cfg = _config(config, override, progress)
     labels = LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
     tl = test_list or find_test_list(data)
     test_images = list(dict.fromkeys(read_test_list(tl))) if tl is not None else None
     res = cross_validate(
-        cfg, features, labels, folds, out, test_images=test_images, overwrite=overwrite, log=_log
-    )
+        cfg, features, labels, folds, out, test_images=test_images, overwrite=overwrite,
+        allow_missing=allow_missing, log=_log,
+    )  # fmt: skip
+    if env_rank() != 0:
+        return
     console.print(res.table())
     console.print(f"wrote {out}/cv.json" + (f" and {out}/test_predictions.parquet" if test_images else ""))
 
@@ -87,7 +116,10 @@ def search(
     rows = run_search(
         cfg, features, load_split(data, "train"), load_split(data, "val"), out, overwrite=overwrite, log=_log
     )
-    console.print(search_table(rows))
+    from mtaffect.train.fit import env_rank
+
+    if env_rank() == 0:
+        console.print(search_table(rows))
 
 
 def infer(
@@ -95,8 +127,8 @@ def infer(
     features: Features,
     images: Annotated[Path, typer.Option(help="Annotation file or test list naming the images.")],
     out: Annotated[Path, typer.Option(help="PredictionTable to write (.parquet or .csv).")],
-    overwrite: Overwrite = False,
-) -> None:
+    overwrite: Overwrite = False, allow_missing: AllowMissing = False,
+) -> None:  # fmt: skip
     """Predict the listed images from a feature store with a trained checkpoint."""
     from mtaffect.data.submission import read_image_names
     from mtaffect.io import check_writable
@@ -105,9 +137,11 @@ def infer(
     check_writable(out, overwrite)
     names = list(dict.fromkeys(read_image_names(images)))  # a test list repeats names: predict each once
     m = load_model(model)
-    table = m.predict_store(features, names)
+    table = m.predict_store(features, names, allow_missing=allow_missing)
     table.write(out, overwrite=overwrite)
-    console.print(f"wrote {out} ({len(table)} rows)")
+    bad = int((table.frame["valid"] == 0).sum()) if allow_missing else 0
+    note = f"; {bad} image(s) failed extraction: valid = 0" if bad else ""
+    console.print(f"wrote {out} ({len(table)} rows{note})")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,15 +3,17 @@
 Layout (every section optional except ``model.recipe``)::
 
     model:   {recipe: emotinet, hparams: {...}}        # hparams go to create_model(recipe, ...)
-    data:    {batch_size, eval_batch_size, window, stride, in_memory, memory_limit_gb}
+    data:    {batch_size, eval_batch_size, window, stride, in_memory, memory_limit_gb, num_workers}
     optim:   {lr, weight_decay, warmup_epochs, min_lr_ratio, grad_clip}
     loss:    {weights: {au, expr, va}, au_loss: bce|wal, au_pos_weight, expr_class_weights}
     trainer: {epochs, patience, seed, accelerator, devices, strategy, num_nodes, precision, progress,
-              log_every_n_steps, au_threshold}
+              log_every_n_steps, au_threshold, num_threads}
+    stages:  {<stage name>: {epochs, lr, batch_size}}   # per-stage settings (each optional)
     search:  {grid: [{hparam: value, ...}, ...]}        # mtaffect search: one run per entry
 
 ``--override section.key=value`` (value parsed as YAML) changes one field; unknown keys are errors
-that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built).
+that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built);
+``stages.<name>.<key>`` sets one stage (the names are the recipe's stages, checked when training).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class DataSection:
     window: int = 32  # temporal models: frames per window
     stride: int = 16  # temporal models: training window step (validation/prediction use `window`)
     in_memory: str | bool = "auto"  # load the needed arrays into RAM when they fit memory_limit_gb
-    memory_limit_gb: float = 8.0
+    memory_limit_gb: float = 8.0  # per process (under DDP each rank holds only its share of the rows)
+    num_workers: int | str = "auto"  # batch-reading processes; auto: 0 in RAM, up to 4 memory-mapped
 
 
 @dataclass
@@ -71,6 +74,16 @@ class TrainerSection:
     progress: bool = True
     log_every_n_steps: int = 50
     au_threshold: float = 0.5  # threshold stored in checkpoints and used for the validation AU F1
+    num_threads: int = 0  # torch threads per process; 0: the CPUs divided by the processes on this node
+
+
+@dataclass
+class StageSettings:
+    """One stage's settings; ``None`` keeps ``trainer.epochs``, ``optim.lr``, ``data.batch_size``."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
 
 
 @dataclass
@@ -85,6 +98,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    stages: dict[str, StageSettings] = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
     source: str | None = None  # the YAML it was read from (not a setting)
 
@@ -96,8 +110,13 @@ class TrainConfig:
     def copy(self) -> TrainConfig:
         return copy.deepcopy(self)
 
+    def stage(self, name: str) -> StageSettings:
+        """The settings of stage ``name`` (all ``None`` when the config has none for it)."""
+        return self.stages.get(name) or StageSettings()
+
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "source"}
+_STAGE_KEYS = {f.name: f for f in dataclasses.fields(StageSettings)}
 _FREE_KEYS = {("model", "hparams"), ("loss", "weights")}  # dict-valued fields
 
 
@@ -115,13 +134,43 @@ def _check_type(value: Any, default: Any, where: str) -> Any:
     if isinstance(default, (int, float, str, list, dict)) and not isinstance(value, type(default)):
         if where.endswith(".devices") and isinstance(value, str):  # devices: int | "auto"
             return value
+        if where.endswith(".num_workers") and isinstance(value, int) and not isinstance(value, bool):
+            return value  # num_workers: "auto" | int
         if isinstance(default, str) and isinstance(value, bool):  # in_memory: "auto" | bool
             return value
         raise ConfigError(f"{where} must be a {type(default).__name__}, got {value!r}")
     return value
 
 
+def _build_stages(raw: Any, where: str) -> dict[str, StageSettings]:
+    """``stages: {name: {epochs, lr, batch_size}}``; each value checked (``None`` keeps the config's)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) or v is None for v in raw.values()):
+        raise ConfigError(f"{where}: stages must map stage names to {{epochs, lr, batch_size}}")
+    out = {}
+    for stage, values in raw.items():
+        values = values or {}
+        unknown = sorted(set(values) - set(_STAGE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown} in stages.{stage}; valid keys: {sorted(_STAGE_KEYS)}"
+            )
+        settings = StageSettings()
+        for key, value in values.items():
+            if value is not None:
+                example = 1.0 if key == "lr" else 1
+                value = _check_type(value, example, f"{where}: stages.{stage}.{key}")
+                if value <= 0:
+                    raise ConfigError(f"{where}: stages.{stage}.{key} must be > 0, got {value!r}")
+            setattr(settings, key, value)
+        out[str(stage)] = settings
+    return out
+
+
 def _build_section(name: str, raw: Any, where: str) -> Any:
+    if name == "stages":
+        return _build_stages(raw, where)
     cls = _SECTIONS[name].default_factory  # type: ignore[misc]
     obj = cls()
     if raw is None:
@@ -179,6 +228,10 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         (cfg.trainer.precision in ("auto", "32-true", "32", "bf16-mixed", "16-mixed"),
          "trainer.precision must be auto, 32-true, bf16-mixed or 16-mixed"),
         (cfg.data.in_memory in ("auto", True, False), "data.in_memory must be auto, true or false"),
+        (cfg.data.num_workers == "auto" or (isinstance(cfg.data.num_workers, int)
+                                             and cfg.data.num_workers >= 0),
+         "data.num_workers must be auto or an integer >= 0"),
+        (cfg.trainer.num_threads >= 0, "trainer.num_threads must be >= 0 (0: automatic)"),
         (isinstance(cfg.search.grid, list) and all(isinstance(g, dict) for g in cfg.search.grid),
          "search.grid must be a list of mappings {hparam: value}"),
     ]  # fmt: skip
@@ -214,11 +267,11 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         parts = key.split(".")
         if parts[0] not in _SECTIONS:
             raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}; valid: {sorted(_SECTIONS)}")
-        free = len(parts) == 3 and (parts[0], parts[1]) in _FREE_KEYS
-        if len(parts) != 2 and not free:
+        free = len(parts) == 3 and ((parts[0], parts[1]) in _FREE_KEYS or parts[0] == "stages")
+        if (len(parts) != 2 and not free) or (parts[0] == "stages" and len(parts) != 3):
             raise ConfigError(
                 f"override {item!r}: use section.key=value, or model.hparams.<name>=value / "
-                "loss.weights.<task>=value"
+                "loss.weights.<task>=value / stages.<stage>.<epochs|lr|batch_size>=value"
             )
         if len(parts) == 2:
             valid = {f.name for f in dataclasses.fields(_SECTIONS[parts[0]].default_factory())}  # type: ignore[misc]
