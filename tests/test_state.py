@@ -110,7 +110,8 @@ def test_state_files_hold_tensors_in_safetensors_and_scalars_in_json(dataset, tm
 
     peek = Peek()
     fit(cfg(trainer={"epochs": 2}), store, train, val, out, callbacks=[peek], log=None)
-    assert peek.meta["epoch"] == 1 and not peek.meta["stage_done"] and peek.meta["selection"]["best_epoch"] == 0
+    meta = peek.meta
+    assert meta["epoch"] == 1 and not meta["stage_done"] and meta["selection"]["best_epoch"] == 0
     assert isinstance(peek.meta["rng"]["python"], list) and peek.meta["scheduler"]["last_epoch"] > 0
     assert peek.tensors["rng.torch"].dtype == torch.uint8
     assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in peek.tensors)

@@ -131,8 +131,8 @@ def cross_validate(
             log(f"fold {i + 1}/{k}: {len(train)} train rows, {len(val)} val rows ({len(val.videos)} videos)")
         fold_out = out_path / f"fold{i}" if out_path is not None else None
         result = fit(config, st, train, val, fold_out, overwrite=overwrite, log=log)
-        entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val), "val_videos": val.videos,
-                 "best_epoch": result.best_epoch, "seconds": result.seconds}  # fmt: skip
+        entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val)}
+        entry.update(val_videos=val.videos, best_epoch=result.best_epoch, seconds=result.seconds)
         if result.checkpoint is not None:
             entry["checkpoint"] = str(result.checkpoint)
             checkpoints.append(result.checkpoint)

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -55,29 +53,23 @@ import yaml
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
-from mtaffect.io import OutputExistsError, atomic_open
+from mtaffect.io import atomic_open
 from mtaffect.metrics import P_of, terms_of
 from mtaffect.models.base import TASKS, MTLModel, Stage
-from mtaffect.models.checkpoint import save_checkpoint
 from mtaffect.models.losses import MTLLoss
 from mtaffect.train.config import ConfigError, StageSettings, TrainConfig
 from mtaffect.train.data import MTLDataModule, cpus_per_process
 from mtaffect.train.module import MTLModule, apply_stage
-from mtaffect.train.state import (
-    EpochState,
-    ResumeError,
-    capture_rng,
-    check_identity,
-    read_run,
-    run_identity,
-    stage_seed,
-    write_run,
+from mtaffect.train.run import (
+    RunRecorder,
+    load_weights,
+    prediction_table,
+    prepare_out,
+    save_model,
+    stage_dir,
+    write_json,
 )
-
-#: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
-RUN_ENTRIES = (
-    "config.yaml", "run.json", "best", "metrics.json", "val_predictions.parquet", "stages", "state", "logs",
-)  # fmt: skip
+from mtaffect.train.state import EpochState, capture_rng, run_identity, stage_seed, write_run
 
 
 class TrainingDivergedError(ValueError):
@@ -283,116 +275,6 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
-# ---- the run folder --------------------------------------------------------------------------------
-def _prepare_out(out: Path, overwrite: bool, resume: bool, config: TrainConfig, identity: dict) -> None:
-    present = [e for e in RUN_ENTRIES if (out / e).exists()]
-    if present and not resume:
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} already holds a run ({', '.join(present)}); pass --overwrite to replace it or "
-                "--resume to continue it"
-            )
-        for e in present:
-            p = out / e
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    elif present:
-        saved_run = read_run(out)
-        if saved_run is None:
-            raise ResumeError(
-                f"{out} holds a run without run.json (an older mtaffect, or not a run folder): its inputs "
-                "cannot be checked; start over with --overwrite"
-            )
-        check_identity(saved_run, identity, out)
-        saved_cfg = out / "config.yaml"
-        if saved_cfg.is_file():
-            before = yaml.safe_load(saved_cfg.read_text(encoding="utf-8"))
-            if before != yaml.safe_load(yaml.safe_dump(config.to_dict())):
-                raise ResumeError(
-                    f"{saved_cfg}: the run was started with another config; resume with the same config "
-                    "and overrides, or start over with --overwrite"
-                )
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_open(path, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, default=float)
-        fh.write("\n")
-
-
-def _stage_dir(out: Path, k: int, stage: Stage) -> Path:
-    return out / "stages" / f"{k}-{stage.name}"
-
-
-def _save(path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore, metrics: dict | None) -> Path:
-    return save_checkpoint(
-        path, model,
-        backbone={"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint},
-        feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
-        window=config.data.window if model.temporal else 1,
-        au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
-        overwrite=True,
-    )  # fmt: skip
-
-
-def _prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:
-    """Validation predictions (gathered across ranks) as a table in label order, one row per image."""
-    idx = preds["index"]
-    order = np.argsort(idx, kind="stable")
-    idx = idx[order]
-    first = np.ones(len(idx), dtype=bool)
-    first[1:] = idx[1:] != idx[:-1]
-    sel = order[first]
-    return PredictionTable.from_arrays(
-        images[idx[first]], preds["va"][sel, 0], preds["va"][sel, 1], preds["expr"][sel], preds["au"][sel]
-    )
-
-
-class RunRecorder:
-    """Writes what a stage produces (rank 0 only): its best weights each time they improve (the final
-    stage's also as ``best/`` with the validation predictions) and the resumable state after each epoch."""
-
-    def __init__(
-        self, out: Path | None, rank0: bool, k: int, stage: Stage, final: bool, config: TrainConfig,
-        st: FeatureStore, dm: MTLDataModule, earlier: list[dict], summaries: list[dict], say: Callable,
-    ) -> None:  # fmt: skip
-        self.out, self.rank0, self.k, self.stage, self.final = out, rank0, k, stage, final
-        self.config, self.st, self.dm = config, st, dm
-        self.earlier, self.summaries, self.say = earlier, summaries, say
-
-    def validated(self, module: MTLModule, entry: dict, improved: bool) -> None:
-        if not self.rank0:
-            return
-        if entry.get("finite") is False:
-            self.say(
-                f"stage {self.stage.name} epoch {entry['epoch']}: {entry['nonfinite_rows']} validation rows "
-                "predicted NaN/inf: non-finite epoch, not selected"
-            )
-        if not improved or self.out is None:
-            return
-        _save(
-            _stage_dir(self.out, self.k, self.stage), module.model, self.config, self.st, module.best_metrics
-        )
-        if self.final:
-            _save(self.out / "best", module.model, self.config, self.st, module.best_metrics)
-            if module.best_predictions is not None and self.dm.val_labels is not None:
-                table = _prediction_table(module.best_predictions, self.dm.val_labels.images)
-                table.write(self.out / "val_predictions.parquet", overwrite=True)
-
-    def epoch_end(self, module: MTLModule) -> None:
-        if not self.rank0 or self.out is None:
-            return
-        trainer = module.trainer
-        sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
-        selection = {**module.selection(), "stopped": bool(module.stopped_early or module.diverged)}
-        EpochState(
-            stage=self.k, stage_name=self.stage.name, epoch=module.epoch + 1, stage_done=False,
-            model=module.model.state_dict(), optimizer=trainer.optimizers[0].state_dict(),
-            scheduler=None if sched is None else sched.state_dict(), selection=selection,
-            history=self.earlier + module.history, stages=self.summaries, rng=capture_rng(),
-        ).save(self.out)  # fmt: skip
-
-
 # ---- stages ----------------------------------------------------------------------------------------
 @dataclass
 class PlannedStage:
@@ -444,12 +326,6 @@ def present_tasks(dm: MTLDataModule) -> tuple[str, ...]:
     return tasks
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
 # ---- fit -------------------------------------------------------------------------------------------
 def fit(
     config: TrainConfig,
@@ -485,7 +361,7 @@ def _fit(
     if out is not None:
         identity = run_identity(st, train, val)
         if rank0:  # other ranks start (Lightning's launcher) once rank 0 has prepared the folder
-            _prepare_out(out, overwrite, resume, config, identity)
+            prepare_out(out, overwrite, resume, config, identity)
     saved = EpochState.load(out) if resume and out is not None else None
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     model = build_model(config, st)
@@ -552,7 +428,7 @@ def _fit(
             resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
         )  # fmt: skip
         if mid is not None and module.best_epoch >= 0 and out is not None:
-            module.best_state = _load_weights(_stage_dir(out, k, stage))
+            module.best_state = load_weights(stage_dir(out, k, stage))
         if remaining > 0:
             with _quiet_lightning():
                 trainer.fit(module, datamodule=dm)
@@ -564,9 +440,7 @@ def _fit(
             if start is None:
                 prev = [p for p in plan[:i]]
                 start = (
-                    _load_weights(_stage_dir(out, prev[-1].index, prev[-1].stage))
-                    if prev and out
-                    else initial
+                    load_weights(stage_dir(out, prev[-1].index, prev[-1].stage)) if prev and out else initial
                 )
             model.load_state_dict(start)
             note = "no finite validation epoch: weights left as before the stage"
@@ -593,7 +467,7 @@ def _fit(
                 f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
         if out is not None and rank0:
             if not validate or module.best_state is None:
-                _save(_stage_dir(out, k, stage), model, config, st, module.best_metrics)
+                save_model(stage_dir(out, k, stage), model, config, st, module.best_metrics)
             EpochState(
                 stage=k, stage_name=stage.name, epoch=summary["epochs_run"], stage_done=True,
                 model=model.state_dict(), selection=module.selection(), history=history, stages=summaries,
@@ -623,7 +497,7 @@ def _finish(
     metrics = selected["metrics"] if selected else {}
     preds = None
     if selected and selected["predictions"] is not None and dm.val_labels is not None:
-        preds = _prediction_table(selected["predictions"], dm.val_labels.images)
+        preds = prediction_table(selected["predictions"], dm.val_labels.images)
     elif selected and out is not None and (out / "val_predictions.parquet").is_file():
         preds = PredictionTable.read(out / "val_predictions.parquet")  # written in an earlier session
     result = TrainResult(
@@ -637,10 +511,10 @@ def _finish(
     diverged = validate and selected is None
     if out is not None and rank0:
         if not diverged:
-            result.checkpoint = _save(out / "best", model, config, st, metrics or None)
+            result.checkpoint = save_model(out / "best", model, config, st, metrics or None)
             if preds is not None and not (selected and selected["final"]):
                 preds.write(out / "val_predictions.parquet", overwrite=True)
-        _write_json(
+        write_json(
             out / "metrics.json",
             {"best": metrics, "P_tasks": result.P if metrics else None, "tasks": list(present),
              "absent_tasks": list(result.absent_tasks), "best_epoch": result.best_epoch,
