@@ -1,5 +1,11 @@
 """Training: Lightning loop over feature stores, cross-validation, strategy search, CLI commands.
 
 Entry points: :func:`mtaffect.train.fit.fit` / ``fit_from_root``, :func:`mtaffect.train.config.load_config`,
-:func:`mtaffect.train.cv.cross_validate`. Nothing is imported here so the CLI starts without Lightning.
+:func:`mtaffect.train.cv.cross_validate`. Nothing heavy is imported here so the CLI starts without
+Lightning; the first ``import lightning`` afterwards skips torchmetrics' optional integrations
+(:mod:`mtaffect.train.lean_imports`).
 """
+
+from mtaffect.train.lean_imports import install as _install_lean_imports
+
+_install_lean_imports()
