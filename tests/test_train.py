@@ -356,6 +356,35 @@ def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
     assert torch.equal(saved["au.weight"], cheat.au[best])
 
 
+def test_per_stage_epochs_lr_and_batch_size(dataset, tmp_path):
+    import lightning as L
+
+    from mtaffect.train.config import ConfigError
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+
+    class Seen(L.Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lr = trainer.optimizers[0].param_groups[0]["initial_lr"]
+            self.seen.setdefault(module.stage.name, set()).add((lr, int(batch["index"].shape[0])))
+
+    seen = Seen()
+    stages = {"au": {"epochs": 1, "lr": 0.05, "batch_size": 100}, "rest": {"batch_size": 64}}
+    res = fit(cfg("tiny-two-stage", trainer={"epochs": 2}, stages=stages), store, train, val,
+              tmp_path / "run", callbacks=[seen], log=None)  # fmt: skip
+    assert [h["stage"] for h in res.history] == ["au", "rest", "rest"]
+    assert {lr for lr, _ in seen.seen["au"]} == {0.05} and max(b for _, b in seen.seen["au"]) == 100
+    assert {lr for lr, _ in seen.seen["rest"]} == {0.01} and max(b for _, b in seen.seen["rest"]) == 64
+    assert [(s["name"], s["epochs"], s["lr"], s["batch_size"]) for s in res.stages] == [
+        ("au", 1, 0.05, 100), ("rest", 2, 0.01, 64)]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stages \['va'\] are not stages of recipe 'tiny-two-stage'"):
+        fit(cfg("tiny-two-stage", stages={"va": {"epochs": 1}}), store, train, val, log=None)
+
+
 # ---- a run end to end ----------------------------------------------------------------------------------
 def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_path):
     from mtaffect.data.predictions import PredictionTable
@@ -466,6 +495,20 @@ def test_cli_train_then_infer(dataset, tmp_path):
     assert r.exit_code == 0, r.output
     table = PredictionTable.read(tmp_path / "pred2.parquet")
     assert table.frame["valid"].tolist() == [1] * 10 + [0, 1] and "1 image(s) failed extraction" in r.output
+    # --trainval: train + val for the configured epochs, no validation, no selection
+    tv = tmp_path / "trainval"
+    r = runner.invoke(
+        app, [*args[:7], "--out", str(tv), "--no-progress", "--trainval", "-o", "trainer.epochs=2"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        "trained on train + val without selection" in r.output
+        and not (tv / "val_predictions.parquet").exists()
+    )
+    metrics = json.loads((tv / "metrics.json").read_text())
+    assert metrics["trainval"] and metrics["rows"]["train"]["used"] == len(train) + len(val) - 2
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1] and "P" not in metrics["history"][0]
+    assert (tv / "best" / "model.safetensors").is_file()
 
 
 # ---- DDP: 2 CPU processes (gloo) -----------------------------------------------------------------------
@@ -486,13 +529,17 @@ class Rows(L.Callback):
         if trainer.current_epoch == 0:
             self.rows.update(batch["index"].tolist())
     def on_train_end(self, trainer, module):
+        import torch
+        source = trainer.datamodule.source
+        threads = torch.get_num_threads()
+        info = {{"rows": sorted(self.rows), "held": len(source.held_rows), "threads": threads}}
         with open(os.path.join({out!r}, f"rows{{trainer.global_rank}}.json"), "w") as fh:
-            json.dump(sorted(self.rows), fh)
+            json.dump(info, fh)
 
 train = LabelTable(pd.read_parquet({train!r}))
 val = LabelTable(pd.read_parquet({val!r}))
 c = T.cfg(trainer={{"epochs": 1, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}})
-res = fit(c, {store!r}, train, val, os.path.join({out!r}, "run"), callbacks=[Rows()], log=None)
+res = fit(c, {store!r}, train, val, os.path.join({out!r}, "run"), callbacks=[Rows()], log=print)
 if res.checkpoint is not None:
     json.dump({{"P": res.P}}, open(os.path.join({out!r}, "result.json"), "w"))
 """
@@ -515,10 +562,17 @@ def test_ddp_two_cpu_processes(dataset, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (set(json.loads((tmp_path / f"rows{r}.json").read_text())) for r in range(2))
-    # each rank trains on its own share; DistributedSampler pads the odd row count (239) with one repeat
-    assert r0 and r1 and len(r0 & r1) <= (len(train) - 1) % 2
+    info = [json.loads((tmp_path / f"rows{r}.json").read_text()) for r in range(2)]
+    r0, r1 = (set(i["rows"]) for i in info)
+    assert r0 and r1 and not r0 & r1  # each rank trains on its own fixed share
     assert len(r0 | r1) == len(train) - 1  # together they cover every valid training row
+    # each rank holds only its share in memory: its training rows and its half of the validation rows
+    assert info[0]["held"] + info[1]["held"] == len(train) - 1 + len(val) - 1
+    assert max(i["held"] for i in info) < len(train) - 1
+    from mtaffect.train.data import cpus_per_process
+
+    assert [i["threads"] for i in info] == [cpus_per_process(2)] * 2  # torch threads divided per rank
+    assert proc.stdout.count("rows: train") == 1  # only rank 0 reports
     p = json.loads((tmp_path / "result.json").read_text())["P"]
     preds = PredictionTable.read(tmp_path / "run" / "val_predictions.parquet")
     kept = val.subset(np.isin(val.images, preds.images))
