@@ -190,9 +190,7 @@ def _trainer(
     t = config.trainer
     cbs = list(callbacks)
     if t.progress and epochs > 0:
-        from lightning.pytorch.callbacks import RichProgressBar
-
-        cbs.append(RichProgressBar(refresh_rate=10))  # a redraw per step costs more than a small head's step
+        cbs.append(_progress_bar(refresh_rate=10))
     logger: Any = False
     if log_dir is not None:
         from lightning.pytorch.loggers import CSVLogger
@@ -217,6 +215,19 @@ def _trainer(
         limit_val_batches=1.0 if validate else 0,
         deterministic=False,
     )
+
+
+def _progress_bar(refresh_rate: int) -> Any:
+    """Lightning's rich progress bar, redrawn (and its metrics gathered) every ``refresh_rate`` steps only:
+    a redraw per step costs about as much as a small head's whole step."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class SparseRichProgressBar(RichProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+            if (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 >= self.total_train_batches:
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    return SparseRichProgressBar(refresh_rate=refresh_rate)
 
 
 @dataclass(frozen=True)

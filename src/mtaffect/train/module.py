@@ -175,6 +175,14 @@ class MTLModule(L.LightningModule):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.model(batch)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Our batches are flat dicts of CPU tensors: nothing to do on a CPU, one async copy each on a GPU."""
+        if device.type == "cpu":
+            return batch
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         """float16 inputs become float32 here, on the device (the host never copies them to float32)."""
         for key in self.model.inputs:

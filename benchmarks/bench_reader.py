@@ -1,0 +1,182 @@
+"""Token-store reader: seconds per training batch of 64 rows of 289 x 1,536 patch tokens (DINOv2 ViT-g).
+
+A store of ``--rows`` rows of float16 tokens is written once (888 KB a row). Batches of 64 random rows
+are read three ways:
+
+- ``before``: the reader as it was (every batch copied to float32 on the host, then gathered again);
+- ``after, main process``: ``InputSource`` memory-mapped, the batch's rows read in row order, handed
+  over as the store's float16 (the module casts on its device);
+- ``after, N workers``: the same through the training ``DataLoader`` with worker processes that
+  prefetch batches (what training uses for memory-mapped inputs).
+
+Each is measured with the store's pages evicted from the page cache first (``posix_fadvise
+DONTNEED``: reads come from the disk, as for a 126 GB store that cannot stay cached) and warm.
+``+cast`` adds the float32 cast on the CPU (on a GPU it runs on the device after the copy).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_reader.py     # target: >= 5x faster
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+
+TOKENS = (289, 1536)
+
+
+def write_token_store(path: Path, n: int, seed: int = 0) -> None:
+    """A finished store (format of mtaffect.features.store) with features and tokens, random values."""
+    from mtaffect.features.store import FORMAT_NAME
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    block = rng.standard_normal((16, *TOKENS), dtype=np.float32).astype(np.float16)
+    mm = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, *TOKENS))
+    for s in range(0, n, 16):
+        e = min(n, s + 16)
+        mm[s:e] = block[: e - s] + np.float16(s % 7)
+    mm.flush()
+    del mm
+    np.save(tmp / "features.npy", rng.standard_normal((n, TOKENS[1]), dtype=np.float32).astype(np.float16))
+    np.save(tmp / "valid.npy", np.ones(n, dtype=bool))
+    names = [f"vid{i % 50:03d}/{i // 50 + 1:05d}.jpg" for i in range(n)]
+    (tmp / "images.txt").write_text("".join(f"{x}\n" for x in names), encoding="utf-8")
+    (tmp / "failed.csv").write_text("image,reason\n")
+    meta = {
+        "format": FORMAT_NAME, "format_version": 1, "backbone": "random", "spec": {"name": "random"},
+        "fingerprint": "random0", "dtype": "float16",
+        "arrays": {"features": [n, TOKENS[1]], "tokens": [n, *TOKENS], "valid": [n]},
+        "counts": {"images": n, "valid": n, "failed": 0},
+    }  # fmt: skip
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    os.rename(tmp, path)
+
+
+def evict(path: Path) -> None:
+    """Drop this file's pages from the page cache (the next reads come from the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def legacy_get(store, rows: np.ndarray) -> torch.Tensor:
+    """The reader before this change: float32 copy of the unique rows, then a second gather."""
+    uniq, inv = np.unique(rows, return_inverse=True)
+    return torch.from_numpy(store.tokens(uniq))[torch.from_numpy(inv.reshape(-1))]
+
+
+def batches(n: int, count: int, size: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.choice(n, size, replace=False) for _ in range(count)]
+
+
+def time_direct(fn, ids: list[np.ndarray], cast: bool) -> float:
+    t0 = time.perf_counter()
+    for b in ids:
+        t = fn(b)
+        if cast:
+            t = t.float()
+    return (time.perf_counter() - t0) / len(ids)
+
+
+def time_loader(store, ids: list[np.ndarray], workers: int, cast: bool) -> float:
+    """Seconds per batch through the training DataLoader (workers prefetch), after its first batch."""
+    from mtaffect.features.reader import InputSource
+    from mtaffect.train.data import UnitDataset, loader
+
+    source = InputSource(store, np.arange(len(store)), ("tokens",), in_memory=False)
+    ds = UnitDataset(source, np.arange(len(store)))
+
+    class Fixed(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(ids)
+
+        def __len__(self):
+            return len(ids)
+
+    it = iter(loader(ds, Fixed(), workers=workers))  # type: ignore[arg-type]
+    first = next(it)  # workers started
+    t0 = time.perf_counter()
+    count = 0
+    for batch in it:
+        t = batch["tokens"]
+        if cast:
+            t = t.float()
+        count += 1
+    del first
+    return (time.perf_counter() - t0) / max(count, 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description="token-store reader speed")
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "bench_out")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from mtaffect.features.reader import InputSource
+    from mtaffect.features.store import FeatureStore
+
+    torch.set_num_threads(1)
+    path = args.out / f"bench_reader_tokens_{args.rows}"
+    if not (path / "meta.json").is_file():
+        write_token_store(path, args.rows)
+    store = FeatureStore.open(path)
+    tokens_file = path / "tokens.npy"
+    source = InputSource(store, np.arange(len(store)), ("tokens",), in_memory=False)
+    ids = batches(len(store), args.batches, args.batch)
+
+    def after(b: np.ndarray) -> torch.Tensor:
+        return source.get(np.sort(b))["tokens"]  # the dataset hands the reader each batch in row order
+
+    result: dict = {
+        "rows": args.rows,
+        "batch": args.batch,
+        "tokens": list(TOKENS),
+        "load": os.getloadavg()[0],
+    }
+    runs = {
+        "before": lambda cast: time_direct(lambda b: legacy_get(store, b), ids, cast=False),
+        "after_main": lambda cast: time_direct(after, ids, cast),
+        f"after_{args.workers}_workers": lambda cast: time_loader(store, ids, args.workers, cast),
+    }
+    for cache in ("cold", "warm"):
+        for name, fn in runs.items():
+            for cast in (False, True) if name != "before" else (False,):
+                times = []
+                for _ in range(2):
+                    if cache == "cold":
+                        evict(tokens_file)
+                    else:
+                        fn(False)  # warm the cache
+                    times.append(fn(cast))
+                key = f"{cache}/{name}" + ("+cast" if cast else "")
+                result[key] = round(statistics.median(times), 4)
+                print(f"{key:32s} {result[key]:.4f} s/batch", flush=True)
+    for cache in ("cold", "warm"):
+        best = min(v for k, v in result.items() if k.startswith(f"{cache}/after") and "+cast" not in k)
+        result[f"{cache}/speedup"] = round(result[f"{cache}/before"] / best, 1)
+        print(f"{cache}: {result[f'{cache}/speedup']}x faster than before (target >= 5x)", flush=True)
+    print(f"(load average {result['load']:.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
