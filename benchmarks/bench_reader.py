@@ -4,10 +4,11 @@ A store of ``--rows`` rows of float16 tokens is written once (888 KB a row). Bat
 are read three ways:
 
 - ``before``: the reader as it was (every batch copied to float32 on the host, then gathered again);
-- ``after, main process``: ``InputSource`` memory-mapped, the batch's rows read in row order, handed
-  over as the store's float16 (the module casts on its device);
-- ``after, N workers``: the same through the training ``DataLoader`` with worker processes that
-  prefetch batches (what training uses for memory-mapped inputs).
+- ``main``: ``InputSource`` memory-mapped, the batch's distinct rows read once, in row order, as the
+  store's float16 (no float32 host copy: the module casts on its device);
+- ``workers_N``: the same through the training ``DataLoader`` with N worker processes that prefetch
+  batches (what training uses for memory-mapped inputs; each batch then crosses to the training
+  process through shared memory).
 
 Each is measured with the store's pages evicted from the page cache first (``posix_fadvise
 DONTNEED``: reads come from the disk, as for a 126 GB store that cannot stay cached) and warm.
@@ -19,6 +20,7 @@ DONTNEED``: reads come from the disk, as for a 126 GB store that cannot stay cac
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -63,7 +65,9 @@ def write_token_store(path: Path, n: int, seed: int = 0) -> None:
 
 
 def evict(path: Path) -> None:
-    """Drop this file's pages from the page cache (the next reads come from the disk)."""
+    """Drop this file's pages from the page cache (the next reads come from the disk). Pages still mapped
+    by a process cannot be dropped, so every measurement maps the store itself and lets go of it."""
+    gc.collect()
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -82,22 +86,26 @@ def batches(n: int, count: int, size: int, seed: int = 1) -> list[np.ndarray]:
     return [rng.choice(n, size, replace=False) for _ in range(count)]
 
 
-def time_direct(fn, ids: list[np.ndarray], cast: bool) -> float:
-    t0 = time.perf_counter()
-    for b in ids:
-        t = fn(b)
-        if cast:
-            t = t.float()
-    return (time.perf_counter() - t0) / len(ids)
-
-
-def time_loader(store, ids: list[np.ndarray], workers: int, cast: bool) -> float:
-    """Seconds per batch through the training DataLoader (workers prefetch), after its first batch."""
+def measure(path: Path, how: str, ids: list[np.ndarray], workers: int, cast: bool) -> float:
+    """Seconds per batch; the store is opened here, so nothing maps it while its pages are evicted."""
     from mtaffect.features.reader import InputSource
+    from mtaffect.features.store import FeatureStore
     from mtaffect.train.data import UnitDataset, loader
 
+    store = FeatureStore.open(path)
+    if how == "before":
+        t0 = time.perf_counter()
+        for b in ids:
+            legacy_get(store, b)
+        return (time.perf_counter() - t0) / len(ids)
     source = InputSource(store, np.arange(len(store)), ("tokens",), in_memory=False)
-    ds = UnitDataset(source, np.arange(len(store)))
+    if how == "main":  # the dataset hands the reader each batch in row order
+        t0 = time.perf_counter()
+        for b in ids:
+            t = source.get(np.sort(b))["tokens"]
+            if cast:
+                t.float()
+        return (time.perf_counter() - t0) / len(ids)
 
     class Fixed(torch.utils.data.Sampler):
         def __iter__(self):
@@ -106,17 +114,12 @@ def time_loader(store, ids: list[np.ndarray], workers: int, cast: bool) -> float
         def __len__(self):
             return len(ids)
 
-    it = iter(loader(ds, Fixed(), workers=workers))  # type: ignore[arg-type]
-    first = next(it)  # workers started
-    t0 = time.perf_counter()
-    count = 0
-    for batch in it:
-        t = batch["tokens"]
+    ds = UnitDataset(source, np.arange(len(store)))
+    t0 = time.perf_counter()  # includes starting the workers and their first batches
+    for batch in loader(ds, Fixed(), workers=workers):  # type: ignore[arg-type]
         if cast:
-            t = t.float()
-        count += 1
-    del first
-    return (time.perf_counter() - t0) / max(count, 1)
+            batch["tokens"].float()
+    return (time.perf_counter() - t0) / len(ids)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,49 +132,36 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from mtaffect.features.reader import InputSource
-    from mtaffect.features.store import FeatureStore
-
     torch.set_num_threads(1)
     path = args.out / f"bench_reader_tokens_{args.rows}"
     if not (path / "meta.json").is_file():
         write_token_store(path, args.rows)
-    store = FeatureStore.open(path)
-    tokens_file = path / "tokens.npy"
-    source = InputSource(store, np.arange(len(store)), ("tokens",), in_memory=False)
-    ids = batches(len(store), args.batches, args.batch)
-
-    def after(b: np.ndarray) -> torch.Tensor:
-        return source.get(np.sort(b))["tokens"]  # the dataset hands the reader each batch in row order
-
-    result: dict = {
-        "rows": args.rows,
-        "batch": args.batch,
-        "tokens": list(TOKENS),
-        "load": os.getloadavg()[0],
-    }
-    runs = {
-        "before": lambda cast: time_direct(lambda b: legacy_get(store, b), ids, cast=False),
-        "after_main": lambda cast: time_direct(after, ids, cast),
-        f"after_{args.workers}_workers": lambda cast: time_loader(store, ids, args.workers, cast),
-    }
+    ids = batches(args.rows, args.batches, args.batch)
+    result: dict = {"rows": args.rows, "batch": args.batch, "tokens": list(TOKENS), "workers": args.workers}
+    ways = [("before", False), ("main", False), ("main", True), ("workers", False), ("workers", True)]
     for cache in ("cold", "warm"):
-        for name, fn in runs.items():
-            for cast in (False, True) if name != "before" else (False,):
-                times = []
-                for _ in range(2):
-                    if cache == "cold":
-                        evict(tokens_file)
-                    else:
-                        fn(False)  # warm the cache
-                    times.append(fn(cast))
-                key = f"{cache}/{name}" + ("+cast" if cast else "")
-                result[key] = round(statistics.median(times), 4)
-                print(f"{key:32s} {result[key]:.4f} s/batch", flush=True)
+        for how, cast in ways:
+            times = []
+            for _ in range(2):
+                if cache == "cold":
+                    evict(path / "tokens.npy")
+                else:
+                    measure(path, how, ids[:3], args.workers, False)  # warm the cache
+                times.append(measure(path, how, ids, args.workers, cast))
+            key = (
+                f"{cache}/{how}"
+                + (f"_{args.workers}" if how == "workers" else "")
+                + ("+cast" if cast else "")
+            )
+            result[key] = round(statistics.median(times), 4)
+            print(f"{key:28s} {result[key]:.4f} s/batch", flush=True)
     for cache in ("cold", "warm"):
-        best = min(v for k, v in result.items() if k.startswith(f"{cache}/after") and "+cast" not in k)
+        best = min(
+            v for k, v in result.items() if k.startswith(cache) and "before" not in k and "+cast" not in k
+        )
         result[f"{cache}/speedup"] = round(result[f"{cache}/before"] / best, 1)
         print(f"{cache}: {result[f'{cache}/speedup']}x faster than before (target >= 5x)", flush=True)
+    result["load"] = round(os.getloadavg()[0], 2)
     print(f"(load average {result['load']:.2f})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
