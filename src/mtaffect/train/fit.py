@@ -277,7 +277,7 @@ def _quiet_lightning() -> Iterator[None]:
             for pattern in (
                 r".*module\(s\) in eval mode.*", r".*number of training batches.*", r".*LeafSpec.*",
                 r".*does not have many workers.*", r".*sync_dist.*", r".*limit_val_batches.*",
-                r".*max_epochs=0.*", r".*overridden `on_after_batch_transfer`.*",
+                r".*max_epochs=0.*", r".*You have overridden `.*` in `LightningModule`.*",
             ):  # fmt: skip
                 warnings.filterwarnings("ignore", message=pattern)
             yield
