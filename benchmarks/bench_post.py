@@ -27,8 +27,8 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.post.blend import blend, tune_blend_weights
 from mtaffect.post.config import PostConfig
 from mtaffect.post.smoothing import TASK_COLUMNS, Kernel, make_plan, smooth, smooth_values
-from mtaffect.post.tune import SearchSpace
 from mtaffect.post.thresholds import tune_au_thresholds
+from mtaffect.post.tune import SearchSpace
 from mtaffect.schema import NUM_AUS, NUM_EXPR
 
 KERNELS = {"va": Kernel("gaussian", 8.0), "expr": Kernel("box", 12.0), "au": Kernel("gaussian", 4.0)}
