@@ -1,7 +1,7 @@
 """Token-store reader: seconds per training batch of 64 rows of 289 x 1,536 patch tokens (DINOv2 ViT-g).
 
-A store of ``--rows`` rows of float16 tokens is written once (888 KB a row). Batches of 64 random rows
-are read three ways:
+A store of ``--rows`` rows of float16 tokens is written once (888 KB a row; ``bench_train.write_store``).
+Batches of 64 random rows are read three ways:
 
 - ``before``: the reader as it was (every batch copied to float32 on the host, then gathered again);
 - ``main``: ``InputSource`` memory-mapped, the batch's distinct rows read once, in row order, as the
@@ -31,37 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+from bench_train import write_store
 
 TOKENS = (289, 1536)
-
-
-def write_token_store(path: Path, n: int, seed: int = 0) -> None:
-    """A finished store (format of mtaffect.features.store) with features and tokens, random values."""
-    from mtaffect.features.store import FORMAT_NAME
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    block = rng.standard_normal((16, *TOKENS), dtype=np.float32).astype(np.float16)
-    mm = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, *TOKENS))
-    for s in range(0, n, 16):
-        e = min(n, s + 16)
-        mm[s:e] = block[: e - s] + np.float16(s % 7)
-    mm.flush()
-    del mm
-    np.save(tmp / "features.npy", rng.standard_normal((n, TOKENS[1]), dtype=np.float32).astype(np.float16))
-    np.save(tmp / "valid.npy", np.ones(n, dtype=bool))
-    names = [f"vid{i % 50:03d}/{i // 50 + 1:05d}.jpg" for i in range(n)]
-    (tmp / "images.txt").write_text("".join(f"{x}\n" for x in names), encoding="utf-8")
-    (tmp / "failed.csv").write_text("image,reason\n")
-    meta = {
-        "format": FORMAT_NAME, "format_version": 1, "backbone": "random", "spec": {"name": "random"},
-        "fingerprint": "random0", "dtype": "float16",
-        "arrays": {"features": [n, TOKENS[1]], "tokens": [n, *TOKENS], "valid": [n]},
-        "counts": {"images": n, "valid": n, "failed": 0},
-    }  # fmt: skip
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    os.rename(tmp, path)
 
 
 def evict(path: Path) -> None:
@@ -135,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     path = args.out / f"bench_reader_tokens_{args.rows}"
     if not (path / "meta.json").is_file():
-        write_token_store(path, args.rows)
+        write_store(path, args.rows, TOKENS[1], 0, TOKENS)
     ids = batches(args.rows, args.batches, args.batch)
     result: dict = {"rows": args.rows, "batch": args.batch, "tokens": list(TOKENS), "workers": args.workers}
     ways = [("before", False), ("main", False), ("main", True), ("workers", False), ("workers", True)]
