@@ -324,6 +324,28 @@ def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_
     assert all(torch.isfinite(p).all() for p in model.model.parameters())
 
 
+def test_weights_that_become_nonfinite_end_the_stage_at_once(dataset, tmp_path):
+    import lightning as L
+
+    from mtaffect.train.fit import TrainingDivergedError, fit
+
+    store, train, val = dataset
+
+    class Blowup(L.Callback):  # what a far too high learning rate does, deterministically
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    module.model.trunk[0].weight.fill_(float("inf"))
+
+    res = fit(cfg(trainer={"epochs": 5}), store, train, val, tmp_path / "run", callbacks=[Blowup()], log=None)
+    assert [h["finite"] for h in res.history] == [True, False] and res.stages[0]["diverged"]
+    assert res.best_epoch == 0 and all(torch.isfinite(p).all() for p in res.model.parameters())
+    with pytest.raises(TrainingDivergedError, match="weights became NaN/inf"):  # no validation: no fallback
+        fit(cfg(trainer={"epochs": 5}), store, train, None, tmp_path / "tv", callbacks=[Blowup()], log=None)
+    assert json.loads((tmp_path / "tv" / "metrics.json").read_text())["diverged"]
+    assert not (tmp_path / "tv" / "best").exists()
+
+
 def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
     """Item 4: the AU stage picks its epoch on F1_AU, not on a P moved by the other (untrained) heads."""
     import lightning as L

@@ -519,7 +519,8 @@ def _finish(
               "in_memory": bool(dm.source.in_memory) if dm.source else None},
         tasks=present, stages=summaries, rank=world.rank, trainval=not validate and dm.val_labels is None,
     )  # fmt: skip
-    diverged = validate and selected is None
+    # with validation a diverged stage falls back to its best (or starting) weights; without, nothing can
+    diverged = selected is None if validate else any(s["diverged"] for s in summaries)
     if out is not None and rank0:
         if not diverged:
             result.checkpoint = save_model(out / "best", model, config, st, metrics or None)
@@ -535,9 +536,10 @@ def _finish(
              "diverged": diverged},
         )  # fmt: skip
     if diverged:
+        what = "no validation epoch was finite" if validate else "the weights became NaN/inf"
         raise TrainingDivergedError(
-            "no validation epoch was finite (training diverged at once): nothing to save as best/; lower "
-            f"optim.lr (now {config.optim.lr:g}) or train in 32-true precision"
+            f"{what} (training diverged): nothing to save as best/; lower optim.lr (now "
+            f"{config.optim.lr:g}) or train in 32-true precision"
             + (f"; the history is in {out / 'metrics.json'}" if out is not None else "")
         )
     return result

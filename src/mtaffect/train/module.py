@@ -236,7 +236,8 @@ class MTLModule(L.LightningModule):
         if self._validated != self.current_epoch:  # no validation (e.g. --trainval): the loss is the record
             self.history.append({"stage": self.stage.name, "epoch": self.epoch, "train_loss": train_loss})
         self._train_loss = []
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad):
+        state = self.model.state_dict().values()  # weights and buffers (e.g. BatchNorm statistics)
+        if not all(bool(torch.isfinite(t).all()) for t in state if t.is_floating_point()):
             self.diverged = True  # no later epoch can recover: end the stage now
             self.trainer.should_stop = True
         if self.recorder is not None:
