@@ -7,7 +7,7 @@
   (all three outputs are still required whenever it is ``None``: validation, prediction).
 - Only the stage's ``train_modules`` are trainable (the rest frozen and kept in eval mode every
   epoch, since Lightning puts the whole model back in train mode) and only its task losses optimised.
-- AdamW (fused/multi-tensor) over the trainable parameters (:func:`param_groups`); per-step schedule:
+- AdamW (multi-tensor) over the trainable parameters (:func:`param_groups`); per-step schedule:
   linear warm-up that starts above 0 (step 0 trains at ``lr / (warmup + 1)``: one peer's warm-up gave
   lr 0 for the whole first epoch), then cosine down to ``min_lr_ratio * lr``.
 - Bookkeeping stays off the per-step path: the training loss is kept as detached tensors and logged
@@ -110,11 +110,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
 
 
 def make_optimizer(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with one fused (or multi-tensor) kernel per step instead of a Python loop over parameters."""
-    params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
-    kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kind)
+    """AdamW updating all parameters with multi-tensor kernels instead of a Python loop over them (the
+    CPU default). Not ``fused``: that one unscales gradients itself, which Lightning's 16-mixed
+    gradient clipping refuses."""
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def _finite(x: float | None) -> float | None:
