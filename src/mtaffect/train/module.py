@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from mtaffect.metrics import MetricResult, MTLMetric
-from mtaffect.models.base import TASKS, MTLModel, Stage
+from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.losses import MTLLoss
 from mtaffect.schema import MISSING_AU, MISSING_EXPR, MISSING_VA
 
@@ -148,7 +148,7 @@ class MTLModule(L.LightningModule):
         self._preds: list[dict[str, np.ndarray]] = []
         self._nonfinite = 0
         sel = dict(resume.selection) if resume is not None else {}
-        self.best_score = sel.get("best_score", -math.inf) if sel.get("best_score") is not None else -math.inf
+        self.best_score = sel["best_score"] if sel.get("best_score") is not None else -math.inf
         self.best_epoch: int = sel.get("best_epoch", -1)
         self.best_metrics: dict | None = sel.get("best_metrics")
         self.wait: int = sel.get("wait", 0)
@@ -344,12 +344,4 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-__all__ = [
-    "TASKS",
-    "MTLModule",
-    "apply_stage",
-    "lr_lambda",
-    "make_optimizer",
-    "param_groups",
-    "set_frozen_eval",
-]
+__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "param_groups", "set_frozen_eval"]
