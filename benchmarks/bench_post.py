@@ -9,7 +9,9 @@ from the names, as for a table read from disk). Times, each once after building 
 - ``thresholds``: exact per-AU F1-maximising search over the sorted scores (12 AUs);
 - ``apply``: the whole ``PostConfig.apply`` (blend -> smoothing -> expression bias);
 - ``blend_search``: per-task weight search (simplex, step 0.1, 66 points) scored with the metric, on
-  the first ``--search-rows`` rows (a validation set is ~26k rows; every point scores all of them).
+  the first ``--search-rows`` rows (a validation set is ~26k rows; every point scores all of them);
+- ``kernel_grid``: smoothing the three tasks with every kernel of ``tune``'s default grid (windows up
+  to ~400 frames) on those rows, and ``kernel_grid_32`` with the earlier grid (widths up to 32).
 
 Returns ``{"name": "post_1m_rows", "rows", "seconds": {...}, "total_seconds"}``.
 """
@@ -24,8 +26,9 @@ import numpy as np
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.post.blend import blend, tune_blend_weights
 from mtaffect.post.config import PostConfig
-from mtaffect.post.smoothing import TASK_COLUMNS, Kernel, smooth
+from mtaffect.post.smoothing import TASK_COLUMNS, Kernel, make_plan, smooth, smooth_values
 from mtaffect.post.thresholds import tune_au_thresholds
+from mtaffect.post.tune import SearchSpace
 from mtaffect.schema import NUM_AUS, NUM_EXPR
 
 KERNELS = {"va": Kernel("gaussian", 8.0), "expr": Kernel("box", 12.0), "au": Kernel("gaussian", 4.0)}
@@ -87,12 +90,30 @@ def main(argv: list[str] | None = None) -> dict:
     stacks = {t: np.stack([m.frame[list(c)].to_numpy()[:k] for m in tables]) for t, c in TASK_COLUMNS.items()}
     head = {name: values[:k] for name, values in truth.items()}
     timed("blend_search", lambda: tune_blend_weights(stacks, head, step=0.1, au_thresholds=None))
+    part = tables[0].take(np.arange(k))
+    plan = make_plan(part)
+    raw = {t: part.frame[list(c)].to_numpy(dtype=np.float64) for t, c in TASK_COLUMNS.items()}
+
+    def grid(space: SearchSpace) -> int:
+        kernels = space.kernels()
+        for kernel in kernels:
+            for values in raw.values():
+                smooth_values(plan, values, kernel)
+        return len(kernels)
+
+    n_new = timed("kernel_grid", lambda: grid(SearchSpace()))
+    n_old = timed("kernel_grid_32", lambda: grid(SearchSpace(widths=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))))
     core = seconds["blend"] + seconds["smooth"] + seconds["thresholds"]
     print(
         f"post_1m_rows: blend {seconds['blend']:.2f}s + smooth {seconds['smooth']:.2f}s + thresholds "
         f"{seconds['thresholds']:.2f}s = {core:.2f}s; apply {seconds['apply']:.2f}s; blend weight search "
         f"{seconds['blend_search']:.2f}s on {k:,} rows ({args.rows:,} rows, 3 models, {args.videos} videos; "
         f"inputs built in {build:.1f}s)"
+    )
+    print(
+        f"tune's kernel grid on {k:,} rows, 3 tasks: {n_new} kernels (windows up to ~400 frames) "
+        f"{seconds['kernel_grid']:.1f}s; the earlier grid (widths <= 32) {n_old} kernels "
+        f"{seconds['kernel_grid_32']:.1f}s"
     )
     return {"name": "post_1m_rows", "rows": args.rows, "seconds": seconds, "total_seconds": round(core, 3)}
 

@@ -42,8 +42,9 @@ def write_store(
         arrays["tokens"] = (n, *tokens)
     for name, shape in arrays.items():
         mm = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float16, shape=shape)
-        for s in range(0, n, 16384):
-            e = min(n, s + 16384)
+        step = max(1, 2**24 // int(np.prod(shape[1:])))  # rows per chunk: ~64 MB of float32 at a time
+        for s in range(0, n, step):
+            e = min(n, s + step)
             mm[s:e] = rng.standard_normal((e - s, *shape[1:]), dtype=np.float32)
         mm.flush()
         del mm
@@ -98,9 +99,7 @@ def run(recipe: str, st, train, val, overrides: list[str]) -> dict:
     from mtaffect.train.config import load_config
     from mtaffect.train.fit import fit
 
-    cfg = load_config(
-        config_path(recipe), ["trainer.progress=false", "trainer.patience=0", *overrides]
-    )
+    cfg = load_config(config_path(recipe), ["trainer.progress=false", "trainer.patience=0", *overrides])
     t0 = time.perf_counter()
     res = fit(cfg, st, train, val, None, log=None)
     seconds = time.perf_counter() - t0

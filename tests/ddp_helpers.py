@@ -1,5 +1,6 @@
 """Test helper: run a training script as two CPU processes (Lightning DDP over gloo) and read back
-which training rows each rank saw (the scripts import :class:`Rows` from here)."""
+which training rows each rank saw, how many input rows it held and its torch threads (the scripts
+import :class:`Rows` from here)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import lightning as L
 
 
 class Rows(L.Callback):
-    """Records the ``index`` of every first-epoch training row; writes ``rows<rank>.json`` into ``out``."""
+    """Records the ``index`` of every first-epoch training row; writes ``rows<rank>.json`` into ``out``
+    with the rows, the input rows the rank's source holds (None: a source that holds none, e.g. images)
+    and its torch threads."""
 
     def __init__(self, out: str) -> None:
         self.out, self.rows = out, set()
@@ -23,18 +26,22 @@ class Rows(L.Callback):
             self.rows.update(batch["index"].tolist())
 
     def on_train_end(self, trainer, module):
+        import torch
+
+        held = getattr(trainer.datamodule.source, "held_rows", None)
+        info = {"rows": sorted(self.rows), "held": None if held is None else len(held),
+                "threads": torch.get_num_threads()}  # fmt: skip
         with open(os.path.join(self.out, f"rows{trainer.global_rank}.json"), "w") as fh:
-            json.dump(sorted(self.rows), fh)
+            json.dump(info, fh)
 
 
-def run_two_ranks(script: Path, cwd: Path, timeout: int = 180) -> tuple[set[int], set[int]]:
+def run_two_ranks(script: Path, cwd: Path, timeout: int = 180) -> tuple[list[dict], str]:
     """Run ``script`` (it starts a 2-device DDP fit with a :class:`Rows` callback writing into ``cwd``);
-    return the row sets of rank 0 and rank 1."""
+    return what each rank recorded (rank 0, rank 1) and the processes' standard output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (set(json.loads((cwd / f"rows{r}.json").read_text())) for r in range(2))
-    return r0, r1
+    return [json.loads((cwd / f"rows{r}.json").read_text()) for r in range(2)], proc.stdout

@@ -91,3 +91,20 @@ def test_cross_validate_reports_mean_std_saves_folds_and_ensembles(tmp_path):
     assert sorted(val_videos) == labels.videos
     with pytest.raises(FileExistsError):
         cross_validate(cfg(), tmp_path / "store", labels, 3, tmp_path / "cv", log=None)
+
+
+def test_the_fold_ensemble_refuses_failed_test_images_unless_allowed(tmp_path):
+    """Item 5: a test image whose extraction failed is never predicted from zero features silently."""
+    from mtaffect.features.reader import FailedImagesError
+
+    names = _names()
+    feats = make_store(tmp_path / "store", names, invalid=(4,))
+    labels = make_labels(names, feats)
+    test_images = names[:8]
+    c = cfg(trainer={"epochs": 1})
+    with pytest.raises(FailedImagesError, match=rf"1 of 8 images failed extraction .*{names[4]}"):
+        cross_validate(c, tmp_path / "store", labels, 2, test_images=test_images, log=None)
+    res = cross_validate(
+        c, tmp_path / "store", labels, 2, test_images=test_images, allow_missing=True, log=None
+    )
+    assert res.test_predictions.frame["valid"].tolist() == [1, 1, 1, 1, 0, 1, 1, 1]

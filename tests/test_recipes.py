@@ -261,16 +261,24 @@ def test_recipe4_va_sees_only_the_logits_and_the_heads_are_separate():
     model = build("emotinet").eval()
     batch = make_batch(model)
     other = dict(batch, features=torch.randn_like(batch["features"]))
+    new_logits = dict(batch, logits=torch.randn_like(batch["logits"]))
     with torch.no_grad():
-        a, b = model(batch), model(other)
-        c = model(dict(batch, logits=torch.randn_like(batch["logits"])))
+        a, b, c = model(batch), model(other), model(new_logits)
     torch.testing.assert_close(a["va"], b["va"])
-    torch.testing.assert_close(a["expr"], c["expr"])
-    torch.testing.assert_close(a["au"], c["au"])
+    # as published, the EXPR and AU heads read the features and the logits together
+    assert model.expr_au_input == "features+logits" and model.expr_head.in_features == D + K
+    assert not torch.allclose(a["expr"], c["expr"]) and not torch.allclose(a["au"], c["au"])
     assert [s.train_modules for s in model.stages()] == [("expr_head",), ("au_head",), ("va_head",)]
     assert isinstance(model.expr_head, nn.Linear)  # EXPR is one linear layer
+    features_only = create_model("emotinet", feature_dim=D, num_logits=K, head_input="features").eval()
+    with torch.no_grad():
+        a, c = features_only(batch), features_only(new_logits)
+    torch.testing.assert_close(a["expr"], c["expr"])
+    torch.testing.assert_close(a["au"], c["au"])
     fallback = build("emotinet-nologits")
-    assert fallback.inputs == ("features",) and fallback.va_input == "features"
+    assert fallback.inputs == ("features",) and fallback.va_input == fallback.expr_au_input == "features"
+    with pytest.raises(ValueError, match="head_input must be one of"):
+        create_model("emotinet", feature_dim=D, num_logits=K, head_input="logits")
 
 
 def test_wrong_feature_size_is_a_clear_error():

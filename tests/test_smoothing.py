@@ -162,3 +162,40 @@ def test_causal_rows_of_the_same_frame_see_each_other():
     out = smooth(t, {"va": Kernel("box", 2, causal=True)}).valence
     assert out[0] == pytest.approx(0.5) and out[1] == pytest.approx(0.5)
     assert out[2] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kernel", [Kernel("box", 3, unit="rows"), Kernel("gaussian", 2, unit="rows"),
+                                    Kernel("box", 2, True, unit="rows")])  # fmt: skip
+def test_row_units_take_the_annotated_rows_within_reach_weighted_by_frame_distance(kernel: Kernel):
+    """The published rule: +-reach annotated rows of the same video, box or Gaussian in frame distance."""
+    rng = np.random.default_rng(2)
+    frames = np.concatenate([np.cumsum(rng.integers(1, 9, 30)), np.cumsum(rng.integers(1, 9, 25))])
+    groups = np.r_[np.zeros(30, int), np.ones(25, int)]
+    rank = np.r_[np.arange(30), np.arange(25)]  # position of each row within its video, by frame
+    perm = rng.permutation(55)
+    t = table([f"v{g}" for g in groups[perm]], frames[perm], rng.normal(size=55))
+    got = smooth(t, {"va": kernel}).valence
+    f, g, r, x = frames[perm].astype(float), groups[perm], rank[perm], t.valence
+    want = np.empty(55)
+    for i in range(55):
+        d = f[i] - f
+        w = kernel.weights(d) * (g == g[i]) * (np.abs(r - r[i]) <= kernel.reach)
+        if kernel.causal:
+            w = w * (d >= 0)
+        want[i] = (w @ x) / w.sum()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    dense = table(["v"] * 40, np.arange(40), rng.normal(size=40))  # consecutive frames: units agree
+    frames_kernel = Kernel(kernel.kind, kernel.width, kernel.causal)
+    np.testing.assert_allclose(
+        smooth(dense, {"va": kernel}).valence, smooth(dense, {"va": frames_kernel}).valence
+    )
+    assert "rows" in str(kernel) and Kernel(**kernel.to_dict()) == kernel
+
+
+def test_tune_default_grid_spans_the_published_windows():
+    from mtaffect.post.tune import SearchSpace
+
+    spans = [k.span for k in SearchSpace().kernels() if not k.is_identity]
+    assert min(spans) <= 5 and 380 <= max(spans) <= 401  # published choices: about 50-400 frames
+    assert sum(50 <= s <= 400 for s in spans) >= 10
+    assert {k.unit for k in SearchSpace(units=("frames", "rows")).kernels()} == {"frames", "rows"}

@@ -31,6 +31,10 @@ class TinyModel(MTLModel):
 
     recipe = "tiny-test"
     inputs = ("features",)
+    #: Test switches (set by callbacks): ``poison`` makes validation outputs NaN; ``cheat`` predicts the
+    #: expression labels perfectly and every AU absent, so P is high while the AU F1 is 0.
+    poison = False
+    cheat = False
 
     def __init__(self, feature_dim: int, num_logits: int = 0, token_shape=None, hidden: int = 16) -> None:
         super().__init__()
@@ -45,7 +49,15 @@ class TinyModel(MTLModel):
 
     def forward(self, batch):
         h = self.trunk(batch["features"])
-        return {"au": self.au(h), "expr": self.expr(h), "va": self.va(h)}
+        return self.switches(batch, {"au": self.au(h), "expr": self.expr(h), "va": self.va(h)})
+
+    def switches(self, batch, out):
+        if self.poison and not self.training:
+            out = {k: v * float("nan") for k, v in out.items()}
+        if self.cheat and not self.training:
+            out["expr"] = torch.nn.functional.one_hot(batch["expr"], 8).float() * 20
+            out["au"] = torch.full_like(out["au"], -20.0)
+        return out
 
 
 class TinyTemporal(TinyModel):
@@ -71,8 +83,17 @@ class TinyTwoStage(TinyModel):
         return [Stage("au", ("au",), ("trunk", "au")), Stage("rest", ("expr", "va"), ("expr", "va"))]
 
 
+class TinyPerTask(TinyModel):
+    """One stage per task, each training its own head (the emotinet layout)."""
+
+    recipe = "tiny-per-task"
+
+    def stages(self) -> list[Stage]:
+        return [Stage(t, (t,), ("trunk", t) if t == "expr" else (t,)) for t in ("expr", "au", "va")]
+
+
 def _register() -> None:
-    for cls in (TinyModel, TinyTemporal, TinyTwoStage):
+    for cls in (TinyModel, TinyTemporal, TinyTwoStage, TinyPerTask):
         with contextlib.suppress(ValueError):  # already registered in this process
             register_model(cls.recipe)(cls)
 
@@ -158,16 +179,23 @@ def test_join_excludes_failed_images_and_names_missing_ones(dataset, tmp_path):
         join_labels(store, other)
 
 
-def test_sharded_batches_are_disjoint_across_ranks():
-    from mtaffect.train.data import ShardedBatches
+def test_rank_shares_are_fixed_disjoint_and_padded_to_equal_steps():
+    from mtaffect.train.data import ShardedBatches, rank_shares
 
-    seen = [np.concatenate(list(ShardedBatches(10, 3, shuffle=False, rank=r, world=2, pad=False)))
-            for r in range(2)]  # fmt: skip
-    assert set(seen[0]).isdisjoint(seen[1]) and sorted(np.concatenate(seen)) == list(range(10))
-    train = [
-        np.concatenate(list(ShardedBatches(10, 4, shuffle=True, seed=1, rank=r, world=2))) for r in range(2)
-    ]
-    assert len(train[0]) == len(train[1]) == 5 and set(train[0]).isdisjoint(train[1])
+    owner = rank_shares(11, world=2, seed=1, block=2)
+    shares = [np.flatnonzero(owner == r) for r in range(2)]
+    assert set(shares[0]).isdisjoint(shares[1]) and sorted(np.concatenate(shares)) == list(range(11))
+    assert np.array_equal(owner, rank_shares(11, world=2, seed=1, block=2))  # fixed for the run
+    length = max(len(x) for x in shares)
+    samplers = [ShardedBatches(x, 4, shuffle=True, seed=3, length=length) for x in shares]
+    for r, sampler in enumerate(samplers):
+        epoch0 = np.concatenate(list(sampler))
+        sampler.set_epoch(1)
+        epoch1 = np.concatenate(list(sampler))
+        assert len(epoch0) == length and set(epoch0) == set(epoch1) == set(shares[r])  # only its share
+        assert len(sampler) == -(-length // 4)  # every rank runs the same number of steps
+    resumed = ShardedBatches(shares[0], 4, shuffle=True, seed=3, length=length, epoch_offset=1)
+    assert np.array_equal(np.concatenate(list(resumed)), np.concatenate(list(samplers[0])))  # epoch 1 again
 
 
 # ---- schedule, stages ----------------------------------------------------------------------------------
@@ -224,15 +252,157 @@ def test_stages_freeze_and_keep_frozen_modules_in_eval(dataset):
     assert {h["stage"] for h in res.history} == {"au", "rest"}
 
 
-def test_a_stage_without_labels_errors_clearly(dataset):
+def _without(table: LabelTable, *tasks: str) -> LabelTable:
+    frame = table.frame.copy()
+    if "expr" in tasks:
+        frame["expression"] = -1
+    if "va" in tasks:
+        frame[["valence", "arousal"]] = -5.0
+    if "au" in tasks:
+        frame[list(AU_NAMES)] = -1
+    return LabelTable(frame)
+
+
+def test_training_rows_without_any_label_are_a_clear_error(dataset):
     from mtaffect.train.fit import fit
 
-    _, train, val = dataset
-    frame = train.frame.copy()
-    frame["expression"] = -1
-    frame[["valence", "arousal"]] = -5.0
-    with pytest.raises(ValueError, match=r"stage 'rest' trains expr, va but the training rows hold no valid"):
-        fit(cfg("tiny-two-stage"), dataset[0], LabelTable(frame), val, log=None)
+    store, train, val = dataset
+    with pytest.raises(ValueError, match=r"the training rows hold no label of any task"):
+        fit(cfg("tiny-two-stage"), store, _without(train, "au", "expr", "va"), val, log=None)
+
+
+def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(dataset, tmp_path):
+    """Item 6: CK+-like data (AU + expression, no valence/arousal) trains; the VA stage is skipped."""
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+    logs: list[str] = []
+    res = fit(cfg("tiny-per-task", trainer={"epochs": 2}), store, _without(train, "va"), _without(val, "va"),
+              tmp_path / "run", log=logs.append)  # fmt: skip
+    assert any("stage va skipped" in m and "no va label" in m for m in logs), logs
+    assert {h["stage"] for h in res.history} == {"expr", "au"}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tasks"] == ["au", "expr"] and metrics["absent_tasks"] == ["va"]
+    terms = metrics["best"]
+    assert res.P == pytest.approx(terms["expr"]["f1"] + terms["au"]["f1"]) == metrics["P_tasks"]
+    assert "va absent" in res.summary() and "P[au+expr]" in res.summary()
+
+
+def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_cleanly(dataset, tmp_path):
+    """Item 1: NaN predictions after the first epoch: logged, not selected, early stopping ends the run."""
+    import lightning as L
+
+    from mtaffect.models.checkpoint import load_model
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+    out = tmp_path / "run"
+
+    class Poison(L.Callback):
+        best_on_disk = False
+
+        def on_validation_epoch_start(self, trainer, module):
+            module.model.poison = trainer.current_epoch >= 1
+
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:  # epoch 0 improved: its weights are already on disk
+                self.best_on_disk = (out / "best" / "model.safetensors").is_file()
+
+    poison = Poison()
+    logs: list[str] = []
+    res = fit(cfg(trainer={"epochs": 6, "patience": 2}), store, train, val, out, callbacks=[poison],
+              log=logs.append)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["finite"] for h in metrics["history"]] == [True, False, False]  # patience 2 stopped it
+    assert metrics["history"][1]["nonfinite_rows"] == len(val) - 1 and metrics["history"][1]["P"] is None
+    assert metrics["best_epoch"] == res.best_epoch == 0 and np.isfinite(res.P)
+    assert poison.best_on_disk and (out / "val_predictions.parquet").is_file()
+    assert any("non-finite" in m and "not selected" in m for m in logs), logs
+    model = load_model(out / "best")
+    assert all(torch.isfinite(p).all() for p in model.model.parameters())
+
+
+def test_weights_that_become_nonfinite_end_the_stage_at_once(dataset, tmp_path):
+    import lightning as L
+
+    from mtaffect.train.fit import TrainingDivergedError, fit
+
+    store, train, val = dataset
+
+    class Blowup(L.Callback):  # what a far too high learning rate does, deterministically
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    module.model.trunk[0].weight.fill_(float("inf"))
+
+    res = fit(cfg(trainer={"epochs": 5}), store, train, val, tmp_path / "run", callbacks=[Blowup()], log=None)
+    assert [h["finite"] for h in res.history] == [True, False] and res.stages[0]["diverged"]
+    assert res.best_epoch == 0 and all(torch.isfinite(p).all() for p in res.model.parameters())
+    with pytest.raises(TrainingDivergedError, match="weights became NaN/inf"):  # no validation: no fallback
+        fit(cfg(trainer={"epochs": 5}), store, train, None, tmp_path / "tv", callbacks=[Blowup()], log=None)
+    assert json.loads((tmp_path / "tv" / "metrics.json").read_text())["diverged"]
+    assert not (tmp_path / "tv" / "best").exists()
+
+
+def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
+    """Item 4: the AU stage picks its epoch on F1_AU, not on a P moved by the other (untrained) heads."""
+    import lightning as L
+    from safetensors.torch import load_file
+
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+
+    class Cheat(L.Callback):  # epoch 0 of stage "au": perfect expressions, no AU -> high P, F1_AU 0
+        def __init__(self):
+            self.au = {}
+
+        def on_validation_epoch_start(self, trainer, module):
+            module.model.cheat = module.stage.name == "au" and trainer.current_epoch == 0
+
+        def on_validation_epoch_end(self, trainer, module):
+            if module.stage.name == "au":
+                self.au[trainer.current_epoch] = module.model.au.weight.detach().clone()
+            module.model.cheat = False
+
+    cheat = Cheat()
+    res = fit(cfg("tiny-two-stage", trainer={"epochs": 4}), store, train, val, tmp_path / "run",
+              callbacks=[cheat], log=None)  # fmt: skip
+    au_hist = [h for h in res.history if h["stage"] == "au"]
+    assert au_hist[0]["P"] == max(h["P"] for h in au_hist) and au_hist[0]["f1_au"] == 0
+    best = max(au_hist, key=lambda h: h["f1_au"])["epoch"]
+    assert best != 0
+    saved = load_file(str(tmp_path / "run" / "stages" / "0-au" / "model.safetensors"))
+    assert torch.equal(saved["au.weight"], cheat.au[best])
+
+
+def test_per_stage_epochs_lr_and_batch_size(dataset, tmp_path):
+    import lightning as L
+
+    from mtaffect.train.config import ConfigError
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+
+    class Seen(L.Callback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lr = trainer.optimizers[0].param_groups[0]["initial_lr"]
+            self.seen.setdefault(module.stage.name, set()).add((lr, int(batch["index"].shape[0])))
+
+    seen = Seen()
+    stages = {"au": {"epochs": 1, "lr": 0.05, "batch_size": 100}, "rest": {"batch_size": 64}}
+    res = fit(cfg("tiny-two-stage", trainer={"epochs": 2}, stages=stages), store, train, val,
+              tmp_path / "run", callbacks=[seen], log=None)  # fmt: skip
+    assert [h["stage"] for h in res.history] == ["au", "rest", "rest"]
+    assert {lr for lr, _ in seen.seen["au"]} == {0.05} and max(b for _, b in seen.seen["au"]) == 100
+    assert {lr for lr, _ in seen.seen["rest"]} == {0.01} and max(b for _, b in seen.seen["rest"]) == 64
+    assert [(s["name"], s["epochs"], s["lr"], s["batch_size"]) for s in res.stages] == [
+        ("au", 1, 0.05, 100), ("rest", 2, 0.01, 64)]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stages \['va'\] are not stages of recipe 'tiny-two-stage'"):
+        fit(cfg("tiny-two-stage", stages={"va": {"epochs": 1}}), store, train, val, log=None)
 
 
 # ---- a run end to end ----------------------------------------------------------------------------------
@@ -263,8 +433,9 @@ def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_
     with pytest.raises(ValueError, match="another config"):
         fit(cfg("tiny-two-stage"), store, train, val, out, resume=True, log=None)
     logs = []
-    fit(c, store, train, val, out, resume=True, log=logs.append)
-    assert any("stage au: resumed" in m for m in logs)  # the finished stage is not trained again
+    again = fit(c, store, train, val, out, resume=True, log=logs.append)
+    assert "stage au: finished in an earlier session" in logs  # finished stages are not trained again
+    assert "stage rest: finished in an earlier session" in logs and again.P == res.P
 
 
 def test_temporal_model_predicts_each_frame_once(dataset, tmp_path):
@@ -332,6 +503,32 @@ def test_cli_train_then_infer(dataset, tmp_path):
                             "--images", str(test_list), "--out", str(tmp_path / "pred.parquet")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert PredictionTable.read(tmp_path / "pred.parquet").images.tolist() == list(val.images[:10])
+    # Item 5: an image whose extraction failed is an error naming it, or a row with valid = 0 when allowed
+    test_list.write_text("\n".join(val.images[:12]) + "\n")  # val.images[10] failed extraction
+    infer = ["infer", "--model", str(tmp_path / "run" / "best"), "--features", str(store),
+             "--images", str(test_list), "--out", str(tmp_path / "pred2.parquet")]  # fmt: skip
+    r = runner.invoke(app, infer)
+    assert r.exit_code == 2 and not (tmp_path / "pred2.parquet").exists()
+    assert "1 of 12 images failed extraction" in r.output and val.images[10] in r.output, r.output
+    assert "--allow-missing" in r.output
+    r = runner.invoke(app, [*infer, "--allow-missing"])
+    assert r.exit_code == 0, r.output
+    table = PredictionTable.read(tmp_path / "pred2.parquet")
+    assert table.frame["valid"].tolist() == [1] * 10 + [0, 1] and "1 image(s) failed extraction" in r.output
+    # --trainval: train + val for the configured epochs, no validation, no selection
+    tv = tmp_path / "trainval"
+    r = runner.invoke(
+        app, [*args[:7], "--out", str(tv), "--no-progress", "--trainval", "-o", "trainer.epochs=2"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        "trained on train + val without selection" in r.output
+        and not (tv / "val_predictions.parquet").exists()
+    )
+    metrics = json.loads((tv / "metrics.json").read_text())
+    assert metrics["trainval"] and metrics["rows"]["train"]["used"] == len(train) + len(val) - 2
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1] and "P" not in metrics["history"][0]
+    assert (tv / "best" / "model.safetensors").is_file()
 
 
 # ---- DDP: 2 CPU processes (gloo) -----------------------------------------------------------------------
@@ -347,7 +544,7 @@ from mtaffect.train.fit import fit
 train = LabelTable(pd.read_parquet({train!r}))
 val = LabelTable(pd.read_parquet({val!r}))
 c = T.cfg(trainer={{"epochs": 1, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}})
-res = fit(c, {store!r}, train, val, os.path.join({out!r}, "run"), callbacks=[Rows({out!r})], log=None)
+res = fit(c, {store!r}, train, val, os.path.join({out!r}, "run"), callbacks=[Rows({out!r})], log=print)
 if res.checkpoint is not None:
     json.dump({{"P": res.P}}, open(os.path.join({out!r}, "result.json"), "w"))
 """
@@ -366,10 +563,17 @@ def test_ddp_two_cpu_processes(dataset, tmp_path):
     script.write_text(
         DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path), store=str(store), **paths)
     )
-    r0, r1 = run_two_ranks(script, tmp_path, timeout=120)
-    # each rank trains on its own share; DistributedSampler pads the odd row count (239) with one repeat
-    assert r0 and r1 and len(r0 & r1) <= (len(train) - 1) % 2
+    info, stdout = run_two_ranks(script, tmp_path, timeout=120)
+    r0, r1 = (set(i["rows"]) for i in info)
+    assert r0 and r1 and not r0 & r1  # each rank trains on its own fixed share
     assert len(r0 | r1) == len(train) - 1  # together they cover every valid training row
+    # each rank holds only its share in memory: its training rows and its half of the validation rows
+    assert info[0]["held"] + info[1]["held"] == len(train) - 1 + len(val) - 1
+    assert max(i["held"] for i in info) < len(train) - 1
+    from mtaffect.train.data import cpus_per_process
+
+    assert [i["threads"] for i in info] == [cpus_per_process(2)] * 2  # torch threads divided per rank
+    assert stdout.count("rows: train") == 1  # only rank 0 reports
     p = json.loads((tmp_path / "result.json").read_text())["P"]
     preds = PredictionTable.read(tmp_path / "run" / "val_predictions.parquet")
     kept = val.subset(np.isin(val.images, preds.images))

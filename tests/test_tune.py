@@ -92,7 +92,7 @@ def test_split_keeps_source_videos_together_and_is_seeded():
 # ---- PostConfig --------------------------------------------------------------------------------------
 def test_config_yaml_round_trip_and_no_overwrite(tmp_path: Path):
     config = PostConfig(
-        kernels={"va": Kernel("gaussian", 6.0), "expr": Kernel("box", 4, causal=True)},
+        kernels={"va": Kernel("gaussian", 6.0), "expr": Kernel("box", 4, causal=True, unit="rows")},
         au_thresholds=np.linspace(0.3, 0.6, 12),
         expr_bias=np.r_[-0.5, np.zeros(7)],
         blend_weights={"va": [0.7, 0.3], "expr": [0.5, 0.5], "au": [1, 3]},

@@ -62,7 +62,8 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
 
     The old folder is first moved into a fresh hidden folder of this call's own (never a name a user's
     folder could have) and deleted only once the new one is in place, so at every moment ``target`` is
-    either the complete old folder or the complete new one.
+    either the complete old folder or the complete new one (the old one then found by
+    :func:`previous_dir` when a crash fell between the two renames).
     """
     tmp, target = Path(tmp), Path(target)
     if target.exists():
@@ -74,14 +75,30 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
         os.rename(tmp, target)
 
 
+def previous_dir(target: str | os.PathLike) -> Path | None:
+    """The folder :func:`replace_dir` was swapping out of ``target`` when a crash left ``target`` missing
+    (the newest such), or None."""
+    target = Path(target)
+    found = sorted(
+        (p / target.name for p in target.parent.glob(f".{target.name}.*.old") if (p / target.name).is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return found[-1] if found else None
+
+
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it becomes ``path`` (:func:`replace_dir`).
 
-    An existing folder at ``path`` is replaced only once the new one is complete (the caller decides
-    whether replacing is allowed); a crash leaves the old folder, never a half-written one.
+    An existing folder at ``path`` is replaced (only with ``overwrite``; otherwise
+    :class:`OutputExistsError` before any work) once the new one is complete: a crash leaves the old
+    folder, never a half-written one.
     """
     target = Path(path)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
     try:

@@ -44,11 +44,13 @@ if TYPE_CHECKING:
 __all__ = [
     "MTLMetric",
     "MetricResult",
+    "P_of",
     "au_f1",
     "ccc",
     "expression_f1",
     "official_metric",
     "score",
+    "terms_of",
 ]
 
 # Columns of the per-task moment state: count, mean of prediction, mean of truth,
@@ -378,6 +380,15 @@ class MetricResult:
         """The VA term of P: the mean of the two CCCs."""
         return (self.ccc_v + self.ccc_a) / 2.0
 
+    @property
+    def terms(self) -> dict[str, float]:
+        """P's three terms by task key (``au``, ``expr``, ``va``)."""
+        return {"au": float(self.au_f1), "expr": float(self.expr_f1), "va": float(self.va_mean)}
+
+    def P_of(self, tasks: Any) -> float:
+        """The sum of the terms of ``tasks`` only (P itself when all three are given)."""
+        return P_of(self.terms, tasks)
+
     def to_dict(self) -> dict:
         """Plain-Python (json.dumps-able) nested breakdown, keyed by the schema names."""
         return {
@@ -427,6 +438,17 @@ class MetricResult:
                 f"  {name}", f"{v:.4f}", f"{c['au'][name]:,}", "" if thr is None else f"{thr[i]:.3g}"
             )
         return table
+
+
+def terms_of(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """P's terms by task key from a :meth:`MetricResult.to_dict` dict (as saved in metrics.json)."""
+    return {"au": float(metrics["au"]["f1"]), "expr": float(metrics["expr"]["f1"]),
+            "va": float(metrics["va"]["mean"])}  # fmt: skip
+
+
+def P_of(terms: Mapping[str, float], tasks: Any) -> float:
+    """Sum of the terms of ``tasks`` (task keys ``au``, ``expr``, ``va``): P restricted to those tasks."""
+    return float(sum(terms[t] for t in tasks))
 
 
 def _result(rows: int, va: np.ndarray, conf: np.ndarray, au: np.ndarray, thr: np.ndarray) -> MetricResult:

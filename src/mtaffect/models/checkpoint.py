@@ -78,6 +78,12 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _data_options(kwargs: Mapping[str, Any]) -> dict:
+    """Backbone options as stored: plain data, never a code-running one (the person's trust in remote
+    code is theirs to give on each load, never recorded)."""
+    return {k: v for k, v in _jsonable(kwargs).items() if k not in CODE_EXECUTING_OPTIONS}
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: MTLModel,
@@ -122,11 +128,7 @@ def save_checkpoint(
         "window": int(window),
         "backbone": {
             "name": backbone["name"],
-            "kwargs": {  # the person's trust in remote code is theirs to give on each load, never stored
-                k: v
-                for k, v in _jsonable(backbone.get("kwargs", {})).items()
-                if k not in CODE_EXECUTING_OPTIONS
-            },
+            "kwargs": _data_options(backbone.get("kwargs", {})),
             "spec": _jsonable(backbone.get("spec", {})),
             "fingerprint": None if backbone_weights is not None else backbone.get("fingerprint"),
             **({"mode": str(backbone["mode"])} if "mode" in backbone else {}),
@@ -140,10 +142,10 @@ def save_checkpoint(
         "mtaffect_version": _version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, overwrite=overwrite) as tmp:
         if backbone_weights is not None:
             kwargs = backbone_weights.save_weights(tmp / BACKBONE_DIR, dict(backbone.get("kwargs", {})))
-            config["backbone"]["kwargs"] = _jsonable(kwargs)
+            config["backbone"]["kwargs"] = _data_options(kwargs)
             config["backbone"]["weights"] = BACKBONE_DIR
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "recipe": model.recipe})
@@ -305,9 +307,8 @@ class TrainedAffectModel:
             a = arrays.get(name)
             if a is None:
                 raise ValueError(f"this model reads {name!r} from the backbone; pass {name}=...")
-            batch[name] = (
-                torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).float().to(self.device)
-            )
+            t = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
+            batch[name] = t.to(self.device).float()  # float16 from a store is cast on the device
         return self.model(batch)
 
     def predict(
@@ -340,16 +341,17 @@ class TrainedAffectModel:
             if folder is None or not folder.is_dir() or self.path.resolve() not in folder.resolve().parents:
                 raise CheckpointError(
                     f"{where}: the fine-tuned backbone's weights ({self.backbone_weights!r}) are not a "
-                    "folder "
-                    "inside the checkpoint; the checkpoint is damaged"
+                    "folder inside the checkpoint; the checkpoint is damaged"
                 )
             kwargs["weights"] = str(folder)
         return create_backbone(self.backbone, **kwargs).to(self.device).eval()
 
-    def _predict_units(self, inputs: Any, images: Sequence[str], batch_size: int) -> Any:
+    def _predict_units(
+        self, inputs: Any, images: Sequence[str], batch_size: int, valid: np.ndarray | None = None
+    ) -> Any:
         """The prediction loop of :meth:`predict_store` / :meth:`predict_images`: ``inputs(batches)``
         yields, in order, the model's input arrays for each array of positions (into the de-duplicated
-        names) of ``batches``."""
+        names) of ``batches``. ``valid`` (per de-duplicated name) adds the table's ``valid`` column."""
         from mtaffect.data.predictions import PredictionTable
         from mtaffect.data.units import make_windows, split_image_names
 
@@ -376,57 +378,69 @@ class TrainedAffectModel:
             va[idx], expr[idx], au[idx] = probs.va, probs.expr_probs, probs.au_probs
         pos = {name: i for i, name in enumerate(names)}
         take = np.array([pos[str(x)] for x in images], dtype=np.int64)
+        extra = {"valid": np.asarray(valid)[take].astype(np.int8)} if valid is not None else {}
         return PredictionTable.from_arrays(
-            [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take]
+            [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take], **extra
         )
 
-    def predict_store(self, store: Any, images: Sequence[str], batch_size: int = 4096) -> Any:
+    def predict_store(
+        self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False
+    ) -> Any:
         """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
 
         Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
         frame, the last padded); every frame is predicted exactly once.
+
+        Images whose extraction failed (their store rows are zeros) are an error
+        (:class:`mtaffect.features.reader.FailedImagesError`, counting them and naming the first few).
+        With ``allow_missing`` the table gets a ``valid`` column: 0 for those rows, whose values are
+        the model's output on zero features (placeholders to filter or fill), 1 for the others.
         """
-        from mtaffect.features.reader import InputSource
+        from mtaffect.features.reader import InputSource, check_valid
         from mtaffect.features.store import FeatureStore
 
         if self.backbone_weights:
             raise CheckpointError(
                 f"this model fine-tuned its backbone ({self.backbone!r}): no feature store holds its "
-                "features; "
-                "predict from the images (infer --data, predict)"
+                "features; predict from the images (infer --data, predict)"
             )
         st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         if self.fingerprint and st.fingerprint != self.fingerprint:
             st.check_compatible(self.fingerprint, self.backbone)
-        rows = st.rows(list(dict.fromkeys(str(x) for x in images)))
+        names = list(dict.fromkeys(str(x) for x in images))
+        rows = st.rows(names)
+        ok = check_valid(st, rows, names, allow_missing=allow_missing)
         source = InputSource(st, rows, self.inputs, in_memory=False)
-        return self._predict_units(lambda batches: map(source.get, batches), images, batch_size)
+        return self._predict_units(
+            lambda batches: map(source.get, batches), images, batch_size, ok if allow_missing else None
+        )
 
     @torch.no_grad()
     def predict_images(
-        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0
-    ) -> Any:
+        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0,
+        *, allow_missing: bool = False,
+    ) -> Any:  # fmt: skip
         """A PredictionTable for ``images`` (names relative to ``folder``, e.g. a dataset's
         ``cropped_aligned``), decoded and normalised exactly as extraction does, through the backbone.
 
         ``workers`` decoding processes (0: decode here) prepare the next batches while the backbone
-        runs. An unreadable image is predicted from a black image (as extraction stores it), listed in
-        ``self.failures`` and reported in one warning: never silently.
+        runs. Unreadable images (missing, truncated) are an error counting them and naming the first
+        few (:class:`mtaffect.features.reader.FailedImagesError`), as :meth:`predict_store`; with
+        ``allow_missing`` the table gets a ``valid`` column, 0 for those rows (predicted from a black
+        image, as extraction stores them: placeholders to filter or fill). ``self.failures`` lists them.
         """
-        import warnings
-
         from torch.utils.data import DataLoader
 
         from mtaffect.features.base import normalise, pixels_to_unit
         from mtaffect.features.decode import ImageReader, ReaderBatches
+        from mtaffect.features.reader import FailedImagesError
         from mtaffect.models.image_model import ImageMTLModel
 
         bb = self.create_backbone()
         spec = bb.spec
         loop = ImageMTLModel(bb, self.model)  # frozen: the same backbone -> head path as training
-        reader = ImageReader(
-            folder, list(dict.fromkeys(str(x) for x in images)), spec.input_size, spec.colour
-        )
+        names = list(dict.fromkeys(str(x) for x in images))
+        reader = ImageReader(folder, names, spec.input_size, spec.colour)
         self.failures = []
 
         def inputs(batches: list[np.ndarray]):
@@ -437,13 +451,18 @@ class TrainedAffectModel:
                 yield loop.backbone_outputs(normalise(x, spec.mean, spec.std))
 
         table = self._predict_units(inputs, images, batch_size)
-        if self.failures:
-            first = "; ".join(f"{n} ({why})" for n, why in self.failures[:3])
-            warnings.warn(
-                f"{len(self.failures)} image(s) could not be read and were predicted from a black "
-                f"image: {first}",
-                stacklevel=2,
+        failed = dict(self.failures)
+        if failed and not allow_missing:
+            first = [f"{n} ({why})" for n, why in list(failed.items())[:5]]
+            raise FailedImagesError(
+                f"{len(failed)} of {len(names)} images could not be read under {folder}, e.g. "
+                f"{'; '.join(first)}; fix them, or pass --allow-missing (allow_missing=True) to write "
+                "their rows with valid = 0",
+                list(failed),
             )
+        if allow_missing:
+            valid = np.array([n not in failed for n in table.frame["image"].astype(str)], dtype=np.int8)
+            table = table.with_columns({"valid": valid})
         return table
 
 

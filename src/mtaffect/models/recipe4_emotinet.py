@@ -4,9 +4,12 @@ Three independent light heads over a frozen extractor: EXPR is one linear layer 
 weights live in the loss), AU is Dense(128, ReLU) -> 12 logits (per-AU weighted BCE in the loss), and
 VA is a tanh linear layer that sees only the extractor's logits. Each head is trained in its own
 stage on its own task's valid rows (``joint=True``: one stage trains the three heads together, e.g.
-behind a fine-tuned backbone, where the heads are a light multi-task head). Without logits
-(``num_logits=0``, e.g. a backbone with no
-classifier) the VA head reads the features instead; the attribute ``va_input`` records which.
+behind a fine-tuned backbone, where the heads are a light multi-task head).
+
+``head_input`` chooses what the EXPR and AU heads read: ``"features+logits"`` (default, as published:
+the embedding concatenated with the extractor's logits) or ``"features"``. Without logits
+(``num_logits=0``, e.g. a backbone with no classifier) every head reads the features; the attributes
+``va_input`` and ``expr_au_input`` record what each reads.
 (Smoothing, thresholds and blending are post-processing, outside the model.)
 """
 
@@ -21,6 +24,8 @@ from mtaffect.models.base import TASKS, MTLModel, Stage
 from mtaffect.models.blocks import require_input
 from mtaffect.models.registry import register_model
 from mtaffect.schema import NUM_AUS, NUM_EXPR
+
+HEAD_INPUTS = ("features+logits", "features")
 
 
 @register_model("emotinet")
@@ -38,17 +43,23 @@ class EmotiNetHeads(MTLModel):
         au_hidden: int = 128,
         dropout: float = 0.0,
         joint: bool = False,
+        head_input: str = "features+logits",
     ) -> None:
         super().__init__()
+        if head_input not in HEAD_INPUTS:
+            raise ValueError(f"emotinet head_input must be one of {list(HEAD_INPUTS)}, got {head_input!r}")
         self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
         self.token_shape = tuple(token_shape) if token_shape is not None else None
         self.au_hidden, self.dropout, self.joint = au_hidden, dropout, bool(joint)
+        self.head_input = head_input
         self.va_input = "logits" if self.num_logits else "features"
+        self.expr_au_input = head_input if self.num_logits else "features"
         self.inputs = ("features", "logits") if self.num_logits else ("features",)
-        self.expr_head = nn.Linear(self.feature_dim, NUM_EXPR)
+        in_dim = self.feature_dim + (self.num_logits if self.expr_au_input == "features+logits" else 0)
+        self.expr_head = nn.Linear(in_dim, NUM_EXPR)
         self.au_head = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(self.feature_dim, au_hidden),
+            nn.Linear(in_dim, au_hidden),
             nn.ReLU(),
             nn.Linear(au_hidden, NUM_AUS),
         )
@@ -59,6 +70,7 @@ class EmotiNetHeads(MTLModel):
             "feature_dim": self.feature_dim, "num_logits": self.num_logits,
             "token_shape": list(self.token_shape) if self.token_shape is not None else None,
             "au_hidden": self.au_hidden, "dropout": self.dropout, "joint": self.joint,
+            "head_input": self.head_input,
         }  # fmt: skip
 
     def stages(self) -> list[Stage]:
@@ -73,16 +85,18 @@ class EmotiNetHeads(MTLModel):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = require_input(batch, "features", self.recipe, (self.feature_dim,))
         tasks = self.active_tasks or TASKS  # the heads are independent: a stage computes only its own
+        logits = (
+            require_input(batch, "logits", self.recipe, (self.num_logits,)).to(x.dtype)
+            if self.num_logits
+            else None
+        )
         out: dict[str, torch.Tensor] = {}
-        if "au" in tasks:
-            out["au"] = self.au_head(x)
-        if "expr" in tasks:
-            out["expr"] = self.expr_head(x)
+        if "au" in tasks or "expr" in tasks:
+            h = torch.cat([x, logits], -1) if self.expr_au_input == "features+logits" else x
+            if "au" in tasks:
+                out["au"] = self.au_head(h)
+            if "expr" in tasks:
+                out["expr"] = self.expr_head(h)
         if "va" in tasks:
-            va_in = (
-                require_input(batch, "logits", self.recipe, (self.num_logits,)).to(x.dtype)
-                if self.num_logits
-                else x
-            )
-            out["va"] = self.va_head(va_in)
+            out["va"] = self.va_head(logits if logits is not None else x)
         return out

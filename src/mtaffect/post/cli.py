@@ -54,8 +54,19 @@ def register(app: typer.Typer) -> None:
         ] = False,
         kinds: Annotated[str, typer.Option(help="Kernel kinds to try: gaussian,box.")] = "gaussian,box",
         widths: Annotated[
-            str, typer.Option(help="Kernel widths in frames (gaussian sigma, box half-width).")
-        ] = "1,2,3,4,6,8,12,16,24,32",
+            str,
+            typer.Option(
+                help="Kernel widths (gaussian sigma, box half-width), e.g. 2,8,32 (default: 1 to 200); "
+                "windows wider than --max-span are skipped."
+            ),
+        ] = "",
+        max_span: Annotated[
+            float | None,
+            typer.Option(help="Widest window tried: 2 x reach + 1 (gaussian reach: 3 sigma; default 401)."),
+        ] = None,
+        units: Annotated[
+            str, typer.Option(help="Kernel units to try: frames, rows (+-reach annotated rows), or both.")
+        ] = "frames",
         causal: Annotated[bool, typer.Option(help="Search past-only kernels (streaming use).")] = False,
         thresholds: Annotated[str, typer.Option(help="AU threshold search: exact or grid.")] = "exact",
         bootstrap: Annotated[
@@ -82,8 +93,10 @@ def register(app: typer.Typer) -> None:
         paths = [*pred, *(more_preds or [])]
         space = SearchSpace(
             kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-            widths=_numbers(widths, "--widths"),
+            **({"widths": _numbers(widths, "--widths")} if widths.strip() else {}),
             causal=causal,
+            units=tuple(u.strip() for u in units.split(",") if u.strip()),
+            **({"max_span": max_span} if max_span is not None else {}),
             threshold_method=thresholds,
             bootstrap=bootstrap,
             expr_bias=expr_bias,

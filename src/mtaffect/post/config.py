@@ -8,7 +8,7 @@ File format (YAML; every section optional, defaults = no post-processing)::
 
     format: mtaffect-postproc
     version: 1
-    kernels:        {va: {kind: gaussian, width: 6.0, causal: false}, expr: {...}, au: {...}}
+    kernels:        {va: {kind: gaussian, width: 6.0, causal: false, unit: frames}, expr: {...}, au: {...}}
     au_thresholds:  {AU1: 0.41, ..., AU26: 0.37}
     expr_bias:      {Neutral: 0.0, ..., Other: 0.2}      # log-probability offsets
     blend_weights:  {va: [0.6, 0.4], expr: [...], au: [...]}   # or null: a single model / equal mean
@@ -183,7 +183,7 @@ class PostConfig:
 
 def _kernels(raw: object, where: str) -> dict[str, Kernel]:
     if not isinstance(raw, Mapping):
-        raise PostConfigError(f"{where}: kernels must map va/expr/au to {{kind, width, causal}}")
+        raise PostConfigError(f"{where}: kernels must map va/expr/au to {{kind, width, causal, unit}}")
     out = {}
     for task, spec in raw.items():
         if task not in TASKS:
@@ -191,8 +191,8 @@ def _kernels(raw: object, where: str) -> dict[str, Kernel]:
         if spec is None:
             out[task] = Kernel()
             continue
-        if not isinstance(spec, Mapping) or set(spec) - {"kind", "width", "causal"}:
-            raise PostConfigError(f"{where}: kernels.{task} must be a mapping with kind, width, causal")
+        if not isinstance(spec, Mapping) or set(spec) - {"kind", "width", "causal", "unit"}:
+            raise PostConfigError(f"{where}: kernels.{task} must be a mapping with kind, width, causal, unit")
         try:
             out[task] = Kernel(**dict(spec))
         except SmoothingError as exc:

@@ -5,6 +5,10 @@ frame or eight frames away. Every neighbour is weighted by the kernel evaluated 
 distance, and the weights are normalised over the rows that exist. Groups (videos, face tracks) are
 never mixed.
 
+``unit="rows"`` is the published rule of recipe 4 (Savchenko): the window is the +-``reach``
+annotated rows of the same group, whatever their frame distance; box weighs them equally, Gaussian
+by their frame distance (sigma ``width`` frames). On consecutive frames both units agree.
+
 Algorithm (vectorised, O(rows x W)): rows are sorted by (group, frame) once; then for row offset
 k = 1, 2, ... every pair (i, i+k) of the same group within the kernel's reach is handled at once.
 Because frames are sorted, a pair out of reach at offset k stays out of reach at k+1, so the set of
@@ -33,6 +37,8 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 TASKS: tuple[str, ...] = tuple(TASK_COLUMNS)
 KERNEL_KINDS: tuple[str, ...] = ("none", "gaussian", "box")
+#: What a kernel's reach counts: frames (default) or annotated rows of the same group.
+KERNEL_UNITS: tuple[str, ...] = ("frames", "rows")
 #: A Gaussian kernel is cut at this many sigmas (weight there: exp(-4.5) ~ 1 %).
 GAUSS_TRUNCATE = 3.0
 
@@ -43,16 +49,20 @@ class SmoothingError(ValueError):
 
 @dataclass(frozen=True)
 class Kernel:
-    """A temporal kernel in frame units.
+    """A temporal kernel.
 
-    ``kind``: ``"none"``, ``"gaussian"`` (``width`` = sigma in frames) or ``"box"`` (``width`` =
-    half-width in frames: neighbours at most ``width`` frames away weigh 1). ``causal``: only the
+    ``kind``: ``"none"``, ``"gaussian"`` (``width`` = sigma in frames, cut at 3 sigma) or ``"box"``
+    (``width`` = half-width: neighbours at most ``width`` away weigh 1). ``causal``: only the
     current and past frames are used (streaming). ``width == 0`` means no smoothing.
+    ``unit``: ``"frames"`` (reach measured in frames) or ``"rows"`` (reach measured in annotated
+    rows of the group: box = the +-``width`` rows; Gaussian = the +-3 ``width`` rows, still weighted
+    by frame distance).
     """
 
     kind: str = "none"
     width: float = 0.0
     causal: bool = False
+    unit: str = "frames"
 
     def __post_init__(self) -> None:
         if self.kind not in KERNEL_KINDS:
@@ -65,6 +75,8 @@ class Kernel:
             raise SmoothingError(f"kernel width must be a finite number of frames >= 0, got {self.width!r}")
         if not isinstance(self.causal, (bool, np.bool_)):
             raise SmoothingError(f"kernel causal must be true or false, got {self.causal!r}")
+        if self.unit not in KERNEL_UNITS:
+            raise SmoothingError(f"kernel unit must be one of {list(KERNEL_UNITS)}, got {self.unit!r}")
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "causal", bool(self.causal))
 
@@ -75,29 +87,39 @@ class Kernel:
 
     @property
     def reach(self) -> float:
-        """Largest frame distance with a non-zero weight."""
+        """Largest distance (in ``unit``) with a non-zero weight."""
         if self.is_identity:
             return 0.0
         return GAUSS_TRUNCATE * self.width if self.kind == "gaussian" else self.width
 
+    @property
+    def span(self) -> float:
+        """Frames (or rows) the centred window covers: ``2 reach + 1``."""
+        return 2 * self.reach + 1
+
     def weights(self, distance: np.ndarray) -> np.ndarray:
-        """Weight of a neighbour ``distance`` frames away (``>= 0``); 1 at distance 0, 0 beyond reach."""
+        """Weight of a neighbour ``distance`` frames away (``>= 0``); 1 at distance 0.
+
+        Frame units: 0 beyond reach. Row units: the reach is counted in rows by the caller, so box
+        weighs every neighbour in it 1 and Gaussian weighs it by its frame distance only.
+        """
         d = np.abs(np.asarray(distance, dtype=np.float64))
         if self.is_identity:
             return (d == 0).astype(np.float64)
-        inside = d <= self.reach
+        inside = d <= self.reach if self.unit == "frames" else np.ones(d.shape, dtype=bool)
         if self.kind == "box":
             return inside.astype(np.float64)
         return np.where(inside, np.exp(-0.5 * (d / self.width) ** 2), 0.0)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "width": float(self.width), "causal": bool(self.causal)}
+        return {"kind": self.kind, "width": float(self.width), "causal": bool(self.causal), "unit": self.unit}
 
     def __str__(self) -> str:
         if self.is_identity:
             return "none"
         what = "sigma" if self.kind == "gaussian" else "half-width"
-        return f"{self.kind}({what}={self.width:g}{', causal' if self.causal else ''})"
+        rows = ", reach in rows" if self.unit == "rows" else ""
+        return f"{self.kind}({what}={self.width:g}{rows}{', causal' if self.causal else ''})"
 
 
 @dataclass(frozen=True)
@@ -185,10 +207,15 @@ def smooth_values(plan: SmoothingPlan, values: np.ndarray, kernel: Kernel) -> np
     den = np.ones(n)  # sum of weights, self included (weight 1 at distance 0)
     f, g = plan.frames, plan.groups
     reach = kernel.reach
+    rows = kernel.unit == "rows"
     buf = np.empty_like(xs)
     for k in range(1, n):
+        if rows and k > reach:  # row units: the window is the +-reach rows of the group
+            break
         dist = f[k:] - f[:-k]  # >= 0 within a group (rows sorted by group, then frame)
-        valid = (dist <= reach) & (g[k:] == g[:-k])
+        valid = g[k:] == g[:-k]
+        if not rows:
+            valid &= dist <= reach
         count = int(np.count_nonzero(valid))
         if count == 0:  # out of reach at offset k means out of reach at every larger offset
             break

@@ -36,16 +36,27 @@ from mtaffect.post.smoothing import (
 from mtaffect.post.thresholds import DEFAULT_BIAS_GRID, THRESHOLD_METHODS, tune_au_thresholds, tune_expr_bias
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
-DEFAULT_WIDTHS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+#: Kernel widths tried by default (frames: gaussian sigma, box half-width); with ``max_span`` they cover
+#: centred windows of 3 to ~400 frames, the published choices (about 50-400 frames) included.
+DEFAULT_WIDTHS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 200)
+#: Widest window tried by default: ``2 reach + 1`` frames (gaussian reach 3 sigma, box the half-width).
+DEFAULT_MAX_SPAN: float = 401.0
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What ``tune`` searches: kernel kinds and widths (frames), threshold method, bias, blend grid."""
+    """What ``tune`` searches: kernel kinds, widths and units, threshold method, bias, blend grid.
+
+    Kernels whose window (``2 reach + 1``) exceeds ``max_span`` are skipped: with the default
+    widths, gaussian sigmas up to 64 and box half-widths up to 200. ``units`` adds row-unit kernels
+    (the published rule: +-reach annotated rows) beside the frame-unit ones.
+    """
 
     kinds: tuple[str, ...] = ("gaussian", "box")
     widths: tuple[float, ...] = DEFAULT_WIDTHS
     causal: bool = False
+    units: tuple[str, ...] = ("frames",)
+    max_span: float = DEFAULT_MAX_SPAN
     threshold_method: str = "exact"
     expr_bias: bool = False  # opt-in: with few videos it overfits (see docs/postprocessing.md)
     bias_grid: tuple[float, ...] = tuple(DEFAULT_BIAS_GRID.tolist())
@@ -58,6 +69,8 @@ class SearchSpace:
             raise ValueError(f"threshold method must be one of {list(THRESHOLD_METHODS)}")
         for kind in self.kinds:
             Kernel(kind, 1.0)  # validates the kind
+        for unit in self.units:
+            Kernel("box", 1.0, unit=unit)  # validates the unit
         if self.bootstrap < 0:
             raise ValueError(f"bootstrap must be >= 0 resamples, got {self.bootstrap}")
         if any(w <= 0 for w in self.widths):
@@ -66,7 +79,14 @@ class SearchSpace:
     def kernels(self) -> list[Kernel]:
         """Candidates, identity first (kept when nothing beats it)."""
         out = [Kernel()]
-        out += [Kernel(k, float(w), self.causal) for k in self.kinds if k != "none" for w in self.widths]
+        for unit in self.units:
+            for kind in self.kinds:
+                if kind == "none":
+                    continue
+                for w in self.widths:
+                    kernel = Kernel(kind, float(w), self.causal, unit)
+                    if kernel.span <= self.max_span:
+                        out.append(kernel)
         return out
 
 

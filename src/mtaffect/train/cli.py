@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mtaffect.clikit import Overwrite, console, user_errors
+from mtaffect.clikit import Overwrite, TrustRemoteCode, console, user_errors
 
 Config = Annotated[Path, typer.Option(help="Recipe YAML (configs/*.yaml).")]
 Features = Annotated[
@@ -22,6 +22,13 @@ Override = Annotated[
     typer.Option("--override", "-o", help="section.key=value, e.g. trainer.epochs=5 (repeatable)."),
 ]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")]
+AllowMissing = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing",
+        help="Predict images whose extraction failed too, with a `valid` column = 0 (default: an error).",
+    ),
+]
 
 
 def _config(path: Path, overrides: list[str] | None, progress: bool):
@@ -60,17 +67,35 @@ def train(
     config: Config, data: Data,
     out: Annotated[Path, typer.Option(help="Run folder: best/, metrics.json, val_predictions.parquet.")],
     features: Features = None, override: Override = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a run: skip finished stages.")] = False,
-    overwrite: Overwrite = False, progress: Progress = True,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")
+    ] = False,
+    trainval: Annotated[
+        bool,
+        typer.Option(
+            "--trainval",
+            help="Refit on train + val for the configured epochs, without validation or selection "
+            "(how final test models are made).",
+        ),
+    ] = False,
+    overwrite: Overwrite = False, progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
     """Train a recipe on a feature store, or from images (configs with a backbone); keep the best val P."""
     from mtaffect.train.fit import fit_from_root
 
     cfg = _config(config, override, progress)
-    _training_data(cfg, features, data)
-    result = fit_from_root(cfg, features, data, out, overwrite=overwrite, resume=resume, log=_log)
+    source = _training_data(cfg, features, data)
+    result = fit_from_root(
+        cfg, source, data, out, trainval=trainval, overwrite=overwrite, resume=resume, log=_log,
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    if result.rank != 0:  # under DDP only rank 0 reports (and writes)
+        return
     console.print(f"[bold]{result.summary()}[/bold]", highlight=False)
-    console.print(f"wrote {out}/best, {out}/metrics.json, {out}/val_predictions.parquet", highlight=False)
+    written = ["best", "metrics.json"] + (
+        [] if result.val_predictions is None else ["val_predictions.parquet"]
+    )
+    console.print("wrote " + ", ".join(f"{out}/{w}" for w in written), highlight=False)
 
 
 def cv(
@@ -82,11 +107,13 @@ def cv(
         Path | None, typer.Option(help="Test list for the fold ensemble (default: the one in --data).")
     ] = None,
     override: Override = None, overwrite: Overwrite = False, progress: Progress = True,
+    allow_missing: AllowMissing = False, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
     """K-fold cross-validation over train + val by video: mean ± std of P and its terms."""
     from mtaffect.data.annotations import LabelTable, load_split
     from mtaffect.data.submission import find_test_list, read_test_list
     from mtaffect.train.cv import cross_validate
+    from mtaffect.train.fit import env_rank
 
     cfg = _config(config, override, progress)
     source = _training_data(cfg, features, data)
@@ -94,8 +121,11 @@ def cv(
     tl = test_list or find_test_list(data)
     test_images = list(dict.fromkeys(read_test_list(tl))) if tl is not None else None
     res = cross_validate(
-        cfg, source, labels, folds, out, test_images=test_images, overwrite=overwrite, log=_log
-    )
+        cfg, source, labels, folds, out, test_images=test_images, overwrite=overwrite,
+        allow_missing=allow_missing, log=_log, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    if env_rank() != 0:
+        return
     console.print(res.table())
     console.print(f"wrote {out}/cv.json" + (f" and {out}/test_predictions.parquet" if test_images else ""))
 
@@ -104,7 +134,7 @@ def search(
     config: Config, data: Data,
     out: Annotated[Path, typer.Option(help="Folder: run<i>/ per variant and search.json.")],
     features: Features = None, override: Override = None, overwrite: Overwrite = False,
-    progress: Progress = True,
+    progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
     """Strategy search: train every variant of the config's search.grid and rank them by validation P."""
     from mtaffect.data.annotations import load_split
@@ -114,9 +144,13 @@ def search(
     cfg = _config(config, override, progress)
     source = _training_data(cfg, features, data)
     rows = run_search(
-        cfg, source, load_split(data, "train"), load_split(data, "val"), out, overwrite=overwrite, log=_log
+        cfg, source, load_split(data, "train"), load_split(data, "val"), out, overwrite=overwrite, log=_log,
+        trust_remote_code=trust_remote_code,
     )
-    console.print(search_table(rows))
+    from mtaffect.train.fit import env_rank
+
+    if env_rank() == 0:
+        console.print(search_table(rows))
 
 
 def infer(
@@ -132,8 +166,9 @@ def infer(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone batch (with --data).")] = 256,
     workers: Annotated[int, typer.Option(help="JPEG-decoding processes (with --data).")] = 1,
-    overwrite: Overwrite = False,
-) -> None:
+    overwrite: Overwrite = False, allow_missing: AllowMissing = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:  # fmt: skip
     """Predict the listed images with a trained checkpoint, from a feature store or from the images."""
     from mtaffect.data.submission import read_image_names
     from mtaffect.io import check_writable
@@ -144,15 +179,18 @@ def infer(
         raise ValueError("give exactly one of --features STORE (cached features) or --data ROOT (images)")
     check_writable(out, overwrite)
     names = list(dict.fromkeys(read_image_names(images)))  # a test list repeats names: predict each once
-    m = load_model(model)
+    m = load_model(model, trust_remote_code=trust_remote_code)
     if data is not None:
-        table = m.predict_images(data / CROPPED_DIR, names, batch_size=batch_size, workers=workers)
-        if m.failures:
-            console.print(f"[yellow]{len(m.failures)} image(s) could not be read[/] (e.g. {m.failures[0]})")
+        table = m.predict_images(
+            data / CROPPED_DIR, names, batch_size=batch_size, workers=workers, allow_missing=allow_missing
+        )
     else:
-        table = m.predict_store(features, names)
+        table = m.predict_store(features, names, allow_missing=allow_missing)
     table.write(out, overwrite=overwrite)
-    console.print(f"wrote {out} ({len(table)} rows)")
+    bad = int((table.frame["valid"] == 0).sum()) if allow_missing else 0
+    what = "could not be read" if data is not None else "failed extraction"
+    note = f"; {bad} image(s) {what}: valid = 0" if bad else ""
+    console.print(f"wrote {out} ({len(table)} rows{note})")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,11 +11,13 @@ Layout (every section optional except ``model.recipe``)::
     augment: {preset: none|li2024|liu2024, ops: {<op>: {param: value} | false}}
     loss:    {weights: {au, expr, va}, au_loss: bce|wal, au_pos_weight, expr_class_weights}
     trainer: {epochs, patience, seed, accelerator, devices, strategy, num_nodes, precision, progress,
-              log_every_n_steps, au_threshold}
+              log_every_n_steps, au_threshold, num_threads}
+    stages:  {<stage name>: {epochs, lr, batch_size}}   # per-stage settings (each optional)
     search:  {grid: [{hparam: value, ...}, ...]}        # mtaffect search: one run per entry
 
 ``--override section.key=value`` (value parsed as YAML) changes one field; unknown keys are errors
-that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built).
+that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built);
+``stages.<name>.<key>`` sets one stage (the names are the recipe's stages, checked when training).
 
 A config with a ``backbone:`` section (a ``name``) trains from images with the backbone in the loop
 (:mod:`mtaffect.train.images`): ``name``/``weights``/``image_size``/``mean``/``std``/``kwargs`` build
@@ -24,7 +26,8 @@ or ``finetune``; ``lr``/``weight_decay`` (default: optim's), ``layer_decay``, ``
 ``grad_checkpointing`` and ``stages`` (the recipe stages in which it trains; default all) shape its
 fine-tuning. Without one, training reads a feature store. ``augment:`` applies to image training only
 (:mod:`mtaffect.train.images.augment`). Nothing here can switch on code execution:
-``trust_remote_code`` is refused in ``backbone.kwargs``.
+``trust_remote_code`` is refused in ``backbone.kwargs`` (only a person's ``--trust-remote-code`` flag
+sets it).
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ class DataSection:
     window: int = 32  # temporal models: frames per window
     stride: int = 16  # temporal models: training window step (validation/prediction use `window`)
     in_memory: str | bool = "auto"  # load the needed arrays into RAM when they fit memory_limit_gb
-    memory_limit_gb: float = 8.0
-    workers: int = 2  # image training: JPEG-decoding DataLoader processes per rank (0: in the loop)
+    memory_limit_gb: float = 8.0  # per process (under DDP each rank holds only its share of the rows)
+    # DataLoader processes per rank: JPEG decoding (training from images) or batch reading (feature
+    # store). auto: images 2; store 0 when the rows are in RAM, up to 4 when memory-mapped.
+    workers: int | str = "auto"
 
 
 @dataclass
@@ -88,6 +93,16 @@ class TrainerSection:
     progress: bool = True
     log_every_n_steps: int = 50
     au_threshold: float = 0.5  # threshold stored in checkpoints and used for the validation AU F1
+    num_threads: int = 0  # torch threads per process; 0: the CPUs divided by the processes on this node
+
+
+@dataclass
+class StageSettings:
+    """One stage's settings; ``None`` keeps ``trainer.epochs``, ``optim.lr``, ``data.batch_size``."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
 
 
 @dataclass
@@ -134,6 +149,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    stages: dict[str, StageSettings] = field(default_factory=dict)
     search: SearchSection = field(default_factory=SearchSection)
     backbone: BackboneSection = field(default_factory=BackboneSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
@@ -147,9 +163,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source")
-        if not self.from_images:  # store configs keep their former shape (resume compares it)
+        if not self.from_images:  # a store config shows no image-training section
             d.pop("backbone")
-            d["data"].pop("workers")  # image decoding only
             if self.augment == AugmentSection():
                 d.pop("augment")
         if not self.optim.groups:
@@ -159,8 +174,13 @@ class TrainConfig:
     def copy(self) -> TrainConfig:
         return copy.deepcopy(self)
 
+    def stage(self, name: str) -> StageSettings:
+        """The settings of stage ``name`` (all ``None`` when the config has none for it)."""
+        return self.stages.get(name) or StageSettings()
+
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "source"}
+_STAGE_KEYS = {f.name: f for f in dataclasses.fields(StageSettings)}
 _FREE_KEYS = {
     ("model", "hparams"),
     ("loss", "weights"),
@@ -193,13 +213,43 @@ def _check_type(value: Any, default: Any, where: str) -> Any:
     if isinstance(default, (int, float, str, list, dict)) and not isinstance(value, type(default)):
         if where.endswith(".devices") and isinstance(value, str):  # devices: int | "auto"
             return value
+        if where.endswith(".workers") and isinstance(value, int) and not isinstance(value, bool):
+            return value  # workers: "auto" | int
         if isinstance(default, str) and isinstance(value, bool):  # in_memory: "auto" | bool
             return value
         raise ConfigError(f"{where} must be {_TYPE_NAMES[type(default)]}, got {value!r}")
     return value
 
 
+def _build_stages(raw: Any, where: str) -> dict[str, StageSettings]:
+    """``stages: {name: {epochs, lr, batch_size}}``; each value checked (``None`` keeps the config's)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) or v is None for v in raw.values()):
+        raise ConfigError(f"{where}: stages must map stage names to {{epochs, lr, batch_size}}")
+    out = {}
+    for stage, values in raw.items():
+        values = values or {}
+        unknown = sorted(set(values) - set(_STAGE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown} in stages.{stage}; valid keys: {sorted(_STAGE_KEYS)}"
+            )
+        settings = StageSettings()
+        for key, value in values.items():
+            if value is not None:
+                example = 1.0 if key == "lr" else 1
+                value = _check_type(value, example, f"{where}: stages.{stage}.{key}")
+                if value <= 0:
+                    raise ConfigError(f"{where}: stages.{stage}.{key} must be > 0, got {value!r}")
+            setattr(settings, key, value)
+        out[str(stage)] = settings
+    return out
+
+
 def _build_section(name: str, raw: Any, where: str) -> Any:
+    if name == "stages":
+        return _build_stages(raw, where)
     cls = _SECTIONS[name].default_factory  # type: ignore[misc]
     obj = cls()
     if raw is None:
@@ -276,7 +326,6 @@ def _validate_images(cfg: TrainConfig, where: str) -> None:
          "backbone.stages must be a list of stage names"),
         (not code, f"backbone.kwargs may not set {code}: a config never switches on running code from a "
                    "model repository (pass --trust-remote-code on the command line if you trust it)"),
-        (cfg.data.workers >= 0, "data.workers must be >= 0"),
     ]  # fmt: skip
     for ok, msg in checks:
         if not ok:
@@ -336,6 +385,9 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         (cfg.trainer.precision in ("auto", "32-true", "32", "bf16-mixed", "16-mixed"),
          "trainer.precision must be auto, 32-true, bf16-mixed or 16-mixed"),
         (cfg.data.in_memory in ("auto", True, False), "data.in_memory must be auto, true or false"),
+        (cfg.data.workers == "auto" or (isinstance(cfg.data.workers, int) and cfg.data.workers >= 0),
+         "data.workers must be auto or an integer >= 0"),
+        (cfg.trainer.num_threads >= 0, "trainer.num_threads must be >= 0 (0: automatic)"),
         (isinstance(cfg.search.grid, list) and all(isinstance(g, dict) for g in cfg.search.grid),
          "search.grid must be a list of mappings {hparam: value}"),
     ]  # fmt: skip
@@ -430,11 +482,11 @@ def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>"
         parts = key.split(".")
         if parts[0] not in _SECTIONS:
             raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}; valid: {sorted(_SECTIONS)}")
-        free = len(parts) == 3 and (parts[0], parts[1]) in _FREE_KEYS
-        if len(parts) != 2 and not free:
+        free = len(parts) == 3 and ((parts[0], parts[1]) in _FREE_KEYS or parts[0] == "stages")
+        if (len(parts) != 2 and not free) or (parts[0] == "stages" and len(parts) != 3):
             raise ConfigError(
                 f"override {item!r}: use section.key=value, or model.hparams.<name>=value / "
-                "loss.weights.<task>=value"
+                "loss.weights.<task>=value / stages.<stage>.<epochs|lr|batch_size>=value"
             )
         if len(parts) == 2:
             valid = {f.name for f in dataclasses.fields(_SECTIONS[parts[0]].default_factory())}  # type: ignore[misc]

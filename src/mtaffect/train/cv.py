@@ -27,7 +27,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
 from mtaffect.train.config import TrainConfig
-from mtaffect.train.fit import TrainResult, env_rank, fit, open_training_data
+from mtaffect.train.fit import env_rank, fit, open_training_data
 
 _SIDE = re.compile(r"_(left|right)$")
 TERMS = ("P", "ccc_va", "f1_expr", "f1_au")
@@ -58,11 +58,6 @@ def video_folds(labels: LabelTable, k: int, seed: int = 0) -> list[np.ndarray]:
         load[f] += sizes[g]
     row_fold = fold_of[inverse]
     return [np.flatnonzero(row_fold == f) for f in range(k)]
-
-
-def _terms(result: TrainResult) -> dict[str, float]:
-    m = result.metrics
-    return {"P": m["P"], "ccc_va": m["va"]["mean"], "f1_expr": m["expr"]["f1"], "f1_au": m["au"]["f1"]}
 
 
 @dataclass
@@ -112,11 +107,16 @@ def cross_validate(
     test_images: Sequence[str] | None = None,
     seed: int | None = None,
     overwrite: bool = False,
+    allow_missing: bool = False,
     log=print,
+    trust_remote_code: bool = False,
 ) -> CVResult:
     """Train one model per fold (``labels`` = train + val rows), report mean ± std, ensemble the test set.
 
     For a config with a ``backbone:`` section, ``store`` is the dataset root (training from its images).
+    Test images whose extraction failed (or that cannot be read) are an error unless ``allow_missing``
+    (then the ensemble has a ``valid`` column, 0 for them). With tasks absent from the data, ``P`` is
+    over the present tasks.
     """
     st = open_training_data(config, store)
     out_path = Path(out) if out is not None else None
@@ -130,18 +130,27 @@ def cross_validate(
         train_mask = np.ones(len(labels), dtype=bool)
         train_mask[val_idx] = False
         train, val = labels.subset(train_mask), labels.subset(val_idx)
-        if log:
+        if log and env_rank() == 0:
             log(f"fold {i + 1}/{k}: {len(train)} train rows, {len(val)} val rows ({len(val.videos)} videos)")
         fold_out = out_path / f"fold{i}" if out_path is not None else None
-        result = fit(config, st, train, val, fold_out, overwrite=overwrite, log=log)
-        entry = {**_terms(result), "val_rows": len(val), "val_videos": val.videos,
-                 "best_epoch": result.best_epoch, "seconds": result.seconds}  # fmt: skip
+        result = fit(
+            config,
+            st,
+            train,
+            val,
+            fold_out,
+            overwrite=overwrite,
+            log=log,
+            trust_remote_code=trust_remote_code,
+        )
+        entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val)}
+        entry.update(val_videos=val.videos, best_epoch=result.best_epoch, seconds=result.seconds)
         if result.checkpoint is not None:
             entry["checkpoint"] = str(result.checkpoint)
             checkpoints.append(result.checkpoint)
         rows.append(entry)
         models.append(result)
-        if log:
+        if log and result.rank == 0:
             log(f"fold {i + 1}/{k}: {result.summary()}")
     mean = {n: float(np.mean([r[n] for r in rows])) for n in TERMS}
     std = {n: float(np.std([r[n] for r in rows])) for n in TERMS}
@@ -156,15 +165,19 @@ def cross_validate(
                 from mtaffect.train.images.build import image_affect_model
 
                 tm = image_affect_model(result.model, config)  # type: ignore[arg-type]
-                preds.append(tm.predict_images(st / CROPPED_DIR, list(test_images)))
+                preds.append(
+                    tm.predict_images(st / CROPPED_DIR, list(test_images), allow_missing=allow_missing)
+                )
                 continue
             tm = TrainedAffectModel(
                 result.model, {"backbone": {"name": st.backbone, "fingerprint": st.fingerprint},
                                "temporal": bool(result.model.temporal), "window": config.data.window,
                                "inputs": list(result.model.inputs)},
             )  # fmt: skip
-            preds.append(tm.predict_store(st, list(test_images)))
+            preds.append(tm.predict_store(st, list(test_images), allow_missing=allow_missing))
         test_pred = ensemble(preds, list(test_images))
+        if allow_missing:
+            test_pred = test_pred.with_columns({"valid": preds[0].align_to(list(test_images)).frame["valid"]})
     res = CVResult(rows, mean, std, test_pred, checkpoints)
     if out_path is not None and env_rank() == 0:
         if test_pred is not None:

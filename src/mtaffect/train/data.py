@@ -7,19 +7,28 @@
   :class:`mtaffect.features.reader.InputSource`.
 - :class:`UnitDataset` + :class:`ShardedBatches`: a dataset indexed by a whole batch of units (rows
   or windows) at once, so a batch costs one fancy-index per array instead of per-row Python calls
-  and a collate (what makes 142k rows per epoch cheap). Under DDP each rank takes a disjoint share.
+  and a collate (what makes 142k rows per epoch cheap).
+- Under DDP every rank owns a fixed, disjoint share of the training units (:func:`rank_shares`:
+  seeded blocks dealt round-robin) and of the validation units (``rank::world``), and loads only
+  the rows of its share (:meth:`MTLDataModule.setup`, after the launcher has started the ranks).
+  Each epoch shuffles a rank's share; shares are padded (by repeating units) so every rank runs
+  the same number of steps.
+- Memory-mapped inputs are read in DataLoader worker processes (prefetch) and handed over as the
+  store's float16; the module casts them on its device.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.units import make_windows
@@ -126,10 +135,10 @@ class UnitDataset(Dataset):
     """Units (rows (U,) or windows (U, T)) over an :class:`InputSource`, indexed by a whole batch of ids."""
 
     def __init__(
-        self, source: InputSource, units: np.ndarray, step_mask: np.ndarray | None = None,
+        self, source: InputSource | None, units: np.ndarray, step_mask: np.ndarray | None = None,
         labels: LabelArrays | None = None, offset: int = 0,
     ) -> None:  # fmt: skip
-        self.source = source
+        self.source = source  # set (or replaced) when the data module loads this rank's share
         self.offset = offset  # labels index the split; input positions are shifted by ``offset``
         self.units = np.asarray(units, dtype=np.int64)
         self.step_mask = None if step_mask is None else torch.from_numpy(np.asarray(step_mask, dtype=bool))
@@ -147,8 +156,17 @@ class UnitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.units)
 
+    def subset(self, keep: np.ndarray) -> UnitDataset:
+        """The units where ``keep`` is True (same source, labels and offset)."""
+        mask = None if self.step_mask is None else self.step_mask.numpy()[keep]
+        return UnitDataset(self.source, self.units[keep], mask, self.labels, self.offset)
+
     def __getitem__(self, ids: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
+        if self.source is None:
+            raise RuntimeError("the data module has not loaded its inputs yet (call setup())")
         ids = np.asarray(ids, dtype=np.int64)
+        if not self.source.in_memory:  # the order inside a batch is free: read the store in row order
+            ids = ids[np.argsort(self.source.first_rows(self.units[ids] + self.offset), kind="stable")]
         pos = self.units[ids]
         batch = self.source.get(pos + self.offset)
         tpos = torch.from_numpy(pos)
@@ -161,38 +179,50 @@ class UnitDataset(Dataset):
         return batch
 
 
-class ShardedBatches(Sampler):
-    """Batches of unit ids; under DDP each rank gets a disjoint share.
+def rank_shares(n: int, world: int, seed: int = 0, block: int = 1) -> np.ndarray:
+    """Owner rank (0..world-1) of each of ``n`` units: fixed for the run, so a rank loads only its rows.
 
-    Training (``pad=True``) uses :class:`torch.utils.data.DistributedSampler` semantics (shuffled by
-    seed + epoch, padded so all ranks run the same number of steps). Evaluation (``pad=False``) splits
-    ``rank::world`` without padding, so no row is scored twice.
+    Units are cut into blocks of ``block`` consecutive units (windows of one video overlap, so a block
+    keeps most shared rows on one rank); the blocks are shuffled with ``seed`` and dealt round-robin.
+    """
+    if world <= 1:
+        return np.zeros(n, dtype=np.int64)
+    blocks = math.ceil(n / block)
+    order = np.random.default_rng(seed).permutation(blocks)
+    owner_of_block = np.empty(blocks, dtype=np.int64)
+    owner_of_block[order] = np.arange(blocks) % world
+    return np.repeat(owner_of_block, block)[:n]
+
+
+class ShardedBatches(Sampler):
+    """Batches of unit ids from one rank's share.
+
+    Training (``shuffle=True``): the share is shuffled by ``seed`` and the epoch (``epoch_offset`` +
+    the epoch Lightning sets, so a resumed run draws the same order) and padded to ``length`` by
+    repeating its own units, so all ranks run the same number of steps. Evaluation: the share in order.
     """
 
     def __init__(
-        self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
-        pad: bool = True,
+        self, ids: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, length: int | None = None,
+        epoch_offset: int = 0,
     ) -> None:  # fmt: skip
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world, self.pad = rank, world, pad
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.length = len(self.ids) if length is None else int(length)
+        self.epoch_offset = epoch_offset
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def indices(self) -> np.ndarray:
-        if self.world > 1 and self.pad:
-            ds = DistributedSampler(
-                range(self.n), num_replicas=self.world, rank=self.rank, shuffle=self.shuffle, seed=self.seed
-            )
-            ds.set_epoch(self.epoch)
-            return np.fromiter(iter(ds), dtype=np.int64)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).numpy()
-        else:
-            order = np.arange(self.n)
-        return order[self.rank :: self.world]
+        idx = self.ids
+        if self.shuffle and len(idx):
+            g = torch.Generator().manual_seed(self.seed + self.epoch_offset + self.epoch)
+            idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+        if self.length > len(idx) and len(idx):
+            idx = np.resize(idx, self.length)  # repeats from the start, as DistributedSampler pads
+        return idx
 
     def __iter__(self) -> Iterator[np.ndarray]:
         idx = self.indices()
@@ -200,50 +230,84 @@ class ShardedBatches(Sampler):
             yield idx[s : s + self.batch_size]
 
     def __len__(self) -> int:
-        per_rank = math.ceil(self.n / self.world) if self.pad else len(range(self.rank, self.n, self.world))
-        return math.ceil(per_rank / self.batch_size)
+        return math.ceil(self.length / self.batch_size)
 
 
-def loader(dataset: UnitDataset, sampler: ShardedBatches) -> DataLoader:
-    """A DataLoader that hands whole batches from the dataset through (no per-row work, no collate)."""
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
+def cpus_per_process(local_world: int = 1) -> int:
+    """CPUs this process may use when ``local_world`` processes share the node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, local_world))
+
+
+def loader(
+    dataset: UnitDataset, sampler: ShardedBatches, *, workers: int = 0, pin_memory: bool = False,
+    seed: int = 0,
+) -> DataLoader:  # fmt: skip
+    """A DataLoader that hands whole batches from the dataset through (no per-row work, no collate).
+
+    With ``workers`` > 0 the batches are read in worker processes and prefetched. Its own generator
+    keeps the global RNG (dropout) untouched by the loader, so a resumed run draws the same numbers.
+    """
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
 
 
 class MTLDataModule(L.LightningDataModule):
     """Train / validation datasets over one store; rows or windows as the model wants.
 
+    Labels are joined at construction (cheap); the inputs are loaded by :meth:`setup` (Lightning calls
+    it in every rank once the processes exist), for this rank's share only. :meth:`set_stage`
+    chooses the units, batch size, seed and first epoch of the stage about to train.
+
     Where the inputs come from is three hooks: :meth:`_join` (labels -> label arrays + report),
-    :meth:`_make_source` (the reader of the inputs) and :meth:`_loader`; image training
+    :meth:`_make_source` (the reader of the inputs, for the positions a rank reads) and
+    :attr:`workers` (DataLoader processes); image training
     (:class:`mtaffect.train.images.data.ImageDataModule`) overrides them and shares the rest (units,
-    task selection, sharding).
+    task selection, rank shares, stages).
     """
 
     def __init__(
         self, store: FeatureStore, train: LabelTable, val: LabelTable | None, *, inputs: Sequence[str],
         temporal: bool, batch_size: int = 256, eval_batch_size: int = 4096, window: int = 32,
         stride: int = 16, in_memory: bool | str = "auto", memory_limit_gb: float = 8.0, seed: int = 0,
+        workers: int | str = "auto", pin_memory: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.store, self.temporal = store, temporal
+        self.store, self.temporal, self.inputs = store, temporal, tuple(inputs)
         # batch sizes count frames: temporal models get batch_size // window windows per batch
-        per_unit = window if temporal else 1
-        self.batch_size = max(1, batch_size // per_unit)
-        self.eval_batch_size = max(1, eval_batch_size // per_unit)
-        self.seed = seed
+        self.per_unit = window if temporal else 1
+        self.batch_size = max(1, batch_size // self.per_unit)
+        self.eval_batch_size = max(1, eval_batch_size // self.per_unit)
+        self.seed, self.epoch_offset = seed, 0
+        self.run_seed = seed  # fixes the rank shares; ``seed`` (shuffling) changes per stage
         self.window, self.stride = window, stride
+        self.in_memory_option, self.memory_limit_gb = in_memory, memory_limit_gb
+        self.workers_option, self.pin_memory = workers, pin_memory
         self.train_labels, self.train_report = self._join(train, "training labels")
         if val is not None:
             self.val_labels, self.val_report = self._join(val, "validation labels")
         else:
             self.val_labels, self.val_report = None, None
-        n_train = len(self.train_labels)
+        self.n_train = len(self.train_labels)
         rows = self.train_labels.rows
         if self.val_labels is not None:
             rows = np.concatenate([rows, self.val_labels.rows])
-        self.source = self._make_source(rows, inputs, in_memory, memory_limit_gb)
+        self.rows = rows  # store row of every input position (training rows first, then validation)
+        self.source: Any = None
+        self.loaded_for: tuple[int, int] | None = None
         self._all_train = self._dataset(self.train_labels, 0, stride)
         self.train_set = self._all_train
-        self.val_set = None if self.val_labels is None else self._dataset(self.val_labels, n_train, window)
+        self._keep = np.ones(len(self._all_train), dtype=bool)  # units of the current stage
+        self.val_set = (
+            None if self.val_labels is None else self._dataset(self.val_labels, self.n_train, window)
+        )
+        self.block = max(1, window // max(1, stride)) * 8 if temporal else 1
 
     def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
         return join_labels(self.store, labels, what)
@@ -263,6 +327,7 @@ class MTLDataModule(L.LightningDataModule):
             idx, mask = np.arange(len(labels)), None
         return UnitDataset(self.source, idx, mask, labels, offset)
 
+    # ---- stages --------------------------------------------------------------------------------------
     def set_tasks(self, tasks: Sequence[str]) -> int:
         """Train only on units with a label of ``tasks`` (others give a zero loss); returns their number."""
         lab = self.train_labels
@@ -276,35 +341,117 @@ class MTLDataModule(L.LightningDataModule):
         full = self._all_train
         units_has = has[full.units]
         keep = units_has if full.step_mask is None else (units_has & full.step_mask.numpy()).any(1)
-        if keep.all():
-            self.train_set = full
-        else:
-            mask = None if full.step_mask is None else full.step_mask.numpy()[keep]
-            self.train_set = UnitDataset(self.source, full.units[keep], mask, lab, full.offset)
+        self._keep = keep
+        self.train_set = full if keep.all() else full.subset(keep)
         return len(self.train_set)
+
+    def set_stage(
+        self, tasks: Sequence[str], *, batch_size: int | None = None, seed: int | None = None,
+        epoch_offset: int = 0,
+    ) -> int:  # fmt: skip
+        """Units, batch size (frames), shuffling seed and first epoch of the stage about to train."""
+        if batch_size is not None:
+            self.batch_size = max(1, batch_size // self.per_unit)
+        if seed is not None:
+            self.seed = seed
+        self.epoch_offset = epoch_offset
+        return self.set_tasks(tasks)
+
+    # ---- this rank's share -----------------------------------------------------------------------------
+    def owners(self, world: int) -> np.ndarray:
+        """Owner rank of every training unit (fixed for the run: depends on the run's seed only)."""
+        return rank_shares(len(self._all_train), world, self.run_seed, self.block)
+
+    def train_ids(self, rank: int, world: int) -> tuple[np.ndarray, int]:
+        """This rank's ids into ``train_set`` and the padded length every rank runs."""
+        owner = self.owners(world)[self._keep]
+        counts = np.bincount(owner, minlength=world)
+        return np.flatnonzero(owner == rank), int(counts.max()) if len(owner) else 0
+
+    def val_ids(self, rank: int, world: int) -> np.ndarray:
+        return (
+            np.arange(rank, len(self.val_set), world) if self.val_set is not None else np.zeros(0, np.int64)
+        )
+
+    def positions(self, rank: int, world: int) -> np.ndarray:
+        """Input positions ``rank`` reads over the whole run: its training units of every stage and its
+        validation units (a window's padding repeats one of its own positions)."""
+        parts = [self._all_train.units[self.owners(world) == rank].reshape(-1)]
+        if self.val_set is not None:
+            parts.append(self.val_set.units[self.val_ids(rank, world)].reshape(-1) + self.n_train)
+        return np.unique(np.concatenate(parts))
+
+    def load(self, rank: int = 0, world: int = 1) -> Any:
+        """Load (once) the inputs of ``rank``'s share; every dataset reads through the new source."""
+        if self.source is not None and self.loaded_for == (rank, world):
+            return self.source
+        keep = None if world == 1 else self.positions(rank, world)
+        self.source = self._make_source(keep)
+        self.loaded_for = (rank, world)
+        for ds in (self._all_train, self.train_set, self.val_set):
+            if ds is not None:
+                ds.source = self.source
+        return self.source
+
+    # ---- where the inputs come from (image training overrides these) ---------------------------------
+    def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
+        return join_labels(self.store, labels, what)
+
+    def _make_source(self, keep: np.ndarray | None) -> Any:
+        """The reader of the inputs at every position of ``self.rows`` (only ``keep`` loaded into RAM)."""
+        return InputSource(self.store, self.rows, self.inputs, self.in_memory_option, self.memory_limit_gb,
+                           keep=keep)  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load(*self._rank_world())
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        """float16 inputs become float32 here, on the device (the host never copies them to float32)."""
+        for key in self.inputs:
+            t = batch.get(key)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                batch[key] = t.float()
+        return batch
 
     def _rank_world(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
+    @property
+    def workers(self) -> int:
+        """DataLoader processes reading batches: ``data.workers``, or auto (none for rows in RAM: an
+        index_select per batch leaves nothing to overlap; else up to 4, half this process's CPUs)."""
+        if self.workers_option != "auto":
+            return int(self.workers_option)
+        if self.source is None or self.source.in_memory:
+            return 0
+        return min(4, max(1, self.cpus() // 2))
+
+    def cpus(self) -> int:
+        """CPUs this process may use (the node's divided by the processes on it)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        local = max(1, world // max(1, getattr(self.trainer, "num_nodes", 1) or 1))
+        return cpus_per_process(local)
+
+    # ---- loaders ---------------------------------------------------------------------------------------
     def train_sampler(self, rank: int = 0, world: int = 1) -> ShardedBatches:
-        return ShardedBatches(
-            len(self.train_set), self.batch_size, shuffle=True, seed=self.seed, rank=rank, world=world
-        )
+        ids, length = self.train_ids(rank, world)
+        return ShardedBatches(ids, self.batch_size, shuffle=True, seed=self.seed, length=length,
+                              epoch_offset=self.epoch_offset)  # fmt: skip
 
     def steps_per_epoch(self, world: int = 1) -> int:
         return len(self.train_sampler(0, world))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.train_sampler(*self._rank_world()))
+        rank, world = self._rank_world()
+        self.load(rank, world)
+        return loader(self.train_set, self.train_sampler(rank, world), workers=self.workers,
+                      pin_memory=self.pin_memory, seed=self.seed)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []  # type: ignore[return-value]
         rank, world = self._rank_world()
-        return self._loader(
-            self.val_set,
-            ShardedBatches(
-                len(self.val_set), self.eval_batch_size, shuffle=False, rank=rank, world=world, pad=False
-            ),
-        )
+        self.load(rank, world)
+        sampler = ShardedBatches(self.val_ids(rank, world), self.eval_batch_size, shuffle=False)
+        return loader(self.val_set, sampler, workers=self.workers, pin_memory=self.pin_memory)

@@ -4,22 +4,32 @@
 a :class:`TrainResult`; with ``out`` it also writes the run folder::
 
     out/config.yaml               the resolved config
-    out/best/                     checkpoint (model.safetensors + config.json) of the best val P
-    out/metrics.json              best P and its terms, per-epoch history, row counts, timings
-    out/val_predictions.parquet   PredictionTable of the validation rows (best epoch)
-    out/stages/<k>-<name>/        checkpoint after each finished stage (what ``resume`` restarts from)
+    out/run.json                  the inputs: store images_sha256 + fingerprint, annotations' sha256
+    out/best/                     checkpoint (model.safetensors + config.json) of the selected epoch,
+                                  rewritten each time the final stage improves
+    out/metrics.json              best P and its terms, the tasks scored, per-stage summaries, the full
+                                  per-epoch history (every session of a resumed run), row counts
+    out/val_predictions.parquet   PredictionTable of the validation rows (selected epoch)
+    out/stages/<k>-<name>/        each stage's best checkpoint, rewritten each time the stage improves
+    out/state/                    per-epoch resumable state (see :mod:`mtaffect.train.state`)
     out/logs/                     Lightning CSV logs
 
 Each :class:`Stage` of ``model.stages()`` gets its own Trainer: all parameters but the stage's
-``train_modules`` frozen, only its task losses optimised, its own epochs and early stopping; each
-stage ends on its best-P weights, and the run's best model is the final stage's best epoch.
+``train_modules`` frozen, only its task losses optimised, its own epochs, lr and batch size
+(``stages.<name>`` in the config), and a seed derived from ``(seed, stage index)``. A stage selects its
+epoch on its own tasks' terms of P and ends on those weights; the run's model is the final stage's.
+Tasks without any training label (a dataset with no valence/arousal, say) are left out: stages that
+train only absent tasks are skipped (and said so), and P is reported over the present tasks.
 
-Resuming (``resume=True``): stages whose checkpoint this run wrote (safetensors) are loaded and
-skipped; an interrupted stage restarts from its beginning. Lightning's ``last.ckpt`` is a pickle, so
-it is never written nor read: resumption never unpickles anything.
+Robustness: a validation epoch with NaN/inf predictions is recorded and never selected (early stopping
+then ends the stage); the best weights reach the disk each time they improve; after every epoch the
+whole training state is saved, so ``resume=True`` continues an interrupted stage from its last epoch
+and ends bit-identical to an uninterrupted run (CPU). ``resume`` refuses a run folder trained on other
+inputs (store or annotations) or with another config. Nothing is ever unpickled.
 
-Under DDP (``trainer.strategy: ddp``, ``devices``, ``num_nodes``) every process runs :func:`fit`;
-ranks train on disjoint shares, the validation metric is merged across ranks, and only rank 0 writes.
+Under DDP (``trainer.strategy: ddp``, ``devices``, ``num_nodes``; or ``torchrun``) every process runs
+:func:`fit`; each rank loads and trains only its share of the rows, torch threads are divided among
+the processes of a node, the validation metric is merged across ranks, and only rank 0 writes or logs.
 
 What is trained comes from :func:`build_training`: a recipe over a feature store, or, for a config
 with a ``backbone:`` section, the backbone in the loop over a dataset's images
@@ -29,10 +39,9 @@ with a ``backbone:`` section, the backbone in the loop over a dataset's images
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -48,51 +57,91 @@ import yaml
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
-from mtaffect.io import OutputExistsError, atomic_open
-from mtaffect.models.base import MTLModel, Stage
-from mtaffect.models.checkpoint import load_mtl_model, save_checkpoint
+from mtaffect.io import atomic_open
+from mtaffect.metrics import P_of, terms_of
+from mtaffect.models.base import TASKS, MTLModel, Stage
 from mtaffect.models.losses import MTLLoss
-from mtaffect.train.config import TrainConfig
-from mtaffect.train.data import MTLDataModule
+from mtaffect.train.config import ConfigError, StageSettings, TrainConfig
+from mtaffect.train.data import MTLDataModule, cpus_per_process
 from mtaffect.train.module import MTLModule, apply_stage
+from mtaffect.train.run import (
+    RunRecorder,
+    load_weights,
+    prediction_table,
+    prepare_out,
+    save_model,
+    stage_dir,
+    write_json,
+)
+from mtaffect.train.state import EpochState, capture_rng, data_source, run_identity, stage_seed, write_run
 
-#: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
-RUN_ENTRIES = ("config.yaml", "best", "metrics.json", "val_predictions.parquet", "stages", "logs")
+
+class TrainingDivergedError(ValueError):
+    """No validation epoch of the run was finite: there is no model worth saving."""
 
 
 @dataclass
 class TrainResult:
-    """What a training produced: the best model (final stage), its validation metrics and predictions."""
+    """What a training produced: the selected model, its validation metrics and predictions."""
 
     model: MTLModel
-    metrics: dict  # MetricResult.to_dict() of the best epoch ({} without validation)
+    metrics: dict  # MetricResult.to_dict() of the selected epoch ({} without validation)
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     val_predictions: PredictionTable | None = None
     checkpoint: Path | None = None
     seconds: float = 0.0
     rows: dict = field(default_factory=dict)
+    tasks: tuple[str, ...] = TASKS  # tasks with training labels: P's reported terms
+    stages: list[dict] = field(default_factory=list)  # per-stage summaries
+    rank: int = 0  # global rank of this process (only rank 0 writes and prints)
+    trainval: bool = False
+
+    @property
+    def absent_tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in TASKS if t not in self.tasks)
 
     @property
     def P(self) -> float:
-        return float(self.metrics.get("P", float("nan")))
+        """P over the present tasks (the official P when the data has all three)."""
+        if not self.metrics:
+            return float("nan")
+        return P_of(terms_of(self.metrics), self.tasks)
+
+    def terms(self) -> dict[str, float]:
+        """``P`` (present tasks) and the three terms, as cv/search tables show them."""
+        t = terms_of(self.metrics)
+        return {"P": self.P, "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"]}
 
     def summary(self) -> str:
         m = self.metrics
         if not m:
+            if self.trainval:
+                return f"trained on train + val without selection ({self.seconds:.1f}s): nothing scored"
             return "no validation set: nothing scored"
-        return (
-            f"P = {m['P']:.4f}  (CCC_VA {m['va']['mean']:.4f} + F1_EXPR {m['expr']['f1']:.4f} + "
-            f"F1_AU {m['au']['f1']:.4f})  best epoch {self.best_epoch}, {self.seconds:.1f}s"
-        )
+        label = {"va": "CCC_VA", "expr": "F1_EXPR", "au": "F1_AU"}
+        t = terms_of(m)
+        parts = " + ".join(f"{label[k]} {t[k]:.4f}" for k in ("va", "expr", "au") if k in self.tasks)
+        tail = f"best epoch {self.best_epoch}, {self.seconds:.1f}s"
+        if not self.absent_tasks:
+            return f"P = {self.P:.4f}  ({parts})  {tail}"
+        absent = ", ".join(self.absent_tasks)
+        return (f"P[{'+'.join(self.tasks)}] = {self.P:.4f}  ({parts}; {absent} absent: no training label, "
+                f"not scored)  {tail}")  # fmt: skip
 
 
 def env_rank() -> int:
-    """Global rank of this process from the launcher's environment (0 when not distributed)."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    """Global rank of this process from the launcher's environment (0 when not distributed).
+
+    torchrun and SLURM give the global rank; Lightning's own launcher gives only ``LOCAL_RANK`` and
+    ``NODE_RANK`` (a process on another node is never taken for rank 0).
+    """
+    for key in ("RANK", "SLURM_PROCID"):
         if os.environ.get(key):
             return int(os.environ[key])
-    return 0
+    local = int(os.environ.get("LOCAL_RANK") or 0)
+    node = int(os.environ.get("NODE_RANK") or 0)
+    return local + node * max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 def build_model(config: TrainConfig, store: Any) -> MTLModel:
@@ -119,12 +168,20 @@ def build_model(config: TrainConfig, store: Any) -> MTLModel:
 
 @dataclass
 class Training:
-    """What :func:`fit` trains: the model, its data module, and how a stage's weights are saved/restored."""
+    """What :func:`fit` trains: the model, its data module, and how its checkpoints are written and read.
+
+    ``weights(folder)`` is the full state dict of ``model`` saved in a checkpoint folder (a fine-tuned
+    backbone's weights included).
+    """
 
     model: MTLModel
     datamodule: Any  # MTLDataModule (or a subclass)
     save: Callable[[Path, dict | None, bool], Path]  # (folder, metrics, overwrite) -> checkpoint folder
-    restore: Callable[[Path], None]  # load a saved stage checkpoint into ``model``
+    weights: Callable[[Path], dict[str, torch.Tensor]]
+
+    def restore(self, path: Path) -> None:
+        """Load a saved checkpoint folder into ``model``."""
+        self.model.load_state_dict(self.weights(path))
 
 
 def open_training_data(config: TrainConfig, data: Any) -> Any:
@@ -140,32 +197,43 @@ def open_training_data(config: TrainConfig, data: Any) -> Any:
     return data if isinstance(data, FeatureStore) else FeatureStore.open(data)
 
 
-def build_training(config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None) -> Training:
-    """The model and data module of ``config`` over ``data`` (see :func:`open_training_data`)."""
+def build_training(
+    config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, *,
+    trust_remote_code: bool = False,
+) -> Training:  # fmt: skip
+    """The model and data module of ``config`` over ``data`` (see :func:`open_training_data`).
+
+    ``trust_remote_code`` (a person's flag, never a config's) lets an ``hf:`` backbone in the loop run
+    the code its repository ships.
+    """
     data = open_training_data(config, data)
     if config.from_images:
         from mtaffect.train.images.build import build_image_training
 
-        return build_image_training(config, data, train, val)
+        return build_image_training(config, data, train, val, trust_remote_code=trust_remote_code)
     model = build_model(config, data)
     dm = MTLDataModule(
         data, train, val, inputs=model.inputs, temporal=bool(model.temporal),
         batch_size=config.data.batch_size,
         eval_batch_size=config.data.eval_batch_size, window=config.data.window, stride=config.data.stride,
         in_memory=config.data.in_memory, memory_limit_gb=config.data.memory_limit_gb,
-        seed=config.trainer.seed,
+        seed=config.trainer.seed, workers=config.data.workers, pin_memory=on_gpu(config),
     )  # fmt: skip
 
-    def restore(path: Path) -> None:
-        saved, _ = load_mtl_model(path)
-        model.load_state_dict(saved.state_dict())
-
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return _save(path, model, config, data, metrics, overwrite)
+        return save_model(path, model, config, data, metrics)
 
-    return Training(model=model, datamodule=dm, save=save, restore=restore)
+    return Training(model=model, datamodule=dm, save=save, weights=load_weights)
 
 
+def on_gpu(config: TrainConfig) -> bool:
+    """Whether the run trains on CUDA (pinned host memory then speeds up the copies)."""
+    acc = config.trainer.accelerator
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+
+# ---- Lightning -------------------------------------------------------------------------------------
 def _precision(config: TrainConfig, accelerator: str) -> str:
     p = config.trainer.precision
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
@@ -195,16 +263,15 @@ def _strategy(config: TrainConfig) -> Any:
 def _trainer(
     config: TrainConfig, epochs: int, log_dir: Path | None, stage: str, callbacks: Sequence, validate: bool
 ) -> L.Trainer:
-    from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
-    from lightning.pytorch.loggers import CSVLogger
-
     t = config.trainer
     cbs = list(callbacks)
-    if t.patience and validate:
-        cbs.append(EarlyStopping(monitor="val/P", mode="max", patience=t.patience, check_finite=True))
-    if t.progress:
-        cbs.append(RichProgressBar())
-    logger = CSVLogger(str(log_dir), name=stage) if log_dir is not None else False
+    if t.progress and epochs > 0:
+        cbs.append(_progress_bar(refresh_rate=10))
+    logger: Any = False
+    if log_dir is not None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(str(log_dir), name=stage)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -214,55 +281,64 @@ def _trainer(
         max_epochs=epochs,
         logger=logger,
         callbacks=cbs,
-        enable_checkpointing=False,  # best weights are kept in memory and saved as safetensors
+        enable_checkpointing=False,  # best weights are saved as safetensors by the run recorder
         enable_progress_bar=t.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
-        use_distributed_sampler=False,  # ShardedBatches shards by rank itself
+        use_distributed_sampler=False,  # the data module shards by rank itself
         gradient_clip_val=config.optim.grad_clip or None,
         limit_val_batches=1.0 if validate else 0,
         deterministic=False,
     )
 
 
-def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
-    present = [e for e in RUN_ENTRIES if (out / e).exists()]
-    if present and not resume:
-        if not overwrite:
-            raise OutputExistsError(
-                f"{out} already holds a run ({', '.join(present)}); pass --overwrite to replace it or "
-                "--resume to continue it"
-            )
-        for e in present:
-            p = out / e
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+def _progress_bar(refresh_rate: int) -> Any:
+    """Lightning's rich progress bar, redrawn (and its metrics gathered) every ``refresh_rate`` steps only:
+    a redraw per step costs about as much as a small head's whole step."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class SparseRichProgressBar(RichProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
+            if (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 >= self.total_train_batches:
+                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    return SparseRichProgressBar(refresh_rate=refresh_rate)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_open(path, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, default=float)
-        fh.write("\n")
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: global rank, number of processes, processes on this node."""
+
+    rank: int
+    size: int
+    local: int
+    cuda: bool
 
 
-def _stage_dir(out: Path, k: int, stage: Stage) -> Path:
-    return out / "stages" / f"{k}-{stage.name}"
+def resolve_world(config: TrainConfig) -> World:
+    """Rank and world size as the configured Trainer sees them (launcher environment included)."""
+    with _quiet_lightning():
+        probe = L.Trainer(
+            accelerator=config.trainer.accelerator, devices=config.trainer.devices,
+            num_nodes=config.trainer.num_nodes, strategy=_strategy(config), logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+    cuda = type(probe.accelerator).__name__ == "CUDAAccelerator"
+    return World(probe.global_rank, probe.world_size, max(1, probe.num_devices), cuda)
 
 
-def _check_stage_rows(stage: Stage, dm: MTLDataModule) -> None:
-    counts = dm.train_labels.task_rows()
-    empty = [t for t in stage.tasks if counts.get(t, 0) == 0]
-    if len(empty) == len(stage.tasks):
-        raise ValueError(
-            f"stage {stage.name!r} trains {', '.join(stage.tasks)} but the training rows hold no valid label "
-            f"for {'it' if len(empty) == 1 else 'any of them'} (rows per task: {counts}); "
-            "check the annotations / the store's failed images"
-        )
-    if empty:
-        warnings.warn(
-            f"stage {stage.name!r}: no training label for {empty}; those losses stay 0", stacklevel=3
-        )
+@contextlib.contextmanager
+def _threads(config: TrainConfig, world: World) -> Iterator[None]:
+    """torch threads for this process: ``trainer.num_threads``, or the CPUs divided among a node's ranks."""
+    before = torch.get_num_threads()
+    n = config.trainer.num_threads or (cpus_per_process(world.local) if world.local > 1 else 0)
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -277,6 +353,7 @@ def _quiet_lightning() -> Iterator[None]:
             for pattern in (
                 r".*module\(s\) in eval mode.*", r".*number of training batches.*", r".*LeafSpec.*",
                 r".*does not have many workers.*", r".*sync_dist.*", r".*limit_val_batches.*",
+                r".*max_epochs=0.*", r".*You have overridden `.*` in `LightningModule`.*",
             ):  # fmt: skip
                 warnings.filterwarnings("ignore", message=pattern)
             yield
@@ -285,6 +362,58 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+# ---- stages ----------------------------------------------------------------------------------------
+@dataclass
+class PlannedStage:
+    index: int  # position in model.stages() (names the stage folder and seeds the stage)
+    stage: Stage  # tasks reduced to the present ones
+    settings: StageSettings
+    epochs: int
+
+
+def plan_stages(
+    model: MTLModel, config: TrainConfig, present: Sequence[str], say: Callable
+) -> list[PlannedStage]:
+    """The recipe's stages with their settings; stages of absent tasks dropped (and said so)."""
+    stages = model.stages()
+    names = [s.name for s in stages]
+    unknown = sorted(set(config.stages) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{config.source or 'the config'}: stages {unknown} are not stages of recipe "
+            f"{config.model.recipe!r} (its stages: {names})"
+        )
+    planned = []
+    for k, s in enumerate(stages):
+        tasks = tuple(t for t in s.tasks if t in present)
+        missing = [t for t in s.tasks if t not in present]
+        if not tasks:
+            say(f"stage {s.name} skipped: no {'/'.join(missing)} label in the training rows")
+            continue
+        if missing:
+            say(
+                f"stage {s.name}: trains {'/'.join(tasks)} only "
+                f"(no {'/'.join(missing)} label in the training rows)"
+            )
+        settings = config.stage(s.name)
+        epochs = settings.epochs or s.epochs or config.trainer.epochs
+        planned.append(PlannedStage(k, dataclasses.replace(s, tasks=tasks), settings, epochs))
+    return planned
+
+
+def present_tasks(dm: MTLDataModule) -> tuple[str, ...]:
+    """Tasks with at least one training label (a dataset may carry only some tasks)."""
+    counts = dm.train_labels.task_rows()
+    tasks = tuple(t for t in TASKS if counts.get(t, 0) > 0)
+    if not tasks:
+        raise ValueError(
+            f"the training rows hold no label of any task (rows per task: {counts}); check the annotations "
+            "and the store's failed images"
+        )
+    return tasks
+
+
+# ---- fit -------------------------------------------------------------------------------------------
 def fit(
     config: TrainConfig,
     store: FeatureStore | str | os.PathLike,
@@ -296,151 +425,225 @@ def fit(
     resume: bool = False,
     callbacks: Sequence = (),
     log: Any = print,
+    trust_remote_code: bool = False,
 ) -> TrainResult:
-    """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``'s P.
+    """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``.
 
-    For a config with a ``backbone:`` section, ``store`` is the dataset root: training reads its images.
+    For a config with a ``backbone:`` section, ``store`` is the dataset root: training reads its images
+    (``trust_remote_code``: see :func:`build_training`).
     """
     t0 = time.perf_counter()
-    st = open_training_data(config, store)
-    rank0 = env_rank() == 0
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and rank0:
-        _prepare_out(out_path, overwrite, resume)
-        saved_cfg = out_path / "config.yaml"
-        if resume and saved_cfg.is_file():
-            before = yaml.safe_load(saved_cfg.read_text(encoding="utf-8"))
-            if before != yaml.safe_load(yaml.safe_dump(config.to_dict())):
-                raise ValueError(
-                    f"{saved_cfg}: the run was started with another config; resume with the same config "
-                    "and overrides, or start over with --overwrite"
-                )
+    data = open_training_data(config, store)
+    world = resolve_world(config)
+    with _threads(config, world):
+        return _fit(config, data, train, val, Path(out) if out is not None else None, world, t0,
+                    overwrite=overwrite, resume=resume, callbacks=callbacks, log=log,
+                    trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+def _fit(
+    config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
+    world: World, t0: float, *, overwrite: bool, resume: bool, callbacks: Sequence, log: Any,
+    trust_remote_code: bool = False,
+) -> TrainResult:  # fmt: skip
+    rank0 = world.rank == 0
+
+    def say(msg: str) -> None:
+        if rank0 and log:
+            log(msg)
+
+    if out is not None:
+        identity = run_identity(data_source(data), train, val)
+        if rank0:  # other ranks start (Lightning's launcher) once rank 0 has prepared the folder
+            prepare_out(out, overwrite, resume, config, identity)
+    saved = EpochState.load(out) if resume and out is not None else None
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    training = build_training(config, st, train, val)
+    training = build_training(config, data, train, val, trust_remote_code=trust_remote_code)
     model, dm = training.model, training.datamodule
-    rows = {
-        "train": vars(dm.train_report),
-        "val": vars(dm.val_report) if dm.val_report else None,
-        "train_units": len(dm.train_set),
-        "in_memory": dm.source.in_memory,
-    }
-    if rank0 and log:
-        excl = dm.train_report.excluded_invalid + (dm.val_report.excluded_invalid if dm.val_report else 0)
-        log(
-            f"rows: train {dm.train_report.used}, val {dm.val_report.used if dm.val_report else 0}; "
-            f"excluded {excl} whose image failed extraction"
-            + (" or is missing" if config.from_images else "")
-        )
-    if len(dm.train_set) == 0:
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    excl = dm.train_report.excluded_invalid + (dm.val_report.excluded_invalid if dm.val_report else 0)
+    say(
+        f"rows: train {dm.train_report.used}, val {dm.val_report.used if dm.val_report else 0}; "
+        f"excluded {excl} whose image failed extraction" + (" or is missing" if config.from_images else "")
+    )
+    if dm.train_report.labelled and len(dm.train_set) == 0:
         raise ValueError("no training row: the training labels match no valid image of the store")
+    present = present_tasks(dm)
     validate = dm.val_set is not None and len(dm.val_set) > 0
     a = dm.train_labels
     loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1), np.where(a.expr_mask, a.expr, -1))
-    if out_path is not None and rank0:
-        with atomic_open(out_path / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
+    plan = plan_stages(model, config, present, say)
+    if out is not None and rank0:
+        with atomic_open(out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
-    stages = model.stages()
-    for s in stages:
-        _check_stage_rows(s, dm)
-    history: list[dict] = []
-    final: MTLModule | None = None
-    world = 1
-    for k, stage in enumerate(stages):
-        sdir = _stage_dir(out_path, k, stage) if out_path is not None else None
-        if resume and sdir is not None and (sdir / "config.json").is_file() and k < len(stages) - 1:
-            training.restore(sdir)
-            if rank0 and log:
-                log(f"stage {stage.name}: resumed from {sdir}")
+        write_run(out, identity)
+    history: list[dict] = list(saved.history) if saved else []
+    summaries: list[dict] = list(saved.stages) if saved else []
+    if saved is not None:
+        model.load_state_dict(saved.model)  # the weights after the last finished epoch (or stage)
+    selected: dict[str, Any] | None = None  # the stage whose best epoch is the run's model
+    for i, ps in enumerate(plan):
+        k, stage, final = ps.index, ps.stage, i == len(plan) - 1
+        if saved is not None and (k < saved.stage or (k == saved.stage and saved.stage_done)):
+            say(f"stage {stage.name}: finished in an earlier session")
+            selected = _selected_from_summary(summaries, stage.name, selected)
             continue
+        mid = saved if saved is not None and k == saved.stage else None
+        done = mid.epoch if mid is not None else 0
+        if mid is not None:
+            say(f"stage {stage.name}: resuming at epoch {done} of {ps.epochs}")
+        L.seed_everything(stage_seed(config.trainer.seed, k), workers=True, verbose=False)
+        start = initial if i == 0 else None
+        if mid is None:
+            start = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
         apply_stage(model, stage)
-        dm.set_tasks(stage.tasks)
-        epochs = stage.epochs or config.trainer.epochs
+        dm.set_stage(stage.tasks, batch_size=ps.settings.batch_size or config.data.batch_size,
+                     seed=stage_seed(config.trainer.seed, k), epoch_offset=done)  # fmt: skip
+        remaining = ps.epochs - done
+        if mid is not None and mid.selection.get("stopped"):
+            remaining = 0
+        recorder = RunRecorder(out, rank0, k, stage, final, training, history, summaries, say)
         with _quiet_lightning():
             trainer = _trainer(
-                config, epochs, out_path / "logs" if out_path is not None and rank0 else None, stage.name,
+                config, max(remaining, 0), out / "logs" if out is not None and rank0 else None, stage.name,
                 callbacks, validate,
             )  # fmt: skip
-        world = trainer.world_size
-        steps = dm.steps_per_epoch(world)
+        steps = dm.steps_per_epoch(trainer.world_size)
         module = MTLModule(
-            model, loss, stage, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-            warmup_steps=round(config.optim.warmup_epochs * steps), total_steps=steps * epochs,
+            model, loss, stage, lr=ps.settings.lr or config.optim.lr, weight_decay=config.optim.weight_decay,
+            warmup_steps=round(config.optim.warmup_epochs * steps), total_steps=steps * ps.epochs,
             min_lr_ratio=config.optim.min_lr_ratio, au_threshold=config.trainer.au_threshold,
+            select_tasks=stage.tasks, patience=config.trainer.patience if validate else 0, epoch_offset=done,
+            resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
         )  # fmt: skip
-        with _quiet_lightning():
-            trainer.fit(module, datamodule=dm)
+        if mid is not None and module.best_epoch >= 0 and out is not None:
+            module.best_state = training.weights(stage_dir(out, k, stage))
+        if remaining > 0:
+            with _quiet_lightning():
+                trainer.fit(module, datamodule=dm)
+        history = history + module.history
+        note = ""
         if module.best_state is not None:
             model.load_state_dict(module.best_state)
-        history.extend(module.history)
-        final = module
-        if rank0 and log and module.best_result is not None:
-            r = module.best_result
-            log(f"stage {stage.name}: best P {r.P:.4f} at epoch {module.best_epoch}")
-        if sdir is not None and rank0 and k < len(stages) - 1:
-            training.save(sdir, None, True)
-    if getattr(dm, "failures", None):  # images that failed to decode while training (left out)
-        rows["failed_to_decode"] = dict(sorted(dm.failures.items()))
+        elif validate:  # no finite epoch: keep the weights the stage started from
+            if start is None:
+                prev = plan[i - 1] if i > 0 and out is not None else None
+                start = training.weights(stage_dir(out, prev.index, prev.stage)) if prev else initial
+            model.load_state_dict(start)
+            note = "no finite validation epoch: weights left as before the stage"
+            say(f"stage {stage.name}: {note} (lower optim.lr, or train in 32-true precision)")
+        if module.diverged:
+            say(
+                f"stage {stage.name}: the weights became NaN/inf at epoch {module.epoch}; "
+                "the stage ended there"
+            )
+        summary = {
+            "name": stage.name, "index": k, "tasks": list(stage.tasks), "epochs": ps.epochs,
+            "lr": ps.settings.lr or config.optim.lr,
+            "batch_size": ps.settings.batch_size or config.data.batch_size,
+            "epochs_run": done + len(module.history), "best_epoch": module.best_epoch,
+            "best_score": module.selection()["best_score"], "best_metrics": module.best_metrics,
+            "stopped_early": module.stopped_early, "diverged": module.diverged, "note": note,
+        }  # fmt: skip
+        summaries = [*summaries, summary]
+        if module.best_metrics is not None:
+            selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
+                        "predictions": module.best_predictions, "final": final}  # fmt: skip
+        if validate and module.best_metrics is not None:
+            say(f"stage {stage.name}: best {'+'.join(stage.tasks)} score {module.best_score:.4f} "
+                f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
+        if out is not None and rank0:
+            if not validate or module.best_state is None:
+                training.save(stage_dir(out, k, stage), module.best_metrics, True)
+            EpochState(
+                stage=k, stage_name=stage.name, epoch=summary["epochs_run"], stage_done=True,
+                model=model.state_dict(), selection=module.selection(), history=history, stages=summaries,
+                rng=capture_rng(),
+            ).save(out)  # fmt: skip
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    assert final is not None
-    metrics = final.best_result.to_dict() if final.best_result is not None else {}
+    return _finish(config, training, out, world, t0, history, summaries, selected, present, validate)
+
+
+def _selected_from_summary(summaries: list[dict], name: str, before: dict | None) -> dict | None:
+    for s in summaries:
+        if s["name"] == name and s.get("best_metrics") is not None:
+            return {"stage": name, "metrics": s["best_metrics"], "epoch": s["best_epoch"],
+                    "predictions": None, "final": False}  # fmt: skip
+    return before
+
+
+def _decode_failures(dm: Any) -> dict:
+    """Images that failed to decode while training from images (left out of their batches), by name."""
+    failures = getattr(dm, "failures", None)
+    return {"failed_to_decode": dict(sorted(failures.items()))} if failures else {}
+
+
+def _finish(
+    config: TrainConfig, training: Training, out: Path | None, world: World, t0: float, history: list[dict],
+    summaries: list[dict], selected: dict | None, present: tuple[str, ...], validate: bool,
+) -> TrainResult:  # fmt: skip
+    """Write best/, val_predictions.parquet and metrics.json (rank 0) and build the result."""
+    model, dm = training.model, training.datamodule
+    rank0 = world.rank == 0
+    metrics = selected["metrics"] if selected else {}
     preds = None
-    if final.best_predictions is not None and dm.val_labels is not None:
-        preds = _prediction_table(final.best_predictions, dm.val_labels.images)
+    if selected and selected["predictions"] is not None and dm.val_labels is not None:
+        preds = prediction_table(selected["predictions"], dm.val_labels.images)
+    elif selected and out is not None and (out / "val_predictions.parquet").is_file():
+        preds = PredictionTable.read(out / "val_predictions.parquet")  # written in an earlier session
     result = TrainResult(
-        model=model, metrics=metrics, best_epoch=final.best_epoch, history=history, val_predictions=preds,
-        seconds=time.perf_counter() - t0, rows=rows,
+        model=model, metrics=metrics, best_epoch=selected["epoch"] if selected else -1, history=history,
+        val_predictions=preds, seconds=time.perf_counter() - t0,
+        rows={"train": vars(dm.train_report), "val": vars(dm.val_report) if dm.val_report else None,
+              "train_units": len(dm._all_train),
+              "in_memory": bool(dm.source.in_memory) if dm.source else None,
+              **_decode_failures(dm)},
+        tasks=present, stages=summaries, rank=world.rank, trainval=not validate and dm.val_labels is None,
     )  # fmt: skip
-    if out_path is not None and rank0:
-        result.checkpoint = training.save(out_path / "best", metrics, True)
-        if preds is not None:
-            preds.write(out_path / "val_predictions.parquet", overwrite=True)
-        _write_json(
-            out_path / "metrics.json",
-            {"best": metrics, "best_epoch": result.best_epoch, "history": history, "rows": rows,
-             "seconds": result.seconds, "world_size": world, "recipe": config.model.recipe},
+    # with validation a diverged stage falls back to its best (or starting) weights; without, nothing can
+    diverged = selected is None if validate else any(s["diverged"] for s in summaries)
+    if out is not None and rank0:
+        if not diverged:
+            result.checkpoint = training.save(out / "best", metrics or None, True)
+            if preds is not None and not (selected and selected["final"]):
+                preds.write(out / "val_predictions.parquet", overwrite=True)
+        write_json(
+            out / "metrics.json",
+            {"best": metrics, "P_tasks": result.P if metrics else None, "tasks": list(present),
+             "absent_tasks": list(result.absent_tasks), "best_epoch": result.best_epoch,
+             "selected_stage": selected["stage"] if selected else None, "stages": summaries,
+             "history": history, "rows": result.rows, "seconds": result.seconds, "world_size": world.size,
+             "recipe": config.model.recipe, "trainval": result.trainval,
+             "diverged": diverged},
         )  # fmt: skip
+    if diverged:
+        what = "no validation epoch was finite" if validate else "the weights became NaN/inf"
+        raise TrainingDivergedError(
+            f"{what} (training diverged): nothing to save as best/; lower optim.lr (now "
+            f"{config.optim.lr:g}) or train in 32-true precision"
+            + (f"; the history is in {out / 'metrics.json'}" if out is not None else "")
+        )
     return result
 
 
-def _save(path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore, metrics: dict | None,
-          overwrite: bool) -> Path:  # fmt: skip
-    return save_checkpoint(
-        path, model,
-        backbone={"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint,
-                  "kwargs": st.meta.get("backbone_kwargs", {})},
-        feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
-        window=config.data.window if model.temporal else 1,
-        au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
-        overwrite=overwrite,
-    )  # fmt: skip
-
-
-def _prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:
-    """Validation predictions (gathered across ranks) as a table in label order, one row per image."""
-    idx = preds["index"]
-    order = np.argsort(idx, kind="stable")
-    idx = idx[order]
-    first = np.ones(len(idx), dtype=bool)
-    first[1:] = idx[1:] != idx[:-1]
-    sel = order[first]
-    return PredictionTable.from_arrays(
-        images[idx[first]], preds["va"][sel, 0], preds["va"][sel, 1], preds["expr"][sel], preds["au"][sel]
-    )
-
-
 def fit_from_root(
-    config: TrainConfig, features: str | os.PathLike | None, data: str | os.PathLike,
-    out: str | os.PathLike | None = None,
+    config: TrainConfig, features: str | os.PathLike, data: str | os.PathLike,
+    out: str | os.PathLike | None = None, *, trainval: bool = False,
     **kw: Any,
 ) -> TrainResult:  # fmt: skip
-    """:func:`fit` on the official train/val splits of a dataset root (its images without ``features``)."""
+    """:func:`fit` on the official train/val splits of a dataset root.
+
+    ``trainval``: refit on train + val for the configured epochs with no selection (no validation, no
+    early stopping; the model is the last epoch's), as the published final test models were made.
+    """
     from mtaffect.data.annotations import load_split
 
-    source = data if features is None else features
-    return fit(config, source, load_split(data, "train"), load_split(data, "val"), out, **kw)
+    train, val = load_split(data, "train"), load_split(data, "val")
+    if trainval:
+        return fit(config, features, LabelTable.concat([train, val]), None, out, **kw)
+    return fit(config, features, train, val, out, **kw)
 
 
-__all__ = ["TrainResult", "Training", "build_model", "build_training", "fit", "fit_from_root",
-           "open_training_data"]  # fmt: skip
+__all__ = ["TrainResult", "TrainingDivergedError", "build_model", "fit", "fit_from_root", "resolve_world"]

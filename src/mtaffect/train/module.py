@@ -1,19 +1,30 @@
 """The LightningModule: one training stage of an :class:`MTLModel`, scored with the official metric.
 
+- Inputs arrive as the store's float16 (or float32 from RAM) and are cast to float32 on the device
+  (:meth:`MTLModule.on_after_batch_transfer`), so the host never makes a float32 copy.
 - During a training step ``model.active_tasks`` is the stage's tasks (``None`` otherwise): an
   optional hint a recipe may use to skip computing heads whose loss the stage does not optimise
   (all three outputs are still required whenever it is ``None``: validation, prediction).
 - Only the stage's ``train_modules`` are trainable (the rest frozen and kept in eval mode every
   epoch, since Lightning puts the whole model back in train mode) and only its task losses optimised.
-- AdamW over the trainable parameters, in the groups the model gives (:meth:`MTLModel.param_groups`:
-  the config's ``optim.groups``, a fine-tuned backbone's own lr and layer decay); per-step schedule:
-  linear warm-up that starts above 0
-  (step 0 trains at ``lr / (warmup + 1)``: one peer's warm-up gave lr 0 for the whole first epoch),
-  then cosine down to ``min_lr_ratio * lr``.
+- AdamW (multi-tensor) over the trainable parameters, in the groups the model gives
+  (:meth:`MTLModel.param_groups`: the config's ``optim.groups``, a fine-tuned backbone's own lr and
+  layer decay); per-step schedule: linear warm-up that starts above 0 (step 0 trains at
+  ``lr / (warmup + 1)``: one peer's warm-up gave lr 0 for the whole first epoch), then cosine down to
+  ``min_lr_ratio * lr``.
+- Bookkeeping stays off the per-step path: the training loss is kept as detached tensors and logged
+  every ``log_every_n_steps`` steps and as epoch means (a ``self.log`` per step costs about as much
+  as a small head's whole step).
 - Validation accumulates :class:`mtaffect.metrics.MTLMetric` on each rank; at the epoch end the
   ranks' states are gathered (``all_gather_object``) and merged with ``MTLMetric.merge_states``, so
-  P equals the single-process metric over the same predictions. The best-P weights and predictions
-  are kept in memory (no pickled Lightning checkpoint); the caller saves them as safetensors.
+  P equals the single-process metric over the same predictions.
+- Selection: an epoch is scored on the stage's own tasks (``select_tasks``: a single-task stage on its
+  term of P, so untrained heads of other tasks never move the choice). An epoch whose validation
+  predictions hold NaN/inf is recorded as non-finite and never selected; it counts as an epoch
+  without improvement, so early stopping (``patience``) ends the stage; weights that became
+  non-finite end it at once. The best weights and predictions are kept in memory and handed to a
+  ``recorder`` (which writes them to disk as safetensors) each time they improve; the recorder also
+  writes the per-epoch resumable state.
 """
 
 from __future__ import annotations
@@ -93,12 +104,31 @@ def _gather(obj: Any) -> list[Any]:
     return [obj]
 
 
+def param_groups(model: MTLModel, lr: float, weight_decay: float) -> list[dict]:
+    """The optimiser's parameter groups over the trainable parameters: the model's own
+    (:meth:`MTLModel.param_groups`: per-submodule lr / weight decay, a backbone's layers)."""
+    return model.param_groups(lr, weight_decay)
+
+
+def make_optimizer(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW updating all parameters with multi-tensor kernels instead of a Python loop over them (the
+    CPU default). Not ``fused``: that one unscales gradients itself, which Lightning's 16-mixed
+    gradient clipping refuses."""
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
 class MTLModule(L.LightningModule):
-    """Trains one :class:`Stage` of ``model``; tracks the best validation P of the stage."""
+    """Trains one :class:`Stage` of ``model``; selects its best epoch on the stage's tasks."""
 
     def __init__(
         self, model: MTLModel, loss: MTLLoss, stage: Stage, *, lr: float = 1e-3, weight_decay: float = 1e-2,
         warmup_steps: int = 0, total_steps: int = 1, min_lr_ratio: float = 0.01, au_threshold: float = 0.5,
+        select_tasks: tuple[str, ...] | None = None, patience: int = 0, epoch_offset: int = 0,
+        resume: Any = None, recorder: Any = None, log_every_n_steps: int = 50,
     ) -> None:  # fmt: skip
         super().__init__()
         self.model, self.loss_fn, self.stage = model, loss, stage
@@ -109,19 +139,59 @@ class MTLModule(L.LightningModule):
             min_lr_ratio,
         )
         self.au_threshold = au_threshold
+        self.select_tasks = tuple(select_tasks or stage.tasks)
+        self.patience = patience
+        self.epoch_offset = epoch_offset  # epochs of this stage finished before this session (resume)
+        self.resume = resume  # an EpochState to continue from (optimizer, scheduler, RNG, selection)
+        self.recorder = recorder
+        self.log_every_n_steps = max(1, log_every_n_steps)
         self.metric = MTLMetric(au_threshold)
         self._preds: list[dict[str, np.ndarray]] = []
-        self.best_p = -math.inf
-        self.best_epoch = -1
+        self._nonfinite = 0
+        sel = dict(resume.selection) if resume is not None else {}
+        self.best_score = sel["best_score"] if sel.get("best_score") is not None else -math.inf
+        self.best_epoch: int = sel.get("best_epoch", -1)
+        self.best_metrics: dict | None = sel.get("best_metrics")
+        self.wait: int = sel.get("wait", 0)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_result: MetricResult | None = None
         self.best_predictions: dict[str, np.ndarray] | None = None
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # this session's epochs of the stage
+        self.diverged = False
+        self.stopped_early = False
+        self._validated = -1
         self._train_loss: list[torch.Tensor] = []  # detached, so no device sync per step
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the stage (counting epochs finished before a resume)."""
+        return self.epoch_offset + int(self.current_epoch)
+
+    @property
+    def best_p(self) -> float:  # the name callers of earlier versions used
+        return self.best_score
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.model(batch)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Our batches are flat dicts of CPU tensors: nothing to do on a CPU, one async copy each on a GPU."""
+        if device.type == "cpu":
+            return batch
+        if not isinstance(batch, dict):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def on_train_start(self) -> None:
+        if self.resume is not None and self.resume.optimizer is not None:
+            from mtaffect.train.state import restore_rng
+
+            self.trainer.optimizers[0].load_state_dict(self.resume.optimizer)
+            if self.resume.scheduler is not None:
+                self.trainer.lr_scheduler_configs[0].scheduler.load_state_dict(self.resume.scheduler)
+            if self.resume.rng is not None:
+                restore_rng(*self.resume.rng)
 
     def on_train_epoch_start(self) -> None:
         self.model.train()  # Lightning keeps the modules' modes as it found them: set them explicitly
@@ -133,28 +203,43 @@ class MTLModule(L.LightningModule):
             out = self.model(batch)
         finally:
             self.model.active_tasks = None
-        total, parts = self.loss_fn(out, batch, self.stage.tasks)
-        n = int(batch["index"].shape[0])
-        self.log("train/loss", total, prog_bar=True, batch_size=n)
-        for task, value in parts.items():
-            self.log(f"train/{task}", value, batch_size=n)
+        total, _ = self.loss_fn(out, batch, self.stage.tasks)
         self._train_loss.append(total.detach())
+        if batch_idx % self.log_every_n_steps == 0:
+            self.log(
+                "train/loss", self._train_loss[-1], prog_bar=True, batch_size=int(batch["index"].shape[0])
+            )
         return total
 
     def configure_optimizers(self) -> dict:
-        # the model groups its trainable parameters (per-submodule lr / weight decay, a backbone's layers)
-        opt = torch.optim.AdamW(
-            self.model.param_groups(self.lr, self.weight_decay), lr=self.lr, weight_decay=self.weight_decay
-        )
+        opt = make_optimizer(param_groups(self.model, self.lr, self.weight_decay), self.lr, self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.warmup_steps, self.total_steps, self.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def _epoch_train_loss(self) -> float | None:
+        return _finite(float(torch.stack(self._train_loss).mean())) if self._train_loss else None
+
+    def on_train_epoch_end(self) -> None:
+        train_loss = self._epoch_train_loss()
+        if train_loss is not None:
+            self.log("train/loss_epoch", train_loss)
+        if self._validated != self.current_epoch:  # no validation (e.g. --trainval): the loss is the record
+            self.history.append({"stage": self.stage.name, "epoch": self.epoch, "train_loss": train_loss})
+        self._train_loss = []
+        state = self.model.state_dict().values()  # weights and buffers (e.g. BatchNorm statistics)
+        if not all(bool(torch.isfinite(t).all()) for t in state if t.is_floating_point()):
+            self.diverged = True  # no later epoch can recover: end the stage now
+            self.trainer.should_stop = True
+        if self.recorder is not None:
+            self.recorder.epoch_end(self)
+
     # ---- validation -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.metric.reset()
         self._preds = []
+        self._nonfinite = 0
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model(batch)
@@ -169,6 +254,11 @@ class MTLModule(L.LightningModule):
             va, expr, au, index = va[keep], expr[keep], au[keep], index[keep]
             va_mask, expr_mask, au_mask = va_mask[keep], expr_mask[keep], au_mask[keep]
             va_true, expr_true, au_true = va_true[keep], expr_true[keep], au_true[keep]
+        finite = torch.isfinite(va).all(-1) & torch.isfinite(expr).all(-1) & torch.isfinite(au).all(-1)
+        bad = int((~finite).sum())
+        if bad:  # the epoch is marked non-finite; scoring the rest would only hide it
+            self._nonfinite += bad
+            return
         va_codes = torch.where(va_mask, va_true, torch.full_like(va_true, MISSING_VA))
         self.metric.update(
             valence_true=va_codes[:, 0],
@@ -192,31 +282,51 @@ class MTLModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        states = _gather(self.metric.state_dict())
-        result = MTLMetric.merge_states(states).compute()
-        sync = self.trainer.world_size > 1
-        self.log("val/P", result.P, prog_bar=True, sync_dist=sync)
-        self.log("val/ccc_va", result.va_mean, sync_dist=sync)
-        self.log("val/f1_expr", result.expr_f1, sync_dist=sync)
-        self.log("val/f1_au", result.au_f1, sync_dist=sync)
-        train_loss = float(torch.stack(self._train_loss).mean()) if self._train_loss else float("nan")
-        self._train_loss = []
-        self.history.append(
-            {
-                "stage": self.stage.name,
-                "epoch": int(self.current_epoch),
-                "train_loss": train_loss,
-                "P": result.P,
-                "ccc_va": result.va_mean,
-                "f1_expr": result.expr_f1,
-                "f1_au": result.au_f1,
-            }
-        )
-        if self.best_p < result.P:
-            self.best_p, self.best_epoch, self.best_result = result.P, int(self.current_epoch), result
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            parts = _gather(_concat(self._preds))
-            self.best_predictions = _concat(parts)
+        gathered = _gather((self.metric.state_dict(), self._nonfinite))
+        nonfinite = sum(n for _, n in gathered)
+        self._validated = self.current_epoch
+        entry: dict[str, Any] = {
+            "stage": self.stage.name,
+            "epoch": self.epoch,
+            "train_loss": self._epoch_train_loss(),
+        }
+        improved = False
+        if nonfinite:
+            entry.update(P=None, ccc_va=None, f1_expr=None, f1_au=None, score=None, finite=False,
+                         nonfinite_rows=nonfinite)  # fmt: skip
+            self.wait += 1
+        else:
+            result = MTLMetric.merge_states([s for s, _ in gathered]).compute()
+            score = result.P_of(self.select_tasks)
+            entry.update(P=result.P, ccc_va=result.va_mean, f1_expr=result.expr_f1, f1_au=result.au_f1,
+                         score=score, finite=True)  # fmt: skip
+            self.log("val/P", result.P, prog_bar=True)
+            self.log("val/score", score)
+            self.log("val/ccc_va", result.va_mean)
+            self.log("val/f1_expr", result.expr_f1)
+            self.log("val/f1_au", result.au_f1)
+            if self.best_score < score:
+                improved = True
+                self.best_score, self.best_epoch, self.best_result = score, self.epoch, result
+                self.best_metrics = result.to_dict()
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_predictions = _concat(_gather(_concat(self._preds)))
+                self.wait = 0
+            else:
+                self.wait += 1
+        self.history.append(entry)
+        self._preds = []
+        if self.recorder is not None:
+            self.recorder.validated(self, entry, improved)
+        if self.patience and self.wait >= self.patience:
+            self.stopped_early = True
+            self.trainer.should_stop = True
+
+    def selection(self) -> dict:
+        """What a resumed run needs to continue this stage's selection (JSON-able)."""
+        return {"best_score": _finite(self.best_score) if self.best_epoch >= 0 else None,
+                "best_epoch": self.best_epoch, "wait": self.wait, "best_metrics": self.best_metrics,
+                "select_tasks": list(self.select_tasks)}  # fmt: skip
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -225,3 +335,6 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {"index": np.zeros(0, np.int64), "va": np.zeros((0, 2)), "expr": np.zeros((0, 8)),
                 "au": np.zeros((0, 12))}  # fmt: skip
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "param_groups", "set_frozen_eval"]

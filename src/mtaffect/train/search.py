@@ -9,7 +9,7 @@ the progressive recipe every fusion-task subset x temporal module::
         - {fusion_tasks: [au, expr, va], temporal: lstm}
 
 ``search(...)`` trains each (same seed, same data) into ``out/run<i>/`` and writes ``search.json``
-with the ranked table (P, its three terms, train seconds).
+with the ranked table (P, its three terms, train seconds). P is over the tasks the data has.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def search(
     grid: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
     log=print,
+    trust_remote_code: bool = False,
 ) -> list[SearchRow]:
     """Train each variant of ``grid`` (default: ``config.search.grid``); rows sorted by P, best first."""
     variants = grid if grid is not None else config.search.grid
@@ -74,18 +75,16 @@ def search(
     for i, variant in enumerate(variants):
         cfg = config.copy()
         cfg.model.hparams = {**cfg.model.hparams, **variant}
-        if log:
+        if log and env_rank() == 0:
             log(f"variant {i + 1}/{len(variants)}: {_label(variant)}")
         run = out_path / f"run{i}" if out_path is not None else None
-        result = fit(cfg, st, train, val, run, overwrite=overwrite, log=log)
-        m = result.metrics
+        result = fit(
+            cfg, st, train, val, run, overwrite=overwrite, log=log, trust_remote_code=trust_remote_code
+        )
         rows.append(
             SearchRow(
                 variant=dict(variant),
-                P=m["P"],
-                ccc_va=m["va"]["mean"],
-                f1_expr=m["expr"]["f1"],
-                f1_au=m["au"]["f1"],
+                **result.terms(),
                 seconds=result.seconds,
                 run=None if run is None else str(run),
             )

@@ -22,17 +22,18 @@ from mtaffect.features.base import Backbone
 from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model, save_checkpoint
 from mtaffect.models.image_model import ImageMTLModel
 from mtaffect.train.config import TrainConfig
-from mtaffect.train.fit import Training, build_model
+from mtaffect.train.fit import Training, build_model, on_gpu
 from mtaffect.train.images.augment import Augmenter
 from mtaffect.train.images.data import ImageDataModule
 
 
-def build_backbone(config: TrainConfig) -> Backbone:
-    """``create_backbone(backbone.name, **backbone.factory_kwargs())`` with a clear error."""
-    from mtaffect.features.registry import create_backbone
+def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Backbone:
+    """``create_backbone(backbone.name, **backbone.factory_kwargs())`` with a clear error
+    (``trust_remote_code``: the person's flag, added by :func:`~mtaffect.features.registry.with_trust`)."""
+    from mtaffect.features.registry import create_backbone, with_trust
 
     b = config.backbone
-    kwargs = b.factory_kwargs()
+    kwargs = with_trust(b.name, b.factory_kwargs(), trust_remote_code)
     where = config.source or "the config"
     try:
         return create_backbone(b.name, **kwargs)
@@ -43,17 +44,13 @@ def build_backbone(config: TrainConfig) -> Backbone:
         ) from exc
 
 
-def _on_gpu(config: TrainConfig) -> bool:
-    acc = config.trainer.accelerator
-    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
-
-
 def build_image_training(
-    config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None
+    config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *,
+    trust_remote_code: bool = False,
 ) -> Training:
     """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``."""
     b = config.backbone
-    backbone = build_backbone(config)
+    backbone = build_backbone(config, trust_remote_code)
     spec = backbone.spec
     head = build_model(config, spec)  # a BackboneSpec has the store's feature_dim/num_logits/token_shape
     model = ImageMTLModel(
@@ -74,7 +71,7 @@ def build_image_training(
         root, train, val, size=spec.input_size, colour=spec.colour, mean=spec.mean, std=spec.std,
         temporal=bool(head.temporal), augment=augment, batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size, window=d.window, stride=d.stride, seed=config.trainer.seed,
-        workers=d.workers, pin_memory=_on_gpu(config),
+        workers=d.workers, pin_memory=on_gpu(config),
     )  # fmt: skip
     record = {
         "name": b.name, "kwargs": b.factory_kwargs(), "spec": asdict(spec), "fingerprint": spec.fingerprint(),
@@ -90,15 +87,21 @@ def build_image_training(
             overwrite=overwrite, backbone_weights=backbone if finetune else None,
         )  # fmt: skip
 
-    def restore(path: Path) -> None:
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        """The model's full state dict in a checkpoint: the head, and the stage's fine-tuned backbone
+        (made trainable as the live one is) or, for a frozen one, the live backbone's own weights."""
         saved, cfg = load_mtl_model(path)
-        head.load_state_dict(saved.state_dict())
-        if finetune:  # the stage's fine-tuned backbone, made trainable as the live one is
+        state = {f"head.{k}": v for k, v in saved.state_dict().items()}
+        if finetune:
             done = TrainedAffectModel(saved, cfg, path=path).create_backbone()
             done.prepare_finetune()
-            backbone.load_state_dict(done.state_dict())
+            bb_state = done.state_dict()
+        else:
+            bb_state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        state.update({f"backbone.{k}": v for k, v in bb_state.items()})
+        return state
 
-    return Training(model=model, datamodule=dm, save=save, restore=restore)
+    return Training(model=model, datamodule=dm, save=save, weights=weights)
 
 
 def image_affect_model(model: ImageMTLModel, config: TrainConfig) -> TrainedAffectModel:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.base import normalise, pixels_to_unit
@@ -36,8 +35,6 @@ from mtaffect.train.data import (
     JoinReport,
     LabelArrays,
     MTLDataModule,
-    ShardedBatches,
-    UnitDataset,
     label_arrays,
     labelled,
 )
@@ -54,6 +51,12 @@ class ImageSource:
 
     def __init__(self, reader: ImageReader) -> None:
         self.reader = reader
+
+    def first_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Sort key of units within a batch (the store path's hook): the image list's order, which keeps a
+        video's frames together on disk."""
+        pos = np.asarray(positions, dtype=np.int64)
+        return pos if pos.ndim == 1 else pos[:, 0]
 
     def get(self, positions: np.ndarray) -> dict:
         pixels, ok, failed = self.reader.read(positions)
@@ -86,7 +89,7 @@ class ImageDataModule(MTLDataModule):
         self, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *, size: int, colour: str,
         mean: Sequence[float], std: Sequence[float], temporal: bool, augment: Augmenter | None = None,
         batch_size: int = 64, eval_batch_size: int = 128, window: int = 32, stride: int = 16, seed: int = 0,
-        workers: int = 2, pin_memory: bool = False,
+        workers: int | str = "auto", pin_memory: bool = False,
     ) -> None:  # fmt: skip
         self.folder = Path(root) / CROPPED_DIR
         if not self.folder.is_dir():
@@ -97,7 +100,6 @@ class ImageDataModule(MTLDataModule):
         self.size, self.colour = int(size), colour
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment = augment
-        self.workers, self.pin_memory = int(workers), pin_memory
         self.missing: list[str] = []  # images absent when training started (excluded)
         self.failures: dict[str, str] = {}  # images that failed to decode during training (dropped)
         self._names: list[np.ndarray] = []
@@ -105,7 +107,8 @@ class ImageDataModule(MTLDataModule):
         self._batch_no: dict[tuple[int, int], int] = {}
         super().__init__(
             None, train, val, inputs=("pixels",), temporal=temporal, batch_size=batch_size,  # type: ignore[arg-type]
-            eval_batch_size=eval_batch_size, window=window, stride=stride, seed=seed,
+            eval_batch_size=eval_batch_size, window=window, stride=stride, seed=seed, workers=workers,
+            pin_memory=pin_memory,
         )  # fmt: skip
 
     # ---- the source hooks of MTLDataModule ------------------------------------------------------------
@@ -129,17 +132,17 @@ class ImageDataModule(MTLDataModule):
         self._names.append(arrays.images)
         return arrays, JoinReport(labelled=len(table), excluded_invalid=len(missing), used=len(arrays))
 
-    def _make_source(self, rows: np.ndarray, inputs: Sequence[str], in_memory: bool | str,
-                     memory_limit_gb: float) -> ImageSource:  # fmt: skip
+    def _make_source(self, keep: np.ndarray | None) -> ImageSource:
+        """Every rank lists all positions' names (cheap); it decodes only the batches of its share."""
         names = np.concatenate(self._names) if self._names else np.zeros(0, dtype=object)
-        return ImageSource(ImageReader(self.folder, names[rows], self.size, self.colour))
+        return ImageSource(ImageReader(self.folder, names[self.rows], self.size, self.colour))
 
-    def _loader(self, dataset: UnitDataset, sampler: ShardedBatches) -> DataLoader:
-        w = self.workers
-        return DataLoader(
-            dataset, sampler=sampler, batch_size=None, num_workers=w, pin_memory=self.pin_memory,
-            persistent_workers=w > 0, prefetch_factor=2 if w > 0 else None,
-        )  # fmt: skip
+    @property
+    def workers(self) -> int:
+        """JPEG-decoding DataLoader processes: ``data.workers``, or auto: 2 (fewer on a small CPU share)."""
+        if self.workers_option != "auto":
+            return int(self.workers_option)
+        return max(0, min(2, self.cpus() - 1))
 
     def set_tasks(self, tasks: Sequence[str]) -> int:
         self._stage_no += 1  # each stage draws fresh augmentations

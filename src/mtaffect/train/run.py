@@ -1,0 +1,160 @@
+"""The run folder: what a training writes, when, and the checks before it continues one.
+
+Layout (see :mod:`mtaffect.train.fit` for what each entry holds)::
+
+    config.yaml  run.json  best/  metrics.json  val_predictions.parquet  stages/<k>-<name>/  state/  logs/
+
+Only rank 0 writes. :class:`RunRecorder` is what a stage's module reports to: it writes the stage's
+best checkpoint each time the selection improves (the final stage's also as ``best/`` with the
+validation predictions) and the resumable state after every epoch; :func:`prepare_out` refuses to
+replace a run without ``overwrite`` and to continue one trained on other inputs or with another config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import yaml
+
+from mtaffect.data.predictions import PredictionTable
+from mtaffect.features.store import FeatureStore
+from mtaffect.io import OutputExistsError, atomic_open
+from mtaffect.models.base import MTLModel, Stage
+from mtaffect.models.checkpoint import save_checkpoint
+from mtaffect.train.config import TrainConfig
+from mtaffect.train.state import EpochState, ResumeError, capture_rng, check_identity, read_run
+
+if TYPE_CHECKING:
+    from mtaffect.train.fit import Training
+    from mtaffect.train.module import MTLModule
+
+#: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
+RUN_ENTRIES = (
+    "config.yaml", "run.json", "best", "metrics.json", "val_predictions.parquet", "stages", "state", "logs",
+)  # fmt: skip
+
+
+def prepare_out(out: Path, overwrite: bool, resume: bool, config: TrainConfig, identity: dict) -> None:
+    present = [e for e in RUN_ENTRIES if (out / e).exists()]
+    if present and not resume:
+        if not overwrite:
+            raise OutputExistsError(
+                f"{out} already holds a run ({', '.join(present)}); pass --overwrite to replace it or "
+                "--resume to continue it"
+            )
+        for e in present:
+            p = out / e
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif present:
+        saved_run = read_run(out)
+        if saved_run is None:
+            raise ResumeError(
+                f"{out} holds a run without run.json (an older mtaffect, or not a run folder): its inputs "
+                "cannot be checked; start over with --overwrite"
+            )
+        check_identity(saved_run, identity, out)
+        saved_cfg = out / "config.yaml"
+        if saved_cfg.is_file():
+            before = yaml.safe_load(saved_cfg.read_text(encoding="utf-8"))
+            if before != yaml.safe_load(yaml.safe_dump(config.to_dict())):
+                raise ResumeError(
+                    f"{saved_cfg}: the run was started with another config; resume with the same config "
+                    "and overrides, or start over with --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    with atomic_open(path, "w", overwrite=True, encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, default=float)
+        fh.write("\n")
+
+
+def stage_dir(out: Path, k: int, stage: Stage) -> Path:
+    return out / "stages" / f"{k}-{stage.name}"
+
+
+def save_model(
+    path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore, metrics: dict | None
+) -> Path:
+    return save_checkpoint(
+        path, model,
+        backbone={"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint},
+        feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
+        window=config.data.window if model.temporal else 1,
+        au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
+        overwrite=True,
+    )  # fmt: skip
+
+
+def prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:
+    """Validation predictions (gathered across ranks) as a table in label order, one row per image."""
+    idx = preds["index"]
+    order = np.argsort(idx, kind="stable")
+    idx = idx[order]
+    first = np.ones(len(idx), dtype=bool)
+    first[1:] = idx[1:] != idx[:-1]
+    sel = order[first]
+    return PredictionTable.from_arrays(
+        images[idx[first]], preds["va"][sel, 0], preds["va"][sel, 1], preds["expr"][sel], preds["au"][sel]
+    )
+
+
+class RunRecorder:
+    """Writes what a stage produces (rank 0 only): its best weights each time they improve (the final
+    stage's also as ``best/`` with the validation predictions) and the resumable state after each epoch."""
+
+    def __init__(
+        self, out: Path | None, rank0: bool, k: int, stage: Stage, final: bool, training: Training,
+        earlier: list[dict], summaries: list[dict], say: Callable,
+    ) -> None:  # fmt: skip
+        self.out, self.rank0, self.k, self.stage, self.final = out, rank0, k, stage, final
+        self.training, self.dm = training, training.datamodule
+        self.earlier, self.summaries, self.say = earlier, summaries, say
+
+    def validated(self, module: MTLModule, entry: dict, improved: bool) -> None:
+        if not self.rank0:
+            return
+        if entry.get("finite") is False:
+            self.say(
+                f"stage {self.stage.name} epoch {entry['epoch']}: {entry['nonfinite_rows']} validation rows "
+                "predicted NaN/inf: non-finite epoch, not selected"
+            )
+        if not improved or self.out is None:
+            return
+        # the live model holds the improved weights: its checkpoint (a fine-tuned backbone's included)
+        self.training.save(stage_dir(self.out, self.k, self.stage), module.best_metrics, True)
+        if self.final:
+            self.training.save(self.out / "best", module.best_metrics, True)
+            if module.best_predictions is not None and self.dm.val_labels is not None:
+                table = prediction_table(module.best_predictions, self.dm.val_labels.images)
+                table.write(self.out / "val_predictions.parquet", overwrite=True)
+
+    def epoch_end(self, module: MTLModule) -> None:
+        if not self.rank0 or self.out is None:
+            return
+        trainer = module.trainer
+        sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        selection = {**module.selection(), "stopped": bool(module.stopped_early or module.diverged)}
+        EpochState(
+            stage=self.k, stage_name=self.stage.name, epoch=module.epoch + 1, stage_done=False,
+            model=module.model.state_dict(), optimizer=trainer.optimizers[0].state_dict(),
+            scheduler=None if sched is None else sched.state_dict(), selection=selection,
+            history=self.earlier + module.history, stages=self.summaries, rng=capture_rng(),
+        ).save(self.out)  # fmt: skip
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+__all__ = ["RUN_ENTRIES", "RunRecorder", "load_weights", "prediction_table", "prepare_out", "save_model",
+           "stage_dir", "write_json"]  # fmt: skip
