@@ -321,3 +321,39 @@ def test_ddp_two_processes_read_disjoint_shards_and_score_every_row(data, tmp_pa
     assert len(preds) == int(val.any_label_mask.sum())  # gathered from both ranks, each row once
     p = json.loads((tmp_path / "result.json").read_text())["P"]
     assert pytest.approx(p, abs=1e-9) == score(kept, preds).P
+
+
+# ---- resume ---------------------------------------------------------------------------------------------
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(epoch: int):
+    import lightning as L
+
+    class Crash(L.Callback):  # the process dies as the given epoch starts (its predecessor's state saved)
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == epoch:
+                raise _Crash
+
+    return Crash()
+
+
+def test_an_interrupted_finetune_resumes_to_the_same_weights(data, vit_folder, tmp_path, monkeypatch):
+    """A fine-tuned ViT with augmentation, cut after its first epoch and resumed: same final weights as an
+    uninterrupted run (the backbone, optimiser and augmentation draws all continue where they were)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from mtaffect.train.fit import fit
+
+    train, val = load_split(data, "train"), load_split(data, "val")
+    c = cfg(backbone={"name": f"hf:{vit_folder}", "mode": "finetune", "lr": 3e-3},
+            model={"recipe": "emotinet", "hparams": {"joint": True}}, augment={"preset": "liu2024"},
+            trainer={"epochs": 2}, data={"batch_size": 16})  # fmt: skip
+    whole = fit(c, data, train, val, tmp_path / "whole", log=None)
+    with pytest.raises(_Crash):
+        fit(c, data, train, val, tmp_path / "cut", callbacks=[_crash_at(1)], log=None)
+    resumed = fit(c, data, train, val, tmp_path / "cut", resume=True, log=None)
+    a, b = _state(whole.model), _state(resumed.model)
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]

@@ -103,7 +103,6 @@ class ImageDataModule(MTLDataModule):
         self.missing: list[str] = []  # images absent when training started (excluded)
         self.failures: dict[str, str] = {}  # images that failed to decode during training (dropped)
         self._names: list[np.ndarray] = []
-        self._stage_no = 0
         self._batch_no: dict[tuple[int, int], int] = {}
         super().__init__(
             None, train, val, inputs=("pixels",), temporal=temporal, batch_size=batch_size,  # type: ignore[arg-type]
@@ -144,18 +143,17 @@ class ImageDataModule(MTLDataModule):
             return int(self.workers_option)
         return max(0, min(2, self.cpus() - 1))
 
-    def set_tasks(self, tasks: Sequence[str]) -> int:
-        self._stage_no += 1  # each stage draws fresh augmentations
-        return super().set_tasks(tasks)
-
     # ---- on the device -------------------------------------------------------------------------------
     def _seed(self) -> int:
+        """The batch's augmentation seed from the stage's seed (``set_stage``: derived from the run seed
+        and the stage index), the epoch within the stage, the rank and the batch: a run resumed at an
+        epoch draws exactly the transforms an uninterrupted run draws."""
         t = self.trainer
-        epoch, rank = (t.current_epoch, t.global_rank) if t is not None else (0, 0)
-        key = (self._stage_no, epoch)
+        epoch, rank = (self.epoch_offset + t.current_epoch, t.global_rank) if t is not None else (0, 0)
+        key = (self.seed, epoch)
         n = self._batch_no.get(key, 0)
         self._batch_no[key] = n + 1
-        return batch_seed(self.seed, self._stage_no, epoch, rank, n)
+        return batch_seed(self.seed, epoch, rank, n)
 
     def _note_failures(self, failed: list[tuple[str, str]]) -> None:
         for name, why in failed:
