@@ -31,7 +31,15 @@ import torch
 from PIL import Image
 
 from mtaffect.faces.align import alignment_matrices, invert_affine
+from mtaffect.faces.embed import appearance_embedding
+from mtaffect.faces.filtering import (
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_NESTED_OVERLAP,
+    check_filter_options,
+    filter_detections,
+)
 from mtaffect.faces.mtcnn import MTCNN, FaceDetections
+from mtaffect.faces.pose import head_pose
 from mtaffect.features.decode import resize_array
 from mtaffect.features.registry import create_backbone
 from mtaffect.models.base import FaceAffectModel
@@ -45,13 +53,12 @@ from mtaffect.predict.outputs import (
     to_prediction_table,
 )
 from mtaffect.predict.sources import InputError, MediaSource, SourceInfo, expand_inputs, open_source, prefetch
-from mtaffect.predict.tracking import FaceTracker
+from mtaffect.predict.threads import resolve_threads, streaming_threads, torch_threads
+from mtaffect.predict.tracking import DEFAULT_REID_SECONDS, TRACK_MEMORY_S, FaceTracker
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
 ALIGN_SIZE: Final[int] = 112
-#: How long (seconds) a face may stay out of view and come back with the same id.
-TRACK_MEMORY_S: Final[float] = 1.0
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
 
@@ -118,16 +125,6 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
-def streaming_threads() -> int:
-    """Torch threads for a whole-machine streaming run: every core but one, which decodes video.
-
-    Measured on 2 cores: 1 torch thread + the decode thread runs 55 frames/s where torch's default of
-    2 threads (competing with decoding) runs 50 (docs/benchmarks.md). The CLI uses this; the library
-    leaves torch's global setting alone unless ``num_threads`` is given.
-    """
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
 class Predictor:
     """Run a face-affect model on images, folders, videos or arrays; ``predict`` returns the table.
 
@@ -138,6 +135,12 @@ class Predictor:
     ``post``: a post-processing config (path or ``PostConfig``): its smoothing kernels and AU thresholds
     replace ``smoothing`` and the model's thresholds. ``smoothing``: per face track, "causal" (past
     frames only, for live use) or "centred", a Gaussian with sigma ``smoothing_seconds``.
+    ``min_confidence`` / ``nested_overlap``: drop detections below that face probability / lying that
+    much inside a larger face (None keeps them; see :mod:`mtaffect.faces.filtering`).
+    ``reid_memory``: seconds a face that left (or was cut away from) is remembered and re-identified by
+    appearance when it returns (0: off; see :mod:`mtaffect.predict.tracking`).
+    ``num_threads``: torch threads while this predictor runs ("auto": every core but one, the caller's
+    setting restored afterwards; None: torch's setting as is; see :mod:`mtaffect.predict.threads`).
     """
 
     def __init__(
@@ -153,9 +156,12 @@ class Predictor:
         smoothing: str = "none",
         smoothing_seconds: float = 0.2,
         chunk_frames: int = 16,
-        num_threads: int | None = None,
+        num_threads: int | str | None = "auto",
         decode_thread: bool = True,
         tracker: dict | None = None,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        nested_overlap: float | None = DEFAULT_NESTED_OVERLAP,
+        reid_memory: float = DEFAULT_REID_SECONDS,
     ) -> None:
         for name, v in (
             ("batch_size", batch_size),
@@ -173,8 +179,12 @@ class Predictor:
             raise ValueError(
                 f"min_face_size must be 'auto' or a number of pixels >= 12, got {min_face_size!r}"
             )
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
+        check_filter_options(min_confidence, nested_overlap)
+        if not reid_memory >= 0:
+            raise ValueError(f"reid_memory must be >= 0 seconds (0: off), got {reid_memory}")
+        self.num_threads = resolve_threads(num_threads)
+        self.min_confidence, self.nested_overlap = float(min_confidence), nested_overlap
+        self.reid_memory = float(reid_memory)
         self.device = torch.device(device)
         self.model = load_affect_model(model, self.device)
         self.backbone = create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
@@ -246,19 +256,20 @@ class Predictor:
         """Run the pipeline over one opened source."""
         info = source.info
         t0 = time.perf_counter()
-        tracker = dict(self.tracker_kwargs)
-        if "max_age" not in tracker and info.fps == info.fps and info.fps > 0:
-            # Forget a face after TRACK_MEMORY_S seconds out of view, whatever ``every`` is.
-            tracker["max_age"] = max(2, round(TRACK_MEMORY_S * info.fps / info.every))
-        state = _State(FaceTracker(**tracker), TableBuilder())
+        # Position memory TRACK_MEMORY_S, re-identification memory reid_memory, in seconds of video.
+        tracker = FaceTracker.for_rate(
+            info.fps, info.every, self.reid_memory, TRACK_MEMORY_S, **self.tracker_kwargs
+        )
+        state = _State(tracker, TableBuilder())
         frames = iter(source)
         if self.decode_thread and info.kind == "video":
             frames = prefetch(frames, depth=2 * self.chunk_frames)
         try:
-            for chunk in _batched(frames, self.chunk_frames):
-                self._process_chunk(info, chunk, state)
-                if progress is not None:
-                    progress(len(chunk))
+            with torch_threads(self.num_threads):
+                for chunk in _batched(frames, self.chunk_frames):
+                    self._process_chunk(info, chunk, state)
+                    if progress is not None:
+                        progress(len(chunk))
         finally:
             close = getattr(frames, "close", None)
             if close is not None:
@@ -281,6 +292,7 @@ class Predictor:
         return self._detectors[size]
 
     def _keep(self, d: FaceDetections) -> FaceDetections:
+        d = filter_detections(d, self.min_confidence, self.nested_overlap)
         if self.max_faces is None or len(d) <= self.max_faces:
             return d
         area = (d.boxes[:, 2] - d.boxes[:, 0]) * (d.boxes[:, 3] - d.boxes[:, 1])
@@ -338,17 +350,17 @@ class Predictor:
                 state.tracker.update(np.zeros((0, 4)))
             state.step += len(chunk)
             return
-        crops = []
-        for fr, d in zip(chunk, dets, strict=True):
-            if len(d):
-                for face in align_faces_fast(fr.image, d.landmarks, ALIGN_SIZE):
-                    crops.append(resize_array(face, self._size, self._colour))
-        feats, va, expr, au = self._heads(np.stack(crops))
+        aligned = [
+            f for fr, d in zip(chunk, dets, strict=True) for f in align_faces_fast(fr.image, d.landmarks)
+        ]
+        _, va, expr, au = self._heads(np.stack([resize_array(f, self._size, self._colour) for f in aligned]))
+        appearance = appearance_embedding(np.stack(aligned))  # identity cues for the tracker
         ids = np.empty(counts.sum(), np.int64)
         start = 0
         for d, n in zip(dets, counts, strict=True):
-            ids[start : start + n] = state.tracker.update(d.boxes, feats[start : start + n])
+            ids[start : start + n] = state.tracker.update(d.boxes, appearance[start : start + n])
             start += n
+        landmarks = np.concatenate([d.landmarks for d in dets])
         rep = np.repeat(np.arange(len(chunk)), counts)
         state.builder.add(
             info.file,
@@ -357,10 +369,11 @@ class Predictor:
             ids,
             np.concatenate([d.scores for d in dets]),
             np.concatenate([d.boxes for d in dets]),
-            np.concatenate([d.landmarks for d in dets]),
+            landmarks,
             expr,
             au,
             va,
+            pose=head_pose(landmarks),
         )
         state.step += len(chunk)
 
@@ -444,4 +457,4 @@ def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
     return Predictor(model, **kwargs).predict(inputs)
 
 
-__all__: Sequence[str] = ("FileResult", "Predictor", "load_affect_model", "predict")
+__all__: Sequence[str] = ("FileResult", "Predictor", "load_affect_model", "predict", "streaming_threads")

@@ -10,13 +10,28 @@ dependency. A track not seen for ``max_age`` analysed frames is retired; its id 
 Between two full detections ("detect every k frames") the pipeline calls ``MTCNN.refine``: only the
 detector's last stage (O-Net) on each face's previous box, which follows the face, updates its
 landmarks and notices when it is gone, at a small fraction of a full detection.
+
+Re-identification: a track out of view for longer than ``max_age`` is not forgotten at once but kept
+in a gallery for ``reid_memory`` analysed frames (the pipeline converts seconds to frames), with the
+mean of its appearance embeddings (:func:`mtaffect.faces.embed.appearance_embedding` in the pipeline).
+A detection that matches no live track by position is compared with the gallery and with the live
+tracks that lost their face in this frame (a cut moves everyone), by appearance alone; above
+``reid_similarity`` it takes that id back. So a person who leaves and returns, or is seen again after a
+cut, keeps their id; a new person (below the threshold) gets a new one. Only tracks seen in at least
+``reid_min_hits`` frames are remembered, so a passing false detection cannot claim a returning face.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+#: Default re-identification memory of the pipeline, in seconds (0 turns re-identification off).
+DEFAULT_REID_SECONDS = 30.0
+#: How long a face may stay out of view and keep its track by position alone, in seconds.
+TRACK_MEMORY_S = 1.0
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -39,9 +54,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 class Track:
     id: int
     box: np.ndarray  # (4,)
-    feature: np.ndarray | None  # unit vector, running average
+    feature: np.ndarray | None  # unit vector, running average (follows slow appearance changes)
     last_step: int
     hits: int = 1
+    identity: np.ndarray | None = None  # sum of the unit embeddings seen (its direction: the mean)
 
 
 class FaceTracker:
@@ -55,18 +71,46 @@ class FaceTracker:
         max_jump: float = 1.5,
         max_age: int = 25,
         momentum: float = 0.8,
+        reid_memory: int = 0,
+        reid_similarity: float = 0.85,
+        reid_min_hits: int = 3,
     ) -> None:
+        if reid_memory < 0:
+            raise ValueError(f"reid_memory must be >= 0 analysed frames (0: off), got {reid_memory}")
+        if not -1.0 <= reid_similarity <= 1.0:
+            raise ValueError(f"reid_similarity is a cosine similarity in [-1, 1], got {reid_similarity}")
         self.iou_threshold = iou_threshold
         self.appearance_weight = appearance_weight
         self.min_similarity = min_similarity
         self.max_jump = max_jump
         self.max_age = max_age
         self.momentum = momentum
+        self.reid_memory = int(reid_memory)
+        self.reid_similarity = reid_similarity
+        self.reid_min_hits = reid_min_hits
         self.reset()
+
+    @classmethod
+    def for_rate(
+        cls,
+        fps: float,
+        every: int = 1,
+        reid_seconds: float = DEFAULT_REID_SECONDS,
+        memory_seconds: float = TRACK_MEMORY_S,
+        **kwargs,
+    ) -> FaceTracker:
+        """A tracker whose memories are given in seconds of video (25 frames/s when ``fps`` is unknown),
+        whatever ``every`` is; explicit ``max_age``/``reid_memory`` in ``kwargs`` win."""
+        rate = fps if fps == fps and fps > 0 else 25.0
+        steps = rate / max(1, every)
+        kwargs.setdefault("max_age", max(2, round(memory_seconds * steps)))
+        kwargs.setdefault("reid_memory", 0 if not reid_seconds else max(1, math.ceil(reid_seconds * steps)))
+        return cls(**kwargs)
 
     def reset(self) -> None:
         """Forget every track (a new file starts at id 0)."""
         self.tracks: list[Track] = []
+        self.gallery: list[Track] = []
         self._next_id = 0
         self._step = -1
 
@@ -93,32 +137,77 @@ class FaceTracker:
             ok |= (sim >= self.min_similarity) & (jump <= self.max_jump)
         return np.where(ok, score, -np.inf)
 
+    def _age(self) -> None:
+        """Retire tracks out of view for more than ``max_age`` (to the gallery when they may return)."""
+        live = []
+        for t in self.tracks:
+            if self._step - t.last_step <= self.max_age:
+                live.append(t)
+            elif self.reid_memory and t.identity is not None and t.hits >= self.reid_min_hits:
+                self.gallery.append(t)
+        self.tracks = live
+        self.gallery = [t for t in self.gallery if self._step - t.last_step <= self.reid_memory]
+
+    def _reidentify(self, boxes: np.ndarray, feats: np.ndarray, ids: np.ndarray, matched: set[int]) -> None:
+        """Give unmatched detections the id of a remembered or just-lost track that looks the same."""
+        free = np.flatnonzero(ids < 0)
+        cands = [t for i, t in enumerate(self.tracks) if i not in matched and t.identity is not None]
+        cands += self.gallery
+        if not len(free) or not cands:
+            return
+        sim = np.stack([_unit(t.identity) for t in cands]) @ _unit(feats[free]).T
+        order = np.argsort(-sim, axis=None, kind="stable")
+        used_t: set[int] = set()
+        for flat in order:
+            ci, k = divmod(int(flat), sim.shape[1])
+            if sim[ci, k] < self.reid_similarity:
+                break
+            di = int(free[k])
+            if ci in used_t or ids[di] >= 0:
+                continue
+            used_t.add(ci)
+            t = cands[ci]
+            if any(g is t for g in self.gallery):
+                self.gallery = [g for g in self.gallery if g is not t]
+                self.tracks.append(t)
+            self._assign(t, boxes[di], feats[di])
+            ids[di] = t.id
+
     def update(self, boxes: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """Detections of the next analysed frame -> their track ids (k,) int64."""
+        """Detections of the next analysed frame -> their track ids (k,) int64.
+
+        ``features``: one appearance vector per detection (any length; cosine similarity is used), or
+        None to track by position only (no re-identification then).
+        """
         self._step += 1
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         feats = None
         if features is not None and len(boxes):
             feats = np.asarray(features, np.float64).reshape(len(boxes), -1)
         ids = np.full(len(boxes), -1, np.int64)
-        self.tracks = [t for t in self.tracks if self._step - t.last_step <= self.max_age]
+        self._age()
+        matched: set[int] = set()
         if self.tracks and len(boxes):
             s = self._scores(boxes, feats)
             order = np.argsort(-s, axis=None, kind="stable")
-            used_t, used_d = set(), set()
+            used_d: set[int] = set()
             for flat in order:
                 ti, di = divmod(int(flat), s.shape[1])
                 if not np.isfinite(s[ti, di]):
                     break
-                if ti in used_t or di in used_d:
+                if ti in matched or di in used_d:
                     continue
-                used_t.add(ti)
+                matched.add(ti)
                 used_d.add(di)
                 self._assign(self.tracks[ti], boxes[di], None if feats is None else feats[di])
                 ids[di] = self.tracks[ti].id
+        if feats is not None and self.reid_memory and (ids < 0).any():
+            self._reidentify(boxes, feats, ids, matched)
         for di in np.flatnonzero(ids < 0):
             f = None if feats is None else _unit(feats[di])
-            t = Track(self._next_id, boxes[di].copy(), f, self._step)
+            t = Track(
+                self._next_id, boxes[di].copy(), f, self._step, identity=None if f is None else f.copy()
+            )
             self._next_id += 1
             self.tracks.append(t)
             ids[di] = t.id
@@ -131,5 +220,4 @@ class FaceTracker:
         if feat is not None:
             f = _unit(feat)
             t.feature = f if t.feature is None else _unit(self.momentum * t.feature + (1 - self.momentum) * f)
-
-
+            t.identity = f.copy() if t.identity is None else t.identity + f
