@@ -24,6 +24,8 @@ from typing import Final
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mtaffect.predict.orientation import frame_rotation, quarter_turns, upright
+
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
@@ -209,11 +211,17 @@ class VideoSource(MediaSource):
                 frames = int(s.frames) if s.frames else None
                 if frames is None and not (math.isnan(dur) or math.isnan(rate)):
                     frames = round(dur * rate)
+                width, height = s.codec_context.width, s.codec_context.height
+                # Phone videos: frames are analysed as displayed (see mtaffect.predict.orientation).
+                first = next(iter(c.decode(s)), None)
+                self.rotation = frame_rotation(first) if first is not None else 0.0
+                if quarter_turns(self.rotation) % 2:
+                    width, height = height, width
                 self.info = SourceInfo(
                     str(path),
                     "video",
-                    s.codec_context.width,
-                    s.codec_context.height,
+                    width,
+                    height,
                     rate,
                     dur,
                     frames,
@@ -245,7 +253,7 @@ class VideoSource(MediaSource):
                         t = (fr.pts - base) * tb
                     else:  # no timestamps: nominal rate
                         t = i / rate if rate == rate and rate > 0 else math.nan
-                    yield Frame(i, float(t), fr.to_ndarray(format="rgb24"))
+                    yield Frame(i, float(t), upright(fr.to_ndarray(format="rgb24"), frame_rotation(fr)))
         except av.error.FFmpegError as e:
             raise InputError(
                 f"{self.path}: decoding failed ({_reason(e)}); re-encode it, e.g. to H.264 MP4"
