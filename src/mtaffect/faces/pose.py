@@ -30,16 +30,18 @@ import numpy as np
 
 #: Mean 3D positions (mm) of MTCNN's five points: eye centres (image-left, image-right), nose tip, mouth
 #: corners, for a face looking into the camera; x right, y down, z away from the camera, origin at the
-#: nose tip. x/y are the ArcFace 112x112 alignment template (the mean frontal face of large face
-#: datasets) scaled to a 63 mm distance between the eyes and made symmetric; depths are anthropometric
-#: means (eye centres ~20 mm and mouth corners ~25 mm behind the nose tip).
+#: nose tip. Widths: 63 mm between the eyes (the adult mean), mouth corners 0.83 of it apart (the ArcFace
+#: alignment template's ratio). Heights: the nose tip 0.60 and the mouth corners 0.99 eye distances below
+#: the eyes, the medians of MTCNN's landmarks on the near-frontal faces of the benchmark photos (the
+#: ArcFace template puts the mouth 1.15 below, which read every frontal face as pitched down by ~30°).
+#: Depths are anthropometric means: eye centres ~20 mm and mouth corners ~25 mm behind the nose tip.
 FACE_MODEL_5PT: Final[np.ndarray] = np.array(
     [
-        [-31.5, -36.0, 20.0],
-        [31.5, -36.0, 20.0],
+        [-31.5, -38.0, 20.0],
+        [31.5, -38.0, 20.0],
         [0.0, 0.0, 0.0],
-        [-26.0, 36.8, 25.0],
-        [26.0, 36.8, 25.0],
+        [-26.0, 24.5, 25.0],
+        [26.0, 24.5, 25.0],
     ]
 )
 

@@ -85,11 +85,16 @@ class FileResult:
 def load_affect_model(
     model: FaceAffectModel | str | os.PathLike | None, device: str | torch.device = "cpu"
 ) -> FaceAffectModel:
-    """None or "default": the embedded default model; a path: a trained checkpoint; or a model object."""
+    """None or "default": the embedded default model; "emotiefflib:<model>": an EmotiEffLib network
+    (:mod:`mtaffect.models.emotiefflib`); a path: a trained checkpoint; or a model object."""
     if model is None or (isinstance(model, str) and model == "default"):
         from mtaffect.models.default import DefaultAffectModel
 
         return DefaultAffectModel()
+    if isinstance(model, str) and model.startswith("emotiefflib:"):
+        from mtaffect.models.emotiefflib import EmotiEffLibAffectModel
+
+        return EmotiEffLibAffectModel(model)
     if isinstance(model, str | os.PathLike):
         if not Path(model).exists():
             raise FileNotFoundError(f"{model}: model checkpoint not found (train one with `mtaffect train`)")

@@ -51,7 +51,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"not a prediction table (missing {missing}); pass what Predictor.predict returns")
     ok = table[table["success"] == 1]
     if not len(ok):
-        return pd.DataFrame({c: pd.Series(dtype=object if c in ("file", "expression") else float) for c in SUMMARY_COLUMNS})
+        text = ("file", "expression")
+        return pd.DataFrame({c: pd.Series(dtype=object if c in text else float) for c in SUMMARY_COLUMNS})
     g = ok.groupby(["file", "face_id"], sort=False)
     out = g.agg(
         frames=("frame", "size"),
