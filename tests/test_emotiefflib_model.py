@@ -111,5 +111,5 @@ def test_a_missing_model_file_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     from mtaffect.predict.pipeline import Predictor
 
-    with pytest.raises(FileNotFoundError, match="enet_b0_8_va_mtl.onnx not found"):
+    with pytest.raises(FileNotFoundError, match=r"enet_b0_8_va_mtl\.onnx not found"):
         Predictor(model="emotiefflib:enet_b0_8_va_mtl")
