@@ -54,7 +54,7 @@ from mtaffect.predict.outputs import (
 )
 from mtaffect.predict.sources import InputError, MediaSource, SourceInfo, expand_inputs, open_source, prefetch
 from mtaffect.predict.threads import resolve_threads, streaming_threads, torch_threads
-from mtaffect.predict.tracking import DEFAULT_REID_SECONDS, TRACK_MEMORY_S, FaceTracker
+from mtaffect.predict.tracking import DEFAULT_REID_SECONDS, TRACK_MEMORY_S, CutDetector, FaceTracker
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
@@ -307,7 +307,9 @@ class Predictor:
     def _locate(self, info: SourceInfo, chunk: list, state: _State) -> list[FaceDetections]:
         """Faces per frame: full detection on detection steps, else O-Net refinement of the last boxes."""
         still = info.kind == "image"
-        det_idx = [i for i in range(len(chunk)) if (state.step + i) % self.detect_every == 0]
+        # A shot change gets a full detection, and the tracker is told (no id carries over by position).
+        state.cuts = [False if still else state.cut_detector(fr.image) for fr in chunk]
+        det_idx = [i for i in range(len(chunk)) if (state.step + i) % self.detect_every == 0 or state.cuts[i]]
         by_frame: dict[int, FaceDetections] = {}
         if det_idx:
             h, w = chunk[0].image.shape[:2]
@@ -351,8 +353,8 @@ class Predictor:
         if info.kind == "image":
             state.tracker.reset()  # each still is its own scene
         if counts.sum() == 0:
-            for _ in chunk:
-                state.tracker.update(np.zeros((0, 4)))
+            for cut in state.cuts:
+                state.tracker.update(np.zeros((0, 4)), cut=cut)
             state.step += len(chunk)
             return
         aligned = [
@@ -362,8 +364,8 @@ class Predictor:
         appearance = appearance_embedding(np.stack(aligned))  # identity cues for the tracker
         ids = np.empty(counts.sum(), np.int64)
         start = 0
-        for d, n in zip(dets, counts, strict=True):
-            ids[start : start + n] = state.tracker.update(d.boxes, appearance[start : start + n])
+        for d, n, cut in zip(dets, counts, state.cuts, strict=True):
+            ids[start : start + n] = state.tracker.update(d.boxes, appearance[start : start + n], cut=cut)
             start += n
         landmarks = np.concatenate([d.landmarks for d in dets])
         rep = np.repeat(np.arange(len(chunk)), counts)
@@ -455,6 +457,8 @@ class _State:
     builder: TableBuilder
     step: int = 0
     last_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    cut_detector: CutDetector = field(default_factory=CutDetector)
+    cuts: list[bool] = field(default_factory=list)  # per frame of the current chunk
 
 
 def predict(inputs, model=None, **kwargs) -> pd.DataFrame:

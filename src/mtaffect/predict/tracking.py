@@ -19,6 +19,12 @@ tracks that lost their face in this frame (a cut moves everyone), by appearance 
 ``reid_similarity`` it takes that id back. So a person who leaves and returns, or is seen again after a
 cut, keeps their id; a new person (below the threshold) gets a new one. Only tracks seen in at least
 ``reid_min_hits`` frames are remembered, so a passing false detection cannot claim a returning face.
+
+Cuts: at a shot change a different person often appears where someone else was, and box overlap
+alone would hand them that person's id. :class:`CutDetector` flags a cut when the colour histogram of
+consecutive analysed frames changes by more than ``threshold`` (total variation; inside a shot it stays
+below ~0.03 on the benchmark video, cuts score 0.28-0.63); ``update(..., cut=True)`` then retires every
+live track, so after a cut ids come back by appearance only (or are new when re-identification is off).
 """
 
 from __future__ import annotations
@@ -44,6 +50,35 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+class CutDetector:
+    """Flags shot changes from colour histograms of consecutive frames (call once per analysed frame).
+
+    Each frame is subsampled (every 8th pixel) into a 64-bin RGB histogram; a cut is a total-variation
+    distance above ``threshold`` to the previous frame. ~50 µs for a 640x480 frame.
+    """
+
+    def __init__(self, threshold: float = 0.2) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"cut threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self._last: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self._last = None
+
+    @staticmethod
+    def signature(image: np.ndarray) -> np.ndarray:
+        s = np.asarray(image)[::8, ::8, :3].astype(np.int64) >> 6  # 4 levels per channel
+        h = np.bincount((s[..., 0] * 16 + s[..., 1] * 4 + s[..., 2]).ravel(), minlength=64).astype(np.float64)
+        return h / max(h.sum(), 1.0)
+
+    def __call__(self, image: np.ndarray) -> bool:
+        sig = self.signature(image)
+        cut = self._last is not None and 0.5 * float(np.abs(sig - self._last).sum()) > self.threshold
+        self._last = sig
+        return cut
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -148,6 +183,14 @@ class FaceTracker:
         self.tracks = live
         self.gallery = [t for t in self.gallery if self._step - t.last_step <= self.reid_memory]
 
+    def _retire_all(self) -> None:
+        """A new shot: every live track goes to the gallery (or is forgotten), none stays matchable by box."""
+        if self.reid_memory:
+            self.gallery += [
+                t for t in self.tracks if t.identity is not None and t.hits >= self.reid_min_hits
+            ]
+        self.tracks = []
+
     def _reidentify(self, boxes: np.ndarray, feats: np.ndarray, ids: np.ndarray, matched: set[int]) -> None:
         """Give unmatched detections the id of a remembered or just-lost track that looks the same."""
         free = np.flatnonzero(ids < 0)
@@ -173,13 +216,16 @@ class FaceTracker:
             self._assign(t, boxes[di], feats[di])
             ids[di] = t.id
 
-    def update(self, boxes: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    def update(self, boxes: np.ndarray, features: np.ndarray | None = None, cut: bool = False) -> np.ndarray:
         """Detections of the next analysed frame -> their track ids (k,) int64.
 
         ``features``: one appearance vector per detection (any length; cosine similarity is used), or
-        None to track by position only (no re-identification then).
+        None to track by position only (no re-identification then). ``cut``: this frame starts a new
+        shot, so no id carries over by position (see :class:`CutDetector`).
         """
         self._step += 1
+        if cut:
+            self._retire_all()
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         feats = None
         if features is not None and len(boxes):
