@@ -148,3 +148,18 @@ def test_memories_in_seconds_follow_the_frame_rate_and_every():
     assert (tr.max_age, tr.reid_memory) == (10, 200)  # 1 s and 20 s at 10 analysed frames/s
     assert FaceTracker.for_rate(float("nan"), reid_seconds=0).reid_memory == 0  # off; 25 fps assumed
     assert FaceTracker.for_rate(float("nan")).max_age == 25
+
+
+def test_a_face_first_seen_cut_off_at_the_edge_is_merged_into_its_remembered_id():
+    tr = FaceTracker(max_age=2, reid_memory=100, reid_young=10)
+    for _ in range(5):
+        tr.update(_box(300, 200)[None], _look(0)[None])
+    for _ in range(10):
+        tr.update(np.zeros((0, 4)), np.zeros((0, 16)))
+    # walks in from the left edge: the half-visible face looks different at first (a new id) ...
+    half = _look(0) + 1.2 * _look(5)
+    first = tr.update(_box(20, 200)[None], half[None])
+    assert first.tolist() == [1]
+    # ... and once fully in view its mean appearance matches the remembered face: merged, ids resolved
+    ids = [tr.update(_box(20 + 10 * k, 200)[None], _look(0)[None]).tolist()[0] for k in range(1, 6)]
+    assert ids[-1] == 0 and tr.canonical(np.array([1, 0, 3])).tolist() == [0, 0, 3]

@@ -280,6 +280,9 @@ class Predictor:
             if close is not None:
                 close()
         table = state.builder.build(self.au_thresholds)
+        if tracker.aliases:  # young tracks re-identified late (see tracking.py): one id per face
+            table["face_id"] = tracker.canonical(table["face_id"].to_numpy())
+            table = table.sort_values(["frame", "face_id"], kind="stable", ignore_index=True)
         table = self._postprocess(table, info)
         return FileResult(info, table, time.perf_counter() - t0, state.step)
 

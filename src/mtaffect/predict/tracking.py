@@ -19,6 +19,10 @@ tracks that lost their face in this frame (a cut moves everyone), by appearance 
 ``reid_similarity`` it takes that id back. So a person who leaves and returns, or is seen again after a
 cut, keeps their id; a new person (below the threshold) gets a new one. Only tracks seen in at least
 ``reid_min_hits`` frames are remembered, so a passing false detection cannot claim a returning face.
+A face that walks in from the edge is first seen half cut off and may not match at once; while its
+track is young (fewer than ``reid_young`` frames) its growing mean appearance is compared with the
+gallery again, and a match merges it into the remembered id: :meth:`FaceTracker.canonical` maps the
+ids already handed out (the pipeline relabels the file's rows with it when the file is done).
 
 Cuts: at a shot change a different person often appears where someone else was, and box overlap
 alone would hand them that person's id. :class:`CutDetector` flags a cut when the colour histogram of
@@ -93,6 +97,7 @@ class Track:
     last_step: int
     hits: int = 1
     identity: np.ndarray | None = None  # sum of the unit embeddings seen (its direction: the mean)
+    first_step: int = -1
 
 
 class FaceTracker:
@@ -109,6 +114,7 @@ class FaceTracker:
         reid_memory: int = 0,
         reid_similarity: float = 0.85,
         reid_min_hits: int = 3,
+        reid_young: int = 25,
     ) -> None:
         if reid_memory < 0:
             raise ValueError(f"reid_memory must be >= 0 analysed frames (0: off), got {reid_memory}")
@@ -123,6 +129,7 @@ class FaceTracker:
         self.reid_memory = int(reid_memory)
         self.reid_similarity = reid_similarity
         self.reid_min_hits = reid_min_hits
+        self.reid_young = reid_young
         self.reset()
 
     @classmethod
@@ -146,8 +153,45 @@ class FaceTracker:
         """Forget every track (a new file starts at id 0)."""
         self.tracks: list[Track] = []
         self.gallery: list[Track] = []
+        self.aliases: dict[int, int] = {}  # id handed out -> the remembered id it turned out to be
         self._next_id = 0
         self._step = -1
+
+    def canonical(self, ids: np.ndarray) -> np.ndarray:
+        """Ids as finally resolved: a young track merged into a remembered face gets that face's id."""
+        ids = np.asarray(ids, np.int64)
+        if not self.aliases:
+            return ids
+        lut = {k: self._resolve(k) for k in self.aliases}
+        return np.array([lut.get(int(i), int(i)) for i in ids], np.int64)
+
+    def _resolve(self, i: int) -> int:
+        seen = set()
+        while i in self.aliases and i not in seen:
+            seen.add(i)
+            i = self.aliases[i]
+        return i
+
+    def _merge_young(self) -> None:
+        """Young tracks whose mean appearance now matches a remembered face take its id."""
+        for t in self.tracks:
+            if not self.gallery:
+                return
+            if t.identity is None or t.hits > self.reid_young or t.last_step != self._step:
+                continue
+            # only faces last seen before this track began: one id is never twice in a frame
+            sim = np.array(
+                [
+                    _unit(g.identity) @ _unit(t.identity) if g.last_step < t.first_step else -1.0
+                    for g in self.gallery
+                ]
+            )
+            k = int(np.argmax(sim))
+            if sim[k] >= self.reid_similarity:
+                g = self.gallery.pop(k)
+                self.aliases[t.id] = g.id
+                t.id, t.identity = g.id, t.identity + g.identity
+                t.hits += g.hits
 
     def live_boxes(self) -> np.ndarray:
         """Boxes of the tracks seen in the last analysed frame (k, 4)."""
@@ -252,11 +296,19 @@ class FaceTracker:
         for di in np.flatnonzero(ids < 0):
             f = None if feats is None else _unit(feats[di])
             t = Track(
-                self._next_id, boxes[di].copy(), f, self._step, identity=None if f is None else f.copy()
+                self._next_id,
+                boxes[di].copy(),
+                f,
+                self._step,
+                identity=None if f is None else f.copy(),
+                first_step=self._step,
             )
             self._next_id += 1
             self.tracks.append(t)
             ids[di] = t.id
+        if feats is not None and self.reid_memory:
+            self._merge_young()
+            ids = self.canonical(ids)
         return ids
 
     def _assign(self, t: Track, box: np.ndarray, feat: np.ndarray | None) -> None:
