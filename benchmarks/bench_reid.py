@@ -30,10 +30,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_faces_real import PHOTOS, load_photo  # noqa: E402
+from bench_faces_real import PHOTOS, load_photo
 
 W, H, FPS = 640, 480, 25
 
