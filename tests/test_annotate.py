@@ -117,3 +117,27 @@ def test_annotated_still_has_the_face_drawn(tmp_path):
     assert np.abs(col.astype(int) - frame[y1 + 2 : int(r["y2"]) - 2, x1 - 1 : x1 + 2]).mean() > 30
     with pytest.raises(FileExistsError):
         annotate_image(path, df, out)
+
+
+def test_cli_annotates_stills_and_the_report_shows_face_thumbnails(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from mtaffect.predict.cli import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps `predict` a subcommand
+    still = tmp_path / "face.png"
+    Image.fromarray(next(demo_media.frames(1, faces=1))).save(still)
+    out = tmp_path / "out"
+    args = ["predict", str(still), "--out", str(out), "--plot", "--report", "--quiet",
+            "--min-confidence", "0.95", "--reid-memory", "10"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "face_annotated.jpg").read_bytes()[:2] == b"\xff\xd8"
+    html = (out / "report.html").read_text()
+    assert 'class="thumb"' in html and "data:image/jpeg;base64," in html
+    assert "min_confidence=0.95" in html and "reid_memory_s=10.0" in html
+    bad = CliRunner().invoke(app, ["predict", str(still), "--out", str(out / "b"), "--min-confidence", "2"])
+    assert bad.exit_code == 2 and "min_confidence" in bad.output
