@@ -48,3 +48,15 @@ def test_predictor_checks_the_filter_options():
         Predictor(min_confidence=1.5)
     with pytest.raises(ValueError, match="nested_overlap"):
         Predictor(nested_overlap=0.0)
+
+
+def test_a_weak_tracked_box_triggers_a_full_detection_instead_of_losing_the_face(tmp_path):
+    """Between full detections O-Net follows the old box; when the face moved far it scores below
+    min_confidence, and the frame must then be searched again, not left without its face."""
+    pytest.importorskip("skimage")
+    from mtaffect.predict import demo_media
+    from mtaffect.predict.pipeline import Predictor
+
+    video = demo_media.make_demo_video(tmp_path / "fast.mp4", seconds=7.2, faces=1)
+    df = Predictor(every=5, detect_every=5).predict(video)
+    assert (df["success"] == 1).all() and df["frame"].nunique() == 36

@@ -324,7 +324,7 @@ class Predictor:
             if d is None:
                 h, w = fr.image.shape[:2]
                 det = self._detector(h, w, still)
-                d = det.refine(fr.image, state.last_boxes)
+                d = self._keep(det.refine(fr.image, state.last_boxes))  # filtered: a weak box is lost
                 if len(d) < len(state.last_boxes):  # a face was lost (moved fast, or left): look again
                     d = det.detect(fr.image)[0]
             d = self._keep(d)
