@@ -98,7 +98,9 @@ def run(recipe: str, st, train, val, overrides: list[str]) -> dict:
     from mtaffect.train.config import load_config
     from mtaffect.train.fit import fit
 
-    cfg = load_config(config_path(recipe), ["trainer.progress=false", "trainer.patience=0", *overrides])
+    cfg = load_config(
+        config_path(recipe), ["trainer.progress=false", "trainer.patience=0", *overrides]
+    )
     t0 = time.perf_counter()
     res = fit(cfg, st, train, val, None, log=None)
     seconds = time.perf_counter() - t0

@@ -74,17 +74,8 @@ def test_baselines_evaluate_submit_validate(synth_root: Path, tmp_path: Path):
 def test_bad_submission_is_reported_with_line(synth_root: Path, tmp_path: Path):
     test_list = synth_root / "MTL.txt"
     pred = tmp_path / "p.csv"
-    run(
-        "baseline",
-        "--kind",
-        "random",
-        "--train",
-        synth_root / "training_set_annotations.txt",
-        "--images",
-        test_list,
-        "--out",
-        pred,
-    )
+    run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
+        "--images", test_list, "--out", pred)
     sub = tmp_path / "sub.txt"
     run("submit", "--pred", pred, "--test-list", test_list, "--out", sub)
     lines = sub.read_text().splitlines()
@@ -100,17 +91,8 @@ def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Pa
     lines[5] = lines[5].rsplit(",", 1)[0] + ",7"  # an AU of 7
     bad.write_text("\n".join(lines) + "\n")
     pred = tmp_path / "p.csv"
-    run(
-        "baseline",
-        "--kind",
-        "random",
-        "--train",
-        synth_root / "training_set_annotations.txt",
-        "--images",
-        synth_root / "validation_set_annotations.txt",
-        "--out",
-        pred,
-    )
+    run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
+        "--images", synth_root / "validation_set_annotations.txt", "--out", pred)
     out = run("evaluate", "--gt", bad, "--pred", pred, code=2).output
     assert "bad.txt:6" in out
     # --lenient skips the row, reports it, and scores the rest.
@@ -121,17 +103,8 @@ def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Pa
 def test_missing_predictions_are_an_error(synth_root: Path, tmp_path: Path):
     val = synth_root / "validation_set_annotations.txt"
     pred = tmp_path / "p.csv"
-    run(
-        "baseline",
-        "--kind",
-        "random",
-        "--train",
-        synth_root / "training_set_annotations.txt",
-        "--images",
-        val,
-        "--out",
-        pred,
-    )
+    run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
+        "--images", val, "--out", pred)
     text = pred.read_text().splitlines()
     pred.write_text("\n".join(text[:-3]) + "\n")
     out = run("evaluate", "--gt", val, "--pred", pred, code=2).output
