@@ -3,7 +3,7 @@
 Method: a mean 3D face of the five points (eye centres, nose tip, mouth corners; :data:`FACE_MODEL_5PT`)
 is fitted to the landmarks under scaled orthographic projection (``x = s R[:2] X + t``): a linear
 least-squares start, projected onto a rotation, then Gauss-Newton on (rotation, scale, shift). Everything
-is batched numpy (no torch, no OpenCV), ~20 µs a face.
+is batched numpy (no torch, no OpenCV): tens of microseconds a face.
 
 Convention (OpenFace's ``pose_Rx, pose_Ry, pose_Rz``): camera coordinates with x to the image's right,
 y down and z away from the camera; the head's rotation is ``R = Rx(pose_Rx) @ Ry(pose_Ry) @ Rz(pose_Rz)``
