@@ -1,10 +1,11 @@
 """An appearance embedding of aligned faces, for telling people apart within one video.
 
 Which and why: a face-recognition network (ArcFace, FaceNet) would be the strongest, but no such
-weights are available offline with a licence we could vendor, and the affect backbone's features are trained to follow the
-*expression*, which is exactly what changes while the identity stays. Re-identifying a face within one
-video (same people, same clothes, similar light) needs much less, so this is the classic pair of cheap,
-identity-bearing descriptors, computed in numpy on the 112x112 five-point-aligned crop:
+weights are available offline with a licence we could vendor, and the affect backbone's features are
+trained to follow the *expression*, which is exactly what changes while the identity stays.
+Re-identifying a face within one video (same people, same clothes, similar light) needs much less, so
+this is the classic pair of cheap, identity-bearing descriptors, computed in numpy on the 112x112
+five-point-aligned crop:
 
 - texture: uniform local binary patterns (LBP, 8 neighbours, radius 1) on the 56x56 grey face, as
   histograms over a 4x4 grid of cells (Ahonen, Hadid & Pietikäinen, "Face description with local binary
