@@ -63,6 +63,17 @@ def test_report_shows_the_same_numbers():
     assert "AU12 (75%)" in html
 
 
+def test_tables_written_before_the_pose_columns_still_read_and_summarize(tmp_path):
+    from mtaffect.predict.outputs import read_table
+    from mtaffect.schema import POSE_COLUMNS
+
+    path = tmp_path / "old.csv"
+    _table().drop(columns=list(POSE_COLUMNS)).to_csv(path, index=False)
+    back = read_table(path)
+    assert back[list(POSE_COLUMNS)].isna().all().all()
+    assert summarize(back)["frames"].tolist() == [4, 2]
+
+
 def test_empty_and_wrong_tables():
     s = summarize(empty_table())
     assert len(s) == 0 and tuple(s.columns) == SUMMARY_COLUMNS
