@@ -58,6 +58,18 @@ def test_a_face_away_for_more_than_a_second_keeps_its_id(away_video):
     assert len(last) == 2 and last["face_id"].tolist()[0] == int(
         ok[ok["frame"] == 0].sort_values("x1")["face_id"].iloc[0]
     )
+    # its timeline has two stretches in view with a gap between: drawn, not an error
+    from mtaffect.predict.plots import timeline_pngs
+
+    assert sorted(timeline_pngs(df, str(away_video))) == [0, 1]
+    # and a thumbnail per face for the report, cut from the video at the face's best detection
+    from mtaffect.predict.sources import SourceInfo
+    from mtaffect.predict.thumbnails import face_thumbnails
+
+    thumbs = face_thumbnails(SourceInfo(str(away_video), "video"), df, size=64)
+    assert sorted(thumbs) == [0, 1] and all(t[:2] == b"\xff\xd8" for t in thumbs.values())
+    im = np.asarray(Image.open(io.BytesIO(thumbs[0])))
+    assert im.shape == (64, 64, 3) and im.std() > 20  # a picture, not a blank
 
 
 def test_without_reidentification_the_returning_face_gets_a_new_id(away_video):
