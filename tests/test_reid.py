@@ -14,6 +14,7 @@ from mtaffect.faces.embed import EMBEDDING_DIM, appearance_embedding
 from mtaffect.faces.mtcnn import MTCNN
 from mtaffect.predict import demo_media
 from mtaffect.predict.pipeline import Predictor, align_faces_fast
+from mtaffect.predict.tracking import DEFAULT_REID_SIMILARITY
 
 
 def _aligned(img: np.ndarray, det: MTCNN) -> np.ndarray:
@@ -37,7 +38,7 @@ def test_embedding_tells_people_apart_and_survives_scale_and_light():
     assert e.shape == (3, EMBEDDING_DIM) and e.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     same, other = float(e[0] @ e[1]), float(e[0] @ e[2])
-    assert same > 0.85 > other, (same, other)
+    assert same > DEFAULT_REID_SIMILARITY > other, (same, other)
     with pytest.raises(ValueError, match="aligned RGB"):
         appearance_embedding(faces[..., 0])
 

@@ -18,7 +18,7 @@ vector (992 values), so the cosine similarity of two embeddings is their dot pro
 Measured on real photos (docs/benchmarks.md): the same person under strong changes of scale, light and
 in-plane rotation scored 0.82-0.95 (1st percentile 0.82), and 0.90 or more within the benchmark video;
 different people at most 0.87 (median 0.73). :class:`~mtaffect.predict.tracking.FaceTracker` re-identifies
-at 0.85 and above. It tells apart the handful of people of one video (with their hair, clothes and
+at 0.88 and above. It tells apart the handful of people of one video (with their hair, clothes and
 light), not strangers in a crowd: it is not a face recogniser.
 A stronger embedding (a face-recognition network a user has) can feed ``FaceTracker.update`` directly:
 the tracker only needs one vector per face.
