@@ -60,3 +60,21 @@ def test_a_weak_tracked_box_triggers_a_full_detection_instead_of_losing_the_face
     video = demo_media.make_demo_video(tmp_path / "fast.mp4", seconds=7.2, faces=1)
     df = Predictor(every=5, detect_every=5).predict(video)
     assert (df["success"] == 1).all() and df["frame"].nunique() == 36
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The CLI spells its defaults out (its start-up must not import torch); they must not drift."""
+    import typer
+
+    from mtaffect.faces.filtering import DEFAULT_MIN_CONFIDENCE
+    from mtaffect.predict.cli import register
+    from mtaffect.predict.tracking import DEFAULT_REID_SECONDS
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    cmd = typer.main.get_command(app).commands["predict"]
+    defaults = {p.name: p.default for p in cmd.params}
+    assert defaults["min_confidence"] == DEFAULT_MIN_CONFIDENCE
+    assert defaults["reid_memory"] == DEFAULT_REID_SECONDS
+    assert defaults["keep_nested"] is False

@@ -1,4 +1,5 @@
-"""Face detection (MTCNN with embedded weights) and 112x112 crops (5-point alignment or box crop)."""
+"""Face detection (MTCNN with embedded weights), which detections count (filtering), 112x112 crops
+(5-point alignment or box crop), head pose from the landmarks and an appearance embedding."""
 
 from mtaffect.faces.align import (
     REFERENCE_5PT_112,
@@ -8,7 +9,10 @@ from mtaffect.faces.align import (
     crop_boxes,
     similarity_transform,
 )
+from mtaffect.faces.embed import appearance_embedding
+from mtaffect.faces.filtering import filter_detections
 from mtaffect.faces.mtcnn import MTCNN, FaceDetections
+from mtaffect.faces.pose import head_pose
 
 __all__ = [
     "MTCNN",
@@ -16,7 +20,10 @@ __all__ = [
     "FaceDetections",
     "align_face",
     "align_faces",
+    "appearance_embedding",
     "crop_box",
     "crop_boxes",
+    "filter_detections",
+    "head_pose",
     "similarity_transform",
 ]
