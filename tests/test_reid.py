@@ -152,23 +152,9 @@ def test_a_resumed_job_relabels_the_rows_of_its_partial_file(returning_clip, tmp
 def test_temporal_windows_follow_the_person_across_a_late_merge(returning_clip, tmp_path):
     """The young track's pending rows continue the remembered face's windows: the returning face gets
     the windows (and numbers) of a clip that starts when it returns, under its one id."""
-    import torch
+    from model_helpers import lstm_checkpoint
 
-    from mtaffect.features.registry import create_backbone
-    from mtaffect.models.checkpoint import save_checkpoint
-    from mtaffect.models.registry import create_model
-
-    torch.manual_seed(0)
-    spec = create_backbone("fer-minixception").spec
-    model = create_model(
-        "progressive", feature_dim=spec.feature_dim, num_logits=spec.num_logits, temporal="lstm", dim=16,
-        task_dim=16,
-    )  # fmt: skip
-    backbone = {"name": spec.name, "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
-    ckpt = save_checkpoint(
-        tmp_path / "lstm", model.eval(), backbone=backbone, feature_dim=spec.feature_dim,
-        num_logits=spec.num_logits, window=8,
-    )  # fmt: skip
+    ckpt = lstm_checkpoint(tmp_path / "lstm", window=8)
     p = Predictor(model=ckpt, chunk_frames=4)
     got = p.predict(returning_clip, fps=25).query("success == 1")
     assert got["face_id"].unique().tolist() == [0] and got["frame"].is_unique

@@ -14,7 +14,7 @@ import importlib
 _EXPORTS = {
     "Predictor": "mtaffect.predict.pipeline",
     "FileResult": "mtaffect.predict.pipeline",
-    "load_affect_model": "mtaffect.predict.pipeline",
+    "load_affect_model": "mtaffect.predict.torch_engine",
     "predict": "mtaffect.predict.pipeline",
     "predict_to_file": "mtaffect.predict.job",
     "COLUMNS": "mtaffect.predict.outputs",

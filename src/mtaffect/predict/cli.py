@@ -100,6 +100,8 @@ def run_predict(
     min_confidence: float | None = None,
     keep_nested: bool = False,
     reid_memory: float | None = None,
+    engine: str = "torch",
+    precision: str | None = None,
 ) -> tuple[int, int]:
     """The command's work; returns (succeeded, failed) input counts.
 
@@ -108,9 +110,10 @@ def run_predict(
     resumable job (:func:`mtaffect.predict.job.predict_to_file`).
     """
     from mtaffect.io import check_writable
+    from mtaffect.predict.engines import check_device, is_export_folder
     from mtaffect.predict.job import OutputFolder
     from mtaffect.predict.outputs import check_format
-    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads, torch_device
+    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads
     from mtaffect.predict.report import ReportInput, write_report
 
     detection = {} if min_confidence is None else {"min_confidence": min_confidence}
@@ -120,7 +123,7 @@ def run_predict(
         detection["reid_memory"] = reid_memory
 
     fmt = check_format(fmt)
-    torch_device(device)
+    check_device(engine, device)
     if fps is not None and not fps > 0:
         raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
     names = _output_names(inputs)
@@ -129,7 +132,12 @@ def run_predict(
     with OutputFolder(out, log=_note):
         for p in [*tables, *([report_path] if report else [])]:
             check_writable(p, overwrite)  # fail before any work, not after an hour of video
+        if engine == "onnxruntime" and not is_export_folder(model):
+            _note(f"exporting {model or 'default'} for onnxruntime first (10-30 s; `mtaffect export --model "
+                  f"{model or 'default'} --out DIR` once, then --model DIR, skips this)")  # fmt: skip
         if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
+            if engine == "onnxruntime":
+                raise ValueError("--trust-remote-code is for --engine torch: an export folder runs no code")
             if model in (None, "default"):
                 raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
             from mtaffect.models.checkpoint import load_model
@@ -139,7 +147,7 @@ def run_predict(
             model=model, device=device, batch_size=batch_size, detect_every=detect_every,
             max_faces=max_faces, min_face_size="auto" if min_face_size == "auto" else float(min_face_size),
             every=every, post=post, smoothing=smoothing, num_threads=streaming_threads(), aligned=aligned,
-            temporal=temporal, **detection,
+            temporal=temporal, engine=engine, precision=precision, **detection,
         )  # fmt: skip
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
                "sequences": sequences}  # fmt: skip
@@ -287,12 +295,7 @@ def _file_stems(name: str, files: list[str]) -> list[str]:
 
 
 def _model_card(predictor) -> dict:
-    m = predictor.model
-    card = m.card() if hasattr(m, "card") else {}
-    card = {str(k): str(v) for k, v in card.items()}
-    if "name" not in card:
-        card["name"] = str(getattr(m, "name", type(m).__name__))
-    card.setdefault("backbone", m.backbone)
+    card = predictor.engine.card()
     card["AU thresholds"] = ", ".join(f"{t:.2f}" for t in predictor.au_thresholds)
     return card
 
@@ -315,7 +318,8 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 help="Trained checkpoint (from `mtaffect train`), or emotiefflib:<model> (e.g. "
-                "emotiefflib:enet_b0_8_va_mtl: a local .onnx or EmotiEffLib's cache); default: embedded model"
+                "emotiefflib:enet_b0_8_va_mtl: a local .onnx or EmotiEffLib's cache), or with --engine "
+                "onnxruntime an export folder (`mtaffect export`); default: embedded model"
             ),
         ] = None,
         post: Annotated[
@@ -326,7 +330,22 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Full face detection every K analysed frames; tracking in between.")
         ] = 1,
         batch_size: Annotated[int, typer.Option(help="Faces per backbone batch.")] = 64,
-        device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:N or mps.")] = "cpu",
+        device: Annotated[
+            str, typer.Option(help="cpu, cuda, cuda:N (torch: also mps; onnxruntime: CUDA provider).")
+        ] = "cpu",
+        engine: Annotated[
+            str,
+            typer.Option(
+                help="Run the networks with torch, or onnxruntime (--model: an export folder, or a model "
+                "exported first; needs no torch)."
+            ),
+        ] = "torch",
+        precision: Annotated[
+            str | None,
+            typer.Option(
+                help="onnxruntime: float32 or int8 (an export with --quantize; default: int8 if present)."
+            ),
+        ] = None,
         max_faces: Annotated[int | None, typer.Option(help="Keep the K largest faces per frame.")] = None,
         min_face_size: Annotated[
             str,
@@ -412,7 +431,7 @@ def register(app: typer.Typer) -> None:
             smoothing, fmt, plot, video, report, overwrite, progress=not quiet, recursive=recursive,
             aligned=aligned, sequences=not stills, fps=fps, temporal=temporal, resume=not no_resume,
             trust_remote_code=trust_remote_code, min_confidence=min_confidence, keep_nested=keep_nested,
-            reid_memory=reid_memory,
+            reid_memory=reid_memory, engine=engine, precision=precision,
         )  # fmt: skip
         if good == 0:
             raise typer.Exit(1)

@@ -1,5 +1,10 @@
 """The prediction pipeline: frames -> faces (MTCNN, tracking) -> aligned crops -> backbone -> heads -> table.
 
+One pipeline for both engines: the networks (MTCNN's nets, the backbone and heads) run behind
+:class:`~mtaffect.predict.engines.Engine`, PyTorch (``engine="torch"``, the default) or onnxruntime on an
+export folder (``engine="onnxruntime"``: nothing on that path imports torch); everything else below is
+this module's and the same for both.
+
 Per input, frames stream through in chunks of ``chunk_frames``: detection runs on the whole chunk at
 once (MTCNN batches same-sized frames), every face of the chunk is aligned and goes through the backbone
 and the model's heads in one batch, then the tracker gives ids frame by frame. Nothing but the output
@@ -38,13 +43,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mtaffect.faces.align import align_faces_fast
+from mtaffect.faces.cascade import FaceDetections
 from mtaffect.faces.embed import appearance_embedding
 from mtaffect.faces.filtering import (
     DEFAULT_MIN_CONFIDENCE,
@@ -52,11 +57,9 @@ from mtaffect.faces.filtering import (
     check_filter_options,
     filter_detections,
 )
-from mtaffect.faces.mtcnn import MTCNN, FaceDetections
 from mtaffect.faces.pose import head_pose
 from mtaffect.features.decode import resize_array
-from mtaffect.features.registry import create_backbone
-from mtaffect.models.base import AffectOutputs, FaceAffectModel
+from mtaffect.predict.engines import Detector, Engine, create_engine
 from mtaffect.predict.outputs import (
     AU_P_COLUMNS,
     EXPR_P_COLUMNS,
@@ -79,7 +82,7 @@ from mtaffect.predict.sources import (
     read_face_crop,
 )
 from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows, window_of
-from mtaffect.predict.threads import resolve_threads, streaming_threads, torch_threads
+from mtaffect.predict.threads import streaming_threads
 from mtaffect.predict.tracking import (
     DEFAULT_REID_SECONDS,
     TRACK_MEMORY_S,
@@ -88,6 +91,9 @@ from mtaffect.predict.tracking import (
     canonical_ids,
 )
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
+
+if TYPE_CHECKING:
+    from mtaffect.models.base import FaceAffectModel
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
 ALIGN_SIZE: Final[int] = 112
@@ -143,34 +149,6 @@ class RowBatch:
     resume: Resume
 
 
-def load_affect_model(
-    model: FaceAffectModel | str | os.PathLike | None, device: str | torch.device = "cpu"
-) -> FaceAffectModel:
-    """None or "default": the embedded default model; "emotiefflib:<model>": an EmotiEffLib network
-    (:mod:`mtaffect.models.emotiefflib`); a path: a trained checkpoint; or a model object."""
-    if model is None or (isinstance(model, str) and model == "default"):
-        from mtaffect.models.default import DefaultAffectModel
-
-        return DefaultAffectModel()
-    if isinstance(model, str) and model.startswith("emotiefflib:"):
-        from mtaffect.models.emotiefflib import EmotiEffLibAffectModel
-
-        return EmotiEffLibAffectModel(model)
-    if isinstance(model, str | os.PathLike):
-        if not Path(model).exists():
-            raise FileNotFoundError(f"{model}: model checkpoint not found (train one with `mtaffect train`)")
-        try:
-            from mtaffect.models.checkpoint import load_model
-        except ImportError as e:  # pragma: no cover - the module ships with the package
-            raise ValueError(f"cannot load {model}: mtaffect.models.checkpoint is not available ({e})") from e
-        return load_model(model, device=device)
-    if isinstance(model, FaceAffectModel):
-        return model
-    raise TypeError(
-        f"model must be None, 'default', a checkpoint path or a FaceAffectModel, got {type(model).__name__}"
-    )
-
-
 def load_post(post):
     """None, a path to a post-processing YAML, or a PostConfig."""
     if post is None:
@@ -184,28 +162,6 @@ def load_post(post):
             )
         return PostConfig.load(post)
     return post
-
-
-def torch_device(name: str | torch.device) -> torch.device:
-    """``name`` as a torch device that exists here; a clear ValueError (not a traceback later) when
-    it does not parse, or names CUDA/MPS on a machine without them."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
-    return dev
 
 
 def _batched(it: Iterator, n: int) -> Iterator[list]:
@@ -228,7 +184,12 @@ def source_warnings(info: SourceInfo) -> list[str]:
 class Predictor:
     """Run a face-affect model on images, folders, videos, streams or arrays; ``predict`` returns the table.
 
-    ``model``: None (the embedded default model), a checkpoint path, or any ``FaceAffectModel``.
+    ``model``: None (the embedded default model), a checkpoint path, ``"emotiefflib:<model>"``, or any
+    ``FaceAffectModel``; with ``engine="onnxruntime"`` an export folder (``mtaffect export``), or one of
+    those, exported first into a temporary folder (see :mod:`mtaffect.predict.engines`).
+    ``engine``: "torch" or "onnxruntime" (no torch needed: the same pipeline, outputs and jobs).
+    ``precision``: onnxruntime only, "float32" or "int8" (an export made with ``--quantize``; None: int8
+    when the folder has it). ``device``: cpu, cuda[:N] (or mps with torch).
     ``every``: analyse every N-th frame of videos. ``detect_every``: full detection every k analysed
     frames, O-Net tracking in between. ``max_faces``: keep the largest K faces per frame.
     ``min_face_size``: pixels, or "auto" (max(40 for video / 20 for stills, shorter side / 30)).
@@ -243,7 +204,8 @@ class Predictor:
     ``reid_memory``: seconds a face that left (or was cut away from) is remembered and re-identified by
     appearance when it returns (0: off; see :mod:`mtaffect.predict.tracking`).
     ``num_threads``: torch threads while this predictor runs ("auto": every core but one, the caller's
-    setting restored afterwards; None: torch's setting as is; see :mod:`mtaffect.predict.threads`).
+    setting restored afterwards; None: torch's setting as is; see :mod:`mtaffect.predict.threads`), or
+    onnxruntime's intra-op threads ("auto": the same count; None: its default).
     """
 
     def __init__(
@@ -267,6 +229,8 @@ class Predictor:
         min_confidence: float = DEFAULT_MIN_CONFIDENCE,
         nested_overlap: float | None = DEFAULT_NESTED_OVERLAP,
         reid_memory: float = DEFAULT_REID_SECONDS,
+        engine: str = "torch",
+        precision: str | None = None,
     ) -> None:
         for name, v in (
             ("batch_size", batch_size),
@@ -289,39 +253,37 @@ class Predictor:
         check_filter_options(min_confidence, nested_overlap)
         if not reid_memory >= 0:
             raise ValueError(f"reid_memory must be >= 0 seconds (0: off), got {reid_memory}")
-        self.num_threads = resolve_threads(num_threads)
         self.min_confidence, self.nested_overlap = float(min_confidence), nested_overlap
         self.reid_memory = float(reid_memory)
-        self.device = torch_device(device)
-        self.model = load_affect_model(model, self.device)
-        # a trained checkpoint builds its own backbone (with its fine-tuned weights, when it has them)
-        make = getattr(self.model, "create_backbone", None)
-        self.backbone = (
-            make()
-            if callable(make)
-            else create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
-        )
-        self.backbone.to(self.device).eval()
-        spec = self.backbone.spec
-        self._size, self._colour = spec.input_size, spec.colour
-        self._tokens = "tokens" in tuple(getattr(self.model, "inputs", ()) or ())
         self.post = load_post(post)
+        self.engine: Engine = create_engine(
+            engine, model, device=device, num_threads=num_threads, batch_size=int(batch_size),
+            precision=precision, detector=not aligned,
+        )  # fmt: skip
+        self.model, self.device = self.engine.model, getattr(self.engine, "device", device)
+        self.num_threads = self.engine.num_threads
+        self._size, self._colour = self.engine.input_size, self.engine.colour
         self.batch_size, self.detect_every, self.every = int(batch_size), int(detect_every), int(every)
         self.max_faces, self.min_face_size = max_faces, min_face_size
         self.smoothing, self.smoothing_seconds = smoothing, float(smoothing_seconds)
         self.chunk_frames, self.decode_thread = int(chunk_frames), decode_thread
         self.tracker_kwargs = dict(tracker or {})
         self.aligned, self.temporal = bool(aligned), temporal
-        self.window = window_of(self.model)
-        self._detectors: dict[float, MTCNN] = {}
+        self.window = window_of(self.engine)
+        self._detectors: dict[float, Detector] = {}
         self.failures: list[tuple[str, str]] = []
 
     # ---- public API ------------------------------------------------------------------------------------
 
     @property
+    def backbone(self):
+        """The torch engine's backbone (None with onnxruntime: the backbone is inside its face graph)."""
+        return getattr(self.engine, "backbone", None)
+
+    @property
     def au_thresholds(self) -> np.ndarray:
         post_th = getattr(self.post, "au_thresholds", None) if self.post is not None else None
-        return np.asarray(post_th if post_th is not None else self.model.au_thresholds, np.float64)
+        return np.asarray(post_th if post_th is not None else self.engine.au_thresholds, np.float64)
 
     def predict(
         self,
@@ -432,14 +394,14 @@ class Predictor:
             frames = prefetch(frames, depth=2 * self.chunk_frames)
         try:
             for chunk in _batched(frames, self.chunk_frames):
-                with torch_threads(self.num_threads):  # only while our code runs, not between batches
+                with self.engine.running():  # only while our code runs, not between batches
                     self._process_chunk(info, chunk, state)
                 if progress is not None:
                     progress(len(chunk))
                 if (batch := state.release(final=False)) is not None:
                     yield batch
             if state.windows is not None:
-                with torch_threads(self.num_threads):
+                with self.engine.running():
                     self._add_emitted(info, state.windows.flush(), state)
         finally:
             close = getattr(frames, "close", None)
@@ -462,13 +424,8 @@ class Predictor:
 
     def settings(self) -> dict:
         """What determines the raw rows (a resumed job must use the same)."""
-        m = self.model
-        cfg = getattr(m, "config", None)
         return {
-            "model": type(m).__name__,
-            "model_config": cfg if isinstance(cfg, dict) else None,
-            "backbone": m.backbone,
-            "backbone_kwargs": dict(m.backbone_kwargs),
+            **self.engine.describe(),
             "every": self.every,
             "detect_every": self.detect_every,
             "max_faces": self.max_faces,
@@ -493,22 +450,20 @@ class Predictor:
             tr.restore(resume.boxes, resume.ids, resume.next_id, resume.aliases)
         windows = None
         if self.window > 1:
-            windows = TrackWindows(self.model, self.temporal, max_age=tr.max_age)
+            windows = TrackWindows(self.engine, self.temporal, max_age=tr.max_age)
         state = _State(tr, TableBuilder(), windows=windows)
         state.step, state.committed = resume.steps, resume
         state.last_boxes = np.asarray(resume.boxes, np.float32).reshape(-1, 4)
         state.next_id = resume.next_id
         return state
 
-    def _detector(self, height: int, width: int, still: bool) -> MTCNN:
+    def _detector(self, height: int, width: int, still: bool) -> Detector:
         if self.min_face_size == "auto":
             size = float(max(20 if still else 40, round(min(height, width) * AUTO_FACE_FRACTION)))
         else:
             size = float(self.min_face_size)
         if size not in self._detectors:
-            self._detectors[size] = MTCNN(
-                device=self.device, min_face_size=size, batch_size=self.chunk_frames
-            )
+            self._detectors[size] = self.engine.detector(size, self.chunk_frames)
         return self._detectors[size]
 
     def _keep(self, d: FaceDetections) -> FaceDetections:
@@ -546,35 +501,6 @@ class Predictor:
             state.last_boxes = d.boxes
             out.append(d)
         return out
-
-    @torch.inference_mode()
-    def _backbone_batches(self, faces: np.ndarray) -> Iterator:
-        """Backbone outputs for aligned faces (n, S, S[, 3]), ``batch_size`` at a time."""
-        for s in range(0, len(faces), self.batch_size):
-            x = self.backbone.preprocess(faces[s : s + self.batch_size]).to(self.device)
-            yield self.backbone(x, tokens=self._tokens)
-
-    @torch.inference_mode()
-    def _heads(self, faces: np.ndarray) -> AffectOutputs:
-        """Per-frame models: backbone-ready faces -> their outputs, in batches."""
-        va, expr, au = [], [], []
-        for out in self._backbone_batches(faces):
-            res = self.model.predict(out.features, out.logits, out.tokens)
-            va.append(np.asarray(res.va))
-            expr.append(np.asarray(res.expr_probs))
-            au.append(np.asarray(res.au_probs))
-        cat = np.concatenate
-        return AffectOutputs(cat(va), cat(expr), cat(au))
-
-    def _embed(self, faces: np.ndarray) -> dict[str, np.ndarray]:
-        """Temporal models: the backbone arrays they read, per face (their heads run per window)."""
-        parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "tokens": []}
-        for out in self._backbone_batches(faces):
-            for name in parts:
-                a = getattr(out, name, None)
-                if a is not None:
-                    parts[name].append(a.float().cpu().numpy())
-        return {k: np.concatenate(v) for k, v in parts.items() if v}
 
     def _faces(
         self, info: SourceInfo, chunk: list[Frame], state: _State
@@ -647,9 +573,9 @@ class Predictor:
         if state.windows is None:
             self._track(info, counts, rows, appearance, state)
             if counts.sum():
-                self._add_emitted(info, [Emitted(rows, self._heads(crops))], state)
+                self._add_emitted(info, [Emitted(rows, self.engine.heads(crops))], state)
         else:
-            arrays = self._embed(crops) if counts.sum() else {}
+            arrays = self.engine.embed(crops) if counts.sum() else {}
             self._track(info, counts, rows, appearance, state)
             start = 0
             for n in counts:  # one analysed frame at a time: windows follow each track
@@ -762,12 +688,20 @@ def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
     return Predictor(model, **kwargs).predict(inputs)
 
 
+def __getattr__(name: str):
+    # the torch engine's helpers, from where they used to live (imported on use: torch stays unloaded)
+    if name in ("load_affect_model", "torch_device"):
+        from mtaffect.predict import torch_engine
+
+        return getattr(torch_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__: Sequence[str] = (
     "FileResult",
     "Predictor",
     "Resume",
     "RowBatch",
-    "load_affect_model",
     "predict",
     "relabel_faces",
     "streaming_threads",

@@ -31,7 +31,7 @@ from typing import Final
 
 import numpy as np
 
-from mtaffect.models.base import AffectOutputs
+from mtaffect.models.outputs import AffectOutputs
 
 TEMPORAL_MODES: Final[tuple[str, str]] = ("centred", "causal")
 

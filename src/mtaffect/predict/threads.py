@@ -22,8 +22,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 
 def streaming_threads() -> int:
     """Torch threads for a whole-machine streaming run: every core but one, which decodes video.
@@ -51,6 +49,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
+    import torch  # here, not at import: the onnxruntime engine uses this module without torch
+
     before = torch.get_num_threads()
     if before != n:
         torch.set_num_threads(n)

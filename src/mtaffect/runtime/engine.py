@@ -34,7 +34,8 @@ def make_session(path: Path, threads: int | None = None, providers: Sequence[str
     ``threads``: intra-op threads (None: onnxruntime's default, one per physical core). Idle pool
     threads sleep instead of spinning, which on a shared CPU (the same reason as
     ``OMP_WAIT_POLICY=PASSIVE`` for torch) is much faster. ``providers``: onnxruntime execution
-    providers, default CPU (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``).
+    providers, default CPU (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; a provider may
+    be a ``(name, options)`` pair such as ``("CUDAExecutionProvider", {"device_id": 1})``).
     """
     import onnxruntime as ort
 
@@ -48,7 +49,8 @@ def make_session(path: Path, threads: int | None = None, providers: Sequence[str
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wanted = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
-    missing = [p for p in wanted if p not in available]
+    names = [p if isinstance(p, str) else p[0] for p in wanted]  # a provider, or (provider, options)
+    missing = [p for p in names if p not in available]
     if missing:
         raise ValueError(
             f"onnxruntime has no {', '.join(missing)} here (available: {', '.join(available)}); "
