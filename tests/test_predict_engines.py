@@ -161,8 +161,9 @@ def test_engine_choices_are_checked_and_jobs_keep_engines_apart(default_export, 
     res = CliRunner().invoke(app, ["predict", str(video), "--engine", "onnxruntime", "--model", str(folder),
                                    "--device", "cuda", "--out", str(tmp_path / "o"), "--quiet"])  # fmt: skip
     assert res.exit_code == 2 and "error:" in res.output and "CUDAExecutionProvider" in res.output
-    # an export made with --quantize runs int8 unless asked otherwise; a job's signature names the engine
-    int8 = Predictor(model=folder, engine="onnxruntime")
+    # float32 unless int8 is asked for (smaller, not faster on CPU); a job's signature names the engine
+    assert Predictor(model=folder, engine="onnxruntime").engine.runtime.precision == "float32"
+    int8 = Predictor(model=folder, engine="onnxruntime", precision="int8")
     assert int8.engine.runtime.precision == "int8" and "int8" in int8.engine.card()["engine"]
     assert int8.settings() != Predictor().settings()
     assert int8.settings()["face_model_sha256"] == manifest["files"]["face_model.int8.onnx"]["sha256"]

@@ -343,7 +343,8 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[
             str | None,
             typer.Option(
-                help="onnxruntime: float32 or int8 (an export with --quantize; default: int8 if present)."
+                help="onnxruntime: float32 (default) or int8 (an export made with --quantize: smaller, "
+                "not faster on CPU)."
             ),
         ] = None,
         max_faces: Annotated[int | None, typer.Option(help="Keep the K largest faces per frame.")] = None,

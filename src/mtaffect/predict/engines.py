@@ -141,8 +141,9 @@ class OnnxEngine:
     """An export folder (``mtaffect export``) run by onnxruntime; see the module docstring.
 
     ``model``: an export folder, or what ``mtaffect export --model`` takes ("default"/None, a
-    checkpoint, a loaded model), exported first into a temporary folder. ``precision``: "float32" or
-    "int8" (an export made with ``--quantize``); None takes int8 when the folder has it.
+    checkpoint, a loaded model), exported first into a temporary folder. ``precision``: "float32" (the
+    default) or "int8" (an export made with ``--quantize``: a smaller file, but on the CPUs measured
+    slower and less exact than float32, docs/benchmarks.md, so only when asked).
     ``num_threads``: onnxruntime's intra-op threads ("auto": every core but one, which decodes video;
     None: onnxruntime's default). ``batch_size``: faces per face-graph call. ``detector``: whether
     MTCNN is needed (an export made here leaves it out for aligned faces).
@@ -156,7 +157,7 @@ class OnnxEngine:
         device: str = "cpu",
         num_threads: int | str | None = "auto",
         batch_size: int = 64,
-        precision: str | None = None,
+        precision: str | None = "float32",
         detector: bool = True,
     ) -> None:
         from mtaffect.runtime import Runtime
@@ -166,7 +167,7 @@ class OnnxEngine:
         self.exported_here = not is_export_folder(model)
         folder = self._export(model, detector) if self.exported_here else Path(model)
         self.runtime = Runtime(
-            folder, precision=precision, threads=self.num_threads, providers=providers_for(device)
+            folder, precision or "float32", threads=self.num_threads, providers=providers_for(device)
         )
         self.folder, self.manifest = self.runtime.folder, self.runtime.manifest
         self.model = self.runtime.model

@@ -188,8 +188,8 @@ class Predictor:
     ``FaceAffectModel``; with ``engine="onnxruntime"`` an export folder (``mtaffect export``), or one of
     those, exported first into a temporary folder (see :mod:`mtaffect.predict.engines`).
     ``engine``: "torch" or "onnxruntime" (no torch needed: the same pipeline, outputs and jobs).
-    ``precision``: onnxruntime only, "float32" or "int8" (an export made with ``--quantize``; None: int8
-    when the folder has it). ``device``: cpu, cuda[:N] (or mps with torch).
+    ``precision``: onnxruntime only, "float32" (None: the default) or "int8" (an export made with
+    ``--quantize``). ``device``: cpu, cuda[:N] (or mps with torch).
     ``every``: analyse every N-th frame of videos. ``detect_every``: full detection every k analysed
     frames, O-Net tracking in between. ``max_faces``: keep the largest K faces per frame.
     ``min_face_size``: pixels, or "auto" (max(40 for video / 20 for stills, shorter side / 30)).
