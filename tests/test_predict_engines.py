@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from model_helpers import lstm_checkpoint
+from no_torch import BLOCK_TORCH
 from PIL import Image
 
 pytest.importorskip("onnxscript")
@@ -57,16 +58,9 @@ def test_both_engines_give_one_table(ort_table, video):
     assert (got["expression"] == ref["expression"]).all()
 
 
-NO_TORCH = textwrap.dedent(
+NO_TORCH = BLOCK_TORCH + textwrap.dedent(
     """
-    import json, sys
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is not installed here")
-
-    sys.meta_path.insert(0, NoTorch())
+    import json
     export, video, out = sys.argv[1:4]
     from mtaffect.predict.pipeline import Predictor
 
