@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on real content, then a short research round on a synthetic set.
 #   1. application: `mtaffect predict` on a face video made from public-domain scikit-image photos
-#      (two faces, one leaves and comes back) -> per-frame table, timelines, annotated video, HTML report;
+#      (two faces, one leaves and comes back with its id) and on a still photo -> per-frame table with
+#      head pose, timelines, annotated video and still, HTML report with face thumbnails, and the
+#      per-face summary from Python (`mtaffect.summarize`);
 #   2. research: synthetic s-Aff-Wild2 -> features from the embedded FER backbone -> train recipe 4
 #      (MT-EmotiNet heads) -> tune post-processing on validation -> evaluate -> validated submission.
 set -euo pipefail
@@ -16,7 +18,21 @@ step() { echo "   (${SECONDS}s so far)"; echo "== $*"; }
 
 step "1. application: predict on a face video"
 .venv/bin/python -m mtaffect.predict.demo_media "$OUT/faces.mp4" --seconds 5 --faces 2 --away 1.5 3.2
-$MT predict "$OUT/faces.mp4" --out "$OUT/predict" --plot --video --report --quiet
+.venv/bin/python -c "from skimage import data; from PIL import Image; Image.fromarray(data.astronaut()).save('$OUT/astronaut.jpg')"
+$MT predict "$OUT/faces.mp4" "$OUT/astronaut.jpg" --out "$OUT/predict" --plot --video --report --quiet
+.venv/bin/python - "$OUT/predict" <<'PY'
+import sys
+from pathlib import Path
+
+import mtaffect
+from mtaffect.predict import read_table
+
+out = Path(sys.argv[1])
+summary = mtaffect.summarize(read_table(out / "faces.csv"))
+summary.to_csv(out / "summary.csv", index=False)
+cols = ["face_id", "frames", "expression", "valence_mean", "arousal_mean", "pose_Ry_mean"]
+print(summary[cols].round(2).to_string(index=False))
+PY
 
 step "2. research: synthetic s-Aff-Wild2 (official layout) and its statistics"
 $MT synth --out "$DATA" --videos 48 --frames 150 --seed 0
@@ -49,5 +65,6 @@ $MT evaluate --gt "$DATA/test_set_annotations.txt" --pred "$OUT/submission.txt" 
 
 echo "   (${SECONDS}s in all)"
 echo "demo outputs in $OUT/:"
-echo "  predict/  per-frame table, timelines, annotated video, report.html"
+echo "  predict/  per-frame table (faces.csv, with head pose), summary.csv, timelines, annotated video"
+echo "            and still, report.html (face thumbnails)"
 echo "  run/      trained checkpoint (best/), metrics, validation predictions; post.yaml; submission.txt"

@@ -363,12 +363,12 @@ def test_stream_urls_reach_ffmpeg_unmangled(media, tmp_path):
 def test_device_and_out_are_checked_before_any_work(media, tmp_path, monkeypatch):
     import torch
 
-    import mtaffect.predict.pipeline as pipeline
+    import mtaffect.predict.torch_engine as torch_engine
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded before the checks")
 
-    monkeypatch.setattr(pipeline, "load_affect_model", no_model)
+    monkeypatch.setattr(torch_engine, "load_affect_model", no_model)
     if not torch.cuda.is_available():
         res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--device", "cuda", "--quiet"])
         assert res.exit_code == 2 and "error:" in res.output and "CUDA is not available" in res.output

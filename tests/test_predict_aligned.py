@@ -24,7 +24,7 @@ from mtaffect.models.registry import create_model
 from mtaffect.predict.outputs import AU_P_COLUMNS, EXPR_P_COLUMNS, read_table
 from mtaffect.predict.pipeline import Predictor
 from mtaffect.predict.sources import expand_inputs
-from mtaffect.schema import AU_PROB_COLUMNS, CROPPED_DIR, EXPR_PROB_COLUMNS
+from mtaffect.schema import AU_PROB_COLUMNS, CROPPED_DIR, EXPR_PROB_COLUMNS, POSE_COLUMNS
 
 WINDOW = 4
 #: Stores hold float16 features and `predict` computes float32 ones: probabilities agree to this.
@@ -163,3 +163,17 @@ def test_frame_sequences_are_timed_smoothed_and_plotted_like_videos(research):
     assert (smooth["face_id"] == 0).all()
     assert smooth["Happiness_p"].diff().abs().sum() < raw["Happiness_p"].diff().abs().sum()
     assert list(timeline_pngs(smooth, str(video))) == [0]
+
+
+def test_aligned_stills_get_annotated_pictures_thumbnails_and_nan_pose(research, tmp_path):
+    """--aligned rows have no box and no landmarks: pose is NaN, the annotated picture and the report's
+    thumbnail are the whole crop; stills of two folders with the same file names get distinct outputs."""
+    out = tmp_path / "o"
+    run("predict", research["root"], "--recursive", "--aligned", "--stills", "--plot", "--report",
+        "--out", out, "--quiet")  # fmt: skip
+    table = read_table(out / f"{CROPPED_DIR}.csv")
+    assert len(table) == len(research["names"])
+    assert table[list(POSE_COLUMNS)].isna().all().all()
+    pictures = sorted(out.glob("*_annotated.jpg"))
+    assert len(pictures) == len(research["names"])  # one per still, none overwriting another
+    assert (out / "report.html").read_text().count("data:image/jpeg;base64") >= len(research["names"])

@@ -11,6 +11,7 @@ from mtaffect.io import OutputExistsError
 from mtaffect.schema import (
     AU_PROB_COLUMNS,
     EXPR_PROB_COLUMNS,
+    LEGACY_PROB_COLUMNS,
     NUM_AUS,
     NUM_EXPR,
     OFFICIAL_HEADER,
@@ -41,7 +42,7 @@ def test_from_arrays_columns_and_views():
     with pytest.raises(PredictionError, match="expr_probs has shape"):
         PredictionTable.from_arrays(["a/1.jpg"], [0], [0], np.ones((1, 7)), np.zeros((1, NUM_AUS)))
     with pytest.raises(PredictionError, match="clashes"):
-        make(2, p_Anger=[0, 0])
+        make(2, Anger_p=[0, 0])
 
 
 def test_probabilities_are_not_renormalised():
@@ -53,9 +54,9 @@ def test_probabilities_are_not_renormalised():
 @pytest.mark.parametrize(
     ("column", "value", "needle"),
     [
-        ("p_Anger", 1.2, "probability in [0, 1]"),
-        ("p_AU12", -0.1, "probability in [0, 1]"),
-        ("p_Fear", np.nan, "probability in [0, 1]"),
+        ("Anger_p", 1.2, "probability in [0, 1]"),
+        ("AU12_p", -0.1, "probability in [0, 1]"),
+        ("Fear_p", np.nan, "probability in [0, 1]"),
         ("valence", np.inf, "finite number"),
         ("arousal", "high", "finite number"),
     ],
@@ -70,10 +71,10 @@ def test_invalid_values_rejected_with_column_and_row(column, value, needle):
 
 
 def test_missing_columns_listed():
-    df = make(2).frame.drop(columns=["p_AU4", "arousal"])
+    df = make(2).frame.drop(columns=["AU04_p", "arousal"])
     with pytest.raises(PredictionError) as ei:
         PredictionTable(df, source="x.csv")
-    assert "x.csv" in str(ei.value) and "['arousal', 'p_AU4']" in str(ei.value)
+    assert "x.csv" in str(ei.value) and "['arousal', 'AU04_p']" in str(ei.value)
 
 
 def test_csv_and_parquet_round_trip_exactly(tmp_path):
@@ -92,12 +93,12 @@ def test_csv_and_parquet_round_trip_exactly(tmp_path):
 
 def test_csv_errors_name_file_and_line(tmp_path):
     df = make(4).frame
-    df.loc[2, "p_AU1"] = 3.0
+    df.loc[2, "AU01_p"] = 3.0
     p = tmp_path / "bad.csv"
     df.to_csv(p, index=False)
     with pytest.raises(PredictionError) as ei:
         PredictionTable.read(p)
-    assert str(ei.value).startswith(f"{p}: column 'p_AU1'") and "line 4" in str(ei.value)
+    assert str(ei.value).startswith(f"{p}: column 'AU01_p'") and "line 4" in str(ei.value)
     with pytest.raises(PredictionError, match="unsupported suffix"):
         PredictionTable.read(_touch(tmp_path / "p.json"))
     with pytest.raises(FileNotFoundError):
@@ -172,7 +173,22 @@ def test_align_to_duplicate_predictions():
 
 def test_column_constants_are_in_schema_order():
     t = make(1)
-    assert [c for c in t.frame.columns if c.startswith("p_")] == [*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS]
+    assert [c for c in t.frame.columns if c.endswith("_p")] == [*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS]
+
+
+def test_old_probability_names_are_still_read(tmp_path):
+    """Tables written before the one-convention renaming (p_AU1, p_Happiness) read as today's names."""
+    t = make(3, face_id=[0, 1, 2])
+    old = t.frame.rename(columns={new: old for old, new in LEGACY_PROB_COLUMNS.items()})
+    assert "p_AU1" in old.columns and "p_Happiness" in old.columns
+    for name in ("old.csv", "old.parquet"):
+        path = tmp_path / name
+        old.to_csv(path, index=False) if name.endswith(".csv") else old.to_parquet(path, index=False)
+        back = PredictionTable.read(path)
+        pd.testing.assert_frame_equal(back.frame, t.frame, check_exact=True)
+    both = t.frame.assign(p_AU1=t.frame["AU01_p"])
+    with pytest.raises(PredictionError, match="p_AU1"):
+        PredictionTable(both)
 
 
 def test_csv_round_trip_of_awkward_text_columns(tmp_path):

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from no_torch import BLOCK_TORCH
 
 pytest.importorskip("onnxscript")
 
@@ -25,23 +26,10 @@ from mtaffect.models.default import DefaultAffectModel
 HEAVY = {"torch", "lightning", "pandas", "pyarrow", "matplotlib", "transformers", "onnx", "onnxscript",
          "safetensors", "typer", "rich", "yaml", "scipy", "skimage", "av"}  # fmt: skip
 
-SCRIPT = textwrap.dedent(
+SCRIPT = BLOCK_TORCH + textwrap.dedent(
     """
-    import json, sys
+    import json
     import numpy as np
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is not installed here")
-
-    sys.meta_path.insert(0, NoTorch())
-    try:
-        import torch  # noqa: F401
-        sys.exit("torch was importable")
-    except ImportError:
-        pass
-
     from mtaffect.data.synth_faces import FaceIdentity, render_face
     from mtaffect.runtime import load
 

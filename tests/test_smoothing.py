@@ -7,7 +7,7 @@ import pytest
 
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.post.smoothing import Kernel, SmoothingError, make_plan, smooth, smooth_values
-from mtaffect.schema import NUM_AUS, NUM_EXPR
+from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS, NUM_AUS, NUM_EXPR
 
 ALL = {"va": Kernel("gaussian", 2.0), "expr": Kernel("box", 3.0), "au": Kernel("gaussian", 1.5)}
 
@@ -87,7 +87,7 @@ def test_respects_frame_gaps():
 def test_constant_sequence_unchanged():
     t = table(["v"] * 30, np.cumsum(np.arange(1, 31) % 7 + 1), np.full(30, 0.3))
     frame = t.frame.copy()
-    for c in [c for c in frame.columns if c.startswith("p_")]:
+    for c in [*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS]:
         frame[c] = 0.125
     out = smooth(PredictionTable(frame), ALL)
     assert (out.valence == 0.3).all()

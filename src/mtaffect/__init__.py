@@ -17,6 +17,7 @@ _LAZY = {
     "create_backbone": "mtaffect.features.registry",
     "create_model": "mtaffect.models.registry",
     "score": "mtaffect.metrics",
+    "summarize": "mtaffect.predict.summary",
 }
 __all__ = ["AU_NAMES", "EXPR_NAMES", "__version__", *_LAZY]
 

@@ -38,12 +38,32 @@ LABEL_COLUMNS: Final[tuple[str, ...]] = (
     "image", "video", "frame", "valence", "arousal", "expression", *AU_NAMES,
 )  # fmt: skip
 
-# ---- PredictionTable columns (the currency between models, post-processing, metric and submission) ----
+# ---- Probability and decision columns: one convention for every table ----------------------------------
+# ``<quantity>_p`` is a probability and ``<AU>_c`` a 0/1 decision, with OpenFace's zero-padded AU names
+# (``AU01_p``, ``AU01_c``, ``Happiness_p``): the same names in the research PredictionTable and in the
+# application table of ``mtaffect predict``, so a column means one thing wherever it appears.
 #: Probability column of each expression class, in class-index order.
-EXPR_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"p_{n}" for n in EXPR_NAMES)
+EXPR_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in EXPR_NAMES)
 #: Probability column of each AU, in official AU order.
-AU_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"p_{n}" for n in AU_NAMES)
+AU_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in AU_OPENFACE_NAMES)
+#: 0/1 decision column of each AU (probability >= its threshold), in official AU order.
+AU_DECISION_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_c" for n in AU_OPENFACE_NAMES)
+#: Names earlier versions wrote (``p_AU1``, ``p_Happiness``) -> today's names. Readers still accept them.
+LEGACY_PROB_COLUMNS: Final[dict[str, str]] = {
+    **{f"p_{n}": c for n, c in zip(EXPR_NAMES, EXPR_PROB_COLUMNS, strict=True)},
+    **{f"p_{n}": c for n, c in zip(AU_NAMES, AU_PROB_COLUMNS, strict=True)},
+}
+
+# ---- PredictionTable columns (the currency between models, post-processing, metric and submission) ----
 PREDICTION_COLUMNS: Final[tuple[str, ...]] = ("image", *VA_NAMES, *EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS)
+
+# ---- Application table (``mtaffect predict``): geometry columns -----------------------------------------
+#: The five MTCNN landmarks, left/right as seen in the image.
+LANDMARK_NAMES: Final[tuple[str, ...]] = ("eye_l", "eye_r", "nose", "mouth_l", "mouth_r")
+LANDMARK_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_{a}" for n in LANDMARK_NAMES for a in ("x", "y"))
+BOX_COLUMNS: Final[tuple[str, ...]] = ("x1", "y1", "x2", "y2")
+#: Head rotation in radians, OpenFace's names and convention (pitch, yaw, roll; see mtaffect.faces.pose).
+POSE_COLUMNS: Final[tuple[str, str, str]] = ("pose_Rx", "pose_Ry", "pose_Rz")
 
 #: Default decision threshold for AUs (a probability >= threshold is a positive).
 DEFAULT_AU_THRESHOLD: Final[float] = 0.5

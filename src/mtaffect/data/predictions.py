@@ -24,6 +24,7 @@ from mtaffect.schema import (
     AU_NAMES,
     AU_PROB_COLUMNS,
     EXPR_PROB_COLUMNS,
+    LEGACY_PROB_COLUMNS,
     NUM_AUS,
     NUM_EXPR,
     NUM_FIELDS,
@@ -265,10 +266,27 @@ def _where_row(i: int, line_offset: int | None) -> str:
     return f"line {i + line_offset}" if line_offset is not None else f"row {i}"
 
 
+def upgrade_columns(frame: pd.DataFrame, where: str = "<table>") -> pd.DataFrame:
+    """``frame`` with the probability columns of older versions (``p_AU1``, ``p_Happiness``) renamed to
+    today's names (``AU01_p``, ``Happiness_p``; :data:`mtaffect.schema.LEGACY_PROB_COLUMNS`)."""
+    legacy = [c for c in frame.columns if c in LEGACY_PROB_COLUMNS]
+    if not legacy:
+        return frame
+    clash = [c for c in legacy if LEGACY_PROB_COLUMNS[c] in frame.columns]
+    if clash:
+        c = clash[0]
+        raise PredictionError(
+            f"{where}: has both {c!r} (the old name) and {LEGACY_PROB_COLUMNS[c]!r} for the same "
+            "probability; keep one of them"
+        )
+    return frame.rename(columns={c: LEGACY_PROB_COLUMNS[c] for c in legacy})
+
+
 def _validate(frame: pd.DataFrame, where: str, line_offset: int | None) -> pd.DataFrame:
     """Check and normalise a prediction frame: required columns first (float64), extras kept after."""
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"a PredictionTable needs a pandas DataFrame, got {type(frame).__name__}")
+    frame = upgrade_columns(frame, where)
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
         raise PredictionError(
@@ -385,4 +403,4 @@ def _read_submission(text: str, where: str, *, has_header: bool) -> pd.DataFrame
     return pd.DataFrame(data)
 
 
-__all__ = ["MissingPredictionsError", "PredictionError", "PredictionTable"]
+__all__ = ["MissingPredictionsError", "PredictionError", "PredictionTable", "upgrade_columns"]

@@ -348,21 +348,6 @@ def _export_mtcnn(folder: Path, opset: int, tolerance: float) -> dict[str, Any]:
 # ---- the folder ----------------------------------------------------------------------------------------
 
 
-def load_prediction_model(model: Any):
-    """ "default" (or None): the embedded default model; a path: a trained checkpoint; or a model object."""
-    if model is None or model == "default":
-        from mtaffect.models.default import DefaultAffectModel
-
-        return DefaultAffectModel()
-    if isinstance(model, str | os.PathLike):
-        from mtaffect.models.checkpoint import load_model
-
-        if not Path(model).exists():
-            raise FileNotFoundError(f"{model}: model checkpoint not found (train one with `mtaffect train`)")
-        return load_model(model)
-    return model
-
-
 def _describe_source(model, spec: str) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None:
@@ -429,7 +414,9 @@ def export_model(
         raise ValueError(f"opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    loaded = load_prediction_model(model)
+    from mtaffect.predict.torch_engine import load_affect_model  # what `mtaffect predict` loads
+
+    loaded = load_affect_model("default" if model is None else model)
     if str(loaded.backbone).startswith("emotiefflib:"):
         raise ValueError(
             f"{model}: its backbone {loaded.backbone} is an ONNX model run by onnxruntime inside torch, "

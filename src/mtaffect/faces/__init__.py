@@ -1,7 +1,8 @@
-"""Face detection (MTCNN with embedded weights) and 112x112 crops (5-point alignment or box crop).
+"""Face detection (MTCNN with embedded weights), which detections count (filtering), 112x112 crops
+(5-point alignment or box crop), head pose from the landmarks and an appearance embedding.
 
-:class:`MTCNN` (PyTorch) is imported on first use, so the numpy parts (alignment, the cascade) import
-without torch, as the onnxruntime engine needs.
+:class:`MTCNN` (PyTorch) is imported on first use, so the numpy parts (alignment, the cascade,
+filtering, pose, embedding) import without torch, as the onnxruntime engine needs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from mtaffect.faces.align import (
     similarity_transform,
 )
 from mtaffect.faces.cascade import FaceDetections
+from mtaffect.faces.embed import appearance_embedding
+from mtaffect.faces.filtering import filter_detections
+from mtaffect.faces.pose import head_pose
 
 __all__ = [
     "MTCNN",
@@ -24,8 +28,11 @@ __all__ = [
     "FaceDetections",
     "align_face",
     "align_faces",
+    "appearance_embedding",
     "crop_box",
     "crop_boxes",
+    "filter_detections",
+    "head_pose",
     "similarity_transform",
 ]
 

@@ -30,17 +30,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mtaffect.faces.cascade import (
+    ONET_BYTES,
     PIXEL_MEAN,
     PIXEL_SCALE,
+    PNET_BYTES_PER_PIXEL,
+    RNET_BYTES,
     Cascade,
     FaceDetections,
     box_iou,
+    chunk_items,
     chunks,
     nms,
 )
-
-#: CPU forward passes are sized so their largest activation is about this big (see ``TorchNets._chunk``).
-_CPU_CHUNK_BYTES = 8 << 20
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mtcnn.safetensors"
 
@@ -208,14 +209,11 @@ class TorchNets:
         self.p, self.r, self.o = (net.to(self.device) for net in load_mtcnn_nets(self.weights))
 
     def _chunk(self, bytes_per_item: int) -> int:
-        """Items per forward pass: on CPU, small enough that the first activation stays cache-sized.
-
-        Large fresh activations cost page faults and cache misses; a few frames at a time ran P-Net
-        about twice as fast as 16 at once. Accelerators take everything in one pass.
-        """
+        """Items per forward pass: on CPU :func:`~mtaffect.faces.cascade.chunk_items`; accelerators take
+        everything in one pass."""
         if self.device.type != "cpu":
             return 1 << 30
-        return max(1, _CPU_CHUNK_BYTES // max(1, bytes_per_item))
+        return chunk_items(bytes_per_item)
 
     def pnet(
         self, frames: np.ndarray, sizes: Sequence[tuple[int, int]]
@@ -229,7 +227,7 @@ class TorchNets:
             with torch.inference_mode():
                 img = F.interpolate(src, size=(hs, ws), mode="bilinear", align_corners=False)
                 probs, regs = [], []
-                for sl in chunks(len(img), self._chunk(4 * 10 * (hs - 2) * (ws - 2))):  # conv1: 10 floats
+                for sl in chunks(len(img), self._chunk(PNET_BYTES_PER_PIXEL * (hs - 2) * (ws - 2))):
                     prob, reg = self.p((img[sl].float() - PIXEL_MEAN).mul_(PIXEL_SCALE))
                     probs.append(prob)
                     regs.append(reg)
@@ -243,11 +241,11 @@ class TorchNets:
         return [torch.cat(t).float().cpu().numpy() for t in zip(*outs, strict=True)]
 
     def rnet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prob, reg = self._run(self.r, crops, 4 * 28 * 22 * 22)
+        prob, reg = self._run(self.r, crops, RNET_BYTES)
         return prob, reg
 
     def onet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        prob, reg, marks = self._run(self.o, crops, 4 * 32 * 46 * 46)
+        prob, reg, marks = self._run(self.o, crops, ONET_BYTES)
         return prob, reg, marks
 
 

@@ -314,7 +314,7 @@ def create_emotiefflib(
                 f"{file}: {feature_dim} features where the published {known} has {info.feature_dim}",
                 stacklevel=2,
             )
-    names = tuple(logit_names) if logit_names is not None else _default_logit_names(info, num_logits)
+    names = tuple(logit_names) if logit_names is not None else default_logit_names(info, num_logits)
     if len(names) != num_logits:
         raise ValueError(f"{file}: {len(names)} logit_names for {num_logits} scores")
 
@@ -338,7 +338,7 @@ def create_emotiefflib(
     return bb
 
 
-def _default_logit_names(info: EmotiEffModel | None, n: int) -> tuple[str, ...]:
+def default_logit_names(info: EmotiEffModel | None, n: int) -> tuple[str, ...]:
     """The known model's names; for unknown files the EmotiEffLib layouts by count, else generic."""
     if info is not None:
         return info.logit_names

@@ -2,7 +2,8 @@
 
 ``Predictor(model=None).predict("clip.mp4")`` returns the per-frame, per-face table (see
 :mod:`mtaffect.predict.outputs` for its columns); the CLI writes the same table, plus timelines, an
-annotated video and an HTML report. Names are imported lazily so ``import mtaffect.predict`` (and the CLI's
+annotated video and an HTML report; ``summarize(table)`` gives the per-face summary the report shows.
+Names are imported lazily so ``import mtaffect.predict`` (and the CLI's
 start-up) does not load torch.
 """
 
@@ -13,7 +14,7 @@ import importlib
 _EXPORTS = {
     "Predictor": "mtaffect.predict.pipeline",
     "FileResult": "mtaffect.predict.pipeline",
-    "load_affect_model": "mtaffect.predict.pipeline",
+    "load_affect_model": "mtaffect.predict.torch_engine",
     "predict": "mtaffect.predict.pipeline",
     "predict_to_file": "mtaffect.predict.job",
     "COLUMNS": "mtaffect.predict.outputs",
@@ -22,6 +23,10 @@ _EXPORTS = {
     "to_prediction_table": "mtaffect.predict.outputs",
     "InputError": "mtaffect.predict.sources",
     "FaceTracker": "mtaffect.predict.tracking",
+    "summarize": "mtaffect.predict.summary",
+    "annotate_image": "mtaffect.predict.annotate",
+    "annotate_video": "mtaffect.predict.annotate",
+    "face_thumbnails": "mtaffect.predict.thumbnails",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,12 @@
-"""Annotated video: each face's box, id, expression and valence/arousal bars drawn over the input.
+"""Annotated copies: each face's box, id, expression and valence/arousal bars drawn over the input.
 
-A second streaming pass over the source (PyAV decode -> PIL draw -> PyAV encode): memory stays flat.
-Every decoded frame is written; when only every N-th frame was analysed, a frame shows the most recent
-analysed result (held, never interpolated). Output timestamps are the input's own, so a variable frame
-rate video stays in sync.
+Videos: a second streaming pass over the source (PyAV demux -> decode -> PIL draw -> encode -> mux):
+memory stays flat. Every decoded frame is written; when only every N-th frame was analysed, a frame
+shows the most recent analysed result (held, never interpolated). Output timestamps are the input's own,
+so a variable frame rate video stays in sync. The audio stream is copied as is (re-encoded to AAC when
+its codec cannot go into MP4), and a phone video's display rotation is applied to the pixels, so the
+copy plays upright everywhere (the table's boxes are in upright coordinates too). Stills: one annotated
+image per input. Every overlay is placed inside the picture, whatever the face's position.
 """
 
 from __future__ import annotations
@@ -12,14 +15,20 @@ import os
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from mtaffect.io import atomic_path
+from mtaffect.predict.orientation import frame_rotation, quarter_turns, upright
 from mtaffect.predict.plots import EXPR_COLOURS
-from mtaffect.predict.sources import InputError
+from mtaffect.predict.sources import InputError, read_image
+from mtaffect.schema import BOX_COLUMNS, VA_NAMES
+
+#: Audio codecs an MP4 file takes as they are; others are re-encoded to AAC.
+MP4_AUDIO_CODECS = frozenset({"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"})
 
 #: Box colours by face id (cycled).
 ID_COLOURS = ("#00e676", "#2979ff", "#ff9100", "#d500f9", "#ffea00", "#00e5ff", "#ff1744", "#76ff03")
@@ -49,6 +58,56 @@ def _bar(
     draw.line([mid, y, mid, y + h], fill=(255, 255, 255))
 
 
+class Layout(NamedTuple):
+    """Where one face's overlays go (pixel rectangles x1, y1, x2, y2), all inside the picture."""
+
+    label: tuple[float, float, float, float]
+    bars: tuple[tuple[float, float, float, float], ...]  # valence, arousal: text + bar each
+    bar_width: float
+    bar_height: float
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return float(min(max(x, lo), max(lo, hi)))
+
+
+def overlay_layout(
+    box: tuple[float, float, float, float], size: tuple[int, int], text: tuple[float, float], scale: float
+) -> Layout:
+    """Positions of the label (above the box, else below) and the two VA bars (below the box, else
+    above, else inside its bottom), shifted so nothing leaves the ``size`` = (W, H) picture."""
+    w, h = size
+    x1, y1, x2, y2 = box
+    tw, th = text
+    label_h, label_w = th + 6, tw + 8
+    ly = y1 - label_h if y1 - label_h >= 0 else y2 + 2
+    lx = _clamp(x1, 0, w - label_w - 1)
+    ly = _clamp(ly, 0, h - label_h - 1)
+    bw, bh = min(max(60.0, x2 - x1), w - 2.0), max(6.0, 7 * scale)
+    row = th + 2 + bh + 3  # text line, bar, gap
+    block = 2 * row
+    below = max(y2, ly + label_h if ly > y1 else y2) + 4
+    if below + block <= h:
+        by = below
+    elif y1 - block - (label_h if ly < y1 else 0) - 4 >= 0:
+        by = y1 - block - (label_h if ly < y1 else 0) - 4
+    else:
+        by = h - block - 1
+    by = _clamp(by, 0, h - block - 1)
+    bx = _clamp(x1, 0, w - bw - 1)
+    bars = tuple((bx, by + i * row, bx + bw, by + i * row + row - 3) for i in range(2))
+    return Layout((lx, ly, lx + label_w, ly + label_h), bars, bw, bh)
+
+
+def face_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` as floats; a row without a box (``--aligned`` input: the picture is the face) is the
+    whole ``size`` = (W, H) picture."""
+    b = tuple(float(v) for v in box)
+    if all(np.isfinite(b)):
+        return b  # type: ignore[return-value]
+    return 0.0, 0.0, size[0] - 1.0, size[1] - 1.0
+
+
 def draw_faces(image: np.ndarray, rows: pd.DataFrame | None) -> np.ndarray:
     """Draw the rows of one frame (box, id, expression, VA bars) on a copy of ``image``."""
     if rows is None or not len(rows):
@@ -60,7 +119,7 @@ def draw_faces(image: np.ndarray, rows: pd.DataFrame | None) -> np.ndarray:
     for _, r in rows.iterrows():
         fid = int(r["face_id"])
         col = ID_COLOURS[fid % len(ID_COLOURS)]
-        x1, y1, x2, y2 = (float(r[c]) for c in ("x1", "y1", "x2", "y2"))
+        x1, y1, x2, y2 = face_box(r[list(BOX_COLUMNS)], im.size)
         lw = max(2, round(2 * scale))
         draw.rectangle([x1, y1, x2, y2], outline=col, width=lw)
         expr = str(r["expression"])
@@ -68,23 +127,45 @@ def draw_faces(image: np.ndarray, rows: pd.DataFrame | None) -> np.ndarray:
         label = f"#{fid} {expr} {p:.2f}"
         tb = draw.textbbox((0, 0), label, font=font)
         th, tw = tb[3] - tb[1], tb[2] - tb[0]
-        ty = y1 - th - 6 if y1 - th - 6 >= 0 else y2 + 2
-        draw.rectangle([x1, ty, x1 + tw + 8, ty + th + 6], fill=EXPR_COLOURS.get(expr, "#eeeeee"))
-        draw.text((x1 + 4, ty + 3 - tb[1]), label, fill=(0, 0, 0), font=font)
-        bw, bh = max(60.0, x2 - x1), max(6.0, 7 * scale)
-        by = y2 + 4 if ty < y1 else y2 + th + 12
-        for i, (name, colour) in enumerate((("valence", "#4caf50"), ("arousal", "#ff9800"))):
-            yy = by + i * (bh + 3 + th)
+        lay = overlay_layout((x1, y1, x2, y2), im.size, (tw, th), scale)
+        draw.rectangle(list(lay.label), fill=EXPR_COLOURS.get(expr, "#eeeeee"))
+        draw.text((lay.label[0] + 4, lay.label[1] + 3 - tb[1]), label, fill=(0, 0, 0), font=font)
+        for (name, colour), (bx, by, _, _) in zip(
+            zip(VA_NAMES, ("#4caf50", "#ff9800"), strict=True), lay.bars, strict=True
+        ):
             draw.text(
-                (x1, yy),
+                (bx, by - tb[1]),
                 f"{name[0].upper()} {float(r[name]):+.2f}",
                 fill=(255, 255, 255),
                 font=font,
                 stroke_width=1,
                 stroke_fill=(0, 0, 0),
             )
-            _bar(draw, x1, yy + th + 2, bw, bh, float(r[name]), colour)
+            _bar(draw, bx, by + th + 2, lay.bar_width, lay.bar_height, float(r[name]), colour)
     return np.asarray(im)
+
+
+def annotate_image(
+    source: str | os.PathLike | np.ndarray,
+    table: pd.DataFrame,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out`` (format by suffix, e.g. .jpg or .png): the still ``source`` (a path, read as the
+    pipeline reads it, EXIF orientation applied, or an RGB array) with its rows of ``table`` drawn."""
+    out = Path(out)
+    image = source if isinstance(source, np.ndarray) else read_image(Path(source))
+    rows = table
+    if "file" in table and not isinstance(source, np.ndarray):
+        rows = table[table["file"] == str(source)]
+    ok = rows[rows["success"] == 1] if "success" in rows else rows
+    drawn = Image.fromarray(draw_faces(image, ok))
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{out}: unknown image suffix; use .jpg or .png")
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        drawn.save(tmp, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out
 
 
 def annotate_video(
@@ -95,7 +176,8 @@ def annotate_video(
     codec: str | None = None,
     crf: int = 23,
 ) -> Path:
-    """Write ``out`` (MP4): ``source`` with the rows of ``table`` (this file's) drawn on every frame."""
+    """Write ``out`` (MP4): ``source`` upright, with the rows of ``table`` (this file's) drawn on every
+    frame and its first audio stream kept."""
     import av
 
     source, out = Path(source), Path(out)
@@ -107,29 +189,90 @@ def annotate_video(
         with av.open(str(source)) as cin, atomic_path(out, overwrite=overwrite) as tmp:
             sin = cin.streams.video[0]
             sin.thread_type = "AUTO"
+            ain = cin.streams.audio[0] if cin.streams.audio else None
             rate = sin.average_rate or Fraction(25)
+            tb = sin.time_base or Fraction(1, round(float(rate)))
+            width, height = sin.codec_context.width, sin.codec_context.height
+            if quarter_turns(_first_rotation(source)) % 2:
+                width, height = height, width
             with av.open(str(tmp), "w", format="mp4") as cout:
                 sout = cout.add_stream(codec, rate=rate)
-                sout.width, sout.height = sin.codec_context.width, sin.codec_context.height
-                sout.pix_fmt = "yuv420p"
-                tb = sin.time_base or Fraction(1, round(float(rate)))
+                sout.width, sout.height, sout.pix_fmt = width, height, "yuv420p"
                 sout.codec_context.time_base = tb
                 if codec == "libx264":
                     sout.options = {"crf": str(crf), "preset": "veryfast"}
-                last_pts = None
-                for i, fr in enumerate(cin.decode(sin)):
+                aout, transcode = _audio_stream(cout, ain)
+                state = {"i": 0, "last_pts": None}
+
+                def put_video(fr) -> None:
+                    i = state["i"]
+                    state["i"] += 1
                     j = np.searchsorted(keys, i, side="right") - 1  # latest analysed frame <= i
-                    img = fr.to_ndarray(format="rgb24")
+                    img = upright(fr.to_ndarray(format="rgb24"), frame_rotation(fr))
                     img = draw_faces(img, rows[int(keys[j])] if j >= 0 else None)
                     of = av.VideoFrame.from_ndarray(img, format="rgb24")
                     pts = fr.pts if fr.pts is not None else i
-                    if last_pts is not None and pts <= last_pts:  # encoders need increasing timestamps
-                        pts = last_pts + 1
-                    of.pts, of.time_base, last_pts = pts, tb, pts
+                    last = state["last_pts"]
+                    if last is not None and pts <= last:  # encoders need increasing timestamps
+                        pts = last + 1
+                    of.pts, of.time_base, state["last_pts"] = pts, tb, pts
                     for pkt in sout.encode(of):
                         cout.mux(pkt)
+
+                streams = [sin] if ain is None else [sin, ain]
+                for packet in cin.demux(*streams):
+                    if packet.stream.type == "video":
+                        for fr in packet.decode():
+                            put_video(fr)
+                    elif packet.dts is not None:
+                        _put_audio(cout, aout, transcode, packet)
                 for pkt in sout.encode():
                     cout.mux(pkt)
+                if transcode is not None:
+                    _flush_audio(cout, aout, transcode)
     except av.error.FFmpegError as e:
         raise InputError(f"{source}: cannot write the annotated video {out} ({e})") from e
     return out
+
+
+def _first_rotation(path: Path) -> float:
+    """Display rotation of the first frame (the output stream's size must be known before muxing)."""
+    import av
+
+    with av.open(str(path)) as c:
+        first = next(iter(c.decode(c.streams.video[0])), None)
+    return frame_rotation(first) if first is not None else 0.0
+
+
+def _audio_stream(cout, ain):
+    """(output audio stream, resampler or None): a copy of ``ain`` when MP4 takes its codec, else AAC."""
+    if ain is None:
+        return None, None
+    if ain.codec_context.name in MP4_AUDIO_CODECS:
+        return cout.add_stream_from_template(ain), None
+    import av
+
+    aout = cout.add_stream("aac", rate=ain.codec_context.sample_rate or 44100)
+    return aout, av.AudioResampler(
+        format="fltp", layout=aout.codec_context.layout, rate=aout.codec_context.sample_rate
+    )
+
+
+def _put_audio(cout, aout, resampler, packet) -> None:
+    if resampler is None:
+        packet.stream = aout
+        cout.mux(packet)
+        return
+    for frame in packet.decode():
+        frame.pts = None
+        for f in resampler.resample(frame):
+            for pkt in aout.encode(f):
+                cout.mux(pkt)
+
+
+def _flush_audio(cout, aout, resampler) -> None:
+    for f in resampler.resample(None):
+        for pkt in aout.encode(f):
+            cout.mux(pkt)
+    for pkt in aout.encode(None):
+        cout.mux(pkt)

@@ -3,7 +3,8 @@
 Each INPUT (an image, a video, a folder of them, a .txt list of paths, a stream URL, a camera number)
 gives one table ``OUT/<name>.<format>`` (a folder or list: one table for all its files), plus with
 ``--plot`` a timeline PNG per face (``OUT/<name>_face<id>.png``), with ``--video`` an annotated copy of
-each video (``OUT/<name>_annotated.mp4``), and with ``--report`` one HTML page ``OUT/report.html``.
+each video (``OUT/<name>_annotated.mp4``), with ``--plot`` or ``--video`` an annotated copy of each
+still image (``OUT/<name>_annotated.jpg``), and with ``--report`` one HTML page ``OUT/report.html``.
 
 Each table is a resumable job: rows are written as they are produced into a hidden partial folder, a
 killed run resumes when the same command is rerun, and the table appears only when complete.
@@ -96,6 +97,11 @@ def run_predict(
     temporal: str = "centred",
     resume: bool = True,
     trust_remote_code: bool = False,
+    min_confidence: float | None = None,
+    keep_nested: bool = False,
+    reid_memory: float | None = None,
+    engine: str = "torch",
+    precision: str | None = None,
 ) -> tuple[int, int]:
     """The command's work; returns (succeeded, failed) input counts.
 
@@ -104,13 +110,20 @@ def run_predict(
     resumable job (:func:`mtaffect.predict.job.predict_to_file`).
     """
     from mtaffect.io import check_writable
+    from mtaffect.predict.engines import check_device, is_export_folder
     from mtaffect.predict.job import OutputFolder
     from mtaffect.predict.outputs import check_format
-    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads, torch_device
+    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads
     from mtaffect.predict.report import ReportInput, write_report
 
+    detection = {} if min_confidence is None else {"min_confidence": min_confidence}
+    if keep_nested:
+        detection["nested_overlap"] = None
+    if reid_memory is not None:
+        detection["reid_memory"] = reid_memory
+
     fmt = check_format(fmt)
-    torch_device(device)
+    check_device(engine, device)
     if fps is not None and not fps > 0:
         raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
     names = _output_names(inputs)
@@ -119,7 +132,12 @@ def run_predict(
     with OutputFolder(out, log=_note):
         for p in [*tables, *([report_path] if report else [])]:
             check_writable(p, overwrite)  # fail before any work, not after an hour of video
+        if engine == "onnxruntime" and not is_export_folder(model):
+            _note(f"exporting {model or 'default'} for onnxruntime first (10-30 s; `mtaffect export --model "
+                  f"{model or 'default'} --out DIR` once, then --model DIR, skips this)")  # fmt: skip
         if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
+            if engine == "onnxruntime":
+                raise ValueError("--trust-remote-code is for --engine torch: an export folder runs no code")
             if model in (None, "default"):
                 raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
             from mtaffect.models.checkpoint import load_model
@@ -129,7 +147,7 @@ def run_predict(
             model=model, device=device, batch_size=batch_size, detect_every=detect_every,
             max_faces=max_faces, min_face_size="auto" if min_face_size == "auto" else float(min_face_size),
             every=every, post=post, smoothing=smoothing, num_threads=streaming_threads(), aligned=aligned,
-            temporal=temporal,
+            temporal=temporal, engine=engine, precision=precision, **detection,
         )  # fmt: skip
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
                "sequences": sequences}  # fmt: skip
@@ -154,7 +172,9 @@ def run_predict(
         if report:
             settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
                         "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
-                        "aligned": aligned}  # fmt: skip
+                        "aligned": aligned, "min_confidence": predictor.min_confidence,
+                        "nested_overlap": predictor.nested_overlap,
+                        "reid_memory_s": predictor.reid_memory}  # fmt: skip
             if predictor.window > 1:
                 settings["temporal"] = f"{temporal} (window {predictor.window})"
             write_report(report_path, report_inputs, _model_card(predictor), settings, overwrite=overwrite)
@@ -224,9 +244,8 @@ def _write_extras(
     out = table_path.parent
     written = [str(table_path)]
     report_inputs = []
-    for r in good:
+    for r, stem in zip(good, _file_stems(name, [r.info.file for r in good]), strict=True):
         outputs = [str(table_path)]
-        stem = name if len(good) == 1 else f"{name}_{Path(r.info.file).stem}"
         pngs = {}
         if plot or report:
             from mtaffect.predict.plots import timeline_pngs, write_png
@@ -235,6 +254,11 @@ def _write_extras(
             if plot:
                 for fid, data in pngs.items():
                     outputs.append(str(write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)))
+        if (plot or video) and r.info.kind == "image":
+            from mtaffect.predict.annotate import annotate_image
+
+            p = annotate_image(r.info.file, r.table, out / f"{stem}_annotated.jpg", overwrite=overwrite)
+            outputs.append(str(p))
         if video and r.info.kind == "video":
             from mtaffect.predict.annotate import annotate_video
 
@@ -256,13 +280,22 @@ def _write_extras(
     return report_inputs
 
 
+def _file_stems(name: str, files: list[str]) -> list[str]:
+    """Output stems of an INPUT's files: ``name`` alone for one file, else ``name_<file stem>``, with the
+    parent folders added where two files share a stem (``--recursive``: ``a/00001.jpg``, ``b/00001.jpg``)."""
+    if len(files) == 1:
+        return [name]
+    paths = [Path(f) for f in files]
+    depth = 1
+    while True:
+        stems = ["_".join((*p.parent.parts[len(p.parent.parts) - depth + 1 :], p.stem)) for p in paths]
+        if len(set(stems)) == len(stems) or depth > max(len(p.parts) for p in paths):
+            return [f"{name}_{s}" for s in stems]
+        depth += 1
+
+
 def _model_card(predictor) -> dict:
-    m = predictor.model
-    card = m.card() if hasattr(m, "card") else {}
-    card = {str(k): str(v) for k, v in card.items()}
-    if "name" not in card:
-        card["name"] = str(getattr(m, "name", type(m).__name__))
-    card.setdefault("backbone", m.backbone)
+    card = predictor.engine.card()
     card["AU thresholds"] = ", ".join(f"{t:.2f}" for t in predictor.au_thresholds)
     return card
 
@@ -283,7 +316,11 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Output folder (created).")] = Path("mtaffect_out"),
         model: Annotated[
             str | None,
-            typer.Option(help="Trained checkpoint (from `mtaffect train`); default: embedded model."),
+            typer.Option(
+                help="Trained checkpoint (from `mtaffect train`), or emotiefflib:<model> (e.g. "
+                "emotiefflib:enet_b0_8_va_mtl: a local .onnx or EmotiEffLib's cache), or with --engine "
+                "onnxruntime an export folder (`mtaffect export`); default: embedded model"
+            ),
         ] = None,
         post: Annotated[
             Path | None, typer.Option(help="Post-processing YAML (from `mtaffect tune`).")
@@ -293,7 +330,23 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Full face detection every K analysed frames; tracking in between.")
         ] = 1,
         batch_size: Annotated[int, typer.Option(help="Faces per backbone batch.")] = 64,
-        device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:N or mps.")] = "cpu",
+        device: Annotated[
+            str, typer.Option(help="cpu, cuda, cuda:N (torch: also mps; onnxruntime: CUDA provider).")
+        ] = "cpu",
+        engine: Annotated[
+            str,
+            typer.Option(
+                help="Run the networks with torch, or onnxruntime (--model: an export folder, or a model "
+                "exported first; needs no torch)."
+            ),
+        ] = "torch",
+        precision: Annotated[
+            str | None,
+            typer.Option(
+                help="onnxruntime: float32 (default) or int8 (an export made with --quantize: smaller, "
+                "not faster on CPU)."
+            ),
+        ] = None,
         max_faces: Annotated[int | None, typer.Option(help="Keep the K largest faces per frame.")] = None,
         min_face_size: Annotated[
             str,
@@ -306,8 +359,25 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="Per-track smoothing: none, causal or centred.")
         ] = "none",
         fmt: Annotated[str, typer.Option("--format", help="Table format: csv or parquet.")] = "csv",
-        plot: Annotated[bool, typer.Option("--plot", help="Timeline PNG per face.")] = False,
-        video: Annotated[bool, typer.Option("--video", help="Annotated MP4 per video input.")] = False,
+        min_confidence: Annotated[
+            float,
+            typer.Option(help="Drop detections with a lower face probability (0.9 measured on real photos)."),
+        ] = 0.9,
+        keep_nested: Annotated[
+            bool, typer.Option("--keep-nested", help="Keep faces detected inside a larger face.")
+        ] = False,
+        reid_memory: Annotated[
+            float,
+            typer.Option(
+                help="Seconds a face that left is remembered and re-identified by appearance (0: off)."
+            ),
+        ] = 30.0,
+        plot: Annotated[
+            bool, typer.Option("--plot", help="Timeline PNG per face; annotated JPEG per still image.")
+        ] = False,
+        video: Annotated[
+            bool, typer.Option("--video", help="Annotated MP4 per video; annotated JPEG per still image.")
+        ] = False,
         report: Annotated[bool, typer.Option("--report", help="One self-contained HTML report.")] = False,
         recursive: Annotated[
             bool, typer.Option("--recursive", "-r", help="Search folders' subfolders too.")
@@ -361,7 +431,8 @@ def register(app: typer.Typer) -> None:
             inputs, out, model, post, every, detect_every, batch_size, device, max_faces, min_face_size,
             smoothing, fmt, plot, video, report, overwrite, progress=not quiet, recursive=recursive,
             aligned=aligned, sequences=not stills, fps=fps, temporal=temporal, resume=not no_resume,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, min_confidence=min_confidence, keep_nested=keep_nested,
+            reid_memory=reid_memory, engine=engine, precision=precision,
         )  # fmt: skip
         if good == 0:
             raise typer.Exit(1)

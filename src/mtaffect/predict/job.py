@@ -15,7 +15,11 @@ Smoothing and post-processing run on the whole table at the end (they need the f
 job gives the table an uninterrupted one gives: the tracker carries on with the faces and ids of the
 last completed frame (appearance is learnt again from there), and the detection schedule
 (``detect_every``) continues where it stopped. Temporal checkpoints restart their windows at the resume
-point. Live streams and cameras cannot be resumed: a rerun starts them again.
+point. Ids that late re-identification merged (``Resume.aliases``) are saved with the progress and the
+finished inputs, so rows written under a young track's id before the merge (even before an interruption)
+get the merged id in the table; the re-identification gallery itself is not saved: a face that left
+before the interruption and comes back after it gets a new id, and a shot cut exactly at the resume point
+is not seen as one. Live streams and cameras cannot be resumed: a rerun starts them again.
 
 :class:`OutputFolder` is what the CLI holds while it writes: the folder is checked before any work (an
 existing file named as the folder, a folder that cannot be created), locked against a second
@@ -107,6 +111,7 @@ def _resume_dict(r: Resume) -> dict:
         "next_id": int(r.next_id),
         "boxes": np.asarray(r.boxes, np.float64).tolist(),
         "ids": np.asarray(r.ids, np.int64).tolist(),
+        "aliases": {str(k): int(v) for k, v in r.aliases.items()},
     }
 
 
@@ -117,6 +122,7 @@ def _resume_from(d: dict) -> Resume:
         int(d["next_id"]),
         np.asarray(d["boxes"], np.float32).reshape(-1, 4),
         np.asarray(d["ids"], np.int64),
+        {int(k): int(v) for k, v in d.get("aliases", {}).items()},
     )
 
 
@@ -243,11 +249,21 @@ class PartialTable:
         self._pending, self._pending_point = TableBuilder(), None
         self._commit()
 
-    def finish(self, index: int, info: SourceInfo, seconds: float, analysed: int, error: str | None) -> None:
-        """Input ``index`` is done (or failed): recorded at once."""
+    def finish(
+        self,
+        index: int,
+        info: SourceInfo,
+        seconds: float,
+        analysed: int,
+        error: str | None,
+        aliases: dict[int, int] | None = None,
+    ) -> None:
+        """Input ``index`` is done (or failed): recorded at once, with the face ids late
+        re-identification merged (applied to its rows when the table is built)."""
         self.flush()
         self.state["done"][str(index)] = {
             "info": _info_dict(info), "seconds": seconds, "analysed": analysed, "error": error,
+            "aliases": {str(k): int(v) for k, v in (aliases or {}).items()},
         }  # fmt: skip
         self.state["current"] = None
         self._bytes = self._fh.tell()
@@ -364,14 +380,15 @@ def _run_input(
     if on_start is not None:
         on_start(source.info)
     analysed = start.steps if start is not None else 0
+    aliases = start.aliases if start is not None else {}
     try:
         for batch in _interruptible(predictor.stream_source(source, progress, start), source.info):
-            analysed = batch.resume.steps
+            analysed, aliases = batch.resume.steps, batch.resume.aliases
             part.append(index, batch.rows, batch.resume, source.info, before + time.perf_counter() - t0)
     except InputError as e:
-        part.finish(index, source.info, before + time.perf_counter() - t0, analysed, str(e))
+        part.finish(index, source.info, before + time.perf_counter() - t0, analysed, str(e), aliases)
         return
-    part.finish(index, source.info, before + time.perf_counter() - t0, analysed, None)
+    part.finish(index, source.info, before + time.perf_counter() - t0, analysed, None, aliases)
 
 
 def _interruptible(batches: Iterator, info: SourceInfo) -> Iterator:
@@ -397,7 +414,8 @@ def _results(predictor: Predictor, part: PartialTable, items: list) -> list[File
             continue
         table = by_input.get(index)
         table = empty_table() if table is None else table.drop(columns=INPUT_COLUMN).reset_index(drop=True)
-        table = predictor.finish_table(table, info)
+        aliases = {int(k): int(v) for k, v in rec.get("aliases", {}).items()}
+        table = predictor.finish_table(table, info, aliases)
         out.append(FileResult(info, table, rec["seconds"], rec["analysed"]))
     return out
 

@@ -10,6 +10,8 @@ Columns, in order (names from :mod:`mtaffect.schema`; documented in docs/formats
 - ``x1, y1, x2, y2``: the face box in pixels (edge coordinates);
 - five landmarks ``eye_l_x, eye_l_y, eye_r_x, eye_r_y, nose_x, nose_y, mouth_l_x, mouth_l_y, mouth_r_x,
   mouth_r_y`` (left/right as seen in the image);
+- ``pose_Rx, pose_Ry, pose_Rz``: head pitch, yaw and roll in radians, OpenFace's convention, estimated from
+  the five landmarks (:mod:`mtaffect.faces.pose`; NaN where no landmarks were measured);
 - ``AU01_p`` .. ``AU26_p``: AU probabilities (OpenFace-style names); ``AU01_c`` .. ``AU26_c``: 0/1
   decisions at the model's (or the post-processing config's) per-AU thresholds;
 - ``Neutral_p`` .. ``Other_p``: the 8 expression probabilities (sum to 1) and ``expression``: the most
@@ -32,20 +34,31 @@ import numpy as np
 import pandas as pd
 
 from mtaffect.io import atomic_path
-from mtaffect.schema import AU_NAMES, AU_OPENFACE_NAMES, AU_PROB_COLUMNS, EXPR_NAMES, EXPR_PROB_COLUMNS
+from mtaffect.schema import (
+    AU_DECISION_COLUMNS,
+    AU_NAMES,
+    AU_PROB_COLUMNS,
+    BOX_COLUMNS,
+    EXPR_NAMES,
+    EXPR_PROB_COLUMNS,
+    LANDMARK_COLUMNS,
+    LANDMARK_NAMES,  # noqa: F401  (re-exported)
+    POSE_COLUMNS,
+    VA_NAMES,
+)
 
-LANDMARK_NAMES: Final[tuple[str, ...]] = ("eye_l", "eye_r", "nose", "mouth_l", "mouth_r")
 ID_COLUMNS: Final[tuple[str, ...]] = ("file", "frame", "time", "face_id", "success", "confidence")
-BOX_COLUMNS: Final[tuple[str, ...]] = ("x1", "y1", "x2", "y2")
-LANDMARK_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_{a}" for n in LANDMARK_NAMES for a in ("x", "y"))
-AU_P_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in AU_OPENFACE_NAMES)
-AU_C_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_c" for n in AU_OPENFACE_NAMES)
-EXPR_P_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in EXPR_NAMES)
-VA_COLUMNS: Final[tuple[str, str]] = ("valence", "arousal")
+# The probability/decision names are the schema's (one convention for every table); these aliases keep
+# the application's short names.
+AU_P_COLUMNS: Final[tuple[str, ...]] = AU_PROB_COLUMNS
+AU_C_COLUMNS: Final[tuple[str, ...]] = AU_DECISION_COLUMNS
+EXPR_P_COLUMNS: Final[tuple[str, ...]] = EXPR_PROB_COLUMNS
+VA_COLUMNS: Final[tuple[str, str]] = VA_NAMES
 COLUMNS: Final[tuple[str, ...]] = (
     *ID_COLUMNS,
     *BOX_COLUMNS,
     *LANDMARK_COLUMNS,
+    *POSE_COLUMNS,
     *AU_P_COLUMNS,
     *AU_C_COLUMNS,
     *EXPR_P_COLUMNS,
@@ -75,11 +88,14 @@ class TableBuilder:
         expr: np.ndarray,
         au: np.ndarray,
         va: np.ndarray,
+        pose: np.ndarray | None = None,
     ) -> None:
-        """Rows of faces: arrays of length n (boxes (n, 4), landmarks (n, 5, 2), expr (n, 8), au (n, 12))."""
+        """Rows of faces: arrays of length n (boxes (n, 4), landmarks (n, 5, 2), expr (n, 8), au (n, 12),
+        pose (n, 3) radians or None: NaN)."""
         n = len(frame)
         if n == 0:
             return
+        pose = np.full((n, 3), np.nan, np.float32) if pose is None else pose
         self._blocks.append(
             {
                 "frame": np.asarray(frame, np.int64),
@@ -92,6 +108,7 @@ class TableBuilder:
                 "expr": np.asarray(expr, np.float32).reshape(n, len(EXPR_NAMES)),
                 "au": np.asarray(au, np.float32).reshape(n, len(AU_NAMES)),
                 "va": np.asarray(va, np.float32).reshape(n, 2),
+                "pose": np.asarray(pose, np.float32).reshape(n, 3),
             }
         )
         self._files.append((file, n))
@@ -114,6 +131,7 @@ class TableBuilder:
                 "expr": np.full((n, len(EXPR_NAMES)), nan, np.float32),
                 "au": np.full((n, len(AU_NAMES)), nan, np.float32),
                 "va": np.full((n, 2), nan, np.float32),
+                "pose": np.full((n, 3), nan, np.float32),
             }
         )
         self._files.append((file, n))
@@ -162,6 +180,7 @@ class TableBuilder:
             data[k] = cat[k]
         data.update(zip(BOX_COLUMNS, cat["boxes"].T, strict=True))
         data.update(zip(LANDMARK_COLUMNS, cat["landmarks"].T, strict=True))
+        data.update(zip(POSE_COLUMNS, cat["pose"].T, strict=True))
         data.update(zip(AU_P_COLUMNS, cat["au"].T, strict=True))
         data.update(zip(EXPR_P_COLUMNS, cat["expr"].T, strict=True))
         data.update(zip(VA_COLUMNS, cat["va"].T, strict=True))
@@ -234,27 +253,40 @@ def write_table(
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a table written by :func:`write_table` (CSV or Parquet), with the same dtypes."""
+    """Read a table written by :func:`write_table` (CSV or Parquet), with the same dtypes.
+
+    Tables of older versions are accepted: old probability names (``p_AU1``) are renamed, and a table
+    without the pose columns gets them as NaN.
+    """
+    from mtaffect.data.predictions import upgrade_columns
+
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         df = pd.read_parquet(path)
     else:
         df = pd.read_csv(path, dtype={"file": str, "expression": str}, keep_default_na=False, na_values=[""])
-        df["expression"] = df["expression"].fillna("")
+        if "expression" in df:
+            df["expression"] = df["expression"].fillna("")
         for c in AU_C_COLUMNS:
-            df[c] = df[c].astype("Int8")
-    if "ended_early" not in df.columns:  # tables written before the column existed
+            if c in df:
+                df[c] = df[c].astype("Int8")
+    df = upgrade_columns(df, str(path))
+    for c in POSE_COLUMNS:  # tables written before these columns existed
+        if c not in df:
+            df[c] = np.float32("nan")
+    if "ended_early" not in df.columns:
         df["ended_early"] = np.int8(0)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not an mtaffect prediction table (missing {missing[:4]})")
-    return df
+    return df[[*COLUMNS, *(c for c in df.columns if c not in COLUMNS)]]
 
 
 def to_prediction_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows with a face in PredictionTable column names (see :mod:`mtaffect.data.predictions`), plus
-    ``file``, ``frame``, ``time`` and ``face_id``; ``image`` is ``<file>:<frame>:<face_id>``. This is what
-    post-processing, blending and the metric read."""
+    """The rows with a face as a PredictionTable frame (see :mod:`mtaffect.data.predictions`; the
+    probability columns have the same names in both tables), plus ``file``, ``frame``, ``time`` and
+    ``face_id``; ``image`` is ``<file>:<frame>:<face_id>``. This is what post-processing, blending and
+    the metric read."""
     ok = df[df["success"] == 1]
     out = pd.DataFrame(
         {
@@ -263,10 +295,8 @@ def to_prediction_table(df: pd.DataFrame) -> pd.DataFrame:
             "arousal": ok["arousal"].to_numpy(np.float64),
         }
     )
-    for src, dst in zip(EXPR_P_COLUMNS, EXPR_PROB_COLUMNS, strict=True):
-        out[dst] = ok[src].to_numpy(np.float64)
-    for src, dst in zip(AU_P_COLUMNS, AU_PROB_COLUMNS, strict=True):
-        out[dst] = ok[src].to_numpy(np.float64)
+    for c in (*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS):
+        out[c] = ok[c].to_numpy(np.float64)
     for c in ("file", "frame", "time", "face_id"):
         out[c] = ok[c].to_numpy()
     return out.reset_index(drop=True)

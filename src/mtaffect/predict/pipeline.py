@@ -1,5 +1,10 @@
 """The prediction pipeline: frames -> faces (MTCNN, tracking) -> aligned crops -> backbone -> heads -> table.
 
+One pipeline for both engines: the networks (MTCNN's nets, the backbone and heads) run behind
+:class:`~mtaffect.predict.engines.Engine`, PyTorch (``engine="torch"``, the default) or onnxruntime on an
+export folder (``engine="onnxruntime"``: nothing on that path imports torch); everything else below is
+this module's and the same for both.
+
 Per input, frames stream through in chunks of ``chunk_frames``: detection runs on the whole chunk at
 once (MTCNN batches same-sized frames), every face of the chunk is aligned and goes through the backbone
 and the model's heads in one batch, then the tracker gives ids frame by frame. Nothing but the output
@@ -14,6 +19,13 @@ models are trained on) and then resized exactly as feature extraction does
 With ``aligned=True`` the inputs already are such crops (s-Aff-Wild2's ``cropped_aligned`` frames): no
 detection, one face per image, decoded exactly as extraction decodes them, so a checkpoint run on its
 own validation frames gives the numbers of ``mtaffect infer`` on a store of those frames.
+
+Identity: the tracker (:mod:`mtaffect.predict.tracking`) follows faces by box overlap and an appearance
+embedding of the aligned crop (:func:`mtaffect.faces.embed.appearance_embedding`), detects shot cuts,
+and re-identifies a face that returns within ``reid_memory`` seconds. A young track it recognises late
+is merged into the remembered id: the merged id applies at once to the rows still in flight (and to the
+temporal windows of that face), and :meth:`Predictor.finish_table` relabels the rows already handed out
+(``Resume.aliases`` carries the mapping, also through a resumed job).
 
 Temporal checkpoints (a recipe with an LSTM/Transformer/TCN over windows) run over each face track with
 their training windows (:mod:`mtaffect.predict.temporal`). :meth:`Predictor.stream_source` gives the
@@ -31,17 +43,23 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mtaffect.faces.align import align_faces_fast
-from mtaffect.faces.mtcnn import MTCNN, FaceDetections
+from mtaffect.faces.cascade import FaceDetections
+from mtaffect.faces.embed import appearance_embedding
+from mtaffect.faces.filtering import (
+    DEFAULT_MIN_CONFIDENCE,
+    DEFAULT_NESTED_OVERLAP,
+    check_filter_options,
+    filter_detections,
+)
+from mtaffect.faces.pose import head_pose
 from mtaffect.features.decode import resize_array
-from mtaffect.features.registry import create_backbone
-from mtaffect.models.base import AffectOutputs, FaceAffectModel
+from mtaffect.predict.engines import Detector, Engine, create_engine
 from mtaffect.predict.outputs import (
     AU_P_COLUMNS,
     EXPR_P_COLUMNS,
@@ -64,13 +82,21 @@ from mtaffect.predict.sources import (
     read_face_crop,
 )
 from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows, window_of
-from mtaffect.predict.tracking import FaceTracker
+from mtaffect.predict.threads import streaming_threads
+from mtaffect.predict.tracking import (
+    DEFAULT_REID_SECONDS,
+    TRACK_MEMORY_S,
+    CutDetector,
+    FaceTracker,
+    canonical_ids,
+)
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
+
+if TYPE_CHECKING:
+    from mtaffect.models.base import FaceAffectModel
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
 ALIGN_SIZE: Final[int] = 112
-#: How long (seconds) a face may stay out of view and come back with the same id.
-TRACK_MEMORY_S: Final[float] = 1.0
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
 #: Frame rate assumed for smoothing when an input has none (frame sequences without ``fps``).
@@ -101,7 +127,9 @@ class Resume:
     """Where a stream of rows stands: every row of frames up to ``after`` is final.
 
     ``steps`` analysed frames lie up to ``after``; ``boxes``/``ids`` are the faces of the last of them
-    (they seed the tracker and O-Net tracking), ``next_id`` the next face id to give.
+    (they seed the tracker and O-Net tracking), ``next_id`` the next face id to give. ``aliases``: ids
+    handed out that late re-identification merged into another (``FaceTracker.aliases``): rows already
+    released under such an id are relabelled when the table is finished.
     """
 
     after: int = -1
@@ -109,6 +137,7 @@ class Resume:
     next_id: int = 0
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    aliases: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,29 +147,6 @@ class RowBatch:
 
     rows: TableBuilder
     resume: Resume
-
-
-def load_affect_model(
-    model: FaceAffectModel | str | os.PathLike | None, device: str | torch.device = "cpu"
-) -> FaceAffectModel:
-    """None or "default": the embedded default model; a path: a trained checkpoint; or a model object."""
-    if model is None or (isinstance(model, str) and model == "default"):
-        from mtaffect.models.default import DefaultAffectModel
-
-        return DefaultAffectModel()
-    if isinstance(model, str | os.PathLike):
-        if not Path(model).exists():
-            raise FileNotFoundError(f"{model}: model checkpoint not found (train one with `mtaffect train`)")
-        try:
-            from mtaffect.models.checkpoint import load_model
-        except ImportError as e:  # pragma: no cover - the module ships with the package
-            raise ValueError(f"cannot load {model}: mtaffect.models.checkpoint is not available ({e})") from e
-        return load_model(model, device=device)
-    if isinstance(model, FaceAffectModel):
-        return model
-    raise TypeError(
-        f"model must be None, 'default', a checkpoint path or a FaceAffectModel, got {type(model).__name__}"
-    )
 
 
 def load_post(post):
@@ -158,41 +164,9 @@ def load_post(post):
     return post
 
 
-def torch_device(name: str | torch.device) -> torch.device:
-    """``name`` as a torch device that exists here; a clear ValueError (not a traceback later) when
-    it does not parse, or names CUDA/MPS on a machine without them."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
-    return dev
-
-
 def _batched(it: Iterator, n: int) -> Iterator[list]:
     while chunk := list(islice(it, n)):
         yield chunk
-
-
-def streaming_threads() -> int:
-    """Torch threads for a whole-machine streaming run: every core but one, which decodes video.
-
-    Measured on 2 cores: 1 torch thread + the decode thread runs 55 frames/s where torch's default of
-    2 threads (competing with decoding) runs 50 (docs/benchmarks.md). The CLI uses this; the library
-    leaves torch's global setting alone unless ``num_threads`` is given.
-    """
-    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def source_warnings(info: SourceInfo) -> list[str]:
@@ -210,7 +184,12 @@ def source_warnings(info: SourceInfo) -> list[str]:
 class Predictor:
     """Run a face-affect model on images, folders, videos, streams or arrays; ``predict`` returns the table.
 
-    ``model``: None (the embedded default model), a checkpoint path, or any ``FaceAffectModel``.
+    ``model``: None (the embedded default model), a checkpoint path, ``"emotiefflib:<model>"``, or any
+    ``FaceAffectModel``; with ``engine="onnxruntime"`` an export folder (``mtaffect export``), or one of
+    those, exported first into a temporary folder (see :mod:`mtaffect.predict.engines`).
+    ``engine``: "torch" or "onnxruntime" (no torch needed: the same pipeline, outputs and jobs).
+    ``precision``: onnxruntime only, "float32" (None: the default) or "int8" (an export made with
+    ``--quantize``). ``device``: cpu, cuda[:N] (or mps with torch).
     ``every``: analyse every N-th frame of videos. ``detect_every``: full detection every k analysed
     frames, O-Net tracking in between. ``max_faces``: keep the largest K faces per frame.
     ``min_face_size``: pixels, or "auto" (max(40 for video / 20 for stills, shorter side / 30)).
@@ -220,6 +199,13 @@ class Predictor:
     ``aligned``: inputs are already cropped and aligned faces (no detection; one face per image).
     ``temporal``: how a temporal checkpoint sees each track, "centred" (its training windows) or
     "causal" (a window ending at each frame: live use); see :mod:`mtaffect.predict.temporal`.
+    ``min_confidence`` / ``nested_overlap``: drop detections below that face probability / lying that
+    much inside a larger face (None keeps them; see :mod:`mtaffect.faces.filtering`).
+    ``reid_memory``: seconds a face that left (or was cut away from) is remembered and re-identified by
+    appearance when it returns (0: off; see :mod:`mtaffect.predict.tracking`).
+    ``num_threads``: torch threads while this predictor runs ("auto": every core but one, the caller's
+    setting restored afterwards; None: torch's setting as is; see :mod:`mtaffect.predict.threads`), or
+    onnxruntime's intra-op threads ("auto": the same count; None: its default).
     """
 
     def __init__(
@@ -235,11 +221,16 @@ class Predictor:
         smoothing: str = "none",
         smoothing_seconds: float = 0.2,
         chunk_frames: int = 16,
-        num_threads: int | None = None,
+        num_threads: int | str | None = "auto",
         decode_thread: bool = True,
         tracker: dict | None = None,
         aligned: bool = False,
         temporal: str = "centred",
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+        nested_overlap: float | None = DEFAULT_NESTED_OVERLAP,
+        reid_memory: float = DEFAULT_REID_SECONDS,
+        engine: str = "torch",
+        precision: str | None = None,
     ) -> None:
         for name, v in (
             ("batch_size", batch_size),
@@ -259,38 +250,40 @@ class Predictor:
             raise ValueError(
                 f"min_face_size must be 'auto' or a number of pixels >= 12, got {min_face_size!r}"
             )
-        self.device = torch_device(device)
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
-        self.model = load_affect_model(model, self.device)
-        # a trained checkpoint builds its own backbone (with its fine-tuned weights, when it has them)
-        make = getattr(self.model, "create_backbone", None)
-        self.backbone = (
-            make()
-            if callable(make)
-            else create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
-        )
-        self.backbone.to(self.device).eval()
-        spec = self.backbone.spec
-        self._size, self._colour = spec.input_size, spec.colour
-        self._tokens = "tokens" in tuple(getattr(self.model, "inputs", ()) or ())
+        check_filter_options(min_confidence, nested_overlap)
+        if not reid_memory >= 0:
+            raise ValueError(f"reid_memory must be >= 0 seconds (0: off), got {reid_memory}")
+        self.min_confidence, self.nested_overlap = float(min_confidence), nested_overlap
+        self.reid_memory = float(reid_memory)
         self.post = load_post(post)
+        self.engine: Engine = create_engine(
+            engine, model, device=device, num_threads=num_threads, batch_size=int(batch_size),
+            precision=precision, detector=not aligned,
+        )  # fmt: skip
+        self.model, self.device = self.engine.model, getattr(self.engine, "device", device)
+        self.num_threads = self.engine.num_threads
+        self._size, self._colour = self.engine.input_size, self.engine.colour
         self.batch_size, self.detect_every, self.every = int(batch_size), int(detect_every), int(every)
         self.max_faces, self.min_face_size = max_faces, min_face_size
         self.smoothing, self.smoothing_seconds = smoothing, float(smoothing_seconds)
         self.chunk_frames, self.decode_thread = int(chunk_frames), decode_thread
         self.tracker_kwargs = dict(tracker or {})
         self.aligned, self.temporal = bool(aligned), temporal
-        self.window = window_of(self.model)
-        self._detectors: dict[float, MTCNN] = {}
+        self.window = window_of(self.engine)
+        self._detectors: dict[float, Detector] = {}
         self.failures: list[tuple[str, str]] = []
 
     # ---- public API ------------------------------------------------------------------------------------
 
     @property
+    def backbone(self):
+        """The torch engine's backbone (None with onnxruntime: the backbone is inside its face graph)."""
+        return getattr(self.engine, "backbone", None)
+
+    @property
     def au_thresholds(self) -> np.ndarray:
         post_th = getattr(self.post, "au_thresholds", None) if self.post is not None else None
-        return np.asarray(post_th if post_th is not None else self.model.au_thresholds, np.float64)
+        return np.asarray(post_th if post_th is not None else self.engine.au_thresholds, np.float64)
 
     def predict(
         self,
@@ -372,11 +365,11 @@ class Predictor:
     ) -> FileResult:
         """Run the pipeline over one opened source: its whole, final table."""
         t0 = time.perf_counter()
-        rows, analysed = TableBuilder(), 0
+        rows, analysed, resume = TableBuilder(), 0, Resume()
         for batch in self.stream_source(source, progress):
             rows.extend(batch.rows)
-            analysed = batch.resume.steps
-        table = self.finish_table(rows.build(self.au_thresholds), source.info)
+            analysed, resume = batch.resume.steps, batch.resume
+        table = self.finish_table(rows.build(self.au_thresholds), source.info, resume.aliases)
         return FileResult(source.info, table, time.perf_counter() - t0, analysed)
 
     def stream_source(
@@ -401,13 +394,15 @@ class Predictor:
             frames = prefetch(frames, depth=2 * self.chunk_frames)
         try:
             for chunk in _batched(frames, self.chunk_frames):
-                self._process_chunk(info, chunk, state)
+                with self.engine.running():  # only while our code runs, not between batches
+                    self._process_chunk(info, chunk, state)
                 if progress is not None:
                     progress(len(chunk))
                 if (batch := state.release(final=False)) is not None:
                     yield batch
             if state.windows is not None:
-                self._add_emitted(info, state.windows.flush(), state)
+                with self.engine.running():
+                    self._add_emitted(info, state.windows.flush(), state)
         finally:
             close = getattr(frames, "close", None)
             if close is not None:
@@ -416,22 +411,21 @@ class Predictor:
         if batch is not None:
             yield batch
 
-    def finish_table(self, table: pd.DataFrame, info: SourceInfo) -> pd.DataFrame:
-        """An input's raw rows -> its final table: smoothing or the post-processing config, the AU
+    def finish_table(
+        self, table: pd.DataFrame, info: SourceInfo, aliases: dict[int, int] | None = None
+    ) -> pd.DataFrame:
+        """An input's raw rows -> its final table: face ids merged by late re-identification relabelled
+        (``aliases``, from the last :class:`Resume`), smoothing or the post-processing config, the AU
         decisions and labels recomputed, and ``ended_early`` set when the input stopped early."""
+        table = relabel_faces(table, aliases)
         table = self._postprocess(table, info)
         table["ended_early"] = np.int8(1 if info.ended_early else 0)
         return table
 
     def settings(self) -> dict:
         """What determines the raw rows (a resumed job must use the same)."""
-        m = self.model
-        cfg = getattr(m, "config", None)
         return {
-            "model": type(m).__name__,
-            "model_config": cfg if isinstance(cfg, dict) else None,
-            "backbone": m.backbone,
-            "backbone_kwargs": dict(m.backbone_kwargs),
+            **self.engine.describe(),
             "every": self.every,
             "detect_every": self.detect_every,
             "max_faces": self.max_faces,
@@ -440,39 +434,41 @@ class Predictor:
             "temporal": self.temporal if self.window > 1 else None,
             "tracker": self.tracker_kwargs,
             "chunk_frames": self.chunk_frames,
+            "min_confidence": self.min_confidence,
+            "nested_overlap": self.nested_overlap,
+            "reid_memory": self.reid_memory,
         }
 
     # ---- internals -------------------------------------------------------------------------------------
 
     def _new_state(self, info: SourceInfo, resume: Resume) -> _State:
-        tracker = dict(self.tracker_kwargs)
-        if "max_age" not in tracker and info.fps == info.fps and info.fps > 0:
-            # Forget a face after TRACK_MEMORY_S seconds out of view, whatever ``every`` is.
-            tracker["max_age"] = max(2, round(TRACK_MEMORY_S * info.fps / info.every))
-        tr = FaceTracker(**tracker)
-        if len(resume.ids) or resume.next_id:
-            tr.restore(resume.boxes, resume.ids, resume.next_id)
+        # Position memory TRACK_MEMORY_S, re-identification memory reid_memory, in seconds of video.
+        tr = FaceTracker.for_rate(
+            info.fps, info.every, self.reid_memory, TRACK_MEMORY_S, **self.tracker_kwargs
+        )
+        if len(resume.ids) or resume.next_id or resume.aliases:
+            tr.restore(resume.boxes, resume.ids, resume.next_id, resume.aliases)
         windows = None
         if self.window > 1:
-            windows = TrackWindows(self.model, self.temporal, max_age=tr.max_age)
+            windows = TrackWindows(self.engine, self.temporal, max_age=tr.max_age)
         state = _State(tr, TableBuilder(), windows=windows)
         state.step, state.committed = resume.steps, resume
         state.last_boxes = np.asarray(resume.boxes, np.float32).reshape(-1, 4)
         state.next_id = resume.next_id
         return state
 
-    def _detector(self, height: int, width: int, still: bool) -> MTCNN:
+    def _detector(self, height: int, width: int, still: bool) -> Detector:
         if self.min_face_size == "auto":
             size = float(max(20 if still else 40, round(min(height, width) * AUTO_FACE_FRACTION)))
         else:
             size = float(self.min_face_size)
         if size not in self._detectors:
-            self._detectors[size] = MTCNN(
-                device=self.device, min_face_size=size, batch_size=self.chunk_frames
-            )
+            self._detectors[size] = self.engine.detector(size, self.chunk_frames)
         return self._detectors[size]
 
     def _keep(self, d: FaceDetections) -> FaceDetections:
+        """The detections that count: confidence floor and nested boxes, then the ``max_faces`` largest."""
+        d = filter_detections(d, self.min_confidence, self.nested_overlap)
         if self.max_faces is None or len(d) <= self.max_faces:
             return d
         area = (d.boxes[:, 2] - d.boxes[:, 0]) * (d.boxes[:, 3] - d.boxes[:, 1])
@@ -482,7 +478,11 @@ class Predictor:
     def _locate(self, info: SourceInfo, chunk: list, state: _State) -> list[FaceDetections]:
         """Faces per frame: full detection on detection steps, else O-Net refinement of the last boxes."""
         still = info.kind == "image"
-        det_idx = [i for i in range(len(chunk)) if (state.step + i) % self.detect_every == 0]
+        # A shot change gets a full detection, and the tracker is told (no id carries over by position).
+        state.cuts = [False if still else state.cut_detector(fr.image) for fr in chunk]
+        det_idx = [
+            i for i in range(len(chunk)) if (state.step + i) % self.detect_every == 0 or state.cuts[i]
+        ]
         by_frame: dict[int, FaceDetections] = {}
         if det_idx:
             h, w = chunk[0].image.shape[:2]
@@ -494,7 +494,7 @@ class Predictor:
             if d is None:
                 h, w = fr.image.shape[:2]
                 det = self._detector(h, w, still)
-                d = det.refine(fr.image, state.last_boxes)
+                d = self._keep(det.refine(fr.image, state.last_boxes))  # filtered: a weak box is lost
                 if len(d) < len(state.last_boxes):  # a face was lost (moved fast, or left): look again
                     d = det.detect(fr.image)[0]
             d = self._keep(d)
@@ -502,40 +502,11 @@ class Predictor:
             out.append(d)
         return out
 
-    @torch.inference_mode()
-    def _backbone_batches(self, faces: np.ndarray) -> Iterator:
-        """Backbone outputs for aligned faces (n, S, S[, 3]), ``batch_size`` at a time."""
-        for s in range(0, len(faces), self.batch_size):
-            x = self.backbone.preprocess(faces[s : s + self.batch_size]).to(self.device)
-            yield self.backbone(x, tokens=self._tokens)
-
-    @torch.inference_mode()
-    def _heads(self, faces: np.ndarray) -> tuple[np.ndarray, AffectOutputs]:
-        """Per-frame models: aligned faces -> (features (n, D) numpy, their outputs), in batches."""
-        feats, va, expr, au = [], [], [], []
-        for out in self._backbone_batches(faces):
-            res = self.model.predict(out.features, out.logits, out.tokens)
-            feats.append(out.features.float().cpu().numpy())
-            va.append(np.asarray(res.va))
-            expr.append(np.asarray(res.expr_probs))
-            au.append(np.asarray(res.au_probs))
-        cat = np.concatenate
-        return cat(feats), AffectOutputs(cat(va), cat(expr), cat(au))
-
-    def _embed(self, faces: np.ndarray) -> dict[str, np.ndarray]:
-        """Temporal models: the backbone arrays they read, per face (their heads run per window)."""
-        parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "tokens": []}
-        for out in self._backbone_batches(faces):
-            for name in parts:
-                a = getattr(out, name, None)
-                if a is not None:
-                    parts[name].append(a.float().cpu().numpy())
-        return {k: np.concatenate(v) for k, v in parts.items() if v}
-
     def _faces(
         self, info: SourceInfo, chunk: list[Frame], state: _State
-    ) -> tuple[np.ndarray, FaceRows, np.ndarray]:
-        """(faces per frame, their rows without ids, their backbone-ready crops)."""
+    ) -> tuple[np.ndarray, FaceRows, np.ndarray, np.ndarray | None]:
+        """(faces per frame, their rows without ids, their backbone-ready crops, their appearance
+        embeddings for the tracker (None for ``aligned`` input: no tracking))."""
         frame_no = np.array([f.index for f in chunk], np.int64)
         times = np.array([f.time for f in chunk], np.float64)
         if self.aligned:  # the whole image is the face: no box, no landmarks, no detector confidence
@@ -544,39 +515,54 @@ class Predictor:
                 frame_no, times, np.zeros(n, np.int64), np.full(n, np.nan, np.float32),
                 np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32),
             )  # fmt: skip
-            return np.ones(n, np.int64), rows, np.stack([f.image for f in chunk])
+            return np.ones(n, np.int64), rows, np.stack([f.image for f in chunk]), None
         dets = self._locate(info, chunk, state)
         counts = np.array([len(d) for d in dets], np.int64)
         rep = np.repeat(np.arange(len(chunk)), counts)
-        crops = [
-            resize_array(face, self._size, self._colour)
+        aligned = [
+            face
             for fr, d in zip(chunk, dets, strict=True)
             if len(d)
             for face in align_faces_fast(fr.image, d.landmarks, ALIGN_SIZE)
         ]
+        crops = [resize_array(face, self._size, self._colour) for face in aligned]
+        # identity cues for the tracker: the aligned crop's appearance (not the affect backbone's features)
+        appearance = appearance_embedding(np.stack(aligned)) if aligned else None
         rows = FaceRows(
             frame_no[rep], times[rep], np.full(len(rep), -1, np.int64),
             np.concatenate([d.scores for d in dets]).astype(np.float32),
             np.concatenate([d.boxes for d in dets]).reshape(-1, 4),
             np.concatenate([d.landmarks for d in dets]).reshape(-1, 5, 2),
         )  # fmt: skip
-        return counts, rows, (np.stack(crops) if crops else np.zeros((0,)))
+        return counts, rows, (np.stack(crops) if crops else np.zeros((0,))), appearance
 
     def _track(self, info: SourceInfo, counts: np.ndarray, rows: FaceRows, feats, state: _State) -> None:
-        """Face ids, frame by frame (every still is its own scene; aligned input is one face: id 0)."""
+        """Face ids, frame by frame (every still is its own scene; aligned input is one face: id 0).
+
+        Ids merged by late re-identification during this chunk are applied to the whole chunk's rows
+        and to the temporal windows still open, so rows in flight carry the final id; rows released
+        earlier are relabelled by :meth:`finish_table`."""
         if self.aligned:
             return
+        tracker = state.tracker
         if info.kind == "image":
-            state.tracker.reset()
+            tracker.reset()
+        known = dict(tracker.aliases)
         start = 0
-        for n in counts:
+        for n, cut in zip(counts, state.cuts, strict=True):
             sl = slice(start, start + n)
             f = None if feats is None or n == 0 else feats[sl]
-            rows.face_id[sl] = state.tracker.update(rows.boxes[sl], f)
+            rows.face_id[sl] = tracker.update(rows.boxes[sl], f, cut=cut)
             start += n
+        if tracker.aliases != known:
+            rows.face_id[:] = tracker.canonical(rows.face_id)
+            if state.windows is not None:
+                for old in sorted(tracker.aliases.keys() - known.keys()):
+                    done = state.windows.rename(old, int(tracker.canonical([old])[0]))
+                    self._add_emitted(info, done, state)
 
     def _process_chunk(self, info: SourceInfo, chunk: list[Frame], state: _State) -> None:
-        counts, rows, crops = self._faces(info, chunk, state)
+        counts, rows, crops, appearance = self._faces(info, chunk, state)
         empty = counts == 0
         state.builder.add_empty(
             info.file,
@@ -585,15 +571,12 @@ class Predictor:
         )
         state.log_frames([f.index for f in chunk])
         if state.windows is None:
+            self._track(info, counts, rows, appearance, state)
             if counts.sum():
-                feats, outputs = self._heads(crops)
-                self._track(info, counts, rows, feats, state)
-                self._add_emitted(info, [Emitted(rows, outputs)], state)
-            else:
-                self._track(info, counts, rows, None, state)
+                self._add_emitted(info, [Emitted(rows, self.engine.heads(crops))], state)
         else:
-            arrays = self._embed(crops) if counts.sum() else {}
-            self._track(info, counts, rows, arrays.get("features"), state)
+            arrays = self.engine.embed(crops) if counts.sum() else {}
+            self._track(info, counts, rows, appearance, state)
             start = 0
             for n in counts:  # one analysed frame at a time: windows follow each track
                 sel = np.arange(start, start + n)
@@ -609,7 +592,7 @@ class Predictor:
             r, o = e.rows, e.outputs
             state.builder.add(
                 info.file, r.frame, r.time, r.face_id, r.confidence, r.boxes, r.landmarks,
-                o.expr_probs, o.au_probs, o.va,
+                o.expr_probs, o.au_probs, o.va, pose=head_pose(r.landmarks),
             )  # fmt: skip
             state.next_id = max(state.next_id, int(r.face_id.max()) + 1)
 
@@ -655,6 +638,8 @@ class _State:
     step: int = 0
     last_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     windows: TrackWindows | None = None
+    cut_detector: CutDetector = field(default_factory=CutDetector)
+    cuts: list[bool] = field(default_factory=list)  # per frame of the current chunk
     next_id: int = 0
     committed: Resume = field(default_factory=Resume)
     #: analysed frame numbers not yet released, in order
@@ -676,9 +661,26 @@ class _State:
         after = done[-1]
         ready, self.held = self.held.split(after)
         boxes, ids = ready.faces_at(after)
-        self.committed = Resume(after, self.committed.steps + len(done), self.next_id, boxes, ids)
+        aliases = dict(self.tracker.aliases)
+        # an id merged away is never given again (after a resume it would be relabelled with the merge)
+        next_id = max(self.next_id, max(aliases, default=-1) + 1)
+        self.committed = Resume(after, self.committed.steps + len(done), next_id, boxes, ids, aliases)
         self.frames = self.frames[len(done) :]
         return RowBatch(ready, self.committed)
+
+
+def relabel_faces(table: pd.DataFrame, aliases: dict[int, int] | None) -> pd.DataFrame:
+    """``face_id`` of rows handed out before late re-identification merged their track into a
+    remembered face, relabelled to that face's id (rows sorted again by frame and id)."""
+    if not aliases or not len(table):
+        return table
+    ids = table["face_id"].to_numpy(np.int64)
+    new = canonical_ids(ids, aliases)
+    if np.array_equal(new, ids):
+        return table
+    table = table.copy()
+    table["face_id"] = new
+    return table.sort_values(["frame", "face_id"], kind="stable", ignore_index=True)
 
 
 def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
@@ -686,4 +688,21 @@ def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
     return Predictor(model, **kwargs).predict(inputs)
 
 
-__all__: Sequence[str] = ("FileResult", "Predictor", "Resume", "RowBatch", "load_affect_model", "predict")
+def __getattr__(name: str):
+    # the torch engine's helpers, from where they used to live (imported on use: torch stays unloaded)
+    if name in ("load_affect_model", "torch_device"):
+        from mtaffect.predict import torch_engine
+
+        return getattr(torch_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__: Sequence[str] = (
+    "FileResult",
+    "Predictor",
+    "Resume",
+    "RowBatch",
+    "predict",
+    "relabel_faces",
+    "streaming_threads",
+)

@@ -86,7 +86,7 @@ def timeline_figure(table: pd.DataFrame, file: str, face_id: int):
     for k, (a, b) in enumerate(_segments(present)):  # one stack per stretch in view: gaps stay empty
         seg_x = x[a:b] if b - a > 1 else np.array([x[a] - 0.5 * _step(x), x[a] + 0.5 * _step(x)])
         seg_p = probs[a:b] if b - a > 1 else np.repeat(probs[a:b], 2, axis=0)
-        ax_ex.stackplot(seg_x, seg_p.T, colors=colours, labels=list(EXPR_NAMES) if k == 0 else None)
+        ax_ex.stackplot(seg_x, seg_p.T, colors=colours, labels=list(EXPR_NAMES) if k == 0 else ())
     ax_ex.set_facecolor("#f0f0f0")  # as the AU panel: grey where the face is not in view
     ax_ex.set_ylim(0, 1)
     ax_ex.set_ylabel("expression\nprobability")

@@ -1,7 +1,10 @@
 """One self-contained HTML page per run: inputs, summary statistics per face, timelines, the model.
 
-Everything is inline (CSS, PNGs as base64 data URIs): the file can be mailed or archived and opens
-offline. Values are HTML-escaped; nothing is fetched.
+Everything is inline (CSS, pictures as base64 data URIs): the file can be mailed or archived and opens
+offline. Values are HTML-escaped; nothing is fetched. Each face has a thumbnail (its most confident
+detection, :mod:`mtaffect.predict.thumbnails`) so a row can be matched to a person; the per-face
+figures are :func:`mtaffect.predict.summary.summarize`'s, the same numbers ``mtaffect.summarize(df)``
+returns in Python.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from pathlib import Path
 import pandas as pd
 
 from mtaffect.io import atomic_open
-from mtaffect.predict.outputs import AU_C_COLUMNS, AU_P_COLUMNS, EXPR_P_COLUMNS
+from mtaffect.predict.outputs import AU_C_COLUMNS, EXPR_P_COLUMNS
 from mtaffect.predict.plots import EXPR_COLOURS
 from mtaffect.predict.sources import SourceInfo
+from mtaffect.predict.summary import (
+    AU_ACTIVE_COLUMNS,
+    AU_MEAN_COLUMNS,
+    EXPR_SHARE_COLUMNS,
+    summarize,
+)
 from mtaffect.schema import AU_OPENFACE_NAMES, EXPR_NAMES
 
 CSS = """
@@ -35,6 +44,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .bar{display:inline-block;height:10px;vertical-align:middle;margin-right:1px}
 .err{color:#b00020}img{max-width:100%;border:1px solid #eee}
 .chip{display:inline-block;padding:1px 7px;border-radius:9px;font-size:.85em;margin:1px;color:#111}
+img.thumb{width:72px;height:72px;border-radius:4px;vertical-align:middle;margin-right:8px}
 """
 
 
@@ -49,6 +59,8 @@ class ReportInput:
     analysed: int = 0
     outputs: Sequence[str] = ()
     error: str | None = None
+    #: {face_id: JPEG bytes}; None: made from the input file when the report is rendered.
+    thumbs: Mapping[int, bytes] | None = None
 
 
 def _e(x) -> str:
@@ -62,29 +74,16 @@ def _fmt(x, digits: int = 2) -> str:
 
 
 def face_summary(rows: pd.DataFrame) -> dict:
-    """Statistics of one face's rows: counts, VA mean/std, expression shares and mean probs, AU rates."""
-    labels = rows["expression"].value_counts(normalize=True)
-    return {
-        "frames": len(rows),
-        "first_frame": int(rows["frame"].min()),
-        "last_frame": int(rows["frame"].max()),
-        "first_time": float(rows["time"].min()),
-        "last_time": float(rows["time"].max()),
-        "valence_mean": float(rows["valence"].mean()),
-        "valence_std": float(rows["valence"].std(ddof=0)),
-        "arousal_mean": float(rows["arousal"].mean()),
-        "arousal_std": float(rows["arousal"].std(ddof=0)),
-        "expression_share": {n: float(labels.get(n, 0.0)) for n in EXPR_NAMES},
-        "expression_mean_p": {
-            n: float(rows[c].mean()) for n, c in zip(EXPR_NAMES, EXPR_P_COLUMNS, strict=True)
-        },
-        "au_rate": {
-            n: float(rows[c].astype("float64").mean())
-            for n, c in zip(AU_OPENFACE_NAMES, AU_C_COLUMNS, strict=True)
-        },
-        "au_mean_p": {n: float(rows[c].mean()) for n, c in zip(AU_OPENFACE_NAMES, AU_P_COLUMNS, strict=True)},
-        "confidence_mean": float(rows["confidence"].mean()),
-    }
+    """Statistics of one face's rows (a dict of :func:`~mtaffect.predict.summary.summarize`'s columns)."""
+    return summarize(rows).iloc[0].to_dict()
+
+
+def _thumb(inp: ReportInput, fid: int) -> str:
+    data = (inp.thumbs or {}).get(fid)
+    if not data:
+        return ""
+    b64 = base64.b64encode(data).decode("ascii")
+    return f'<img class="thumb" alt="face {fid}" src="data:image/jpeg;base64,{b64}">'
 
 
 def _meta_table(inp: ReportInput) -> str:
@@ -144,22 +143,23 @@ def _span(s: Mapping) -> str:
     return f"seen in frames {s['first_frame']}–{s['last_frame']}"
 
 
-def _face_block(inp: ReportInput, fid: int) -> str:
-    rows = inp.table[(inp.table["face_id"] == fid) & (inp.table["success"] == 1)]
-    s = face_summary(rows)
-    top_aus = sorted(s["au_rate"].items(), key=lambda kv: -kv[1])
+def _face_block(inp: ReportInput, s: Mapping) -> str:
+    fid = int(s["face_id"])
+    shares = {n: float(s[c]) for n, c in zip(EXPR_NAMES, EXPR_SHARE_COLUMNS, strict=True)}
+    rate = {n: float(s[c]) for n, c in zip(AU_OPENFACE_NAMES, AU_ACTIVE_COLUMNS, strict=True)}
     au_cells = "".join(f"<th>{_e(n)}</th>" for n in AU_OPENFACE_NAMES)
-    au_rate = "".join(f'<td class="num">{100 * s["au_rate"][n]:.0f}%</td>' for n in AU_OPENFACE_NAMES)
-    au_p = "".join(f'<td class="num">{s["au_mean_p"][n]:.2f}</td>' for n in AU_OPENFACE_NAMES)
-    active = ", ".join(f"{n} ({100 * r:.0f}%)" for n, r in top_aus if r >= 0.5) or "none above 50% of frames"
+    au_rate = "".join(f'<td class="num">{100 * rate[n]:.0f}%</td>' for n in AU_OPENFACE_NAMES)
+    au_p = "".join(f'<td class="num">{float(s[c]):.2f}</td>' for c in AU_MEAN_COLUMNS)
+    top = sorted(rate.items(), key=lambda kv: -kv[1])
+    active = ", ".join(f"{n} ({100 * r:.0f}%)" for n, r in top if r >= 0.5) or "none above 50% of frames"
     out = [
-        f"<h3>Face {fid}</h3>",
+        f"<h3>{_thumb(inp, fid)}Face {fid}</h3>",
         '<div class="card">',
-        f"<b>{s['frames']}</b> of {inp.table['frame'].nunique()} analysed frames, {_span(s)} · "
-        f"mean detection confidence {_fmt(s['confidence_mean'], 3)}<br>",
-        f"valence <b>{_fmt(s['valence_mean'])}</b> ± {_fmt(s['valence_std'])} · "
-        f"arousal <b>{_fmt(s['arousal_mean'])}</b> ± {_fmt(s['arousal_std'])}<br>",
-        f"expression (share of frames): {_expr_bar(s['expression_share'])}<br>",
+        f"<b>{int(s['frames'])}</b> of {inp.table['frame'].nunique()} analysed frames, {_span(s)} · "
+        f"mean detection confidence {_fmt(float(s['confidence']), 3)}<br>",
+        f"valence <b>{_fmt(float(s['valence_mean']))}</b> ± {_fmt(float(s['valence_sd']))} · "
+        f"arousal <b>{_fmt(float(s['arousal_mean']))}</b> ± {_fmt(float(s['arousal_sd']))}<br>",
+        f"expression (share of frames): {_expr_bar(shares)}<br>",
         f"AUs active in most frames: {_e(active)}</div>",
         f"<table><tr><th></th>{au_cells}</tr><tr><th>active</th>{au_rate}</tr>"
         f"<tr><th>mean P</th>{au_p}</tr></table>",
@@ -173,7 +173,7 @@ def _face_block(inp: ReportInput, fid: int) -> str:
 def _stills_table(inputs: Sequence[ReportInput]) -> str:
     """One line per face of still images (folders can hold hundreds: a table, not sections)."""
     head = (
-        "<tr><th>image</th><th>face</th><th>confidence</th><th>expression</th><th>valence</th>"
+        "<tr><th>image</th><th>face</th><th></th><th>confidence</th><th>expression</th><th>valence</th>"
         "<th>arousal</th><th>active AUs</th></tr>"
     )
     lines = []
@@ -182,7 +182,7 @@ def _stills_table(inputs: Sequence[ReportInput]) -> str:
         if not len(t) or not (t["success"] == 1).any():
             lines.append(
                 f"<tr><td>{_e(Path(inp.info.file).name)}</td>"
-                "<td colspan=6 class=muted>no face found</td></tr>"
+                "<td colspan=7 class=muted>no face found</td></tr>"
             )
             continue
         for _, r in t[t["success"] == 1].iterrows():
@@ -190,6 +190,7 @@ def _stills_table(inputs: Sequence[ReportInput]) -> str:
             p = max(r[c] for c in EXPR_P_COLUMNS)
             lines.append(
                 f"<tr><td>{_e(Path(inp.info.file).name)}</td><td>{int(r['face_id'])}</td>"
+                f"<td>{_thumb(inp, int(r['face_id']))}</td>"
                 f'<td class="num">{r["confidence"]:.3f}</td>'
                 f'<td><span class="chip" style="background:{EXPR_COLOURS.get(r["expression"], "#eee")}">'
                 f"{_e(r['expression'])}</span> {p:.2f}</td>"
@@ -214,6 +215,11 @@ def render_report(
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     ok = [i for i in inputs if i.error is None]
     failed = [i for i in inputs if i.error is not None]
+    for i in ok:
+        if i.thumbs is None:
+            from mtaffect.predict.thumbnails import face_thumbnails
+
+            i.thumbs = face_thumbnails(i.info, i.table)
     stills = [i for i in ok if i.info.kind == "image"]
     clips = [i for i in ok if i.info.kind != "image"]
     parts = [
@@ -231,8 +237,8 @@ def render_report(
     parts.append(
         '<p class="muted">Columns and conventions: valence/arousal in [-1, 1]; expression shares count the '
         "frames where a class is the most probable; an AU is active where its probability reaches its "
-        "threshold. A face keeps its id within a file while it stays in view; one that is out of view "
-        "for more than about a second comes back with a new id.</p>"
+        "threshold. A face keeps its id within a file while it stays in view, and gets it back when it "
+        "returns within the re-identification memory (by appearance); pose angles are in radians.</p>"
     )
     if failed:
         items = "".join(f"<li class=err>{_e(i.error)}</li>" for i in failed)
@@ -243,11 +249,11 @@ def render_report(
             parts.append(f'<p class="err">Ended early: {_e(inp.info.ended_early)}</p>')
         parts.append(f'<p class="muted">{_e(inp.info.file)}</p>')
         parts.append(_meta_table(inp))
-        ids = sorted(int(x) for x in inp.table.loc[inp.table["success"] == 1, "face_id"].unique())
-        if not ids:
+        summary = summarize(inp.table).sort_values("face_id", kind="stable")
+        if not len(summary):
             parts.append("<p>No face was found in this input.</p>")
-        for fid in ids:
-            parts.append(_face_block(inp, fid))
+        for _, s in summary.iterrows():
+            parts.append(_face_block(inp, s))
     if stills:
         parts.append(f"<h2>Images ({len(stills)})</h2>")
         parts.append(_stills_table(stills))
@@ -268,15 +274,4 @@ def write_report(
     return Path(path)
 
 
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (file, face_id) summary rows (frames, VA means, dominant expression) — for the CLI and users."""
-    ok = table[table["success"] == 1]
-    if not len(ok):
-        return pd.DataFrame(columns=["file", "face_id", "frames", "valence", "arousal", "expression"])
-    g = ok.groupby(["file", "face_id"], sort=False)
-    out = g.agg(frames=("frame", "size"), valence=("valence", "mean"), arousal=("arousal", "mean"))
-    out["expression"] = g["expression"].agg(lambda s: s.value_counts().index[0])
-    return out.reset_index()
-
-
-__all__ = ["ReportInput", "face_summary", "render_report", "summarise", "write_report"]
+__all__ = ["ReportInput", "face_summary", "render_report", "write_report"]

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtaffect.features.decode import to_8bit
+from mtaffect.predict.orientation import frame_rotation, quarter_turns, upright
 
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -525,11 +526,19 @@ class VideoSource(MediaSource):
                 self._declared_exact = frames is not None
                 if frames is None and not (math.isnan(dur) or math.isnan(rate)):
                     frames = round(dur * rate)
+                width, height = s.codec_context.width, s.codec_context.height
+                # Phone videos: frames are analysed as displayed (see mtaffect.predict.orientation).
+                # A live stream is not decoded ahead (it would wait for, and lose, a frame): upright
+                # frames are still turned one by one, only the declared size stays the coded one.
+                first = None if self.live else next(iter(c.decode(s)), None)
+                self.rotation = frame_rotation(first) if first is not None else 0.0
+                if quarter_turns(self.rotation) % 2:
+                    width, height = height, width
                 self.info = SourceInfo(
                     str(path),
                     "stream" if self.live else "video",
-                    s.codec_context.width,
-                    s.codec_context.height,
+                    width,
+                    height,
                     rate,
                     dur,
                     frames,
@@ -574,7 +583,7 @@ class VideoSource(MediaSource):
                         t = (fr.pts - base) * tb
                     else:  # no timestamps: nominal rate
                         t = i / rate if rate == rate and rate > 0 else math.nan
-                    image = fr.to_ndarray(format="rgb24")
+                    image = upright(fr.to_ndarray(format="rgb24"), frame_rotation(fr))
                     yield Frame(i, float(t), self.prepare(image) if self.prepare else image)
         except av.error.FFmpegError as e:
             if decoded == 0:

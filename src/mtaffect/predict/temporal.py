@@ -15,6 +15,11 @@ frames) sees, per face track, the windows it was trained and validated on:
   window, as training pads). Nothing from the future is used; the state kept per track is those rows.
 
 The per-frame path (one-frame sequences) is what every non-temporal model uses.
+
+A face id may change mid-track: when the tracker recognises a young track late as a face it remembers
+(:meth:`~mtaffect.predict.tracking.FaceTracker.canonical`), the pipeline calls :meth:`TrackWindows.rename`
+and the young track's pending rows (and causal history) continue the remembered face's, in frame order,
+so windows follow the person, not the id first handed out.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Final
 
 import numpy as np
 
-from mtaffect.models.base import AffectOutputs
+from mtaffect.models.outputs import AffectOutputs
 
 TEMPORAL_MODES: Final[tuple[str, str]] = ("centred", "causal")
 
@@ -123,6 +128,31 @@ class TrackWindows:
                 del self._tracks[fid]
         return out
 
+    def rename(self, old: int, new: int) -> list[Emitted]:
+        """Face ``old`` turned out to be face ``new`` (late re-identification): ``old``'s pending rows
+        and history continue ``new``'s (every row of ``new`` precedes ``old``'s first: the tracker merges
+        only a track that began after the remembered face was last seen). Rows already emitted keep
+        ``old`` (the pipeline relabels them). Returns the windows the joined rows complete."""
+        old, new = int(old), int(new)
+        if old == new:
+            return []
+        if old in self._history:
+            merged = [*self._history.pop(new, ()), *self._history.pop(old)]
+            self._history[new] = deque(merged, maxlen=self.window)
+        src = self._tracks.pop(old, None)
+        if src is None:
+            return []
+        for r in src.rows:
+            r.face_id[:] = new
+        dst = self._tracks.setdefault(new, _Track())
+        dst.rows += src.rows
+        dst.arrays += src.arrays
+        dst.last_step = max(dst.last_step, src.last_step)
+        out = []
+        while len(dst.rows) >= self.window:  # both halves together may fill windows
+            out.append(self._predict_track(new, self.window))
+        return out
+
     def flush(self) -> list[Emitted]:
         """Predict every pending (partial, padded) window; the tracks are forgotten."""
         out = [self._predict_track(fid) for fid, t in self._tracks.items() if t.rows]
@@ -130,16 +160,18 @@ class TrackWindows:
         self._history.clear()
         return out
 
-    def _predict_track(self, fid: int) -> Emitted:
+    def _predict_track(self, fid: int, n: int | None = None) -> Emitted:
+        """The first ``n`` pending rows of track ``fid`` (all by default) as one window."""
         track = self._tracks[fid]
-        n = len(track.rows)
-        pad = [track.arrays[-1]] * (self.window - n)  # as make_windows pads: repeat the last row
-        probs = self._run([*track.arrays, *pad])
+        n = len(track.rows) if n is None else n
+        rows, arrays = track.rows[:n], track.arrays[:n]
+        pad = [arrays[-1]] * (self.window - n)  # as make_windows pads: repeat the last row
+        probs = self._run([*arrays, *pad])
         emitted = Emitted(
-            FaceRows.concat(track.rows),
+            FaceRows.concat(rows),
             AffectOutputs(probs.va[:n], probs.expr_probs[:n], probs.au_probs[:n]),
         )
-        track.rows, track.arrays = [], []
+        track.rows, track.arrays = track.rows[n:], track.arrays[n:]
         return emitted
 
     def _causal(self, fid: int, row: FaceRows, one: dict[str, np.ndarray]) -> Emitted:

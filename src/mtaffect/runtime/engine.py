@@ -18,7 +18,18 @@ from typing import Any
 import numpy as np
 
 from mtaffect.faces.align import align_faces_fast
-from mtaffect.faces.cascade import Cascade, FaceDetections, as_frames, normalise, resize_bilinear
+from mtaffect.faces.cascade import (
+    ONET_BYTES,
+    PNET_BYTES_PER_PIXEL,
+    RNET_BYTES,
+    Cascade,
+    FaceDetections,
+    as_frames,
+    chunk_items,
+    chunks,
+    normalise,
+    resize_bilinear,
+)
 from mtaffect.features.decode import resize_array
 from mtaffect.models.outputs import AffectOutputs
 from mtaffect.runtime.manifest import ExportError, read_manifest
@@ -34,7 +45,8 @@ def make_session(path: Path, threads: int | None = None, providers: Sequence[str
     ``threads``: intra-op threads (None: onnxruntime's default, one per physical core). Idle pool
     threads sleep instead of spinning, which on a shared CPU (the same reason as
     ``OMP_WAIT_POLICY=PASSIVE`` for torch) is much faster. ``providers``: onnxruntime execution
-    providers, default CPU (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``).
+    providers, default CPU (e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; a provider may
+    be a ``(name, options)`` pair such as ``("CUDAExecutionProvider", {"device_id": 1})``).
     """
     import onnxruntime as ort
 
@@ -48,7 +60,8 @@ def make_session(path: Path, threads: int | None = None, providers: Sequence[str
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wanted = list(providers or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
-    missing = [p for p in wanted if p not in available]
+    names = [p if isinstance(p, str) else p[0] for p in wanted]  # a provider, or (provider, options)
+    missing = [p for p in names if p not in available]
     if missing:
         raise ValueError(
             f"onnxruntime has no {', '.join(missing)} here (available: {', '.join(available)}); "
@@ -61,24 +74,37 @@ def make_session(path: Path, threads: int | None = None, providers: Sequence[str
 
 
 class OrtNets:
-    """MTCNN's P-, R- and O-Net run by onnxruntime (see :class:`mtaffect.faces.cascade.CascadeNets`)."""
+    """MTCNN's P-, R- and O-Net run by onnxruntime (see :class:`mtaffect.faces.cascade.CascadeNets`).
 
-    def __init__(self, pnet, rnet, onet) -> None:
+    Each net runs a cache-sized chunk of frames or crops at a time (as the PyTorch engine does on CPU):
+    the same outputs, and memory bounded however many candidate windows P-Net proposes (all at once,
+    16 frames of 640x480 took ~450 MB more at their peak)."""
+
+    def __init__(self, pnet, rnet, onet, chunked: bool = True) -> None:
         self.p, self.r, self.o = pnet, rnet, onet
+        self.chunked = chunked  # False: one call per batch (accelerators)
+
+    def _run(self, session, name: str, x: np.ndarray, bytes_per_item: int) -> list[np.ndarray]:
+        step = chunk_items(bytes_per_item) if self.chunked else len(x)
+        outs = [session.run(None, {name: np.ascontiguousarray(x[sl])}) for sl in chunks(len(x), step)]
+        if len(outs) == 1:
+            return outs[0]
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
     def pnet(
         self, frames: np.ndarray, sizes: Sequence[tuple[int, int]]
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for size in sizes:
-            prob, offsets = self.p.run(None, {"image": normalise(resize_bilinear(frames, size))})
+        for hs, ws in sizes:
+            x = normalise(resize_bilinear(frames, (hs, ws)))
+            prob, offsets = self._run(self.p, "image", x, PNET_BYTES_PER_PIXEL * (hs - 2) * (ws - 2))
             yield prob, offsets
 
     def rnet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prob, offsets = self.r.run(None, {"crops": np.ascontiguousarray(crops)})
+        prob, offsets = self._run(self.r, "crops", crops, RNET_BYTES)
         return prob, offsets
 
     def onet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        prob, offsets, marks = self.o.run(None, {"crops": np.ascontiguousarray(crops)})
+        prob, offsets, marks = self._run(self.o, "crops", crops, ONET_BYTES)
         return prob, offsets, marks
 
 
@@ -217,7 +243,10 @@ class Runtime:
                 raise ExportError(
                     f"{self.folder} was exported without MTCNN (--no-detector); export it again"
                 )
-            self._nets = OrtNets(*(self._session(det["files"][k]) for k in ("pnet", "rnet", "onet")))
+            first = (self._providers or ["CPUExecutionProvider"])[0]
+            on_cpu = (first if isinstance(first, str) else first[0]) == "CPUExecutionProvider"
+            sessions = (self._session(det["files"][k]) for k in ("pnet", "rnet", "onet"))
+            self._nets = OrtNets(*sessions, chunked=on_cpu)
         return self._nets
 
     def detector(

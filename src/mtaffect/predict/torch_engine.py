@@ -1,0 +1,172 @@
+"""The PyTorch engine of the prediction pipeline: MTCNN, the backbone and the model's heads in torch.
+
+What an engine is, and the other one (onnxruntime), in :mod:`mtaffect.predict.engines`. This module is
+the only part of the pipeline that imports torch; ``--engine onnxruntime`` never loads it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtaffect.faces.mtcnn import MTCNN
+from mtaffect.features.registry import create_backbone
+from mtaffect.models.base import FaceAffectModel
+from mtaffect.models.outputs import AffectOutputs
+from mtaffect.predict.threads import resolve_threads, torch_threads
+
+
+def load_affect_model(
+    model: FaceAffectModel | str | os.PathLike | None, device: str | torch.device = "cpu"
+) -> FaceAffectModel:
+    """None or "default": the embedded default model; "emotiefflib:<model>": an EmotiEffLib network
+    (:mod:`mtaffect.models.emotiefflib`); a path: a trained checkpoint; or a model object."""
+    if model is None or (isinstance(model, str) and model == "default"):
+        from mtaffect.models.default import DefaultAffectModel
+
+        return DefaultAffectModel()
+    if isinstance(model, str) and model.startswith("emotiefflib:"):
+        from mtaffect.models.emotiefflib import EmotiEffLibAffectModel
+
+        return EmotiEffLibAffectModel(model)
+    if isinstance(model, str | os.PathLike):
+        if not Path(model).exists():
+            raise FileNotFoundError(f"{model}: model checkpoint not found (train one with `mtaffect train`)")
+        if (Path(model) / "export.json").is_file():
+            raise ValueError(
+                f"{model} is an ONNX export folder (mtaffect export): run it with --engine onnxruntime "
+                "(Python: Predictor(model=..., engine='onnxruntime'))"
+            )
+        from mtaffect.models.checkpoint import load_model
+
+        return load_model(model, device=device)
+    if isinstance(model, FaceAffectModel):
+        return model
+    raise TypeError(
+        f"model must be None, 'default', a checkpoint path or a FaceAffectModel, got {type(model).__name__}"
+    )
+
+
+def torch_device(name: str | torch.device) -> torch.device:
+    """``name`` as a torch device that exists here; a clear ValueError (not a traceback later) when
+    it does not parse, or names CUDA/MPS on a machine without them."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0..)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: only cpu, cuda and mps are supported")
+    return dev
+
+
+class TorchEngine:
+    """A ``FaceAffectModel`` (the embedded default, a checkpoint, ``emotiefflib:``) and its backbone in
+    torch, MTCNN with the embedded weights. See :class:`mtaffect.predict.engines.Engine`.
+
+    ``num_threads``: torch threads while the pipeline's code runs ("auto": every core but one; None:
+    torch's setting as is), the caller's setting put back in between (:mod:`mtaffect.predict.threads`).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: FaceAffectModel | str | os.PathLike | None = None,
+        device: str = "cpu",
+        num_threads: int | str | None = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        self.num_threads = resolve_threads(num_threads)
+        self.device = torch_device(device)
+        self.model = load_affect_model(model, self.device)
+        # a trained checkpoint builds its own backbone (with its fine-tuned weights, when it has them)
+        make = getattr(self.model, "create_backbone", None)
+        self.backbone = (
+            make()
+            if callable(make)
+            else create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
+        )
+        self.backbone.to(self.device).eval()
+        spec = self.backbone.spec
+        self.input_size, self.colour = spec.input_size, spec.colour
+        self.batch_size = int(batch_size)
+        self.temporal = bool(getattr(self.model, "temporal", False))
+        self.window = int(getattr(self.model, "window", 1) or 1) if self.temporal else 1
+        self.inputs = tuple(getattr(self.model, "inputs", ()) or ())
+        self._tokens = "tokens" in self.inputs
+
+    @property
+    def au_thresholds(self) -> np.ndarray:
+        return np.asarray(self.model.au_thresholds, np.float64)
+
+    def running(self) -> AbstractContextManager:
+        return torch_threads(self.num_threads)
+
+    def detector(self, min_face_size: float, batch_size: int) -> MTCNN:
+        return MTCNN(device=self.device, min_face_size=min_face_size, batch_size=batch_size)
+
+    def _backbone_batches(self, faces: np.ndarray) -> Iterator:
+        """Backbone outputs for backbone-ready faces (n, S, S[, 3]), ``batch_size`` at a time."""
+        for s in range(0, len(faces), self.batch_size):
+            x = self.backbone.preprocess(faces[s : s + self.batch_size]).to(self.device)
+            yield self.backbone(x, tokens=self._tokens)
+
+    @torch.inference_mode()
+    def heads(self, faces: np.ndarray) -> AffectOutputs:
+        va, expr, au = [], [], []
+        for out in self._backbone_batches(faces):
+            res = self.model.predict(out.features, out.logits, out.tokens)
+            va.append(np.asarray(res.va))
+            expr.append(np.asarray(res.expr_probs))
+            au.append(np.asarray(res.au_probs))
+        cat = np.concatenate
+        return AffectOutputs(cat(va), cat(expr), cat(au))
+
+    @torch.inference_mode()
+    def embed(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {"features": [], "logits": [], "tokens": []}
+        for out in self._backbone_batches(faces):
+            for name in parts:
+                a = getattr(out, name, None)
+                if a is not None:
+                    parts[name].append(a.float().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+    @torch.inference_mode()
+    def predict(self, features, logits=None, tokens=None) -> AffectOutputs:
+        return self.model.predict(features, logits, tokens)
+
+    def describe(self) -> dict:
+        m = self.model
+        cfg = getattr(m, "config", None)
+        return {
+            "model": type(m).__name__,
+            "model_config": cfg if isinstance(cfg, dict) else None,
+            "backbone": m.backbone,
+            "backbone_kwargs": dict(m.backbone_kwargs),
+        }
+
+    def card(self) -> dict[str, str]:
+        m = self.model
+        card = {str(k): str(v) for k, v in (m.card() if hasattr(m, "card") else {}).items()}
+        card.setdefault("name", str(getattr(m, "name", type(m).__name__)))
+        card.setdefault("backbone", str(m.backbone))
+        return card
+
+
+__all__ = ["TorchEngine", "load_affect_model", "torch_device"]
