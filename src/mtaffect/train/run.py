@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from mtaffect.data.predictions import PredictionTable
+from mtaffect.features.reader import StoreSet, split_input
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import OutputExistsError, atomic_open
 from mtaffect.models.base import MTLModel, Stage
@@ -81,7 +82,7 @@ def stage_dir(out: Path, k: int, stage: Stage) -> Path:
 
 
 def save_model(
-    path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore, metrics: dict | None
+    path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore | StoreSet, metrics: dict | None
 ) -> Path:
     return save_checkpoint(
         path, model,
@@ -89,8 +90,18 @@ def save_model(
         feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
         window=config.data.window if model.temporal else 1,
         au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
-        overwrite=True,
+        overwrite=True, window_edge=config.data.window_edge if model.temporal else "pad",
+        input_stores=input_store_records(st if isinstance(st, StoreSet) else None, model.inputs),
     )  # fmt: skip
+
+
+def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dict[str, dict]:
+    """What a checkpoint records of the named stores its model reads (``features@<name>``): each store's
+    backbone and fingerprint, checked when the model later predicts from stores."""
+    if stores is None:
+        return {}
+    keys = dict.fromkeys(split_input(i)[1] for i in inputs if "@" in i)
+    return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint} for k in keys}
 
 
 def prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:
@@ -156,5 +167,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-__all__ = ["RUN_ENTRIES", "RunRecorder", "load_weights", "prediction_table", "prepare_out", "save_model",
+__all__ = ["RUN_ENTRIES", "RunRecorder", "input_store_records", "load_weights", "prediction_table",
+           "prepare_out", "save_model",
            "stage_dir", "write_json"]  # fmt: skip
