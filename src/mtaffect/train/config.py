@@ -528,8 +528,12 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
             raise ConfigError(f"{where}: pipeline.enhanced.{name}: step names are plain names (au, expr, va, all)")
         here = f"{where}: pipeline.enhanced.{name}"
         step = step_config(cfg, p.enhanced_model, o or {}, where=here)
-        fused = step.model.hparams.get("fusion_tasks", [])
-        missing = [t for t in (fused if isinstance(fused, list) else [fused]) if t not in p.task_models]
+        if step.model.recipe == "progressive" and step.model.hparams.get("variant") != "published":
+            raise ConfigError(
+                f"{here}: an enhanced model reads the exported task features: set model.hparams.variant: "
+                "published"
+            )
+        missing = [t for t in fused_tasks(step) if t not in p.task_models]
         if missing:
             raise ConfigError(
                 f"{here}: fuses the features of task model(s) {missing}, which pipeline.task_models does not "
@@ -549,6 +553,14 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
             "device"
         )
     return out
+
+
+def fused_tasks(step: TrainConfig) -> tuple[str, ...]:
+    """The task models whose exported features an enhanced model fuses (``model.hparams.fusion_tasks``;
+    the recipe's default: all three), in canonical order."""
+    fused = step.model.hparams.get("fusion_tasks", list(TASK_NAMES))
+    fused = [fused] if isinstance(fused, str) else list(fused or [])
+    return tuple(t for t in TASK_NAMES if t in fused)
 
 
 def combine_map(cfg: TrainConfig, where: str | None = None) -> dict[str, str]:

@@ -610,7 +610,7 @@ def _fit(
             selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
                         "predictions": module.best_predictions, "final": final}  # fmt: skip
         if validate and module.best_metrics is not None:
-            say(f"stage {stage.name}: best {'+'.join(stage.tasks)} score {module.best_score:.4f} "
+            say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score {module.best_score:.4f} "
                 f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
         if out is not None and rank0:
             if not validate or module.best_state is None:
