@@ -177,23 +177,25 @@ class EnsembleAffectModel:
 
     def predict_images(
         self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
-        allow_missing: bool = False,
+        allow_missing: bool = False, stores: Mapping[str, Any] | None = None,
     ) -> Any:  # fmt: skip
         """A PredictionTable for ``images`` under ``folder``: the sources' backbones run once each, then
-        every member answers its tasks (temporal members over their own windows)."""
+        every member answers its tasks (temporal members over their own windows). ``stores``
+        (``{name: store}``, e.g. a pipeline's exported ones) are read instead of running the sources."""
         names = list(dict.fromkeys(str(x) for x in images))
         extra: dict[str, np.ndarray] = {}
         self.failures = []
         needed = set().union(*(set(self.members[m].store_inputs) for m in self._used()))
         for key, src in self.sources.items():
-            if f"features@{key}" in needed:
+            if f"features@{key}" in needed and not stores:
                 extra[f"features@{key}"] = src.backbone_features(folder, names, batch_size, workers)
                 self.failures.extend(src.failures)
         tables = {}
         for name in self._used():
             m = self.members[name]
+            inputs = {"stores": stores} if stores else {"extra": {i: extra[i] for i in m.store_inputs}}
             tables[name] = m.predict_images(folder, names, batch_size, workers, allow_missing=allow_missing,
-                                            extra={i: extra[i] for i in m.store_inputs})  # fmt: skip
+                                            **inputs)  # fmt: skip
             self.failures.extend(m.failures)
         return self._combine(tables, images)
 

@@ -44,7 +44,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,8 +475,14 @@ def fit(
     log: Any = print,
     trust_remote_code: bool = False,
     stores: Any = None,
+    only_stages: Sequence[str] | None = None,
+    reuse: Mapping[str, str | os.PathLike] | None = None,
 ) -> TrainResult:
     """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``.
+
+    ``only_stages`` trains those of the recipe's stages only; ``reuse`` (``{stage: checkpoint folder}``,
+    e.g. another run's ``stages/<k>-<name>/``) takes a stage's trained modules from a checkpoint instead
+    of training them (how ``mtaffect search`` trains recipe 3's task models once for every variant).
 
     For a config with a ``backbone:`` section, ``store`` is the dataset root: training reads its images
     (``trust_remote_code``: see :func:`build_training`). ``stores`` (``{name: store}``) adds named
@@ -490,15 +496,18 @@ def fit(
     with _threads(config, world):
         return _fit(config, data, train, val, Path(out) if out is not None else None, world, t0,
                     overwrite=overwrite, resume=resume, callbacks=callbacks, log=log,
-                    trust_remote_code=trust_remote_code, stores=named)  # fmt: skip
+                    trust_remote_code=trust_remote_code, stores=named, only_stages=only_stages,
+                    reuse={k: Path(v) for k, v in (reuse or {}).items()})  # fmt: skip
 
 
 def _fit(
     config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
     world: World, t0: float, *, overwrite: bool, resume: bool, callbacks: Sequence, log: Any,
-    trust_remote_code: bool = False, stores: StoreSet | None = None,
+    trust_remote_code: bool = False, stores: StoreSet | None = None, only_stages: Sequence[str] | None = None,
+    reuse: Mapping[str, Path] | None = None,
 ) -> TrainResult:  # fmt: skip
     rank0 = world.rank == 0
+    reuse = dict(reuse or {})
 
     def say(msg: str) -> None:
         if rank0 and log:
@@ -506,6 +515,8 @@ def _fit(
 
     if out is not None:
         identity = run_identity(data_source(data, stores), train, val)
+        if reuse:  # recorded, so a resumed run says where its reused stages came from
+            identity["reused"] = {k: str(v) for k, v in reuse.items()}
         if rank0:  # other ranks start (Lightning's launcher) once rank 0 has prepared the folder
             prepare_out(out, overwrite, resume, config, identity)
     saved = EpochState.load(out) if resume and out is not None else None
@@ -532,6 +543,11 @@ def _fit(
     a = dm.train_labels
     loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1), np.where(a.expr_mask, a.expr, -1))
     plan = plan_stages(model, config, present, say, labelled_tasks)
+    if only_stages is not None:
+        plan = [ps for ps in plan if ps.stage.name in only_stages]
+    unknown = sorted(set(reuse) - {ps.stage.name for ps in plan})
+    if unknown:
+        raise ValueError(f"stages {unknown} cannot be reused: not stages this run trains")
     if out is not None and rank0:
         with atomic_open(out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
@@ -546,6 +562,12 @@ def _fit(
         if saved is not None and (k < saved.stage or (k == saved.stage and saved.stage_done)):
             say(f"stage {stage.name}: finished in an earlier session")
             selected = _selected_from_summary(summaries, stage.name, selected)
+            continue
+        if stage.name in reuse:
+            _reuse_stage(model, stage, training.weights(reuse[stage.name]), reuse[stage.name])
+            say(f"stage {stage.name}: taken from {reuse[stage.name]} (trained once, reused)")
+            summaries = [*summaries, {"name": stage.name, "index": k, "tasks": list(stage.tasks),
+                                      "reused": str(reuse[stage.name]), "best_metrics": None}]  # fmt: skip
             continue
         mid = saved if saved is not None and k == saved.stage else None
         done = mid.epoch if mid is not None else 0
@@ -631,6 +653,21 @@ def select_tasks(config: TrainConfig, stage_tasks: tuple[str, ...]) -> tuple[str
     the stage's own tasks."""
     chosen = tuple(t for t in config.trainer.select if t in stage_tasks)
     return chosen or stage_tasks
+
+
+def _reuse_stage(model: MTLModel, stage: Stage, saved: dict[str, torch.Tensor], folder: Path) -> None:
+    """Load the weights of ``stage``'s trainable modules from ``saved`` (the checkpoint ``folder``'s)."""
+    prefixes = tuple(f"{m}." for m in stage.train_modules if m != "*")
+    if not prefixes:
+        raise ValueError(f"stage {stage.name} trains the whole model: nothing to reuse from {folder}")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    bad = [k for k, v in own.items() if k not in saved or saved[k].shape != v.shape]
+    if bad:
+        raise ValueError(
+            f"{folder} does not hold stage {stage.name}'s weights for this model (e.g. {bad[:3]}); train the "
+            "stage with the same recipe settings"
+        )
+    model.load_state_dict({k: saved[k] for k in own}, strict=False)
 
 
 def _selected_from_summary(summaries: list[dict], name: str, before: dict | None) -> dict | None:

@@ -28,14 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
-import yaml
-
 from mtaffect.metrics import P_of, terms_of
+from mtaffect.models.base import TASKS
 from mtaffect.train.config import ConfigError, TrainConfig, combine_map, merge_config
 from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
+
+TERM_OF = {"va": "ccc_va", "expr": "f1_expr", "au": "f1_au"}
 
 
 @dataclass
@@ -92,35 +95,99 @@ def search(
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path / "search.json", overwrite)
+    say = log if log and env_rank() == 0 else (lambda _msg: None)
+    reuse = _train_task_models_once(config, st, train, val, out_path, variants, overwrite=overwrite, log=log,
+                                    trust_remote_code=trust_remote_code)  # fmt: skip
     rows: list[SearchRow] = []
     for i, variant in enumerate(variants):
         cfg = config.copy()
         cfg.model.hparams = {**cfg.model.hparams, **variant}
-        if log and env_rank() == 0:
-            log(f"variant {i + 1}/{len(variants)}: {_label(variant)}")
+        say(f"variant {i + 1}/{len(variants)}: {_label(variant)}")
         run = out_path / f"run{i}" if out_path is not None else None
+        tasks = cfg.model.hparams.get("fusion_tasks", TASKS)
         result = fit(
             cfg, st, train, val, run, overwrite=overwrite, log=log, trust_remote_code=trust_remote_code,
             stores=named if config.from_images else None,
-        )
-        rows.append(
-            SearchRow(
-                variant=dict(variant),
-                **result.terms(),
-                seconds=result.seconds,
-                run=None if run is None else str(run),
-            )
-        )
-    rows.sort(key=lambda r: -r.P)
+            reuse={f"task_{t}": reuse[t] for t in ([tasks] if isinstance(tasks, str) else tasks)} if reuse else None,
+        )  # fmt: skip
+        rows.append(SearchRow(variant=dict(variant), **result.terms(), seconds=result.seconds,
+                              run=None if run is None else str(run)))  # fmt: skip
+    per_task = _choose(rows)
+    ranked = sorted(rows, key=lambda r: -r.P)
     if out_path is not None and env_rank() == 0:
+        from mtaffect.models.ensemble import save_ensemble
+
+        best = config.copy()  # the best variant by P, as a config that trains it again
+        best.model.hparams = {**best.model.hparams, **ranked[0].variant}
+        best.search.grid = []
+        with atomic_open(out_path / "chosen.yaml", "w", overwrite=True, encoding="utf-8") as fh:
+            fh.write("# written by mtaffect search: the variant with the best validation P\n")
+            yaml.safe_dump(best.to_dict(), fh, sort_keys=False)
+        members = {f"run{k}": Path(str(rows[k].run)) / "best" for k in per_task.values()}
+        save_ensemble(out_path / "best", members, {t: f"run{k}" for t, k in per_task.items()}, overwrite=True)
+        say("per task: " + ", ".join(f"{t} best in run{k} ({_label(rows[k].variant)})" for t, k in per_task.items())
+            + f"; {out_path / 'best'} combines them (one model per task)")  # fmt: skip
         with atomic_open(out_path / "search.json", "w", overwrite=overwrite, encoding="utf-8") as fh:
-            json.dump({"recipe": config.model.recipe, "ranked": [r.to_dict() for r in rows]}, fh, indent=1)
+            json.dump({"recipe": config.model.recipe, "ranked": [r.to_dict() for r in ranked],
+                       "per_task": _per_task_report(rows), "chosen_config": str(out_path / "chosen.yaml"),
+                       "task_models_reused": bool(reuse)}, fh, indent=1, default=float)  # fmt: skip
             fh.write("\n")
-    return rows
+    return ranked
+
+
+#: hparams of recipe 3's frozen variant that change only its joint stage (the task models stay the same).
+_JOINT_HPARAMS = {"fusion_tasks", "temporal", "temporal_kwargs", "dim", "dropout"}
+
+
+def _train_task_models_once(
+    config: TrainConfig, st: Any, train: LabelTable, val: LabelTable, out: Path | None,
+    variants: list[dict[str, Any]], **kw: Any,
+) -> dict[str, Path] | None:  # fmt: skip
+    """Recipe 3's frozen variant: when the variants differ only in the joint stage, train every task
+    model once (``out/task_models/``, on single frames) and return ``{task: its stage checkpoint}`` for
+    the variants to reuse; None when that does not apply (each variant then trains its own)."""
+    hp = config.model.hparams
+    if (out is None or config.model.recipe != "progressive" or hp.get("variant", "frozen") != "frozen"
+            or not hp.get("progressive", True) or not all(set(v) <= _JOINT_HPARAMS for v in variants)):  # fmt: skip
+        return None
+    wanted: set[str] = set()
+    for v in variants:
+        tasks = {**hp, **v}.get("fusion_tasks", TASKS)
+        wanted |= {tasks} if isinstance(tasks, str) else set(tasks)
+    tasks = [t for t in TASKS if t in wanted]
+    if not tasks:
+        return None
+    shared = config.copy()
+    shared.model.hparams = {**hp, "fusion_tasks": tasks, "temporal": "none"}
+    folder = out / "task_models"
+    if kw.get("log") and env_rank() == 0:
+        kw["log"](f"task models {', '.join(tasks)}: trained once in {folder}, reused by every variant")
+    fit(shared, st, train, val, folder, only_stages=[f"task_{t}" for t in tasks], **kw)
+    found = {t: sorted((folder / "stages").glob(f"*-task_{t}")) for t in tasks}
+    return {t: paths[0] for t, paths in found.items() if paths}
+
+
+def _choose(rows: list[SearchRow]) -> dict[str, int]:
+    """The row (variant) chosen for each task: the best on that task's term; marks ``chosen_for``."""
+    chosen = {}
+    for task in TASKS:
+        k = max(range(len(rows)), key=lambda i: (getattr(rows[i], TERM_OF[task]), -i))
+        chosen[task] = k
+        rows[k].chosen_for = [*(rows[k].chosen_for or []), task]
+    return chosen
+
+
+def _per_task_report(rows: list[SearchRow]) -> dict[str, list[dict]]:
+    """Each task's ranking of the variants on its own term."""
+    out = {}
+    for task in TASKS:
+        term = TERM_OF[task]
+        order = sorted(range(len(rows)), key=lambda i: -getattr(rows[i], term))
+        out[task] = [{"variant": rows[i].variant, term: getattr(rows[i], term), "run": rows[i].run} for i in order]
+    return out
 
 
 # ---- recipe 3 as published: the task models once, the enhanced models per variant --------------------
-TERM_OF = {"va": "ccc_va", "expr": "f1_expr", "au": "f1_au"}
 
 
 def _variant_pipeline(config: TrainConfig, variants: list[dict[str, Any]]) -> TrainConfig:
@@ -163,9 +230,7 @@ def search_pipeline(
                       for n in config.pipeline.enhanced)  # fmt: skip
         rows.append(SearchRow(variant=dict(variant), P=P_of(t, tuple(base)), ccc_va=t["va"], f1_expr=t["expr"],
                               f1_au=t["au"], seconds=seconds, run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
-    order = sorted(range(len(rows)), key=lambda k: -rows[k].P)
-    per_task = {task: sorted(range(len(rows)), key=lambda k: -getattr(rows[k], TERM_OF[task])) for task in base}
-    chosen = {task: per_task[task][0] for task in base}
+    chosen = _choose(rows)
     pick = config.copy()
     pick.search.grid = []
     pick.pipeline.enhanced = {
@@ -173,24 +238,20 @@ def search_pipeline(
         for i, name in dict.fromkeys((chosen[t], base[t]) for t in base)
     }  # fmt: skip
     pick.pipeline.combine = {task: f"v{chosen[task]}_{base[task]}" for task in base}
-    result = None
     if env_rank() == 0:
         with atomic_open(out_path / "chosen.yaml", "w", overwrite=True, encoding="utf-8") as fh:
             fh.write("# written by mtaffect search: each task from the variant that scored best on it\n")
             yaml.safe_dump(pick.to_dict(), fh, sort_keys=False)
     result = Pipeline(pick, root, out_path, resume=True, log=log, trust_remote_code=trust_remote_code,
                       train=train, val=val).run()  # fmt: skip
-    for task, k in chosen.items():
-        rows[k].chosen_for = [*(rows[k].chosen_for or []), task]
     say("chosen: " + ", ".join(f"{t} from v{chosen[t]} ({_label(variants[chosen[t]])})" for t in base)
         + f"; combined P {result.P:.4f}; runnable config {out_path / 'chosen.yaml'}")  # fmt: skip
-    ranked = [rows[k] for k in order]
+    ranked = sorted(rows, key=lambda r: -r.P)
     if env_rank() == 0:
         with atomic_open(out_path / "search.json", "w", overwrite=True, encoding="utf-8") as fh:
             json.dump({
                 "recipe": config.model.recipe, "pipeline": True, "ranked": [r.to_dict() for r in ranked],
-                "per_task": {task: [{"variant": rows[k].variant, TERM_OF[task]: getattr(rows[k], TERM_OF[task])}
-                                    for k in per_task[task]] for task in base},
+                "per_task": _per_task_report(rows),
                 "chosen": {task: {"variant": rows[chosen[task]].variant, "model": pick.pipeline.combine[task]}
                            for task in base},
                 "chosen_P": result.P, "chosen_config": str(out_path / "chosen.yaml"),
