@@ -143,6 +143,12 @@ def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_m
     assert metrics["P_tasks"] == pytest.approx(score(val, saved).P, abs=1e-9)
     shown = run("evaluate", "--gt", data / "validation_set_annotations.txt", "--pred", pred)
     assert f"P = {score(val, table).P:.4f}" in shown
+    post = tmp_path / "post.yaml"  # blending the combined model with another run, tuned as usual
+    other = out / "enhanced_all" / "val_predictions.parquet"
+    run("tune", "--gt", data / "validation_set_annotations.txt", "--pred", pred, other, "--out", post,
+        "--widths", "2", "--kinds", "box", "--no-nested")  # fmt: skip
+    assert "P = " in run("evaluate", "--gt", data / "validation_set_annotations.txt", "--pred", pred, "--pred",
+                         other, "--post", post)  # fmt: skip
     sub = tmp_path / "sub.txt"
     test_list = data / "MTL.txt"
     test_pred = tmp_path / "test.parquet"
