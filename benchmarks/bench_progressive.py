@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = args.out / "published_run"
     t0 = time.perf_counter()
-    pipe = run_pipeline(published_config(args.epochs), root, out, overwrite=True, log=None, train=train, val=val)
+    pipe = run_pipeline(
+        published_config(args.epochs), root, out, overwrite=True, log=None, train=train, val=val
+    )
     seconds = time.perf_counter() - t0
     t = pipe.terms()
     result["runs"]["published structure (pipeline)"] = {"P": pipe.P, "ccc_va": t["ccc_va"],

@@ -103,8 +103,8 @@ PUBLISHED = EMOTINET.parent / "progressive_published.yaml"
         (["data.window_edge=wrap"], r"data.window_edge must be one of pad, shift"),
         (["pipeline.combine.au=nothing"], r"pipeline.combine.au names 'nothing'"),
         (["pipeline.enhanced.au.model.hparams.variant=frozen"], r"pipeline.enhanced.au: an enhanced model"),
-        (["pipeline.task_models={au: {}}"], r"pipeline.enhanced.au: fuses the features of task model\(s\) \['expr', 'va'"),
-        (["pipeline.enhanced.va.data.window=0"], r"pipeline.enhanced.va: data.window and data.stride must be >= 1"),
+        (["pipeline.task_models={au: {}}"], r"enhanced.au: fuses the features of task model\(s\) \['expr'"),
+        (["pipeline.enhanced.va.data.window=0"], r"enhanced.va: data.window and data.stride must be >= 1"),
         (["pipeline.export.threads=4"], r"unknown key\(s\) \['threads'\] in pipeline.export"),
     ],
 )
@@ -120,16 +120,18 @@ def test_the_published_pipeline_config_sets_the_published_values():
     steps = pipeline_configs(cfg)
     assert set(steps) == {"task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va",
                           "enhanced_all"}  # fmt: skip
-    for name, s in steps.items():
+    for s in steps.values():
         assert s.optim.lr == s.backbone.lr == 1e-5 and s.optim.weight_decay == s.backbone.weight_decay == 0.05
         assert not s.loss.expr_class_weights and not s.loss.au_pos_weight and s.augment.preset == "liu2024"
         assert s.backbone.mode == "finetune" and s.model.hparams["variant"] == "published"
-    assert steps["task_expr"].trainer.tasks == ["expr"] and steps["task_expr"].model.hparams["fusion_tasks"] == []
+    task = steps["task_expr"]
+    assert task.trainer.tasks == ["expr"] and task.model.hparams["fusion_tasks"] == []
     expr, va = steps["enhanced_expr"], steps["enhanced_va"]
     assert expr.data.window == 5 and expr.loss.weights == {"au": 1.0, "expr": 0.25, "va": 1.0}
     assert expr.loss.va_weights == {"valence": 1.0, "arousal": 0.0} and expr.trainer.select == ["expr"]
     assert va.data.window == 12 and va.model.hparams["temporal"] == "lstm" and va.trainer.tasks == ["va"]
-    assert steps["enhanced_au"].model.hparams["temporal"] == "none" and steps["enhanced_au"].trainer.tasks == ["au"]
+    au = steps["enhanced_au"]
+    assert au.model.hparams["temporal"] == "none" and au.trainer.tasks == ["au"]
     assert combine_map(cfg) == {"au": "au", "expr": "expr", "va": "va"}
     import yaml
 

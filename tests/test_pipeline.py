@@ -22,6 +22,7 @@ import mtaffect.train.pipeline as pipeline_module  # noqa: E402
 from mtaffect.cli import app  # noqa: E402
 from mtaffect.data.annotations import load_split  # noqa: E402
 from mtaffect.data.predictions import PredictionTable  # noqa: E402
+from mtaffect.features.extract import collect_images  # noqa: E402
 from mtaffect.features.store import FeatureStore  # noqa: E402
 from mtaffect.metrics import score  # noqa: E402
 from mtaffect.models.checkpoint import load_model  # noqa: E402
@@ -105,16 +106,17 @@ def published(data, config, tmp_path_factory):
     return out, trainings.count, log
 
 
-def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_model(published, data, tmp_path):
-    out, trained, log = published
+def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_model(
+    published, data, tmp_path
+):
+    out, trained, _ = published
     steps = ["task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va", "enhanced_all"]
     assert trained == Counter({s: 1 for s in steps})  # each training once
     for t in ("au", "expr", "va"):  # task models: their task only, fine-tuned backbone in the checkpoint
         m = json.loads((out / f"task_{t}" / "metrics.json").read_text())
         assert m["tasks"] == [t] and m["not_trained"] == [x for x in ("au", "expr", "va") if x != t]
         assert (out / f"task_{t}" / "best" / "backbone" / "model.safetensors").is_file()
-        assert len(FeatureStore.open(out / "stores" / t)) == len(pytest.importorskip("mtaffect.features.extract")
-                                                                .collect_images(data))  # fmt: skip
+        assert len(FeatureStore.open(out / "stores" / t)) == len(collect_images(data))  # every image
     expr = load_model(out / "enhanced_expr" / "best")  # 4-frame windows, shifted last window, fused stores
     assert expr.window == 4 and expr.window_edge == "shift" and expr.temporal
     assert expr.store_inputs == ("features@au", "features@expr", "features@va")
@@ -147,8 +149,8 @@ def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_m
     other = out / "enhanced_all" / "val_predictions.parquet"
     run("tune", "--gt", data / "validation_set_annotations.txt", "--pred", pred, other, "--out", post,
         "--widths", "2", "--kinds", "box", "--no-nested")  # fmt: skip
-    assert "P = " in run("evaluate", "--gt", data / "validation_set_annotations.txt", "--pred", pred, "--pred",
-                         other, "--post", post)  # fmt: skip
+    gt = data / "validation_set_annotations.txt"
+    assert "P = " in run("evaluate", "--gt", gt, "--pred", pred, "--pred", other, "--post", post)
     sub = tmp_path / "sub.txt"
     test_list = data / "MTL.txt"
     test_pred = tmp_path / "test.parquet"
@@ -161,10 +163,14 @@ def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_m
     run("extract", "--data", data, "--out", again, "--backbone", f"run:{out / 'task_au'}", "--workers", "0",
         "--split", "train,val")  # fmt: skip
     a, b = FeatureStore.open(again), FeatureStore.open(out / "stores" / "au")
-    np.testing.assert_allclose(a.features(b.rows(list(a.images))), b.features(b.rows(list(a.images))), atol=1e-3)
+    np.testing.assert_allclose(
+        a.features(b.rows(list(a.images))), b.features(b.rows(list(a.images))), atol=1e-3
+    )
 
 
-def test_a_finished_pipeline_is_kept_and_an_interrupted_step_resumes(published, data, config, tmp_path, monkeypatch):
+def test_a_finished_pipeline_is_kept_and_an_interrupted_step_resumes(
+    published, data, config, tmp_path, monkeypatch
+):
     out, _, _ = published
     trainings = Trainings(monkeypatch)
     log = run("train", "--config", config, "--data", data, "--out", out)
@@ -196,7 +202,9 @@ def test_a_finished_pipeline_is_kept_and_an_interrupted_step_resumes(published, 
     assert [h["epoch"] for h in history] == [0, 1]
 
 
-def test_search_trains_the_task_models_once_and_writes_the_chosen_combination(data, config, tmp_path, monkeypatch):
+def test_search_trains_the_task_models_once_and_writes_the_chosen_combination(
+    data, config, tmp_path, monkeypatch
+):
     trainings = Trainings(monkeypatch)
     cfg = yaml.safe_load(config.read_text())
     cfg["pipeline"]["enhanced"].pop("all")  # three enhanced models per variant

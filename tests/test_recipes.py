@@ -29,8 +29,9 @@ CASES = {
     "progressive-lstm": ("progressive", {"dim": 32, "temporal": "lstm"}),
     "progressive-endtoend": ("progressive", {"dim": 32, "task_dim": 24, "progressive": False}),
     "progressive-tcn-expr": ("progressive", {"dim": 32, "fusion_tasks": ["expr"], "temporal": "tcn"}),
-    "progressive-published": ("progressive", {"dim": 32, "variant": "published", "fusion_tasks": ["au", "va"],
-                                              "temporal": "lstm", "input_dims": {"features@au": D, "features@va": 24}}),
+    "progressive-published": ("progressive", {
+        "dim": 32, "variant": "published", "fusion_tasks": ["au", "va"], "temporal": "lstm",
+        "input_dims": {"features@au": D, "features@va": 24}}),
     "progressive-task-model": ("progressive", {"dim": 32, "variant": "published", "fusion_tasks": []}),
     "emotinet": ("emotinet", {"num_logits": K}),
     "emotinet-nologits": ("emotinet", {}),
@@ -46,8 +47,8 @@ def build(case: str, seed: int = 0) -> MTLModel:
 def make_batch(model: MTLModel, b: int = 6, t: int = 5, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lead = (b, t) if model.temporal else (b,)
-    shapes = {"features": (D,), "logits": (K,), "tokens": (N, C), **{k: (d,) for k, d in
-                                                                     getattr(model, "input_dims", {}).items()}}
+    shapes = {"features": (D,), "logits": (K,), "tokens": (N, C)}
+    shapes.update({k: (d,) for k, d in getattr(model, "input_dims", {}).items()})  # features@<store>
     return {k: torch.randn(*lead, *shapes[k], generator=g) for k in model.inputs}
 
 

@@ -642,43 +642,45 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
     from mtaffect.features.reader import StoreSet
     from mtaffect.features.store import FeatureStore, StoreError
 
+    def cli(*args) -> tuple[int, str]:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        return r.exit_code, r.output
+
     store, train, val = dataset
     names = list(FeatureStore.open(store).images)
     make_store(tmp_path / "au", names, dim=6, seed=3)
     make_store(tmp_path / "au2", names, dim=6, seed=4)
     meta = json.loads((tmp_path / "au2" / "meta.json").read_text())
-    (tmp_path / "au2" / "meta.json").write_text(json.dumps({**meta, "fingerprint": "another"}))  # other weights
+    (tmp_path / "au2" / "meta.json").write_text(json.dumps({**meta, "fingerprint": "other"}))  # other weights
     make_store(tmp_path / "other", names[:-1], dim=6)
     with pytest.raises(StoreError, match="list different images"):
         StoreSet.open({"": store, "au": tmp_path / "other"})
     data = tmp_path / "data"
     data.mkdir()
     write_annotations(train, data / "training_set_annotations.txt")
-    write_annotations(val, data / "validation_set_annotations.txt")
+    val_file = data / "validation_set_annotations.txt"
+    write_annotations(val, val_file)
     conf = tmp_path / "published.yaml"
-    conf.write_text(yaml.safe_dump({
-        "model": {"recipe": "progressive", "hparams": {"variant": "published", "fusion_tasks": ["au"], "dim": 8}},
-        "trainer": {"epochs": 2, "progress": False, "patience": 0}, "data": {"batch_size": 64},
-    }))  # fmt: skip
-    r = CliRunner().invoke(app, ["train", "--config", str(conf), "--data", str(data), "--out", str(tmp_path / "run"),
-                                 "--features", str(store), "--features", f"au={tmp_path / 'au'}"])  # fmt: skip
-    assert r.exit_code == 0, r.output
-    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    hparams = {"variant": "published", "fusion_tasks": ["au"], "dim": 8}
+    conf.write_text(yaml.safe_dump({"model": {"recipe": "progressive", "hparams": hparams},
+                                    "trainer": {"epochs": 2, "progress": False, "patience": 0},
+                                    "data": {"batch_size": 64}}))  # fmt: skip
+    run, best, pred = tmp_path / "run", tmp_path / "run" / "best", tmp_path / "val.parquet"
+    train_args = ("train", "--config", conf, "--data", data, "--out", run, "--features", store)
+    code, output = cli(*train_args, "--features", f"au={tmp_path / 'au'}")
+    assert code == 0, output
+    run_json = json.loads((run / "run.json").read_text())
     assert set(run_json["store"]["stores"]) == {"au"}  # recorded: resume checks every store
-    ck = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    ck = json.loads((best / "config.json").read_text())
     assert ck["inputs"] == ["features", "features@au"] and ck["input_stores"]["au"]["fingerprint"] == "abc123"
-    pred = tmp_path / "val.parquet"
-    r = CliRunner().invoke(app, ["infer", "--model", str(tmp_path / "run" / "best"), "--images",
-                                 str(data / "validation_set_annotations.txt"), "--out", str(pred), "--features",
-                                 str(store), "--features", f"au={tmp_path / 'au'}", "--allow-missing"])  # fmt: skip
-    assert r.exit_code == 0, r.output
-    saved = PredictionTable.read(tmp_path / "run" / "val_predictions.parquet")
+    code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
+                       "--features", f"au={tmp_path / 'au'}", "--allow-missing")  # fmt: skip
+    assert code == 0, output
+    saved = PredictionTable.read(run / "val_predictions.parquet")
     got = PredictionTable.read(pred).align_to(list(saved.images))
     np.testing.assert_allclose(got.expr_probs, saved.expr_probs, atol=1e-5)
-    r = CliRunner().invoke(app, ["train", "--config", str(conf), "--data", str(data), "--out", str(tmp_path / "run"),
-                                 "--features", str(store), "--features", f"au={tmp_path / 'au2'}", "--resume"])  # fmt: skip
-    assert r.exit_code == 2 and "store 'au'" in r.output
-    r = CliRunner().invoke(app, ["infer", "--model", str(tmp_path / "run" / "best"), "--images",
-                                 str(data / "validation_set_annotations.txt"), "--out", str(pred), "--features",
-                                 str(store), "--overwrite"])  # fmt: skip
-    assert r.exit_code == 2 and "au=STORE" in r.output
+    code, output = cli(*train_args, "--features", f"au={tmp_path / 'au2'}", "--resume")
+    assert code == 2 and "store 'au'" in output
+    code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
+                       "--overwrite")  # fmt: skip
+    assert code == 2 and "au=STORE" in output

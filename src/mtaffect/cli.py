@@ -261,7 +261,9 @@ def extract(
         from mtaffect.models.checkpoint import backbone_from_run
 
         if kwargs:
-            raise ValueError("--backbone-arg does not apply to run:RUN (the run's backbone is used as trained)")
+            raise ValueError(
+                "--backbone-arg does not apply to run:RUN (the run's backbone is used as trained)"
+            )
         model = backbone_from_run(backbone, trust_remote_code=trust_remote_code)
     elif trust_remote_code:  # the person's explicit decision; never read from a file, never recorded
         from mtaffect.features.registry import create_backbone, with_trust

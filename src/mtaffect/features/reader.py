@@ -116,7 +116,8 @@ class StoreSet:
     def __getattr__(self, name: str) -> Any:
         if name in ("path", "images", "meta", "spec", "backbone", "fingerprint", "feature_dim", "num_logits",
                     "has_tokens", "token_shape", "num_failed", "check_compatible", "failures"):  # fmt: skip
-            return getattr(self.main, name) if name not in ("path", "images") else getattr(self.reference, name)
+            owner = self.reference if name in ("path", "images") else self.main
+            return getattr(owner, name)
         raise AttributeError(name)
 
     def store_of(self, input_name: str) -> tuple[FeatureStore, str]:
@@ -126,8 +127,8 @@ class StoreSet:
             given = ", ".join(_label(k) for k in self.stores)
             hint = f"--features {key}=STORE" if key else "--features STORE"
             raise StoreError(
-                f"the model reads {input_name!r} but no store named {_label(key)} was given (given: {given}); "
-                f"pass {hint}"
+                f"the model reads {input_name!r} but no store named {_label(key)} was given "
+                f"(given: {given}); pass {hint}"
             )
         return self.stores[key], array
 
@@ -158,8 +159,8 @@ class StoreSet:
 
     def identity(self) -> dict[str, dict]:
         """What a run records of each store: path, images_sha256 and fingerprint."""
-        return {k: {"path": str(s.path), "images_sha256": store_images_sha256(s), "fingerprint": s.fingerprint}
-                for k, s in self.stores.items()}  # fmt: skip
+        return {k: {"path": str(s.path), "images_sha256": store_images_sha256(s),
+                    "fingerprint": s.fingerprint} for k, s in self.stores.items()}  # fmt: skip
 
     def paths(self) -> dict[str, str]:
         return {k: str(s.path) for k, s in self.stores.items()}

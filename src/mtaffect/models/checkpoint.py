@@ -439,9 +439,9 @@ class TrainedAffectModel:
         if stores is None:
             names = sorted({i.split("@", 1)[1] for i in self.store_inputs})
             raise CheckpointError(
-                f"this model fuses features of other models ({', '.join(self.store_inputs)}): give the stores "
-                f"they were exported into ({', '.join(f'{n}=STORE' for n in names)}), or predict with the "
-                "combined model that holds those models (a pipeline run's best/)"
+                f"this model fuses features of other models ({', '.join(self.store_inputs)}): give the "
+                f"stores they were exported into ({', '.join(f'{n}=STORE' for n in names)}), or predict "
+                "with the combined model that holds those models (a pipeline run's best/)"
             )
         for key, rec in self.input_stores.items():
             if key in stores.stores and rec.get("fingerprint"):
@@ -586,11 +586,15 @@ class TrainedAffectModel:
         return table
 
 
-def backbone_from_run(spec: str, device: str | torch.device = "cpu", *, trust_remote_code: bool = False) -> Any:
+def backbone_from_run(
+    spec: str, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+) -> Any:
     """``run:<folder>`` -> the backbone of a trained run (its ``best/``) or checkpoint folder, with its
     fine-tuned weights: ``mtaffect extract --backbone run:<run>`` exports its features into a store."""
     if not spec.startswith("run:") or not spec[4:]:
-        raise ValueError(f"{spec!r}: a trained model's backbone is named run:<run folder or checkpoint folder>")
+        raise ValueError(
+            f"{spec!r}: a trained model's backbone is named run:<run folder or checkpoint folder>"
+        )
     folder = Path(spec[4:]).expanduser()
     if (folder / "best" / CONFIG).is_file() and not (folder / CONFIG).is_file():
         folder = folder / "best"

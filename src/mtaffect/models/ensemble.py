@@ -34,7 +34,13 @@ import torch
 
 from mtaffect.io import atomic_folder
 from mtaffect.models.base import TASKS
-from mtaffect.models.checkpoint import CONFIG, CheckpointError, TrainedAffectModel, load_model, read_checkpoint_config
+from mtaffect.models.checkpoint import (
+    CONFIG,
+    CheckpointError,
+    TrainedAffectModel,
+    load_model,
+    read_checkpoint_config,
+)
 
 FORMAT = "mtaffect-ensemble"
 FORMAT_VERSION = 1
@@ -72,13 +78,16 @@ def save_ensemble(
     sources = dict(sources or {})
     missing = [t for t in TASKS if t not in tasks]
     if missing or any(m not in members for m in tasks.values()):
-        raise CheckpointError(f"an ensemble needs a member for each task; tasks {dict(tasks)}, members {list(members)}")
+        raise CheckpointError(
+            f"an ensemble needs a member for each task; tasks {dict(tasks)}, members {list(members)}"
+        )
     for name, folder in members.items():
         cfg = read_checkpoint_config(folder)
         lacking = sorted(_store_keys(cfg) - set(sources))
         if lacking:
             raise CheckpointError(
-                f"member {name!r} ({folder}) reads the features of {lacking}: give the checkpoints that compute them"
+                f"member {name!r} ({folder}) reads the features of {lacking}: give the checkpoints that "
+                "compute them"
             )
     for folder in sources.values():
         read_checkpoint_config(folder)
@@ -152,8 +161,9 @@ class EnsembleAffectModel:
     @property
     def backbone(self) -> str:
         raise CheckpointError(
-            f"{self.path} is an ensemble (one model per task, several backbones): predict with `mtaffect infer "
-            "--model ... --data ROOT` (face crops); `mtaffect predict` takes one of its members/ folders"
+            f"{self.path} is an ensemble (one model per task, several backbones): predict with "
+            "`mtaffect infer --model ... --data ROOT` (face crops); `mtaffect predict` takes one of its "
+            "members/ folders"
         )
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
@@ -173,7 +183,9 @@ class EnsembleAffectModel:
         if all("valid" in t.frame for t in tables.values()):
             valid = np.min([t.align_to(names).frame["valid"].to_numpy() for t in tables.values()], axis=0)
             extra["valid"] = valid.astype(np.int8)
-        return PredictionTable.from_arrays(names, va.valence, va.arousal, expr.expr_probs, au.au_probs, **extra)
+        return PredictionTable.from_arrays(
+            names, va.valence, va.arousal, expr.expr_probs, au.au_probs, **extra
+        )
 
     def predict_images(
         self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
@@ -205,9 +217,11 @@ class EnsembleAffectModel:
     ) -> Any:  # fmt: skip
         """A PredictionTable from feature stores (members trained on frozen features): ``store`` the
         main one, ``stores`` the named ones the members fuse."""
-        tables = {n: self.members[n].predict_store(store, images, batch_size, allow_missing=allow_missing,
-                                                   stores=stores)  # fmt: skip
-                  for n in self._used()}
+        tables = {}
+        for n in self._used():
+            tables[n] = self.members[n].predict_store(
+                store, images, batch_size, allow_missing=allow_missing, stores=stores
+            )
         return self._combine(tables, images)
 
 

@@ -136,8 +136,8 @@ class ProgressiveMTL(MTLModel):
         missing = [n for n in names if n not in input_dims]
         if missing:
             raise ValueError(
-                f"variant published fuses {names} but has no size for {missing}: give the stores exported from "
-                "those task models (--features au=STORE ...; the pipeline does it)"
+                f"variant published fuses {names} but has no size for {missing}: give the stores "
+                "exported from those task models (--features au=STORE ...; the pipeline does it)"
             )
         self.input_dims = {n: int(input_dims[n]) for n in names}
         self.inputs = ("features", *names)  # type: ignore[misc]

@@ -139,7 +139,9 @@ def train(
     console.print("wrote " + ", ".join(f"{out}/{w}" for w in written), highlight=False)
 
 
-def _train_pipeline(cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code) -> None:
+def _train_pipeline(
+    cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code
+) -> None:  # fmt: skip
     from mtaffect.train.pipeline import run_pipeline
 
     if main is not None or named:
@@ -205,7 +207,9 @@ def search(
     main, named = split_features(features)
     if cfg.pipeline.enabled:
         if main is not None or named:
-            raise ValueError(f"{cfg.source} is a pipeline: it trains from the images under --data; drop --features")
+            raise ValueError(
+                f"{cfg.source} is a pipeline: it trains from the images under --data; drop --features"
+            )
         source = data
     else:
         source = _training_data(cfg, main, data)
@@ -254,8 +258,9 @@ def infer(
     if data is not None:
         kw = {"stores": named} if named else {}
         table = m.predict_images(
-            data / CROPPED_DIR, names, batch_size=batch_size, workers=workers, allow_missing=allow_missing, **kw
-        )
+            data / CROPPED_DIR, names, batch_size=batch_size, workers=workers,
+            allow_missing=allow_missing, **kw,
+        )  # fmt: skip
     else:
         table = m.predict_store(main, names, allow_missing=allow_missing, stores=named or None)
     table.write(out, overwrite=overwrite)

@@ -70,7 +70,7 @@ class DataSection:
     eval_batch_size: int = 4096
     window: int = 32  # temporal models: frames per window
     stride: int = 16  # temporal models: training window step (validation/prediction use `window`)
-    window_edge: str = "pad"  # the last window of a video: pad (repeat, masked) | shift (end on the last frame)
+    window_edge: str = "pad"  # a video's last window: pad (repeat, masked) | shift (end on its last frame)
     in_memory: str | bool = "auto"  # load the needed arrays into RAM when they fit memory_limit_gb
     memory_limit_gb: float = 8.0  # per process (under DDP each rank holds only its share of the rows)
     # DataLoader processes per rank: JPEG decoding (training from images) or batch reading (feature
@@ -456,16 +456,21 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: data.window_edge must be one of {', '.join(WINDOW_EDGES)}")
     for key in ("tasks", "select"):
         value = getattr(cfg.trainer, key)
-        if not isinstance(value, list) or any(t not in TASK_NAMES for t in value) or len(set(value)) != len(value):
-            raise ConfigError(f"{where}: trainer.{key} must list distinct tasks among au, expr, va, got {value!r}")
+        ok = isinstance(value, list) and all(t in TASK_NAMES for t in value) and len(set(value)) == len(value)
+        if not ok:
+            raise ConfigError(
+                f"{where}: trainer.{key} must list distinct tasks among au, expr, va, got {value!r}"
+            )
     if not cfg.trainer.tasks:
         raise ConfigError(f"{where}: trainer.tasks is empty: list the tasks to train (au, expr, va)")
     unknown = set(cfg.loss.va_weights) - {"valence", "arousal"}
     bad = [v for v in cfg.loss.va_weights.values()
-           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0]  # fmt: skip
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+           or v < 0]  # fmt: skip
     if unknown or bad:
         raise ConfigError(
-            f"{where}: loss.va_weights maps valence and/or arousal to numbers >= 0, got {cfg.loss.va_weights!r}"
+            f"{where}: loss.va_weights maps valence and/or arousal to numbers >= 0, got "
+            f"{cfg.loss.va_weights!r}"
         )
     _check_hparams(cfg.model.hparams, where)
     _validate_images(cfg, where)
@@ -494,7 +499,7 @@ def step_config(cfg: TrainConfig, *overrides: dict, where: str = "<config>") -> 
     raw = cfg.to_dict()
     raw.pop("pipeline", None)
     raw.pop("search", None)
-    for i, o in enumerate(overrides):
+    for o in overrides:
         if not isinstance(o, dict):
             raise ConfigError(f"{where}: must be a mapping of config sections, got {o!r}")
         raw = merge_config(raw, o)
@@ -520,12 +525,15 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
         if task not in TASK_NAMES:
             raise ConfigError(f"{where}: pipeline.task_models names {task!r}; tasks are au, expr, va")
         here = f"{where}: pipeline.task_models.{task}"
-        out[f"task_{task}"] = step_config(cfg, p.task_model, o or {}, {"trainer": {"tasks": [task]}}, where=here)
+        only = {"trainer": {"tasks": [task]}}
+        out[f"task_{task}"] = step_config(cfg, p.task_model, o or {}, only, where=here)
     if not p.enhanced:
         raise ConfigError(f"{where}: pipeline.enhanced lists no enhanced model (e.g. au: {{}}, va: {{...}})")
     for name, o in p.enhanced.items():
         if not str(name).isidentifier():
-            raise ConfigError(f"{where}: pipeline.enhanced.{name}: step names are plain names (au, expr, va, all)")
+            raise ConfigError(
+                f"{where}: pipeline.enhanced.{name}: step names are plain names (au, expr, va, all)"
+            )
         here = f"{where}: pipeline.enhanced.{name}"
         step = step_config(cfg, p.enhanced_model, o or {}, where=here)
         if step.model.recipe == "progressive" and step.model.hparams.get("variant") != "published":
@@ -549,8 +557,8 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
     unknown = set(p.export) - {"splits", "batch_size", "workers", "device"}
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {sorted(unknown)} in pipeline.export; valid: splits, batch_size, workers, "
-            "device"
+            f"{where}: unknown key(s) {sorted(unknown)} in pipeline.export; valid: splits, batch_size, "
+            "workers, device"
         )
     return out
 

@@ -536,8 +536,8 @@ def _fit(
     present = tuple(t for t in labelled_tasks if t in config.trainer.tasks)
     if not present:
         raise ValueError(
-            f"{config.source or 'the config'}: trainer.tasks {config.trainer.tasks} names no task the training "
-            f"rows have a label for (labelled: {list(labelled_tasks)})"
+            f"{config.source or 'the config'}: trainer.tasks {config.trainer.tasks} names no task the "
+            f"training rows have a label for (labelled: {list(labelled_tasks)})"
         )
     validate = dm.val_set is not None and len(dm.val_set) > 0
     a = dm.train_labels
@@ -594,8 +594,8 @@ def _fit(
             model, loss, stage, lr=ps.settings.lr or config.optim.lr, weight_decay=config.optim.weight_decay,
             warmup_steps=round(config.optim.warmup_epochs * steps), total_steps=steps * ps.epochs,
             min_lr_ratio=config.optim.min_lr_ratio, au_threshold=config.trainer.au_threshold,
-            select_tasks=select_tasks(config, stage.tasks), patience=config.trainer.patience if validate else 0,
-            epoch_offset=done,
+            select_tasks=select_tasks(config, stage.tasks),
+            patience=config.trainer.patience if validate else 0, epoch_offset=done,
             resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
         )  # fmt: skip
         if mid is not None and module.best_epoch >= 0 and out is not None:

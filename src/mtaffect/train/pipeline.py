@@ -55,7 +55,14 @@ from mtaffect.train.state import ResumeError, data_source, run_identity
 PIPELINE_FILE = "pipeline.json"
 STORES_DIR = "stores"
 #: Entries of a pipeline folder besides its step folders (what ``overwrite`` removes).
-PIPELINE_ENTRIES = ("config.yaml", PIPELINE_FILE, "best", "metrics.json", "val_predictions.parquet", STORES_DIR)
+PIPELINE_ENTRIES = (
+    "config.yaml",
+    PIPELINE_FILE,
+    "best",
+    "metrics.json",
+    "val_predictions.parquet",
+    STORES_DIR,
+)
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,11 @@ class PipelineResult:
         return P_of(terms_of(self.metrics), self.tasks) if self.metrics else float("nan")
 
     def terms(self) -> dict[str, float]:
-        t = terms_of(self.metrics) if self.metrics else {"va": float("nan"), "expr": float("nan"), "au": float("nan")}
+        t = (
+            terms_of(self.metrics)
+            if self.metrics
+            else {"va": float("nan"), "expr": float("nan"), "au": float("nan")}
+        )
         return {"P": self.P, "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"]}
 
     def summary(self) -> str:
@@ -147,14 +158,15 @@ class Pipeline:
         marker = self.out / PIPELINE_FILE
         if self.out.exists() and any(self.out.iterdir()) and not marker.is_file():
             raise OutputExistsError(
-                f"{self.out} holds something other than a pipeline run (no {PIPELINE_FILE}); choose another --out"
+                f"{self.out} holds something other than a pipeline run (no {PIPELINE_FILE}); choose another "
+                "--out"
             )
         if self.overwrite and marker.is_file():
             self._remove_previous(marker)
         elif marker.is_file():  # what earlier sessions recorded of the steps they ran
             try:
-                self.record = {n: r for n, r in json.loads(marker.read_text(encoding="utf-8")).get("steps", {}).items()
-                               if n in self.by_name and "status" in r}  # fmt: skip
+                before = json.loads(marker.read_text(encoding="utf-8")).get("steps", {})
+                self.record = {n: r for n, r in before.items() if n in self.by_name and "status" in r}
             except (OSError, ValueError):
                 self.record = {}
         if self.rank0:
@@ -212,8 +224,8 @@ class Pipeline:
             for need in step.needs:
                 if not self._done(self.by_name[need]):
                     raise ValueError(
-                        f"step {step.name} needs step {need}, which has not finished in {self.out}: run it first "
-                        f"(--step {need}) or run the whole pipeline"
+                        f"step {step.name} needs step {need}, which has not finished in {self.out}: run it "
+                        f"first (--step {need}) or run the whole pipeline"
                     )
             self.say(f"[bold]step {i}/{len(chosen)}: {step.name}[/bold]")
             s0 = time.perf_counter()
@@ -235,13 +247,15 @@ class Pipeline:
         status = run_status(folder)
         if status == "finished":
             named = StoreSet.open(stores) if stores else None
-            check_same_run(folder, step.config, run_identity(data_source(self.root, named), self.train, self.val))
+            check_same_run(
+                folder, step.config, run_identity(data_source(self.root, named), self.train, self.val)
+            )
             self.say(f"step {step.name}: finished earlier, kept ({folder})")
             return {"status": "kept", **_scores(folder)}
         if status == "started" and not self.resume:
             raise ResumeError(
-                f"step {step.name} was interrupted ({folder}): pass --resume to continue it from its last epoch, "
-                "or remove that folder to train it anew"
+                f"step {step.name} was interrupted ({folder}): pass --resume to continue it from its last "
+                "epoch, or remove that folder to train it anew"
             )
         result = fit(
             step.config, self.root, self.train, self.val, folder, resume=status == "started", log=self.log,
@@ -267,8 +281,9 @@ class Pipeline:
             st = FeatureStore.open(store)
             if st.fingerprint != fp:
                 raise StoreError(
-                    f"step {step.name}: {store} holds features of another backbone (fingerprint {st.fingerprint}) "
-                    f"than the task model {run} (fingerprint {fp}); remove the store to export it again"
+                    f"step {step.name}: {store} holds features of another backbone (fingerprint "
+                    f"{st.fingerprint}) than the task model {run} (fingerprint {fp}); remove the store to "
+                    "export it again"
                 )
             self.say(f"step {step.name}: finished earlier, kept ({store})")
             return {"status": "kept", "store": str(store), "images": len(st)}
@@ -299,8 +314,10 @@ class Pipeline:
             if preds is not None:
                 preds.write(self.out / "val_predictions.parquet", overwrite=True)
         self._combined = (metrics, preds)
-        self.say(f"step combine: {self.out / 'best'} answers " + ", ".join(f"{t} with enhanced_{n}"
-                                                                        for t, n in self.combine.items()))
+        self.say(
+            f"step combine: {self.out / 'best'} answers "
+            + ", ".join(f"{t} with enhanced_{n}" for t, n in self.combine.items())
+        )
         return {"status": "combined", "P": metrics.get("P") if metrics else None}
 
     def _result(self, seconds: float) -> PipelineResult:
@@ -308,8 +325,8 @@ class Pipeline:
         tasks = _trained_tasks(self.record, self.combine)
         result = PipelineResult(
             metrics=metrics, steps=dict(self.record), val_predictions=preds,
-            checkpoint=self.out / "best" if (self.out / "best").is_dir() else None, seconds=seconds, tasks=tasks,
-            rank=env_rank(), trainval=self.trainval,
+            checkpoint=self.out / "best" if (self.out / "best").is_dir() else None, seconds=seconds,
+            tasks=tasks, rank=env_rank(), trainval=self.trainval,
         )  # fmt: skip
         if metrics and self.rank0:
             write_json(self.out / "metrics.json", {
@@ -376,10 +393,10 @@ def _splits(root: Path) -> tuple[str, ...]:
 
 
 def run_pipeline(
-    config: TrainConfig, root: str | os.PathLike, out: str | os.PathLike, *, steps: Sequence[str] | None = None,
-    **kwargs: Any,
+    config: TrainConfig, root: str | os.PathLike, out: str | os.PathLike, *,
+    steps: Sequence[str] | None = None, **kwargs: Any,
 ) -> PipelineResult:  # fmt: skip
-    """Run (or continue) ``config``'s pipeline over the dataset ``root`` into ``out``; see :class:`Pipeline`."""
+    """Run (or continue) ``config``'s pipeline over the dataset ``root`` into ``out`` (:class:`Pipeline`)."""
     return Pipeline(config, root, out, **kwargs).run(steps)
 
 

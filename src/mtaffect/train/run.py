@@ -124,7 +124,8 @@ def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dic
     if stores is None:
         return {}
     keys = dict.fromkeys(split_input(i)[1] for i in inputs if "@" in i)
-    return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint} for k in keys}
+    return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint}
+            for k in keys}  # fmt: skip
 
 
 def prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:

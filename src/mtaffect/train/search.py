@@ -108,7 +108,8 @@ def search(
         result = fit(
             cfg, st, train, val, run, overwrite=overwrite, log=log, trust_remote_code=trust_remote_code,
             stores=named if config.from_images else None,
-            reuse={f"task_{t}": reuse[t] for t in ([tasks] if isinstance(tasks, str) else tasks)} if reuse else None,
+            reuse={f"task_{t}": reuse[t] for t in ([tasks] if isinstance(tasks, str) else tasks)}
+            if reuse else None,
         )  # fmt: skip
         rows.append(SearchRow(variant=dict(variant), **result.terms(), seconds=result.seconds,
                               run=None if run is None else str(run)))  # fmt: skip
@@ -125,8 +126,8 @@ def search(
             yaml.safe_dump(best.to_dict(), fh, sort_keys=False)
         members = {f"run{k}": Path(str(rows[k].run)) / "best" for k in per_task.values()}
         save_ensemble(out_path / "best", members, {t: f"run{k}" for t, k in per_task.items()}, overwrite=True)
-        say("per task: " + ", ".join(f"{t} best in run{k} ({_label(rows[k].variant)})" for t, k in per_task.items())
-            + f"; {out_path / 'best'} combines them (one model per task)")  # fmt: skip
+        best_of = [f"{t} best in run{k} ({_label(rows[k].variant)})" for t, k in per_task.items()]
+        say(f"per task: {', '.join(best_of)}; {out_path / 'best'} combines them (one model per task)")
         with atomic_open(out_path / "search.json", "w", overwrite=overwrite, encoding="utf-8") as fh:
             json.dump({"recipe": config.model.recipe, "ranked": [r.to_dict() for r in ranked],
                        "per_task": _per_task_report(rows), "chosen_config": str(out_path / "chosen.yaml"),
@@ -147,8 +148,10 @@ def _train_task_models_once(
     model once (``out/task_models/``, on single frames) and return ``{task: its stage checkpoint}`` for
     the variants to reuse; None when that does not apply (each variant then trains its own)."""
     hp = config.model.hparams
-    if (out is None or config.model.recipe != "progressive" or hp.get("variant", "frozen") != "frozen"
-            or not hp.get("progressive", True) or not all(set(v) <= _JOINT_HPARAMS for v in variants)):  # fmt: skip
+    frozen = config.model.recipe == "progressive" and hp.get("variant", "frozen") == "frozen"
+    if out is None or not frozen or not hp.get("progressive", True):
+        return None
+    if not all(set(v) <= _JOINT_HPARAMS for v in variants):
         return None
     wanted: set[str] = set()
     for v in variants:
@@ -183,7 +186,8 @@ def _per_task_report(rows: list[SearchRow]) -> dict[str, list[dict]]:
     for task in TASKS:
         term = TERM_OF[task]
         order = sorted(range(len(rows)), key=lambda i: -getattr(rows[i], term))
-        out[task] = [{"variant": rows[i].variant, term: getattr(rows[i], term), "run": rows[i].run} for i in order]
+        out[task] = [{"variant": rows[i].variant, term: getattr(rows[i], term), "run": rows[i].run}
+                     for i in order]  # fmt: skip
     return out
 
 
@@ -198,7 +202,7 @@ def _variant_pipeline(config: TrainConfig, variants: list[dict[str, Any]]) -> Tr
         f"v{i}_{name}": merge_config(o or {}, {"model": {"hparams": dict(v)}})
         for i, v in enumerate(variants) for name, o in config.pipeline.enhanced.items()
     }  # fmt: skip
-    cfg.pipeline.combine = {t: f"v0_{n}" for t, n in combine_map(config).items()}  # not combined: a placeholder
+    cfg.pipeline.combine = {t: f"v0_{n}" for t, n in combine_map(config).items()}  # a placeholder
     return cfg
 
 
@@ -228,8 +232,9 @@ def search_pipeline(
         t = terms_of(metrics)
         seconds = sum(pipe.record.get(f"enhanced_v{i}_{n}", {}).get("train_seconds") or 0.0
                       for n in config.pipeline.enhanced)  # fmt: skip
-        rows.append(SearchRow(variant=dict(variant), P=P_of(t, tuple(base)), ccc_va=t["va"], f1_expr=t["expr"],
-                              f1_au=t["au"], seconds=seconds, run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
+        rows.append(SearchRow(variant=dict(variant), P=P_of(t, tuple(base)), ccc_va=t["va"],
+                              f1_expr=t["expr"], f1_au=t["au"], seconds=seconds,
+                              run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
     chosen = _choose(rows)
     pick = config.copy()
     pick.search.grid = []
@@ -266,7 +271,9 @@ def search_table(rows: list[SearchRow]):  # -> rich.table.Table
 
     t = Table(title="strategy search (ranked by validation P)", title_justify="left")
     chosen = any(r.chosen_for is not None for r in rows)
-    for col in ("rank", "variant", "P", "CCC_VA", "F1_EXPR", "F1_AU", "seconds", *(["chosen for"] if chosen else [])):
+    columns = ("rank", "variant", "P", "CCC_VA", "F1_EXPR", "F1_AU", "seconds")
+    columns += ("chosen for",) if chosen else ()
+    for col in columns:
         t.add_column(col, justify="left" if col in ("variant", "chosen for") else "right")
     best = {k: max(getattr(r, k) for r in rows) for k in ("ccc_va", "f1_expr", "f1_au")} if rows else {}
 
@@ -275,6 +282,7 @@ def search_table(rows: list[SearchRow]):  # -> rich.table.Table
         return f"[bold]{text}[/bold]" if chosen and getattr(r, k) == best[k] else text
 
     for i, r in enumerate(rows, 1):
-        t.add_row(str(i), _label(r.variant), f"{r.P:.4f}", cell(r, "ccc_va"), cell(r, "f1_expr"), cell(r, "f1_au"),
-                  f"{r.seconds:.1f}", *([", ".join(r.chosen_for or [])] if chosen else []))  # fmt: skip
+        t.add_row(str(i), _label(r.variant), f"{r.P:.4f}", cell(r, "ccc_va"), cell(r, "f1_expr"),
+                  cell(r, "f1_au"), f"{r.seconds:.1f}",
+                  *([", ".join(r.chosen_for or [])] if chosen else []))  # fmt: skip
     return t

@@ -95,7 +95,8 @@ def data_source(data: FeatureStore | StoreSet | Path, stores: StoreSet | None = 
     if stores is not None:
         named.update({k: v for k, v in stores.identity().items() if k})
     if isinstance(data, FeatureStore):
-        out = {"path": str(data.path), "images_sha256": store_images_sha256(data), "fingerprint": data.fingerprint}
+        out = {"path": str(data.path), "images_sha256": store_images_sha256(data),
+               "fingerprint": data.fingerprint}  # fmt: skip
     else:
         out = {"path": str(data), "images_sha256": None, "fingerprint": None}
     if named:
@@ -134,8 +135,8 @@ def check_identity(saved: dict, now: dict, out: Path) -> None:
             said = "none" if x is None else f"{x.get('path')} (fingerprint {x.get('fingerprint')})"
             given = "none" if y is None else f"{y.get('path')} (fingerprint {y.get('fingerprint')})"
             raise ResumeError(
-                f"{out} was trained with store {key!r} = {said}; this call gives {given}; resume with the same "
-                "--features NAME=STORE options, or start a new run (another --out, or --overwrite)"
+                f"{out} was trained with store {key!r} = {said}; this call gives {given}; resume with the "
+                "same --features NAME=STORE options, or start a new run (another --out, or --overwrite)"
             )
     for split, what in (("train", "training"), ("val", "validation")):
         x, y = saved.get(split), now[split]

@@ -24,9 +24,9 @@ from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model, save_
 from mtaffect.models.image_model import ImageMTLModel
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.fit import Training, build_model, on_gpu
-from mtaffect.train.run import input_store_records
 from mtaffect.train.images.augment import Augmenter
 from mtaffect.train.images.data import ImageDataModule
+from mtaffect.train.run import input_store_records
 
 
 def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Backbone:

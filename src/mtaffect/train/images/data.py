@@ -14,9 +14,10 @@ share). What differs:
 - named feature stores (``stores``, e.g. features exported from task models: inputs ``features@au``)
   are read beside the pixels, for the same rows (:class:`~mtaffect.features.reader.InputSource`);
 - images that are missing when training starts, or that a named store failed to extract, are excluded
-  and counted, as a store's failed images are (the report's ``excluded_invalid``); an image that fails to decode later (e.g. truncated) is
-  dropped from its batch (for windows: its step is masked), counted in :attr:`ImageDataModule.failures`
-  (a run's ``metrics.json``: ``rows.failed_to_decode``) and reported in a warning, never silently.
+  and counted, as a store's failed images are (the report's ``excluded_invalid``); an image that fails
+  to decode later (e.g. truncated) is dropped from its batch (for windows: its step is masked), counted
+  in :attr:`ImageDataModule.failures` (a run's ``metrics.json``: ``rows.failed_to_decode``) and
+  reported in a warning, never silently.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ class ImageDataModule(MTLDataModule):
                 store_rows = self.stores.rows(table.images)
             except MissingImagesError as exc:
                 raise StoreError(
-                    f"{len(exc.missing)} image(s) of the {what} are not in the named stores {self.stores} (e.g. "
-                    f"{exc.missing[:3]}); extract the stores over every split the training reads"
+                    f"{len(exc.missing)} image(s) of the {what} are not in the named stores {self.stores} "
+                    f"(e.g. {exc.missing[:3]}); extract the stores over every split the training reads"
                 ) from exc
             in_stores = self.stores.valid(store_rows)
             invalid = int((ok & ~in_stores).sum())
@@ -159,7 +160,8 @@ class ImageDataModule(MTLDataModule):
         arrays.rows = offset + np.arange(len(arrays), dtype=np.int64)  # positions in the image list
         self._names.append(arrays.images)
         self._store_rows.append(store_rows[kept])
-        return arrays, JoinReport(labelled=len(table), excluded_invalid=len(missing) + invalid, used=len(arrays))
+        report = JoinReport(labelled=len(table), excluded_invalid=len(missing) + invalid, used=len(arrays))
+        return arrays, report
 
     def _make_source(self, keep: np.ndarray | None) -> ImageSource:
         """Every rank lists all positions' names (cheap); it decodes only the batches of its share."""
@@ -167,8 +169,8 @@ class ImageDataModule(MTLDataModule):
         extra = None
         if self.store_inputs and self.stores is not None:
             rows = np.concatenate(self._store_rows)[self.rows]
-            extra = InputSource(self.stores, rows, self.store_inputs, self.in_memory_option, self.memory_limit_gb,
-                                keep=keep)  # fmt: skip
+            extra = InputSource(self.stores, rows, self.store_inputs, self.in_memory_option,
+                                self.memory_limit_gb, keep=keep)  # fmt: skip
         return ImageSource(ImageReader(self.folder, names[self.rows], self.size, self.colour), extra)
 
     @property
