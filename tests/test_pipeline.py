@@ -5,18 +5,17 @@ search over enhanced-model variants that trains the task models once, and steps 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("kornia")
+
+from test_image_training import REPO, run, runner, vit_folder  # noqa: E402, F401 (fixture)
 
 import mtaffect.train.pipeline as pipeline_module  # noqa: E402
 from mtaffect.cli import app  # noqa: E402
@@ -27,19 +26,6 @@ from mtaffect.features.store import FeatureStore  # noqa: E402
 from mtaffect.metrics import score  # noqa: E402
 from mtaffect.models.checkpoint import load_model  # noqa: E402
 from mtaffect.models.ensemble import EnsembleAffectModel  # noqa: E402
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-torch.set_num_threads(1)
-runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
-VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-       "image_size": 32, "patch_size": 8}  # fmt: skip
-
-
-def run(*args) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r.output
 
 
 def fails(*args) -> str:
@@ -58,13 +44,11 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
+def config(vit_folder, tmp_path_factory) -> Path:  # noqa: F811
     """configs/progressive_published.yaml as shipped, shrunk only where a CPU test must be small: a tiny
     random-init ViT saved to a folder (hf:<folder>), 1 epoch, small windows (4 for EXPR, 6 for VA)."""
-    folder = tmp_path_factory.mktemp("vit")
-    vit = folder / "vit"
-    torch.manual_seed(0)
-    transformers.ViTModel(transformers.ViTConfig(**VIT)).save_pretrained(vit)
+    vit = vit_folder
+    folder = tmp_path_factory.mktemp("published")
     cfg = yaml.safe_load((REPO / "configs" / "progressive_published.yaml").read_text())
     cfg["backbone"].update(name=f"hf:{vit}", image_size=32, lr=1e-3)
     cfg["model"]["hparams"]["dim"] = 16
@@ -97,7 +81,6 @@ class Trainings:
 @pytest.fixture(scope="module")
 def published(data, config, tmp_path_factory):
     """One run of the whole published pipeline through `mtaffect train`."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
     out = tmp_path_factory.mktemp("runs") / "published"
     mp = pytest.MonkeyPatch()
     trainings = Trainings(mp)
