@@ -162,8 +162,8 @@ class EnsembleAffectModel:
     def backbone(self) -> str:
         raise CheckpointError(
             f"{self.path} is an ensemble (one model per task, several backbones): predict with "
-            "`mtaffect infer --model ... --data ROOT` (face crops); `mtaffect predict` takes one of its "
-            "members/ folders"
+            "`mtaffect infer --model ... --data ROOT` (face crops); `mtaffect predict` runs single models, "
+            "e.g. the task models in its sources/ folder"
         )
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
