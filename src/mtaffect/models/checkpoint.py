@@ -595,9 +595,18 @@ def backbone_from_run(
         raise ValueError(
             f"{spec!r}: a trained model's backbone is named run:<run folder or checkpoint folder>"
         )
+    from mtaffect.models.ensemble import ENSEMBLE_FILE
+
     folder = Path(spec[4:]).expanduser()
-    if (folder / "best" / CONFIG).is_file() and not (folder / CONFIG).is_file():
-        folder = folder / "best"
+    here = (folder / CONFIG).is_file() or (folder / ENSEMBLE_FILE).is_file()
+    if not here and (folder / "best").is_dir():
+        folder = folder / "best"  # a run folder: its selected model
+
+    if (folder / ENSEMBLE_FILE).is_file():
+        raise CheckpointError(
+            f"{spec}: {folder} is an ensemble (several backbones): name one of its task models, e.g. "
+            f"run:{folder / 'sources' / 'au'}, or the run that trained it"
+        )
     if not (folder / CONFIG).is_file():
         raise CheckpointError(
             f"{spec}: {folder} is neither a run folder with best/ nor a checkpoint folder (no {CONFIG}); "
