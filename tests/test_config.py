@@ -88,3 +88,57 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("model:\n  recipe: emotinet\ntrainer: {epochs: [1, 2}\n")
     with pytest.raises(ConfigError, match=rf"^{path}:3: not valid YAML"):
         load_config(path)
+
+
+PUBLISHED = EMOTINET.parent / "progressive_published.yaml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.tasks=[au, arousal]"], r"trainer.tasks must list distinct tasks"),
+        (["trainer.tasks=[]"], r"trainer.tasks is empty"),
+        (["trainer.select=[au, au]"], r"trainer.select must list distinct tasks"),
+        (["loss.va_weights={valence: -1}"], r"loss.va_weights maps valence"),
+        (["data.window_edge=wrap"], r"data.window_edge must be one of pad, shift"),
+        (["pipeline.combine.au=nothing"], r"pipeline.combine.au names 'nothing'"),
+        (["pipeline.enhanced.au.model.hparams.variant=frozen"], r"pipeline.enhanced.au: an enhanced model"),
+        (["pipeline.task_models={au: {}}"], r"enhanced.au: fuses the features of task model\(s\) \['expr'"),
+        (["pipeline.enhanced.va.data.window=0"], r"enhanced.va: data.window and data.stride must be >= 1"),
+        (["pipeline.export.threads=4"], r"unknown key\(s\) \['threads'\] in pipeline.export"),
+    ],
+)
+def test_the_published_pipeline_config_is_checked_step_by_step(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PUBLISHED, overrides)
+
+
+def test_the_published_pipeline_config_sets_the_published_values():
+    from mtaffect.train.config import combine_map, pipeline_configs
+
+    cfg = load_config(PUBLISHED, ["pipeline.enhanced.va.data.window=12"])  # a step is overridden in depth
+    steps = pipeline_configs(cfg)
+    assert set(steps) == {"task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va",
+                          "enhanced_all"}  # fmt: skip
+    for s in steps.values():
+        assert s.optim.lr == s.backbone.lr == 1e-5 and s.optim.weight_decay == s.backbone.weight_decay == 0.05
+        assert not s.loss.expr_class_weights and not s.loss.au_pos_weight and s.augment.preset == "liu2024"
+        assert s.backbone.mode == "finetune" and s.model.hparams["variant"] == "published"
+    task = steps["task_expr"]
+    assert task.trainer.tasks == ["expr"] and task.model.hparams["fusion_tasks"] == []
+    expr, va = steps["enhanced_expr"], steps["enhanced_va"]
+    assert expr.data.window == 5 and expr.loss.weights == {"au": 1.0, "expr": 0.25, "va": 1.0}
+    assert expr.loss.va_weights == {"valence": 1.0, "arousal": 0.0} and expr.trainer.select == ["expr"]
+    assert va.data.window == 12 and va.model.hparams["temporal"] == "lstm" and va.trainer.tasks == ["va"]
+    au = steps["enhanced_au"]
+    assert au.model.hparams["temporal"] == "none" and au.trainer.tasks == ["au"]
+    assert combine_map(cfg) == {"au": "au", "expr": "expr", "va": "va"}
+    import yaml
+
+    from mtaffect.train.config import config_from_dict
+
+    raw = yaml.safe_load(PUBLISHED.read_text())
+    raw.pop("backbone")
+    raw.pop("augment")
+    with pytest.raises(ConfigError, match="a pipeline fine-tunes task models from images"):
+        config_from_dict(raw)

@@ -157,3 +157,15 @@ def test_stage_tasks_select_losses_and_padded_steps_are_ignored():
     assert set(parts) == {"expr"} and total.item() == pytest.approx(parts["expr"].item())
     with pytest.raises(ValueError, match="unknown task"):
         MTLLoss(LossConfig(weights={"valence": 1.0}))
+
+
+def test_va_weights_choose_the_terms_of_the_va_loss():
+    batch = _batch(16)
+    out = {"va": torch.randn(16, 2).tanh(), "au": torch.randn(16, 12), "expr": torch.randn(16, 8)}
+    both = MTLLoss()(out, batch, ("va",))[1]["va"]
+    valence = MTLLoss(LossConfig(va_weights={"valence": 1.0, "arousal": 0.0}))(out, batch, ("va",))[1]["va"]
+    m = batch["va_mask"][:, 0]
+    assert valence.item() == pytest.approx(1 - ccc_torch(out["va"][m, 0], batch["va"][m, 0]).item(), rel=1e-5)
+    assert both.item() > valence.item()
+    with pytest.raises(ValueError, match="va_weights"):
+        MTLLoss(LossConfig(va_weights={"dominance": 1.0}))

@@ -29,6 +29,10 @@ CASES = {
     "progressive-lstm": ("progressive", {"dim": 32, "temporal": "lstm"}),
     "progressive-endtoend": ("progressive", {"dim": 32, "task_dim": 24, "progressive": False}),
     "progressive-tcn-expr": ("progressive", {"dim": 32, "fusion_tasks": ["expr"], "temporal": "tcn"}),
+    "progressive-published": ("progressive", {
+        "dim": 32, "variant": "published", "fusion_tasks": ["au", "va"], "temporal": "lstm",
+        "input_dims": {"features@au": D, "features@va": 24}}),
+    "progressive-task-model": ("progressive", {"dim": 32, "variant": "published", "fusion_tasks": []}),
     "emotinet": ("emotinet", {"num_logits": K}),
     "emotinet-nologits": ("emotinet", {}),
 }  # fmt: skip
@@ -44,6 +48,7 @@ def make_batch(model: MTLModel, b: int = 6, t: int = 5, seed: int = 1) -> dict[s
     g = torch.Generator().manual_seed(seed)
     lead = (b, t) if model.temporal else (b,)
     shapes = {"features": (D,), "logits": (K,), "tokens": (N, C)}
+    shapes.update({k: (d,) for k, d in getattr(model, "input_dims", {}).items()})  # features@<store>
     return {k: torch.randn(*lead, *shapes[k], generator=g) for k in model.inputs}
 
 
@@ -240,6 +245,22 @@ def test_recipe3_stage1_outputs_are_the_task_models_and_stage2_the_joint_model()
     model.requires_grad_(True)  # inference after training: the joint model answers
     with torch.no_grad():
         torch.testing.assert_close(model(batch)["au"], joint["au"])
+
+
+def test_recipe3_published_variant_fuses_the_named_task_features():
+    m = build("progressive-published").eval()
+    assert m.inputs == ("features", "features@au", "features@va") and m.stages() == [Stage("joint")]
+    batch = make_batch(m)
+    out = m(batch)
+    changed = m({**batch, "features@va": batch["features@va"] + 1.0})  # the task feature reaches every head
+    assert not torch.allclose(out["expr"], changed["expr"])
+    assert isinstance(m.proj["au"], nn.Identity) and isinstance(m.proj["va"], nn.Linear)  # 24 -> D only
+    assert isinstance(m.fusion[-1], nn.LeakyReLU) and m.fusion[-1].negative_slope == 0.1
+    assert m.temporal_net.lstm.hidden_size == 32 and m.temporal_net.lstm.num_layers == 2
+    with pytest.raises(ValueError, match="features@au"):
+        create_model("progressive", feature_dim=D, variant="published", fusion_tasks=["au"])
+    frozen = build("progressive")  # the cheap variant keeps its name and its checkpoints' config
+    assert frozen.variant == "frozen" and "variant" not in frozen.config()
 
 
 def test_recipe3_search_space_covers_task_subsets_and_temporal_modules():

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from store_helpers import write_store_by_hand
 from torch import nn
 
@@ -598,3 +599,88 @@ def test_search_ranks_the_grid_by_validation_p(dataset, tmp_path):
     c.search.grid = []
     with pytest.raises(ConfigError, match=r"search\.grid is empty"):
         search(c, store, train, val, log=None)
+
+
+def test_search_of_the_frozen_progressive_variant_trains_each_task_model_once(dataset, tmp_path):
+    from mtaffect.models.checkpoint import load_model
+    from mtaffect.models.ensemble import EnsembleAffectModel
+    from mtaffect.train.config import load_config
+    from mtaffect.train.search import search
+
+    store, train, val = dataset
+    c = cfg("progressive", model={"recipe": "progressive", "hparams": {"dim": 8, "task_dim": 8}},
+            trainer={"epochs": 1})  # fmt: skip
+    c.search.grid = [{"fusion_tasks": ["au", "va"]}, {"fusion_tasks": ["au", "expr", "va"]},
+                     {"fusion_tasks": ["va"], "temporal": "lstm"}]  # fmt: skip
+    out = tmp_path / "s"
+    rows = search(c, store, train, val, out, log=None)
+    shared = json.loads((out / "task_models" / "metrics.json").read_text())
+    assert [s["name"] for s in shared["stages"]] == ["task_au", "task_expr", "task_va"]  # trained once
+    for i in range(3):
+        stages = json.loads((out / f"run{i}" / "metrics.json").read_text())["stages"]
+        assert all("reused" in s for s in stages if s["name"].startswith("task_"))  # never retrained
+        assert [s["name"] for s in stages if "reused" not in s] == ["joint"]
+    va_task = load_model(next((out / "task_models" / "stages").glob("*-task_va"))).model.state_dict()
+    in_run = load_model(out / "run2" / "best").model.state_dict()
+    assert all(torch.equal(v, in_run[k]) for k, v in va_task.items() if k.startswith("task_va."))
+    report = json.loads((out / "search.json").read_text())
+    assert report["task_models_reused"] and set(report["per_task"]) == {"au", "expr", "va"}
+    assert sorted(t for r in rows for t in (r.chosen_for or [])) == ["au", "expr", "va"]
+    assert load_config(out / "chosen.yaml").model.hparams["fusion_tasks"] == rows[0].variant["fusion_tasks"]
+    combined = load_model(out / "best")  # each task from the variant that scored best on it
+    assert isinstance(combined, EnsembleAffectModel)
+    names = [str(n) for n in val.images[:40]]
+    assert len(combined.predict_store(store, names, allow_missing=True)) == 40
+
+
+def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtaffect.cli import app
+    from mtaffect.data.annotations import write_annotations
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.features.reader import StoreSet
+    from mtaffect.features.store import FeatureStore, StoreError
+
+    def cli(*args) -> tuple[int, str]:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        return r.exit_code, r.output
+
+    store, train, val = dataset
+    names = list(FeatureStore.open(store).images)
+    make_store(tmp_path / "au", names, dim=6, seed=3)
+    make_store(tmp_path / "au2", names, dim=6, seed=4)
+    meta = json.loads((tmp_path / "au2" / "meta.json").read_text())
+    (tmp_path / "au2" / "meta.json").write_text(json.dumps({**meta, "fingerprint": "other"}))  # other weights
+    make_store(tmp_path / "other", names[:-1], dim=6)
+    with pytest.raises(StoreError, match="list different images"):
+        StoreSet.open({"": store, "au": tmp_path / "other"})
+    data = tmp_path / "data"
+    data.mkdir()
+    write_annotations(train, data / "training_set_annotations.txt")
+    val_file = data / "validation_set_annotations.txt"
+    write_annotations(val, val_file)
+    conf = tmp_path / "published.yaml"
+    hparams = {"variant": "published", "fusion_tasks": ["au"], "dim": 8}
+    conf.write_text(yaml.safe_dump({"model": {"recipe": "progressive", "hparams": hparams},
+                                    "trainer": {"epochs": 2, "progress": False, "patience": 0},
+                                    "data": {"batch_size": 64}}))  # fmt: skip
+    run, best, pred = tmp_path / "run", tmp_path / "run" / "best", tmp_path / "val.parquet"
+    train_args = ("train", "--config", conf, "--data", data, "--out", run, "--features", store)
+    code, output = cli(*train_args, "--features", f"au={tmp_path / 'au'}")
+    assert code == 0, output
+    run_json = json.loads((run / "run.json").read_text())
+    assert set(run_json["store"]["stores"]) == {"au"}  # recorded: resume checks every store
+    ck = json.loads((best / "config.json").read_text())
+    assert ck["inputs"] == ["features", "features@au"] and ck["input_stores"]["au"]["fingerprint"] == "abc123"
+    code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
+                       "--features", f"au={tmp_path / 'au'}", "--allow-missing")  # fmt: skip
+    assert code == 0, output
+    saved = PredictionTable.read(run / "val_predictions.parquet")
+    got = PredictionTable.read(pred).align_to(list(saved.images))
+    np.testing.assert_allclose(got.expr_probs, saved.expr_probs, atol=1e-5)
+    code, output = cli(*train_args, "--features", f"au={tmp_path / 'au2'}", "--resume")
+    assert code == 2 and "store 'au'" in output
+    code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
+                       "--overwrite")  # fmt: skip
+    assert code == 2 and "au=STORE" in output

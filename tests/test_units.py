@@ -40,3 +40,20 @@ def test_windows_stay_in_one_video_sorted_by_frame_and_pad_the_last():
     ]  # fmt: skip
     idx, mask = make_windows(video, frame, window=2, stride=2)  # stride == window: each frame once
     assert sorted(idx[mask].tolist()) == list(range(8))
+
+
+def test_shifted_edges_fill_the_last_window_with_real_frames_and_count_each_frame_once():
+    video = np.array(["a"] * 7 + ["b"] * 2, dtype=object)
+    frame = np.array([1, 2, 3, 4, 5, 6, 7, 1, 2])
+    pad_idx, pad_mask = make_windows(video, frame, window=3, stride=3)
+    idx, mask = make_windows(video, frame, window=3, stride=3, edge="shift")
+    assert sorted(idx[mask].tolist()) == sorted(pad_idx[pad_mask].tolist()) == list(range(9))  # once each
+    a_last = [w for w in idx if set(video[w]) == {"a"}][-1]
+    assert frame[a_last].tolist() == [5, 6, 7]  # ends on the last frame: no padding, real context
+    b = [(w, m) for w, m in zip(idx, mask, strict=True) if set(video[w]) == {"b"}]
+    (w, m), = b  # too short for a window: padded
+    assert frame[w].tolist() == [1, 2, 2] and m.tolist() == [True, True, False]
+    idx, mask = make_windows(video, frame, window=3, stride=1, edge="shift")  # training strides
+    assert set(idx[mask].tolist()) == set(range(9))
+    with pytest.raises(ValueError, match="window edge"):
+        make_windows(video, frame, 3, 3, edge="wrap")

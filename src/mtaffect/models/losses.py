@@ -132,15 +132,18 @@ def ccc_torch(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> to
     return 2 * cov / (vx + vy + (mx - my) ** 2 + eps)
 
 
-def va_ccc_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(1 - CCC_V) + (1 - CCC_A)``, each on its own labelled rows; a dimension with no row adds 0."""
+def va_ccc_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weights: tuple[float, float] = (1.0, 1.0)
+) -> torch.Tensor:
+    """``w_V (1 - CCC_V) + w_A (1 - CCC_A)``, each on its own labelled rows; a dimension with no row (or
+    weight 0) adds 0."""
     p = pred.reshape(-1, 2)
     t = target.reshape(-1, 2)
     m = mask.reshape(-1, 2).bool()
     total = _zero(p)
     for j in range(2):
-        if m[:, j].any():
-            total = total + (1.0 - ccc_torch(p[m[:, j], j], t[m[:, j], j]))
+        if weights[j] and m[:, j].any():
+            total = total + float(weights[j]) * (1.0 - ccc_torch(p[m[:, j], j], t[m[:, j], j]))
     return total
 
 
@@ -153,6 +156,8 @@ class LossConfig:
     au_loss: str = "bce"  # "bce" (with per-AU pos_weight) or "wal" (weighted asymmetric loss)
     au_pos_weight: bool = True  # bce: negatives/positives per AU; wal: occurrence weights
     expr_class_weights: bool = True
+    # the two terms of the VA loss (e.g. {valence: 1, arousal: 0}: a valence-only auxiliary loss)
+    va_weights: dict[str, float] = field(default_factory=lambda: {"valence": 1.0, "arousal": 1.0})
 
 
 class MTLLoss(nn.Module):
@@ -174,6 +179,11 @@ class MTLLoss(nn.Module):
         unknown = set(self.config.weights) - {"au", "expr", "va"}
         if unknown:
             raise ValueError(f"loss.weights has unknown task(s) {sorted(unknown)}; tasks are au, expr, va")
+        unknown = set(self.config.va_weights) - {"valence", "arousal"}
+        if unknown:
+            raise ValueError(f"loss.va_weights has unknown key(s) {sorted(unknown)}; keys: valence, arousal")
+        vw = self.config.va_weights
+        self.va_weights = (float(vw.get("valence", 1.0)), float(vw.get("arousal", 1.0)))
         self.register_buffer("au_weight", au_weight if au_weight is not None else torch.ones(NUM_AUS))
         self.register_buffer("expr_weight", expr_weight if expr_weight is not None else torch.ones(NUM_EXPR))
 
@@ -200,7 +210,7 @@ class MTLLoss(nn.Module):
             parts["expr"] = expr_ce_loss(out["expr"], batch["expr"], m, self.expr_weight)
         if "va" in tasks:
             m = batch["va_mask"] if step is None else batch["va_mask"] & step[..., None]
-            parts["va"] = va_ccc_loss(out["va"], batch["va"], m)
+            parts["va"] = va_ccc_loss(out["va"], batch["va"], m, self.va_weights)
         if not parts:
             raise ValueError(f"no task to optimise: stage tasks {tasks} name none of au, expr, va")
         total = sum(float(self.config.weights.get(t, 1.0)) * v for t, v in parts.items())

@@ -1,15 +1,26 @@
-"""Recipe 3: progressive learning (Liu et al.; ABAW7 first place).
+"""Recipe 3: progressive learning (Liu et al.; ABAW7 first place), in two variants.
 
-Stage 1 trains one small model per task (AU, EXPR, VA) on the shared backbone features, each on its
-own task. Stage 2 freezes them and trains the joint model: the Feature Fusion Module sums the
-projected backbone feature with the task-specific features of ``fusion_tasks`` (any subset), then
-Linear-ReLU-Dropout(0.3)-Linear, an optional Temporal Convergence Module over windows of consecutive
-frames (``temporal``: none, transformer, lstm, tcn), and per-task heads (VA with tanh).
+``variant: frozen`` (the default; the cheap version, one model over one frozen feature): stage 1 trains
+one small model per task (AU, EXPR, VA) on the shared backbone features, each on its own task. Stage 2
+freezes them and trains the joint model: the Feature Fusion Module sums the projected backbone feature
+with the task-specific features of ``fusion_tasks`` (any subset), then Linear-ReLU-Dropout(0.3)-Linear,
+an optional Temporal Convergence Module over windows of consecutive frames (``temporal``: none,
+transformer, lstm, tcn), and per-task heads (VA with tanh).
 
 Which path ``forward`` returns follows the stage contract of :class:`~mtaffect.models.base.Stage`:
 while the joint part is frozen and a task model trains (stage 1), the outputs are the task models'
 own predictions (so each task model learns from its own loss, and validation scores the stage-1
 models); otherwise (stage 2, inference, a fresh model) they come from the joint model.
+
+``variant: published`` is the *enhanced model* of the published method: its task features are not
+learned here but read as inputs ``features@<task>`` (each task model's fine-tuned backbone features,
+exported into a store; :mod:`mtaffect.train.pipeline` builds the whole method). The backbone feature
+(the backbone in the loop, fine-tuned again) is summed with the task features of ``fusion_tasks``
+(a Linear maps a task feature to the backbone's size only where they differ), then
+Linear-ReLU-Dropout(``dropout``)-Linear, LeakyReLU(0.1), the optional temporal module (LSTM hidden =
+``dim``, 2 layers; transformer 2 layers x 4 heads; TCN) and the heads (AU 12, EXPR 8, VA tanh). One
+stage trains everything; ``trainer.tasks`` chooses the losses. With ``fusion_tasks: []`` it is a task
+model's head (the backbone feature alone through the same layers).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from mtaffect.models.registry import register_model
 from mtaffect.schema import NUM_AUS, NUM_EXPR
 
 TASK_OUT: dict[str, int] = {"au": NUM_AUS, "expr": NUM_EXPR, "va": 2}
+VARIANTS: tuple[str, ...] = ("frozen", "published")
 
 
 def _head(task: str, dim: int) -> nn.Module:
@@ -86,10 +98,15 @@ class ProgressiveMTL(MTLModel):
         task_dropout: float = 0.1,
         temporal_kwargs: Mapping | None = None,
         progressive: bool = True,
+        variant: str = "frozen",
+        input_dims: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if temporal not in TEMPORAL_KINDS:
             raise ValueError(f"temporal must be one of {TEMPORAL_KINDS}, got {temporal!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
         self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
         self.token_shape = tuple(token_shape) if token_shape is not None else None
         self.fusion_tasks = _task_tuple(fusion_tasks)
@@ -98,6 +115,11 @@ class ProgressiveMTL(MTLModel):
         self.dim, self.task_dim, self.dropout, self.task_dropout = dim, task_dim, dropout, task_dropout
         self.temporal_kwargs = dict(temporal_kwargs or {})
         self.progressive = progressive
+        defaults = {"transformer": {"layers": 2, "heads": 4}, "lstm": {"layers": 2}}.get(temporal, {})
+        if variant == "published":
+            self._build_published(dict(input_dims or {}), defaults)
+            return
+        self.input_dims: dict[str, int] = {}
         for t in self.fusion_tasks:  # attributes task_au, task_expr, task_va: what stage 1 names
             self.add_module(f"task_{t}", TaskModel(t, self.feature_dim, task_dim, task_dropout, progressive))
         # Feature Fusion Module: projected backbone feature + projected task features, then an MLP
@@ -105,32 +127,56 @@ class ProgressiveMTL(MTLModel):
         for t in self.fusion_tasks:
             self.proj[t] = nn.Linear(task_dim, dim) if task_dim != dim else nn.Identity()
         self.fusion = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
-        defaults = {"transformer": {"layers": 2, "heads": 4}, "lstm": {"layers": 2}}.get(temporal, {})
         self.temporal_net = create_temporal(temporal, dim, **{**defaults, **self.temporal_kwargs})
         self.heads = nn.ModuleDict({t: _head(t, dim) for t in TASKS})
 
+    def _build_published(self, input_dims: dict[str, int], temporal_defaults: dict) -> None:
+        """The enhanced model: backbone feature + exported task features -> fusion -> temporal -> heads."""
+        names = [f"features@{t}" for t in self.fusion_tasks]
+        missing = [n for n in names if n not in input_dims]
+        if missing:
+            raise ValueError(
+                f"variant published fuses {names} but has no size for {missing}: give the stores "
+                "exported from those task models (--features au=STORE ...; the pipeline does it)"
+            )
+        self.input_dims = {n: int(input_dims[n]) for n in names}
+        self.inputs = ("features", *names)  # type: ignore[misc]
+        d = self.feature_dim
+        self.proj = nn.ModuleDict({t: nn.Identity() if self.input_dims[f"features@{t}"] == d
+                                   else nn.Linear(self.input_dims[f"features@{t}"], d)
+                                   for t in self.fusion_tasks})  # fmt: skip
+        self.fusion = nn.Sequential(
+            nn.Linear(d, self.dim), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.dim, self.dim),
+            nn.LeakyReLU(0.1),
+        )  # fmt: skip
+        self.temporal_net = create_temporal(
+            self.temporal_kind, self.dim, **{**temporal_defaults, **self.temporal_kwargs}
+        )
+        self.heads = nn.ModuleDict({t: _head(t, self.dim) for t in TASKS})
+
     def config(self) -> dict:
-        return {
+        out = {
             "feature_dim": self.feature_dim, "num_logits": self.num_logits,
             "token_shape": list(self.token_shape) if self.token_shape is not None else None,
             "fusion_tasks": list(self.fusion_tasks), "temporal": self.temporal_kind, "dim": self.dim,
             "task_dim": self.task_dim, "dropout": self.dropout, "task_dropout": self.task_dropout,
             "temporal_kwargs": dict(self.temporal_kwargs), "progressive": self.progressive,
         }  # fmt: skip
+        if self.variant != "frozen":  # checkpoints of the frozen variant read as before
+            out.update(variant=self.variant, input_dims=dict(self.input_dims))
+        return out
 
     def stages(self) -> list[Stage]:
         joint_modules = ("proj", "fusion", "temporal_net", "heads")
-        if not self.progressive:
+        if not self.progressive or self.variant == "published":
             return [Stage("joint")]
         stage1 = [Stage(f"task_{t}", tasks=(t,), train_modules=(f"task_{t}",)) for t in self.fusion_tasks]
         return [*stage1, Stage("joint", tasks=TASKS, train_modules=joint_modules)]
 
-    def task_models(self) -> dict[str, TaskModel]:
-        """The stage-1 model of each fused task, by task name."""
-        return {t: getattr(self, f"task_{t}") for t in self.fusion_tasks}
-
     def in_stage1(self) -> bool:
         """True while the joint part is frozen and a task model trains (stage 1 of the contract)."""
+        if self.variant == "published":
+            return False
         joint_frozen = not any(
             p.requires_grad for m in (self.proj, self.fusion, self.heads) for p in m.parameters()
         )
@@ -143,6 +189,8 @@ class ProgressiveMTL(MTLModel):
         if single_step:
             x = x.unsqueeze(1)
         flat, lead = flatten_leading(x, 1)
+        if self.variant == "published":
+            return self._forward_published(batch, flat, lead, single_step)
         task_out = {t: m(flat) for t, m in self.task_models().items()}
         if self.progressive and self.in_stage1():
             out = {t: task_out[t][1] if t in task_out else self._zeros(flat, t) for t in TASKS}
@@ -157,6 +205,29 @@ class ProgressiveMTL(MTLModel):
             out = {t: head(h) for t, head in self.heads.items()}
         out = {t: unflatten_leading(v, lead) for t, v in out.items()}
         return {t: v.squeeze(1) for t, v in out.items()} if single_step else out
+
+    def _forward_published(
+        self, batch: Mapping[str, torch.Tensor], flat: torch.Tensor, lead: tuple, single_step: bool
+    ) -> dict[str, torch.Tensor]:
+        fused = flat
+        for t in self.fusion_tasks:
+            name = f"features@{t}"
+            f = require_input(batch, name, self.recipe, (self.input_dims[name],))
+            if single_step:
+                f = f.unsqueeze(1)
+            fused = fused + self.proj[t](flatten_leading(f, 1)[0])
+        h = unflatten_leading(self.fusion(fused), lead)
+        if self.temporal:
+            h = self.temporal_net(h)
+        h, _ = flatten_leading(h, 1)
+        out = {t: unflatten_leading(head(h), lead) for t, head in self.heads.items()}
+        return {t: v.squeeze(1) for t, v in out.items()} if single_step else out
+
+    def task_models(self) -> dict[str, TaskModel]:
+        """The stage-1 model of each fused task, by task name (none in the published variant)."""
+        if self.variant == "published":
+            return {}
+        return {t: getattr(self, f"task_{t}") for t in self.fusion_tasks}
 
     @staticmethod
     def _zeros(like: torch.Tensor, task: str) -> torch.Tensor:

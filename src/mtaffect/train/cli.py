@@ -11,8 +11,11 @@ from mtaffect.clikit import Overwrite, TrustRemoteCode, console, user_errors
 
 Config = Annotated[Path, typer.Option(help="Recipe YAML (configs/*.yaml).")]
 Features = Annotated[
-    Path | None,
-    typer.Option(help="Feature store (from `mtaffect extract`); omit for configs that train from images."),
+    list[str] | None,
+    typer.Option(
+        help="Feature store (from `mtaffect extract`); omit for configs that train from images. Repeat as "
+        "NAME=STORE for named stores a recipe fuses (features@NAME, e.g. au=runs/pub/stores/au).",
+    ),
 ]
 Data = Annotated[
     Path, typer.Option(help="Dataset root: the official annotation files (and cropped_aligned/ images).")
@@ -42,6 +45,25 @@ def _config(path: Path, overrides: list[str] | None, progress: bool):
 
 def _log(msg: str) -> None:
     console.print(msg, highlight=False)
+
+
+def split_features(items: list[str] | None) -> tuple[Path | None, dict[str, Path]]:
+    """``--features`` values: one plain STORE (the main store) and any NAME=STORE (named stores)."""
+    main: Path | None = None
+    named: dict[str, Path] = {}
+    for item in items or []:
+        key, sep, path = item.partition("=")
+        if sep and key.isidentifier() and path:
+            if key in named:
+                raise ValueError(f"--features {key}=... is given twice")
+            named[key] = Path(path)
+        elif main is not None:
+            raise ValueError(
+                f"--features names two main stores ({main}, {item}); name the others NAME=STORE"
+            )
+        else:
+            main = Path(item)
+    return main, named
 
 
 def _training_data(cfg, features: Path | None, data: Path) -> Path:
@@ -78,16 +100,35 @@ def train(
             "(how final test models are made).",
         ),
     ] = False,
+    step: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--step",
+            help="Pipeline configs (pipeline: section): run only this step (repeatable), e.g. task_au, "
+            "export_au, enhanced_va, combine; the steps it needs must have finished.",
+        ),
+    ] = None,
     overwrite: Overwrite = False, progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
-    """Train a recipe on a feature store, or from images (configs with a backbone); keep the best val P."""
+    """Train a recipe on a feature store, or from images (configs with a backbone); keep the best val P.
+
+    A config with a pipeline: section (configs/progressive_published.yaml) runs all its steps (task models,
+    their export, the enhanced models, the combined model), or those given with --step; finished steps are
+    kept, an interrupted one continues with --resume.
+    """
     from mtaffect.train.fit import fit_from_root
 
     cfg = _config(config, override, progress)
-    source = _training_data(cfg, features, data)
+    main, named = split_features(features)
+    if cfg.pipeline.enabled:
+        _train_pipeline(cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code)
+        return
+    if step:
+        raise ValueError(f"--step applies to pipeline configs; {cfg.source} has no pipeline section")
+    source = _training_data(cfg, main, data)
     result = fit_from_root(
         cfg, source, data, out, trainval=trainval, overwrite=overwrite, resume=resume, log=_log,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, stores=named or None,
     )  # fmt: skip
     if result.rank != 0:  # under DDP only rank 0 reports (and writes)
         return
@@ -96,6 +137,26 @@ def train(
         [] if result.val_predictions is None else ["val_predictions.parquet"]
     )
     console.print("wrote " + ", ".join(f"{out}/{w}" for w in written), highlight=False)
+
+
+def _train_pipeline(
+    cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code
+) -> None:  # fmt: skip
+    from mtaffect.train.pipeline import run_pipeline
+
+    if main is not None or named:
+        raise ValueError(
+            f"{cfg.source} is a pipeline: it trains from the images under --data and exports its own stores; "
+            "drop --features"
+        )
+    res = run_pipeline(cfg, data, out, steps=step, resume=resume, overwrite=overwrite, trainval=trainval,
+                       log=_log, trust_remote_code=trust_remote_code)  # fmt: skip
+    if res.rank != 0:
+        return
+    console.print(f"[bold]{res.summary()}[/bold]", highlight=False)
+    if res.checkpoint is not None:
+        console.print(f"wrote {out}/best (the combined model: one model per task), {out}/pipeline.json"
+                      + (", metrics.json, val_predictions.parquet" if res.metrics else ""), highlight=False)
 
 
 def cv(
@@ -116,13 +177,14 @@ def cv(
     from mtaffect.train.fit import env_rank
 
     cfg = _config(config, override, progress)
-    source = _training_data(cfg, features, data)
+    main, named = split_features(features)
+    source = _training_data(cfg, main, data)
     labels = LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
     tl = test_list or find_test_list(data)
     test_images = list(dict.fromkeys(read_test_list(tl))) if tl is not None else None
     res = cross_validate(
         cfg, source, labels, folds, out, test_images=test_images, overwrite=overwrite,
-        allow_missing=allow_missing, log=_log, trust_remote_code=trust_remote_code,
+        allow_missing=allow_missing, log=_log, trust_remote_code=trust_remote_code, stores=named or None,
     )  # fmt: skip
     if env_rank() != 0:
         return
@@ -142,10 +204,18 @@ def search(
     from mtaffect.train.search import search_table
 
     cfg = _config(config, override, progress)
-    source = _training_data(cfg, features, data)
+    main, named = split_features(features)
+    if cfg.pipeline.enabled:
+        if main is not None or named:
+            raise ValueError(
+                f"{cfg.source} is a pipeline: it trains from the images under --data; drop --features"
+            )
+        source = data
+    else:
+        source = _training_data(cfg, main, data)
     rows = run_search(
         cfg, source, load_split(data, "train"), load_split(data, "val"), out, overwrite=overwrite, log=_log,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, stores=named or None,
     )
     from mtaffect.train.fit import env_rank
 
@@ -158,7 +228,11 @@ def infer(
     images: Annotated[Path, typer.Option(help="Annotation file or test list naming the images.")],
     out: Annotated[Path, typer.Option(help="PredictionTable to write (.parquet or .csv).")],
     features: Annotated[
-        Path | None, typer.Option(help="Feature store holding the images' features (or use --data).")
+        list[str] | None,
+        typer.Option(
+            help="Feature store holding the images' features (or use --data); repeat as NAME=STORE for the "
+            "named stores a model fuses (features@NAME).",
+        ),
     ] = None,
     data: Annotated[
         Path | None,
@@ -175,17 +249,20 @@ def infer(
     from mtaffect.models.checkpoint import load_model
     from mtaffect.schema import CROPPED_DIR
 
-    if (features is None) == (data is None):
+    main, named = split_features(features)
+    if (main is None) == (data is None):
         raise ValueError("give exactly one of --features STORE (cached features) or --data ROOT (images)")
     check_writable(out, overwrite)
     names = list(dict.fromkeys(read_image_names(images)))  # a test list repeats names: predict each once
     m = load_model(model, trust_remote_code=trust_remote_code)
     if data is not None:
+        kw = {"stores": named} if named else {}
         table = m.predict_images(
-            data / CROPPED_DIR, names, batch_size=batch_size, workers=workers, allow_missing=allow_missing
-        )
+            data / CROPPED_DIR, names, batch_size=batch_size, workers=workers,
+            allow_missing=allow_missing, **kw,
+        )  # fmt: skip
     else:
-        table = m.predict_store(features, names, allow_missing=allow_missing)
+        table = m.predict_store(main, names, allow_missing=allow_missing, stores=named or None)
     table.write(out, overwrite=overwrite)
     bad = int((table.frame["valid"] == 0).sum()) if allow_missing else 0
     what = "could not be read" if data is not None else "failed extraction"

@@ -3,17 +3,24 @@
 Layout (every section optional except ``model.recipe``)::
 
     model:   {recipe: emotinet, hparams: {...}}        # hparams go to create_model(recipe, ...)
-    data:    {batch_size, eval_batch_size, window, stride, in_memory, memory_limit_gb, workers}
+    data:    {batch_size, eval_batch_size, window, stride, window_edge, in_memory, memory_limit_gb, workers}
     optim:   {lr, weight_decay, warmup_epochs, min_lr_ratio, grad_clip,
               groups: {<recipe submodule>: {lr, weight_decay}}}
     backbone: {name, weights, image_size, mean, std, kwargs, mode, lr, weight_decay, layer_decay,
                frozen_blocks, grad_checkpointing, stages}  # train from images (see below)
     augment: {preset: none|li2024|liu2024, ops: {<op>: {param: value} | false}}
-    loss:    {weights: {au, expr, va}, au_loss: bce|wal, au_pos_weight, expr_class_weights}
+    loss:    {weights: {au, expr, va}, va_weights: {valence, arousal}, au_loss: bce|wal, au_pos_weight,
+              expr_class_weights}
     trainer: {epochs, patience, seed, accelerator, devices, strategy, num_nodes, precision, progress,
-              log_every_n_steps, au_threshold, num_threads}
+              log_every_n_steps, au_threshold, num_threads, tasks, select}
     stages:  {<stage name>: {epochs, lr, batch_size}}   # per-stage settings (each optional)
     search:  {grid: [{hparam: value, ...}, ...]}        # mtaffect search: one run per entry
+    pipeline: {task_models, task_model, export, enhanced, enhanced_model, combine}  # recipe 3 as published
+
+``trainer.tasks`` lists the tasks a run trains (default all three; the others are left out as if the
+data had no label for them); ``trainer.select`` the tasks whose terms choose each stage's epoch (default:
+the stage's own tasks). A ``pipeline:`` section makes the config a sequence of trainings
+(:mod:`mtaffect.train.pipeline`): each entry there is a partial config merged onto this one.
 
 ``--override section.key=value`` (value parsed as YAML) changes one field; unknown keys are errors
 that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built);
@@ -63,6 +70,7 @@ class DataSection:
     eval_batch_size: int = 4096
     window: int = 32  # temporal models: frames per window
     stride: int = 16  # temporal models: training window step (validation/prediction use `window`)
+    window_edge: str = "pad"  # a video's last window: pad (repeat, masked) | shift (end on its last frame)
     in_memory: str | bool = "auto"  # load the needed arrays into RAM when they fit memory_limit_gb
     memory_limit_gb: float = 8.0  # per process (under DDP each rank holds only its share of the rows)
     # DataLoader processes per rank: JPEG decoding (training from images) or batch reading (feature
@@ -94,6 +102,8 @@ class TrainerSection:
     log_every_n_steps: int = 50
     au_threshold: float = 0.5  # threshold stored in checkpoints and used for the validation AU F1
     num_threads: int = 0  # torch threads per process; 0: the CPUs divided by the processes on this node
+    tasks: list[str] = field(default_factory=lambda: ["au", "expr", "va"])  # the tasks this run trains
+    select: list[str] = field(default_factory=list)  # tasks whose terms select epochs ([]: the stage's)
 
 
 @dataclass
@@ -143,6 +153,24 @@ class SearchSection:
 
 
 @dataclass
+class PipelineSection:
+    """Recipe 3 as published (:mod:`mtaffect.train.pipeline`): task models fine-tuned from images, their
+    backbones' features exported into stores, enhanced models fusing them, combined per task. Every
+    mapping value below is a partial config (sections as above) merged onto the config."""
+
+    task_models: dict[str, Any] = field(default_factory=dict)  # task -> overrides of its task model
+    task_model: dict[str, Any] = field(default_factory=dict)  # overrides shared by every task model
+    export: dict[str, Any] = field(default_factory=dict)  # {splits, batch_size, workers, device}
+    enhanced: dict[str, Any] = field(default_factory=dict)  # name -> overrides of that enhanced model
+    enhanced_model: dict[str, Any] = field(default_factory=dict)  # overrides shared by every enhanced model
+    combine: dict[str, str] = field(default_factory=dict)  # task -> the enhanced model answering it
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.task_models or self.enhanced)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -153,6 +181,7 @@ class TrainConfig:
     search: SearchSection = field(default_factory=SearchSection)
     backbone: BackboneSection = field(default_factory=BackboneSection)
     augment: AugmentSection = field(default_factory=AugmentSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     source: str | None = None  # the YAML it was read from (not a setting)
 
     @property
@@ -169,6 +198,16 @@ class TrainConfig:
                 d.pop("augment")
         if not self.optim.groups:
             d["optim"].pop("groups")
+        if not self.pipeline.enabled:
+            d.pop("pipeline")
+        defaults = TrainerSection()
+        for key in ("tasks", "select"):  # configs that keep the defaults read as before these keys
+            if d["trainer"][key] == getattr(defaults, key):
+                d["trainer"].pop(key)
+        if self.data.window_edge == "pad":
+            d["data"].pop("window_edge")
+        if self.loss.va_weights == LossConfig().va_weights:
+            d["loss"].pop("va_weights")
         return d
 
     def copy(self) -> TrainConfig:
@@ -187,6 +226,13 @@ _FREE_KEYS = {
     ("backbone", "kwargs"),
     ("augment", "ops"),
     ("optim", "groups"),
+    ("loss", "va_weights"),
+    ("pipeline", "task_models"),
+    ("pipeline", "task_model"),
+    ("pipeline", "export"),
+    ("pipeline", "enhanced"),
+    ("pipeline", "enhanced_model"),
+    ("pipeline", "combine"),
 }  # dict-valued fields
 
 
@@ -267,7 +313,7 @@ def _build_section(name: str, raw: Any, where: str) -> Any:
         if (name, key) in _FREE_KEYS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {name}.{key} must be a mapping, got {value!r}")
-            value = {**default, **value} if key == "weights" else dict(value)
+            value = {**default, **value} if key in ("weights", "va_weights") else dict(value)
         else:
             value = _check_type(value, default, f"{where}: {name}.{key}")
         setattr(obj, key, value)
@@ -404,8 +450,149 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         raise ConfigError(
             f"{where}: loss.weights are all 0: nothing would be trained; give at least one task a weight > 0"
         )
+    from mtaffect.data.units import WINDOW_EDGES
+
+    if cfg.data.window_edge not in WINDOW_EDGES:
+        raise ConfigError(f"{where}: data.window_edge must be one of {', '.join(WINDOW_EDGES)}")
+    for key in ("tasks", "select"):
+        value = getattr(cfg.trainer, key)
+        ok = isinstance(value, list) and all(t in TASK_NAMES for t in value) and len(set(value)) == len(value)
+        if not ok:
+            raise ConfigError(
+                f"{where}: trainer.{key} must list distinct tasks among au, expr, va, got {value!r}"
+            )
+    if not cfg.trainer.tasks:
+        raise ConfigError(f"{where}: trainer.tasks is empty: list the tasks to train (au, expr, va)")
+    unknown = set(cfg.loss.va_weights) - {"valence", "arousal"}
+    bad = [v for v in cfg.loss.va_weights.values()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+           or v < 0]  # fmt: skip
+    if unknown or bad:
+        raise ConfigError(
+            f"{where}: loss.va_weights maps valence and/or arousal to numbers >= 0, got "
+            f"{cfg.loss.va_weights!r}"
+        )
     _check_hparams(cfg.model.hparams, where)
     _validate_images(cfg, where)
+    if cfg.pipeline.enabled:
+        pipeline_configs(cfg, where)  # every step's config is checked now, not hours into the run
+
+
+TASK_NAMES = ("au", "expr", "va")
+
+
+# ---- pipelines: one config per step -----------------------------------------------------------------
+def merge_config(base: dict, override: dict) -> dict:
+    """``override`` (a partial config) merged onto ``base`` (a copy): mappings merge key by key, any
+    other value replaces; ``model.hparams`` merge too, so a step changes only the hparams it names."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def step_config(cfg: TrainConfig, *overrides: dict, where: str = "<config>") -> TrainConfig:
+    """The config of one pipeline step: ``cfg`` without its pipeline, with ``overrides`` merged in order."""
+    raw = cfg.to_dict()
+    raw.pop("pipeline", None)
+    raw.pop("search", None)
+    for o in overrides:
+        if not isinstance(o, dict):
+            raise ConfigError(f"{where}: must be a mapping of config sections, got {o!r}")
+        raw = merge_config(raw, o)
+    step = config_from_dict(raw, where)
+    step.source = cfg.source
+    return step
+
+
+def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, TrainConfig]:
+    """Every training step of ``cfg.pipeline`` by step name (``task_<t>``, ``enhanced_<name>``), checked.
+
+    A task model trains its task only (``trainer.tasks: [t]``); an enhanced model reads the features
+    exported from the task models named in its ``fusion_tasks``.
+    """
+    where = where or cfg.source or "<config>"
+    p = cfg.pipeline
+    out: dict[str, TrainConfig] = {}
+    if not cfg.from_images:
+        raise ConfigError(
+            f"{where}: a pipeline fine-tunes task models from images: it needs a backbone section"
+        )
+    for task, o in p.task_models.items():
+        if task not in TASK_NAMES:
+            raise ConfigError(f"{where}: pipeline.task_models names {task!r}; tasks are au, expr, va")
+        here = f"{where}: pipeline.task_models.{task}"
+        only = {"trainer": {"tasks": [task]}}
+        out[f"task_{task}"] = step_config(cfg, p.task_model, o or {}, only, where=here)
+    if not p.enhanced:
+        raise ConfigError(f"{where}: pipeline.enhanced lists no enhanced model (e.g. au: {{}}, va: {{...}})")
+    for name, o in p.enhanced.items():
+        if not str(name).isidentifier():
+            raise ConfigError(
+                f"{where}: pipeline.enhanced.{name}: step names are plain names (au, expr, va, all)"
+            )
+        here = f"{where}: pipeline.enhanced.{name}"
+        step = step_config(cfg, p.enhanced_model, o or {}, where=here)
+        if step.model.recipe == "progressive" and step.model.hparams.get("variant") != "published":
+            raise ConfigError(
+                f"{here}: an enhanced model reads the exported task features: set model.hparams.variant: "
+                "published"
+            )
+        missing = [t for t in fused_tasks(step) if t not in p.task_models]
+        if missing:
+            raise ConfigError(
+                f"{here}: fuses the features of task model(s) {missing}, which pipeline.task_models does not "
+                "train"
+            )
+        out[f"enhanced_{name}"] = step
+    for task, name in combine_map(cfg, where).items():
+        if f"enhanced_{name}" not in out:
+            raise ConfigError(
+                f"{where}: pipeline.combine.{task} names {name!r}, not a model of pipeline.enhanced "
+                f"({sorted(p.enhanced)})"
+            )
+    unknown = set(p.export) - {"splits", "batch_size", "workers", "device"}
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {sorted(unknown)} in pipeline.export; valid: splits, batch_size, "
+            "workers, device"
+        )
+    return out
+
+
+def fused_tasks(step: TrainConfig) -> tuple[str, ...]:
+    """The task models whose exported features an enhanced model fuses (``model.hparams.fusion_tasks``;
+    the recipe's default: all three), in canonical order."""
+    fused = step.model.hparams.get("fusion_tasks", list(TASK_NAMES))
+    fused = [fused] if isinstance(fused, str) else list(fused or [])
+    return tuple(t for t in TASK_NAMES if t in fused)
+
+
+def combine_map(cfg: TrainConfig, where: str | None = None) -> dict[str, str]:
+    """Which enhanced model answers each task: ``pipeline.combine``, by default the one named after the
+    task (``au``, ``expr``, ``va``), else the only one."""
+    where = where or cfg.source or "<config>"
+    p = cfg.pipeline
+    out = {}
+    for task in TASK_NAMES:
+        if task in p.combine:
+            out[task] = str(p.combine[task])
+        elif task in p.enhanced:
+            out[task] = task
+        elif len(p.enhanced) == 1:
+            out[task] = next(iter(p.enhanced))
+        else:
+            raise ConfigError(
+                f"{where}: pipeline.combine does not say which enhanced model answers {task} (e.g. combine: "
+                f"{{{task}: {next(iter(p.enhanced))}}})"
+            )
+    unknown = set(p.combine) - set(TASK_NAMES)
+    if unknown:
+        raise ConfigError(f"{where}: pipeline.combine has unknown task(s) {sorted(unknown)}")
+    return out
 
 
 #: Upper bound of epochs and patience: beyond it a value is a typo (``1e20``), not a plan.
@@ -483,10 +670,12 @@ def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>"
         if parts[0] not in _SECTIONS:
             raise ConfigError(f"override {item!r}: unknown section {parts[0]!r}; valid: {sorted(_SECTIONS)}")
         free = len(parts) == 3 and ((parts[0], parts[1]) in _FREE_KEYS or parts[0] == "stages")
+        free = free or (parts[0] == "pipeline" and len(parts) >= 3)  # partial configs nest deeper
         if (len(parts) != 2 and not free) or (parts[0] == "stages" and len(parts) != 3):
             raise ConfigError(
                 f"override {item!r}: use section.key=value, or model.hparams.<name>=value / "
-                "loss.weights.<task>=value / stages.<stage>.<epochs|lr|batch_size>=value"
+                "loss.weights.<task>=value / stages.<stage>.<epochs|lr|batch_size>=value / "
+                "pipeline.enhanced.<name>.<section>.<key>=value"
             )
         if len(parts) == 2:
             valid = {f.name for f in dataclasses.fields(_SECTIONS[parts[0]].default_factory())}  # type: ignore[misc]

@@ -27,7 +27,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
 from mtaffect.train.config import TrainConfig
-from mtaffect.train.fit import env_rank, fit, open_training_data
+from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
 
 _SIDE = re.compile(r"_(left|right)$")
 TERMS = ("P", "ccc_va", "f1_expr", "f1_au")
@@ -110,15 +110,18 @@ def cross_validate(
     allow_missing: bool = False,
     log=print,
     trust_remote_code: bool = False,
+    stores=None,
 ) -> CVResult:
     """Train one model per fold (``labels`` = train + val rows), report mean ± std, ensemble the test set.
 
     For a config with a ``backbone:`` section, ``store`` is the dataset root (training from its images).
+    ``stores`` (``{name: store}``): named stores the recipe fuses (see :func:`~mtaffect.train.fit.fit`).
     Test images whose extraction failed (or that cannot be read) are an error unless ``allow_missing``
     (then the ensemble has a ``valid`` column, 0 for them). With tasks absent from the data, ``P`` is
     over the present tasks.
     """
-    st = open_training_data(config, store)
+    named = named_stores(stores)
+    st = open_training_data(config, store, named)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path / "cv.json", overwrite)
@@ -142,6 +145,7 @@ def cross_validate(
             overwrite=overwrite,
             log=log,
             trust_remote_code=trust_remote_code,
+            stores=named if config.from_images else None,
         )
         entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val)}
         entry.update(val_videos=val.videos, best_epoch=result.best_epoch, seconds=result.seconds)
@@ -165,14 +169,15 @@ def cross_validate(
                 from mtaffect.train.images.build import image_affect_model
 
                 tm = image_affect_model(result.model, config)  # type: ignore[arg-type]
+                kw = {"stores": named} if named is not None else {}
                 preds.append(
-                    tm.predict_images(st / CROPPED_DIR, list(test_images), allow_missing=allow_missing)
+                    tm.predict_images(st / CROPPED_DIR, list(test_images), allow_missing=allow_missing, **kw)
                 )
                 continue
             tm = TrainedAffectModel(
                 result.model, {"backbone": {"name": st.backbone, "fingerprint": st.fingerprint},
                                "temporal": bool(result.model.temporal), "window": config.data.window,
-                               "inputs": list(result.model.inputs)},
+                               "window_edge": config.data.window_edge, "inputs": list(result.model.inputs)},
             )  # fmt: skip
             preds.append(tm.predict_store(st, list(test_images), allow_missing=allow_missing))
         test_pred = ensemble(preds, list(test_images))

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.units import make_windows
-from mtaffect.features.reader import InputSource
+from mtaffect.features.reader import InputSource, StoreSet
 from mtaffect.features.store import FeatureStore, MissingImagesError, StoreError
 from mtaffect.schema import MISSING_AU, MISSING_EXPR, MISSING_VA
 
@@ -113,7 +113,7 @@ def label_arrays(table: LabelTable, rows: np.ndarray) -> LabelArrays:
 
 
 def join_labels(
-    store: FeatureStore, labels: LabelTable, what: str = "labels"
+    store: FeatureStore | StoreSet, labels: LabelTable, what: str = "labels"
 ) -> tuple[LabelArrays, JoinReport]:
     """Labelled images of ``labels`` -> store rows + label arrays; failed images are excluded and counted."""
     table = labelled(labels)
@@ -273,10 +273,10 @@ class MTLDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, store: FeatureStore, train: LabelTable, val: LabelTable | None, *, inputs: Sequence[str],
-        temporal: bool, batch_size: int = 256, eval_batch_size: int = 4096, window: int = 32,
-        stride: int = 16, in_memory: bool | str = "auto", memory_limit_gb: float = 8.0, seed: int = 0,
-        workers: int | str = "auto", pin_memory: bool = False,
+        self, store: FeatureStore | StoreSet, train: LabelTable, val: LabelTable | None, *,
+        inputs: Sequence[str], temporal: bool, batch_size: int = 256, eval_batch_size: int = 4096,
+        window: int = 32, stride: int = 16, window_edge: str = "pad", in_memory: bool | str = "auto",
+        memory_limit_gb: float = 8.0, seed: int = 0, workers: int | str = "auto", pin_memory: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.store, self.temporal, self.inputs = store, temporal, tuple(inputs)
@@ -286,7 +286,7 @@ class MTLDataModule(L.LightningDataModule):
         self.eval_batch_size = max(1, eval_batch_size // self.per_unit)
         self.seed, self.epoch_offset = seed, 0
         self.run_seed = seed  # fixes the rank shares; ``seed`` (shuffling) changes per stage
-        self.window, self.stride = window, stride
+        self.window, self.stride, self.window_edge = window, stride, window_edge
         self.in_memory_option, self.memory_limit_gb = in_memory, memory_limit_gb
         self.workers_option, self.pin_memory = workers, pin_memory
         self.train_labels, self.train_report = self._join(train, "training labels")
@@ -309,20 +309,10 @@ class MTLDataModule(L.LightningDataModule):
         )
         self.block = max(1, window // max(1, stride)) * 8 if temporal else 1
 
-    def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
-        return join_labels(self.store, labels, what)
-
-    def _make_source(self, rows: np.ndarray, inputs: Sequence[str], in_memory: bool | str,
-                     memory_limit_gb: float) -> InputSource:  # fmt: skip
-        return InputSource(self.store, rows, inputs, in_memory, memory_limit_gb)
-
-    def _loader(self, dataset: UnitDataset, sampler: ShardedBatches) -> DataLoader:
-        return loader(dataset, sampler)
-
     def _dataset(self, labels: LabelArrays, offset: int, stride: int) -> UnitDataset:
         # Labels are indexed by position within their split; inputs by position in the joint source.
         if self.temporal:
-            idx, mask = make_windows(labels.video, labels.frame, self.window, stride)
+            idx, mask = make_windows(labels.video, labels.frame, self.window, stride, self.window_edge)
         else:
             idx, mask = np.arange(len(labels)), None
         return UnitDataset(self.source, idx, mask, labels, offset)

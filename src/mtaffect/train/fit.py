@@ -44,7 +44,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ import yaml
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
+from mtaffect.features.reader import StoreSet
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open
 from mtaffect.metrics import P_of, terms_of
@@ -92,7 +93,8 @@ class TrainResult:
     checkpoint: Path | None = None
     seconds: float = 0.0
     rows: dict = field(default_factory=dict)
-    tasks: tuple[str, ...] = TASKS  # tasks with training labels: P's reported terms
+    tasks: tuple[str, ...] = TASKS  # tasks trained (with training labels, in trainer.tasks): P's terms
+    not_selected: tuple[str, ...] = ()  # tasks the config left out (trainer.tasks), labels or not
     stages: list[dict] = field(default_factory=list)  # per-stage summaries
     rank: int = 0  # global rank of this process (only rank 0 writes and prints)
     trainval: bool = False
@@ -125,9 +127,13 @@ class TrainResult:
         tail = f"best epoch {self.best_epoch}, {self.seconds:.1f}s"
         if not self.absent_tasks:
             return f"P = {self.P:.4f}  ({parts})  {tail}"
-        absent = ", ".join(self.absent_tasks)
-        return (f"P[{'+'.join(self.tasks)}] = {self.P:.4f}  ({parts}; {absent} absent: no training label, "
-                f"not scored)  {tail}")  # fmt: skip
+        notes = []
+        absent = [t for t in self.absent_tasks if t not in self.not_selected]
+        if absent:
+            notes.append(f"{', '.join(absent)} absent: no training label, not scored")
+        if self.not_selected:
+            notes.append(f"{', '.join(self.not_selected)} not trained (trainer.tasks), not scored")
+        return f"P[{'+'.join(self.tasks)}] = {self.P:.4f}  ({parts}; {'; '.join(notes)})  {tail}"
 
 
 def env_rank() -> int:
@@ -144,13 +150,16 @@ def env_rank() -> int:
     return local + node * max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
-def build_model(config: TrainConfig, store: Any) -> MTLModel:
+def build_model(config: TrainConfig, store: Any, input_dims: dict[str, int] | None = None) -> MTLModel:
     """``create_model(recipe, feature_dim, num_logits, token_shape, **hparams)`` with a clear error.
 
     ``store`` is anything with those three sizes: a :class:`FeatureStore` or a backbone's spec.
+    ``input_dims`` (``{"features@au": 768, ...}``, from named stores) go to recipes that fuse them.
     """
     from mtaffect.models.registry import create_model
 
+    where = config.source or "the config"
+    extra = {"input_dims": dict(input_dims)} if input_dims else {}
     try:
         model = create_model(
             config.model.recipe,
@@ -158,9 +167,16 @@ def build_model(config: TrainConfig, store: Any) -> MTLModel:
             num_logits=store.num_logits,
             token_shape=store.token_shape,
             **config.model.hparams,
+            **extra,
         )
-    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a size torch cannot allocate
-        where = config.source or "the config"
+    except TypeError as exc:
+        if extra and "input_dims" in str(exc):
+            raise ValueError(
+                f"{where}: recipe {config.model.recipe!r} reads no named feature stores; drop the "
+                f"--features NAME=STORE options ({sorted(input_dims or {})})"
+            ) from exc
+        raise ValueError(f"{where}: model.hparams do not fit recipe {config.model.recipe!r}: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:  # e.g. a size torch cannot allocate
         raise ValueError(f"{where}: model.hparams do not fit recipe {config.model.recipe!r}: {exc}") from exc
     model.group_settings = dict(config.optim.groups)
     return model
@@ -184,38 +200,59 @@ class Training:
         self.model.load_state_dict(self.weights(path))
 
 
-def open_training_data(config: TrainConfig, data: Any) -> Any:
+def open_training_data(config: TrainConfig, data: Any, stores: Any = None) -> Any:
     """The data a config trains on: a :class:`FeatureStore` (opened once), or for a config with a
-    ``backbone:`` section the dataset root (its images are read while training)."""
+    ``backbone:`` section the dataset root (its images are read while training).
+
+    ``stores`` (``{name: store}``, or a :class:`StoreSet`) adds named stores (inputs ``features@<name>``):
+    the store path then reads a :class:`StoreSet` with ``data`` as its main store; image training reads
+    them beside the images (:func:`named_stores`).
+    """
     if config.from_images:
-        if isinstance(data, FeatureStore):
+        if isinstance(data, FeatureStore | StoreSet):
             raise ValueError(
                 f"{config.source or 'the config'} trains from images (it has a backbone section): give the "
                 "dataset root, not a feature store"
             )
         return Path(data)
-    return data if isinstance(data, FeatureStore) else FeatureStore.open(data)
+    if isinstance(data, StoreSet):
+        return data
+    main = data if isinstance(data, FeatureStore) else FeatureStore.open(data)
+    named = named_stores(stores)
+    return StoreSet({"": main, **named.stores}) if named is not None else main
+
+
+def named_stores(stores: Any) -> StoreSet | None:
+    """``{name: store or path}`` (or a :class:`StoreSet`) as a set of named stores; None for none."""
+    if not stores:
+        return None
+    found = stores if isinstance(stores, StoreSet) else StoreSet.open(dict(stores))
+    if "" in found.stores:
+        raise ValueError("named stores need a name each (au=STORE); the main store is given on its own")
+    return found
 
 
 def build_training(
     config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, *,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, stores: Any = None,
 ) -> Training:  # fmt: skip
     """The model and data module of ``config`` over ``data`` (see :func:`open_training_data`).
 
     ``trust_remote_code`` (a person's flag, never a config's) lets an ``hf:`` backbone in the loop run
-    the code its repository ships.
+    the code its repository ships. ``stores``: named stores (see :func:`open_training_data`).
     """
-    data = open_training_data(config, data)
+    data = open_training_data(config, data, stores)
     if config.from_images:
         from mtaffect.train.images.build import build_image_training
 
-        return build_image_training(config, data, train, val, trust_remote_code=trust_remote_code)
-    model = build_model(config, data)
+        return build_image_training(config, data, train, val, trust_remote_code=trust_remote_code,
+                                    stores=named_stores(stores))  # fmt: skip
+    model = build_model(config, data, data.input_dims() if isinstance(data, StoreSet) else None)
     dm = MTLDataModule(
         data, train, val, inputs=model.inputs, temporal=bool(model.temporal),
         batch_size=config.data.batch_size,
         eval_batch_size=config.data.eval_batch_size, window=config.data.window, stride=config.data.stride,
+        window_edge=config.data.window_edge,
         in_memory=config.data.in_memory, memory_limit_gb=config.data.memory_limit_gb,
         seed=config.trainer.seed, workers=config.data.workers, pin_memory=on_gpu(config),
     )  # fmt: skip
@@ -372,9 +409,23 @@ class PlannedStage:
 
 
 def plan_stages(
-    model: MTLModel, config: TrainConfig, present: Sequence[str], say: Callable
-) -> list[PlannedStage]:
-    """The recipe's stages with their settings; stages of absent tasks dropped (and said so)."""
+    model: MTLModel, config: TrainConfig, present: Sequence[str], say: Callable,
+    labelled: Sequence[str] | None = None,
+) -> list[PlannedStage]:  # fmt: skip
+    """The recipe's stages with their settings; stages of absent tasks dropped (and said so).
+
+    ``present``: the tasks trained; ``labelled``: those with training labels (a task labelled but not
+    present was left out by ``trainer.tasks``).
+    """
+    labelled = present if labelled is None else labelled
+
+    def why(tasks: Sequence[str]) -> str:
+        no_label = [t for t in tasks if t not in labelled]
+        unlisted = [t for t in tasks if t in labelled]
+        parts = [f"no {'/'.join(no_label)} label in the training rows"] if no_label else []
+        parts += [f"{'/'.join(unlisted)} not in trainer.tasks"] if unlisted else []
+        return "; ".join(parts)
+
     stages = model.stages()
     names = [s.name for s in stages]
     unknown = sorted(set(config.stages) - set(names))
@@ -388,13 +439,10 @@ def plan_stages(
         tasks = tuple(t for t in s.tasks if t in present)
         missing = [t for t in s.tasks if t not in present]
         if not tasks:
-            say(f"stage {s.name} skipped: no {'/'.join(missing)} label in the training rows")
+            say(f"stage {s.name} skipped: {why(missing)}")
             continue
         if missing:
-            say(
-                f"stage {s.name}: trains {'/'.join(tasks)} only "
-                f"(no {'/'.join(missing)} label in the training rows)"
-            )
+            say(f"stage {s.name}: trains {'/'.join(tasks)} only ({why(missing)})")
         settings = config.stage(s.name)
         epochs = settings.epochs or s.epochs or config.trainer.epochs
         planned.append(PlannedStage(k, dataclasses.replace(s, tasks=tasks), settings, epochs))
@@ -426,39 +474,55 @@ def fit(
     callbacks: Sequence = (),
     log: Any = print,
     trust_remote_code: bool = False,
+    stores: Any = None,
+    only_stages: Sequence[str] | None = None,
+    reuse: Mapping[str, str | os.PathLike] | None = None,
 ) -> TrainResult:
     """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``.
 
+    ``only_stages`` trains those of the recipe's stages only; ``reuse`` (``{stage: checkpoint folder}``,
+    e.g. another run's ``stages/<k>-<name>/``) takes a stage's trained modules from a checkpoint instead
+    of training them (how ``mtaffect search`` trains recipe 3's task models once for every variant).
+
     For a config with a ``backbone:`` section, ``store`` is the dataset root: training reads its images
-    (``trust_remote_code``: see :func:`build_training`).
+    (``trust_remote_code``: see :func:`build_training`). ``stores`` (``{name: store}``) adds named
+    feature stores whose arrays the recipe reads as ``features@<name>`` (their image list must be the
+    main store's; with images, they must hold every labelled image).
     """
     t0 = time.perf_counter()
-    data = open_training_data(config, store)
+    named = named_stores(stores)
+    data = open_training_data(config, store, named)
     world = resolve_world(config)
     with _threads(config, world):
         return _fit(config, data, train, val, Path(out) if out is not None else None, world, t0,
                     overwrite=overwrite, resume=resume, callbacks=callbacks, log=log,
-                    trust_remote_code=trust_remote_code)  # fmt: skip
+                    trust_remote_code=trust_remote_code, stores=named, only_stages=only_stages,
+                    reuse={k: Path(v) for k, v in (reuse or {}).items()})  # fmt: skip
 
 
 def _fit(
     config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
     world: World, t0: float, *, overwrite: bool, resume: bool, callbacks: Sequence, log: Any,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, stores: StoreSet | None = None, only_stages: Sequence[str] | None = None,
+    reuse: Mapping[str, Path] | None = None,
 ) -> TrainResult:  # fmt: skip
     rank0 = world.rank == 0
+    reuse = dict(reuse or {})
 
     def say(msg: str) -> None:
         if rank0 and log:
             log(msg)
 
     if out is not None:
-        identity = run_identity(data_source(data), train, val)
+        identity = run_identity(data_source(data, stores), train, val)
+        if reuse:  # recorded, so a resumed run says where its reused stages came from
+            identity["reused"] = {k: str(v) for k, v in reuse.items()}
         if rank0:  # other ranks start (Lightning's launcher) once rank 0 has prepared the folder
             prepare_out(out, overwrite, resume, config, identity)
     saved = EpochState.load(out) if resume and out is not None else None
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    training = build_training(config, data, train, val, trust_remote_code=trust_remote_code)
+    training = build_training(config, data, train, val, trust_remote_code=trust_remote_code,
+                              stores=stores if config.from_images else None)  # fmt: skip
     model, dm = training.model, training.datamodule
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     excl = dm.train_report.excluded_invalid + (dm.val_report.excluded_invalid if dm.val_report else 0)
@@ -468,11 +532,22 @@ def _fit(
     )
     if dm.train_report.labelled and len(dm.train_set) == 0:
         raise ValueError("no training row: the training labels match no valid image of the store")
-    present = present_tasks(dm)
+    labelled_tasks = present_tasks(dm)
+    present = tuple(t for t in labelled_tasks if t in config.trainer.tasks)
+    if not present:
+        raise ValueError(
+            f"{config.source or 'the config'}: trainer.tasks {config.trainer.tasks} names no task the "
+            f"training rows have a label for (labelled: {list(labelled_tasks)})"
+        )
     validate = dm.val_set is not None and len(dm.val_set) > 0
     a = dm.train_labels
     loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1), np.where(a.expr_mask, a.expr, -1))
-    plan = plan_stages(model, config, present, say)
+    plan = plan_stages(model, config, present, say, labelled_tasks)
+    if only_stages is not None:
+        plan = [ps for ps in plan if ps.stage.name in only_stages]
+    unknown = sorted(set(reuse) - {ps.stage.name for ps in plan})
+    if unknown:
+        raise ValueError(f"stages {unknown} cannot be reused: not stages this run trains")
     if out is not None and rank0:
         with atomic_open(out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
@@ -487,6 +562,12 @@ def _fit(
         if saved is not None and (k < saved.stage or (k == saved.stage and saved.stage_done)):
             say(f"stage {stage.name}: finished in an earlier session")
             selected = _selected_from_summary(summaries, stage.name, selected)
+            continue
+        if stage.name in reuse:
+            _reuse_stage(model, stage, training.weights(reuse[stage.name]), reuse[stage.name])
+            say(f"stage {stage.name}: taken from {reuse[stage.name]} (trained once, reused)")
+            summaries = [*summaries, {"name": stage.name, "index": k, "tasks": list(stage.tasks),
+                                      "reused": str(reuse[stage.name]), "best_metrics": None}]  # fmt: skip
             continue
         mid = saved if saved is not None and k == saved.stage else None
         done = mid.epoch if mid is not None else 0
@@ -513,7 +594,8 @@ def _fit(
             model, loss, stage, lr=ps.settings.lr or config.optim.lr, weight_decay=config.optim.weight_decay,
             warmup_steps=round(config.optim.warmup_epochs * steps), total_steps=steps * ps.epochs,
             min_lr_ratio=config.optim.min_lr_ratio, au_threshold=config.trainer.au_threshold,
-            select_tasks=stage.tasks, patience=config.trainer.patience if validate else 0, epoch_offset=done,
+            select_tasks=select_tasks(config, stage.tasks),
+            patience=config.trainer.patience if validate else 0, epoch_offset=done,
             resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
         )  # fmt: skip
         if mid is not None and module.best_epoch >= 0 and out is not None:
@@ -550,7 +632,7 @@ def _fit(
             selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
                         "predictions": module.best_predictions, "final": final}  # fmt: skip
         if validate and module.best_metrics is not None:
-            say(f"stage {stage.name}: best {'+'.join(stage.tasks)} score {module.best_score:.4f} "
+            say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score {module.best_score:.4f} "
                 f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
         if out is not None and rank0:
             if not validate or module.best_state is None:
@@ -564,6 +646,28 @@ def _fit(
         p.requires_grad_(True)
     model.eval()
     return _finish(config, training, out, world, t0, history, summaries, selected, present, validate)
+
+
+def select_tasks(config: TrainConfig, stage_tasks: tuple[str, ...]) -> tuple[str, ...]:
+    """The tasks whose terms choose a stage's epoch: ``trainer.select`` among the stage's tasks, else
+    the stage's own tasks."""
+    chosen = tuple(t for t in config.trainer.select if t in stage_tasks)
+    return chosen or stage_tasks
+
+
+def _reuse_stage(model: MTLModel, stage: Stage, saved: dict[str, torch.Tensor], folder: Path) -> None:
+    """Load the weights of ``stage``'s trainable modules from ``saved`` (the checkpoint ``folder``'s)."""
+    prefixes = tuple(f"{m}." for m in stage.train_modules if m != "*")
+    if not prefixes:
+        raise ValueError(f"stage {stage.name} trains the whole model: nothing to reuse from {folder}")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    bad = [k for k, v in own.items() if k not in saved or saved[k].shape != v.shape]
+    if bad:
+        raise ValueError(
+            f"{folder} does not hold stage {stage.name}'s weights for this model (e.g. {bad[:3]}); train the "
+            "stage with the same recipe settings"
+        )
+    model.load_state_dict({k: saved[k] for k in own}, strict=False)
 
 
 def _selected_from_summary(summaries: list[dict], name: str, before: dict | None) -> dict | None:
@@ -601,6 +705,7 @@ def _finish(
               "in_memory": bool(dm.source.in_memory) if dm.source else None,
               **_decode_failures(dm)},
         tasks=present, stages=summaries, rank=world.rank, trainval=not validate and dm.val_labels is None,
+        not_selected=tuple(t for t in TASKS if t not in config.trainer.tasks),
     )  # fmt: skip
     # with validation a diverged stage falls back to its best (or starting) weights; without, nothing can
     diverged = selected is None if validate else any(s["diverged"] for s in summaries)
@@ -612,7 +717,8 @@ def _finish(
         write_json(
             out / "metrics.json",
             {"best": metrics, "P_tasks": result.P if metrics else None, "tasks": list(present),
-             "absent_tasks": list(result.absent_tasks), "best_epoch": result.best_epoch,
+             "absent_tasks": list(result.absent_tasks), "not_trained": list(result.not_selected),
+             "best_epoch": result.best_epoch,
              "selected_stage": selected["stage"] if selected else None, "stages": summaries,
              "history": history, "rows": result.rows, "seconds": result.seconds, "world_size": world.size,
              "recipe": config.model.recipe, "trainval": result.trainval,

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from mtaffect.data.predictions import PredictionTable
+from mtaffect.features.reader import StoreSet, split_input
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import OutputExistsError, atomic_open
 from mtaffect.models.base import MTLModel, Stage
@@ -52,22 +53,45 @@ def prepare_out(out: Path, overwrite: bool, resume: bool, config: TrainConfig, i
             p = out / e
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     elif present:
-        saved_run = read_run(out)
-        if saved_run is None:
-            raise ResumeError(
-                f"{out} holds a run without run.json (an older mtaffect, or not a run folder): its inputs "
-                "cannot be checked; start over with --overwrite"
-            )
-        check_identity(saved_run, identity, out)
-        saved_cfg = out / "config.yaml"
-        if saved_cfg.is_file():
-            before = yaml.safe_load(saved_cfg.read_text(encoding="utf-8"))
-            if before != yaml.safe_load(yaml.safe_dump(config.to_dict())):
-                raise ResumeError(
-                    f"{saved_cfg}: the run was started with another config; resume with the same config "
-                    "and overrides, or start over with --overwrite"
-                )
+        check_same_run(out, config, identity)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_same_run(out: Path, config: TrainConfig, identity: dict) -> None:
+    """Refuse to continue (or reuse) the run in ``out`` unless it was started with ``config`` on the
+    inputs ``identity`` names (:func:`~mtaffect.train.state.run_identity`)."""
+    saved_run = read_run(out)
+    if saved_run is None:
+        raise ResumeError(
+            f"{out} holds a run without run.json (an older mtaffect, or not a run folder): its inputs "
+            "cannot be checked; start over with --overwrite"
+        )
+    check_identity(saved_run, identity, out)
+    saved_cfg = out / "config.yaml"
+    if saved_cfg.is_file():
+        before = yaml.safe_load(saved_cfg.read_text(encoding="utf-8"))
+        if before != yaml.safe_load(yaml.safe_dump(config.to_dict())):
+            raise ResumeError(
+                f"{saved_cfg}: the run was started with another config; resume with the same config "
+                "and overrides, or start over with --overwrite"
+            )
+
+
+def run_status(out: Path) -> str:
+    """``new`` (nothing there), ``finished`` (metrics.json and best/ written at the end of a run) or
+    ``started`` (an interrupted run, or one that ended without a model)."""
+    present = [e for e in RUN_ENTRIES if (out / e).exists()]
+    if not present:
+        return "new"
+    metrics = out / "metrics.json"
+    if metrics.is_file() and (out / "best").is_dir():
+        try:
+            done = not json.loads(metrics.read_text(encoding="utf-8")).get("diverged", False)
+        except (OSError, ValueError):
+            done = False
+        if done:
+            return "finished"
+    return "started"
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -81,7 +105,7 @@ def stage_dir(out: Path, k: int, stage: Stage) -> Path:
 
 
 def save_model(
-    path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore, metrics: dict | None
+    path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore | StoreSet, metrics: dict | None
 ) -> Path:
     return save_checkpoint(
         path, model,
@@ -89,8 +113,19 @@ def save_model(
         feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
         window=config.data.window if model.temporal else 1,
         au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
-        overwrite=True,
+        overwrite=True, window_edge=config.data.window_edge if model.temporal else "pad",
+        input_stores=input_store_records(st if isinstance(st, StoreSet) else None, model.inputs),
     )  # fmt: skip
+
+
+def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dict[str, dict]:
+    """What a checkpoint records of the named stores its model reads (``features@<name>``): each store's
+    backbone and fingerprint, checked when the model later predicts from stores."""
+    if stores is None:
+        return {}
+    keys = dict.fromkeys(split_input(i)[1] for i in inputs if "@" in i)
+    return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint}
+            for k in keys}  # fmt: skip
 
 
 def prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:
@@ -156,5 +191,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-__all__ = ["RUN_ENTRIES", "RunRecorder", "load_weights", "prediction_table", "prepare_out", "save_model",
+__all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records", "load_weights",
+           "prediction_table", "prepare_out", "run_status", "save_model",
            "stage_dir", "write_json"]  # fmt: skip

@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtaffect.data.annotations import LabelTable
-from mtaffect.features.store import FeatureStore, images_digest
+from mtaffect.features.reader import StoreSet, store_images_sha256
+from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_folder, atomic_open, previous_dir
 
 FORMAT = "mtaffect-train-state"
@@ -82,17 +83,25 @@ def _labels_identity(table: LabelTable | None) -> dict | None:
     return out
 
 
-def data_source(data: FeatureStore | Path) -> dict:
+def data_source(data: FeatureStore | StoreSet | Path, stores: StoreSet | None = None) -> dict:
     """What ``run.json`` records of the training inputs: a store's images_sha256 and fingerprint, or
     for training from images the dataset root (its images are named by the annotations, whose content
-    hashes are recorded too; the backbone is part of the config, which resume compares)."""
+    hashes are recorded too; the backbone is part of the config, which resume compares). Named stores
+    (a :class:`StoreSet`'s, or ``stores`` beside the images) are recorded under ``stores`` the same way."""
+    named: dict[str, dict] = {}
+    if isinstance(data, StoreSet):
+        named = {k: v for k, v in data.identity().items() if k}
+        data = data.main
+    if stores is not None:
+        named.update({k: v for k, v in stores.identity().items() if k})
     if isinstance(data, FeatureStore):
-        return {
-            "path": str(data.path),
-            "images_sha256": data.meta.get("images_sha256") or images_digest(list(data.images)),
-            "fingerprint": data.fingerprint,
-        }
-    return {"path": str(data), "images_sha256": None, "fingerprint": None}
+        out = {"path": str(data.path), "images_sha256": store_images_sha256(data),
+               "fingerprint": data.fingerprint}  # fmt: skip
+    else:
+        out = {"path": str(data), "images_sha256": None, "fingerprint": None}
+    if named:
+        out["stores"] = named
+    return out
 
 
 def run_identity(source: dict, train: LabelTable, val: LabelTable | None) -> dict:
@@ -117,6 +126,18 @@ def check_identity(saved: dict, now: dict, out: Path) -> None:
             f"fingerprint {a.get('fingerprint')}); this call gives {b['path']} (images_sha256 "
             f"{b['images_sha256']}, fingerprint {b['fingerprint']}); {hint}"
         )
+    sa, sb = a.get("stores") or {}, b.get("stores") or {}
+    for key in sorted(set(sa) | set(sb)):
+        x, y = sa.get(key), sb.get(key)
+        if x is None or y is None or x.get("images_sha256") != y.get("images_sha256") or (
+            x.get("fingerprint") != y.get("fingerprint")
+        ):
+            said = "none" if x is None else f"{x.get('path')} (fingerprint {x.get('fingerprint')})"
+            given = "none" if y is None else f"{y.get('path')} (fingerprint {y.get('fingerprint')})"
+            raise ResumeError(
+                f"{out} was trained with store {key!r} = {said}; this call gives {given}; resume with the "
+                "same --features NAME=STORE options, or start a new run (another --out, or --overwrite)"
+            )
     for split, what in (("train", "training"), ("val", "validation")):
         x, y = saved.get(split), now[split]
         if (x is None) != (y is None) or (x and y and x["content_sha256"] != y["content_sha256"]):

@@ -19,12 +19,14 @@ import torch
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.base import Backbone
+from mtaffect.features.reader import StoreSet
 from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model, save_checkpoint
 from mtaffect.models.image_model import ImageMTLModel
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.fit import Training, build_model, on_gpu
 from mtaffect.train.images.augment import Augmenter
 from mtaffect.train.images.data import ImageDataModule
+from mtaffect.train.run import input_store_records
 
 
 def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Backbone:
@@ -46,13 +48,19 @@ def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Back
 
 def build_image_training(
     config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, stores: StoreSet | None = None,
 ) -> Training:
-    """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``."""
+    """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``.
+
+    ``stores``: named feature stores read beside the images (a recipe's ``features@<name>`` inputs,
+    e.g. the features exported from recipe 3's task models).
+    """
     b = config.backbone
     backbone = build_backbone(config, trust_remote_code)
     spec = backbone.spec
-    head = build_model(config, spec)  # a BackboneSpec has the store's feature_dim/num_logits/token_shape
+    # a BackboneSpec has the store's feature_dim/num_logits/token_shape
+    head = build_model(config, spec, stores.input_dims() if stores is not None else None)
+    store_inputs = tuple(i for i in head.inputs if "@" in i)
     model = ImageMTLModel(
         backbone, head, mode=b.mode, frozen_blocks=b.frozen_blocks, lr=b.lr, weight_decay=b.weight_decay,
         layer_decay=b.layer_decay, train_stages=b.stages, grad_checkpointing=b.grad_checkpointing,
@@ -70,14 +78,16 @@ def build_image_training(
     dm = ImageDataModule(
         root, train, val, size=spec.input_size, colour=spec.colour, mean=spec.mean, std=spec.std,
         temporal=bool(head.temporal), augment=augment, batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size, window=d.window, stride=d.stride, seed=config.trainer.seed,
-        workers=d.workers, pin_memory=on_gpu(config),
+        eval_batch_size=d.eval_batch_size, window=d.window, stride=d.stride, window_edge=d.window_edge,
+        seed=config.trainer.seed, workers=d.workers, pin_memory=on_gpu(config), stores=stores,
+        store_inputs=store_inputs, in_memory=d.in_memory, memory_limit_gb=d.memory_limit_gb,
     )  # fmt: skip
     record = {
         "name": b.name, "kwargs": b.factory_kwargs(), "spec": asdict(spec), "fingerprint": spec.fingerprint(),
         "mode": b.mode,
     }  # fmt: skip
     finetune = b.mode == "finetune"
+    input_stores = input_store_records(stores, store_inputs)
 
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
         return save_checkpoint(
@@ -85,6 +95,7 @@ def build_image_training(
             token_shape=spec.token_shape, window=d.window if head.temporal else 1,
             au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
             overwrite=overwrite, backbone_weights=backbone if finetune else None,
+            window_edge=d.window_edge if head.temporal else "pad", input_stores=input_stores,
         )  # fmt: skip
 
     def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -111,7 +122,7 @@ def image_affect_model(model: ImageMTLModel, config: TrainConfig) -> TrainedAffe
         "backbone": {"name": config.backbone.name, "kwargs": config.backbone.factory_kwargs(),
                      "fingerprint": spec.fingerprint() if model.mode == "frozen" else None},
         "temporal": bool(model.head.temporal), "window": config.data.window,
-        "inputs": list(model.head.inputs),
+        "window_edge": config.data.window_edge, "inputs": list(model.head.inputs),
     }  # fmt: skip
     return TrainedAffectModel(model.head, info, backbone_module=model.backbone)
 

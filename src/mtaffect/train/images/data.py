@@ -11,10 +11,13 @@ share). What differs:
 - after the batch reaches the device (``on_after_batch_transfer``) pixels become [0, 1] floats, training
   batches are augmented (:mod:`mtaffect.train.images.augment`, seeded per batch, one transform per
   window) and everything is normalised with the backbone's mean/std: the model receives ``pixels``;
-- images that are missing when training starts are excluded and counted, as a store's failed images
-  are (the report's ``excluded_invalid``); an image that fails to decode later (e.g. truncated) is
-  dropped from its batch (for windows: its step is masked), counted in :attr:`ImageDataModule.failures`
-  (a run's ``metrics.json``: ``rows.failed_to_decode``) and reported in a warning, never silently.
+- named feature stores (``stores``, e.g. features exported from task models: inputs ``features@au``)
+  are read beside the pixels, for the same rows (:class:`~mtaffect.features.reader.InputSource`);
+- images that are missing when training starts, or that a named store failed to extract, are excluded
+  and counted, as a store's failed images are (the report's ``excluded_invalid``); an image that fails
+  to decode later (e.g. truncated) is dropped from its batch (for windows: its step is masked), counted
+  in :attr:`ImageDataModule.failures` (a run's ``metrics.json``: ``rows.failed_to_decode``) and
+  reported in a warning, never silently.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.base import normalise, pixels_to_unit
 from mtaffect.features.decode import ImageReader
+from mtaffect.features.reader import InputSource, StoreSet
+from mtaffect.features.store import MissingImagesError, StoreError
 from mtaffect.schema import CROPPED_DIR
 from mtaffect.train.data import (
     JoinReport,
@@ -45,12 +50,14 @@ _NAMED_FAILURES = 5
 
 
 class ImageSource:
-    """The model input of image training: uint8 ``pixels`` (positions.shape + (S, S[, 3])) and ``ok``."""
+    """The model input of image training: uint8 ``pixels`` (positions.shape + (S, S[, 3])) and ``ok``,
+    plus the arrays of named stores (``extra``) for the same positions."""
 
     in_memory = False  # what the store path reports about its source
 
-    def __init__(self, reader: ImageReader) -> None:
+    def __init__(self, reader: ImageReader, extra: InputSource | None = None) -> None:
         self.reader = reader
+        self.extra = extra
 
     def first_rows(self, positions: np.ndarray) -> np.ndarray:
         """Sort key of units within a batch (the store path's hook): the image list's order, which keeps a
@@ -60,7 +67,10 @@ class ImageSource:
 
     def get(self, positions: np.ndarray) -> dict:
         pixels, ok, failed = self.reader.read(positions)
-        return {"pixels": torch.from_numpy(pixels), "ok": torch.from_numpy(ok), "failed": failed}
+        out = {"pixels": torch.from_numpy(pixels), "ok": torch.from_numpy(ok), "failed": failed}
+        if self.extra is not None:
+            out.update(self.extra.get(positions))
+        return out
 
 
 def _drop_failed(batch: dict, ok: torch.Tensor, training: bool) -> dict:
@@ -88,8 +98,10 @@ class ImageDataModule(MTLDataModule):
     def __init__(
         self, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *, size: int, colour: str,
         mean: Sequence[float], std: Sequence[float], temporal: bool, augment: Augmenter | None = None,
-        batch_size: int = 64, eval_batch_size: int = 128, window: int = 32, stride: int = 16, seed: int = 0,
-        workers: int | str = "auto", pin_memory: bool = False,
+        batch_size: int = 64, eval_batch_size: int = 128, window: int = 32, stride: int = 16,
+        window_edge: str = "pad", seed: int = 0, workers: int | str = "auto", pin_memory: bool = False,
+        stores: StoreSet | None = None, store_inputs: Sequence[str] = (), in_memory: bool | str = "auto",
+        memory_limit_gb: float = 8.0,
     ) -> None:  # fmt: skip
         self.folder = Path(root) / CROPPED_DIR
         if not self.folder.is_dir():
@@ -104,10 +116,15 @@ class ImageDataModule(MTLDataModule):
         self.failures: dict[str, str] = {}  # images that failed to decode during training (dropped)
         self._names: list[np.ndarray] = []
         self._batch_no: dict[tuple[int, int], int] = {}
+        self.stores, self.store_inputs = stores, tuple(store_inputs)
+        if self.store_inputs and stores is None:
+            raise ValueError(f"the model reads {list(self.store_inputs)}: give the named stores holding them")
+        self._store_rows: list[np.ndarray] = []  # row of each position in the named stores
         super().__init__(
-            None, train, val, inputs=("pixels",), temporal=temporal, batch_size=batch_size,  # type: ignore[arg-type]
-            eval_batch_size=eval_batch_size, window=window, stride=stride, seed=seed, workers=workers,
-            pin_memory=pin_memory,
+            None, train, val, inputs=("pixels", *self.store_inputs), temporal=temporal,  # type: ignore[arg-type]
+            batch_size=batch_size, eval_batch_size=eval_batch_size, window=window, stride=stride,
+            window_edge=window_edge, seed=seed, workers=workers, pin_memory=pin_memory, in_memory=in_memory,
+            memory_limit_gb=memory_limit_gb,
         )  # fmt: skip
 
     # ---- the source hooks of MTLDataModule ------------------------------------------------------------
@@ -124,17 +141,37 @@ class ImageDataModule(MTLDataModule):
                 f"(e.g. {missing[:3]})",
                 stacklevel=3,
             )
+        store_rows = np.zeros(len(table), dtype=np.int64)
+        invalid = 0
+        if self.stores is not None and self.store_inputs:
+            try:
+                store_rows = self.stores.rows(table.images)
+            except MissingImagesError as exc:
+                raise StoreError(
+                    f"{len(exc.missing)} image(s) of the {what} are not in the named stores {self.stores} "
+                    f"(e.g. {exc.missing[:3]}); extract the stores over every split the training reads"
+                ) from exc
+            in_stores = self.stores.valid(store_rows)
+            invalid = int((ok & ~in_stores).sum())
+            ok &= in_stores
         offset = sum(len(n) for n in self._names)
         kept = np.flatnonzero(ok)
         arrays = label_arrays(table, np.zeros(len(table), dtype=np.int64)).take(kept)
         arrays.rows = offset + np.arange(len(arrays), dtype=np.int64)  # positions in the image list
         self._names.append(arrays.images)
-        return arrays, JoinReport(labelled=len(table), excluded_invalid=len(missing), used=len(arrays))
+        self._store_rows.append(store_rows[kept])
+        report = JoinReport(labelled=len(table), excluded_invalid=len(missing) + invalid, used=len(arrays))
+        return arrays, report
 
     def _make_source(self, keep: np.ndarray | None) -> ImageSource:
         """Every rank lists all positions' names (cheap); it decodes only the batches of its share."""
         names = np.concatenate(self._names) if self._names else np.zeros(0, dtype=object)
-        return ImageSource(ImageReader(self.folder, names[self.rows], self.size, self.colour))
+        extra = None
+        if self.store_inputs and self.stores is not None:
+            rows = np.concatenate(self._store_rows)[self.rows]
+            extra = InputSource(self.stores, rows, self.store_inputs, self.in_memory_option,
+                                self.memory_limit_gb, keep=keep)  # fmt: skip
+        return ImageSource(ImageReader(self.folder, names[self.rows], self.size, self.colour), extra)
 
     @property
     def workers(self) -> int:
@@ -182,6 +219,9 @@ class ImageDataModule(MTLDataModule):
         ok = batch.pop("ok")
         failed = batch.pop("failed", [])
         batch["pixels"] = self.prepare_pixels(batch["pixels"], training)
+        for key in self.store_inputs:  # a named store's float16 rows, cast here on the device
+            if batch[key].dtype != torch.float32:
+                batch[key] = batch[key].float()
         if failed:
             self._note_failures(failed)
             batch = _drop_failed(batch, ok, training)

@@ -1,0 +1,228 @@
+"""A combined model: each task answered by its own trained model (recipe 3 as published).
+
+The published method trains one *enhanced* model per task (AU on frames, EXPR on 5-frame windows, VA
+with an LSTM over 30 frames), each fusing its own fine-tuned backbone with the features of separately
+fine-tuned *task models*. An ensemble folder holds all of it, so one path predicts every task::
+
+    ensemble.json     {"format": "mtaffect-ensemble", "format_version": 1,
+                       "tasks":   {"au": <member>, "expr": <member>, "va": <member>},
+                       "members": {<member>: "members/<member>"},
+                       "sources": {<store name>: "sources/<store name>"}, "metrics": {...}}
+    members/<name>/   a checkpoint (e.g. the enhanced model answering AU)
+    sources/<name>/   the checkpoint whose backbone computes a member's ``features@<name>`` input (a task
+                      model); run on the images once and shared by every member that reads it
+
+Files are hard links where the filesystem allows (a copy otherwise), so the folder is self-contained
+without doubling the disk a ViT-B checkpoint takes. :func:`mtaffect.models.checkpoint.load_model`
+recognises the folder and returns an :class:`EnsembleAffectModel`: ``predict_images`` (``mtaffect infer
+--data``) and ``predict_store`` (``infer --features``, members trained on frozen features) write one
+PredictionTable, so ``evaluate``, ``submit``, ``tune`` and blending use it like any model's. Every path
+in ``ensemble.json`` is checked to stay inside the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtaffect.io import atomic_folder
+from mtaffect.models.base import TASKS
+from mtaffect.models.checkpoint import (
+    CONFIG,
+    CheckpointError,
+    TrainedAffectModel,
+    load_model,
+    read_checkpoint_config,
+)
+
+FORMAT = "mtaffect-ensemble"
+FORMAT_VERSION = 1
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def is_ensemble(path: str | os.PathLike) -> bool:
+    return (Path(path) / ENSEMBLE_FILE).is_file()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a checkpoint folder as hard links (a plain copy across filesystems)."""
+    for root, _, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            a, b = Path(root) / name, dst / rel / name
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+
+
+def _store_keys(config: dict) -> set[str]:
+    return {str(i).split("@", 1)[1] for i in config.get("inputs", []) if "@" in str(i)}
+
+
+def save_ensemble(
+    path: str | os.PathLike, members: Mapping[str, str | os.PathLike], tasks: Mapping[str, str], *,
+    sources: Mapping[str, str | os.PathLike] | None = None, metrics: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write an ensemble folder: ``members`` (name -> checkpoint folder), ``tasks`` (task -> member),
+    ``sources`` (store name -> checkpoint whose backbone computes the members' ``features@<name>``)."""
+    sources = dict(sources or {})
+    missing = [t for t in TASKS if t not in tasks]
+    if missing or any(m not in members for m in tasks.values()):
+        raise CheckpointError(
+            f"an ensemble needs a member for each task; tasks {dict(tasks)}, members {list(members)}"
+        )
+    for name, folder in members.items():
+        cfg = read_checkpoint_config(folder)
+        lacking = sorted(_store_keys(cfg) - set(sources))
+        if lacking:
+            raise CheckpointError(
+                f"member {name!r} ({folder}) reads the features of {lacking}: give the checkpoints that "
+                "compute them"
+            )
+    for folder in sources.values():
+        read_checkpoint_config(folder)
+    record = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tasks": {t: str(tasks[t]) for t in TASKS},
+        "members": {n: f"members/{n}" for n in members}, "sources": {k: f"sources/{k}" for k in sources},
+        "metrics": dict(metrics or {}),
+    }  # fmt: skip
+    with atomic_folder(Path(path), overwrite=overwrite) as tmp:
+        for name, folder in members.items():
+            _link_tree(Path(folder), tmp / "members" / name)
+        for key, folder in sources.items():
+            _link_tree(Path(folder), tmp / "sources" / key)
+        with open(tmp / ENSEMBLE_FILE, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1)
+            fh.write("\n")
+    return Path(path)
+
+
+def _read_record(path: Path) -> dict:
+    where = path / ENSEMBLE_FILE
+    try:
+        rec = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{where}: cannot read ({exc})") from exc
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: not an mtaffect ensemble")
+    version = rec.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: ensemble format {version!r} is not one this mtaffect reads")
+    for key in ("tasks", "members", "sources"):
+        if not isinstance(rec.get(key, {}), dict):
+            raise CheckpointError(f"{where}: {key} must be a mapping")
+    members, tasks = rec["members"], rec["tasks"]
+    if set(tasks) != set(TASKS) or any(m not in members for m in tasks.values()):
+        raise CheckpointError(f"{where}: tasks must map au, expr and va to members, got {tasks!r}")
+    root = path.resolve()
+    for kind in ("members", "sources"):
+        for name, rel in rec.get(kind, {}).items():
+            target = (path / str(rel)).resolve()
+            if not isinstance(rel, str) or root not in target.parents or not (target / CONFIG).is_file():
+                raise CheckpointError(f"{where}: {kind}.{name} = {rel!r} is not a checkpoint inside {path}")
+    return rec
+
+
+class EnsembleAffectModel:
+    """Each task from its own member model (see the module docstring); ``load_model`` returns it for an
+    ensemble folder."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                 trust_remote_code: bool = False) -> None:  # fmt: skip
+        self.path = Path(path)
+        rec = _read_record(self.path)
+        self.config = rec
+        self.tasks: dict[str, str] = dict(rec["tasks"])
+        self.members: dict[str, TrainedAffectModel] = {
+            n: load_model(self.path / rel, device, trust_remote_code=trust_remote_code)
+            for n, rel in rec["members"].items()
+        }  # fmt: skip
+        self.sources: dict[str, TrainedAffectModel] = {
+            k: load_model(self.path / rel, device, trust_remote_code=trust_remote_code)
+            for k, rel in rec.get("sources", {}).items()
+        }  # fmt: skip
+        self.metrics: dict = rec.get("metrics", {})
+        self.au_thresholds = self.members[self.tasks["au"]].au_thresholds
+        self.failures: list[tuple[str, str]] = []
+
+    def __repr__(self) -> str:
+        return f"EnsembleAffectModel({str(self.path)!r}, tasks={self.tasks}, P={self.metrics.get('P')})"
+
+    @property
+    def backbone(self) -> str:
+        raise CheckpointError(
+            f"{self.path} is an ensemble (one model per task, several backbones): predict with "
+            "`mtaffect infer --model ... --data ROOT` (face crops); `mtaffect predict` runs single models, "
+            "e.g. the task models in its sources/ folder"
+        )
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        return self.backbone  # raises: see above
+
+    def _used(self) -> list[str]:
+        return list(dict.fromkeys(self.tasks[t] for t in TASKS))
+
+    def _combine(self, tables: Mapping[str, Any], images: Sequence[str]) -> Any:
+        from mtaffect.data.predictions import PredictionTable
+
+        names = [str(x) for x in images]
+        va = tables[self.tasks["va"]].align_to(names)
+        expr = tables[self.tasks["expr"]].align_to(names)
+        au = tables[self.tasks["au"]].align_to(names)
+        extra = {}
+        if all("valid" in t.frame for t in tables.values()):
+            valid = np.min([t.align_to(names).frame["valid"].to_numpy() for t in tables.values()], axis=0)
+            extra["valid"] = valid.astype(np.int8)
+        return PredictionTable.from_arrays(
+            names, va.valence, va.arousal, expr.expr_probs, au.au_probs, **extra
+        )
+
+    def predict_images(
+        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
+        allow_missing: bool = False, stores: Mapping[str, Any] | None = None,
+    ) -> Any:  # fmt: skip
+        """A PredictionTable for ``images`` under ``folder``: the sources' backbones run once each, then
+        every member answers its tasks (temporal members over their own windows). ``stores``
+        (``{name: store}``, e.g. a pipeline's exported ones) are read instead of running the sources."""
+        names = list(dict.fromkeys(str(x) for x in images))
+        extra: dict[str, np.ndarray] = {}
+        self.failures = []
+        needed = set().union(*(set(self.members[m].store_inputs) for m in self._used()))
+        for key, src in self.sources.items():
+            if f"features@{key}" in needed and not stores:
+                extra[f"features@{key}"] = src.backbone_features(folder, names, batch_size, workers)
+                self.failures.extend(src.failures)
+        tables = {}
+        for name in self._used():
+            m = self.members[name]
+            inputs = {"stores": stores} if stores else {"extra": {i: extra[i] for i in m.store_inputs}}
+            tables[name] = m.predict_images(folder, names, batch_size, workers, allow_missing=allow_missing,
+                                            **inputs)  # fmt: skip
+            self.failures.extend(m.failures)
+        return self._combine(tables, images)
+
+    def predict_store(
+        self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
+        stores: Mapping[str, Any] | None = None,
+    ) -> Any:  # fmt: skip
+        """A PredictionTable from feature stores (members trained on frozen features): ``store`` the
+        main one, ``stores`` the named ones the members fuse."""
+        tables = {}
+        for n in self._used():
+            tables[n] = self.members[n].predict_store(
+                store, images, batch_size, allow_missing=allow_missing, stores=stores
+            )
+        return self._combine(tables, images)
+
+
+__all__ = ["ENSEMBLE_FILE", "EnsembleAffectModel", "is_ensemble", "save_ensemble"]
