@@ -137,6 +137,20 @@ def test_a_temporal_checkpoint_sees_the_windows_of_predict_store(research):
     assert np.abs(single.au_probs - ref[list(AU_PROB_COLUMNS)].to_numpy()).max() > 10 * ATOL
 
 
+def test_shifted_last_windows_match_predict_store(research):
+    """A model trained with ``data.window_edge: shift`` cuts a track's last window as predict_store does:
+    moved back over frames already predicted instead of padded."""
+    r = research
+    model = load_model(r["temporal_model"])
+    padded = _pred_by_image(model.predict_store(r["store"], r["names"]))
+    model.window_edge = "shift"
+    ref = _pred_by_image(model.predict_store(r["store"], r["names"]))
+    assert np.abs(ref.to_numpy() - padded.to_numpy()).max() > 10 * ATOL  # the edge matters on this data
+    table = Predictor(model=model, aligned=True).predict(r["root"], recursive=True)
+    got = _by_image(table)[ref.columns]
+    np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), atol=ATOL)
+
+
 def test_causal_windows_never_look_ahead(research, tmp_path):
     r = research
     video = sorted(p for p in r["root"].iterdir() if p.is_dir())[0]

@@ -357,6 +357,7 @@ def _describe_source(model, spec: str) -> dict[str, Any]:
         "recipe": config.get("recipe"),
         "temporal": bool(config.get("temporal")),
         "training_window": config.get("window"),
+        "window_edge": config.get("window_edge", "pad"),  # how training cut a video's last window
         "metrics": config.get("metrics", {}),
         "backbone_fingerprint": config.get("backbone", {}).get("fingerprint"),
     }

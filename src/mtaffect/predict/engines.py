@@ -177,6 +177,7 @@ class OnnxEngine:
         self.temporal = self.model.temporal
         self.inputs = self.model.reads
         self.window = self._training_window() if self.temporal else 1
+        self.window_edge = str((self.manifest.get("source") or {}).get("window_edge", "pad"))
 
     def _export(self, model, detector: bool) -> Path:
         """``model`` exported into a temporary folder that lives as long as this engine."""

@@ -79,6 +79,7 @@ class _Track:
     rows: list[FaceRows] = field(default_factory=list)  # one row each
     arrays: list[dict[str, np.ndarray]] = field(default_factory=list)  # one face each
     last_step: int = 0
+    done: list[dict[str, np.ndarray]] = field(default_factory=list)  # the last window's emitted arrays
 
 
 class TrackWindows:
@@ -94,6 +95,7 @@ class TrackWindows:
             raise ValueError(f"temporal mode must be one of {', '.join(TEMPORAL_MODES)}, got {mode!r}")
         self.model, self.mode, self.max_age = model, mode, int(max_age)
         self.window = window_of(model)
+        self.edge = str(getattr(model, "window_edge", "pad"))  # as make_windows: pad or shift
         # features always (the model's predict takes them first; the tracker uses them too)
         self.inputs = tuple(dict.fromkeys(("features", *(getattr(model, "inputs", ()) or ()))))
         self._tracks: dict[int, _Track] = {}
@@ -147,6 +149,7 @@ class TrackWindows:
         dst = self._tracks.setdefault(new, _Track())
         dst.rows += src.rows
         dst.arrays += src.arrays
+        dst.done = [*dst.done, *src.done][-self.window :]
         dst.last_step = max(dst.last_step, src.last_step)
         out = []
         while len(dst.rows) >= self.window:  # both halves together may fill windows
@@ -161,17 +164,28 @@ class TrackWindows:
         return out
 
     def _predict_track(self, fid: int, n: int | None = None) -> Emitted:
-        """The first ``n`` pending rows of track ``fid`` (all by default) as one window."""
+        """The first ``n`` pending rows of track ``fid`` (all by default) as one window.
+
+        A partial last window is cut as the model was trained (:func:`~mtaffect.data.units.make_windows`):
+        padded by repeating its last row, or with ``window_edge: shift`` (a track at least a window long)
+        moved back over rows already predicted, which give context but are not predicted again.
+        """
         track = self._tracks[fid]
         n = len(track.rows) if n is None else n
         rows, arrays = track.rows[:n], track.arrays[:n]
-        pad = [arrays[-1]] * (self.window - n)  # as make_windows pads: repeat the last row
-        probs = self._run([*arrays, *pad])
+        missing = self.window - n
+        if missing and self.edge == "shift" and len(track.done) >= missing:
+            probs = self._run([*track.done[-missing:], *arrays])
+            keep = slice(missing, None)
+        else:
+            probs = self._run([*arrays, *[arrays[-1]] * missing])  # as make_windows pads: repeat the last
+            keep = slice(0, n)
         emitted = Emitted(
             FaceRows.concat(rows),
-            AffectOutputs(probs.va[:n], probs.expr_probs[:n], probs.au_probs[:n]),
+            AffectOutputs(probs.va[keep], probs.expr_probs[keep], probs.au_probs[keep]),
         )
         track.rows, track.arrays = track.rows[n:], track.arrays[n:]
+        track.done = [*track.done, *arrays][-self.window :]
         return emitted
 
     def _causal(self, fid: int, row: FaceRows, one: dict[str, np.ndarray]) -> Emitted:

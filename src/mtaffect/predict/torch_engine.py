@@ -107,6 +107,7 @@ class TorchEngine:
         self.batch_size = int(batch_size)
         self.temporal = bool(getattr(self.model, "temporal", False))
         self.window = int(getattr(self.model, "window", 1) or 1) if self.temporal else 1
+        self.window_edge = str(getattr(self.model, "window_edge", "pad"))  # a track's last window
         self.inputs = tuple(getattr(self.model, "inputs", ()) or ())
         self._tokens = "tokens" in self.inputs
 
