@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtaffect.data.units import unsafe_name_reason
+from mtaffect.data.units import parse_image_name, split_image_names_arrow, unsafe_name_reason
 from mtaffect.io import atomic_open
 from mtaffect.schema import (
     AU_NAMES,
@@ -277,13 +277,11 @@ class _Rows:
                 self.bad_image[i] = True
                 self.unsafe[i] = reason
                 continue
-            video, sep, base = name.rpartition("/")
-            stem = base.rpartition(".")[0] if "." in base else base
-            if not sep or not video or not stem.isascii() or not stem.isdigit() or len(stem) > 18:
+            parsed = parse_image_name(name)
+            if parsed is None:
                 self.bad_image[i] = True
                 continue
-            self.video[i] = video
-            self.frame[i] = int(stem)
+            self.video[i], self.frame[i] = parsed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -412,25 +410,11 @@ def _split_images_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.nd
     arr = pc.utf8_trim_whitespace(pa.array(names, type=pa.string()))
     if pc.any(pc.match_substring(arr, "..")).as_py() or pc.any(pc.starts_with(arr, "/")).as_py():
         return None  # maybe a name that leaves the dataset folder: the diagnostic path decides
-    parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
-    if not pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():
+    split = split_image_names_arrow(arr)
+    if split is None:
         return None
-    video = pc.list_element(parts, 0)
-    stem = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1, reverse=True), 0)
-    if (
-        not pc.all(pc.ascii_is_decimal(stem)).as_py()
-        or not pc.all(pc.greater(pc.utf8_length(video), 0)).as_py()
-    ):
-        return None
-    try:
-        frame = pc.cast(stem, pa.int64()).to_numpy(zero_copy_only=False)
-    except pa.ArrowInvalid:  # a frame number too large for int64
-        return None
-    return (
-        arr.to_numpy(zero_copy_only=False).astype(object),
-        video.to_numpy(zero_copy_only=False).astype(object),
-        frame.astype(np.int64),
-    )
+    video, frame = split
+    return arr.to_numpy(zero_copy_only=False).astype(object), video, frame
 
 
 def _slow_rows(raw_bytes: bytes, where: str) -> tuple[_Rows, list[AnnotationError]]:
