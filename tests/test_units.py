@@ -61,7 +61,7 @@ def test_shifted_edges_fill_the_last_window_with_real_frames_and_count_each_fram
     a_last = [w for w in idx if set(video[w]) == {"a"}][-1]
     assert frame[a_last].tolist() == [5, 6, 7]  # ends on the last frame: no padding, real context
     b = [(w, m) for w, m in zip(idx, mask, strict=True) if set(video[w]) == {"b"}]
-    (w, m), = b  # too short for a window: padded
+    ((w, m),) = b  # too short for a window: padded
     assert frame[w].tolist() == [1, 2, 2] and m.tolist() == [True, True, False]
     idx, mask = make_windows(video, frame, window=3, stride=1, edge="shift")  # training strides
     assert set(idx[mask].tolist()) == set(range(9))
