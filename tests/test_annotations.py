@@ -312,6 +312,8 @@ def test_parses_a_real_size_file(tmp_path):
         ("/etc/passwd/00001.jpg", "is an absolute path"),
         ("../../secret/00001.jpg", "has a '..' part"),
         ("vid/../../00001.jpg", "has a '..' part"),
+        ("C:/x/00001.jpg", "is an absolute path"),  # the fast path once let these two through
+        ("\\x/00001.jpg", "is an absolute path"),
     ],
 )
 def test_image_names_may_not_leave_the_dataset(tmp_path, name, why):

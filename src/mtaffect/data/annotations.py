@@ -408,12 +408,14 @@ def _fast_rows(raw: bytes) -> _Rows | None:
 def _split_images_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Strip image names and split them into video and frame in Arrow (vectorised); None if any is odd."""
     arr = pc.utf8_trim_whitespace(pa.array(names, type=pa.string()))
-    if pc.any(pc.match_substring(arr, "..")).as_py() or pc.any(pc.starts_with(arr, "/")).as_py():
-        return None  # maybe a name that leaves the dataset folder: the diagnostic path decides
     split = split_image_names_arrow(arr)
     if split is None:
         return None
     video, frame = split
+    # The rest of a name is '<digits>[.<ext>]', so a name leaves the dataset folder exactly when its
+    # video does; an unsafe one goes to the diagnostic path, which names its line.
+    if any(unsafe_name_reason(v) is not None for v in pd.unique(video)):
+        return None
     return arr.to_numpy(zero_copy_only=False).astype(object), video, frame
 
 
