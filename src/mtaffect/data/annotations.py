@@ -345,8 +345,10 @@ class _Rows:
         sub.images, sub.values, sub.lines = self.images[idx], self.values[idx], self.lines[idx]
         sub.raw = None if self.raw is None else [r[idx] for r in self.raw]
         sub.video, sub.frame, sub.bad_image = self.video[idx], self.frame[idx], self.bad_image[idx]
-        pos = {int(old): new for new, old in enumerate(np.arange(len(self.images))[idx].tolist())}
-        sub.unsafe = {pos[i]: r for i, r in self.unsafe.items() if i in pos}
+        sub.unsafe = {}
+        if self.unsafe:  # usually empty: map the old rows to their new positions only when needed
+            pos = {int(old): new for new, old in enumerate(np.arange(len(self.images))[idx].tolist())}
+            sub.unsafe = {pos[i]: r for i, r in self.unsafe.items() if i in pos}
         return sub
 
     def to_frame(self) -> pd.DataFrame:
