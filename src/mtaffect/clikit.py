@@ -66,12 +66,17 @@ _OS_HINTS = {
 }
 
 
+def warn(msg: str) -> None:
+    """Print one ``warning: ...`` line on stderr (the text is escaped: brackets in it are not markup)."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
     """Library warnings (``warnings.warn``) shown as one ``warning: ...`` line each, not Python's two."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        warn(str(message))
 
     before = warnings.showwarning
     warnings.showwarning = show
