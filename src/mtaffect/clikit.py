@@ -50,7 +50,7 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
-        where = exc.filename if exc.filename is not None else None
+        where = exc.filename
         hint = _OS_HINTS.get(exc.errno, "")
         text = f"{exc.strerror} (errno {exc.errno}){hint}"
         return f"{where}: {text}" if where is not None else text
