@@ -312,6 +312,8 @@ def test_parses_a_real_size_file(tmp_path):
         ("/etc/passwd/00001.jpg", "is an absolute path"),
         ("../../secret/00001.jpg", "has a '..' part"),
         ("vid/../../00001.jpg", "has a '..' part"),
+        ("C:/x/00001.jpg", "is an absolute path"),  # the fast path once let these two through
+        ("\\x/00001.jpg", "is an absolute path"),
     ],
 )
 def test_image_names_may_not_leave_the_dataset(tmp_path, name, why):
@@ -366,3 +368,15 @@ def test_the_frame_is_the_whole_stem_on_every_path(tmp_path):
         path = write(tmp_path, lines, name=name)
         with pytest.raises(AnnotationError, match=rf"^{path}:{rows + 1}: image name must be"):
             read_annotations(path)
+
+
+def test_a_frame_number_has_at_most_18_digits_on_every_path(tmp_path):
+    """The fast path once read a 19-digit frame that fits an int64; the row check refuses it."""
+    for stem in ("1000000000000000000", "99999999999999999999999"):
+        for name, rows in (("small.txt", 1), ("big.txt", 300)):
+            lines = [row(f"v/{i:05d}.jpg") for i in range(1, rows)] + [row(f"v/{stem}.jpg")]
+            path = write(tmp_path, lines, name=name)
+            with pytest.raises(AnnotationError, match=rf"^{path}:{rows + 1}: image name must be"):
+                read_annotations(path)
+    t = read_annotations(write(tmp_path, [row("v/999999999999999999.jpg")]))
+    assert t.frame["frame"].tolist() == [999999999999999999]

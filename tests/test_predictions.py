@@ -129,6 +129,16 @@ def test_submission_file_read_as_probabilities(tmp_path, header):
     assert set(np.unique(t.au_probs)) <= {0.0, 1.0}
 
 
+def test_a_submission_after_blank_lines_is_still_one_and_a_blank_file_is_empty(tmp_path):
+    p = tmp_path / "predictions.txt"
+    for body in ("\r\n \t\r\n" + OFFICIAL_HEADER + "\r\n" + SUB_ROWS[0] + "\r\n", "\n\n" + SUB_ROWS[0]):
+        p.write_bytes(body.encode())
+        assert PredictionTable.read(p).images.tolist() == ["a-1_left/00001.jpg"]
+    p.write_bytes(b" \r\n\t\n\r")
+    with pytest.raises(PredictionError, match=rf"^{p}: the file is empty"):
+        PredictionTable.read(p)
+
+
 def test_bad_submission_rows_name_the_line(tmp_path):
     p = tmp_path / "s.csv"
     bad_expr = "a-1_left/00002.jpg,-1,1,9," + ",".join(["0"] * NUM_AUS)

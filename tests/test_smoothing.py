@@ -144,6 +144,11 @@ def test_identity_and_errors():
     )
     with pytest.raises(SmoothingError, match="video"):
         smooth(bad, {"va": Kernel("box", 1)})
+    huge = PredictionTable.from_arrays(  # a frame number past int64 was pyarrow's ArrowInvalid
+        ["v/99999999999999999999999.jpg"], [0.0], [0.0], np.full((1, 8), 0.125), np.zeros((1, 12))
+    )
+    with pytest.raises(SmoothingError, match="video"):
+        smooth(huge, {"va": Kernel("box", 1)})
     with pytest.raises(SmoothingError, match=r"no column 'file' to group by"):
         smooth(t, {"va": Kernel("box", 1)}, group_by=("file", "face_id"))
 

@@ -25,6 +25,16 @@ def test_split_image_names_lenient_keeps_list_order_for_odd_names():
     assert frame.tolist() == [0, 5, 2]  # a non-numeric stem takes its list position
 
 
+def test_split_image_names_refuses_frame_numbers_over_18_digits():
+    names = ["v/99999999999999999999999.jpg", "v/1000000000000000000.jpg", "v/3.jpg"]
+    with pytest.raises(ImageNameError, match="row 0"):  # was pyarrow's ArrowInvalid
+        split_image_names(names)
+    video, frame = split_image_names(names, strict=False)
+    assert video.tolist() == ["v", "v", "v"]
+    assert frame.tolist() == [0, 1, 3]  # as any other stem that is not a frame number
+    assert split_image_names(["v/999999999999999999.jpg"])[1].tolist() == [999999999999999999]
+
+
 def test_windows_stay_in_one_video_sorted_by_frame_and_pad_the_last():
     video = np.array(["b"] * 5 + ["a"] * 3, dtype=object)
     frame = np.array([9, 3, 5, 1, 7, 20, 10, 30])  # unsorted, sparse
@@ -51,7 +61,7 @@ def test_shifted_edges_fill_the_last_window_with_real_frames_and_count_each_fram
     a_last = [w for w in idx if set(video[w]) == {"a"}][-1]
     assert frame[a_last].tolist() == [5, 6, 7]  # ends on the last frame: no padding, real context
     b = [(w, m) for w, m in zip(idx, mask, strict=True) if set(video[w]) == {"b"}]
-    (w, m), = b  # too short for a window: padded
+    ((w, m),) = b  # too short for a window: padded
     assert frame[w].tolist() == [1, 2, 2] and m.tolist() == [True, True, False]
     idx, mask = make_windows(video, frame, window=3, stride=1, edge="shift")  # training strides
     assert set(idx[mask].tolist()) == set(range(9))

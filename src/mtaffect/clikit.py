@@ -50,7 +50,7 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
-        where = exc.filename if exc.filename is not None else None
+        where = exc.filename
         hint = _OS_HINTS.get(exc.errno, "")
         text = f"{exc.strerror} (errno {exc.errno}){hint}"
         return f"{where}: {text}" if where is not None else text
@@ -66,12 +66,17 @@ _OS_HINTS = {
 }
 
 
+def warn(msg: str) -> None:
+    """Print one ``warning: ...`` line on stderr (the text is escaped: brackets in it are not markup)."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def _one_line_warnings() -> Iterator[None]:
     """Library warnings (``warnings.warn``) shown as one ``warning: ...`` line each, not Python's two."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        warn(str(message))
 
     before = warnings.showwarning
     warnings.showwarning = show

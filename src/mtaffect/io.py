@@ -15,7 +15,7 @@ class OutputExistsError(FileExistsError):
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``, and always a folder."""
+    """Return ``path`` as a Path; refuse a folder always, and an existing file unless ``overwrite``."""
     p = Path(path)
     if p.is_dir():  # never replaced, even with overwrite: a file output does not take a folder's place
         raise IsADirectoryError(f"{p} is a folder; give the path of a file to write")

@@ -56,12 +56,10 @@ class Registry(Generic[T]):
         raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
 
     def create(self, name: str, **kwargs) -> T:
-        self._load_builtins()
+        factory = self.factory(name)  # raises KeyError for an unknown name
         if name in self._factories:
-            return self._factories[name](**kwargs)
-        prefix, sep, rest = name.partition(":")
-        if sep and prefix in self._prefixes:
-            if not rest:
-                raise ValueError(f"{self.kind} {name!r}: give a name after '{prefix}:'")
-            return self._prefixes[prefix](rest, **kwargs)
-        raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+            return factory(**kwargs)
+        prefix, _, rest = name.partition(":")  # a prefixed family: the factory takes the part after it
+        if not rest:
+            raise ValueError(f"{self.kind} {name!r}: give a name after '{prefix}:'")
+        return factory(rest, **kwargs)

@@ -19,21 +19,18 @@ class TextFileError(ValueError):
     """A file that is not readable text (or YAML); the message names the file and, when known, the line."""
 
 
-def read_text(
-    path: str | os.PathLike, what: str, *, error: type[ValueError] = TextFileError, data: bytes | None = None
-) -> str:
+def read_text(path: str | os.PathLike, what: str, *, error: type[ValueError] = TextFileError) -> str:
     """The file's text (UTF-8, BOM dropped). ``what`` names the expected kind of file in messages.
 
-    ``data``: the file's bytes when already read. Raises ``error`` (a ValueError subclass) for an empty
-    path, a binary file or invalid UTF-8, and FileNotFoundError when there is no such file.
+    Raises ``error`` (a ValueError subclass) for a binary file or invalid UTF-8, FileNotFoundError when
+    there is no such file and IsADirectoryError for a folder.
     """
     p = Path(path)
-    if data is None:
-        if not p.is_file():
-            if p.is_dir():
-                raise IsADirectoryError(f"{p} is a folder; expected a {what}")
-            raise FileNotFoundError(f"{what} not found: {p}")
-        data = p.read_bytes()
+    if not p.is_file():
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a folder; expected a {what}")
+        raise FileNotFoundError(f"{what} not found: {p}")
+    data = p.read_bytes()
     nul = data.find(b"\0")
     if nul >= 0:
         line = data[:nul].count(b"\n") + 1

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mtaffect.data.units import unsafe_name_reason
+from mtaffect.data.units import parse_image_name, split_image_names_arrow, unsafe_name_reason
 from mtaffect.io import atomic_open
 from mtaffect.schema import (
     AU_NAMES,
@@ -277,13 +277,11 @@ class _Rows:
                 self.bad_image[i] = True
                 self.unsafe[i] = reason
                 continue
-            video, sep, base = name.rpartition("/")
-            stem = base.rpartition(".")[0] if "." in base else base
-            if not sep or not video or not stem.isascii() or not stem.isdigit() or len(stem) > 18:
+            parsed = parse_image_name(name)
+            if parsed is None:
                 self.bad_image[i] = True
                 continue
-            self.video[i] = video
-            self.frame[i] = int(stem)
+            self.video[i], self.frame[i] = parsed
 
     def __len__(self) -> int:
         return len(self.images)
@@ -347,8 +345,10 @@ class _Rows:
         sub.images, sub.values, sub.lines = self.images[idx], self.values[idx], self.lines[idx]
         sub.raw = None if self.raw is None else [r[idx] for r in self.raw]
         sub.video, sub.frame, sub.bad_image = self.video[idx], self.frame[idx], self.bad_image[idx]
-        pos = {int(old): new for new, old in enumerate(np.arange(len(self.images))[idx].tolist())}
-        sub.unsafe = {pos[i]: r for i, r in self.unsafe.items() if i in pos}
+        sub.unsafe = {}
+        if self.unsafe:  # usually empty: map the old rows to their new positions only when needed
+            pos = {int(old): new for new, old in enumerate(np.arange(len(self.images))[idx].tolist())}
+            sub.unsafe = {pos[i]: r for i, r in self.unsafe.items() if i in pos}
         return sub
 
     def to_frame(self) -> pd.DataFrame:
@@ -410,27 +410,15 @@ def _fast_rows(raw: bytes) -> _Rows | None:
 def _split_images_arrow(names: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Strip image names and split them into video and frame in Arrow (vectorised); None if any is odd."""
     arr = pc.utf8_trim_whitespace(pa.array(names, type=pa.string()))
-    if pc.any(pc.match_substring(arr, "..")).as_py() or pc.any(pc.starts_with(arr, "/")).as_py():
-        return None  # maybe a name that leaves the dataset folder: the diagnostic path decides
-    parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
-    if not pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():
+    split = split_image_names_arrow(arr)
+    if split is None:
         return None
-    video = pc.list_element(parts, 0)
-    stem = pc.list_element(pc.split_pattern(pc.list_element(parts, 1), ".", max_splits=1, reverse=True), 0)
-    if (
-        not pc.all(pc.ascii_is_decimal(stem)).as_py()
-        or not pc.all(pc.greater(pc.utf8_length(video), 0)).as_py()
-    ):
+    video, frame = split
+    # The rest of a name is '<digits>[.<ext>]', so a name leaves the dataset folder exactly when its
+    # video does; an unsafe one goes to the diagnostic path, which names its line.
+    if any(unsafe_name_reason(v) is not None for v in pd.unique(video)):
         return None
-    try:
-        frame = pc.cast(stem, pa.int64()).to_numpy(zero_copy_only=False)
-    except pa.ArrowInvalid:  # a frame number too large for int64
-        return None
-    return (
-        arr.to_numpy(zero_copy_only=False).astype(object),
-        video.to_numpy(zero_copy_only=False).astype(object),
-        frame.astype(np.int64),
-    )
+    return arr.to_numpy(zero_copy_only=False).astype(object), video, frame
 
 
 def _slow_rows(raw_bytes: bytes, where: str) -> tuple[_Rows, list[AnnotationError]]:

@@ -124,7 +124,7 @@ class PredictionTable:
                 raise PredictionError(f"{where}: not a readable Parquet file ({exc})") from exc
             return cls(df, source=where)
         text = normalise_newlines(read_text(p, "prediction table (CSV) or submission", error=PredictionError))
-        first = next((ln.strip() for ln in text.split("\n") if ln.strip()), "")
+        first = _first_nonblank_line(text)
         if not first:
             raise PredictionError(
                 f"{where}: the file is empty; expected a prediction table (CSV with the columns "
@@ -340,6 +340,22 @@ def _csv_error(where: str, exc: Exception) -> str:
     found = re.search(r"line (\d+)", text)
     prefix = f"{where}:{found.group(1)}" if found else where
     return f"{prefix}: not a readable CSV table ({text})"
+
+
+_NON_SPACE = re.compile(r"\S")  # \S and str.strip agree on what whitespace is
+
+
+def _first_nonblank_line(text: str) -> str:
+    """The first line (lines end at LF) that is not all whitespace, stripped; "" when none.
+
+    What ``next((ln.strip() for ln in text.split("\\n") if ln.strip()), "")`` gives, without splitting
+    the whole file.
+    """
+    found = _NON_SPACE.search(text)
+    if found is None:
+        return ""
+    end = text.find("\n", found.start())
+    return text[found.start() : end if end >= 0 else len(text)].strip()
 
 
 def _submission_kind(first_line: str) -> str | None:

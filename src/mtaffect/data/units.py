@@ -4,7 +4,9 @@ One definition for every path that needs frame order (the feature-store loop, im
 ``predict_store``, smoothing): names are ``<video>/<frame>.jpg``; frames are sparse, so windows are
 cut from each video's *annotated* frames sorted by frame number, never across videos.
 
-- :func:`split_image_names` gives each name's video and integer frame number.
+- :func:`split_image_names` gives each name's video and integer frame number (one rule,
+  :func:`parse_image_name`; :func:`split_image_names_arrow` is its vectorised form, which the
+  annotation reader uses too).
 - :func:`make_windows` cuts each video into windows of ``window`` steps every ``stride`` frames and
   marks the steps that count (``step_mask``), so padding never enters a loss, the metric or a
   prediction. With ``stride == window`` every frame counts in exactly one window (validation and
@@ -41,39 +43,69 @@ def unsafe_name_reason(name: str) -> str | None:
     return None
 
 
+#: Longest frame number read from a name: 18 digits always fit an int64 (19 may not).
+MAX_FRAME_DIGITS = 18
+
+
+def parse_image_name(name: str) -> tuple[str, int] | None:
+    """Video and frame number of one ``<video>/<frame>.<ext>`` name, or None when it is not one.
+
+    The video is the folder part (not empty); the frame is the whole stem (up to the last dot), ASCII
+    digits only, at most :data:`MAX_FRAME_DIGITS` of them.
+    """
+    video, _, base = name.rpartition("/")
+    stem = base.rpartition(".")[0] if "." in base else base
+    if not video or not stem.isascii() or not stem.isdigit() or len(stem) > MAX_FRAME_DIGITS:
+        return None
+    return video, int(stem)
+
+
+def split_image_names_arrow(names: pa.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`parse_image_name` of every name at once (Arrow, for long lists); None when any is not one.
+
+    ``names`` is an Arrow string array without nulls. Returns the videos (object array) and frames.
+    """
+    parts = pc.split_pattern(names, "/", max_splits=1, reverse=True)
+    if not pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():  # also None (empty list)
+        return None
+    video = pc.list_element(parts, 0)
+    base = pc.list_element(parts, 1)
+    stem = pc.list_element(pc.split_pattern(base, ".", max_splits=1, reverse=True), 0)
+    ok = pc.and_(  # ascii_is_decimal is false for an empty stem
+        pc.and_(pc.ascii_is_decimal(stem), pc.less_equal(pc.utf8_length(stem), MAX_FRAME_DIGITS)),
+        pc.greater(pc.utf8_length(video), 0),
+    )
+    if not pc.all(ok).as_py():
+        return None
+    frame = pc.cast(stem, pa.int64()).to_numpy(zero_copy_only=False)  # <= 18 digits: always fits
+    return video.to_numpy(zero_copy_only=False).astype(object), frame.astype(np.int64)
+
+
 def split_image_names(
     images: Sequence[str] | np.ndarray | pd.Series, *, strict: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Video (object array) and integer frame number of each ``<video>/<frame>.jpg`` name.
 
     ``strict=False`` accepts any name: the video is the folder part (``""`` for none) and a stem that
-    is not a number takes the name's list position as its frame, so list order is kept.
+    is not a frame number (:func:`parse_image_name`) takes the name's list position as its frame, so
+    list order is kept.
     """
     arr = pa.array(pd.Series(np.asarray(images, dtype=object)).astype(str), type=pa.string())
-    if len(arr) == 0:
-        return np.empty(0, dtype=object), np.zeros(0, dtype=np.int64)
-    parts = pc.split_pattern(arr, "/", max_splits=1, reverse=True)
-    if pc.all(pc.equal(pc.list_value_length(parts), 2)).as_py():  # fast path: every name has a folder
-        video = pc.list_element(parts, 0)
-        base = pc.list_element(parts, 1)  # the stem runs up to the last dot, as in annotations
-        stems = pc.list_element(pc.split_pattern(base, ".", max_splits=1, reverse=True), 0)
-        ok = pc.and_(pc.ascii_is_decimal(stems), pc.greater(pc.utf8_length(video), 0))
-        if pc.all(ok).as_py():
-            frames = pc.cast(stems, pa.int64()).to_numpy(zero_copy_only=False)
-            return video.to_numpy(zero_copy_only=False).astype(object), frames.astype(np.int64)
+    fast = split_image_names_arrow(arr)
+    if fast is not None:
+        return fast
     video_out = np.empty(len(arr), dtype=object)
     frame_out = np.zeros(len(arr), dtype=np.int64)
     for i, name in enumerate(arr.to_pylist()):
-        v, _, base = name.rpartition("/")
-        stem = base.rpartition(".")[0] if "." in base else base
-        if not (v and stem.isascii() and stem.isdigit()):
+        parsed = parse_image_name(name)
+        if parsed is None:
             if strict:
                 raise ImageNameError(
                     f"row {i}: image {name!r} is not '<video>/<frame>.jpg', so its video and frame are "
                     "unknown"
                 )
-            stem = str(i)
-        video_out[i], frame_out[i] = v, int(stem)
+            parsed = (name.rpartition("/")[0], i)
+        video_out[i], frame_out[i] = parsed
     return video_out, frame_out
 
 
@@ -123,4 +155,13 @@ def make_windows(
     return np.concatenate(idx_list), np.concatenate(mask_list)
 
 
-__all__ = ["WINDOW_EDGES", "ImageNameError", "make_windows", "split_image_names", "unsafe_name_reason"]
+__all__ = [
+    "MAX_FRAME_DIGITS",
+    "WINDOW_EDGES",
+    "ImageNameError",
+    "make_windows",
+    "parse_image_name",
+    "split_image_names",
+    "split_image_names_arrow",
+    "unsafe_name_reason",
+]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from mtaffect.textfiles import read_yaml
 FORMAT = "mtaffect-postproc"
 VERSION = 1
 _KEYS = ("format", "version", "kernels", "au_thresholds", "expr_bias", "blend_weights", "info")
+_KERNEL_KEYS = tuple(f.name for f in fields(Kernel))  # kind, width, causal, unit
 
 
 class PostConfigError(ValueError):
@@ -183,7 +184,7 @@ class PostConfig:
 
 def _kernels(raw: object, where: str) -> dict[str, Kernel]:
     if not isinstance(raw, Mapping):
-        raise PostConfigError(f"{where}: kernels must map va/expr/au to {{kind, width, causal, unit}}")
+        raise PostConfigError(f"{where}: kernels must map va/expr/au to {{{', '.join(_KERNEL_KEYS)}}}")
     out = {}
     for task, spec in raw.items():
         if task not in TASKS:
@@ -191,8 +192,8 @@ def _kernels(raw: object, where: str) -> dict[str, Kernel]:
         if spec is None:
             out[task] = Kernel()
             continue
-        if not isinstance(spec, Mapping) or set(spec) - {"kind", "width", "causal", "unit"}:
-            raise PostConfigError(f"{where}: kernels.{task} must be a mapping with kind, width, causal, unit")
+        if not isinstance(spec, Mapping) or set(spec) - set(_KERNEL_KEYS):
+            raise PostConfigError(f"{where}: kernels.{task} must be a mapping with {', '.join(_KERNEL_KEYS)}")
         try:
             out[task] = Kernel(**dict(spec))
         except SmoothingError as exc:

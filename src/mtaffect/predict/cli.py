@@ -35,7 +35,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors
+from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, warn
 
 
 class _RateColumn(ProgressColumn):
@@ -164,7 +164,7 @@ def run_predict(
                         )
                         report_inputs.append(ReportInput(r.info, r.table, error=r.error))
                     for msg in source_warnings(r.info):
-                        _warn(msg)
+                        warn(msg)
                 good = [r for r in results if r.ok]
                 ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
                 if good:
@@ -186,10 +186,6 @@ def run_predict(
 
 def _note(msg: str) -> None:
     err_console.print(f"note: {escape(msg)}", highlight=False, soft_wrap=True)
-
-
-def _warn(msg: str) -> None:
-    err_console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -230,7 +226,7 @@ def _run_job(predictor, arg: str, name: str, table_path: Path, fmt: str, bar: Pr
         )
         raise typer.Exit(130) from None
     for w in caught:
-        _warn(str(w.message))
+        warn(str(w.message))
     bar.update(task, completed=bar.tasks[task].completed, total=bar.tasks[task].completed or 1)
     return results
 
