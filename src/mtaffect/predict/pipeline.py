@@ -491,13 +491,14 @@ class Predictor:
         out = []
         for i, fr in enumerate(chunk):
             d = by_frame.get(i)
-            if d is None:
+            if d is not None:
+                d = self._keep(d)
+            else:
                 h, w = fr.image.shape[:2]
                 det = self._detector(h, w, still)
                 d = self._keep(det.refine(fr.image, state.last_boxes))  # filtered: a weak box is lost
                 if len(d) < len(state.last_boxes):  # a face was lost (moved fast, or left): look again
-                    d = det.detect(fr.image)[0]
-            d = self._keep(d)
+                    d = self._keep(det.detect(fr.image)[0])
             state.last_boxes = d.boxes
             out.append(d)
         return out
