@@ -451,7 +451,7 @@ class Predictor:
         windows = None
         if self.window > 1:
             windows = TrackWindows(self.engine, self.temporal, max_age=tr.max_age)
-        state = _State(tr, TableBuilder(), windows=windows)
+        state = _State(tr, windows=windows)
         state.step, state.committed = resume.steps, resume
         state.last_boxes = np.asarray(resume.boxes, np.float32).reshape(-1, 4)
         state.next_id = resume.next_id
@@ -565,7 +565,7 @@ class Predictor:
     def _process_chunk(self, info: SourceInfo, chunk: list[Frame], state: _State) -> None:
         counts, rows, crops, appearance = self._faces(info, chunk, state)
         empty = counts == 0
-        state.builder.add_empty(
+        state.held.add_empty(
             info.file,
             np.array([f.index for f in chunk], np.int64)[empty],
             np.array([f.time for f in chunk], np.float64)[empty],
@@ -591,7 +591,7 @@ class Predictor:
             if not len(e.rows):
                 continue
             r, o = e.rows, e.outputs
-            state.builder.add(
+            state.held.add(
                 info.file, r.frame, r.time, r.face_id, r.confidence, r.boxes, r.landmarks,
                 o.expr_probs, o.au_probs, o.va, pose=head_pose(r.landmarks),
             )  # fmt: skip
@@ -635,7 +635,6 @@ class _State:
     """What one source's run carries from chunk to chunk."""
 
     tracker: FaceTracker
-    builder: TableBuilder
     step: int = 0
     last_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     windows: TrackWindows | None = None
@@ -645,6 +644,7 @@ class _State:
     committed: Resume = field(default_factory=Resume)
     #: analysed frame numbers not yet released, in order
     frames: list[int] = field(default_factory=list)
+    #: rows not yet released, in the order they were produced
     held: TableBuilder = field(default_factory=TableBuilder)
 
     def log_frames(self, numbers: Sequence[int]) -> None:
@@ -653,8 +653,6 @@ class _State:
     def release(self, final: bool) -> RowBatch | None:
         """The rows that are final now (all rows of every frame before the first row a temporal window
         still waits for) and the resume point after them; later rows are held back."""
-        self.held.extend(self.builder)
-        self.builder = TableBuilder()
         waiting = None if final or self.windows is None else self.windows.pending_min_frame()
         done = [f for f in self.frames if waiting is None or f < waiting]
         if not done:
