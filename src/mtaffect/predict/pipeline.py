@@ -81,7 +81,7 @@ from mtaffect.predict.sources import (
     prefetch,
     read_face_crop,
 )
-from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows, window_of
+from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows
 from mtaffect.predict.threads import streaming_threads
 from mtaffect.predict.tracking import (
     DEFAULT_REID_SECONDS,
@@ -269,7 +269,7 @@ class Predictor:
         self.chunk_frames, self.decode_thread = int(chunk_frames), decode_thread
         self.tracker_kwargs = dict(tracker or {})
         self.aligned, self.temporal = bool(aligned), temporal
-        self.window = window_of(self.engine)
+        self.window = self.engine.window  # 1 for per-frame models
         self._detectors: dict[float, Detector] = {}
         self.failures: list[tuple[str, str]] = []
 
