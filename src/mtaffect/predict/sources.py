@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtaffect.features.decode import to_8bit
-from mtaffect.predict.orientation import frame_rotation, quarter_turns, upright
+from mtaffect.predict.orientation import first_rotation, frame_rotation, quarter_turns, upright
 
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -530,9 +530,7 @@ class VideoSource(MediaSource):
                 # Phone videos: frames are analysed as displayed (see mtaffect.predict.orientation).
                 # A live stream is not decoded ahead (it would wait for, and lose, a frame): upright
                 # frames are still turned one by one, only the declared size stays the coded one.
-                first = None if self.live else next(iter(c.decode(s)), None)
-                self.rotation = frame_rotation(first) if first is not None else 0.0
-                if quarter_turns(self.rotation) % 2:
+                if not self.live and quarter_turns(first_rotation(c)) % 2:
                     width, height = height, width
                 self.info = SourceInfo(
                     str(path),
