@@ -61,8 +61,6 @@ from mtaffect.faces.pose import head_pose
 from mtaffect.features.decode import resize_array
 from mtaffect.predict.engines import Detector, Engine, create_engine
 from mtaffect.predict.outputs import (
-    AU_P_COLUMNS,
-    EXPR_P_COLUMNS,
     VA_COLUMNS,
     TableBuilder,
     empty_table,
@@ -620,13 +618,8 @@ class Predictor:
             )
         frame = pred.frame
         table = table.copy()
-        for src, dst in (
-            (EXPR_PROB_COLUMNS, EXPR_P_COLUMNS),
-            (AU_PROB_COLUMNS, AU_P_COLUMNS),
-            (VA_COLUMNS, VA_COLUMNS),
-        ):
-            for s_, d in zip(src, dst, strict=True):
-                table.loc[ok, d] = frame[s_].to_numpy(np.float32)
+        for c in (*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS, *VA_COLUMNS):  # the table's names are the schema's
+            table.loc[ok, c] = frame[c].to_numpy(np.float32)
         return finalize(table, self.au_thresholds)
 
 
