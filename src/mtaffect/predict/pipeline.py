@@ -87,6 +87,7 @@ from mtaffect.predict.tracking import (
     CutDetector,
     FaceTracker,
     canonical_ids,
+    rate_or_default,
 )
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
@@ -97,8 +98,6 @@ SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
 ALIGN_SIZE: Final[int] = 112
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
-#: Frame rate assumed for smoothing when an input has none (frame sequences without ``fps``).
-DEFAULT_RATE: Final[float] = 25.0
 
 
 @dataclass
@@ -609,9 +608,10 @@ class Predictor:
         else:
             from mtaffect.post.smoothing import Kernel, smooth
 
-            rate = info.fps if info.fps == info.fps and info.fps > 0 else DEFAULT_RATE
             k = Kernel(
-                kind="gaussian", width=self.smoothing_seconds * rate, causal=self.smoothing == "causal"
+                kind="gaussian",
+                width=self.smoothing_seconds * rate_or_default(info.fps),
+                causal=self.smoothing == "causal",
             )
             pred = smooth(
                 pred, {"va": k, "expr": k, "au": k}, group_by=("file", "face_id"), frame_col="frame"
