@@ -80,9 +80,6 @@ class CutDetector:
         self.threshold = threshold
         self._last: np.ndarray | None = None
 
-    def reset(self) -> None:
-        self._last = None
-
     @staticmethod
     def signature(image: np.ndarray) -> np.ndarray:
         s = np.asarray(image)[::8, ::8, :3].astype(np.int64) >> 6  # 4 levels per channel
