@@ -161,6 +161,12 @@ def load_post(post):
     return post
 
 
+def auto_min_face_size(height: int, width: int, still: bool) -> float:
+    """``min_face_size="auto"`` for a frame of that size: max(20 px for stills / 40 px for video, its
+    shorter side * :data:`AUTO_FACE_FRACTION`)."""
+    return float(max(20 if still else 40, round(min(height, width) * AUTO_FACE_FRACTION)))
+
+
 def _batched(it: Iterator, n: int) -> Iterator[list]:
     while chunk := list(islice(it, n)):
         yield chunk
@@ -456,7 +462,7 @@ class Predictor:
 
     def _detector(self, height: int, width: int, still: bool) -> Detector:
         if self.min_face_size == "auto":
-            size = float(max(20 if still else 40, round(min(height, width) * AUTO_FACE_FRACTION)))
+            size = auto_min_face_size(height, width, still)
         else:
             size = float(self.min_face_size)
         if size not in self._detectors:
@@ -694,6 +700,7 @@ __all__: Sequence[str] = (
     "Predictor",
     "Resume",
     "RowBatch",
+    "auto_min_face_size",
     "predict",
     "relabel_faces",
     "streaming_threads",
