@@ -25,7 +25,7 @@ from mtaffect.predict.outputs import (
     read_table,
     write_table,
 )
-from mtaffect.predict.pipeline import Predictor
+from mtaffect.predict.pipeline import Predictor, auto_min_face_size
 from mtaffect.predict.sources import InputError
 from mtaffect.schema import EXPR_NAMES
 
@@ -139,6 +139,13 @@ def test_variable_frame_rate_times_are_real(predictor, media):
 def test_max_faces_keeps_the_largest(media):
     df = Predictor(max_faces=1).predict(media["two"])
     assert (df.groupby("frame").size() == 1).all()
+
+
+def test_auto_min_face_size():
+    assert auto_min_face_size(480, 640, still=True) == 20.0  # 480 / 30 = 16: the floor
+    assert auto_min_face_size(480, 640, still=False) == 40.0
+    assert auto_min_face_size(2160, 3840, still=False) == 72.0  # the shorter side / 30
+    assert auto_min_face_size(4000, 3000, still=True) == 100.0
 
 
 def test_unreadable_input_is_reported_and_others_still_processed(predictor, media):

@@ -159,6 +159,22 @@ def test_pil_images_and_bgr_arrays():
         ArraySource(bgr, channels="bgra")
 
 
+def test_a_16_bit_pil_image_is_read_as_the_same_image_from_disk(tmp_path):
+    """In memory as from disk: 16-bit values are scaled to 8 bits, not clipped (all white)."""
+    grey = np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365  # 0 .. 64155
+    im = Image.fromarray(grey)
+    assert im.mode.startswith("I")
+    im.save(tmp_path / "g16.png")
+    (item,) = expand_inputs(im)
+    (on_disk,) = expand_inputs(tmp_path / "g16.png")
+    expected = ((grey.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    np.testing.assert_array_equal(item.array, np.repeat(expected[..., None], 3, axis=2))
+    np.testing.assert_array_equal(item.array, next(iter(open_source(on_disk))).image)
+    float_image = Image.fromarray(grey.astype(np.float32))  # no known 8-bit equivalent, as from disk
+    with pytest.raises(InputError, match=r"<PIL image>: not a readable image .*32-bit float"):
+        expand_inputs(float_image)
+
+
 # ---- videos and streams that end early -----------------------------------------------------------------
 
 

@@ -215,12 +215,14 @@ def _crops(sources: list[_Level], frame: np.ndarray, boxes: np.ndarray, size: in
 # ---- boxes ---------------------------------------------------------------------------------------------
 
 
-def _areas(b: np.ndarray) -> np.ndarray:
+def box_areas(b: np.ndarray) -> np.ndarray:
+    """Areas (n,) of edge-coordinate boxes (n, 4), 0 for an empty box, in ``b``'s dtype."""
     return (b[:, 2] - b[:, 0]).clip(min=0) * (b[:, 3] - b[:, 1]).clip(min=0)
 
 
-def _intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise intersection areas (n, m), one axis at a time (no (n, m, 2) temporaries)."""
+def box_intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise intersection areas (n, m) of edge-coordinate boxes, one axis at a time (no (n, m, 2)
+    temporaries), in the inputs' dtype."""
     iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
     ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
     return iw.clip(min=0) * ih.clip(min=0)
@@ -228,22 +230,22 @@ def _intersections(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _denominator(a: np.ndarray, b: np.ndarray, inter: np.ndarray, mode: str) -> np.ndarray:
     if mode == "union":
-        return (_areas(a)[:, None] + _areas(b)[None, :]) - inter
+        return (box_areas(a)[:, None] + box_areas(b)[None, :]) - inter
     if mode == "min":
-        return np.minimum(_areas(a)[:, None], _areas(b)[None, :])
+        return np.minimum(box_areas(a)[:, None], box_areas(b)[None, :])
     raise ValueError(f"mode must be 'union' or 'min', got {mode!r}")
 
 
 def box_iou(boxes: np.ndarray, others: np.ndarray, mode: str = "union") -> np.ndarray:
     """Pairwise overlap (n, m) of edge-coordinate boxes; ``mode='min'`` divides by the smaller area."""
     a, b = np.asarray(boxes, np.float32), np.asarray(others, np.float32)
-    inter = _intersections(a, b)
+    inter = box_intersections(a, b)
     return inter / np.maximum(_denominator(a, b, inter, mode), np.float32(1e-9))
 
 
 def _overlapping(a: np.ndarray, b: np.ndarray, threshold: float, mode: str) -> np.ndarray:
     """Boolean (n, m): overlap above ``threshold`` (compared without dividing)."""
-    inter = _intersections(a, b)
+    inter = box_intersections(a, b)
     return inter > _denominator(a, b, inter, mode) * np.float32(threshold)
 
 
@@ -540,6 +542,8 @@ __all__ = [
     "CascadeNets",
     "FaceDetections",
     "as_frames",
+    "box_areas",
+    "box_intersections",
     "box_iou",
     "nms",
     "normalise",

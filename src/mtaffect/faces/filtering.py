@@ -20,7 +20,7 @@ from typing import Final
 
 import numpy as np
 
-from mtaffect.faces.cascade import FaceDetections
+from mtaffect.faces.cascade import FaceDetections, box_areas, box_intersections
 
 DEFAULT_MIN_CONFIDENCE: Final[float] = 0.9
 DEFAULT_NESTED_OVERLAP: Final[float] = 0.5
@@ -32,19 +32,14 @@ def nested_mask(boxes: np.ndarray, overlap: float) -> np.ndarray:
     Larger boxes are decided first, so a box inside a box that is itself dropped can stay.
     """
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    area, inter = box_areas(b), box_intersections(b, b)
     order = np.argsort(-area, kind="stable")
     drop = np.zeros(len(b), bool)
     kept: list[int] = []
     for i in order:
-        if kept:
-            k = b[kept]
-            iw = np.minimum(k[:, 2], b[i, 2]) - np.maximum(k[:, 0], b[i, 0])
-            ih = np.minimum(k[:, 3], b[i, 3]) - np.maximum(k[:, 1], b[i, 1])
-            inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-            if area[i] > 0 and (inter / area[i] >= overlap).any():
-                drop[i] = True
-                continue
+        if kept and area[i] > 0 and (inter[i, kept] / area[i] >= overlap).any():
+            drop[i] = True
+            continue
         kept.append(int(i))
     return drop
 

@@ -235,18 +235,17 @@ class TorchNets:
             yield prob.float().cpu().numpy(), reg.float().cpu().numpy()
 
     @torch.inference_mode()
-    def _run(self, net: nn.Module, crops: np.ndarray, bytes_per_item: int) -> list[np.ndarray]:
+    def _run(self, net: nn.Module, crops: np.ndarray, bytes_per_item: int) -> tuple[np.ndarray, ...]:
+        """``net``'s outputs over ``crops``, in passes that fit; one array per output."""
         x = torch.from_numpy(crops).to(self.device)  # (K, 3, s, s) view of (K, s, s, 3): channels-last
         outs = [net(x[sl]) for sl in chunks(len(x), self._chunk(bytes_per_item))]
-        return [torch.cat(t).float().cpu().numpy() for t in zip(*outs, strict=True)]
+        return tuple(torch.cat(t).float().cpu().numpy() for t in zip(*outs, strict=True))
 
     def rnet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prob, reg = self._run(self.r, crops, RNET_BYTES)
-        return prob, reg
+        return self._run(self.r, crops, RNET_BYTES)  # (probability, box regression)
 
     def onet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        prob, reg, marks = self._run(self.o, crops, ONET_BYTES)
-        return prob, reg, marks
+        return self._run(self.o, crops, ONET_BYTES)  # (probability, box regression, landmarks)
 
 
 class MTCNN(Cascade):

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from mtaffect.io import atomic_path
-from mtaffect.predict.orientation import frame_rotation, quarter_turns, upright
+from mtaffect.predict.orientation import first_rotation, frame_rotation, quarter_turns, upright
 from mtaffect.predict.plots import EXPR_COLOURS
 from mtaffect.predict.sources import InputError, read_image
 from mtaffect.schema import BOX_COLUMNS, VA_NAMES
@@ -193,7 +193,9 @@ def annotate_video(
             rate = sin.average_rate or Fraction(25)
             tb = sin.time_base or Fraction(1, round(float(rate)))
             width, height = sin.codec_context.width, sin.codec_context.height
-            if quarter_turns(_first_rotation(source)) % 2:
+            with av.open(str(source)) as c:  # its own container: cin is read from its first frame
+                turned = quarter_turns(first_rotation(c)) % 2
+            if turned:
                 width, height = height, width
             with av.open(str(tmp), "w", format="mp4") as cout:
                 sout = cout.add_stream(codec, rate=rate)
@@ -233,15 +235,6 @@ def annotate_video(
     except av.error.FFmpegError as e:
         raise InputError(f"{source}: cannot write the annotated video {out} ({e})") from e
     return out
-
-
-def _first_rotation(path: Path) -> float:
-    """Display rotation of the first frame (the output stream's size must be known before muxing)."""
-    import av
-
-    with av.open(str(path)) as c:
-        first = next(iter(c.decode(c.streams.video[0])), None)
-    return frame_rotation(first) if first is not None else 0.0
 
 
 def _audio_stream(cout, ain):

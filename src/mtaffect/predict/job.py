@@ -281,8 +281,8 @@ class PartialTable:
     # ---- the end ---------------------------------------------------------------------------------------
 
     def rows(self) -> pd.DataFrame:
-        """Every committed row (with the input column)."""
-        self._commit()
+        """Every committed row (with the input column), once each input is finished (:meth:`finish`
+        committed it)."""
         if self.state["rows_bytes"] == 0:
             t = empty_table()
             t.insert(0, INPUT_COLUMN, pd.Series(dtype="int64"))
@@ -292,8 +292,10 @@ class PartialTable:
     def close(self) -> None:
         """Interrupted: keep what is final (the pending rows go out with their point)."""
         with contextlib.suppress(OSError):
-            self.flush()
-            self._commit()
+            if self._pending_point is not None:
+                self.flush()  # commits the rows with their point
+            else:
+                self._commit()  # what changed since the last commit (a live stream's rows dropped)
         self._fh.close()
 
     def remove(self) -> None:

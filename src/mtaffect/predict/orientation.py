@@ -31,4 +31,12 @@ def frame_rotation(frame) -> float:
     return float(getattr(frame, "rotation", 0) or 0)
 
 
-__all__ = ["frame_rotation", "quarter_turns", "upright"]
+def first_rotation(container) -> float:
+    """The display rotation of an open PyAV container's first video frame (0 when it has none): the
+    upright size must be known before any frame is read (a source's declared size, an output stream's).
+    Decodes that frame: give a container opened for this, or one that is read from the start again."""
+    first = next(iter(container.decode(container.streams.video[0])), None)
+    return frame_rotation(first) if first is not None else 0.0
+
+
+__all__ = ["first_rotation", "frame_rotation", "quarter_turns", "upright"]

@@ -61,8 +61,6 @@ from mtaffect.faces.pose import head_pose
 from mtaffect.features.decode import resize_array
 from mtaffect.predict.engines import Detector, Engine, create_engine
 from mtaffect.predict.outputs import (
-    AU_P_COLUMNS,
-    EXPR_P_COLUMNS,
     VA_COLUMNS,
     TableBuilder,
     empty_table,
@@ -81,7 +79,7 @@ from mtaffect.predict.sources import (
     prefetch,
     read_face_crop,
 )
-from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows, window_of
+from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows
 from mtaffect.predict.threads import streaming_threads
 from mtaffect.predict.tracking import (
     DEFAULT_REID_SECONDS,
@@ -89,6 +87,7 @@ from mtaffect.predict.tracking import (
     CutDetector,
     FaceTracker,
     canonical_ids,
+    rate_or_default,
 )
 from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
@@ -99,8 +98,6 @@ SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
 ALIGN_SIZE: Final[int] = 112
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
-#: Frame rate assumed for smoothing when an input has none (frame sequences without ``fps``).
-DEFAULT_RATE: Final[float] = 25.0
 
 
 @dataclass
@@ -162,6 +159,12 @@ def load_post(post):
             )
         return PostConfig.load(post)
     return post
+
+
+def auto_min_face_size(height: int, width: int, still: bool) -> float:
+    """``min_face_size="auto"`` for a frame of that size: max(20 px for stills / 40 px for video, its
+    shorter side * :data:`AUTO_FACE_FRACTION`)."""
+    return float(max(20 if still else 40, round(min(height, width) * AUTO_FACE_FRACTION)))
 
 
 def _batched(it: Iterator, n: int) -> Iterator[list]:
@@ -269,7 +272,7 @@ class Predictor:
         self.chunk_frames, self.decode_thread = int(chunk_frames), decode_thread
         self.tracker_kwargs = dict(tracker or {})
         self.aligned, self.temporal = bool(aligned), temporal
-        self.window = window_of(self.engine)
+        self.window = self.engine.window  # 1 for per-frame models
         self._detectors: dict[float, Detector] = {}
         self.failures: list[tuple[str, str]] = []
 
@@ -451,7 +454,7 @@ class Predictor:
         windows = None
         if self.window > 1:
             windows = TrackWindows(self.engine, self.temporal, max_age=tr.max_age)
-        state = _State(tr, TableBuilder(), windows=windows)
+        state = _State(tr, windows=windows)
         state.step, state.committed = resume.steps, resume
         state.last_boxes = np.asarray(resume.boxes, np.float32).reshape(-1, 4)
         state.next_id = resume.next_id
@@ -459,7 +462,7 @@ class Predictor:
 
     def _detector(self, height: int, width: int, still: bool) -> Detector:
         if self.min_face_size == "auto":
-            size = float(max(20 if still else 40, round(min(height, width) * AUTO_FACE_FRACTION)))
+            size = auto_min_face_size(height, width, still)
         else:
             size = float(self.min_face_size)
         if size not in self._detectors:
@@ -491,13 +494,14 @@ class Predictor:
         out = []
         for i, fr in enumerate(chunk):
             d = by_frame.get(i)
-            if d is None:
+            if d is not None:
+                d = self._keep(d)
+            else:
                 h, w = fr.image.shape[:2]
                 det = self._detector(h, w, still)
                 d = self._keep(det.refine(fr.image, state.last_boxes))  # filtered: a weak box is lost
                 if len(d) < len(state.last_boxes):  # a face was lost (moved fast, or left): look again
-                    d = det.detect(fr.image)[0]
-            d = self._keep(d)
+                    d = self._keep(det.detect(fr.image)[0])
             state.last_boxes = d.boxes
             out.append(d)
         return out
@@ -564,7 +568,7 @@ class Predictor:
     def _process_chunk(self, info: SourceInfo, chunk: list[Frame], state: _State) -> None:
         counts, rows, crops, appearance = self._faces(info, chunk, state)
         empty = counts == 0
-        state.builder.add_empty(
+        state.held.add_empty(
             info.file,
             np.array([f.index for f in chunk], np.int64)[empty],
             np.array([f.time for f in chunk], np.float64)[empty],
@@ -590,7 +594,7 @@ class Predictor:
             if not len(e.rows):
                 continue
             r, o = e.rows, e.outputs
-            state.builder.add(
+            state.held.add(
                 info.file, r.frame, r.time, r.face_id, r.confidence, r.boxes, r.landmarks,
                 o.expr_probs, o.au_probs, o.va, pose=head_pose(r.landmarks),
             )  # fmt: skip
@@ -610,22 +614,18 @@ class Predictor:
         else:
             from mtaffect.post.smoothing import Kernel, smooth
 
-            rate = info.fps if info.fps == info.fps and info.fps > 0 else DEFAULT_RATE
             k = Kernel(
-                kind="gaussian", width=self.smoothing_seconds * rate, causal=self.smoothing == "causal"
+                kind="gaussian",
+                width=self.smoothing_seconds * rate_or_default(info.fps),
+                causal=self.smoothing == "causal",
             )
             pred = smooth(
                 pred, {"va": k, "expr": k, "au": k}, group_by=("file", "face_id"), frame_col="frame"
             )
         frame = pred.frame
         table = table.copy()
-        for src, dst in (
-            (EXPR_PROB_COLUMNS, EXPR_P_COLUMNS),
-            (AU_PROB_COLUMNS, AU_P_COLUMNS),
-            (VA_COLUMNS, VA_COLUMNS),
-        ):
-            for s_, d in zip(src, dst, strict=True):
-                table.loc[ok, d] = frame[s_].to_numpy(np.float32)
+        for c in (*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS, *VA_COLUMNS):  # the table's names are the schema's
+            table.loc[ok, c] = frame[c].to_numpy(np.float32)
         return finalize(table, self.au_thresholds)
 
 
@@ -634,7 +634,6 @@ class _State:
     """What one source's run carries from chunk to chunk."""
 
     tracker: FaceTracker
-    builder: TableBuilder
     step: int = 0
     last_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     windows: TrackWindows | None = None
@@ -644,6 +643,7 @@ class _State:
     committed: Resume = field(default_factory=Resume)
     #: analysed frame numbers not yet released, in order
     frames: list[int] = field(default_factory=list)
+    #: rows not yet released, in the order they were produced
     held: TableBuilder = field(default_factory=TableBuilder)
 
     def log_frames(self, numbers: Sequence[int]) -> None:
@@ -652,8 +652,6 @@ class _State:
     def release(self, final: bool) -> RowBatch | None:
         """The rows that are final now (all rows of every frame before the first row a temporal window
         still waits for) and the resume point after them; later rows are held back."""
-        self.held.extend(self.builder)
-        self.builder = TableBuilder()
         waiting = None if final or self.windows is None else self.windows.pending_min_frame()
         done = [f for f in self.frames if waiting is None or f < waiting]
         if not done:
@@ -702,6 +700,7 @@ __all__: Sequence[str] = (
     "Predictor",
     "Resume",
     "RowBatch",
+    "auto_min_face_size",
     "predict",
     "relabel_faces",
     "streaming_threads",

@@ -73,11 +73,6 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
-def face_summary(rows: pd.DataFrame) -> dict:
-    """Statistics of one face's rows (a dict of :func:`~mtaffect.predict.summary.summarize`'s columns)."""
-    return summarize(rows).iloc[0].to_dict()
-
-
 def _thumb(inp: ReportInput, fid: int) -> str:
     data = (inp.thumbs or {}).get(fid)
     if not data:
@@ -274,4 +269,4 @@ def write_report(
     return Path(path)
 
 
-__all__ = ["ReportInput", "face_summary", "render_report", "write_report"]
+__all__ = ["ReportInput", "render_report", "write_report"]

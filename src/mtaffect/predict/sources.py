@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mtaffect.features.decode import to_8bit
-from mtaffect.predict.orientation import frame_rotation, quarter_turns, upright
+from mtaffect.predict.orientation import first_rotation, frame_rotation, quarter_turns, upright
 
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -205,7 +205,9 @@ def classify(item) -> object:
     if isinstance(item, int | np.integer):
         return camera_input(int(item))
     if isinstance(item, Image.Image):
-        return ArrayInput(pil_to_array(item), input_name(item))
+        name = input_name(item)
+        with _image_errors(name):
+            return ArrayInput(pil_to_array(item), name)
     if isinstance(item, np.ndarray | FrameSequence | StreamInput | ArrayInput):
         return item
     if isinstance(item, str):
@@ -230,9 +232,11 @@ def classify(item) -> object:
 
 
 def pil_to_array(im: Image.Image) -> np.ndarray:
-    """A PIL image as uint8 RGB (H, W, 3), rotated by its EXIF orientation."""
+    """A PIL image as uint8 RGB (H, W, 3), rotated by its EXIF orientation: the one conversion of an
+    image in memory and of one read from a file (:func:`read_image`), so both give the same pixels
+    (16-bit values scaled, not clipped: :func:`mtaffect.features.decode.to_8bit`)."""
     im = ImageOps.exif_transpose(im) or im
-    return np.array(im.convert("RGB"))
+    return np.array(to_8bit(im, "RGB"))  # writable: torch reads it in place
 
 
 def expand_inputs(inputs, _depth: int = 0, *, recursive: bool = False, sequences: bool = True) -> list:
@@ -345,16 +349,21 @@ def read_list(path: Path) -> list[Path]:
 # ---- reading images ------------------------------------------------------------------------------------
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8 RGB (H, W, 3), rotated by its EXIF orientation."""
+@contextlib.contextmanager
+def _image_errors(name: Path | str) -> Iterator[None]:
+    """Failures of reading or converting image ``name`` as :class:`InputError` naming it."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.array(to_8bit(im, "RGB"))  # writable: torch reads it in place; 16-bit scaled
+        yield
     except FileNotFoundError as e:
-        raise InputError(f"{path}: file not found") from e
+        raise InputError(f"{name}: file not found") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable image ({e}); convert it to JPEG or PNG") from e
+        raise InputError(f"{name}: not a readable image ({e}); convert it to JPEG or PNG") from e
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 RGB (H, W, 3), rotated by its EXIF orientation (:func:`pil_to_array`)."""
+    with _image_errors(path), Image.open(path) as im:
+        return pil_to_array(im)
 
 
 def guarded(reader: Callable[[Path], np.ndarray]) -> Callable[[Path], np.ndarray]:
@@ -381,12 +390,8 @@ def read_face_crop(path: Path, size: int, colour: str) -> np.ndarray:
     backbones, the same resize), so a checkpoint sees the pixels of its feature store."""
     from mtaffect.features.decode import decode_image
 
-    try:
+    with _image_errors(path):
         return decode_image(path, size, colour)
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: file not found") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable image ({e}); convert it to JPEG or PNG") from e
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
@@ -530,9 +535,7 @@ class VideoSource(MediaSource):
                 # Phone videos: frames are analysed as displayed (see mtaffect.predict.orientation).
                 # A live stream is not decoded ahead (it would wait for, and lose, a frame): upright
                 # frames are still turned one by one, only the declared size stays the coded one.
-                first = None if self.live else next(iter(c.decode(s)), None)
-                self.rotation = frame_rotation(first) if first is not None else 0.0
-                if quarter_turns(self.rotation) % 2:
+                if not self.live and quarter_turns(first_rotation(c)) % 2:
                     width, height = height, width
                 self.info = SourceInfo(
                     str(path),

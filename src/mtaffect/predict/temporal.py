@@ -36,11 +36,6 @@ from mtaffect.models.outputs import AffectOutputs
 TEMPORAL_MODES: Final[tuple[str, str]] = ("centred", "causal")
 
 
-def window_of(model) -> int:
-    """The window a model was trained on (1 for per-frame models)."""
-    return int(getattr(model, "window", 1) or 1) if getattr(model, "temporal", False) else 1
-
-
 @dataclass
 class FaceRows:
     """Per-face row data (everything but the model's outputs), as parallel arrays of length n."""
@@ -94,7 +89,7 @@ class TrackWindows:
         if mode not in TEMPORAL_MODES:
             raise ValueError(f"temporal mode must be one of {', '.join(TEMPORAL_MODES)}, got {mode!r}")
         self.model, self.mode, self.max_age = model, mode, int(max_age)
-        self.window = window_of(model)
+        self.window = int(model.window)  # the Engine's training window (1 for per-frame models)
         self.edge = str(getattr(model, "window_edge", "pad"))  # as make_windows: pad or shift
         # features always (the model's predict takes them first; the tracker uses them too)
         self.inputs = tuple(dict.fromkeys(("features", *(getattr(model, "inputs", ()) or ()))))
@@ -202,4 +197,4 @@ class TrackWindows:
         return self.model.predict(seq["features"], seq.get("logits"), seq.get("tokens"))
 
 
-__all__ = ["TEMPORAL_MODES", "Emitted", "FaceRows", "TrackWindows", "window_of"]
+__all__ = ["TEMPORAL_MODES", "Emitted", "FaceRows", "TrackWindows"]

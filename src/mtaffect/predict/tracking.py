@@ -45,6 +45,14 @@ DEFAULT_REID_SECONDS = 30.0
 DEFAULT_REID_SIMILARITY = 0.88
 #: How long a face may stay out of view and keep its track by position alone, in seconds.
 TRACK_MEMORY_S = 1.0
+#: Frame rate assumed for an input that declares none (frame sequences without ``fps``): what turns
+#: seconds (tracking and re-identification memories, smoothing widths) into frames for it.
+DEFAULT_RATE = 25.0
+
+
+def rate_or_default(fps: float) -> float:
+    """``fps`` when it is known (a positive number), else :data:`DEFAULT_RATE`."""
+    return fps if fps == fps and fps > 0 else DEFAULT_RATE
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,9 +79,6 @@ class CutDetector:
             raise ValueError(f"cut threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
         self._last: np.ndarray | None = None
-
-    def reset(self) -> None:
-        self._last = None
 
     @staticmethod
     def signature(image: np.ndarray) -> np.ndarray:
@@ -162,10 +167,9 @@ class FaceTracker:
         memory_seconds: float = TRACK_MEMORY_S,
         **kwargs,
     ) -> FaceTracker:
-        """A tracker whose memories are given in seconds of video (25 frames/s when ``fps`` is unknown),
+        """A tracker whose memories are given in seconds of video (``DEFAULT_RATE`` when ``fps`` is unknown),
         whatever ``every`` is; explicit ``max_age``/``reid_memory`` in ``kwargs`` win."""
-        rate = fps if fps == fps and fps > 0 else 25.0
-        steps = rate / max(1, every)
+        steps = rate_or_default(fps) / max(1, every)
         kwargs.setdefault("max_age", max(2, round(memory_seconds * steps)))
         kwargs.setdefault("reid_memory", 0 if not reid_seconds else max(1, math.ceil(reid_seconds * steps)))
         return cls(**kwargs)
