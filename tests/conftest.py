@@ -24,6 +24,31 @@ def torch_one_thread():
 
 
 @pytest.fixture(scope="session")
+def away_video(tmp_path_factory) -> Path:
+    """Two real-photo faces for 3.2 s; the first slides out of the picture and is fully gone ~1.2 s
+    (longer than tracking by position), then returns: re-identification's case. Read-only."""
+    pytest.importorskip("skimage")  # the public-domain face photos
+    from mtaffect.predict import demo_media
+
+    folder = tmp_path_factory.mktemp("away")
+    return demo_media.make_demo_video(folder / "away.mp4", seconds=3.2, faces=2, away=(0.4, 2.6))
+
+
+@pytest.fixture(scope="session")
+def _away_torch_table(away_video):
+    from mtaffect.predict.pipeline import Predictor
+
+    return Predictor(detect_every=5).predict(away_video)
+
+
+@pytest.fixture
+def away_torch_table(_away_torch_table):
+    """The torch engine's table of ``away_video`` (``Predictor(detect_every=5)``), predicted once per
+    session; every test gets its own copy."""
+    return _away_torch_table.copy()
+
+
+@pytest.fixture(scope="session")
 def default_export(tmp_path_factory) -> tuple[Path, dict]:
     """The embedded default model and MTCNN exported with --quantize (folder, manifest).
 
