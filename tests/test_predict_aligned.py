@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_helpers import run
 from model_helpers import checkpoint
-from typer.testing import CliRunner
 
-from mtaffect.cli import app
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.data.units import split_image_names
 from mtaffect.features.extract import extract
@@ -28,12 +27,6 @@ from mtaffect.schema import AU_PROB_COLUMNS, CROPPED_DIR, EXPR_PROB_COLUMNS, POS
 WINDOW = 4
 #: Stores hold float16 features and `predict` computes float32 ones: probabilities agree to this.
 ATOL = 2e-3
-
-
-def run(*args) -> str:
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, res.output
-    return res.output
 
 
 @pytest.fixture(scope="module")
