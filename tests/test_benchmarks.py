@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,19 @@ def test_every_benchmark_main_takes_argv_and_returns_a_value(path):
     assert returns and all(r.value is not None for r in returns)
 
 
-def test_predict_job_benchmark_returns_its_rows(monkeypatch, tmp_path):
-    """``run_all`` calls ``main([])``: it used to take no argument (and return None)."""
-    monkeypatch.syspath_prepend(str(BENCH))  # it imports bench_predict, its neighbour
-    spec = importlib.util.spec_from_file_location("bench_predict_job", BENCH / "bench_predict_job.py")
+def _load(name: str, monkeypatch):
+    """benchmarks/<name>.py imported as when run from there; what it sets in os.environ is undone."""
+    monkeypatch.syspath_prepend(str(BENCH))  # they import their neighbours
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_predict_job_benchmark_returns_its_rows(monkeypatch, tmp_path):
+    """``run_all`` calls ``main([])``: it used to take no argument (and return None)."""
+    module = _load("bench_predict_job", monkeypatch)
     video = tmp_path / "v.mp4"
     monkeypatch.setattr(module, "long_video", lambda path, seconds: video)  # nothing is measured
     monkeypatch.setattr(module, "bench_job", lambda v, repeats, settings: [{"job": v, "repeats": repeats}])
@@ -48,3 +56,20 @@ def test_predict_job_benchmark_returns_its_rows(monkeypatch, tmp_path):
     assert result["job"] == [{"job": video, "repeats": 1}] and result["resume"] == {"resume": video}
     assert result["temporal"] == [{"temporal": video}] and result["video"] == str(video)
     assert module.main(["--what", "resume"]).keys() & {"job", "resume", "temporal"} == {"resume"}
+
+
+def test_run_all_help_and_unknown_names_run_nothing_and_write_nothing(monkeypatch, tmp_path, capsys):
+    """``run_all.py --help`` used to be read as a name filter: nothing ran, and an empty results.json
+    replaced the last one."""
+    run_all = _load("run_all", monkeypatch)
+    monkeypatch.setattr(run_all, "HERE", tmp_path / "benchmarks")
+    (tmp_path / "benchmarks").mkdir()
+    never = "def main(argv=None):\n    raise AssertionError('ran')\n"
+    (tmp_path / "benchmarks" / "bench_never.py").write_text(never)
+    with pytest.raises(SystemExit) as info:
+        run_all.main(["--help"])
+    assert info.value.code == 0 and "names" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        run_all.main(["no_such_benchmark"])
+    assert info.value.code == 2 and "no benchmark name contains" in capsys.readouterr().err
+    assert not (tmp_path / "bench_out").exists()
