@@ -1,9 +1,18 @@
 """Test helpers: random-init checkpoints on the embedded backbone (recipe 3 with an LSTM for temporal
-ones), saved as ``mtaffect train`` saves them."""
+ones), saved as ``mtaffect train`` saves them, and tiny transformers models saved as ``hf:`` folders."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+#: A tiny ViT's transformers config: 2 blocks of width 32, 32 px images in 8 px patches.
+TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+            "image_size": 32, "patch_size": 8}  # fmt: skip
+#: Its image processor: resized to 32 px, scaled to [-1, 1].
+TINY_VIT_PROCESSOR = {"do_resize": True, "size": {"height": 32, "width": 32}, "do_rescale": True,
+                      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+                      "image_std": [0.5, 0.5, 0.5]}  # fmt: skip
 
 
 def checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hparams) -> Path:
@@ -32,3 +41,22 @@ def checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hp
 def lstm_checkpoint(path: Path, window: int, gain: float = 1.0) -> Path:
     """Recipe 3 with a small LSTM over ``window`` frames (see :func:`checkpoint`)."""
     return checkpoint(path, "progressive", window, gain, temporal="lstm", dim=16, task_dim=16)
+
+
+def save_hf_folder(model, folder: Path, processor: dict | None) -> Path:
+    """A transformers ``model`` saved as a local folder (loaded as ``hf:<folder>``), with ``processor`` as
+    its ``preprocessor_config.json`` unless None."""
+    model.save_pretrained(folder)
+    if processor is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def tiny_vit_folder(folder: Path) -> Path:
+    """A random-init (seed 0) :data:`TINY_VIT` with :data:`TINY_VIT_PROCESSOR`, saved to ``folder``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(**TINY_VIT))
+    return save_hf_folder(vit, folder, TINY_VIT_PROCESSOR)
