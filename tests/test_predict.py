@@ -325,23 +325,11 @@ def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, me
 
 
 def test_stream_urls_reach_ffmpeg_unmangled(media, tmp_path):
-    import functools
-    import http.server
-    import threading
+    from http_helpers import serving_folder
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(media["one"].parent))
-    )
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}/one.mp4"
-    try:
+    with serving_folder(media["one"].parent) as base:
+        url = f"{base}/one.mp4"
         res = CliRunner().invoke(app, ["predict", url, "--out", str(tmp_path / "o"), "--quiet"])
-    finally:
-        srv.shutdown()
     assert res.exit_code == 0, res.output
     table = read_table(tmp_path / "o" / "one.csv")
     assert (table["file"] == url).all() and table["frame"].tolist() == list(range(20))
