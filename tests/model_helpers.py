@@ -1,5 +1,6 @@
 """Test helpers: random-init checkpoints on the embedded backbone (recipe 3 with an LSTM for temporal
-ones), saved as ``mtaffect train`` saves them, and tiny transformers models saved as ``hf:`` folders."""
+ones), saved as ``mtaffect train`` saves them, the PyTorch reference for an application model, and tiny
+transformers models saved as ``hf:`` folders."""
 
 from __future__ import annotations
 
@@ -36,6 +37,20 @@ def checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hp
         path, model.eval(), backbone=backbone, feature_dim=spec.feature_dim, num_logits=spec.num_logits,
         window=window,
     )  # fmt: skip
+
+
+def torch_path(model, faces):
+    """What ``mtaffect predict`` computes with PyTorch for prepared faces (N, S, S[, C]) uint8: the
+    model's outputs and the backbone's."""
+    import torch
+
+    from mtaffect.features.registry import create_backbone
+
+    backbone = create_backbone(model.backbone, **dict(model.backbone_kwargs)).eval()
+    x = faces[..., 0] if faces.shape[-1] == 1 else faces
+    with torch.inference_mode():
+        out = backbone(backbone.preprocess(x), tokens="tokens" in tuple(getattr(model, "inputs", ())))
+    return model.predict(out.features, out.logits, out.tokens), out
 
 
 def lstm_checkpoint(path: Path, window: int, gain: float = 1.0) -> Path:
