@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from store_helpers import write_store_by_hand
+from store_helpers import set_meta, write_store_by_hand
 from torch import nn
 
 from mtaffect.data.annotations import LabelTable
@@ -645,8 +645,7 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
     names = list(FeatureStore.open(store).images)
     make_store(tmp_path / "au", names, dim=6, seed=3)
     make_store(tmp_path / "au2", names, dim=6, seed=4)
-    meta = json.loads((tmp_path / "au2" / "meta.json").read_text())
-    (tmp_path / "au2" / "meta.json").write_text(json.dumps({**meta, "fingerprint": "other"}))  # other weights
+    set_meta(tmp_path / "au2", fingerprint="other")  # other weights
     make_store(tmp_path / "other", names[:-1], dim=6)
     with pytest.raises(StoreError, match="list different images"):
         StoreSet.open({"": store, "au": tmp_path / "other"})
