@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
         names = [f"t{i // 500}/{i % 500 + 1:05d}.jpg" for i in range(args.test_lines)]
         probs = rng.random((args.test_lines, NUM_EXPR))
         pred = PredictionTable.from_arrays(
-            names, va[: args.test_lines, 0], va[: args.test_lines, 1], probs / probs.sum(1, keepdims=True),
+            names,
+            va[: args.test_lines, 0],
+            va[: args.test_lines, 1],
+            probs / probs.sum(1, keepdims=True),
             rng.random((args.test_lines, NUM_AUS)),
         )
         sub = Path(tmp) / "sub.txt"
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"validate: {validate_s:.3f}s"
     )
     return {
-        "name": "data_io", "rows": args.rows, "parse_seconds": round(parse_s, 4),
-        "test_lines": args.test_lines, "write_submission_seconds": round(write_s, 4),
+        "name": "data_io",
+        "rows": args.rows,
+        "parse_seconds": round(parse_s, 4),
+        "test_lines": args.test_lines,
+        "write_submission_seconds": round(write_s, 4),
         "validate_seconds": round(validate_s, 4),
     }
 

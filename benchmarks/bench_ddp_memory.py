@@ -29,18 +29,12 @@ CHILD = """
 import json, os, resource, sys, time
 sys.path.insert(0, {src!r})
 sys.path.insert(0, {bench!r})
-import numpy as np
-from bench_train import random_labels
-from mtaffect.features.store import FeatureStore
+from bench_train import open_with_labels
 from mtaffect.train.config import load_config
 from mtaffect.train.fit import fit
 
 t0 = time.perf_counter()
-store = FeatureStore.open({store!r})
-labels = random_labels(store.images.tolist())
-n = len(store)
-cut = n * 9 // 10
-train, val = labels.subset(np.arange(cut)), labels.subset(np.arange(cut, n))
+store, train, val = open_with_labels({store!r}, {train_rows})
 over = ["trainer.epochs=1", "trainer.patience=0", "trainer.progress=false", "data.batch_size=4096",
         "trainer.accelerator=cpu"]
 if {world} > 1:
@@ -65,14 +59,15 @@ with open(os.path.join({out!r}, f"rss_{{rank}}.json"), "w") as fh:
 """
 
 
-def run(src: Path, store: Path, world: int, out: Path) -> list[dict]:
+def run(src: Path, store: Path, train_rows: int, world: int, out: Path) -> list[dict]:
     from recipe_configs import config_path
 
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("rss_*.json"):
         f.unlink()
     script = out / "child.py"
-    fields = {"src": str(src), "bench": str(Path(__file__).parent), "store": str(store), "world": world}
+    fields = {"src": str(src), "bench": str(Path(__file__).parent), "store": str(store), "world": world,
+              "train_rows": train_rows}  # fmt: skip
     config = src.parent / "configs" / "emotinet.yaml"  # the checkout's own config
     config = config if config.is_file() else config_path("emotinet")
     script.write_text(CHILD.format(config=str(config), out=str(out), **fields))
@@ -91,15 +86,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from bench_train import write_store
+    from bench_train import cached_store
 
-    store = args.out / f"bench_ddp_memory_{args.rows}"
-    if not (store / "meta.json").is_file():
-        write_store(store, args.rows, 1280, 10, None)
+    store = cached_store(args.out / f"bench_ddp_memory_{args.rows}", args.rows)
     result: dict = {"rows": args.rows, "src": str(args.src)}
     for world in (1, 2):
         t0 = time.perf_counter()
-        ranks = run(args.src.resolve(), store, world, args.out / f"bench_ddp_memory_run{world}")
+        train_rows = args.rows * 9 // 10
+        ranks = run(args.src.resolve(), store, train_rows, world, args.out / f"bench_ddp_memory_run{world}")
         result[f"world{world}"] = ranks
         for r in ranks:
             print(

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -105,6 +106,23 @@ def load_photo(source: str, member: str, wheels: Path | None) -> np.ndarray | No
     return np.ascontiguousarray(img[..., :3])
 
 
+def photo(name: str, wheels: Path | None = None) -> np.ndarray | None:
+    """The photo ``PHOTOS[name]`` (uint8 RGB), or None when its package's wheel is not in ``wheels``."""
+    source, member, _, _ = PHOTOS[name]
+    return load_photo(source, member, wheels)
+
+
+def photos(wheels: Path | None, log=None) -> Iterator[tuple[str, np.ndarray, list, list]]:
+    """(name, uint8 RGB image, true face boxes, ignore boxes) of every photo at hand; ``log`` (e.g.
+    print) is told which are skipped for want of their wheel."""
+    for name, (source, _, truth, ignore) in PHOTOS.items():
+        img = photo(name, wheels)
+        if img is not None:
+            yield name, img, truth, ignore
+        elif log is not None:
+            log(f"skipped {name}: pass --wheels with the {source} wheel")
+
+
 def _centre_in(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """(n, m) bool: centre of box i inside region j."""
     c = (boxes[:, None, :2] + boxes[:, None, 2:]) / 2
@@ -120,8 +138,8 @@ def _centre_in(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
 def score(boxes: np.ndarray, truth: np.ndarray, ignore: np.ndarray) -> dict:
     """found / missed / false: a detection finds the true face whose box holds its centre (one each)."""
     boxes = boxes.reshape(-1, 4)
-    hit = _centre_in(boxes, truth.reshape(-1, 4)) if len(truth) else np.zeros((len(boxes), 0), bool)
-    ign = _centre_in(boxes, ignore.reshape(-1, 4)).any(1) if len(ignore) else np.zeros(len(boxes), bool)
+    hit = _centre_in(boxes, truth.reshape(-1, 4))  # (n, 0) without true faces
+    ign = _centre_in(boxes, ignore.reshape(-1, 4)).any(1)
     used, found, false = set(), 0, 0
     for i in range(len(boxes)):
         j = [k for k in np.flatnonzero(hit[i]) if k not in used]
@@ -144,11 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mtaffect.predict.pipeline import AUTO_FACE_FRACTION
 
     raw = []  # (name, scale, detections, truth, ignore)
-    for name, (source, member, truth, ignore) in PHOTOS.items():
-        img = load_photo(source, member, args.wheels)
-        if img is None:
-            print(f"skipped {name}: pass --wheels with the {source} wheel")
-            continue
+    for name, img, truth, ignore in photos(args.wheels, log=print):
         for scale in (1.0, 0.5):
             im = img
             if scale != 1.0:
@@ -179,15 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"photos": [], "sweep": []}
     for label, conf, nested in settings:
         tot = {"faces": 0, "found": 0, "missed": 0, "false": 0}
-        for name, scale, d, t, g in raw:
+        for _, _, d, t, g in raw:
             s = score(filter_detections(d, conf, nested).boxes, t, g)
             for k in tot:
                 tot[k] += s[k]
-            if conf == DEFAULT_MIN_CONFIDENCE and nested == DEFAULT_NESTED_OVERLAP:
-                before = score(d.boxes, t, g)
-                result["photos"].append({"photo": name, "scale": scale, "default": s, "mtcnn_alone": before})
         result["sweep"].append({"setting": label, **tot})
         print(json.dumps(result["sweep"][-1]), flush=True)
+    for name, scale, d, t, g in raw:
+        default = score(filter_detections(d, DEFAULT_MIN_CONFIDENCE, DEFAULT_NESTED_OVERLAP).boxes, t, g)
+        alone = score(d.boxes, t, g)
+        result["photos"].append({"photo": name, "scale": scale, "default": default, "mtcnn_alone": alone})
     print("\nper photo (default filter vs MTCNN alone): found/missed/false")
     for r in result["photos"]:
         a, b = r["default"], r["mtcnn_alone"]

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench_recipes import add_data_args, data_and_baseline, metric_row
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_recipes import METRIC_HEADER, add_data_args, data_and_baseline, metric_cells, train_row
+from recipe_configs import CONFIG_DIR, config_path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,26 +32,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from mtaffect.train.config import load_config
-    from mtaffect.train.fit import fit
-
     root, store, train, val, base = data_and_baseline(args)
     runs = {
-        "frozen emotinet (store)": (REPO / "configs" / "emotinet.yaml", store, []),
-        "finetune_fer (images)": (REPO / "configs" / "finetune_fer.yaml", root, args.override),
+        "frozen emotinet (store)": (config_path("emotinet"), store, []),
+        "finetune_fer (images)": (CONFIG_DIR / "finetune_fer.yaml", root, args.override),
     }
     result: dict = {"baseline_P": base.P, "data": str(root), "runs": {}}
     for name, (conf, source, over) in runs.items():
-        cfg = load_config(conf, ["trainer.progress=false", *over])
-        t0 = time.perf_counter()
-        res = fit(cfg, source, train, val, None, log=None)
-        row = metric_row(res, time.perf_counter() - t0)
+        row, res = train_row(name, conf, source, train, val, over)
         result["runs"][name] = {**row, "epochs": len(res.history), "best_epoch": res.best_epoch}
-        print(f"{name}: {res.summary()}", flush=True)
-    print(f"\n{'run':<26}{'P':>8}{'CCC_VA':>8}{'F1_EXPR':>9}{'F1_AU':>8}{'epochs':>8}{'train s':>9}")
+    print(f"\n{'run':<26}{METRIC_HEADER}{'epochs':>8}{'train s':>9}")
     for name, r in result["runs"].items():
-        print(f"{name:<26}{r['P']:>8.4f}{r['ccc_va']:>8.4f}{r['f1_expr']:>9.4f}{r['f1_au']:>8.4f}"
-              f"{r['epochs']:>8}{r['seconds']:>9.1f}")  # fmt: skip
+        print(f"{name:<26}{metric_cells(r)}{r['epochs']:>8}{r['seconds']:>9.1f}")
     print(f"constant baseline P = {base.P:.4f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

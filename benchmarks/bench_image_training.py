@@ -28,6 +28,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from bench_recipes import synth_set
+from recipe_configs import CONFIG_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 VIT_TI = {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768,
           "image_size": 112, "patch_size": 16, "layer_norm_eps": 1e-6}  # fmt: skip
@@ -38,11 +41,7 @@ def prepare(out: Path, videos: int, frames: int) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from mtaffect.data.synth import SynthConfig, generate
-
-    root = out / f"synth_v{videos}_f{frames}_s0"
-    if not (root / "training_set_annotations.txt").is_file():
-        generate(root, SynthConfig(videos=videos, frames=frames, seed=0), overwrite=True, progress=False)
+    root = synth_set(out, videos, frames, seed=0)
     vit = out / "vit_ti_112_random"
     if not (vit / "model.safetensors").is_file():
         torch.manual_seed(0)
@@ -57,9 +56,9 @@ def prepare(out: Path, videos: int, frames: int) -> tuple[Path, Path]:
 def configs(vit: Path) -> dict:
     from mtaffect.train.config import load_config
 
-    fer = load_config(REPO / "configs" / "finetune_fer.yaml", ["trainer.progress=false"])
+    fer = load_config(CONFIG_DIR / "finetune_fer.yaml", ["trainer.progress=false"])
     vit_cfg = load_config(
-        REPO / "configs" / "finetune_fer.yaml",
+        CONFIG_DIR / "finetune_fer.yaml",
         [f"backbone.name=hf:{vit}", "backbone.lr=0.0001", "augment.preset=liu2024", "augment.ops={}",
          "data.batch_size=32", "trainer.progress=false"],
     )  # fmt: skip

@@ -26,7 +26,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-from bench_train import random_labels, write_store
+from bench_train import cached_store, open_with_labels
 
 
 class _StepTimer:
@@ -186,15 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     import lightning as L
     import torch
 
-    from mtaffect.features.store import FeatureStore
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.out / f"bench_loop_{args.rows}"
-    if not (path / "meta.json").is_file():
-        write_store(path, args.rows, 1280, 10, None)
-    store = FeatureStore.open(path)
-    train = random_labels(store.images.tolist())
+    store, train, _ = open_with_labels(
+        cached_store(args.out / f"bench_loop_{args.rows}", args.rows), args.rows
+    )
     L.seed_everything(0, verbose=False)
     init = {k: v.clone() for k, v in _setup(store, train, args.batch_size)[0].state_dict().items()}
     runs: dict[str, list[float]] = {"bare": [], "lightning": [], "before": []}

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_faces_real import PHOTOS, load_photo
+from bench_faces_real import photos
 
 DEG = np.pi / 180
 
@@ -70,12 +70,7 @@ def real(wheels: Path | None) -> dict:
         [] for _ in range(7)
     )
     faces = 0
-    for _name, (src, member, truth, _) in PHOTOS.items():
-        if not truth:
-            continue
-        img = load_photo(src, member, wheels)
-        if img is None:
-            continue
+    for _name, img, truth, _ in photos(wheels):
         for box in truth:
             x1, y1, x2, y2 = box
             side = max(x2 - x1, y2 - y1) * 2.2

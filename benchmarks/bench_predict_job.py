@@ -151,23 +151,26 @@ def bench_temporal(video: Path, settings: dict) -> list[dict]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--what", default="job,resume,temporal")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mtaffect_bench_videos")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     what = set(args.what.split(","))
     video = long_video(args.cache / f"job_{args.seconds:g}s.mp4", args.seconds)
-    print(json.dumps({"load_average": os.getloadavg(), "video": str(video)}), flush=True)
+    result: dict = {"name": "predict_job", "video": str(video), "load_average_before": os.getloadavg()}
+    print(json.dumps({"load_average": result["load_average_before"], "video": str(video)}), flush=True)
     if "job" in what:
-        bench_job(video, args.repeats, [{}, {"detect_every": 5}])
+        result["job"] = bench_job(video, args.repeats, [{}, {"detect_every": 5}])
     if "resume" in what:
-        bench_resume(video)
+        result["resume"] = bench_resume(video)
     if "temporal" in what:
-        bench_temporal(video, {"detect_every": 5})
-    print(json.dumps({"load_average": os.getloadavg()}), flush=True)
+        result["temporal"] = bench_temporal(video, {"detect_every": 5})
+    result["load_average_after"] = os.getloadavg()
+    print(json.dumps({"load_average": result["load_average_after"]}), flush=True)
+    return result
 
 
 if __name__ == "__main__":

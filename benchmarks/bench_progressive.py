@@ -27,17 +27,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import yaml
-from bench_recipes import add_data_args, data_and_baseline, metric_row
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_recipes import METRIC_HEADER, add_data_args, data_and_baseline, metric_cells, metric_row, train_row
+from recipe_configs import CONFIG_DIR, config_path
 
 
 def published_config(epochs: int):
     """configs/progressive_published.yaml with fer-minixception fine-tuned instead of a MAE ViT-B."""
     from mtaffect.train.config import config_from_dict
 
-    raw = yaml.safe_load((REPO / "configs" / "progressive_published.yaml").read_text())
-    fer = yaml.safe_load((REPO / "configs" / "finetune_fer.yaml").read_text())
+    raw = yaml.safe_load((CONFIG_DIR / "progressive_published.yaml").read_text())
+    fer = yaml.safe_load((CONFIG_DIR / "finetune_fer.yaml").read_text())
     raw["backbone"] = fer["backbone"]
     raw["augment"] = fer["augment"]
     raw["optim"] = fer["optim"]
@@ -56,41 +55,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from mtaffect.train.config import load_config
-    from mtaffect.train.fit import fit
-    from mtaffect.train.pipeline import combine_predictions, run_pipeline
+    from mtaffect.train.pipeline import PipelineResult, combine_predictions, run_pipeline
 
     root, store, train, val, base = data_and_baseline(args)
     result: dict = {"baseline_P": base.P, "data": str(root), "runs": {}, "steps": {}}
 
-    cfg = load_config(REPO / "configs" / "progressive.yaml", ["trainer.progress=false"])
-    t0 = time.perf_counter()
-    res = fit(cfg, store, train, val, None, log=None)
-    result["runs"]["frozen (progressive.yaml, store)"] = metric_row(res, time.perf_counter() - t0)
-    print(f"frozen: {res.summary()}", flush=True)
+    frozen = "frozen (progressive.yaml, store)"
+    result["runs"][frozen], _ = train_row(frozen, config_path("progressive"), store, train, val)
 
     out = args.out / "published_run"
     t0 = time.perf_counter()
     pipe = run_pipeline(
         published_config(args.epochs), root, out, overwrite=True, log=None, train=train, val=val
     )
-    seconds = time.perf_counter() - t0
-    t = pipe.terms()
-    result["runs"]["published structure (pipeline)"] = {"P": pipe.P, "ccc_va": t["ccc_va"],
-                                                        "f1_expr": t["f1_expr"], "f1_au": t["f1_au"],
-                                                        "seconds": seconds}  # fmt: skip
+    result["runs"]["published structure (pipeline)"] = metric_row(pipe, time.perf_counter() - t0)
     _, alone = combine_predictions({task: out / f"task_{task}" for task in ("au", "expr", "va")}, val)
     task_s = sum(pipe.steps[f"task_{x}"]["seconds"] for x in ("au", "expr", "va"))
-    result["runs"]["its task models alone"] = {"P": alone["P"], "ccc_va": alone["va"]["mean"],
-                                               "f1_expr": alone["expr"]["f1"], "f1_au": alone["au"]["f1"],
-                                               "seconds": task_s}  # fmt: skip
+    # scored as the combined model is (each task from its own model), without the enhanced models
+    result["runs"]["its task models alone"] = metric_row(PipelineResult(metrics=alone), task_s)
     result["steps"] = {n: {"seconds": s["seconds"], "P": s.get("P")} for n, s in pipe.steps.items()}
     print(f"published structure: {pipe.summary()}", flush=True)
 
-    print(f"\n{'run':<36}{'P':>8}{'CCC_VA':>8}{'F1_EXPR':>9}{'F1_AU':>8}{'train s':>9}")
+    print(f"\n{'run':<36}{METRIC_HEADER}{'train s':>9}")
     for name, r in result["runs"].items():
-        print(f"{name:<36}{r['P']:>8.4f}{r['ccc_va']:>8.4f}{r['f1_expr']:>9.4f}{r['f1_au']:>8.4f}"
-              f"{r['seconds']:>9.1f}")  # fmt: skip
+        print(f"{name:<36}{metric_cells(r)}{r['seconds']:>9.1f}")
     print("\nsteps of the published structure (seconds, the step's own validation P):")
     for name, s in result["steps"].items():
         p = "" if s["P"] is None else f"  P {s['P']:.4f}"

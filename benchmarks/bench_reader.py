@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
-from bench_train import write_store
+from bench_train import cached_store
 
 TOKENS = (289, 1536)
 
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
-    path = args.out / f"bench_reader_tokens_{args.rows}"
-    if not (path / "meta.json").is_file():
-        write_store(path, args.rows, TOKENS[1], 0, TOKENS)
+    path = cached_store(args.out / f"bench_reader_tokens_{args.rows}", args.rows, TOKENS[1], 0, TOKENS)
     ids = batches(args.rows, args.batches, args.batch)
     result: dict = {"rows": args.rows, "batch": args.batch, "tokens": list(TOKENS), "workers": args.workers}
     ways = [("before", False), ("main", False), ("main", True), ("workers", False), ("workers", True)]

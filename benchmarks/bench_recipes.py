@@ -23,15 +23,22 @@ from recipe_configs import RECIPES, config_path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prepare(out: Path, videos: int, frames: int, seed: int) -> tuple[Path, Path]:
-    """The synthetic set and its feature store, built once and reused."""
+def synth_set(out: Path, videos: int, frames: int, seed: int) -> Path:
+    """The synthetic set (``mtaffect synth``), generated once under ``out`` and reused."""
     from mtaffect.data.synth import SynthConfig, generate
-    from mtaffect.features.extract import extract
 
     root = out / f"synth_v{videos}_f{frames}_s{seed}"
-    store = root.with_name(root.name + "_fer")
     if not (root / "training_set_annotations.txt").is_file():
         generate(root, SynthConfig(videos=videos, frames=frames, seed=seed), overwrite=True, progress=False)
+    return root
+
+
+def prepare(out: Path, videos: int, frames: int, seed: int) -> tuple[Path, Path]:
+    """The synthetic set and its feature store, built once and reused."""
+    from mtaffect.features.extract import extract
+
+    root = synth_set(out, videos, frames, seed)
+    store = root.with_name(root.name + "_fer")
     if not (store / "meta.json").is_file():
         extract(root, "fer-minixception", store, tokens=True, batch_size=256, workers=1, progress=False)
     return root, store
@@ -62,10 +69,31 @@ def data_and_baseline(args: argparse.Namespace):
 
 
 def metric_row(res, seconds: float) -> dict:
-    """P, its terms and the train time of a TrainResult."""
-    m = res.metrics
-    return {"P": m["P"], "ccc_va": m["va"]["mean"], "f1_expr": m["expr"]["f1"], "f1_au": m["au"]["f1"],
-            "seconds": seconds}  # fmt: skip
+    """P, its terms (``res.terms()`` of a TrainResult or PipelineResult) and the train time."""
+    return {**res.terms(), "seconds": seconds}
+
+
+def train_row(name: str, config: Path, source: Path, train, val, overrides=()) -> tuple[dict, object]:
+    """Train ``config`` on ``source`` (a feature store or a dataset root), timed, its summary printed:
+    (its :func:`metric_row`, the TrainResult)."""
+    from mtaffect.train.config import load_config
+    from mtaffect.train.fit import fit
+
+    cfg = load_config(config, ["trainer.progress=false", *overrides])
+    t0 = time.perf_counter()
+    res = fit(cfg, source, train, val, None, log=None)
+    row = metric_row(res, time.perf_counter() - t0)
+    print(f"{name}: {res.summary()}", flush=True)
+    return row, res
+
+
+#: The table columns of a metric_row's P and terms (each benchmark adds its own around them).
+METRIC_HEADER = f"{'P':>8}{'CCC_VA':>8}{'F1_EXPR':>9}{'F1_AU':>8}"
+
+
+def metric_cells(r: dict) -> str:
+    """A :func:`metric_row`'s P and terms under :data:`METRIC_HEADER`."""
+    return f"{r['P']:>8.4f}{r['ccc_va']:>8.4f}{r['f1_expr']:>9.4f}{r['f1_au']:>8.4f}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,29 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from mtaffect.train.config import load_config
-    from mtaffect.train.fit import fit
-
     root, store, train, val, base = data_and_baseline(args)
     result: dict = {"baseline_P": base.P, "data": str(root), "recipes": {}}
     if args.prepare_only:
         return result
     for name in args.recipes:
-        cfg = load_config(config_path(name), ["trainer.progress=false", *args.override])
-        t0 = time.perf_counter()
-        res = fit(cfg, store, train, val, None, log=None)
-        row = metric_row(res, time.perf_counter() - t0)
+        row, _ = train_row(name, config_path(name), store, train, val, args.override)
         row["ratio"] = row["P"] / base.P if base.P > 0 else float("inf")
         result["recipes"][name] = row
-        print(f"{name}: {res.summary()}", flush=True)
     ranked = sorted(result["recipes"].items(), key=lambda kv: -kv[1]["P"])
-    print(
-        f"\n{'rank':<5}{'recipe':<14}{'P':>8}{'CCC_VA':>8}{'F1_EXPR':>9}{'F1_AU':>8}"
-        f"{'x base':>8}{'train s':>9}"
-    )
+    print(f"\n{'rank':<5}{'recipe':<14}{METRIC_HEADER}{'x base':>8}{'train s':>9}")
     for i, (name, r) in enumerate(ranked, 1):
-        print(f"{i:<5}{name:<14}{r['P']:>8.4f}{r['ccc_va']:>8.4f}{r['f1_expr']:>9.4f}{r['f1_au']:>8.4f}"
-              f"{r['ratio']:>8.2f}{r['seconds']:>9.1f}")  # fmt: skip
+        print(f"{i:<5}{name:<14}{metric_cells(r)}{r['ratio']:>8.2f}{r['seconds']:>9.1f}")
     print(f"constant baseline P = {base.P:.4f}; target: every recipe >= {1.5 * base.P:.4f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

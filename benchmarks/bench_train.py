@@ -83,16 +83,28 @@ def random_labels(images: list[str], seed: int = 1, missing: float = 0.2):
     return LabelTable.from_frame(df)
 
 
-def prepare(out: Path, n_train: int, n_val: int, tokens: tuple[int, int] | None, tag: str):
+def cached_store(
+    path: Path, n: int, dim: int = 1280, logits: int = 10, tokens: tuple[int, int] | None = None
+) -> Path:
+    """:func:`write_store` once: a store already at ``path`` (its meta.json written) is reused."""
+    if not (path / "meta.json").is_file():
+        write_store(path, n, dim, logits, tokens)
+    return path
+
+
+def open_with_labels(path: str | Path, n_train: int):
+    """(store, train, val): the store at ``path`` with :func:`random_labels` for its images, the first
+    ``n_train`` rows for training and the rest for validation."""
     from mtaffect.features.store import FeatureStore
 
-    store = out / f"bench_train_{tag}_{n_train}_{n_val}"
-    if not (store / "meta.json").is_file():
-        write_store(store, n_train + n_val, 1280, 10, tokens)
-    st = FeatureStore.open(store)
-    names = st.images.tolist()
-    labels = random_labels(names)
-    return st, labels.subset(np.arange(n_train)), labels.subset(np.arange(n_train, n_train + n_val))
+    st = FeatureStore.open(path)
+    labels = random_labels(st.images.tolist())
+    return st, labels.subset(np.arange(n_train)), labels.subset(np.arange(n_train, len(st)))
+
+
+def prepare(out: Path, n_train: int, n_val: int, tokens: tuple[int, int] | None, tag: str):
+    store = cached_store(out / f"bench_train_{tag}_{n_train}_{n_val}", n_train + n_val, tokens=tokens)
+    return open_with_labels(store, n_train)
 
 
 def run(recipe: str, st, train, val, overrides: list[str]) -> dict:

@@ -6,11 +6,11 @@ exposes ``main(argv=None) -> dict``. ``python benchmarks/run_all.py metric synth
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +28,14 @@ def _load(path: Path):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    wanted = argv if argv is not None else sys.argv[1:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="run only the benchmarks whose file name contains one of these")
+    wanted = ap.parse_args(argv).names
     paths = sorted(HERE.glob("bench_*.py"))
     if wanted:
         paths = [p for p in paths if any(w in p.stem for w in wanted)]
+    if not paths:  # nothing to run: results.json is left as it is
+        ap.error(f"no benchmark name contains any of {wanted}")
     results = []
     for path in paths:
         print(f"== {path.stem}", flush=True)

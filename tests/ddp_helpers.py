@@ -35,13 +35,19 @@ class Rows(L.Callback):
             json.dump(info, fh)
 
 
-def run_two_ranks(script: Path, cwd: Path, timeout: int = 180) -> tuple[list[dict], str]:
-    """Run ``script`` (it starts a 2-device DDP fit with a :class:`Rows` callback writing into ``cwd``);
-    return what each rank recorded (rank 0, rank 1) and the processes' standard output."""
+def child_env() -> dict[str, str]:
+    """The environment of a training child process: one OpenMP thread that sleeps when idle, and none
+    of this process's DDP rank variables (the child starts its own world)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return env
+
+
+def run_two_ranks(script: Path, cwd: Path, timeout: int = 180) -> tuple[list[dict], str]:
+    """Run ``script`` (it starts a 2-device DDP fit with a :class:`Rows` callback writing into ``cwd``);
+    return what each rank recorded (rank 0, rank 1) and the processes' standard output."""
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=child_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((cwd / f"rows{r}.json").read_text()) for r in range(2)], proc.stdout

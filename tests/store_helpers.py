@@ -1,5 +1,6 @@
-"""Test helper: write a finished feature store by hand, exactly as ``mtaffect.features.store`` documents
-the on-disk format (so the reader is tested against the documentation, not against our own writer)."""
+"""Test helpers: write a finished feature store by hand, exactly as ``mtaffect.features.store`` documents
+the on-disk format (so the reader is tested against the documentation, not against our own writer), and
+edit its meta.json."""
 
 from __future__ import annotations
 
@@ -32,3 +33,11 @@ def write_store_by_hand(
         "counts": {"images": len(names), "valid": int(valid.sum()), "failed": int((~valid).sum())},
     }  # fmt: skip
     (path / "meta.json").write_text(json.dumps(meta))
+
+
+def set_meta(path: Path, **changes) -> dict:
+    """Change fields of the store's meta.json (as a user or another version might); returns the meta as it
+    was before."""
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, **changes}))
+    return meta

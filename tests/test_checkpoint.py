@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from store_helpers import set_meta
 from test_train import TinyModel, TinyTemporal, make_store, video_names
 
 from mtaffect.features.store import FeatureStore, StoreError
@@ -98,9 +99,7 @@ def test_temporal_predict_and_predict_store_take_each_frame_once(tmp_path):
         np.testing.assert_allclose(table.au_probs[rows], ref[: rows.stop - rows.start], atol=1e-6)
     np.testing.assert_allclose(table.au_probs[6], table.au_probs[-1])  # the repeat gets the same row
     other = make_store(tmp_path / "s2", names)  # same names, different backbone fingerprint below
-    meta = json.loads((tmp_path / "s2" / "meta.json").read_text())
-    meta["fingerprint"] = "fff999"
-    (tmp_path / "s2" / "meta.json").write_text(json.dumps(meta))
+    set_meta(tmp_path / "s2", fingerprint="fff999")
     with pytest.raises(StoreError, match="never mix"):
         m.predict_store(tmp_path / "s2", names)
     del other

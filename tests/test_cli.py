@@ -8,17 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from mtaffect.cli import app
-
-runner = CliRunner()
-
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
-    return result
+from cli_helpers import run
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +19,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def test_synth_refuses_to_overwrite(synth_root: Path):
-    result = run("synth", "--out", synth_root, "--videos", "4", "--frames", "5", code=2)
-    assert "overwrite" in result.output
+    assert "overwrite" in run("synth", "--out", synth_root, "--videos", "4", "--frames", "5", code=2)
 
 
 def test_data_stats_json(synth_root: Path, tmp_path: Path):
@@ -49,7 +38,7 @@ def test_baselines_evaluate_submit_validate(synth_root: Path, tmp_path: Path):
         pred = tmp_path / f"{kind}.csv"
         run("baseline", "--kind", kind, "--train", train, "--images", val, "--out", pred)
         js = tmp_path / f"{kind}.json"
-        out = run("evaluate", "--gt", val, "--pred", pred, "--json", js).output
+        out = run("evaluate", "--gt", val, "--pred", pred, "--json", js)
         assert "P =" in out
         scores[kind] = json.loads(js.read_text())
     for s in scores.values():
@@ -69,7 +58,7 @@ def test_baselines_evaluate_submit_validate(synth_root: Path, tmp_path: Path):
     # The submission (hard labels) is itself scoreable against the synthetic test labels.
     run("evaluate", "--gt", synth_root / "test_set_annotations.txt", "--pred", sub)
     # And nothing is overwritten without being asked.
-    assert "overwrite" in run("submit", "--pred", pred, "--test-list", test_list, "--out", sub, code=2).output
+    assert "overwrite" in run("submit", "--pred", pred, "--test-list", test_list, "--out", sub, code=2)
     run("submit", "--pred", pred, "--test-list", test_list, "--out", sub, "--overwrite")
 
 
@@ -83,7 +72,7 @@ def test_bad_submission_is_reported_with_line(synth_root: Path, tmp_path: Path):
     lines = sub.read_text().splitlines()
     del lines[3]
     sub.write_text("\n".join(lines) + "\n")
-    out = run("validate-submission", "--test-list", test_list, sub, code=1).output
+    out = run("validate-submission", "--test-list", test_list, sub, code=1)
     assert "line" in out
 
 
@@ -95,10 +84,10 @@ def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Pa
     pred = tmp_path / "p.csv"
     run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
         "--images", synth_root / "validation_set_annotations.txt", "--out", pred)
-    out = run("evaluate", "--gt", bad, "--pred", pred, code=2).output
+    out = run("evaluate", "--gt", bad, "--pred", pred, code=2)
     assert "bad.txt:6" in out
     # --lenient skips the row, reports it, and scores the rest.
-    out = run("evaluate", "--gt", bad, "--pred", pred, "--lenient").output
+    out = run("evaluate", "--gt", bad, "--pred", pred, "--lenient")
     assert "bad.txt:6" in out and "P =" in out
 
 
@@ -109,7 +98,7 @@ def test_missing_predictions_are_an_error(synth_root: Path, tmp_path: Path):
         "--images", val, "--out", pred)
     text = pred.read_text().splitlines()
     pred.write_text("\n".join(text[:-3]) + "\n")
-    out = run("evaluate", "--gt", val, "--pred", pred, code=2).output
+    out = run("evaluate", "--gt", val, "--pred", pred, code=2)
     assert "3" in out and "prediction" in out.lower()
 
 
@@ -128,10 +117,10 @@ def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
         run("baseline", "--kind", "random", "--seed", seed, "--train", train, "--images", val,
             "--out", preds[-1])  # fmt: skip
     post = tmp_path / "post.yaml"
-    out = run("tune", "--gt", val, "--pred", preds[0], preds[1], "--out", post, "--widths", "2,4").output
+    out = run("tune", "--gt", val, "--pred", preds[0], preds[1], "--out", post, "--widths", "2,4")
     assert "held-out" in out
     both = ("--pred", preds[0], "--pred", preds[1])
-    assert "blending them needs --post" in run("evaluate", "--gt", val, *both, code=2).output
+    assert "blending them needs --post" in run("evaluate", "--gt", val, *both, code=2)
     js = tmp_path / "post.json"
     run("evaluate", "--gt", val, *both, "--post", post, "--json", js)
     config = PostConfig.load(post)
@@ -186,20 +175,20 @@ def test_os_errors_in_every_command_are_one_line(synth_root, synth_store, tmp_pa
     with monkeypatch.context() as m:
         m.setattr(io_module.tempfile, "mkstemp", _os_error(code))  # every atomic file write
         out = run("baseline", "--kind", "constant", "--train", train, "--images", val, "--out",
-                  tmp_path / "b.csv", code=2).output  # fmt: skip
+                  tmp_path / "b.csv", code=2)  # fmt: skip
         _one_error_line(out, "/mnt/out/file", reason, f"errno {code}")
         out = run("infer", "--model", ckpt, "--features", synth_store, "--images", val, "--out",
-                  tmp_path / "i.csv", code=2).output  # fmt: skip
+                  tmp_path / "i.csv", code=2)  # fmt: skip
         _one_error_line(out, reason)
     with monkeypatch.context() as m:
         m.setattr(extract_module, "allocate_arrays", _os_error(code))
-        out = run("extract", "--data", synth_root, "--out", tmp_path / "st", "--workers", "0", code=2).output
+        out = run("extract", "--data", synth_root, "--out", tmp_path / "st", "--workers", "0", code=2)
         _one_error_line(out, reason)
     with monkeypatch.context() as m:
         m.setattr(fit_module, "atomic_open", _os_error(code))
         config = Path(__file__).resolve().parents[1] / "configs" / "emotinet.yaml"
         out = run("train", "--config", config, "--features", synth_store, "--data", synth_root, "--out",
-                  tmp_path / "run", "--no-progress", "-o", "trainer.epochs=1", code=2).output  # fmt: skip
+                  tmp_path / "run", "--no-progress", "-o", "trainer.epochs=1", code=2)  # fmt: skip
         _one_error_line(out, reason)
 
 
@@ -211,11 +200,10 @@ def test_a_folder_given_as_output_file_is_refused_even_with_overwrite(synth_root
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     out = run("submit", "--pred", pred, "--test-list", synth_root / "MTL.txt", "--out", folder, "--overwrite",
-              code=2).output  # fmt: skip
+              code=2)  # fmt: skip
     _one_error_line(out, "is a folder")
     run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", tmp_path / "v.csv")
     out = run("tune", "--gt", val, "--pred", tmp_path / "v.csv", "--out", folder, "--overwrite", code=2)
-    out = out.output
     _one_error_line(out, "is a folder")
     assert (folder / "keep.txt").read_text() == "mine"
 
@@ -231,21 +219,21 @@ def test_json_outputs_are_checked_before_the_work(synth_root, tmp_path, monkeypa
     taken.write_text("{}")
     monkeypatch.setattr(metrics_module, "score", lambda *a, **k: pytest.fail("scored before checking --json"))
     monkeypatch.setattr(stats_module, "stats_for_path", lambda *a, **k: pytest.fail("computed first"))
-    _one_error_line(run("evaluate", "--gt", val, "--pred", pred, "--json", taken, code=2).output, "overwrite")
-    _one_error_line(run("data", "stats", synth_root, "--json", taken, code=2).output, "overwrite")
+    _one_error_line(run("evaluate", "--gt", val, "--pred", pred, "--json", taken, code=2), "overwrite")
+    _one_error_line(run("data", "stats", synth_root, "--json", taken, code=2), "overwrite")
 
 
 def test_cr_only_and_header_only_ground_truth(synth_root, tmp_path):
     val = synth_root / "validation_set_annotations.txt"
     pred = tmp_path / "p.csv"
     run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", pred)
-    lf = run("evaluate", "--gt", val, "--pred", pred).output.splitlines()[-1]
+    lf = run("evaluate", "--gt", val, "--pred", pred).splitlines()[-1]
     cr = tmp_path / "cr.txt"
     cr.write_bytes(val.read_bytes().replace(b"\n", b"\r"))
-    assert run("evaluate", "--gt", cr, "--pred", pred).output.splitlines()[-1] == lf
+    assert run("evaluate", "--gt", cr, "--pred", pred).splitlines()[-1] == lf
     header_only = tmp_path / "header.txt"
     header_only.write_text(val.read_text().splitlines()[0] + "\n")
-    out = run("evaluate", "--gt", header_only, "--pred", pred, code=2).output
+    out = run("evaluate", "--gt", header_only, "--pred", pred, code=2)
     _one_error_line(out, "header.txt: nothing to score", "zero scored rows")
 
 
@@ -257,7 +245,7 @@ def test_lenient_messages_name_file_and_line_once(synth_root, tmp_path):
     bad.write_text("\n".join(lines) + "\n")
     pred = tmp_path / "p.csv"
     run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", pred)
-    out = run("evaluate", "--gt", bad, "--pred", pred, "--lenient").output
+    out = run("evaluate", "--gt", bad, "--pred", pred, "--lenient")
     assert f"skipped {bad}:6: AU26 must be" in out and out.count(f"{bad}:6:") == 1
 
 
@@ -266,15 +254,15 @@ def test_annotations_with_a_bad_line_2_are_not_taken_for_a_test_list(synth_root,
     lines[1] = lines[1].rsplit(",", 4)[0]  # four fields short
     bad = tmp_path / "ann.txt"
     bad.write_text("\n".join(lines) + "\n")
-    out = run("data", "stats", bad, code=2).output
+    out = run("data", "stats", bad, code=2)
     _one_error_line(out, f"{bad}:2:", "expected 16")
     train = synth_root / "training_set_annotations.txt"
     out = run("baseline", "--kind", "random", "--train", train, "--images", bad, "--out", tmp_path / "x.csv",
-              code=2).output  # fmt: skip
+              code=2)  # fmt: skip
     _one_error_line(out, f"{bad}:2:", "read as an annotation file")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    _one_error_line(run("data", "stats", empty, code=2).output, "empty", "annotation file", "test list")
+    _one_error_line(run("data", "stats", empty, code=2), "empty", "annotation file", "test list")
 
 
 def test_synth_three_videos_then_extract(tmp_path):
@@ -287,8 +275,8 @@ def test_synth_three_videos_then_extract(tmp_path):
 
 
 def test_trust_remote_code_is_only_a_flag_and_only_where_it_means_something(synth_root, tmp_path):
-    out = run("extract", "--data", synth_root, "--out", tmp_path / "st", "--trust-remote-code", code=2).output
+    out = run("extract", "--data", synth_root, "--out", tmp_path / "st", "--trust-remote-code", code=2)
     _one_error_line(out, "applies to hub backbones")
-    out = run("predict", tmp_path / "x.jpg", "--out", tmp_path / "o", "--trust-remote-code", code=2).output
+    out = run("predict", tmp_path / "x.jpg", "--out", tmp_path / "o", "--trust-remote-code", code=2)
     _one_error_line(out, "--trust-remote-code needs --model")
-    assert "--trust-remote-code" in run("predict", "--help").output
+    assert "--trust-remote-code" in run("predict", "--help")

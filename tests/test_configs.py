@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
+from cli_helpers import run
 
-from mtaffect.cli import app
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.data.submission import read_test_list
 from mtaffect.models.checkpoint import load_model
@@ -34,13 +33,6 @@ TINY_BACKBONE = {
         " patch_size: 14, image_size: 518}",
     ],
 }
-runner = CliRunner()
-
-
-def run(*args) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture(scope="module")

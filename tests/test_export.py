@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from model_helpers import torch_path
 from typer.testing import CliRunner
 
 pytest.importorskip("onnxscript")
@@ -23,7 +23,6 @@ from mtaffect.export.exporter import DEFAULT_OPSET, ExportCheckError, export_mod
 from mtaffect.faces import MTCNN
 from mtaffect.faces.align import align_faces_fast
 from mtaffect.features.decode import resize_array
-from mtaffect.features.registry import create_backbone
 from mtaffect.io import OutputExistsError
 from mtaffect.models.default import DefaultAffectModel
 from mtaffect.runtime import ExportError, Runtime, read_manifest
@@ -34,15 +33,6 @@ runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def _torch_path(model, faces: np.ndarray) -> tuple:
-    """What `mtaffect predict` computes with PyTorch for prepared faces (N, S, S[, C]) uint8."""
-    backbone = create_backbone(model.backbone, **dict(model.backbone_kwargs)).eval()
-    x = faces[..., 0] if faces.shape[-1] == 1 else faces
-    with torch.inference_mode():
-        out = backbone(backbone.preprocess(x), tokens="tokens" in tuple(getattr(model, "inputs", ())))
-    return model.predict(out.features, out.logits, out.tokens), out
 
 
 def _assert_close(got, want, tol: float = TOL) -> None:
@@ -90,7 +80,7 @@ def test_default_model_on_a_real_face_matches_torch(default_export):
     img = skimage_data.astronaut()
     (det,) = MTCNN().detect(img)
     faces = np.stack([resize_array(f, 64, "L") for f in align_faces_fast(img, det.landmarks)])[..., None]
-    want, backbone_out = _torch_path(DefaultAffectModel(), faces)
+    want, backbone_out = torch_path(DefaultAffectModel(), faces)
     rt = Runtime(out, precision="float32")
     got, arrays = rt.model.run(faces)
     _assert_close(got, want)
@@ -257,7 +247,7 @@ def test_trained_checkpoint_exports_with_parity(trained, run, tmp_path):
     export_model(trained[run], tmp_path / "exp", detector=False)
     rt = Runtime(tmp_path / "exp")
     faces = synthetic_faces(5, 64, "L", seed=11)
-    want, _ = _torch_path(model, faces)
+    want, _ = torch_path(model, faces)
     got, arrays = rt.model.run(faces)  # temporal models: each face a sequence of one frame, as in torch
     _assert_close(got, want)
     assert set(arrays) == {"features", *model.inputs}
@@ -267,7 +257,7 @@ def test_trained_checkpoint_exports_with_parity(trained, run, tmp_path):
     windows = synthetic_faces(3, 64, "L", window=9, seed=12)  # a window length never exported
     got_w, arrays_w = rt.model.run(windows)
     for i in range(len(windows)):
-        _, out = _torch_path(model, windows[i])
+        _, out = torch_path(model, windows[i])
         seq = model.predict(out.features[None])  # one sequence (1, T, D)
         _assert_close(type(got_w)(got_w.va[i], got_w.expr_probs[i], got_w.au_probs[i]), seq)
         _assert_close(rt.model.predict(arrays_w["features"][i : i + 1]), seq)  # the heads alone
@@ -287,7 +277,7 @@ def test_a_fixed_window_is_exported_and_enforced(trained, tmp_path):
     got, arrays = rt.model.run(windows)
     model = load_model(run)
     for i in range(len(windows)):
-        _, out = _torch_path(model, windows[i])
+        _, out = torch_path(model, windows[i])
         want = model.predict(out.features[None])
         _assert_close(type(got)(got.va[i], got.expr_probs[i], got.au_probs[i]), want)
         _assert_close(rt.model.predict(arrays["features"][i : i + 1]), want)

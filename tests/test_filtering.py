@@ -66,13 +66,10 @@ def test_cli_defaults_are_the_library_defaults():
     """The CLI spells its defaults out (its start-up must not import torch); they must not drift."""
     import typer
 
+    from mtaffect.cli import app
     from mtaffect.faces.filtering import DEFAULT_MIN_CONFIDENCE
-    from mtaffect.predict.cli import register
     from mtaffect.predict.tracking import DEFAULT_REID_SECONDS
 
-    app = typer.Typer()
-    register(app)
-    app.command("noop")(lambda: None)
     cmd = typer.main.get_command(app).commands["predict"]
     defaults = {p.name: p.default for p in cmd.params}
     assert defaults["min_confidence"] == DEFAULT_MIN_CONFIDENCE

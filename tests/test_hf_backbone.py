@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from model_helpers import TINY_VIT, save_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
 from mtaffect.features.hf import hub_commit, normalisation_from_processor, size_from_processor  # noqa: E402
 from mtaffect.features.registry import create_backbone  # noqa: E402
 
-VIT = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "image_size": 32,
-    "patch_size": 8,
-}
 PROCESSOR = {
     "image_processor_type": "ViTImageProcessor",
     "do_resize": True,
@@ -38,21 +29,14 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _save(model, folder, processor: dict | None = PROCESSOR):
-    model.save_pretrained(folder)
-    if processor is not None:
-        (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    return folder
-
-
 def _images(n: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
 def test_vit_folder_with_processor(tmp_path):
     torch.manual_seed(0)
-    ref = transformers.ViTModel(transformers.ViTConfig(**VIT)).eval()
-    folder = _save(ref, tmp_path / "vit")
+    ref = transformers.ViTModel(transformers.ViTConfig(**TINY_VIT)).eval()
+    folder = save_hf_folder(ref, tmp_path / "vit", PROCESSOR)
     bb = create_backbone(f"hf:{folder}")
     spec = bb.spec
     assert spec.name == f"hf:{folder.resolve()}"
@@ -79,8 +63,8 @@ def test_vit_folder_with_processor(tmp_path):
 
 def test_checkpoint_without_pooler_is_mean_pooled(tmp_path):
     torch.manual_seed(0)
-    ref = transformers.ViTModel(transformers.ViTConfig(**VIT), add_pooling_layer=False).eval()
-    folder = _save(ref, tmp_path / "vit-nopool")
+    ref = transformers.ViTModel(transformers.ViTConfig(**TINY_VIT), add_pooling_layer=False).eval()
+    folder = save_hf_folder(ref, tmp_path / "vit-nopool", PROCESSOR)
     bb = create_backbone(f"hf:{folder}")  # AutoModel adds a pooler, but its weights would be random
     assert bb.spec.config["pooling"] == "mean"
     x = bb.preprocess(_images(2, 32))
@@ -93,7 +77,8 @@ def test_checkpoint_without_pooler_is_mean_pooled(tmp_path):
 
 def test_no_processor_needs_explicit_normalisation_and_other_sizes_interpolate(tmp_path):
     torch.manual_seed(0)
-    folder = _save(transformers.ViTModel(transformers.ViTConfig(**VIT)), tmp_path / "bare", processor=None)
+    vit = transformers.ViTModel(transformers.ViTConfig(**TINY_VIT))
+    folder = save_hf_folder(vit, tmp_path / "bare", processor=None)
     with pytest.raises(ValueError, match="mean= and std="):
         create_backbone(f"hf:{folder}")
     bb = create_backbone(f"hf:{folder}", image_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, pooling="cls")
@@ -105,7 +90,7 @@ def test_no_processor_needs_explicit_normalisation_and_other_sizes_interpolate(t
 def test_convolutional_model_tokens_are_the_flattened_grid(tmp_path):
     cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_channels=3)
     torch.manual_seed(0)
-    folder = _save(transformers.ResNetModel(cfg), tmp_path / "resnet")
+    folder = save_hf_folder(transformers.ResNetModel(cfg), tmp_path / "resnet", PROCESSOR)
     bb = create_backbone(f"hf:{folder}")
     x = bb.preprocess(_images(2, 32))
     out = bb(x, tokens=True)
@@ -116,9 +101,9 @@ def test_convolutional_model_tokens_are_the_flattened_grid(tmp_path):
 
 
 def test_vit_mae_sees_every_patch_in_order(tmp_path):
-    cfg = transformers.ViTMAEConfig(**VIT)  # mask_ratio 0.75 as in pre-training
+    cfg = transformers.ViTMAEConfig(**TINY_VIT)  # mask_ratio 0.75 as in pre-training
     torch.manual_seed(0)
-    folder = _save(transformers.ViTMAEModel(cfg), tmp_path / "mae")
+    folder = save_hf_folder(transformers.ViTMAEModel(cfg), tmp_path / "mae", PROCESSOR)
     bb = create_backbone(f"hf:{folder}")
     assert bb.spec.token_shape == (16, 32) and bb.spec.config["pooling"] == "mean"
     x = bb.preprocess(_images(2, 32))

@@ -11,51 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import run
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("kornia")
 
-from mtaffect.cli import app  # noqa: E402
-from mtaffect.data.annotations import load_split  # noqa: E402
-from mtaffect.data.predictions import PredictionTable  # noqa: E402
-from mtaffect.metrics import score  # noqa: E402
-from mtaffect.models.checkpoint import CheckpointError, load_model  # noqa: E402
-from mtaffect.train.config import ConfigError, config_from_dict  # noqa: E402
+from mtaffect.data.annotations import load_split
+from mtaffect.data.predictions import PredictionTable
+from mtaffect.metrics import score
+from mtaffect.models.checkpoint import CheckpointError, load_model
+from mtaffect.train.config import ConfigError, config_from_dict
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-torch.set_num_threads(1)
-runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 REPO = Path(__file__).resolve().parents[1]
-VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-       "image_size": 32, "patch_size": 8}  # fmt: skip
-
-
-def run(*args) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return r.output
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from mtaffect.data.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("images") / "data"
-    generate(root, SynthConfig(videos=4, frames=24, seed=1))
-    return root
-
-
-@pytest.fixture(scope="module")
-def vit_folder(tmp_path_factory) -> Path:
-    """A tiny random-init transformers ViT saved as a local folder (loaded as ``hf:<folder>``)."""
-    folder = tmp_path_factory.mktemp("vit") / "vit"
-    torch.manual_seed(0)
-    transformers.ViTModel(transformers.ViTConfig(**VIT)).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "do_resize": True, "size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))  # fmt: skip
-    return folder
 
 
 def cfg(recipe: str = "emotinet", backbone: dict | None = None, **sections):
@@ -71,20 +40,18 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-class _Watch:
-    """Lightning callback recording the backbone's weights before and after training."""
+def _watch():
+    """A Lightning callback recording the backbone's weights before and after training."""
+    import lightning as L
 
-    def __new__(cls):
-        import lightning as L
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, module):
+            self.before = _state(module.model.backbone)
 
-        class Watch(L.Callback):
-            def on_train_start(self, trainer, module):
-                self.before = _state(module.model.backbone)
+        def on_train_end(self, trainer, module):
+            self.after = _state(module.model.backbone)
 
-            def on_train_end(self, trainer, module):
-                self.after = _state(module.model.backbone)
-
-        return Watch()
+    return Watch()
 
 
 # ---- frozen: on the fly == the store path ----------------------------------------------------------------
@@ -95,7 +62,7 @@ def test_frozen_backbone_is_untouched_and_matches_the_store_path(data, tmp_path)
     run("extract", "--data", data, "--out", store, "--workers", "0", "--split", "train,val")
     train, val = load_split(data, "train"), load_split(data, "val")
     for recipe, hp in (("emotinet", {}), ("progressive", {"temporal": "lstm", "dim": 16, "task_dim": 16})):
-        watch = _Watch()
+        watch = _watch()
         c = cfg(recipe, model={"recipe": recipe, "hparams": hp})
         res = fit(c, data, train, val, tmp_path / recipe, callbacks=[watch], log=None)
         assert watch.before.keys() == watch.after.keys()
@@ -133,7 +100,7 @@ def test_finetune_trains_the_backbone_lowers_the_loss_and_saves_it(data, vit_fol
     vit = t.model.backbone.model
     assert getattr(vit, "is_activation_checkpointing", None) or vit.is_gradient_checkpointing
 
-    watch = _Watch()
+    watch = _watch()
     res = fit(c, data, train, val, tmp_path / "run", callbacks=[watch], log=None)
     changed = {k for k in watch.before if not torch.equal(watch.before[k], watch.after[k])}
     assert any(k.startswith("model.layers.1.") for k in changed)  # trained block
@@ -179,15 +146,14 @@ def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_pa
 
     assert read_table(tmp_path / "pred" / "face.csv")["success"].eq(1).any()
     # the wrong data for the config is a clear error, before any work
-    r = runner.invoke(app, ["train", "--config", str(conf), "--data", str(data), "--features", str(tmp_path),
-                            "--out", str(tmp_path / "x")])  # fmt: skip
-    assert r.exit_code == 2 and "trains from images" in r.output and "--data only" in r.output
-    r = runner.invoke(app, ["train", "--config", str(REPO / "configs" / "emotinet.yaml"), "--data", str(data),
-                            "--out", str(tmp_path / "y")])  # fmt: skip
-    assert r.exit_code == 2 and "pass --features STORE" in r.output
-    r = runner.invoke(app, ["infer", "--model", str(best), "--images", str(data / "MTL.txt"),
-                            "--out", str(tmp_path / "z.parquet")])  # fmt: skip
-    assert r.exit_code == 2 and "exactly one of --features" in r.output
+    out = run("train", "--config", conf, "--data", data, "--features", tmp_path, "--out", tmp_path / "x",
+              code=2)  # fmt: skip
+    assert "trains from images" in out and "--data only" in out
+    out = run("train", "--config", REPO / "configs" / "emotinet.yaml", "--data", data,
+              "--out", tmp_path / "y", code=2)  # fmt: skip
+    assert "pass --features STORE" in out
+    out = run("infer", "--model", best, "--images", data / "MTL.txt", "--out", tmp_path / "z.parquet", code=2)
+    assert "exactly one of --features" in out
     # an image that cannot be read is an error naming it, or a row with valid = 0 when allowed
     names = [ln.rstrip(",") for ln in (data / "MTL.txt").read_text().splitlines()[1:] if ln][:6]
     broken = tmp_path / "crops"
@@ -282,9 +248,9 @@ def test_extract_backbone_args_reach_the_backbone_and_the_store(data, tmp_path):
         "--backbone-arg", f"config={tiny}")  # fmt: skip
     st = FeatureStore.open(tmp_path / "s")
     assert st.token_shape == (9, 16) and st.meta["backbone_kwargs"]["image_size"] == 42
-    r = runner.invoke(app, ["extract", "--data", str(data), "--out", str(tmp_path / "t"),
-                            "--backbone-arg", "trust_remote_code=true"])  # fmt: skip
-    assert r.exit_code == 2 and "not accepted" in r.output
+    out = run("extract", "--data", data, "--out", tmp_path / "t", "--backbone-arg", "trust_remote_code=true",
+              code=2)  # fmt: skip
+    assert "not accepted" in out
 
 
 # ---- DDP: 2 CPU processes (gloo) -------------------------------------------------------------------------

@@ -15,10 +15,9 @@ import yaml
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("kornia")
 
-from test_image_training import REPO, run, runner, vit_folder  # noqa: E402, F401 (fixture)
+from cli_helpers import invoke, run  # noqa: E402
 
 import mtaffect.train.pipeline as pipeline_module  # noqa: E402
-from mtaffect.cli import app  # noqa: E402
 from mtaffect.data.annotations import load_split  # noqa: E402
 from mtaffect.data.predictions import PredictionTable  # noqa: E402
 from mtaffect.features.extract import collect_images  # noqa: E402
@@ -27,24 +26,12 @@ from mtaffect.metrics import score  # noqa: E402
 from mtaffect.models.checkpoint import load_model  # noqa: E402
 from mtaffect.models.ensemble import EnsembleAffectModel  # noqa: E402
 
-
-def fails(*args) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    assert r.exit_code == 2, r.output
-    return r.output
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from mtaffect.data.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("pipeline") / "data"
-    generate(root, SynthConfig(videos=4, frames=24, seed=1))
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(vit_folder, tmp_path_factory) -> Path:  # noqa: F811
+def config(vit_folder, tmp_path_factory) -> Path:
     """configs/progressive_published.yaml as shipped, shrunk only where a CPU test must be small: a tiny
     random-init ViT saved to a folder (hf:<folder>), 1 epoch, small windows (4 for EXPR, 6 for VA)."""
     vit = vit_folder
@@ -174,11 +161,10 @@ def test_a_finished_pipeline_is_kept_and_an_interrupted_step_resumes(
     monkeypatch.setattr(pipeline_module, "fit", lambda *a, **kw: real(*a, callbacks=[Stop()], **kw))
     fresh = tmp_path / "steps"
     args = ("train", "--config", config, "--data", data, "--out", fresh, "-o", "trainer.epochs=2")
-    r = runner.invoke(app, [str(a) for a in (*args, "--step", "task_va")])
-    assert isinstance(r.exception, Killed)
+    assert isinstance(invoke(*args, "--step", "task_va").exception, Killed)
     monkeypatch.setattr(pipeline_module, "fit", real)
-    assert "--resume" in fails(*args, "--step", "task_va")
-    assert "needs step task_va" in fails(*args, "--step", "export_va")
+    assert "--resume" in run(*args, "--step", "task_va", code=2)
+    assert "needs step task_va" in run(*args, "--step", "export_va", code=2)
     log = run(*args, "--step", "task_va", "--resume")
     assert "resuming at epoch 1 of 2" in log
     history = json.loads((fresh / "task_va" / "metrics.json").read_text())["history"]

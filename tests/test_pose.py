@@ -50,7 +50,9 @@ def test_sign_conventions_on_hand_built_landmarks():
     assert ry[0] > 5 * DEG and abs(rx[0]) < 2 * DEG
     assert rx[1] > 5 * DEG and abs(ry[1]) < 2 * DEG
     assert rz[2] == pytest.approx(t, abs=1e-6) and abs(rx[2]) < 1e-6 and abs(ry[2]) < 1e-6
-    # the model itself: a head turned to the person's right (Ry > 0) moves the nose to the image's left
+    # the model itself: five 3D points; a head turned to the person's right (Ry > 0) moves the nose to the
+    # image's left
+    assert FACE_MODEL_5PT.shape == (5, 3)
     turned = project(np.array([0.0, 20 * DEG, 0.0]))
     eyes_mid = turned[:2, 0].mean()
     assert turned[2, 0] < eyes_mid
@@ -106,4 +108,3 @@ def test_pipeline_writes_the_pose_of_its_landmarks():
     expect = head_pose(ok[list(LANDMARK_COLUMNS)].to_numpy(np.float64))
     np.testing.assert_allclose(ok[list(POSE_COLUMNS)].to_numpy(np.float64), expect, atol=1e-5)
     assert np.abs(expect[:, 1:]).max() < 15 * DEG  # a near-frontal face: small yaw and roll
-    assert FACE_MODEL_5PT.shape == (5, 3)

@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 pytest.importorskip("skimage")  # the public-domain test face
 
+from mtaffect.cli import app
 from mtaffect.io import OutputExistsError
 from mtaffect.predict import demo_media
-from mtaffect.predict.cli import register
 from mtaffect.predict.outputs import (
     AU_C_COLUMNS,
     AU_P_COLUMNS,
@@ -170,21 +169,10 @@ def test_table_round_trips_and_is_never_overwritten(predictor, media, tmp_path):
             write_table(df, path)
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.command()
-    def other() -> None:  # a second command keeps typer in sub-command mode
-        pass
-
-    return app
-
-
 def test_cli_writes_tables_plots_video_and_a_self_contained_report(media, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(
-        _app(),
+        app,
         [
             "predict",
             str(media["two"]),
@@ -210,15 +198,15 @@ def test_cli_writes_tables_plots_video_and_a_self_contained_report(media, tmp_pa
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "http://" not in html and "https://" not in html
     assert "broken.mp4" in html and "Face 1" in html
-    again = CliRunner().invoke(_app(), ["predict", str(media["none"]), "--out", str(out), "--quiet"])
+    again = CliRunner().invoke(app, ["predict", str(media["none"]), "--out", str(out), "--quiet"])
     assert again.exit_code == 0
-    refused = CliRunner().invoke(_app(), ["predict", str(media["none"]), "--out", str(out), "--quiet"])
+    refused = CliRunner().invoke(app, ["predict", str(media["none"]), "--out", str(out), "--quiet"])
     assert refused.exit_code == 2 and "--overwrite" in refused.output
 
 
 def test_cli_exit_code_1_when_every_input_fails(media, tmp_path):
     res = CliRunner().invoke(
-        _app(),
+        app,
         ["predict", str(media["bad"]), str(tmp_path / "nope.png"), "--out", str(tmp_path / "o"), "--quiet"],
     )
     assert res.exit_code == 1
@@ -310,7 +298,7 @@ def test_an_oversized_image_fails_alone(predictor, media, tmp_path, monkeypatch)
         df = predictor.predict([big, media["folder"] / "b10.png"], errors="skip")
     assert len(df) == 1 and df["file"].iloc[0].endswith("b10.png")
     args = ["predict", str(big), str(media["folder"] / "b10.png"), "--out", str(tmp_path / "o"), "--quiet"]
-    res = CliRunner().invoke(_app(), args)
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "bomb.png: image too large" in res.output and "1 of 2 input(s) failed" in res.output
 
@@ -331,7 +319,7 @@ def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, me
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: int(len(data) * 0.6)])
     out = tmp_path / "out"
-    res = CliRunner().invoke(_app(), ["predict", str(cut), "--out", str(out), "--quiet", "--report"])
+    res = CliRunner().invoke(app, ["predict", str(cut), "--out", str(out), "--quiet", "--report"])
     assert res.exit_code == 0, res.output
     assert "warning: " in res.output and "ended early: decoded" in res.output
     assert "of the 20 frames the container declares" in res.output
@@ -344,23 +332,11 @@ def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, me
 
 
 def test_stream_urls_reach_ffmpeg_unmangled(media, tmp_path):
-    import functools
-    import http.server
-    import threading
+    from http_helpers import serving_folder
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(media["one"].parent))
-    )
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}/one.mp4"
-    try:
-        res = CliRunner().invoke(_app(), ["predict", url, "--out", str(tmp_path / "o"), "--quiet"])
-    finally:
-        srv.shutdown()
+    with serving_folder(media["one"].parent) as base:
+        url = f"{base}/one.mp4"
+        res = CliRunner().invoke(app, ["predict", url, "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 0, res.output
     table = read_table(tmp_path / "o" / "one.csv")
     assert (table["file"] == url).all() and table["frame"].tolist() == list(range(20))
@@ -377,11 +353,11 @@ def test_device_and_out_are_checked_before_any_work(media, tmp_path, monkeypatch
 
     monkeypatch.setattr(torch_engine, "load_affect_model", no_model)
     if not torch.cuda.is_available():
-        res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--device", "cuda", "--quiet"])
+        res = CliRunner().invoke(app, ["predict", str(media["one"]), "--device", "cuda", "--quiet"])
         assert res.exit_code == 2 and "error:" in res.output and "CUDA is not available" in res.output
-    res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--device", "tpu", "--quiet"])
+    res = CliRunner().invoke(app, ["predict", str(media["one"]), "--device", "tpu", "--quiet"])
     assert res.exit_code == 2 and "not a torch device" in res.output
     a_file = tmp_path / "results.csv"
     a_file.write_text("mine\n")
-    res = CliRunner().invoke(_app(), ["predict", str(media["one"]), "--out", str(a_file), "--quiet"])
+    res = CliRunner().invoke(app, ["predict", str(media["one"]), "--out", str(a_file), "--quiet"])
     assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "mine\n"

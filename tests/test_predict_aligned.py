@@ -11,16 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import run
+from model_helpers import checkpoint
 
-from mtaffect.cli import app
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.data.units import split_image_names
 from mtaffect.features.extract import extract
-from mtaffect.features.registry import create_backbone
 from mtaffect.features.store import FeatureStore
-from mtaffect.models.checkpoint import load_model, save_checkpoint
-from mtaffect.models.registry import create_model
+from mtaffect.models.checkpoint import load_model
 from mtaffect.predict.outputs import AU_P_COLUMNS, EXPR_P_COLUMNS, read_table
 from mtaffect.predict.pipeline import Predictor
 from mtaffect.predict.sources import expand_inputs
@@ -29,28 +27,6 @@ from mtaffect.schema import AU_PROB_COLUMNS, CROPPED_DIR, EXPR_PROB_COLUMNS, POS
 WINDOW = 4
 #: Stores hold float16 features and `predict` computes float32 ones: probabilities agree to this.
 ATOL = 2e-3
-
-
-def run(*args) -> str:
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, res.output
-    return res.output
-
-
-def _checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hparams) -> Path:
-    """A random-init checkpoint; ``gain`` scales the weights so that outputs depend clearly on the input
-    (a random LSTM barely uses its context otherwise)."""
-    torch.manual_seed(0)
-    spec = create_backbone("fer-minixception").spec
-    model = create_model(recipe, feature_dim=spec.feature_dim, num_logits=spec.num_logits, **hparams)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(gain)
-    backbone = {"name": "fer-minixception", "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
-    return save_checkpoint(
-        path, model.eval(), backbone=backbone, feature_dim=spec.feature_dim, num_logits=spec.num_logits,
-        window=window,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +42,8 @@ def research(tmp_path_factory) -> dict:
         "root": root,
         "names": names,
         "store": d / "store",
-        "frame_model": _checkpoint(d / "emotinet", "emotinet"),
-        "temporal_model": _checkpoint(
+        "frame_model": checkpoint(d / "emotinet", "emotinet"),
+        "temporal_model": checkpoint(
             d / "lstm", "progressive", WINDOW, gain=3.0, temporal="lstm", dim=32, task_dim=32
         ),
     }

@@ -33,10 +33,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def video(tmp_path_factory) -> Path:
-    # two faces; the first is out of view 1.2 s (longer than tracking by position): re-identified
-    d = tmp_path_factory.mktemp("engines")
-    return demo_media.make_demo_video(d / "away.mp4", seconds=3.2, faces=2, away=(0.4, 2.6))
+def video(away_video) -> Path:
+    return away_video  # two faces; the first is out of view 1.2 s (longer than tracking by position)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +43,8 @@ def ort_table(default_export, video) -> pd.DataFrame:
     return Predictor(model=folder, engine="onnxruntime", precision="float32", **SETTINGS).predict(video)
 
 
-def test_both_engines_give_one_table(ort_table, video):
-    ref = Predictor(**SETTINGS).predict(video)
+def test_both_engines_give_one_table(ort_table, away_torch_table):
+    ref = away_torch_table  # Predictor(**SETTINGS) on the video (conftest)
     got = ort_table
     keys = ["frame", "face_id", "success"]
     pd.testing.assert_frame_equal(got[keys], ref[keys])  # the same faces, with the same ids

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import typer
 from typer.testing import CliRunner
 
 pytest.importorskip("skimage")  # the public-domain test face
 
+from mtaffect.cli import app
 from mtaffect.predict import demo_media
-from mtaffect.predict.cli import register
 from mtaffect.predict.job import JOB_FILE, ROWS_FILE, OutputFolder, partial_dir, predict_to_file
 from mtaffect.predict.outputs import read_table
 from mtaffect.predict.pipeline import Predictor
@@ -140,17 +139,6 @@ def test_a_folder_of_the_partial_name_that_is_not_ours_is_left_alone(clip, predi
     assert (mine / "notes.txt").read_text() == "a user's file"
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.command()
-    def other() -> None:
-        pass
-
-    return app
-
-
 def test_output_folder_removes_only_the_temporary_files_of_killed_runs(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -187,11 +175,11 @@ def test_cli_keeps_a_resumable_partial_when_interrupted(clip, tmp_path, monkeypa
 
     monkeypatch.setattr(job, "_run_input", interrupted)
     out = tmp_path / "out"
-    res = CliRunner().invoke(_app(), ["predict", str(clip), "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(app, ["predict", str(clip), "--out", str(out), "--quiet"])
     assert res.exit_code == 130 and "rerun the same command to resume" in res.output
     assert (partial_dir(out / "two.csv") / JOB_FILE).is_file() and not (out / "two.csv").exists()
     monkeypatch.setattr(job, "_run_input", real)
-    res = CliRunner().invoke(_app(), ["predict", str(clip), "--out", str(out), "--quiet"])
+    res = CliRunner().invoke(app, ["predict", str(clip), "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     assert read_table(out / "two.csv")["frame"].nunique() == 20 and not partial_dir(out / "two.csv").exists()
     assert os.listdir(out) == ["two.csv"]

@@ -43,15 +43,8 @@ def test_embedding_tells_people_apart_and_survives_scale_and_light():
         appearance_embedding(faces[..., 0])
 
 
-@pytest.fixture(scope="module")
-def away_video(tmp_path_factory):
-    # two real-photo faces; the first slides out of the picture and is fully gone ~1.2 s, then returns
-    d = tmp_path_factory.mktemp("reid")
-    return demo_media.make_demo_video(d / "away.mp4", seconds=3.2, faces=2, away=(0.4, 2.6))
-
-
-def test_a_face_away_for_more_than_a_second_keeps_its_id(away_video):
-    df = Predictor(detect_every=5).predict(away_video)
+def test_a_face_away_for_more_than_a_second_keeps_its_id(away_video, away_torch_table):
+    df = away_torch_table  # Predictor(detect_every=5) on the video (conftest)
     ok = df[df["success"] == 1]
     assert sorted(ok["face_id"].unique().tolist()) == [0, 1]
     # the returning face is back on the left, with its old id

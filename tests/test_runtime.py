@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
+from model_helpers import torch_path
 from no_torch import BLOCK_TORCH
 
 pytest.importorskip("onnxscript")
@@ -19,7 +19,6 @@ from mtaffect.data.synth_faces import FaceIdentity, render_face
 from mtaffect.faces import MTCNN
 from mtaffect.faces.align import align_faces_fast
 from mtaffect.features.decode import resize_array
-from mtaffect.features.registry import create_backbone
 from mtaffect.models.default import DefaultAffectModel
 
 #: What the runtime must not pull in (a minimal install has none of them).
@@ -68,10 +67,7 @@ def test_runtime_detects_and_predicts_without_torch(default_export, tmp_path):
     np.testing.assert_allclose(got["boxes"], det.boxes, atol=1e-3)
     np.testing.assert_allclose(got["landmarks"], det.landmarks, atol=1e-3)
     faces = np.stack([resize_array(f, 64, "L") for f in align_faces_fast(canvas, det.landmarks)])
-    backbone = create_backbone("fer-minixception").eval()
-    with torch.inference_mode():
-        out = backbone(backbone.preprocess(faces))
-    want = DefaultAffectModel().predict(out.features, out.logits)
+    want, _ = torch_path(DefaultAffectModel(), faces)
     np.testing.assert_allclose(got["expr"], want.expr_probs, atol=1e-4)
     np.testing.assert_allclose(got["au"], want.au_probs, atol=1e-4)
     np.testing.assert_allclose(got["va"], want.va, atol=1e-4)

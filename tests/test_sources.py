@@ -3,14 +3,12 @@ PIL images and BGR arrays, and videos or streams that end before their declared 
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from http_helpers import QuietHandler, serving, serving_folder
 from PIL import Image
 
 from mtaffect.predict.sources import (
@@ -198,31 +196,17 @@ def test_a_cut_video_keeps_its_frames_and_says_it_ended_early(clips, kind):
     assert f"decoded {n} of the 200 frames the container" in cut.info.ended_early
 
 
-def _serve(handler) -> tuple[http.server.ThreadingHTTPServer, str]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_http_stream_and_a_stream_that_stops(clips):
     folder = clips["mkv"].parent
-    srv, base = _serve(functools.partial(_Quiet, directory=str(folder)))
-    try:
+    with serving_folder(folder) as base:
         (item,) = expand_inputs(f"{base}/clip.mkv")
         src = open_source(item)
         assert src.info.file == f"{base}/clip.mkv" and src.info.kind == "stream"
         assert decode_all(src) == 200 and src.info.ended_early is None
-    finally:
-        srv.shutdown()
 
     data = clips["mkv"].read_bytes()
 
-    class Drops(_Quiet):  # announces the whole file, then the connection drops half-way
+    class Drops(QuietHandler):  # announces the whole file, then the connection drops half-way
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -230,11 +214,8 @@ def test_http_stream_and_a_stream_that_stops(clips):
             self.wfile.write(data[: len(data) // 2])
             self.close_connection = True
 
-    srv, base = _serve(Drops)
-    try:
+    with serving(Drops) as base:
         src = open_source(f"{base}/live.mkv")
         n = decode_all(src)
         assert 20 < n < 180 and src.info.decoded == n
         assert f"{n} of 200" in src.info.ended_early
-    finally:
-        srv.shutdown()

@@ -4,7 +4,6 @@ and resume refusing other inputs."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ddp_helpers import child_env
 from safetensors.torch import load_file
 from test_train import cfg, dataset, make_labels, make_store, video_names  # noqa: F401  (fixture)
 
@@ -62,7 +62,7 @@ def test_a_run_killed_mid_stage_resumes_to_bit_identical_weights(dataset, tmp_pa
     script = tmp_path / "entry.py"
     paths = {"train": str(tmp_path / "train.parquet"), "val": str(tmp_path / "val.parquet")}
     script.write_text(ENTRY.format(tests=str(TESTS), store=str(store), out=str(out), **paths))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = child_env()
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     seen = None
     deadline = time.monotonic() + 120

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-from store_helpers import write_store_by_hand
+from store_helpers import set_meta, write_store_by_hand
 
 from mtaffect.features.store import FeatureStore, MissingImagesError, StoreError, partial_path
 
@@ -90,11 +89,10 @@ def test_open_explains_what_is_wrong(tmp_path):
     with pytest.raises(StoreError, match=r"not a feature store \(no meta.json\)"):
         FeatureStore.open(tmp_path / "other")
     make_store(tmp_path / "s", names_of(10))
-    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
-    (tmp_path / "s" / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+    meta = set_meta(tmp_path / "s", format_version=99)
     with pytest.raises(StoreError, match="upgrade mtaffect"):
         FeatureStore.open(tmp_path / "s")
-    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    set_meta(tmp_path / "s", **meta)
     np.save(tmp_path / "s" / "features.npy", np.zeros((9, 64), np.float16))
     with pytest.raises(StoreError, match="damaged"):
         FeatureStore.open(tmp_path / "s")
@@ -108,11 +106,6 @@ def test_missing_images_error_is_a_key_error_listing_all(tmp_path):
     assert str(info.value).startswith("2 of 2 images")
 
 
-def _set_meta(path: Path, **changes) -> None:
-    meta = json.loads((path / "meta.json").read_text())
-    (path / "meta.json").write_text(json.dumps({**meta, **changes}))
-
-
 def test_a_reordered_image_list_is_refused_on_open(tmp_path):
     """Rows are bound to names by images_sha256: an edited images.txt would mislabel every row."""
     import hashlib
@@ -120,7 +113,7 @@ def test_a_reordered_image_list_is_refused_on_open(tmp_path):
     store = tmp_path / "s"
     make_store(store, names_of(10))
     text = (store / "images.txt").read_bytes()
-    _set_meta(store, images_sha256=hashlib.sha256(text).hexdigest())
+    set_meta(store, images_sha256=hashlib.sha256(text).hexdigest())
     assert len(FeatureStore.open(store)) == 10
     lines = text.decode().splitlines()
     (store / "images.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
@@ -143,6 +136,6 @@ def test_a_reordered_image_list_is_refused_on_open(tmp_path):
 def test_damaged_meta_fields_are_named(tmp_path, changes, message):
     store = tmp_path / "s"
     make_store(store, names_of(10))
-    _set_meta(store, **changes)
+    set_meta(store, **changes)
     with pytest.raises(StoreError, match=rf"meta.json: {message}"):
         FeatureStore.open(store)

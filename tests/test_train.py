@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from store_helpers import write_store_by_hand
+from store_helpers import set_meta, write_store_by_hand
 from torch import nn
 
 from mtaffect.data.annotations import LabelTable
@@ -634,24 +634,18 @@ def test_search_of_the_frozen_progressive_variant_trains_each_task_model_once(da
 
 
 def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_path):
-    from typer.testing import CliRunner
+    from cli_helpers import run as cli
 
-    from mtaffect.cli import app
     from mtaffect.data.annotations import write_annotations
     from mtaffect.data.predictions import PredictionTable
     from mtaffect.features.reader import StoreSet
     from mtaffect.features.store import FeatureStore, StoreError
 
-    def cli(*args) -> tuple[int, str]:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-        return r.exit_code, r.output
-
     store, train, val = dataset
     names = list(FeatureStore.open(store).images)
     make_store(tmp_path / "au", names, dim=6, seed=3)
     make_store(tmp_path / "au2", names, dim=6, seed=4)
-    meta = json.loads((tmp_path / "au2" / "meta.json").read_text())
-    (tmp_path / "au2" / "meta.json").write_text(json.dumps({**meta, "fingerprint": "other"}))  # other weights
+    set_meta(tmp_path / "au2", fingerprint="other")  # other weights
     make_store(tmp_path / "other", names[:-1], dim=6)
     with pytest.raises(StoreError, match="list different images"):
         StoreSet.open({"": store, "au": tmp_path / "other"})
@@ -667,20 +661,17 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
                                     "data": {"batch_size": 64}}))  # fmt: skip
     run, best, pred = tmp_path / "run", tmp_path / "run" / "best", tmp_path / "val.parquet"
     train_args = ("train", "--config", conf, "--data", data, "--out", run, "--features", store)
-    code, output = cli(*train_args, "--features", f"au={tmp_path / 'au'}")
-    assert code == 0, output
+    cli(*train_args, "--features", f"au={tmp_path / 'au'}")
     run_json = json.loads((run / "run.json").read_text())
     assert set(run_json["store"]["stores"]) == {"au"}  # recorded: resume checks every store
     ck = json.loads((best / "config.json").read_text())
     assert ck["inputs"] == ["features", "features@au"] and ck["input_stores"]["au"]["fingerprint"] == "abc123"
-    code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
-                       "--features", f"au={tmp_path / 'au'}", "--allow-missing")  # fmt: skip
-    assert code == 0, output
+    cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
+        "--features", f"au={tmp_path / 'au'}", "--allow-missing")  # fmt: skip
     saved = PredictionTable.read(run / "val_predictions.parquet")
     got = PredictionTable.read(pred).align_to(list(saved.images))
     np.testing.assert_allclose(got.expr_probs, saved.expr_probs, atol=1e-5)
-    code, output = cli(*train_args, "--features", f"au={tmp_path / 'au2'}", "--resume")
-    assert code == 2 and "store 'au'" in output
-    code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
-                       "--overwrite")  # fmt: skip
-    assert code == 2 and "au=STORE" in output
+    assert "store 'au'" in cli(*train_args, "--features", f"au={tmp_path / 'au2'}", "--resume", code=2)
+    output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
+                 "--overwrite", code=2)  # fmt: skip
+    assert "au=STORE" in output
