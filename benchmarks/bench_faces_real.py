@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mtaffect.faces.filtering import DEFAULT_MIN_CONFIDENCE, DEFAULT_NESTED_OVERLAP, filter_detections
     from mtaffect.faces.mtcnn import MTCNN
-    from mtaffect.predict.pipeline import AUTO_FACE_FRACTION
+    from mtaffect.predict.pipeline import auto_min_face_size
 
     raw = []  # (name, scale, detections, truth, ignore)
     for name, img, truth, ignore in photos(args.wheels, log=print):
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                         (round(w * scale), round(h * scale)), Image.Resampling.LANCZOS
                     )
                 )
-            # The pipeline's "auto" minimum for stills: max(20 px, shorter side / 30).
-            mfs = float(max(20, round(min(im.shape[:2]) * AUTO_FACE_FRACTION)))
-            d = MTCNN(min_face_size=mfs).detect([im])[0]
+            d = MTCNN(min_face_size=auto_min_face_size(*im.shape[:2], still=True)).detect([im])[0]
             t = np.asarray(truth, np.float64).reshape(-1, 4) * scale
             g = np.asarray(ignore, np.float64).reshape(-1, 4) * scale
             raw.append((name, scale, d, t, g))
