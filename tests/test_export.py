@@ -36,9 +36,10 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _torch_path(model, faces: np.ndarray) -> tuple:
-    """What `mtaffect predict` computes with PyTorch for prepared faces (N, S, S[, C]) uint8."""
-    backbone = create_backbone(model.backbone, **dict(model.backbone_kwargs)).eval()
+def _torch_path(model, faces: np.ndarray, backbone=None) -> tuple:
+    """What `mtaffect predict` computes with PyTorch for prepared faces (N, S, S[, C]) uint8 (through
+    ``backbone``, by default the model's own)."""
+    backbone = (model.create_backbone() if backbone is None else backbone).eval()
     x = faces[..., 0] if faces.shape[-1] == 1 else faces
     with torch.inference_mode():
         out = backbone(backbone.preprocess(x), tokens="tokens" in tuple(getattr(model, "inputs", ())))
@@ -272,6 +273,43 @@ def test_trained_checkpoint_exports_with_parity(trained, run, tmp_path):
         _assert_close(type(got_w)(got_w.va[i], got_w.expr_probs[i], got_w.au_probs[i]), seq)
         _assert_close(rt.model.predict(arrays_w["features"][i : i + 1]), seq)  # the heads alone
     _assert_close(rt.model.predict(arrays["features"]), want)  # N rows: N one-frame sequences
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    """A checkpoint as a fine-tuning run saves it: emotinet heads and, in backbone/, fer-minixception
+    weights moved away from the vendored ones."""
+    from mtaffect.models.checkpoint import save_checkpoint
+    from mtaffect.models.registry import create_model
+
+    torch.manual_seed(0)
+    bb = create_backbone("fer-minixception")
+    bb.prepare_finetune()  # unfused, trainable: what training saves
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.mul_(1 + 0.3 * torch.randn_like(p))
+    spec = bb.spec
+    model = create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits, au_hidden=16)
+    backbone = {"name": spec.name, "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
+    return save_checkpoint(
+        tmp_path_factory.mktemp("finetuned") / "best", model.eval(), backbone=backbone,
+        feature_dim=spec.feature_dim, num_logits=spec.num_logits, backbone_weights=bb.eval(),
+    )  # fmt: skip
+
+
+def test_a_finetuned_checkpoint_exports_its_own_backbone(finetuned, tmp_path):
+    from mtaffect.models.checkpoint import load_model
+
+    model = load_model(finetuned)
+    assert model.backbone_weights == "backbone"
+    export_model(finetuned, tmp_path / "exp", detector=False)
+    faces = synthetic_faces(5, 64, "L", seed=11)
+    got, arrays = Runtime(tmp_path / "exp", precision="float32").model.run(faces)
+    want, out = _torch_path(model, faces)  # through the fine-tuned backbone
+    _assert_close(got, want)
+    np.testing.assert_allclose(arrays["features"], out.features.numpy(), atol=TOL)
+    vendored, _ = _torch_path(model, faces, create_backbone(model.backbone, **model.backbone_kwargs))
+    assert np.abs(vendored.expr_probs - want.expr_probs).max() > 100 * TOL  # the weights matter
 
 
 @pytest.mark.slow

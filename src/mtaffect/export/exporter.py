@@ -431,10 +431,8 @@ def export_model(
         )  # fmt: skip
     import onnxruntime
 
-    from mtaffect.features.registry import create_backbone
-
     torch.manual_seed(0)
-    backbone = create_backbone(loaded.backbone, **dict(loaded.backbone_kwargs)).eval()
+    backbone = loaded.create_backbone().eval()  # a checkpoint's fine-tuned weights included
     graph = face_graph(loaded, backbone).eval()
     warm = torch.from_numpy(synthetic_faces(1, graph.size, graph.colour, seed=2))
     with torch.inference_mode():  # settle lazy state (weight layouts) outside the traced call
