@@ -331,3 +331,18 @@ def test_a_fixed_window_is_exported_and_enforced(trained, tmp_path):
         _assert_close(rt.model.predict(arrays["features"][i : i + 1]), want)
     with pytest.raises(ValueError, match="fixed window of 4"):
         rt.model.run(synthetic_faces(2, 64, "L", window=5, seed=13))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [1, 2])
+def test_a_fixed_window_export_is_quantised_over_windows_of_its_length(window, tmp_path):
+    """--window T --quantize checks the int8 graph on T-frame windows (T=1: windows of one frame)."""
+    from model_helpers import lstm_checkpoint
+
+    ck = lstm_checkpoint(tmp_path / "ck", window=window)
+    manifest = export_model(ck, tmp_path / "exp", detector=False, window=window, quantize=True)
+    assert manifest["checks"]["int8"]["faces"] == 16 * window
+    rt = Runtime(tmp_path / "exp")
+    assert rt.precision == "int8"
+    got, _ = rt.model.run(synthetic_faces(2, 64, "L", window=window, seed=3))
+    assert got.expr_probs.shape == (2, window, 8)

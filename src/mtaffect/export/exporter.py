@@ -62,6 +62,8 @@ DEFAULT_OPSET: Final[int] = 18
 OPSETS: Final[range] = range(18, 22)
 #: Largest accepted |onnxruntime - torch| on probabilities and VA (and MTCNN outputs).
 TOLERANCE: Final[float] = 1e-4
+#: Window length of the synthetic windows checking a temporal export whose window is dynamic.
+CHECK_WINDOW: Final[int] = 3
 
 
 class ExportCheckError(ValueError):
@@ -75,10 +77,9 @@ def _log_nothing(msg: str) -> None:
 # ---- inputs --------------------------------------------------------------------------------------------
 
 
-def synthetic_faces(n: int, size: int, colour: str, window: int = 1, seed: int = 0) -> np.ndarray:
-    """n (x window) procedurally rendered faces as prediction feeds them: (n[, window], S, S, C) uint8.
-
-    A window shows one identity whose AUs drift, like consecutive frames of one track.
+def synthetic_faces(n: int, size: int, colour: str, window: int | None = None, seed: int = 0) -> np.ndarray:
+    """n procedurally rendered faces as prediction feeds them, (n, S, S, C) uint8; with a ``window`` T,
+    n windows (n, T, S, S, C), each one identity whose AUs drift, like consecutive frames of one track.
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -87,11 +88,11 @@ def synthetic_faces(n: int, size: int, colour: str, window: int = 1, seed: int =
         start, end = rng.uniform(0, 1, (2, len(AU_NAMES)))
         frames = [
             resize_array(render_face(start + (end - start) * t, ident, rng), size, colour)
-            for t in np.linspace(0, 1, window)
+            for t in np.linspace(0, 1, window or 1)
         ]
         out.append(np.stack([f if f.ndim == 3 else f[..., None] for f in frames]))
     faces = np.stack(out)
-    return faces if window > 1 else faces[:, 0]
+    return faces if window is not None else faces[:, 0]
 
 
 # ---- torch reference -----------------------------------------------------------------------------------
@@ -222,8 +223,8 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
                  check_faces: int) -> dict[str, Any]:  # fmt: skip
     """face_model.onnx and head.onnx, checked; returns their manifest entries and the check figures."""
     s = graph.size
-    t_check = window or 3
-    example = synthetic_faces(2, s, graph.colour, window=t_check if graph.temporal else 1, seed=1)
+    t_check = window or CHECK_WINDOW
+    example = synthetic_faces(2, s, graph.colour, window=t_check if graph.temporal else None, seed=1)
     dynamic = {"pixels": {0: "batch", 1: "window"} if graph.temporal and window is None else {0: "batch"}}
     outputs = [*PROB_OUTPUTS, *graph.outputs]
     pixels = torch.from_numpy(example)
@@ -244,9 +245,7 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
         (check_faces, t_check + 2 if window is None else window),
         (1, 1 if window is None else window),
     ):
-        pixels = synthetic_faces(n, s, graph.colour, window=t if graph.temporal else 1, seed=n + 7)
-        if graph.temporal and pixels.ndim == 4:
-            pixels = pixels[:, None]
+        pixels = synthetic_faces(n, s, graph.colour, window=t if graph.temporal else None, seed=n + 7)
         want, arrays = torch_reference(graph, model, pixels)
         got = face_sess.run(outputs, {"pixels": pixels})
         diffs = _prob_diffs(got[:3], want)
@@ -280,15 +279,16 @@ def _exact_nodes(path: Path) -> list[str]:
     return out
 
 
-def _quantize(folder: Path, graph: FaceGraph, model) -> dict[str, Any]:
-    """face_model.int8.onnx (dynamic int8 weights) and how far it moves the outputs on synthetic faces."""
+def _quantize(folder: Path, graph: FaceGraph, model, window: int | None) -> dict[str, Any]:
+    """face_model.int8.onnx (dynamic int8 weights) and how far it moves the outputs on synthetic faces
+    (for temporal models windows of the export's length, or of ``CHECK_WINDOW`` when it is dynamic)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = folder / FACE_MODEL, folder / FACE_MODEL_INT8
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=_exact_nodes(src))
-    pixels = synthetic_faces(16, graph.size, graph.colour,
-                             window=3 if graph.temporal else 1, seed=99)  # fmt: skip
+    t = window or CHECK_WINDOW
+    pixels = synthetic_faces(16, graph.size, graph.colour, window=t if graph.temporal else None, seed=99)
     names = list(PROB_OUTPUTS)
     ref = dict(zip(names, make_session(src).run(names, {"pixels": pixels}), strict=True))
     got = dict(zip(names, make_session(dst).run(names, {"pixels": pixels}), strict=True))
@@ -434,9 +434,9 @@ def export_model(
     torch.manual_seed(0)
     backbone = loaded.create_backbone().eval()  # a checkpoint's fine-tuned weights included
     graph = face_graph(loaded, backbone).eval()
-    warm = torch.from_numpy(synthetic_faces(1, graph.size, graph.colour, seed=2))
+    warm = synthetic_faces(1, graph.size, graph.colour, window=1 if graph.temporal else None, seed=2)
     with torch.inference_mode():  # settle lazy state (weight layouts) outside the traced call
-        graph(warm[:, None] if graph.temporal else warm)
+        graph(torch.from_numpy(warm))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
@@ -451,7 +451,7 @@ def export_model(
         log(f"  onnxruntime vs torch on {checks['face_model']['faces']} synthetic faces: max |diff| "
             f"{max(d[k] for k in PROB_OUTPUTS):.1e} (tolerance {tolerance:g})")  # fmt: skip
         if quantize:
-            checks["int8"] = _quantize(tmp, graph, loaded)
+            checks["int8"] = _quantize(tmp, graph, loaded, window)
             q = checks["int8"]
             log(f"  int8: expression agreement {q['expression_agreement']:.3f}, max |diff| "
                 f"{max(q['max_abs_diff'].values()):.3f} vs float32")  # fmt: skip
