@@ -19,8 +19,6 @@ import inspect
 import io
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +39,7 @@ from mtaffect.export.graphs import (
 from mtaffect.faces.align import REFERENCE_5PT_112
 from mtaffect.faces.cascade import ONET_SIZE, PIXEL_MEAN, PIXEL_SCALE, RNET_SIZE, normalise
 from mtaffect.features.decode import RESAMPLE_NAME, resize_array
-from mtaffect.io import OutputExistsError, replace_dir
+from mtaffect.io import atomic_folder
 from mtaffect.models.base import AffectOutputs
 from mtaffect.runtime.engine import make_session
 from mtaffect.runtime.manifest import (
@@ -404,43 +402,14 @@ def export_model(
     ``detector=False`` leaves MTCNN out (for faces that are already aligned). Returns the manifest.
     Raises :class:`ExportCheckError` (nothing written) when onnxruntime and PyTorch disagree.
     """
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a folder; choose another --out")
     if opset not in OPSETS:
         raise ValueError(f"opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
-    from mtaffect.predict.torch_engine import load_affect_model  # what `mtaffect predict` loads
-
-    loaded = load_affect_model("default" if model is None else model)
-    if str(loaded.backbone).startswith("emotiefflib:"):
-        raise ValueError(
-            f"{model}: its backbone {loaded.backbone} is an ONNX model run by onnxruntime inside torch, "
-            "which torch's exporter cannot trace; exporting such models is not supported yet"
-        )
-    temporal = bool(getattr(loaded, "temporal", False))
-    if window is not None and (not temporal or window < 1):
-        raise ValueError(
-            f"--window {window}: only temporal models (recipe with a temporal module) take a window >= 1"
-            if temporal else f"--window is for temporal models; {model} predicts one frame at a time"
-        )  # fmt: skip
     import onnxruntime
 
-    torch.manual_seed(0)
-    backbone = loaded.create_backbone().eval()  # a checkpoint's fine-tuned weights included
-    graph = face_graph(loaded, backbone).eval()
-    warm = synthetic_faces(1, graph.size, graph.colour, window=1 if graph.temporal else None, seed=2)
-    with torch.inference_mode():  # settle lazy state (weight layouts) outside the traced call
-        graph(torch.from_numpy(warm))
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
+    with atomic_folder(out, overwrite=overwrite) as tmp:  # an existing output is refused before any work
+        loaded, graph = _load(model, window)
         log(
             f"exporting the face model ({type(loaded).__name__}, backbone {loaded.backbone}) at opset {opset}"
         )
@@ -463,13 +432,33 @@ def export_model(
         )
         manifest["files"] = file_records(tmp)
         write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    log(f"wrote {target}")
+    log(f"wrote {out}")
     return manifest
+
+
+def _load(model: Any, window: int | None) -> tuple[Any, FaceGraph]:
+    """``model`` as ``mtaffect predict`` loads it and its face graph (with the model's own backbone,
+    fine-tuned weights included), or an error saying why it cannot be exported (with ``window``)."""
+    from mtaffect.predict.torch_engine import load_affect_model  # what `mtaffect predict` loads
+
+    loaded = load_affect_model("default" if model is None else model)
+    if str(loaded.backbone).startswith("emotiefflib:"):
+        raise ValueError(
+            f"{model}: its backbone {loaded.backbone} is an ONNX model run by onnxruntime inside torch, "
+            "which torch's exporter cannot trace; exporting such models is not supported yet"
+        )
+    temporal = bool(getattr(loaded, "temporal", False))
+    if window is not None and (not temporal or window < 1):
+        raise ValueError(
+            f"--window {window}: only temporal models (recipe with a temporal module) take a window >= 1"
+            if temporal else f"--window is for temporal models; {model} predicts one frame at a time"
+        )  # fmt: skip
+    torch.manual_seed(0)
+    graph = face_graph(loaded, loaded.create_backbone().eval()).eval()
+    warm = synthetic_faces(1, graph.size, graph.colour, window=1 if graph.temporal else None, seed=2)
+    with torch.inference_mode():  # settle lazy state (weight layouts) outside the traced call
+        graph(torch.from_numpy(warm))
+    return loaded, graph
 
 
 def _manifest(model, spec: str, graph: FaceGraph, window, opset, quantize, detector, checks, ort) -> dict:
