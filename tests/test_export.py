@@ -179,6 +179,20 @@ def test_existing_output_is_kept_and_bad_options_refused_before_any_work(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+def test_without_the_export_extra_the_error_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    without = lambda name, *a, **kw: None if name == "onnxscript" else real(name, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", without)
+    with pytest.raises(ValueError, match=r'needs onnxscript.*pip install "mtaffect\[export\]"'):
+        export_model("default", tmp_path / "exp")
+    result = runner.invoke(app, ["export", "--out", str(tmp_path / "exp")])
+    assert result.exit_code == 2 and "error: exporting to ONNX needs onnxscript" in result.output
+    assert 'pip install "mtaffect[export]"' in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_disagreeing_export_is_refused_and_leaves_nothing(default_export, tmp_path, monkeypatch):
     """The check compares onnxruntime with PyTorch for real; here PyTorch's answer is shifted by 1e-3."""
     import mtaffect.export.exporter as exporter

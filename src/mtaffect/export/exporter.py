@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import inspect
 import io
 import logging
@@ -62,6 +63,9 @@ OPSETS: Final[range] = range(18, 22)
 TOLERANCE: Final[float] = 1e-4
 #: Window length of the synthetic windows checking a temporal export whose window is dynamic.
 CHECK_WINDOW: Final[int] = 3
+#: The export extra (pip install "mtaffect[export]"): torch's ONNX exporter writes with onnx and
+#: onnxscript; onnxruntime runs the check.
+EXPORT_EXTRA: Final[tuple[str, ...]] = ("onnx", "onnxscript", "onnxruntime")
 
 
 class ExportCheckError(ValueError):
@@ -406,6 +410,7 @@ def export_model(
         raise ValueError(f"opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    require_export_extra()
     import onnxruntime
 
     with atomic_folder(out, overwrite=overwrite) as tmp:  # an existing output is refused before any work
@@ -434,6 +439,16 @@ def export_model(
         write_manifest(tmp, manifest)
     log(f"wrote {out}")
     return manifest
+
+
+def require_export_extra() -> None:
+    """Refuse, before any work, to export without the export extra's packages (:data:`EXPORT_EXTRA`)."""
+    missing = [m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"exporting to ONNX needs {', '.join(missing)}, not installed here: "
+            'pip install "mtaffect[export]"'
+        )
 
 
 def _load(model: Any, window: int | None) -> tuple[Any, FaceGraph]:
