@@ -39,14 +39,12 @@ def checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hp
     )  # fmt: skip
 
 
-def torch_path(model, faces):
+def torch_path(model, faces, backbone=None):
     """What ``mtaffect predict`` computes with PyTorch for prepared faces (N, S, S[, C]) uint8: the
-    model's outputs and the backbone's."""
+    model's outputs and the backbone's (through ``backbone``, by default the model's own)."""
     import torch
 
-    from mtaffect.features.registry import create_backbone
-
-    backbone = create_backbone(model.backbone, **dict(model.backbone_kwargs)).eval()
+    backbone = (model.create_backbone() if backbone is None else backbone).eval()
     x = faces[..., 0] if faces.shape[-1] == 1 else faces
     with torch.inference_mode():
         out = backbone(backbone.preprocess(x), tokens="tokens" in tuple(getattr(model, "inputs", ())))

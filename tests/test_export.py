@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from model_helpers import torch_path
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ from mtaffect.cli import app
 from mtaffect.export.exporter import DEFAULT_OPSET, ExportCheckError, export_model, synthetic_faces
 from mtaffect.faces import MTCNN
 from mtaffect.faces.align import align_faces_fast
+from mtaffect.features.registry import create_backbone
 from mtaffect.features.decode import resize_array
 from mtaffect.io import OutputExistsError
 from mtaffect.models.default import DefaultAffectModel
@@ -168,6 +170,20 @@ def test_existing_output_is_kept_and_bad_options_refused_before_any_work(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+def test_without_the_export_extra_the_error_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    without = lambda name, *a, **kw: None if name == "onnxscript" else real(name, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", without)
+    with pytest.raises(ValueError, match=r'needs onnxscript.*pip install "mtaffect\[export\]"'):
+        export_model("default", tmp_path / "exp")
+    result = runner.invoke(app, ["export", "--out", str(tmp_path / "exp")])
+    assert result.exit_code == 2 and "error: exporting to ONNX needs onnxscript" in result.output
+    assert 'pip install "mtaffect[export]"' in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_disagreeing_export_is_refused_and_leaves_nothing(default_export, tmp_path, monkeypatch):
     """The check compares onnxruntime with PyTorch for real; here PyTorch's answer is shifted by 1e-3."""
     import mtaffect.export.exporter as exporter
@@ -264,6 +280,43 @@ def test_trained_checkpoint_exports_with_parity(trained, run, tmp_path):
     _assert_close(rt.model.predict(arrays["features"]), want)  # N rows: N one-frame sequences
 
 
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    """A checkpoint as a fine-tuning run saves it: emotinet heads and, in backbone/, fer-minixception
+    weights moved away from the vendored ones."""
+    from mtaffect.models.checkpoint import save_checkpoint
+    from mtaffect.models.registry import create_model
+
+    torch.manual_seed(0)
+    bb = create_backbone("fer-minixception")
+    bb.prepare_finetune()  # unfused, trainable: what training saves
+    with torch.no_grad():
+        for p in bb.parameters():
+            p.mul_(1 + 0.3 * torch.randn_like(p))
+    spec = bb.spec
+    model = create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits, au_hidden=16)
+    backbone = {"name": spec.name, "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
+    return save_checkpoint(
+        tmp_path_factory.mktemp("finetuned") / "best", model.eval(), backbone=backbone,
+        feature_dim=spec.feature_dim, num_logits=spec.num_logits, backbone_weights=bb.eval(),
+    )  # fmt: skip
+
+
+def test_a_finetuned_checkpoint_exports_its_own_backbone(finetuned, tmp_path):
+    from mtaffect.models.checkpoint import load_model
+
+    model = load_model(finetuned)
+    assert model.backbone_weights == "backbone"
+    export_model(finetuned, tmp_path / "exp", detector=False)
+    faces = synthetic_faces(5, 64, "L", seed=11)
+    got, arrays = Runtime(tmp_path / "exp", precision="float32").model.run(faces)
+    want, out = torch_path(model, faces)  # through the fine-tuned backbone
+    _assert_close(got, want)
+    np.testing.assert_allclose(arrays["features"], out.features.numpy(), atol=TOL)
+    vendored, _ = torch_path(model, faces, create_backbone(model.backbone, **model.backbone_kwargs))
+    assert np.abs(vendored.expr_probs - want.expr_probs).max() > 100 * TOL  # the weights matter
+
+
 @pytest.mark.slow
 def test_a_fixed_window_is_exported_and_enforced(trained, tmp_path):
     from mtaffect.models.checkpoint import load_model
@@ -283,3 +336,18 @@ def test_a_fixed_window_is_exported_and_enforced(trained, tmp_path):
         _assert_close(rt.model.predict(arrays["features"][i : i + 1]), want)
     with pytest.raises(ValueError, match="fixed window of 4"):
         rt.model.run(synthetic_faces(2, 64, "L", window=5, seed=13))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [1, 2])
+def test_a_fixed_window_export_is_quantised_over_windows_of_its_length(window, tmp_path):
+    """--window T --quantize checks the int8 graph on T-frame windows (T=1: windows of one frame)."""
+    from model_helpers import lstm_checkpoint
+
+    ck = lstm_checkpoint(tmp_path / "ck", window=window)
+    manifest = export_model(ck, tmp_path / "exp", detector=False, window=window, quantize=True)
+    assert manifest["checks"]["int8"]["faces"] == 16 * window
+    rt = Runtime(tmp_path / "exp")
+    assert rt.precision == "int8"
+    got, _ = rt.model.run(synthetic_faces(2, 64, "L", window=window, seed=3))
+    assert got.expr_probs.shape == (2, window, 8)

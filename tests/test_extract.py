@@ -228,6 +228,43 @@ def test_overwrite_protection(faces, tmp_path):
     assert (tmp_path / "notes" / "mine.txt").exists()
 
 
+def test_trust_remote_code_builds_a_named_backbone_and_is_never_recorded(faces, tmp_path):
+    from mtaffect.features.registry import register_backbone
+
+    calls = []
+
+    @register_backbone("test-extract-trusting")
+    def make(seed: int = 0, trust_remote_code: bool = False) -> Backbone:
+        calls.append({"seed": seed, "trust_remote_code": trust_remote_code})
+        return TinyBackbone(seed=seed)
+
+    root, names = faces
+    res = extract(root, "test-extract-trusting", tmp_path / "s", images=names[:4], workers=0, progress=False,
+                  backbone_kwargs={"seed": 2}, trust_remote_code=True)  # fmt: skip
+    assert calls == [{"seed": 2, "trust_remote_code": True}]
+    assert FeatureStore.open(res.store).meta["backbone_kwargs"] == {"seed": 2}
+    with pytest.raises(ValueError, match="applies to hub backbones"):  # a flag that means nothing here
+        extract(root, "fer-minixception", tmp_path / "t", images=names[:4], workers=0, trust_remote_code=True)
+
+
+def test_cli_backbone_options_with_trust_remote_code_are_one_error_line(tmp_path):
+    """--backbone-arg with --trust-remote-code: an option the backbone does not take is an error line
+    (it was a TypeError traceback: the CLI built the backbone outside extract's check)."""
+    from typer.testing import CliRunner
+
+    from mtaffect.cli import app
+    from mtaffect.data.synth import SynthConfig, generate
+
+    generate(tmp_path / "data", SynthConfig(videos=3, frames=4, seed=1))
+    result = CliRunner().invoke(app, [
+        "extract", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "st"), "--workers", "0",
+        "--backbone", f"hf:{tmp_path / 'vit'}", "--trust-remote-code", "--backbone-arg", "bogus=1",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "error: backbone 'hf:" in result.output and "does not take the option bogus" in result.output
+    assert not (tmp_path / "st").exists()
+
+
 def test_tokens_option(faces, tmp_path):
     root, names = faces
     res = extract(

@@ -138,3 +138,17 @@ def test_hub_models_are_fingerprinted_by_their_cached_commit(tmp_path):
     (repo / "refs" / "main").write_text("abc123")
     assert hub_commit("org/tiny", None, cache_dir=tmp_path) == "abc123"
     assert hub_commit("org/absent", None, cache_dir=tmp_path) is None
+
+
+def test_mean_std_overrides_are_checked_in_one_place_before_loading():
+    from mtaffect.features.base import normalisation_override
+
+    assert normalisation_override(None, None) is None
+    assert normalisation_override([0.5], (0.25,)) == ((0.5,), (0.25,))
+    with pytest.raises(ValueError, match="need 3 values each"):
+        normalisation_override([0.5] * 2, [0.5] * 2, channels=3)
+    with pytest.raises(ValueError, match="lists of numbers"):
+        normalisation_override(0.5, 0.5)
+    for name in ("dinov2-small", "hf:/no/such/model"):  # refused before any weights are looked for
+        with pytest.raises(ValueError, match="pass both mean= and std="):
+            create_backbone(name, mean=(0.5,) * 3)

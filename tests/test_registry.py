@@ -33,3 +33,18 @@ def test_builtin_backbones_are_listed():
     names = list_backbones()
     for name in ("fer-minixception", "dinov2-small", "dinov2-giant", "emotiefflib:<...>", "hf:<...>"):
         assert name in names
+
+
+def test_options_a_backbone_does_not_take_are_named_before_it_is_built():
+    from mtaffect.features.registry import accepts_option, create_backbone
+
+    with pytest.raises(ValueError, match=r"'fer-minixception' does not take the options bogus, size; its "
+                       r"options: weights, fuse, channels_last, chunk"):  # fmt: skip
+        create_backbone("fer-minixception", size=3, bogus=1)
+    # hf:<model>: the factory's first parameter is the model, not an option (nothing is loaded here)
+    with pytest.raises(ValueError, match=r"'hf:/no/such/vit' does not take the option model;"):
+        create_backbone("hf:/no/such/vit", model="x")
+    with pytest.raises(KeyError, match="unknown backbone 'nope'"):
+        create_backbone("nope", bogus=1)
+    assert accepts_option("hf:x", "trust_remote_code") and not accepts_option("hf:x", "model")
+    assert not accepts_option("fer-minixception", "trust_remote_code") and not accepts_option("nope", "x")

@@ -265,10 +265,6 @@ def extract(
                 "--backbone-arg does not apply to run:RUN (the run's backbone is used as trained)"
             )
         model = backbone_from_run(backbone, trust_remote_code=trust_remote_code)
-    elif trust_remote_code:  # the person's explicit decision; never read from a file, never recorded
-        from mtaffect.features.registry import create_backbone, with_trust
-
-        model = create_backbone(backbone, **with_trust(backbone, kwargs, True))
     res = run_extract(
         data,
         model,
@@ -280,6 +276,7 @@ def extract(
         tokens=tokens,
         overwrite=overwrite,
         backbone_kwargs=kwargs,
+        trust_remote_code=trust_remote_code,  # the person's decision: never read from a file, never recorded
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one summary (rank 0 finalises the store)
         return

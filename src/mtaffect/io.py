@@ -92,13 +92,15 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
 
     An existing folder at ``path`` is replaced (only with ``overwrite``; otherwise
     :class:`OutputExistsError` before any work) once the new one is complete: a crash leaves the old
-    folder, never a half-written one.
+    folder, never a half-written one. Anything else at ``path`` (a file) is never replaced.
     """
     target = Path(path)
     if target.exists() and not overwrite:
         raise OutputExistsError(
             f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
         )
+    if target.exists() and not target.is_dir():  # a folder output does not take a file's place
+        raise NotADirectoryError(f"{target} exists and is not a folder; give the path of a folder to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
     try:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import inspect
 import io
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ from mtaffect.export.graphs import (
 from mtaffect.faces.align import REFERENCE_5PT_112
 from mtaffect.faces.cascade import ONET_SIZE, PIXEL_MEAN, PIXEL_SCALE, RNET_SIZE, normalise
 from mtaffect.features.decode import RESAMPLE_NAME, resize_array
-from mtaffect.io import OutputExistsError, replace_dir
+from mtaffect.io import atomic_folder
 from mtaffect.models.base import AffectOutputs
 from mtaffect.runtime.engine import make_session
 from mtaffect.runtime.manifest import (
@@ -62,6 +61,11 @@ DEFAULT_OPSET: Final[int] = 18
 OPSETS: Final[range] = range(18, 22)
 #: Largest accepted |onnxruntime - torch| on probabilities and VA (and MTCNN outputs).
 TOLERANCE: Final[float] = 1e-4
+#: Window length of the synthetic windows checking a temporal export whose window is dynamic.
+CHECK_WINDOW: Final[int] = 3
+#: The export extra (pip install "mtaffect[export]"): torch's ONNX exporter writes with onnx and
+#: onnxscript; onnxruntime runs the check.
+EXPORT_EXTRA: Final[tuple[str, ...]] = ("onnx", "onnxscript", "onnxruntime")
 
 
 class ExportCheckError(ValueError):
@@ -75,10 +79,9 @@ def _log_nothing(msg: str) -> None:
 # ---- inputs --------------------------------------------------------------------------------------------
 
 
-def synthetic_faces(n: int, size: int, colour: str, window: int = 1, seed: int = 0) -> np.ndarray:
-    """n (x window) procedurally rendered faces as prediction feeds them: (n[, window], S, S, C) uint8.
-
-    A window shows one identity whose AUs drift, like consecutive frames of one track.
+def synthetic_faces(n: int, size: int, colour: str, window: int | None = None, seed: int = 0) -> np.ndarray:
+    """n procedurally rendered faces as prediction feeds them, (n, S, S, C) uint8; with a ``window`` T,
+    n windows (n, T, S, S, C), each one identity whose AUs drift, like consecutive frames of one track.
     """
     rng = np.random.default_rng(seed)
     out = []
@@ -87,11 +90,11 @@ def synthetic_faces(n: int, size: int, colour: str, window: int = 1, seed: int =
         start, end = rng.uniform(0, 1, (2, len(AU_NAMES)))
         frames = [
             resize_array(render_face(start + (end - start) * t, ident, rng), size, colour)
-            for t in np.linspace(0, 1, window)
+            for t in np.linspace(0, 1, window or 1)
         ]
         out.append(np.stack([f if f.ndim == 3 else f[..., None] for f in frames]))
     faces = np.stack(out)
-    return faces if window > 1 else faces[:, 0]
+    return faces if window is not None else faces[:, 0]
 
 
 # ---- torch reference -----------------------------------------------------------------------------------
@@ -222,8 +225,8 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
                  check_faces: int) -> dict[str, Any]:  # fmt: skip
     """face_model.onnx and head.onnx, checked; returns their manifest entries and the check figures."""
     s = graph.size
-    t_check = window or 3
-    example = synthetic_faces(2, s, graph.colour, window=t_check if graph.temporal else 1, seed=1)
+    t_check = window or CHECK_WINDOW
+    example = synthetic_faces(2, s, graph.colour, window=t_check if graph.temporal else None, seed=1)
     dynamic = {"pixels": {0: "batch", 1: "window"} if graph.temporal and window is None else {0: "batch"}}
     outputs = [*PROB_OUTPUTS, *graph.outputs]
     pixels = torch.from_numpy(example)
@@ -244,9 +247,7 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
         (check_faces, t_check + 2 if window is None else window),
         (1, 1 if window is None else window),
     ):
-        pixels = synthetic_faces(n, s, graph.colour, window=t if graph.temporal else 1, seed=n + 7)
-        if graph.temporal and pixels.ndim == 4:
-            pixels = pixels[:, None]
+        pixels = synthetic_faces(n, s, graph.colour, window=t if graph.temporal else None, seed=n + 7)
         want, arrays = torch_reference(graph, model, pixels)
         got = face_sess.run(outputs, {"pixels": pixels})
         diffs = _prob_diffs(got[:3], want)
@@ -280,15 +281,16 @@ def _exact_nodes(path: Path) -> list[str]:
     return out
 
 
-def _quantize(folder: Path, graph: FaceGraph, model) -> dict[str, Any]:
-    """face_model.int8.onnx (dynamic int8 weights) and how far it moves the outputs on synthetic faces."""
+def _quantize(folder: Path, graph: FaceGraph, model, window: int | None) -> dict[str, Any]:
+    """face_model.int8.onnx (dynamic int8 weights) and how far it moves the outputs on synthetic faces
+    (for temporal models windows of the export's length, or of ``CHECK_WINDOW`` when it is dynamic)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = folder / FACE_MODEL, folder / FACE_MODEL_INT8
     with _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=_exact_nodes(src))
-    pixels = synthetic_faces(16, graph.size, graph.colour,
-                             window=3 if graph.temporal else 1, seed=99)  # fmt: skip
+    t = window or CHECK_WINDOW
+    pixels = synthetic_faces(16, graph.size, graph.colour, window=t if graph.temporal else None, seed=99)
     names = list(PROB_OUTPUTS)
     ref = dict(zip(names, make_session(src).run(names, {"pixels": pixels}), strict=True))
     got = dict(zip(names, make_session(dst).run(names, {"pixels": pixels}), strict=True))
@@ -404,17 +406,54 @@ def export_model(
     ``detector=False`` leaves MTCNN out (for faces that are already aligned). Returns the manifest.
     Raises :class:`ExportCheckError` (nothing written) when onnxruntime and PyTorch disagree.
     """
-    target = Path(out)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{target} exists and is not a folder; choose another --out")
     if opset not in OPSETS:
         raise ValueError(f"opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    require_export_extra()
+    import onnxruntime
+
+    with atomic_folder(out, overwrite=overwrite) as tmp:  # an existing output is refused before any work
+        loaded, graph = _load(model, window)
+        log(
+            f"exporting the face model ({type(loaded).__name__}, backbone {loaded.backbone}) at opset {opset}"
+        )
+        checks: dict[str, Any] = {
+            "face_model": _export_face(graph, loaded, tmp, window, opset, tolerance, check_faces)
+        }
+        d = checks["face_model"]["max_abs_diff"]
+        log(f"  onnxruntime vs torch on {checks['face_model']['faces']} synthetic faces: max |diff| "
+            f"{max(d[k] for k in PROB_OUTPUTS):.1e} (tolerance {tolerance:g})")  # fmt: skip
+        if quantize:
+            checks["int8"] = _quantize(tmp, graph, loaded, window)
+            q = checks["int8"]
+            log(f"  int8: expression agreement {q['expression_agreement']:.3f}, max |diff| "
+                f"{max(q['max_abs_diff'].values()):.3f} vs float32")  # fmt: skip
+        if detector:
+            log("exporting MTCNN (P-, R-, O-Net)")
+            checks["mtcnn"] = _export_mtcnn(tmp, opset, tolerance)
+        manifest = _manifest(
+            loaded, str(model), graph, window, opset, quantize, detector, checks, onnxruntime
+        )
+        manifest["files"] = file_records(tmp)
+        write_manifest(tmp, manifest)
+    log(f"wrote {out}")
+    return manifest
+
+
+def require_export_extra() -> None:
+    """Refuse, before any work, to export without the export extra's packages (:data:`EXPORT_EXTRA`)."""
+    missing = [m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"exporting to ONNX needs {', '.join(missing)}, not installed here: "
+            'pip install "mtaffect[export]"'
+        )
+
+
+def _load(model: Any, window: int | None) -> tuple[Any, FaceGraph]:
+    """``model`` as ``mtaffect predict`` loads it and its face graph (with the model's own backbone,
+    fine-tuned weights included), or an error saying why it cannot be exported (with ``window``)."""
     from mtaffect.predict.torch_engine import load_affect_model  # what `mtaffect predict` loads
 
     loaded = load_affect_model("default" if model is None else model)
@@ -429,49 +468,12 @@ def export_model(
             f"--window {window}: only temporal models (recipe with a temporal module) take a window >= 1"
             if temporal else f"--window is for temporal models; {model} predicts one frame at a time"
         )  # fmt: skip
-    import onnxruntime
-
-    from mtaffect.features.registry import create_backbone
-
     torch.manual_seed(0)
-    backbone = create_backbone(loaded.backbone, **dict(loaded.backbone_kwargs)).eval()
-    graph = face_graph(loaded, backbone).eval()
-    warm = torch.from_numpy(synthetic_faces(1, graph.size, graph.colour, seed=2))
+    graph = face_graph(loaded, loaded.create_backbone().eval()).eval()
+    warm = synthetic_faces(1, graph.size, graph.colour, window=1 if graph.temporal else None, seed=2)
     with torch.inference_mode():  # settle lazy state (weight layouts) outside the traced call
-        graph(warm[:, None] if graph.temporal else warm)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
-        log(
-            f"exporting the face model ({type(loaded).__name__}, backbone {loaded.backbone}) at opset {opset}"
-        )
-        checks: dict[str, Any] = {
-            "face_model": _export_face(graph, loaded, tmp, window, opset, tolerance, check_faces)
-        }
-        d = checks["face_model"]["max_abs_diff"]
-        log(f"  onnxruntime vs torch on {checks['face_model']['faces']} synthetic faces: max |diff| "
-            f"{max(d[k] for k in PROB_OUTPUTS):.1e} (tolerance {tolerance:g})")  # fmt: skip
-        if quantize:
-            checks["int8"] = _quantize(tmp, graph, loaded)
-            q = checks["int8"]
-            log(f"  int8: expression agreement {q['expression_agreement']:.3f}, max |diff| "
-                f"{max(q['max_abs_diff'].values()):.3f} vs float32")  # fmt: skip
-        if detector:
-            log("exporting MTCNN (P-, R-, O-Net)")
-            checks["mtcnn"] = _export_mtcnn(tmp, opset, tolerance)
-        manifest = _manifest(
-            loaded, str(model), graph, window, opset, quantize, detector, checks, onnxruntime
-        )
-        manifest["files"] = file_records(tmp)
-        write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    log(f"wrote {target}")
-    return manifest
+        graph(torch.from_numpy(warm))
+    return loaded, graph
 
 
 def _manifest(model, spec: str, graph: FaceGraph, window, opset, quantize, detector, checks, ort) -> dict:

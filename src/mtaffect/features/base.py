@@ -18,6 +18,24 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
+def normalisation_override(
+    mean: Sequence[float] | None, std: Sequence[float] | None, channels: int | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """A caller's ``mean=``/``std=`` (for pixels scaled to [0, 1]) as float tuples, None when neither is
+    given. Both or neither; ``channels`` values each when the channel count is known here."""
+    if (mean is None) != (std is None):
+        raise ValueError("pass both mean= and std= (per channel, for pixels scaled to [0, 1])")
+    if mean is None or std is None:
+        return None
+    try:
+        m, s = tuple(float(x) for x in mean), tuple(float(x) for x in std)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"mean= and std= must be lists of numbers, got {mean!r} and {std!r}") from exc
+    if channels is not None and (len(m) != channels or len(s) != channels):
+        raise ValueError(f"mean and std need {channels} values each, got {list(m)} and {list(s)}")
+    return m, s
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """Self-description of a backbone: its input and its outputs.

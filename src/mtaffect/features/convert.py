@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD
+from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD, normalisation_override
 from mtaffect.io import OutputExistsError, atomic_folder
 
 #: Heads of the published ViT sizes, by width (Ti, S, B, L, H): timm files do not record it.
@@ -222,8 +222,7 @@ def convert_timm_vit(
             raise OutputExistsError(
                 f"{target} exists and is not a weights folder; refusing to replace it (even with --overwrite)"
             )
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+    norm = normalisation_override(mean, std, channels=3)
     state, report = timm_vit_to_transformers(read_state_dict(src), num_heads)
     config = import_transformers().ViTConfig(**report.config)
     config.architectures = ["ViTModel"]
@@ -232,7 +231,7 @@ def convert_timm_vit(
         "image_processor_type": "ViTImageProcessor", "do_resize": True,
         "size": {"height": size, "width": size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [float(m) for m in mean], "image_std": [float(s) for s in std],
+        "image_mean": list(norm[0]), "image_std": list(norm[1]),
     }  # fmt: skip
     with atomic_folder(target) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "converted_from": "timm"})

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD, BackboneOutput, BackboneSpec
+from mtaffect.features.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneOutput,
+    BackboneSpec,
+    normalisation_override,
+)
 from mtaffect.features.hf import (
     TransformersBackbone,
     file_sha256,
@@ -154,10 +160,7 @@ def create_dinov2(
 
     ``mean``/``std`` (on [0, 1] RGB pixels) replace the ImageNet normalisation the models were trained with.
     """
-    if (mean is None) != (std is None):
-        raise ValueError("pass both mean= and std= (3 values each, for pixels scaled to [0, 1])")
-    if mean is not None and (len(mean) != 3 or len(std) != 3):  # type: ignore[arg-type]
-        raise ValueError(f"mean/std need 3 values (RGB), got {list(mean)} / {list(std)}")  # type: ignore[arg-type]
+    norm = normalisation_override(mean, std, channels=3) or (IMAGENET_MEAN, IMAGENET_STD)
     if size not in SIZES:
         raise ValueError(f"unknown DINOv2 size {size!r}; choose one of {SIZES}")
     transformers = import_transformers()
@@ -207,8 +210,8 @@ def create_dinov2(
         name=f"dinov2-{size}",
         input_size=image_size,
         colour="RGB",
-        mean=IMAGENET_MEAN if mean is None else tuple(float(m) for m in mean),
-        std=IMAGENET_STD if std is None else tuple(float(v) for v in std),
+        mean=norm[0],
+        std=norm[1],
         feature_dim=2 * hidden,
         token_shape=(n_tokens, hidden),
         config={

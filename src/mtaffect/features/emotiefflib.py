@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneOutput, BackboneSpec
+from mtaffect.features.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneOutput,
+    BackboneSpec,
+    normalisation_override,
+)
 from mtaffect.features.hf import HUB_EXTRA_HINT, file_sha256
 from mtaffect.features.registry import register_backbone
 from mtaffect.schema import EXPR_NAMES, VA_NAMES
@@ -280,15 +287,14 @@ def create_emotiefflib(
         raise ValueError(f"{file}: the graph input has no fixed square size ({dims}); pass input_size=")
     if graph_size is not None and size != graph_size:
         raise ValueError(f"{file}: the graph takes {graph_size}x{graph_size} images, not {size}x{size}")
-    if (mean is None) != (std is None):
-        raise ValueError("pass both mean= and std= (per channel, for RGB pixels scaled to [0, 1])")
-    if mean is None:
+    norm = normalisation_override(mean, std)
+    if norm is None:
         if info is None:
             raise ValueError(
                 f"{file}: unknown model, so its normalisation is unknown: pass mean= and std= "
                 f"(EmotiEffNets use ImageNet's {IMAGENET_MEAN}/{IMAGENET_STD}; MobileFaceNets 0.5/0.5)"
             )
-        mean, std = info.mean, info.std
+        norm = info.mean, info.std
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -323,8 +329,8 @@ def create_emotiefflib(
         name=f"emotiefflib:{known or file.resolve()}",
         input_size=int(size),
         colour="L" if channels == 1 else "RGB",
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=tuple(float(m) for m in norm[0]),
+        std=tuple(float(s) for s in norm[1]),
         feature_dim=int(feature_dim),
         num_logits=int(num_logits),
         logit_names=names,

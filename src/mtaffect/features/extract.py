@@ -157,14 +157,15 @@ def collect_images(root: str | os.PathLike, splits: Sequence[str] = ("train", "v
     return sorted(names)
 
 
-def _resolve_backbone(backbone: str | Backbone, kwargs: Mapping[str, Any] | None = None) -> Backbone:
+def _resolve_backbone(
+    backbone: str | Backbone, kwargs: Mapping[str, Any] | None = None, trust_remote_code: bool = False
+) -> Backbone:
+    """A registry name built with ``kwargs`` (plus the person's ``trust_remote_code``, which is never
+    recorded), or a Backbone as it is."""
     if isinstance(backbone, str):
-        from mtaffect.features.registry import create_backbone
+        from mtaffect.features.registry import create_backbone, with_trust
 
-        try:
-            backbone = create_backbone(backbone, **dict(kwargs or {}))
-        except TypeError as exc:
-            raise ValueError(f"backbone {backbone!r} does not take {sorted(kwargs or {})}: {exc}") from exc
+        backbone = create_backbone(backbone, **with_trust(backbone, kwargs or {}, trust_remote_code))
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a registry name or a Backbone, got {type(backbone).__name__}")
     return backbone
@@ -697,6 +698,7 @@ def extract(
     world_size: int | None = None,
     threads: int | None = None,
     backbone_kwargs: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> ExtractResult:
     """Extract ``backbone`` features of the images of ``splits`` under ``root`` into the store ``out``.
 
@@ -712,6 +714,8 @@ def extract(
     result. A Backbone instance is moved to ``device``. See the module docstring for the design.
     ``backbone_kwargs`` (plain data, e.g. ``{"image_size": 238}``) build a named backbone and are
     recorded in the store, so a model trained on it rebuilds the same backbone for prediction.
+    ``trust_remote_code`` (a person's decision, CLI ``--trust-remote-code``) lets a named hub backbone
+    run the code it ships; it is never recorded in the store. A Backbone instance is used as built.
     """
     t_start = time.perf_counter()
     if batch_size < 1 or chunk_size < 1 or workers < 0:
@@ -740,7 +744,7 @@ def extract(
     ranks = _resolve_ranks(rank, world_size)
     try:
         dev = _resolve_device(device, ranks)
-        bb = _resolve_backbone(backbone, backbone_kwargs).to(dev).eval()
+        bb = _resolve_backbone(backbone, backbone_kwargs, trust_remote_code).to(dev).eval()
         plan = _make_plan(bb, names_list, tokens, chunk_size, backbone_kwargs)
         state = ranks.on_rank0(lambda: _prepare(out, partial, plan, names_list, overwrite))
         done = set(state["done"])

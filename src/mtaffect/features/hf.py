@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtaffect.features.base import Backbone, BackboneLayout, BackboneOutput, BackboneSpec
+from mtaffect.features.base import (
+    Backbone,
+    BackboneLayout,
+    BackboneOutput,
+    BackboneSpec,
+    normalisation_override,
+)
 from mtaffect.features.registry import register_backbone
 
 HUB_EXTRA_HINT = "install the hub extras: pip install 'mtaffect[hub]'"
@@ -406,6 +412,7 @@ def create_hf_backbone(
     """
     if pooling not in _POOLINGS:
         raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+    override = normalisation_override(mean, std)  # its length is checked once the channels are known
     transformers = import_transformers()
     model = weights or model
     src = str(Path(model).expanduser().resolve()) if Path(model).expanduser().is_dir() else model
@@ -432,10 +439,8 @@ def create_hf_backbone(
         raise ValueError(f"{src}: no size in preprocessor_config.json or config; pass image_size=")
     channels = int(getattr(net.config, "num_channels", 3))
     norm = normalisation_from_processor(proc, channels) if proc else None
-    if mean is not None or std is not None:
-        if mean is None or std is None:
-            raise ValueError("pass both mean= and std= (per channel, for pixels scaled to [0, 1])")
-        norm = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    if override is not None:
+        norm = override
     if norm is None:
         raise ValueError(
             f"{src}: has no preprocessor_config.json with image_mean/image_std; pass mean= and std= "

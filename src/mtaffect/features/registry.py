@@ -39,7 +39,17 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(name: str, **kwargs) -> Backbone:
-    """Build a backbone by registry name, e.g. ``create_backbone("dinov2-small", weights="path")``."""
+    """Build a backbone by registry name, e.g. ``create_backbone("dinov2-small", weights="path")``.
+
+    Options its factory does not take are a ValueError naming them and the ones it takes.
+    """
+    options = _options(name)
+    unknown = [] if options is None else sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(
+            f"backbone {name!r} does not take the option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)}; its options: {', '.join(options or []) or 'none'}"
+        )
     return BACKBONES.create(name, **kwargs)
 
 
@@ -62,13 +72,27 @@ def options_from_file(options: object, where: str) -> dict[str, Any]:
     return dict(options)
 
 
+def _options(name: str) -> list[str] | None:
+    """The keyword options the factory of backbone ``name`` takes (None: any, it has ``**kwargs``).
+
+    A prefixed family's first parameter is the part after the colon, not an option. KeyError for an
+    unknown name.
+    """
+    params = list(inspect.signature(BACKBONES.factory(name)).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    if name not in BACKBONES.names():  # hf:<model>: the factory's first parameter receives <model>
+        params = params[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def accepts_option(name: str, option: str) -> bool:
     """Whether the factory of backbone ``name`` takes the keyword ``option`` (False for unknown names)."""
     try:
-        params = inspect.signature(BACKBONES.factory(name)).parameters
+        options = _options(name)
     except KeyError:
         return False
-    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return options is None or option in options
 
 
 def with_trust(name: str, options: Mapping[str, Any], trust_remote_code: bool) -> dict[str, Any]:

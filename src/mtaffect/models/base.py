@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 
 from mtaffect.models.outputs import AffectOutputs
+
+if TYPE_CHECKING:
+    from mtaffect.features.base import Backbone
 
 #: Task keys used in model outputs, losses, stages and configs.
 TASKS: tuple[str, str, str] = ("au", "expr", "va")
@@ -110,11 +113,24 @@ def outputs_to_probs(out: Mapping[str, torch.Tensor]) -> AffectOutputs:
 
 @runtime_checkable
 class FaceAffectModel(Protocol):
-    """What the application needs: the backbone to run on aligned faces, and a head over its outputs."""
+    """What the application needs: the backbone to run on aligned faces, and a head over its outputs.
+
+    The embedded default model (and ``emotiefflib:``) subclasses it and inherits :meth:`create_backbone`;
+    a trained checkpoint implements it with its fine-tuned backbone; any object with these members
+    qualifies.
+    """
 
     backbone: str  # registry name of the backbone (create_backbone(backbone, **backbone_kwargs))
     backbone_kwargs: dict
     au_thresholds: np.ndarray  # (12,) decision thresholds for the 0/1 AU columns
+
+    def create_backbone(self) -> Backbone:
+        """The backbone whose outputs :meth:`predict` reads: ``create_backbone(backbone,
+        **backbone_kwargs)`` from the registry; a checkpoint with a fine-tuned backbone overrides it to
+        restore its own weights. Every engine and the exporter build the backbone through this."""
+        from mtaffect.features.registry import create_backbone
+
+        return create_backbone(self.backbone, **dict(self.backbone_kwargs))
 
     def predict(
         self, features: torch.Tensor, logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mtaffect.features.fer_minixception import FER_CLASS_NAMES, FER_TO_EXPR
-from mtaffect.models.base import AffectOutputs
+from mtaffect.models.base import AffectOutputs, FaceAffectModel
 from mtaffect.schema import AU_NAMES, EXPR_NAMES, NUM_AUS, NUM_EXPR
 
 PRIORS_FILE: Final[str] = "default_priors.json"
@@ -67,7 +67,7 @@ def fer_to_abaw(fer_probs: np.ndarray, tau: float) -> np.ndarray:
     return out
 
 
-class DefaultAffectModel:
+class DefaultAffectModel(FaceAffectModel):
     """:class:`~mtaffect.models.base.FaceAffectModel` over fer-minixception logits (see module doc)."""
 
     backbone: str = "fer-minixception"

@@ -169,6 +169,9 @@ class EnsembleAffectModel:
     def predict(self, *args: Any, **kwargs: Any) -> Any:
         return self.backbone  # raises: see above
 
+    def create_backbone(self) -> Any:
+        return self.backbone  # raises: see above
+
     def _used(self) -> list[str]:
         return list(dict.fromkeys(self.tasks[t] for t in TASKS))
 

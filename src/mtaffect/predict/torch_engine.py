@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from mtaffect.faces.mtcnn import MTCNN
-from mtaffect.features.registry import create_backbone
 from mtaffect.models.base import FaceAffectModel
 from mtaffect.models.outputs import AffectOutputs
 from mtaffect.predict.threads import resolve_threads, torch_threads
@@ -95,13 +94,7 @@ class TorchEngine:
         self.device = torch_device(device)
         self.model = load_affect_model(model, self.device)
         # a trained checkpoint builds its own backbone (with its fine-tuned weights, when it has them)
-        make = getattr(self.model, "create_backbone", None)
-        self.backbone = (
-            make()
-            if callable(make)
-            else create_backbone(self.model.backbone, **dict(self.model.backbone_kwargs))
-        )
-        self.backbone.to(self.device).eval()
+        self.backbone = self.model.create_backbone().to(self.device).eval()
         spec = self.backbone.spec
         self.input_size, self.colour = spec.input_size, spec.colour
         self.batch_size = int(batch_size)

@@ -124,6 +124,7 @@ class ExportedFaceModel:
         self._face, self._head = face, head
         self.size = int(pre["resize"]["size"])
         self.colour: str = pre["colour"]
+        self.channels = 1 if self.colour == "L" else 3
         self.temporal = bool(info["temporal"])
         self.window: int | None = info.get("window")
         self.outputs: tuple[str, ...] = tuple(info["outputs"])
@@ -136,10 +137,10 @@ class ExportedFaceModel:
     def prepare(self, faces: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Aligned uint8 RGB crops (any square size, usually 112) -> the graph's (N, S, S, C) input."""
         out = [resize_array(f, self.size, self.colour) for f in faces]
-        c = 1 if self.colour == "L" else 3
+        shape = (self.size, self.size, self.channels)
         if not out:
-            return np.zeros((0, self.size, self.size, c), np.uint8)
-        return np.stack(out).reshape(len(out), self.size, self.size, c)
+            return np.zeros((0, *shape), np.uint8)
+        return np.stack(out).reshape(len(out), *shape)
 
     def run(self, pixels: np.ndarray) -> tuple[AffectOutputs, dict[str, np.ndarray]]:
         """(N, S, S, C) faces — or (N, T, S, S, C) windows for temporal models — -> probabilities and
@@ -149,7 +150,7 @@ class ExportedFaceModel:
         single = self.temporal and x.ndim == 4
         if single:
             x = x[:, None]
-        want, c = (5 if self.temporal else 4), (1 if self.colour == "L" else 3)
+        want, c = (5 if self.temporal else 4), self.channels
         if x.ndim != want or x.shape[-3:] != (self.size, self.size, c):
             raise ValueError(
                 f"the face model takes uint8 faces (N{', T' if self.temporal else ''}, {self.size}, "
