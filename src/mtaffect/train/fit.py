@@ -61,13 +61,13 @@ from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open
 from mtaffect.metrics import P_of, terms_of
 from mtaffect.models.base import TASKS, MTLModel, Stage
+from mtaffect.models.checkpoint import load_weights
 from mtaffect.models.losses import MTLLoss
 from mtaffect.train.config import ConfigError, StageSettings, TrainConfig
 from mtaffect.train.data import MTLDataModule, cpus_per_process
 from mtaffect.train.module import MTLModule, apply_stage
 from mtaffect.train.run import (
     RunRecorder,
-    load_weights,
     prediction_table,
     prepare_out,
     save_model,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import yaml
 
 from mtaffect.data.predictions import PredictionTable
@@ -185,12 +184,6 @@ class RunRecorder:
         ).save(self.out)  # fmt: skip
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-__all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records", "load_weights",
+__all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records",
            "prediction_table", "prepare_out", "run_status", "save_model",
            "stage_dir", "write_json"]  # fmt: skip

@@ -30,12 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.reader import StoreSet, store_images_sha256
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_folder, atomic_open, previous_dir
+from mtaffect.models.checkpoint import load_weights
 
 FORMAT = "mtaffect-train-state"
 VERSION = 1
@@ -260,8 +261,8 @@ class EpochState:
             return None
         try:
             meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-            tensors = load_file(str(folder / STATE_TENSORS))
-        except (OSError, ValueError) as exc:
+            tensors = load_weights(folder / STATE_TENSORS, hint=None)
+        except (OSError, ValueError) as exc:  # a damaged file included (CheckpointError)
             raise ResumeError(
                 f"{folder}: the training state cannot be read ({exc}); start over with --overwrite"
             ) from exc
