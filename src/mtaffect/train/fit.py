@@ -630,7 +630,8 @@ def _fit(
         summaries = [*summaries, summary]
         if module.best_metrics is not None:
             selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
-                        "predictions": module.best_predictions, "final": final}  # fmt: skip
+                        "predictions": module.best_predictions, "final": final,
+                        "written": recorder.best_written == module.best_epoch}  # fmt: skip
         if validate and module.best_metrics is not None:
             say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score {module.best_score:.4f} "
                 f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
@@ -674,7 +675,7 @@ def _selected_from_summary(summaries: list[dict], name: str, before: dict | None
     for s in summaries:
         if s["name"] == name and s.get("best_metrics") is not None:
             return {"stage": name, "metrics": s["best_metrics"], "epoch": s["best_epoch"],
-                    "predictions": None, "final": False}  # fmt: skip
+                    "predictions": None, "final": False, "written": False}  # fmt: skip
     return before
 
 
@@ -688,7 +689,8 @@ def _finish(
     config: TrainConfig, training: Training, out: Path | None, world: World, t0: float, history: list[dict],
     summaries: list[dict], selected: dict | None, present: tuple[str, ...], validate: bool,
 ) -> TrainResult:  # fmt: skip
-    """Write best/, val_predictions.parquet and metrics.json (rank 0) and build the result."""
+    """Write best/ and val_predictions.parquet where the final stage's recorder has not, and metrics.json
+    (rank 0); build the result."""
     model, dm = training.model, training.datamodule
     rank0 = world.rank == 0
     metrics = selected["metrics"] if selected else {}
@@ -711,7 +713,13 @@ def _finish(
     diverged = selected is None if validate else any(s["diverged"] for s in summaries)
     if out is not None and rank0:
         if not diverged:
-            result.checkpoint = training.save(out / "best", metrics or None, True)
+            # best/ holds the selected epoch already when this session's recorder wrote it (the same weights
+            # and metrics); else (selected in an earlier session, which may have ended between two writes)
+            # it is written from the selected weights now
+            if selected and selected["written"]:
+                result.checkpoint = out / "best"
+            else:
+                result.checkpoint = training.save(out / "best", metrics or None, True)
             if preds is not None and not (selected and selected["final"]):
                 preds.write(out / "val_predictions.parquet", overwrite=True)
         write_json(

@@ -151,6 +151,7 @@ class RunRecorder:
         self.out, self.rank0, self.k, self.stage, self.final = out, rank0, k, stage, final
         self.training, self.dm = training, training.datamodule
         self.earlier, self.summaries, self.say = earlier, summaries, say
+        self.best_written: int | None = None  # the epoch whose checkpoint this session wrote as best/
 
     def validated(self, module: MTLModule, entry: dict, improved: bool) -> None:
         if not self.rank0:
@@ -166,6 +167,7 @@ class RunRecorder:
         self.training.save(stage_dir(self.out, self.k, self.stage), module.best_metrics, True)
         if self.final:
             self.training.save(self.out / "best", module.best_metrics, True)
+            self.best_written = module.best_epoch
             if module.best_predictions is not None and self.dm.val_labels is not None:
                 table = prediction_table(module.best_predictions, self.dm.val_labels.images)
                 table.write(self.out / "val_predictions.parquet", overwrite=True)
