@@ -68,6 +68,7 @@ from mtaffect.train.data import MTLDataModule, cpus_per_process
 from mtaffect.train.module import MTLModule, apply_stage
 from mtaffect.train.run import (
     RunRecorder,
+    input_store_records,
     prediction_table,
     prepare_out,
     save_model,
@@ -257,8 +258,12 @@ def build_training(
         seed=config.trainer.seed, workers=config.data.workers, pin_memory=on_gpu(config),
     )  # fmt: skip
 
+    record = {"name": data.backbone, "spec": data.spec, "fingerprint": data.fingerprint}
+    input_stores = input_store_records(data if isinstance(data, StoreSet) else None, model.inputs)
+
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return save_model(path, model, config, data, metrics)
+        return save_model(path, model, config, metrics, backbone=record, sizes=data,
+                          input_stores=input_stores, overwrite=overwrite)  # fmt: skip
 
     return Training(model=model, datamodule=dm, save=save, weights=load_weights)
 
