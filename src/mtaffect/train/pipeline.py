@@ -343,15 +343,13 @@ def combine_predictions(runs: dict[str, Path], val: LabelTable) -> tuple[Predict
     """Each task's columns from the validation predictions of the run answering it (``{task: run
     folder}``), over the images every run predicted, and their metric (``MetricResult.to_dict()``)."""
     from mtaffect.metrics import score
+    from mtaffect.models.ensemble import combine_tables
 
     tables = {task: PredictionTable.read(folder / "val_predictions.parquet") for task, folder in runs.items()}
     first = next(iter(tables.values()))
     common = set.intersection(*(set(map(str, t.images)) for t in tables.values()))
     images = [x for x in map(str, first.images) if x in common]
-    t = {task: table.align_to(images) for task, table in tables.items()}
-    preds = PredictionTable.from_arrays(
-        images, t["va"].valence, t["va"].arousal, t["expr"].expr_probs, t["au"].au_probs
-    )
+    preds = combine_tables(tables, images)
     kept = val.subset(_isin(val.images, images))
     return preds, score(kept, preds).to_dict()
 
