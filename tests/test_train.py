@@ -287,6 +287,14 @@ def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(d
     terms = metrics["best"]
     assert res.P == pytest.approx(terms["expr"]["f1"] + terms["au"]["f1"]) == metrics["P_tasks"]
     assert "va absent" in res.summary() and "P[au+expr]" in res.summary()
+    # one row of P and its terms for result tables: the run's, a pipeline step's (from metrics.json), none
+    from mtaffect.metrics import terms_row
+    from mtaffect.train.pipeline import _scores
+
+    row = {"P": metrics["P_tasks"], "ccc_va": terms["va"]["mean"], "f1_expr": terms["expr"]["f1"],
+           "f1_au": terms["au"]["f1"]}  # fmt: skip
+    assert res.terms() == row and {k: _scores(tmp_path / "run")[k] for k in row} == row
+    assert all(np.isnan(v) for v in terms_row({}, ("au",)).values())
 
 
 def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_cleanly(dataset, tmp_path):

@@ -59,7 +59,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.reader import StoreSet
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open
-from mtaffect.metrics import P_of, terms_of
+from mtaffect.metrics import terms_of, terms_row
 from mtaffect.models.base import TASKS, MTLModel, Stage
 from mtaffect.models.checkpoint import load_weights
 from mtaffect.models.losses import MTLLoss
@@ -107,14 +107,11 @@ class TrainResult:
     @property
     def P(self) -> float:
         """P over the present tasks (the official P when the data has all three)."""
-        if not self.metrics:
-            return float("nan")
-        return P_of(terms_of(self.metrics), self.tasks)
+        return self.terms()["P"]
 
     def terms(self) -> dict[str, float]:
-        """``P`` (present tasks) and the three terms, as cv/search tables show them."""
-        t = terms_of(self.metrics)
-        return {"P": self.P, "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"]}
+        """``P`` (present tasks) and the three terms, as cv/search tables show them (NaN: not scored)."""
+        return terms_row(self.metrics, self.tasks)
 
     def summary(self) -> str:
         m = self.metrics

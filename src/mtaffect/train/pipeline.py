@@ -45,7 +45,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.reader import StoreSet
 from mtaffect.features.store import FeatureStore, StoreError
 from mtaffect.io import OutputExistsError, atomic_open
-from mtaffect.metrics import P_of, terms_of
+from mtaffect.metrics import terms_row
 from mtaffect.models.base import TASKS
 from mtaffect.train.config import TrainConfig, combine_map, fused_tasks, pipeline_configs
 from mtaffect.train.fit import env_rank, fit
@@ -108,15 +108,11 @@ class PipelineResult:
 
     @property
     def P(self) -> float:
-        return P_of(terms_of(self.metrics), self.tasks) if self.metrics else float("nan")
+        return self.terms()["P"]
 
     def terms(self) -> dict[str, float]:
-        t = (
-            terms_of(self.metrics)
-            if self.metrics
-            else {"va": float("nan"), "expr": float("nan"), "au": float("nan")}
-        )
-        return {"P": self.P, "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"]}
+        """``P`` (the trained tasks) and the three terms (NaN: not scored)."""
+        return terms_row(self.metrics, self.tasks)
 
     def summary(self) -> str:
         if not self.metrics:
@@ -380,9 +376,8 @@ def _scores(folder: Path) -> dict:
     best = m.get("best") or {}
     if not best:
         return {"tasks": m.get("tasks")}
-    t = terms_of(best)
-    return {"P": m.get("P_tasks"), "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"],
-            "tasks": m.get("tasks"), "train_seconds": m.get("seconds")}  # fmt: skip
+    row = terms_row(best, m.get("tasks") or TASKS)  # P over the run's tasks: its P_tasks
+    return {**row, "tasks": m.get("tasks"), "train_seconds": m.get("seconds")}
 
 
 def _splits(root: Path) -> tuple[str, ...]:
