@@ -266,17 +266,15 @@ def build_training(
 
 
 def on_gpu(config: TrainConfig) -> bool:
-    """Whether the run trains on CUDA (pinned host memory then speeds up the copies)."""
+    """Whether the run trains on CUDA (mixed precision applies; pinned host memory speeds up the copies)."""
     acc = config.trainer.accelerator
     return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
 
 
-
 # ---- Lightning -------------------------------------------------------------------------------------
-def _precision(config: TrainConfig, accelerator: str) -> str:
+def _precision(config: TrainConfig) -> str:
     p = config.trainer.precision
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if not gpu:
+    if not on_gpu(config):
         if p not in ("auto", "32", "32-true"):
             warnings.warn(f"precision {p!r} ignored: mixed precision is used on GPU only", stacklevel=3)
         return "32-true"
@@ -316,7 +314,7 @@ def _trainer(
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=_strategy(config),
-        precision=_precision(config, t.accelerator),  # type: ignore[arg-type]
+        precision=_precision(config),  # type: ignore[arg-type]
         max_epochs=epochs,
         logger=logger,
         callbacks=cbs,
