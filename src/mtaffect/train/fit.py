@@ -193,10 +193,6 @@ class Training:
     save: Callable[[Path, dict | None, bool], Path]  # (folder, metrics, overwrite) -> checkpoint folder
     weights: Callable[[Path], dict[str, torch.Tensor]]
 
-    def restore(self, path: Path) -> None:
-        """Load a saved checkpoint folder into ``model``."""
-        self.model.load_state_dict(self.weights(path))
-
 
 def open_training_data(config: TrainConfig, data: Any, stores: Any = None) -> Any:
     """The data a config trains on: a :class:`FeatureStore` (opened once), or for a config with a
@@ -350,7 +346,6 @@ class World:
     rank: int
     size: int
     local: int
-    cuda: bool
 
 
 def resolve_world(config: TrainConfig) -> World:
@@ -361,8 +356,7 @@ def resolve_world(config: TrainConfig) -> World:
             num_nodes=config.trainer.num_nodes, strategy=_strategy(config), logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )  # fmt: skip
-    cuda = type(probe.accelerator).__name__ == "CUDAAccelerator"
-    return World(probe.global_rank, probe.world_size, max(1, probe.num_devices), cuda)
+    return World(probe.global_rank, probe.world_size, max(1, probe.num_devices))
 
 
 @contextlib.contextmanager
