@@ -331,6 +331,33 @@ def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_
     assert all(torch.isfinite(p).all() for p in model.model.parameters())
 
 
+def test_a_first_stage_without_a_finite_epoch_leaves_the_weights_as_built(dataset, tmp_path):
+    """No validation epoch of the first stage is finite: its modules keep the weights the run built (the
+    seeded model), the next stage trains on, and the run's model is the next stage's."""
+    import lightning as L
+
+    from mtaffect.models.registry import create_model
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+
+    class PoisonFirst(L.Callback):
+        def on_validation_epoch_start(self, trainer, module):
+            module.model.poison = module.stage.name == "au"
+
+    c = cfg("tiny-two-stage", trainer={"epochs": 2})
+    logs: list[str] = []
+    res = fit(c, store, train, val, tmp_path / "run", callbacks=[PoisonFirst()], log=logs.append)
+    assert res.stages[0]["best_epoch"] == -1 and res.stages[0]["note"].startswith("no finite validation")
+    assert any("weights left as before the stage" in m for m in logs), logs
+    L.seed_everything(c.trainer.seed, workers=True, verbose=False)
+    built = create_model("tiny-two-stage", feature_dim=12, num_logits=0, token_shape=None).state_dict()
+    state = res.model.state_dict()
+    assert all(torch.equal(state[k], built[k]) for k in built if k.startswith(("trunk.", "au.")))
+    assert not all(torch.equal(state[k], built[k]) for k in built if k.startswith("expr."))  # rest trained
+    assert res.stages[1]["best_epoch"] >= 0 and np.isfinite(res.P)
+
+
 def test_weights_that_become_nonfinite_end_the_stage_at_once(dataset, tmp_path):
     import lightning as L
 

@@ -568,8 +568,13 @@ def _fit(
         if mid is not None:
             say(f"stage {stage.name}: resuming at epoch {done} of {ps.epochs}")
         L.seed_everything(stage_seed(config.trainer.seed, k), workers=True, verbose=False)
-        start = initial if i == 0 else None
-        if mid is None:
+        # the weights the stage starts from (a run's first stage: the model as built); a stage resumed
+        # mid-way reads them back below, only if needed
+        if mid is not None:
+            start = initial if i == 0 else None
+        elif i == 0 and saved is None:
+            start = initial
+        else:
             start = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
         apply_stage(model, stage)
         dm.set_stage(stage.tasks, batch_size=ps.settings.batch_size or config.data.batch_size,
