@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,14 +55,6 @@ def stage_seed(seed: int, stage: int) -> int:
 
 
 # ---- the run's inputs ------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def labels_digest(table: LabelTable) -> str:
     """sha256 of a label table's content (images and every label, in order), whatever file it came from."""
     h = hashlib.sha256()
@@ -80,6 +71,8 @@ def _labels_identity(table: LabelTable | None) -> dict | None:
     out: dict[str, Any] = {"source": str(src) if src else None, "rows": len(table),
                            "content_sha256": labels_digest(table)}  # fmt: skip
     if src and Path(src).is_file():
+        from mtaffect.features.hf import file_sha256  # memoised per (path, size, mtime)
+
         out["file_sha256"] = file_sha256(src)
     return out
 
@@ -282,6 +275,6 @@ class EpochState:
 
 
 __all__ = [
-    "EpochState", "ResumeError", "capture_rng", "check_identity", "data_source", "file_sha256",
+    "EpochState", "ResumeError", "capture_rng", "check_identity", "data_source",
     "labels_digest", "read_run", "restore_rng", "run_identity", "stage_seed", "write_run",
 ]  # fmt: skip
