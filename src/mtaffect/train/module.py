@@ -1,7 +1,7 @@
 """The LightningModule: one training stage of an :class:`MTLModel`, scored with the official metric.
 
 - Inputs arrive as the store's float16 (or float32 from RAM) and are cast to float32 on the device
-  (:meth:`MTLModule.on_after_batch_transfer`), so the host never makes a float32 copy.
+  (:meth:`mtaffect.train.data.MTLDataModule.float32_inputs`), so the host never makes a float32 copy.
 - During a training step ``model.active_tasks`` is the stage's tasks (``None`` otherwise): an
   optional hint a recipe may use to skip computing heads whose loss the stage does not optimise
   (all three outputs are still required whenever it is ``None``: validation, prediction).
