@@ -719,3 +719,8 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
     code, output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
                        "--overwrite")  # fmt: skip
     assert code == 2 and "au=STORE" in output
+    from mtaffect.models.checkpoint import CheckpointError
+    from mtaffect.models.ensemble import save_ensemble
+
+    with pytest.raises(CheckpointError, match=r"reads the features of \['au'\]"):  # no source computes them
+        save_ensemble(tmp_path / "ensemble", {"m": best}, {"au": "m", "expr": "m", "va": "m"})

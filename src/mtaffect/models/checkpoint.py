@@ -449,7 +449,9 @@ class TrainedAffectModel:
         if not self.store_inputs:
             return
         if stores is None:
-            names = sorted({i.split("@", 1)[1] for i in self.store_inputs})
+            from mtaffect.features.reader import store_names
+
+            names = sorted(store_names(self.store_inputs))
             raise CheckpointError(
                 f"this model fuses features of other models ({', '.join(self.store_inputs)}): give the "
                 f"stores they were exported into ({', '.join(f'{n}=STORE' for n in names)}), or predict "

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtaffect.features.reader import store_names
 from mtaffect.io import atomic_folder
 from mtaffect.models.base import TASKS
 from mtaffect.models.checkpoint import (
@@ -62,10 +63,6 @@ def _link_tree(src: Path, dst: Path) -> None:
                 os.link(a, b)
             except OSError:
                 shutil.copy2(a, b)
-
-
-def _store_keys(config: dict) -> set[str]:
-    return {str(i).split("@", 1)[1] for i in config.get("inputs", []) if "@" in str(i)}
 
 
 def combine_tables(tables: Mapping[str, Any], images: Sequence[str]) -> Any:
@@ -99,7 +96,7 @@ def save_ensemble(
         )
     for name, folder in members.items():
         cfg = read_checkpoint_config(folder)
-        lacking = sorted(_store_keys(cfg) - set(sources))
+        lacking = sorted(set(store_names(cfg.get("inputs", []))) - set(sources))
         if lacking:
             raise CheckpointError(
                 f"member {name!r} ({folder}) reads the features of {lacking}: give the checkpoints that "

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from mtaffect.data.predictions import PredictionTable
-from mtaffect.features.reader import StoreSet, split_input
+from mtaffect.features.reader import StoreSet, store_names
 from mtaffect.io import OutputExistsError, atomic_open
 from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.checkpoint import save_checkpoint
@@ -127,7 +127,7 @@ def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dic
     backbone and fingerprint, checked when the model later predicts from stores."""
     if stores is None:
         return {}
-    keys = dict.fromkeys(split_input(i)[1] for i in inputs if "@" in i)
+    keys = store_names(inputs)
     return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint}
             for k in keys}  # fmt: skip
 
