@@ -692,9 +692,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>"
                 node[part] = {}
             if not isinstance(node[part], dict):
                 path = ".".join(parts[: depth + 1])
-                raise ConfigError(
-                    f"override {item!r}: {where}: {path} is {node[part]!r}, not a mapping"
-                )
+                raise ConfigError(f"override {item!r}: {where}: {path} is {node[part]!r}, not a mapping")
             node = node[part]
         node[parts[-1]] = value
     return out

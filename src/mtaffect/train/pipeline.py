@@ -179,8 +179,9 @@ class Pipeline:
             old = json.loads(marker.read_text(encoding="utf-8")).get("steps", {})
         except (OSError, ValueError):
             old = {}
+        # run folders of steps (a search's variants included)
         steps = {p.name for p in self.out.iterdir() if p.name.startswith(("task_", "enhanced_"))
-                 and (p / "run.json").is_file()}  # run folders of steps (a search's variants included)
+                 and (p / "run.json").is_file()}  # fmt: skip
         names = [*sorted({n for n in old if n.startswith(("task_", "enhanced_"))} | steps), *PIPELINE_ENTRIES]
         if self.rank0:
             for name in names:

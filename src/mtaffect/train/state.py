@@ -123,8 +123,11 @@ def check_identity(saved: dict, now: dict, out: Path) -> None:
     sa, sb = a.get("stores") or {}, b.get("stores") or {}
     for key in sorted(set(sa) | set(sb)):
         x, y = sa.get(key), sb.get(key)
-        if x is None or y is None or x.get("images_sha256") != y.get("images_sha256") or (
-            x.get("fingerprint") != y.get("fingerprint")
+        if (
+            x is None
+            or y is None
+            or x.get("images_sha256") != y.get("images_sha256")
+            or x.get("fingerprint") != y.get("fingerprint")
         ):
             said = "none" if x is None else f"{x.get('path')} (fingerprint {x.get('fingerprint')})"
             given = "none" if y is None else f"{y.get('path')} (fingerprint {y.get('fingerprint')})"

@@ -49,7 +49,7 @@ def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Back
 def build_image_training(
     config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *,
     trust_remote_code: bool = False, stores: StoreSet | None = None,
-) -> Training:
+) -> Training:  # fmt: skip
     """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``.
 
     ``stores``: named feature stores read beside the images (a recipe's ``features@<name>`` inputs,
