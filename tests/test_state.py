@@ -136,3 +136,72 @@ def test_resume_refuses_other_features_or_annotations(dataset, tmp_path):  # noq
     with pytest.raises(ValueError, match=r"training annotations .* sha256"):
         fit(cfg(trainer={"epochs": 1}), store, changed, val, out, resume=True, log=None)
     assert (out / "metrics.json").read_bytes() == before  # nothing was rewritten
+
+
+def test_resume_from_a_damaged_state_file_is_an_error_line_not_a_traceback(dataset, tmp_path):  # noqa: F811
+    """A truncated state/state.safetensors (safetensors' own error is no ValueError) ends ``train --resume``
+    with one error line naming the file and exit code 2; the run folder is left as it was."""
+    from typer.testing import CliRunner
+
+    from mtaffect.cli import app
+    from mtaffect.data.annotations import write_annotations
+    from mtaffect.models.checkpoint import CheckpointError, load_weights
+
+    store, train, val = dataset
+    root = tmp_path / "root"
+    write_annotations(train, root / "training_set_annotations.txt")
+    write_annotations(val, root / "validation_set_annotations.txt")
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text("model: {recipe: tiny-test}\ntrainer: {epochs: 1, patience: 0}\ndata: {batch_size: 64}\n")
+    args = ["train", "--config", str(conf), "--features", str(store), "--data", str(root),
+            "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    state = tmp_path / "run" / "state" / "state.safetensors"
+    damaged = state.read_bytes()[:40]
+    state.write_bytes(damaged)
+    r = CliRunner().invoke(app, [*args, "--resume"])
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and "cannot be read" in r.output and "--overwrite" in r.output, r.output
+    assert state.read_bytes() == damaged and (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_weights(state)
+
+
+def test_best_is_written_once_per_improvement_and_again_on_resume(dataset, tmp_path, monkeypatch):  # noqa: F811
+    """The final stage writes best/ each time its selection improves; the end of the run does not write the
+    same checkpoint a second time (a fine-tuned ViT's is large). A resumed run whose best/ is missing (a
+    session that ended between two writes) writes it again from the selected weights."""
+    import math
+    import shutil
+
+    import mtaffect.train.fit as F
+
+    store, train, val = dataset
+    out = tmp_path / "run"
+    written: list[Path] = []
+    save_model = F.save_model
+
+    def counting(path, *args, **kwargs):
+        written.append(Path(path))
+        return save_model(path, *args, **kwargs)
+
+    monkeypatch.setattr(F, "save_model", counting)
+    c = cfg("tiny-two-stage", trainer={"epochs": 4})
+    res = fit(c, store, train, val, out, log=None)
+    best, scores = -math.inf, [h["score"] for h in res.history if h["stage"] == "rest" and h["finite"]]
+    improvements = 0
+    for s in scores:
+        improvements, best = (improvements + 1, s) if s > best else (improvements, best)
+    assert written.count(out / "best") == improvements >= 1 and res.checkpoint == out / "best"
+    saved = load_file(str(out / "best" / "model.safetensors"))
+    state = res.model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert json.loads((out / "best" / "config.json").read_text())["metrics"]["P"] == res.metrics["P"]
+
+    shutil.rmtree(out / "best")
+    written.clear()
+    again = fit(c, store, train, val, out, resume=True, log=None)
+    assert written == [out / "best"] and again.checkpoint == out / "best"
+    restored = load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)

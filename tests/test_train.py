@@ -287,6 +287,14 @@ def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(d
     terms = metrics["best"]
     assert res.P == pytest.approx(terms["expr"]["f1"] + terms["au"]["f1"]) == metrics["P_tasks"]
     assert "va absent" in res.summary() and "P[au+expr]" in res.summary()
+    # one row of P and its terms for result tables: the run's, a pipeline step's (from metrics.json), none
+    from mtaffect.metrics import terms_row
+    from mtaffect.train.pipeline import _scores
+
+    row = {"P": metrics["P_tasks"], "ccc_va": terms["va"]["mean"], "f1_expr": terms["expr"]["f1"],
+           "f1_au": terms["au"]["f1"]}  # fmt: skip
+    assert res.terms() == row and {k: _scores(tmp_path / "run")[k] for k in row} == row
+    assert all(np.isnan(v) for v in terms_row({}, ("au",)).values())
 
 
 def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_cleanly(dataset, tmp_path):
@@ -321,6 +329,33 @@ def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_
     assert any("non-finite" in m and "not selected" in m for m in logs), logs
     model = load_model(out / "best")
     assert all(torch.isfinite(p).all() for p in model.model.parameters())
+
+
+def test_a_first_stage_without_a_finite_epoch_leaves_the_weights_as_built(dataset, tmp_path):
+    """No validation epoch of the first stage is finite: its modules keep the weights the run built (the
+    seeded model), the next stage trains on, and the run's model is the next stage's."""
+    import lightning as L
+
+    from mtaffect.models.registry import create_model
+    from mtaffect.train.fit import fit
+
+    store, train, val = dataset
+
+    class PoisonFirst(L.Callback):
+        def on_validation_epoch_start(self, trainer, module):
+            module.model.poison = module.stage.name == "au"
+
+    c = cfg("tiny-two-stage", trainer={"epochs": 2})
+    logs: list[str] = []
+    res = fit(c, store, train, val, tmp_path / "run", callbacks=[PoisonFirst()], log=logs.append)
+    assert res.stages[0]["best_epoch"] == -1 and res.stages[0]["note"].startswith("no finite validation")
+    assert any("weights left as before the stage" in m for m in logs), logs
+    L.seed_everything(c.trainer.seed, workers=True, verbose=False)
+    built = create_model("tiny-two-stage", feature_dim=12, num_logits=0, token_shape=None).state_dict()
+    state = res.model.state_dict()
+    assert all(torch.equal(state[k], built[k]) for k in built if k.startswith(("trunk.", "au.")))
+    assert not all(torch.equal(state[k], built[k]) for k in built if k.startswith("expr."))  # rest trained
+    assert res.stages[1]["best_epoch"] >= 0 and np.isfinite(res.P)
 
 
 def test_weights_that_become_nonfinite_end_the_stage_at_once(dataset, tmp_path):
@@ -675,3 +710,8 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
     output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
                  "--overwrite", code=2)  # fmt: skip
     assert "au=STORE" in output
+    from mtaffect.models.checkpoint import CheckpointError
+    from mtaffect.models.ensemble import save_ensemble
+
+    with pytest.raises(CheckpointError, match=r"reads the features of \['au'\]"):  # no source computes them
+        save_ensemble(tmp_path / "ensemble", {"m": best}, {"au": "m", "expr": "m", "va": "m"})

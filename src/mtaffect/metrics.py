@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 __all__ = [
+    "TERM_COLUMNS",
     "MTLMetric",
     "MetricResult",
     "P_of",
@@ -51,6 +52,7 @@ __all__ = [
     "official_metric",
     "score",
     "terms_of",
+    "terms_row",
 ]
 
 # Columns of the per-task moment state: count, mean of prediction, mean of truth,
@@ -449,6 +451,19 @@ def terms_of(metrics: Mapping[str, Any]) -> dict[str, float]:
 def P_of(terms: Mapping[str, float], tasks: Any) -> float:
     """Sum of the terms of ``tasks`` (task keys ``au``, ``expr``, ``va``): P restricted to those tasks."""
     return float(sum(terms[t] for t in tasks))
+
+
+#: What result tables (cross-validation, search, pipeline steps) call P's terms, by task key.
+TERM_COLUMNS: dict[str, str] = {"va": "ccc_va", "expr": "f1_expr", "au": "f1_au"}
+
+
+def terms_row(metrics: Mapping[str, Any], tasks: Any) -> dict[str, float]:
+    """``{P, ccc_va, f1_expr, f1_au}`` of a :meth:`MetricResult.to_dict` dict, P over ``tasks``: a row of
+    the result tables; all NaN for empty metrics (nothing scored)."""
+    if not metrics:
+        return {"P": float("nan"), **{c: float("nan") for c in TERM_COLUMNS.values()}}
+    t = terms_of(metrics)
+    return {"P": P_of(t, tasks), **{c: t[k] for k, c in TERM_COLUMNS.items()}}
 
 
 def _result(rows: int, va: np.ndarray, conf: np.ndarray, au: np.ndarray, thr: np.ndarray) -> MetricResult:

@@ -26,7 +26,7 @@ Training, cross-validation and ``predict_store`` all read through this module.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,12 @@ def split_input(name: str) -> tuple[str, str]:
             "(e.g. features@au: the features of the store named au)"
         )
     return array, key
+
+
+def store_names(inputs: Iterable[str]) -> tuple[str, ...]:
+    """The named stores some model inputs read: ``("features", "features@au", "logits@au")`` ->
+    ``("au",)`` (each once, in order of first use; inputs without ``@`` are skipped unchecked)."""
+    return tuple(dict.fromkeys(split_input(i)[1] for i in inputs if "@" in str(i)))
 
 
 def store_images_sha256(store: FeatureStore) -> str:

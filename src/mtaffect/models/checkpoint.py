@@ -257,6 +257,24 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def load_weights(
+    path: str | os.PathLike, hint: str | None = "the checkpoint is damaged: copy or train it again"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, or of a checkpoint folder's ``model.safetensors``.
+
+    A damaged file is a :class:`CheckpointError` naming it, ``hint`` saying what to do (safetensors'
+    own error is no ``ValueError``: it would reach the user as a traceback); a missing one an ``OSError``.
+    """
+    p = Path(path)
+    file = p / WEIGHTS if p.is_dir() else p
+    try:
+        return load_file(str(file))
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({exc})" + (f"; {hint}" if hint else "")
+        ) from None
+
+
 def load_mtl_model(path: str | os.PathLike) -> tuple[MTLModel, dict]:
     """The :class:`MTLModel` of a checkpoint (eval mode, CPU) and its config."""
     from mtaffect.models.registry import create_model
@@ -270,13 +288,7 @@ def load_mtl_model(path: str | os.PathLike) -> tuple[MTLModel, dict]:
         raise CheckpointError(
             f"{p / CONFIG}: cannot rebuild recipe {config.get('recipe')!r} ({msg})"
         ) from exc
-    try:
-        state = load_file(str(p / WEIGHTS))
-    except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(
-            f"{p / WEIGHTS}: not a readable safetensors file ({exc}); the checkpoint is damaged: copy or "
-            "train it again"
-        ) from None
+    state = load_weights(p / WEIGHTS)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -437,7 +449,9 @@ class TrainedAffectModel:
         if not self.store_inputs:
             return
         if stores is None:
-            names = sorted({i.split("@", 1)[1] for i in self.store_inputs})
+            from mtaffect.features.reader import store_names
+
+            names = sorted(store_names(self.store_inputs))
             raise CheckpointError(
                 f"this model fuses features of other models ({', '.join(self.store_inputs)}): give the "
                 f"stores they were exported into ({', '.join(f'{n}=STORE' for n in names)}), or predict "
@@ -632,5 +646,5 @@ def load_model(
     return TrainedAffectModel(model, config, device, path=path, trust_remote_code=trust_remote_code)
 
 
-__all__ = ["CheckpointError", "TrainedAffectModel", "backbone_from_run", "load_model",
+__all__ = ["CheckpointError", "TrainedAffectModel", "backbone_from_run", "load_model", "load_weights",
            "read_checkpoint_config", "save_checkpoint"]  # fmt: skip

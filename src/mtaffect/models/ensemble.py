@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtaffect.features.reader import store_names
 from mtaffect.io import atomic_folder
 from mtaffect.models.base import TASKS
 from mtaffect.models.checkpoint import (
@@ -64,8 +65,20 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(a, b)
 
 
-def _store_keys(config: dict) -> set[str]:
-    return {str(i).split("@", 1)[1] for i in config.get("inputs", []) if "@" in str(i)}
+def combine_tables(tables: Mapping[str, Any], images: Sequence[str]) -> Any:
+    """One PredictionTable for ``images``: each task's columns from its own table (``{task: table}``, a
+    table may answer several tasks); ``valid`` (when every table has it) is valid in all of them."""
+    from mtaffect.data.predictions import PredictionTable
+
+    names = [str(x) for x in images]
+    va = tables["va"].align_to(names)
+    expr = tables["expr"].align_to(names)
+    au = tables["au"].align_to(names)
+    extra = {}
+    if all("valid" in t.frame for t in tables.values()):
+        valid = np.min([t.align_to(names).frame["valid"].to_numpy() for t in tables.values()], axis=0)
+        extra["valid"] = valid.astype(np.int8)
+    return PredictionTable.from_arrays(names, va.valence, va.arousal, expr.expr_probs, au.au_probs, **extra)
 
 
 def save_ensemble(
@@ -83,7 +96,7 @@ def save_ensemble(
         )
     for name, folder in members.items():
         cfg = read_checkpoint_config(folder)
-        lacking = sorted(_store_keys(cfg) - set(sources))
+        lacking = sorted(set(store_names(cfg.get("inputs", []))) - set(sources))
         if lacking:
             raise CheckpointError(
                 f"member {name!r} ({folder}) reads the features of {lacking}: give the checkpoints that "
@@ -176,19 +189,7 @@ class EnsembleAffectModel:
         return list(dict.fromkeys(self.tasks[t] for t in TASKS))
 
     def _combine(self, tables: Mapping[str, Any], images: Sequence[str]) -> Any:
-        from mtaffect.data.predictions import PredictionTable
-
-        names = [str(x) for x in images]
-        va = tables[self.tasks["va"]].align_to(names)
-        expr = tables[self.tasks["expr"]].align_to(names)
-        au = tables[self.tasks["au"]].align_to(names)
-        extra = {}
-        if all("valid" in t.frame for t in tables.values()):
-            valid = np.min([t.align_to(names).frame["valid"].to_numpy() for t in tables.values()], axis=0)
-            extra["valid"] = valid.astype(np.int8)
-        return PredictionTable.from_arrays(
-            names, va.valence, va.arousal, expr.expr_probs, au.au_probs, **extra
-        )
+        return combine_tables({t: tables[self.tasks[t]] for t in TASKS}, images)
 
     def predict_images(
         self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
@@ -228,4 +229,4 @@ class EnsembleAffectModel:
         return self._combine(tables, images)
 
 
-__all__ = ["ENSEMBLE_FILE", "EnsembleAffectModel", "is_ensemble", "save_ensemble"]
+__all__ = ["ENSEMBLE_FILE", "EnsembleAffectModel", "combine_tables", "is_ensemble", "save_ensemble"]

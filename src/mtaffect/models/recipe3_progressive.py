@@ -189,26 +189,25 @@ class ProgressiveMTL(MTLModel):
         if single_step:
             x = x.unsqueeze(1)
         flat, lead = flatten_leading(x, 1)
-        if self.variant == "published":
-            return self._forward_published(batch, flat, lead, single_step)
-        task_out = {t: m(flat) for t, m in self.task_models().items()}
-        if self.progressive and self.in_stage1():
-            out = {t: task_out[t][1] if t in task_out else self._zeros(flat, t) for t in TASKS}
+        if self.variant == "published":  # the backbone feature + the exported task features
+            fused = self._fuse_published(batch, flat, single_step)
         else:
+            task_out = {t: m(flat) for t, m in self.task_models().items()}
+            if self.progressive and self.in_stage1():
+                out = {t: task_out[t][1] if t in task_out else self._zeros(flat, t) for t in TASKS}
+                return _unflatten(out, lead, single_step)
             fused = self.proj["features"](flat)
             for t, (feat, _) in task_out.items():
                 fused = fused + self.proj[t](feat)
-            h = unflatten_leading(self.fusion(fused), lead)
-            if self.temporal:
-                h = self.temporal_net(h)
-            h, _ = flatten_leading(h, 1)
-            out = {t: head(h) for t, head in self.heads.items()}
-        out = {t: unflatten_leading(v, lead) for t, v in out.items()}
-        return {t: v.squeeze(1) for t, v in out.items()} if single_step else out
+        h = unflatten_leading(self.fusion(fused), lead)
+        if self.temporal:
+            h = self.temporal_net(h)
+        h, _ = flatten_leading(h, 1)
+        return _unflatten({t: head(h) for t, head in self.heads.items()}, lead, single_step)
 
-    def _forward_published(
-        self, batch: Mapping[str, torch.Tensor], flat: torch.Tensor, lead: tuple, single_step: bool
-    ) -> dict[str, torch.Tensor]:
+    def _fuse_published(
+        self, batch: Mapping[str, torch.Tensor], flat: torch.Tensor, single_step: bool
+    ) -> torch.Tensor:
         fused = flat
         for t in self.fusion_tasks:
             name = f"features@{t}"
@@ -216,12 +215,7 @@ class ProgressiveMTL(MTLModel):
             if single_step:
                 f = f.unsqueeze(1)
             fused = fused + self.proj[t](flatten_leading(f, 1)[0])
-        h = unflatten_leading(self.fusion(fused), lead)
-        if self.temporal:
-            h = self.temporal_net(h)
-        h, _ = flatten_leading(h, 1)
-        out = {t: unflatten_leading(head(h), lead) for t, head in self.heads.items()}
-        return {t: v.squeeze(1) for t, v in out.items()} if single_step else out
+        return fused
 
     def task_models(self) -> dict[str, TaskModel]:
         """The stage-1 model of each fused task, by task name (none in the published variant)."""
@@ -233,6 +227,12 @@ class ProgressiveMTL(MTLModel):
     def _zeros(like: torch.Tensor, task: str) -> torch.Tensor:
         """Neutral output for a task with no stage-1 model (only seen while another task trains)."""
         return like.new_zeros(like.shape[0], TASK_OUT[task])
+
+
+def _unflatten(out: dict[str, torch.Tensor], lead: tuple, single_step: bool) -> dict[str, torch.Tensor]:
+    """Per-row outputs back to the input's leading shape (single-step windows without their time axis)."""
+    out = {t: unflatten_leading(v, lead) for t, v in out.items()}
+    return {t: v.squeeze(1) for t, v in out.items()} if single_step else out
 
 
 def search_space(temporal: Sequence[str] = TEMPORAL_KINDS, min_tasks: int = 1) -> list[dict]:

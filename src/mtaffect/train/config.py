@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from mtaffect.models.base import TASKS
 from mtaffect.models.losses import LossConfig
 from mtaffect.textfiles import read_yaml
 
@@ -102,7 +103,7 @@ class TrainerSection:
     log_every_n_steps: int = 50
     au_threshold: float = 0.5  # threshold stored in checkpoints and used for the validation AU F1
     num_threads: int = 0  # torch threads per process; 0: the CPUs divided by the processes on this node
-    tasks: list[str] = field(default_factory=lambda: ["au", "expr", "va"])  # the tasks this run trains
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the tasks this run trains
     select: list[str] = field(default_factory=list)  # tasks whose terms select epochs ([]: the stage's)
 
 
@@ -440,7 +441,7 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{where}: {msg}")
-    unknown = set(cfg.loss.weights) - {"au", "expr", "va"}
+    unknown = set(cfg.loss.weights) - set(TASKS)
     if unknown:
         raise ConfigError(f"{where}: loss.weights has unknown task(s) {sorted(unknown)}; tasks: au, expr, va")
     for task, w in cfg.loss.weights.items():
@@ -456,7 +457,7 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: data.window_edge must be one of {', '.join(WINDOW_EDGES)}")
     for key in ("tasks", "select"):
         value = getattr(cfg.trainer, key)
-        ok = isinstance(value, list) and all(t in TASK_NAMES for t in value) and len(set(value)) == len(value)
+        ok = isinstance(value, list) and all(t in TASKS for t in value) and len(set(value)) == len(value)
         if not ok:
             raise ConfigError(
                 f"{where}: trainer.{key} must list distinct tasks among au, expr, va, got {value!r}"
@@ -476,9 +477,6 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
     _validate_images(cfg, where)
     if cfg.pipeline.enabled:
         pipeline_configs(cfg, where)  # every step's config is checked now, not hours into the run
-
-
-TASK_NAMES = ("au", "expr", "va")
 
 
 # ---- pipelines: one config per step -----------------------------------------------------------------
@@ -522,7 +520,7 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
             f"{where}: a pipeline fine-tunes task models from images: it needs a backbone section"
         )
     for task, o in p.task_models.items():
-        if task not in TASK_NAMES:
+        if task not in TASKS:
             raise ConfigError(f"{where}: pipeline.task_models names {task!r}; tasks are au, expr, va")
         here = f"{where}: pipeline.task_models.{task}"
         only = {"trainer": {"tasks": [task]}}
@@ -566,9 +564,9 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
 def fused_tasks(step: TrainConfig) -> tuple[str, ...]:
     """The task models whose exported features an enhanced model fuses (``model.hparams.fusion_tasks``;
     the recipe's default: all three), in canonical order."""
-    fused = step.model.hparams.get("fusion_tasks", list(TASK_NAMES))
+    fused = step.model.hparams.get("fusion_tasks", list(TASKS))
     fused = [fused] if isinstance(fused, str) else list(fused or [])
-    return tuple(t for t in TASK_NAMES if t in fused)
+    return tuple(t for t in TASKS if t in fused)
 
 
 def combine_map(cfg: TrainConfig, where: str | None = None) -> dict[str, str]:
@@ -577,7 +575,7 @@ def combine_map(cfg: TrainConfig, where: str | None = None) -> dict[str, str]:
     where = where or cfg.source or "<config>"
     p = cfg.pipeline
     out = {}
-    for task in TASK_NAMES:
+    for task in TASKS:
         if task in p.combine:
             out[task] = str(p.combine[task])
         elif task in p.enhanced:
@@ -589,7 +587,7 @@ def combine_map(cfg: TrainConfig, where: str | None = None) -> dict[str, str]:
                 f"{where}: pipeline.combine does not say which enhanced model answers {task} (e.g. combine: "
                 f"{{{task}: {next(iter(p.enhanced))}}})"
             )
-    unknown = set(p.combine) - set(TASK_NAMES)
+    unknown = set(p.combine) - set(TASKS)
     if unknown:
         raise ConfigError(f"{where}: pipeline.combine has unknown task(s) {sorted(unknown)}")
     return out
@@ -694,9 +692,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>"
                 node[part] = {}
             if not isinstance(node[part], dict):
                 path = ".".join(parts[: depth + 1])
-                raise ConfigError(
-                    f"override {item!r}: {where}: {path} is {node[part]!r}, not a mapping"
-                )
+                raise ConfigError(f"override {item!r}: {where}: {path} is {node[part]!r}, not a mapping")
             node = node[part]
         node[parts[-1]] = value
     return out

@@ -26,11 +26,12 @@ from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
+from mtaffect.metrics import TERM_COLUMNS
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
 
 _SIDE = re.compile(r"_(left|right)$")
-TERMS = ("P", "ccc_va", "f1_expr", "f1_au")
+TERMS = ("P", *TERM_COLUMNS.values())
 
 
 def group_key(video: str) -> str:

@@ -396,8 +396,13 @@ class MTLDataModule(L.LightningDataModule):
         self.load(*self._rank_world())
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
-        """float16 inputs become float32 here, on the device (the host never copies them to float32)."""
-        for key in self.inputs:
+        return self.float32_inputs(batch, self.inputs)
+
+    @staticmethod
+    def float32_inputs(batch: dict[str, torch.Tensor], keys: Sequence[str]) -> dict:
+        """Store arrays (float16) among ``keys`` become float32 here, on the device (the host never copies
+        them to float32)."""
+        for key in keys:
             t = batch.get(key)
             if t is not None and t.is_floating_point() and t.dtype != torch.float32:
                 batch[key] = t.float()

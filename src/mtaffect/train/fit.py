@@ -59,15 +59,16 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.reader import StoreSet
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open
-from mtaffect.metrics import P_of, terms_of
+from mtaffect.metrics import terms_of, terms_row
 from mtaffect.models.base import TASKS, MTLModel, Stage
+from mtaffect.models.checkpoint import load_weights
 from mtaffect.models.losses import MTLLoss
 from mtaffect.train.config import ConfigError, StageSettings, TrainConfig
 from mtaffect.train.data import MTLDataModule, cpus_per_process
 from mtaffect.train.module import MTLModule, apply_stage
 from mtaffect.train.run import (
     RunRecorder,
-    load_weights,
+    input_store_records,
     prediction_table,
     prepare_out,
     save_model,
@@ -106,14 +107,11 @@ class TrainResult:
     @property
     def P(self) -> float:
         """P over the present tasks (the official P when the data has all three)."""
-        if not self.metrics:
-            return float("nan")
-        return P_of(terms_of(self.metrics), self.tasks)
+        return self.terms()["P"]
 
     def terms(self) -> dict[str, float]:
-        """``P`` (present tasks) and the three terms, as cv/search tables show them."""
-        t = terms_of(self.metrics)
-        return {"P": self.P, "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"]}
+        """``P`` (present tasks) and the three terms, as cv/search tables show them (NaN: not scored)."""
+        return terms_row(self.metrics, self.tasks)
 
     def summary(self) -> str:
         m = self.metrics
@@ -195,10 +193,6 @@ class Training:
     save: Callable[[Path, dict | None, bool], Path]  # (folder, metrics, overwrite) -> checkpoint folder
     weights: Callable[[Path], dict[str, torch.Tensor]]
 
-    def restore(self, path: Path) -> None:
-        """Load a saved checkpoint folder into ``model``."""
-        self.model.load_state_dict(self.weights(path))
-
 
 def open_training_data(config: TrainConfig, data: Any, stores: Any = None) -> Any:
     """The data a config trains on: a :class:`FeatureStore` (opened once), or for a config with a
@@ -257,24 +251,26 @@ def build_training(
         seed=config.trainer.seed, workers=config.data.workers, pin_memory=on_gpu(config),
     )  # fmt: skip
 
+    record = {"name": data.backbone, "spec": data.spec, "fingerprint": data.fingerprint}
+    input_stores = input_store_records(data if isinstance(data, StoreSet) else None, model.inputs)
+
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return save_model(path, model, config, data, metrics)
+        return save_model(path, model, config, metrics, backbone=record, sizes=data,
+                          input_stores=input_stores, overwrite=overwrite)  # fmt: skip
 
     return Training(model=model, datamodule=dm, save=save, weights=load_weights)
 
 
 def on_gpu(config: TrainConfig) -> bool:
-    """Whether the run trains on CUDA (pinned host memory then speeds up the copies)."""
+    """Whether the run trains on CUDA (mixed precision applies; pinned host memory speeds up the copies)."""
     acc = config.trainer.accelerator
     return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
 
 
-
 # ---- Lightning -------------------------------------------------------------------------------------
-def _precision(config: TrainConfig, accelerator: str) -> str:
+def _precision(config: TrainConfig) -> str:
     p = config.trainer.precision
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if not gpu:
+    if not on_gpu(config):
         if p not in ("auto", "32", "32-true"):
             warnings.warn(f"precision {p!r} ignored: mixed precision is used on GPU only", stacklevel=3)
         return "32-true"
@@ -314,7 +310,7 @@ def _trainer(
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=_strategy(config),
-        precision=_precision(config, t.accelerator),  # type: ignore[arg-type]
+        precision=_precision(config),  # type: ignore[arg-type]
         max_epochs=epochs,
         logger=logger,
         callbacks=cbs,
@@ -350,7 +346,6 @@ class World:
     rank: int
     size: int
     local: int
-    cuda: bool
 
 
 def resolve_world(config: TrainConfig) -> World:
@@ -361,8 +356,7 @@ def resolve_world(config: TrainConfig) -> World:
             num_nodes=config.trainer.num_nodes, strategy=_strategy(config), logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )  # fmt: skip
-    cuda = type(probe.accelerator).__name__ == "CUDAAccelerator"
-    return World(probe.global_rank, probe.world_size, max(1, probe.num_devices), cuda)
+    return World(probe.global_rank, probe.world_size, max(1, probe.num_devices))
 
 
 @contextlib.contextmanager
@@ -574,8 +568,13 @@ def _fit(
         if mid is not None:
             say(f"stage {stage.name}: resuming at epoch {done} of {ps.epochs}")
         L.seed_everything(stage_seed(config.trainer.seed, k), workers=True, verbose=False)
-        start = initial if i == 0 else None
-        if mid is None:
+        # the weights the stage starts from (a run's first stage: the model as built); a stage resumed
+        # mid-way reads them back below, only if needed
+        if mid is not None:
+            start = initial if i == 0 else None
+        elif i == 0 and saved is None:
+            start = initial
+        else:
             start = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
         apply_stage(model, stage)
         dm.set_stage(stage.tasks, batch_size=ps.settings.batch_size or config.data.batch_size,
@@ -630,7 +629,8 @@ def _fit(
         summaries = [*summaries, summary]
         if module.best_metrics is not None:
             selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
-                        "predictions": module.best_predictions, "final": final}  # fmt: skip
+                        "predictions": module.best_predictions, "final": final,
+                        "written": recorder.best_written == module.best_epoch}  # fmt: skip
         if validate and module.best_metrics is not None:
             say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score {module.best_score:.4f} "
                 f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
@@ -674,7 +674,7 @@ def _selected_from_summary(summaries: list[dict], name: str, before: dict | None
     for s in summaries:
         if s["name"] == name and s.get("best_metrics") is not None:
             return {"stage": name, "metrics": s["best_metrics"], "epoch": s["best_epoch"],
-                    "predictions": None, "final": False}  # fmt: skip
+                    "predictions": None, "final": False, "written": False}  # fmt: skip
     return before
 
 
@@ -688,7 +688,8 @@ def _finish(
     config: TrainConfig, training: Training, out: Path | None, world: World, t0: float, history: list[dict],
     summaries: list[dict], selected: dict | None, present: tuple[str, ...], validate: bool,
 ) -> TrainResult:  # fmt: skip
-    """Write best/, val_predictions.parquet and metrics.json (rank 0) and build the result."""
+    """Write best/ and val_predictions.parquet where the final stage's recorder has not, and metrics.json
+    (rank 0); build the result."""
     model, dm = training.model, training.datamodule
     rank0 = world.rank == 0
     metrics = selected["metrics"] if selected else {}
@@ -711,7 +712,13 @@ def _finish(
     diverged = selected is None if validate else any(s["diverged"] for s in summaries)
     if out is not None and rank0:
         if not diverged:
-            result.checkpoint = training.save(out / "best", metrics or None, True)
+            # best/ holds the selected epoch already when this session's recorder wrote it (the same weights
+            # and metrics); else (selected in an earlier session, which may have ended between two writes)
+            # it is written from the selected weights now
+            if selected and selected["written"]:
+                result.checkpoint = out / "best"
+            else:
+                result.checkpoint = training.save(out / "best", metrics or None, True)
             if preds is not None and not (selected and selected["final"]):
                 preds.write(out / "val_predictions.parquet", overwrite=True)
         write_json(

@@ -1,7 +1,7 @@
 """The LightningModule: one training stage of an :class:`MTLModel`, scored with the official metric.
 
 - Inputs arrive as the store's float16 (or float32 from RAM) and are cast to float32 on the device
-  (:meth:`MTLModule.on_after_batch_transfer`), so the host never makes a float32 copy.
+  (:meth:`mtaffect.train.data.MTLDataModule.float32_inputs`), so the host never makes a float32 copy.
 - During a training step ``model.active_tasks`` is the stage's tasks (``None`` otherwise): an
   optional hint a recipe may use to skip computing heads whose loss the stage does not optimise
   (all three outputs are still required whenever it is ``None``: validation, prediction).
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mtaffect.metrics import MetricResult, MTLMetric
+from mtaffect.metrics import MTLMetric
 from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.losses import MTLLoss
 from mtaffect.schema import MISSING_AU, MISSING_EXPR, MISSING_VA
@@ -154,7 +154,6 @@ class MTLModule(L.LightningModule):
         self.best_metrics: dict | None = sel.get("best_metrics")
         self.wait: int = sel.get("wait", 0)
         self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_result: MetricResult | None = None
         self.best_predictions: dict[str, np.ndarray] | None = None
         self.history: list[dict] = []  # this session's epochs of the stage
         self.diverged = False
@@ -166,10 +165,6 @@ class MTLModule(L.LightningModule):
     def epoch(self) -> int:
         """Epoch of the stage (counting epochs finished before a resume)."""
         return self.epoch_offset + int(self.current_epoch)
-
-    @property
-    def best_p(self) -> float:  # the name callers of earlier versions used
-        return self.best_score
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -307,7 +302,7 @@ class MTLModule(L.LightningModule):
             self.log("val/f1_au", result.au_f1)
             if self.best_score < score:
                 improved = True
-                self.best_score, self.best_epoch, self.best_result = score, self.epoch, result
+                self.best_score, self.best_epoch = score, self.epoch
                 self.best_metrics = result.to_dict()
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 self.best_predictions = _concat(_gather(_concat(self._preds)))

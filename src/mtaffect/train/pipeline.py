@@ -45,7 +45,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.reader import StoreSet
 from mtaffect.features.store import FeatureStore, StoreError
 from mtaffect.io import OutputExistsError, atomic_open
-from mtaffect.metrics import P_of, terms_of
+from mtaffect.metrics import terms_row
 from mtaffect.models.base import TASKS
 from mtaffect.train.config import TrainConfig, combine_map, fused_tasks, pipeline_configs
 from mtaffect.train.fit import env_rank, fit
@@ -108,15 +108,11 @@ class PipelineResult:
 
     @property
     def P(self) -> float:
-        return P_of(terms_of(self.metrics), self.tasks) if self.metrics else float("nan")
+        return self.terms()["P"]
 
     def terms(self) -> dict[str, float]:
-        t = (
-            terms_of(self.metrics)
-            if self.metrics
-            else {"va": float("nan"), "expr": float("nan"), "au": float("nan")}
-        )
-        return {"P": self.P, "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"]}
+        """``P`` (the trained tasks) and the three terms (NaN: not scored)."""
+        return terms_row(self.metrics, self.tasks)
 
     def summary(self) -> str:
         if not self.metrics:
@@ -183,8 +179,9 @@ class Pipeline:
             old = json.loads(marker.read_text(encoding="utf-8")).get("steps", {})
         except (OSError, ValueError):
             old = {}
+        # run folders of steps (a search's variants included)
         steps = {p.name for p in self.out.iterdir() if p.name.startswith(("task_", "enhanced_"))
-                 and (p / "run.json").is_file()}  # run folders of steps (a search's variants included)
+                 and (p / "run.json").is_file()}  # fmt: skip
         names = [*sorted({n for n in old if n.startswith(("task_", "enhanced_"))} | steps), *PIPELINE_ENTRIES]
         if self.rank0:
             for name in names:
@@ -343,15 +340,13 @@ def combine_predictions(runs: dict[str, Path], val: LabelTable) -> tuple[Predict
     """Each task's columns from the validation predictions of the run answering it (``{task: run
     folder}``), over the images every run predicted, and their metric (``MetricResult.to_dict()``)."""
     from mtaffect.metrics import score
+    from mtaffect.models.ensemble import combine_tables
 
     tables = {task: PredictionTable.read(folder / "val_predictions.parquet") for task, folder in runs.items()}
     first = next(iter(tables.values()))
     common = set.intersection(*(set(map(str, t.images)) for t in tables.values()))
     images = [x for x in map(str, first.images) if x in common]
-    t = {task: table.align_to(images) for task, table in tables.items()}
-    preds = PredictionTable.from_arrays(
-        images, t["va"].valence, t["va"].arousal, t["expr"].expr_probs, t["au"].au_probs
-    )
+    preds = combine_tables(tables, images)
     kept = val.subset(_isin(val.images, images))
     return preds, score(kept, preds).to_dict()
 
@@ -382,9 +377,8 @@ def _scores(folder: Path) -> dict:
     best = m.get("best") or {}
     if not best:
         return {"tasks": m.get("tasks")}
-    t = terms_of(best)
-    return {"P": m.get("P_tasks"), "ccc_va": t["va"], "f1_expr": t["expr"], "f1_au": t["au"],
-            "tasks": m.get("tasks"), "train_seconds": m.get("seconds")}  # fmt: skip
+    row = terms_row(best, m.get("tasks") or TASKS)  # P over the run's tasks: its P_tasks
+    return {**row, "tasks": m.get("tasks"), "train_seconds": m.get("seconds")}
 
 
 def _splits(root: Path) -> tuple[str, ...]:

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import yaml
 
 from mtaffect.data.predictions import PredictionTable
-from mtaffect.features.reader import StoreSet, split_input
-from mtaffect.features.store import FeatureStore
+from mtaffect.features.reader import StoreSet, store_names
 from mtaffect.io import OutputExistsError, atomic_open
 from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.checkpoint import save_checkpoint
+from mtaffect.schema import NUM_AUS
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.state import EpochState, ResumeError, capture_rng, check_identity, read_run
 
@@ -105,16 +104,21 @@ def stage_dir(out: Path, k: int, stage: Stage) -> Path:
 
 
 def save_model(
-    path: Path, model: MTLModel, config: TrainConfig, st: FeatureStore | StoreSet, metrics: dict | None
-) -> Path:
+    path: Path, model: MTLModel, config: TrainConfig, metrics: dict | None, *, backbone: Mapping[str, Any],
+    sizes: Any, input_stores: Mapping[str, dict] | None = None, backbone_weights: Any = None,
+    overwrite: bool = True,
+) -> Path:  # fmt: skip
+    """A trained ``model``'s checkpoint as training writes it (both paths): ``backbone`` the record of
+    what it reads, ``sizes`` anything with its input sizes (a store, or a backbone's spec), the config's
+    window, window edge and AU threshold; ``backbone_weights``: a fine-tuned backbone (see
+    :func:`~mtaffect.models.checkpoint.save_checkpoint`)."""
     return save_checkpoint(
-        path, model,
-        backbone={"name": st.backbone, "spec": st.spec, "fingerprint": st.fingerprint},
-        feature_dim=st.feature_dim, num_logits=st.num_logits, token_shape=st.token_shape,
+        path, model, backbone=backbone,
+        feature_dim=sizes.feature_dim, num_logits=sizes.num_logits, token_shape=sizes.token_shape,
         window=config.data.window if model.temporal else 1,
-        au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
-        overwrite=True, window_edge=config.data.window_edge if model.temporal else "pad",
-        input_stores=input_store_records(st if isinstance(st, StoreSet) else None, model.inputs),
+        au_thresholds=[config.trainer.au_threshold] * NUM_AUS, metrics=metrics, train_config=config.to_dict(),
+        overwrite=overwrite, backbone_weights=backbone_weights,
+        window_edge=config.data.window_edge if model.temporal else "pad", input_stores=input_stores,
     )  # fmt: skip
 
 
@@ -123,7 +127,7 @@ def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dic
     backbone and fingerprint, checked when the model later predicts from stores."""
     if stores is None:
         return {}
-    keys = dict.fromkeys(split_input(i)[1] for i in inputs if "@" in i)
+    keys = store_names(inputs)
     return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint}
             for k in keys}  # fmt: skip
 
@@ -152,6 +156,7 @@ class RunRecorder:
         self.out, self.rank0, self.k, self.stage, self.final = out, rank0, k, stage, final
         self.training, self.dm = training, training.datamodule
         self.earlier, self.summaries, self.say = earlier, summaries, say
+        self.best_written: int | None = None  # the epoch whose checkpoint this session wrote as best/
 
     def validated(self, module: MTLModule, entry: dict, improved: bool) -> None:
         if not self.rank0:
@@ -167,6 +172,7 @@ class RunRecorder:
         self.training.save(stage_dir(self.out, self.k, self.stage), module.best_metrics, True)
         if self.final:
             self.training.save(self.out / "best", module.best_metrics, True)
+            self.best_written = module.best_epoch
             if module.best_predictions is not None and self.dm.val_labels is not None:
                 table = prediction_table(module.best_predictions, self.dm.val_labels.images)
                 table.write(self.out / "val_predictions.parquet", overwrite=True)
@@ -185,12 +191,6 @@ class RunRecorder:
         ).save(self.out)  # fmt: skip
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-__all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records", "load_weights",
+__all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records",
            "prediction_table", "prepare_out", "run_status", "save_model",
            "stage_dir", "write_json"]  # fmt: skip

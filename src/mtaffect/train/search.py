@@ -33,12 +33,10 @@ import yaml
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
-from mtaffect.metrics import P_of, terms_of
+from mtaffect.metrics import TERM_COLUMNS, terms_row
 from mtaffect.models.base import TASKS
 from mtaffect.train.config import ConfigError, TrainConfig, combine_map, merge_config
 from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
-
-TERM_OF = {"va": "ccc_va", "expr": "f1_expr", "au": "f1_au"}
 
 
 @dataclass
@@ -174,7 +172,7 @@ def _choose(rows: list[SearchRow]) -> dict[str, int]:
     """The row (variant) chosen for each task: the best on that task's term; marks ``chosen_for``."""
     chosen = {}
     for task in TASKS:
-        k = max(range(len(rows)), key=lambda i: (getattr(rows[i], TERM_OF[task]), -i))
+        k = max(range(len(rows)), key=lambda i: (getattr(rows[i], TERM_COLUMNS[task]), -i))
         chosen[task] = k
         rows[k].chosen_for = [*(rows[k].chosen_for or []), task]
     return chosen
@@ -184,7 +182,7 @@ def _per_task_report(rows: list[SearchRow]) -> dict[str, list[dict]]:
     """Each task's ranking of the variants on its own term."""
     out = {}
     for task in TASKS:
-        term = TERM_OF[task]
+        term = TERM_COLUMNS[task]
         order = sorted(range(len(rows)), key=lambda i: -getattr(rows[i], term))
         out[task] = [{"variant": rows[i].variant, term: getattr(rows[i], term), "run": rows[i].run}
                      for i in order]  # fmt: skip
@@ -229,11 +227,9 @@ def search_pipeline(
     for i, variant in enumerate(variants):
         runs = {task: out_path / f"enhanced_v{i}_{name}" for task, name in base.items()}
         _, metrics = combine_predictions(runs, val)
-        t = terms_of(metrics)
         seconds = sum(pipe.record.get(f"enhanced_v{i}_{n}", {}).get("train_seconds") or 0.0
                       for n in config.pipeline.enhanced)  # fmt: skip
-        rows.append(SearchRow(variant=dict(variant), P=P_of(t, tuple(base)), ccc_va=t["va"],
-                              f1_expr=t["expr"], f1_au=t["au"], seconds=seconds,
+        rows.append(SearchRow(variant=dict(variant), **terms_row(metrics, tuple(base)), seconds=seconds,
                               run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
     chosen = _choose(rows)
     pick = config.copy()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.reader import StoreSet, store_images_sha256
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_folder, atomic_open, previous_dir
+from mtaffect.models.checkpoint import load_weights
 
 FORMAT = "mtaffect-train-state"
 VERSION = 1
@@ -55,14 +55,6 @@ def stage_seed(seed: int, stage: int) -> int:
 
 
 # ---- the run's inputs ------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def labels_digest(table: LabelTable) -> str:
     """sha256 of a label table's content (images and every label, in order), whatever file it came from."""
     h = hashlib.sha256()
@@ -79,6 +71,8 @@ def _labels_identity(table: LabelTable | None) -> dict | None:
     out: dict[str, Any] = {"source": str(src) if src else None, "rows": len(table),
                            "content_sha256": labels_digest(table)}  # fmt: skip
     if src and Path(src).is_file():
+        from mtaffect.features.hf import file_sha256  # memoised per (path, size, mtime)
+
         out["file_sha256"] = file_sha256(src)
     return out
 
@@ -129,8 +123,11 @@ def check_identity(saved: dict, now: dict, out: Path) -> None:
     sa, sb = a.get("stores") or {}, b.get("stores") or {}
     for key in sorted(set(sa) | set(sb)):
         x, y = sa.get(key), sb.get(key)
-        if x is None or y is None or x.get("images_sha256") != y.get("images_sha256") or (
-            x.get("fingerprint") != y.get("fingerprint")
+        if (
+            x is None
+            or y is None
+            or x.get("images_sha256") != y.get("images_sha256")
+            or x.get("fingerprint") != y.get("fingerprint")
         ):
             said = "none" if x is None else f"{x.get('path')} (fingerprint {x.get('fingerprint')})"
             given = "none" if y is None else f"{y.get('path')} (fingerprint {y.get('fingerprint')})"
@@ -260,8 +257,8 @@ class EpochState:
             return None
         try:
             meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-            tensors = load_file(str(folder / STATE_TENSORS))
-        except (OSError, ValueError) as exc:
+            tensors = load_weights(folder / STATE_TENSORS, hint=None)
+        except (OSError, ValueError) as exc:  # a damaged file included (CheckpointError)
             raise ResumeError(
                 f"{folder}: the training state cannot be read ({exc}); start over with --overwrite"
             ) from exc
@@ -281,6 +278,6 @@ class EpochState:
 
 
 __all__ = [
-    "EpochState", "ResumeError", "capture_rng", "check_identity", "data_source", "file_sha256",
+    "EpochState", "ResumeError", "capture_rng", "check_identity", "data_source",
     "labels_digest", "read_run", "restore_rng", "run_identity", "stage_seed", "write_run",
 ]  # fmt: skip

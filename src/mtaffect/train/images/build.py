@@ -20,13 +20,13 @@ import torch
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.base import Backbone
 from mtaffect.features.reader import StoreSet
-from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model, save_checkpoint
+from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model
 from mtaffect.models.image_model import ImageMTLModel
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.fit import Training, build_model, on_gpu
 from mtaffect.train.images.augment import Augmenter
 from mtaffect.train.images.data import ImageDataModule
-from mtaffect.train.run import input_store_records
+from mtaffect.train.run import input_store_records, save_model
 
 
 def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Backbone:
@@ -49,7 +49,7 @@ def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Back
 def build_image_training(
     config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *,
     trust_remote_code: bool = False, stores: StoreSet | None = None,
-) -> Training:
+) -> Training:  # fmt: skip
     """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``.
 
     ``stores``: named feature stores read beside the images (a recipe's ``features@<name>`` inputs,
@@ -90,13 +90,8 @@ def build_image_training(
     input_stores = input_store_records(stores, store_inputs)
 
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return save_checkpoint(
-            path, head, backbone=record, feature_dim=spec.feature_dim, num_logits=spec.num_logits,
-            token_shape=spec.token_shape, window=d.window if head.temporal else 1,
-            au_thresholds=[config.trainer.au_threshold] * 12, metrics=metrics, train_config=config.to_dict(),
-            overwrite=overwrite, backbone_weights=backbone if finetune else None,
-            window_edge=d.window_edge if head.temporal else "pad", input_stores=input_stores,
-        )  # fmt: skip
+        return save_model(path, head, config, metrics, backbone=record, sizes=spec, input_stores=input_stores,
+                          backbone_weights=backbone if finetune else None, overwrite=overwrite)  # fmt: skip
 
     def weights(path: Path) -> dict[str, torch.Tensor]:
         """The model's full state dict in a checkpoint: the head, and the stage's fine-tuned backbone

@@ -219,9 +219,7 @@ class ImageDataModule(MTLDataModule):
         ok = batch.pop("ok")
         failed = batch.pop("failed", [])
         batch["pixels"] = self.prepare_pixels(batch["pixels"], training)
-        for key in self.store_inputs:  # a named store's float16 rows, cast here on the device
-            if batch[key].dtype != torch.float32:
-                batch[key] = batch[key].float()
+        batch = self.float32_inputs(batch, self.store_inputs)  # named stores' rows
         if failed:
             self._note_failures(failed)
             batch = _drop_failed(batch, ok, training)
