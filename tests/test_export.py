@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from model_helpers import torch_path
 from typer.testing import CliRunner
 
@@ -23,8 +23,8 @@ from mtaffect.cli import app
 from mtaffect.export.exporter import DEFAULT_OPSET, ExportCheckError, export_model, synthetic_faces
 from mtaffect.faces import MTCNN
 from mtaffect.faces.align import align_faces_fast
-from mtaffect.features.registry import create_backbone
 from mtaffect.features.decode import resize_array
+from mtaffect.features.registry import create_backbone
 from mtaffect.io import OutputExistsError
 from mtaffect.models.default import DefaultAffectModel
 from mtaffect.runtime import ExportError, Runtime, read_manifest
