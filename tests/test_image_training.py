@@ -222,6 +222,12 @@ def test_config_sections_are_validated():
         cfg(backbone={"mode": "train"})
     c = cfg(backbone={"lr": "1e-5", "image_size": None}, optim={"groups": {"au_head": {"lr": "1e-4"}}})
     assert c.backbone.lr == 1e-5 and c.optim.groups == {"au_head": {"lr": 1e-4}}
+    from mtaffect.train.images.build import build_backbone
+
+    bad = cfg(backbone={"name": "fer-minixception", "kwargs": {"fuse": False, "size": 3}})
+    named = r"^the config: backbone 'fer-minixception' does not take the option size"
+    with pytest.raises(ValueError, match=named):
+        build_backbone(bad)  # named before anything is built, with where the options came from
 
 
 def test_optim_groups_give_recipe_parts_their_own_lr():

@@ -46,5 +46,8 @@ def test_options_a_backbone_does_not_take_are_named_before_it_is_built():
         create_backbone("hf:/no/such/vit", model="x")
     with pytest.raises(KeyError, match="unknown backbone 'nope'"):
         create_backbone("nope", bogus=1)
+    # an option of the wrong type (e.g. from --backbone-arg or a config): an error line, not a traceback
+    with pytest.raises(ValueError, match=r"'fer-minixception' cannot be built with weights=\[1\]: expected"):
+        create_backbone("fer-minixception", weights=[1])
     assert accepts_option("hf:x", "trust_remote_code") and not accepts_option("hf:x", "model")
     assert not accepts_option("fer-minixception", "trust_remote_code") and not accepts_option("nope", "x")

@@ -41,7 +41,8 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, **kwargs) -> Backbone:
     """Build a backbone by registry name, e.g. ``create_backbone("dinov2-small", weights="path")``.
 
-    Options its factory does not take are a ValueError naming them and the ones it takes.
+    Options its factory does not take are a ValueError naming them and the ones it takes; an option
+    of the wrong type (the factory's TypeError) is a ValueError too: options come from people.
     """
     options = _options(name)
     unknown = [] if options is None else sorted(set(kwargs) - set(options))
@@ -50,7 +51,11 @@ def create_backbone(name: str, **kwargs) -> Backbone:
             f"backbone {name!r} does not take the option{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(unknown)}; its options: {', '.join(options or []) or 'none'}"
         )
-    return BACKBONES.create(name, **kwargs)
+    try:
+        return BACKBONES.create(name, **kwargs)
+    except TypeError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) or "no options"
+        raise ValueError(f"backbone {name!r} cannot be built with {given}: {exc}") from exc
 
 
 def options_from_file(options: object, where: str) -> dict[str, Any]:

@@ -39,11 +39,8 @@ def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Back
     where = config.source or "the config"
     try:
         return create_backbone(b.name, **kwargs)
-    except TypeError as exc:
-        raise ValueError(
-            f"{where}: backbone {b.name!r} does not take the options {sorted(kwargs)} ({exc}); "
-            "see its factory's parameters"
-        ) from exc
+    except ValueError as exc:  # unknown or ill-typed options (the registry's message): name the config
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def build_image_training(
