@@ -74,12 +74,12 @@ def bare_loop(store, train, batch_size: int, epochs: int, init: dict) -> list[fl
     import torch
 
     from mtaffect.train.data import loader
-    from mtaffect.train.module import lr_lambda, make_optimizer, param_groups
+    from mtaffect.train.module import lr_lambda, make_optimizer
 
     model, stage, dm, loss = _setup(store, train, batch_size)
     model.load_state_dict(init)
     steps_per_epoch = dm.steps_per_epoch()
-    opt = make_optimizer(param_groups(model, 3e-3, 1e-4), 3e-3, 1e-4)
+    opt = make_optimizer(model.param_groups(3e-3, 1e-4), 3e-3, 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(steps_per_epoch // 2, steps_per_epoch * epochs, 0.01)
     )

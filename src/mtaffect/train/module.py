@@ -104,12 +104,6 @@ def _gather(obj: Any) -> list[Any]:
     return [obj]
 
 
-def param_groups(model: MTLModel, lr: float, weight_decay: float) -> list[dict]:
-    """The optimiser's parameter groups over the trainable parameters: the model's own
-    (:meth:`MTLModel.param_groups`: per-submodule lr / weight decay, a backbone's layers)."""
-    return model.param_groups(lr, weight_decay)
-
-
 def make_optimizer(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW updating all parameters with multi-tensor kernels instead of a Python loop over them (the
     CPU default). Not ``fused``: that one unscales gradients itself, which Lightning's 16-mixed
@@ -207,7 +201,7 @@ class MTLModule(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> dict:
-        opt = make_optimizer(param_groups(self.model, self.lr, self.weight_decay), self.lr, self.weight_decay)
+        opt = make_optimizer(self.model.param_groups(self.lr, self.weight_decay), self.lr, self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.warmup_steps, self.total_steps, self.min_lr_ratio)
         )
@@ -332,4 +326,4 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "param_groups", "set_frozen_eval"]
+__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "set_frozen_eval"]
