@@ -147,6 +147,19 @@ def test_auto_min_face_size():
     assert auto_min_face_size(4000, 3000, still=True) == 100.0
 
 
+def test_detectors_of_every_face_size_share_one_set_of_nets():
+    """Stills of many sizes each get their own face size: the nets (and their weights) are read once."""
+    from mtaffect.faces import MTCNN
+    from mtaffect.predict.torch_engine import TorchEngine
+
+    engine = TorchEngine()
+    small, large = engine.detector(20, 8), engine.detector(40, 8)
+    assert small.nets is large.nets and (small.min_face_size, large.min_face_size) == (20, 40)
+    frame = next(iter(demo_media.frames(1, faces=1)))
+    got, want = large.detect([frame])[0], MTCNN(min_face_size=40, batch_size=8).detect([frame])[0]
+    assert len(got.boxes) == 1 and np.array_equal(got.boxes, want.boxes)  # as a detector of its own
+
+
 def test_unreadable_input_is_reported_and_others_still_processed(predictor, media):
     with pytest.raises(InputError, match=r"broken\.mp4"):
         predictor.predict(media["bad"])

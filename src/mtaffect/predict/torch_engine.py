@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtaffect.faces.mtcnn import MTCNN
+from mtaffect.faces.cascade import Cascade
+from mtaffect.faces.mtcnn import TorchNets
 from mtaffect.models.base import FaceAffectModel
 from mtaffect.models.outputs import AffectOutputs
 from mtaffect.predict.threads import resolve_threads, torch_threads
@@ -91,6 +92,7 @@ class TorchEngine:
         batch_size: int = 64,
     ) -> None:
         self.num_threads = resolve_threads(num_threads)
+        self._nets: TorchNets | None = None  # MTCNN's nets, loaded on the first detection
         self.device = torch_device(device)
         self.model = load_affect_model(model, self.device)
         # a trained checkpoint builds its own backbone (with its fine-tuned weights, when it has them)
@@ -111,8 +113,12 @@ class TorchEngine:
     def running(self) -> AbstractContextManager:
         return torch_threads(self.num_threads)
 
-    def detector(self, min_face_size: float, batch_size: int) -> MTCNN:
-        return MTCNN(device=self.device, min_face_size=min_face_size, batch_size=batch_size)
+    def detector(self, min_face_size: float, batch_size: int) -> Cascade:
+        """MTCNN at this face size over the engine's one set of nets (weights read once, however many
+        face sizes an input's frame sizes call for), as the onnxruntime engine does."""
+        if self._nets is None:
+            self._nets = TorchNets(self.device)
+        return Cascade(self._nets, min_face_size, batch_size=batch_size)
 
     def _backbone_batches(self, faces: np.ndarray) -> Iterator:
         """Backbone outputs for backbone-ready faces (n, S, S[, 3]), ``batch_size`` at a time."""
