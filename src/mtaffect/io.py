@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -110,3 +111,28 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def error_message(exc: BaseException) -> str:
+    """The one-line text of a user error: our messages as they are; an OS error as ``PATH: reason``.
+
+    Python's own ``OSError`` text (``[Errno 30] Read-only file system: 'x'``) is turned into the path,
+    the reason and a hint for the common cases (read-only or full disk, permissions).
+    """
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        where = exc.filename
+        hint = _OS_HINTS.get(exc.errno, "")
+        text = f"{exc.strerror} (errno {exc.errno}){hint}"
+        return f"{where}: {text}" if where is not None else text
+    return str(exc)
+
+
+_OS_HINTS = {
+    errno.EROFS: ": the output location is read-only; write somewhere else",
+    errno.ENOSPC: ": the disk is full; free space or write somewhere else",
+    errno.EDQUOT: ": the disk quota is exhausted; free space or write somewhere else",
+    errno.EACCES: ": permission denied; check the file's and folder's permissions",
+    errno.EISDIR: ": a folder is where a file was expected; give a file path",
+}

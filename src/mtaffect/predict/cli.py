@@ -9,6 +9,10 @@ still image (``OUT/<name>_annotated.jpg``), and with ``--report`` one HTML page 
 Each table is a resumable job: rows are written as they are produced into a hidden partial folder, a
 killed run resumes when the same command is rerun, and the table appears only when complete.
 
+Per-file mode (``--per-file``; ``--workers N`` and ``--shard K/N`` imply it) gives each file its own
+table, claimed on its own, so that many processes share one ``--out`` (:mod:`mtaffect.predict.archive`);
+``mtaffect collect OUT`` (or ``--combine``) then writes one table over the folder.
+
 An unreadable input is reported (file and reason) and counted; the other inputs are still processed.
 Exit status: 0 when at least one input succeeded, 1 when every input failed, 2 for a usage error
 (bad option, existing output without ``--overwrite``, an unusable ``--out`` or ``--device``), 130 when
@@ -18,7 +22,6 @@ interrupted (rerun to resume).
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +35,7 @@ from rich.progress import (
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -44,31 +48,6 @@ class _RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:5.1f} frames/s" if speed else "  ... frames/s", style="cyan")
-
-
-def _output_names(inputs: list[str]) -> list[str]:
-    """A distinct file stem per input (clip, clip-2, ...); URLs and cameras get a name of their own."""
-    from urllib.parse import urlsplit
-
-    from mtaffect.predict.sources import StreamInput, classify
-
-    names, seen = [], {}
-    for arg in inputs:
-        try:
-            item = classify(arg)
-        except ValueError:
-            item = Path(arg)
-        if isinstance(item, StreamInput):
-            parts = urlsplit(item.url)
-            base = item.name or Path(parts.path).stem or (parts.hostname or "stream")
-        else:
-            p = Path(item)
-            base = p.name if p.is_dir() else p.stem
-        base = re.sub(r"[^\w.-]+", "_", base).strip("._") or "input"
-        n = seen.get(base, 0) + 1
-        seen[base] = n
-        names.append(base if n == 1 else f"{base}-{n}")
-    return names
 
 
 def run_predict(
@@ -102,19 +81,26 @@ def run_predict(
     reid_memory: float | None = None,
     engine: str = "torch",
     precision: str | None = None,
+    per_file: bool = False,
+    workers: int = 1,
+    shard: str | None = None,
+    combine: bool = False,
 ) -> tuple[int, int]:
-    """The command's work; returns (succeeded, failed) input counts.
+    """The command's work; returns (succeeded, failed) input counts (files in per-file mode).
 
     Everything that can be checked is checked before the model loads: the output folder (not a file,
     creatable, not in use by another run), existing outputs, the device. Each INPUT's table is a
-    resumable job (:func:`mtaffect.predict.job.predict_to_file`).
+    resumable job (:func:`mtaffect.predict.job.predict_to_file`); in per-file mode (``per_file``, or
+    ``workers`` > 1, or a ``shard``) each file's is (:mod:`mtaffect.predict.archive`).
     """
     from mtaffect.io import check_writable
     from mtaffect.predict.engines import check_device, is_export_folder
+    from mtaffect.predict.extras import model_card, output_names, summary_line, write_extras
     from mtaffect.predict.job import OutputFolder
     from mtaffect.predict.outputs import check_format
-    from mtaffect.predict.pipeline import Predictor, source_warnings, streaming_threads
+    from mtaffect.predict.pipeline import source_warnings, streaming_threads
     from mtaffect.predict.report import ReportInput, write_report
+    from mtaffect.predict.workers import build_predictor
 
     detection = {} if min_confidence is None else {"min_confidence": min_confidence}
     if keep_nested:
@@ -126,7 +112,44 @@ def run_predict(
     check_device(engine, device)
     if fps is not None and not fps > 0:
         raise ValueError(f"--fps must be a positive number of frames per second, got {fps}")
-    names = _output_names(inputs)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be 1 or more, got {workers}")
+    per_file = per_file or workers > 1 or shard is not None
+    if workers > 1 and engine == "onnxruntime" and not is_export_folder(model):
+        raise ValueError(
+            f"--workers with --engine onnxruntime runs an export folder: every worker would export "
+            f"{model or 'default'} again (10-30 s each); export it once with `mtaffect export --model "
+            f"{model or 'default'} --out DIR`, then pass --model DIR"
+        )
+    if combine and not per_file:
+        raise ValueError(
+            "--combine combines the tables of a per-file run: add --per-file (or --workers/--shard), or run "
+            "`mtaffect collect OUT` on such a folder"
+        )
+    if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
+        if engine == "onnxruntime":
+            raise ValueError("--trust-remote-code is for --engine torch: an export folder runs no code")
+        if model in (None, "default"):
+            raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
+    kwargs = dict(
+        model=model, device=device, batch_size=batch_size, detect_every=detect_every, max_faces=max_faces,
+        min_face_size="auto" if min_face_size == "auto" else float(min_face_size), every=every, post=post,
+        smoothing=smoothing, aligned=aligned, temporal=temporal, engine=engine, precision=precision,
+        **detection,
+    )  # fmt: skip
+    settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
+                "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
+                "aligned": aligned}  # fmt: skip
+    if per_file:
+        from mtaffect.predict.archive import UnitOptions, model_identity
+
+        opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video and not aligned, report,
+                           report_settings=settings, model=model_identity(model))  # fmt: skip
+        return _run_per_file(
+            inputs, opts, kwargs, workers=workers, shard=shard, combine=combine, progress=progress,
+            recursive=recursive, sequences=sequences, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    names = output_names(inputs)
     tables = [out / f"{n}.{fmt}" for n in names]
     report_path = out / "report.html"
     with OutputFolder(out, log=_note):
@@ -135,20 +158,7 @@ def run_predict(
         if engine == "onnxruntime" and not is_export_folder(model):
             _note(f"exporting {model or 'default'} for onnxruntime first (10-30 s; `mtaffect export --model "
                   f"{model or 'default'} --out DIR` once, then --model DIR, skips this)")  # fmt: skip
-        if trust_remote_code:  # the person's explicit decision for an hf: backbone; never the checkpoint's
-            if engine == "onnxruntime":
-                raise ValueError("--trust-remote-code is for --engine torch: an export folder runs no code")
-            if model in (None, "default"):
-                raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
-            from mtaffect.models.checkpoint import load_model
-
-            model = load_model(model, device=device, trust_remote_code=True)
-        predictor = Predictor(
-            model=model, device=device, batch_size=batch_size, detect_every=detect_every,
-            max_faces=max_faces, min_face_size="auto" if min_face_size == "auto" else float(min_face_size),
-            every=every, post=post, smoothing=smoothing, num_threads=streaming_threads(), aligned=aligned,
-            temporal=temporal, engine=engine, precision=precision, **detection,
-        )  # fmt: skip
+        predictor = build_predictor(kwargs, streaming_threads(), trust_remote_code)
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
                "sequences": sequences}  # fmt: skip
         extras = {"plot": plot, "video": video and not aligned, "report": report, "overwrite": overwrite}
@@ -168,20 +178,35 @@ def run_predict(
                 good = [r for r in results if r.ok]
                 ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
                 if good:
-                    report_inputs += _write_extras(arg, good, name, table_path, **extras)
+                    entries, written = write_extras(good, name, table_path, **extras)
+                    report_inputs += entries
+                    _say(summary_line(arg, good, written), bar)
         if report:
-            settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
-                        "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
-                        "aligned": aligned, "min_confidence": predictor.min_confidence,
-                        "nested_overlap": predictor.nested_overlap,
-                        "reid_memory_s": predictor.reid_memory}  # fmt: skip
-            if predictor.window > 1:
-                settings["temporal"] = f"{temporal} (window {predictor.window})"
-            write_report(report_path, report_inputs, _model_card(predictor), settings, overwrite=overwrite)
+            settings = _report_settings(settings, predictor, temporal)
+            write_report(report_path, report_inputs, model_card(predictor), settings, overwrite=overwrite)
             console.print(f"wrote {report_path}")
     if fail_count:
         err_console.print(f"{fail_count} of {ok_count + fail_count} input(s) failed", highlight=False)
     return ok_count, fail_count
+
+
+def _report_settings(settings: dict, predictor, temporal: str) -> dict:
+    """The settings line of the report: the options given and what the predictor resolved."""
+    settings = {**settings, "min_confidence": predictor.min_confidence,
+                "nested_overlap": predictor.nested_overlap,
+                "reid_memory_s": predictor.reid_memory}  # fmt: skip
+    if predictor.window > 1:
+        settings["temporal"] = f"{temporal} (window {predictor.window})"
+    return settings
+
+
+def _say(text: str, bar: Progress | None = None) -> None:
+    """A result line on standard output; above a live progress bar (which is on standard error) when
+    both are the terminal: printed past the bar, it would be drawn over."""
+    if bar is not None and bar.live.is_started and not bar.disable and console.is_terminal:
+        bar.console.print(text, highlight=False, soft_wrap=True)
+    else:
+        console.print(text, highlight=False, soft_wrap=True)
 
 
 def _note(msg: str) -> None:
@@ -231,69 +256,171 @@ def _run_job(predictor, arg: str, name: str, table_path: Path, fmt: str, bar: Pr
     return results
 
 
-def _write_extras(
-    arg: str, good: list, name: str, table_path: Path, plot: bool, video: bool, report: bool, overwrite: bool
-) -> list:
-    """Timelines, annotated videos and report entries of an INPUT's successful results; one summary line."""
-    from mtaffect.predict.report import ReportInput
+class _ArchiveBar:
+    """One progress display for a per-file run: files done, frames analysed (of those expected), the
+    overall rate and the time left; the expected total is corrected as each file ends."""
 
-    out = table_path.parent
-    written = [str(table_path)]
-    report_inputs = []
-    for r, stem in zip(good, _file_stems(name, [r.info.file for r in good]), strict=True):
-        outputs = [str(table_path)]
-        pngs = {}
-        if plot or report:
-            from mtaffect.predict.plots import timeline_pngs, write_png
+    def __init__(self, enabled: bool, files: int, frames: list[int]) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+                   _RateColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())  # fmt: skip
+        self.progress = Progress(*columns, console=err_console, disable=not enabled, transient=False)
+        self.files, self.done = files, 0
+        self.expected = frames
+        self.seen: dict[int, int] = {}
+        self.task = self.progress.add_task(self._label(), total=max(1, sum(frames)))
 
-            pngs = timeline_pngs(r.table, r.info.file)
-            if plot:
-                for fid, data in pngs.items():
-                    outputs.append(str(write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)))
-        if (plot or video) and r.info.kind == "image":
-            from mtaffect.predict.annotate import annotate_image
+    def _label(self) -> str:
+        return f"files {self.done}/{self.files}"
 
-            p = annotate_image(r.info.file, r.table, out / f"{stem}_annotated.jpg", overwrite=overwrite)
-            outputs.append(str(p))
-        if video and r.info.kind == "video":
-            from mtaffect.predict.annotate import annotate_video
+    def advance(self, index: int, n: int) -> None:
+        self.seen[index] = self.seen.get(index, 0) + n
+        self.progress.advance(self.task, n)
 
-            p = annotate_video(r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite)
-            outputs.append(str(p))
-        written += outputs[1:]
-        report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
-    n_frames = sum(r.analysed for r in good)
-    secs = sum(r.seconds for r in good)
-    n_faces = sum(
-        int(r.table.loc[r.table["success"] == 1].groupby(["file", "face_id"]).ngroups) for r in good
-    )
-    rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
+    def file_ended(self, index: int) -> None:
+        """File ``index`` ended: its expected frames give way to those it analysed in this run (none
+        when skipped, part of it when resumed)."""
+        self.done += 1
+        t = self.progress.tasks[0]
+        total = (t.total or 0) - self.expected[index] + self.seen.get(index, 0)
+        self.progress.update(self.task, total=max(1, total, t.completed), description=self._label())
+
+    def __enter__(self) -> _ArchiveBar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _run_per_file(
+    inputs: list[str],
+    opts,
+    kwargs: dict,
+    *,
+    workers: int,
+    shard: str | None,
+    combine: bool,
+    progress: bool,
+    recursive: bool,
+    sequences: bool,
+    trust_remote_code: bool,
+) -> tuple[int, int]:
+    """Per-file mode (:mod:`mtaffect.predict.archive`): plan the files, claim and run this process's
+    share (in this process, or on ``workers`` processes), then combine when the folder is complete."""
+    import dataclasses
+    from functools import partial
+
+    from mtaffect.predict import archive
+    from mtaffect.predict.claims import JobRecords
+    from mtaffect.predict.collect import check_collect_outputs, collect
+    from mtaffect.predict.job import OutputFolder
+    from mtaffect.predict.workers import WorkerSpec, build_predictor, run_pool
+
+    k_n = archive.parse_shard(shard) if shard is not None else None
+    plan = archive.plan_units(inputs, recursive=recursive, sequences=sequences)
+    units = plan.units if k_n is None else plan.shard(*k_n)
+    for e in plan.errors:
+        err_console.print(f"[bold red]error:[/] {escape(e)}", highlight=False, soft_wrap=True)
+    cores = os.cpu_count() or 1
+    threads = archive.worker_threads(min(workers, max(1, len(units))), cores)
+    with OutputFolder(opts.out, log=_note, shared=True):
+        if combine or opts.report:
+            check_collect_outputs(opts.out, opts.fmt, opts.report, opts.overwrite, combine)
+        # built here too, with one worker or many: a model that does not load fails once, before any work
+        predictor = build_predictor(kwargs, threads, trust_remote_code)
+        opts = dataclasses.replace(
+            opts, report_settings=_report_settings(opts.report_settings, predictor, kwargs["temporal"])
+        )
+        archive.check_in_the_way(predictor, units, opts)
+        done = {i for i, u in enumerate(units) if archive.already_done(predictor, u, opts)}
+        if done:
+            _note(f"{len(done)} of {len(units)} file(s) done earlier with the same settings: skipped")
+        every = kwargs["every"]
+        frames = [0 if i in done else archive.expected_frames(u, every) for i, u in enumerate(units)]
+        order = [i for i in archive.longest_first(units, frames) if i not in done]
+        used = min(workers, max(1, len(order)))
+        threads = threads if used == 1 else archive.worker_threads(used, cores)
+        where = f" (shard {k_n[0]}/{k_n[1]} of {len(plan.units)})" if k_n else ""
+        _note(
+            f"{len(order)} file(s) to run{where}; {used} worker(s) x {threads} thread(s) on {cores} core(s)"
+            + (" (+1 video decoding thread each)" if used * (threads + 1) <= cores else "")
+        )
+        if workers > cores:
+            warn(f"--workers {workers} is more than the {cores} core(s) here: they will share them")
+        tally = {"done": 0, "failed": 0, "skipped": len(done)}
+        skipped: dict[str, int] = {"done": len(done)} if done else {}
+        with _ArchiveBar(progress, len(order), frames) as bar:
+
+            def ended(index: int, outcome) -> None:
+                tally[outcome.status] += 1
+                if outcome.status == "skipped":
+                    skipped[outcome.why] = skipped.get(outcome.why, 0) + 1
+                bar.file_ended(index)
+                _print_outcome(outcome, bar.progress)
+
+            try:
+                if used == 1:
+                    for i in order:
+                        ended(i, archive.run_unit(predictor, units[i], opts, partial(bar.advance, i)))
+                else:
+                    spec = WorkerSpec(kwargs, units, opts, trust_remote_code, threads)
+                    del predictor
+                    events = {"progress": bar.advance, "done": ended}
+                    run_pool(spec, order, used, lambda kind, *a: events.get(kind, lambda *_: None)(*a))
+            except KeyboardInterrupt:
+                bar.progress.stop()
+                err_console.print(
+                    f"interrupted: the rows so far are kept in {opts.out}; rerun the same command to resume",
+                    highlight=False, soft_wrap=True,
+                )  # fmt: skip
+                raise typer.Exit(130) from None
+        why = {"done": "done earlier with the same settings", "running": "running in another process",
+               "failed": "failed in another process during this run"}  # fmt: skip
+        detail = "; ".join(f"{n} {why[k]}" for k, n in sorted(skipped.items()))
+        console.print(
+            f"this process: {tally['done']} file(s) done, {tally['failed']} failed, {tally['skipped']} "
+            f"skipped{f' ({detail})' if detail else ''}",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        if combine or opts.report:
+            _finish_folder(plan, opts, JobRecords(opts.out), combine, collect)
+    ok = tally["done"] + skipped.get("done", 0) + skipped.get("running", 0)
+    failed = tally["failed"] + skipped.get("failed", 0) + len(plan.errors)
+    return ok, failed
+
+
+def _print_outcome(outcome, bar: Progress | None = None) -> None:
+    for msg in outcome.notes:
+        _note(msg)
+    for msg in outcome.warnings:
+        warn(msg)
+    if outcome.status == "failed":
+        err_console.print(f"[bold red]error:[/] {escape(outcome.error or 'failed')}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+    elif outcome.status == "done":
+        rate = f", {outcome.fps:.1f} frames/s" if outcome.seconds > 0 else ""
+        _say(f"{outcome.source}: {outcome.frames} frames, {outcome.faces} face track(s){rate} -> "
+             f"{', '.join(outcome.outputs)}", bar)  # fmt: skip
+
+
+def _finish_folder(plan, opts, records, combine: bool, collect) -> None:
+    """Combine the folder when every file of the plan (every shard) has finished; else say who will."""
+    fmt = opts.fmt
+    waiting = [u for u in plan.units if (records.read(u.table_name(fmt)) or {}).get("status") not in
+               ("done", "failed")]  # fmt: skip
+    if waiting:
+        _note(
+            f"{len(waiting)} of {len(plan.units)} file(s) are not finished (other shards or processes, or "
+            "interrupted): the last run to finish writes the combined outputs, or run `mtaffect collect "
+            f"{opts.out}`"
+        )
+        return
+    found = collect(opts.out, fmt, report=opts.report, overwrite=opts.overwrite, combine=combine)
     console.print(
-        f"{arg}: {n_frames} frames, {n_faces} face track(s){rate} -> {', '.join(written)}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    return report_inputs
-
-
-def _file_stems(name: str, files: list[str]) -> list[str]:
-    """Output stems of an INPUT's files: ``name`` alone for one file, else ``name_<file stem>``, with the
-    parent folders added where two files share a stem (``--recursive``: ``a/00001.jpg``, ``b/00001.jpg``)."""
-    if len(files) == 1:
-        return [name]
-    paths = [Path(f) for f in files]
-    depth = 1
-    while True:
-        stems = ["_".join((*p.parent.parts[len(p.parent.parts) - depth + 1 :], p.stem)) for p in paths]
-        if len(set(stems)) == len(stems) or depth > max(len(p.parts) for p in paths):
-            return [f"{name}_{s}" for s in stems]
-        depth += 1
-
-
-def _model_card(predictor) -> dict:
-    card = predictor.engine.card()
-    card["AU thresholds"] = ", ".join(f"{t:.2f}" for t in predictor.au_thresholds)
-    return card
+        f"combined {len(found.done)} file(s), {found.rows} row(s) -> "
+        + ", ".join(str(p) for p in found.written),
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
@@ -412,10 +539,41 @@ def register(app: typer.Typer) -> None:
         overwrite: Overwrite = False,
         trust_remote_code: TrustRemoteCode = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+        per_file: Annotated[
+            bool,
+            typer.Option(
+                "--per-file",
+                help="One table per file (OUT/<stem>.<format>), each claimed and resumed on its own: "
+                "many processes (or machines) may run the same command into the same --out.",
+            ),
+        ] = False,
+        workers: Annotated[
+            int,
+            typer.Option(
+                help="Processes running files in parallel, each with its own model and a fair share of "
+                "the CPU threads (implies --per-file).",
+            ),
+        ] = 1,
+        shard: Annotated[
+            str | None,
+            typer.Option(
+                help="K/N: run only shard K of N (1-based) of the files, split by a stable hash of their "
+                "paths: one array job per shard (implies --per-file).",
+            ),
+        ] = None,
+        combine: Annotated[
+            bool,
+            typer.Option(
+                "--combine",
+                help="Per-file runs: when every file is done, write OUT/combined.<format> and "
+                "OUT/combined_summary.csv over the whole folder (see `mtaffect collect`).",
+            ),
+        ] = False,
     ) -> None:
         """Faces, 12 AUs, 8 expressions and valence/arousal for every frame of images and videos.
 
-        Exit status: 0 if at least one input succeeded, 1 if all failed, 2 for a usage error.
+        Exit status: 0 if at least one input succeeded (per-file runs: or nothing was left to do), 1 if
+        all failed, 2 for a usage error, 130 when interrupted (rerun to resume).
         """
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if min_face_size != "auto":
@@ -423,12 +581,46 @@ def register(app: typer.Typer) -> None:
                 float(min_face_size)
             except ValueError as e:
                 raise ValueError(f"--min-face-size must be 'auto' or a number, got {min_face_size!r}") from e
-        good, _ = run_predict(
+        good, failed = run_predict(
             inputs, out, model, post, every, detect_every, batch_size, device, max_faces, min_face_size,
             smoothing, fmt, plot, video, report, overwrite, progress=not quiet, recursive=recursive,
             aligned=aligned, sequences=not stills, fps=fps, temporal=temporal, resume=not no_resume,
             trust_remote_code=trust_remote_code, min_confidence=min_confidence, keep_nested=keep_nested,
-            reid_memory=reid_memory, engine=engine, precision=precision,
+            reid_memory=reid_memory, engine=engine, precision=precision, per_file=per_file,
+            workers=workers, shard=shard, combine=combine,
         )  # fmt: skip
-        if good == 0:
+        if good == 0 and failed:  # a shard with no file, or all done earlier, is not a failure
             raise typer.Exit(1)
+
+    @app.command()
+    @user_errors
+    def collect(
+        out: Annotated[Path, typer.Argument(help="Output folder of per-file predict runs.")],
+        fmt: Annotated[str, typer.Option("--format", help="Combined table format: csv or parquet.")] = "csv",
+        report: Annotated[
+            bool, typer.Option("--report", help="Also OUT/report.html: one row per file, linked to its page.")
+        ] = False,
+        overwrite: Overwrite = False,
+    ) -> None:
+        """Combine what per-file predict runs (--per-file, --workers, --shard) finished in OUT: one table
+        (OUT/combined.<format>) and one per-face summary (OUT/combined_summary.csv).
+
+        Files still running, failed or unfinished are listed, not combined; rerun predict to finish them.
+        """
+        from mtaffect.predict.collect import collect as collect_folder
+
+        found = collect_folder(out, fmt, report=report, overwrite=overwrite)
+        console.print(
+            f"combined {len(found.done)} file(s), {found.rows} row(s) -> "
+            + ", ".join(str(p) for p in found.written),
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        for name, error in found.failed.items():
+            warn(f"{name}: failed: {error}")
+        if found.running:
+            warn(f"{len(found.running)} file(s) still running: {', '.join(found.running[:5])}")
+        if found.unfinished:
+            warn(
+                f"{len(found.unfinished)} file(s) unfinished (a killed run; rerun predict to resume): "
+                + ", ".join(found.unfinished[:5])
+            )

@@ -426,14 +426,21 @@ class OutputFolder:
     """The folder a ``predict`` run writes into, held for the run (a context manager).
 
     Entering checks it before any work (an existing file of that name, or a folder that cannot be
-    created, is a clear error), takes an exclusive lock on it (a second ``mtaffect predict`` into the
-    same folder is refused, not interleaved), and removes the hidden ``.part`` files of killed runs
-    (:data:`STALE_PART`); nothing else in the folder is touched.
+    created, is a clear error), locks it, and removes the hidden ``.part`` files of killed runs
+    (:data:`STALE_PART`) when no other run is using the folder; nothing else in the folder is touched.
+
+    A run of one table per INPUT takes the lock exclusively: a second ``mtaffect predict`` into the same
+    folder is refused, not interleaved. A per-file run (``shared=True``) takes it shared: any number of
+    per-file runs share the folder (each file is claimed on its own, :mod:`mtaffect.predict.claims`),
+    while a run of the other kind is refused.
     """
 
-    def __init__(self, path: str | os.PathLike, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, log: Callable[[str], None] | None = None, shared: bool = False
+    ) -> None:
         self.path = Path(path)
         self.log = log or (lambda _msg: None)
+        self.shared = shared
         self._fd: int | None = None
         self.removed: list[Path] = []
 
@@ -447,8 +454,8 @@ class OutputFolder:
             raise ValueError(f"--out {p}: cannot create the output folder ({e.strerror or e})") from e
         if not os.access(p, os.W_OK | os.X_OK):
             raise ValueError(f"--out {p}: the output folder is not writable")
-        self._lock()
-        self.removed = self._clean_stale_parts()
+        alone = self._lock()
+        self.removed = self._clean_stale_parts() if alone else []
         if self.removed:
             self.log(f"removed {len(self.removed)} temporary file(s) an interrupted run left in {p}")
         return self
@@ -458,24 +465,43 @@ class OutputFolder:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
 
-    def _lock(self) -> None:
+    def _lock(self) -> bool:
+        """Lock the folder (see the class docstring); True when this run is alone in it."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks on folders
-            return
+            return not self.shared
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
         except OSError as e:
-            os.close(fd)
+            alone = False
             if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
                 self.log(f"cannot lock {self.path} ({e.strerror}); a second run into it would not be noticed")
-                return
-            raise ValueError(
-                f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it "
-                "to finish or choose another --out"
-            ) from e
+                return not self.shared
+            if not self.shared or not self._try_shared(fd):
+                os.close(fd)
+                raise ValueError(
+                    f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it "
+                    "to finish or choose another --out (per-file runs, --per-file/--workers/--shard, share "
+                    "a folder with each other only)"
+                ) from e
+        if alone and self.shared:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # alone now, but other per-file runs may join
         self._fd = fd
+        return alone
+
+    @staticmethod
+    def _try_shared(fd: int) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
 
     def _clean_stale_parts(self) -> list[Path]:
         removed = []

@@ -1,0 +1,372 @@
+"""``predict`` over an archive: one table per file, run by one or many processes into one output folder.
+
+Per-file mode (CLI ``--per-file``, implied by ``--workers N`` and ``--shard K/N``) makes each file of
+the inputs (a still, a video, a folder of numbered frames) a job of its own:
+
+- **its table** ``OUT/<stem>.<fmt>`` is today's resumable job (:func:`mtaffect.predict.job.predict_to_file`:
+  rows written as produced, resumed after a kill, the table atomic); with ``--plot``/``--video`` its
+  timelines and annotated copy, with ``--report`` its page ``OUT/<stem>.html``;
+- **its job record** in ``OUT/.mtaffect-jobs/`` (:mod:`mtaffect.predict.claims`) says who runs it (host,
+  pid, heartbeat) and how it ended; its lock makes sure one process runs it at a time, so any number of
+  processes, on one machine or on many sharing a file system, can run the same command into the same
+  folder: each file is processed once, and one a killed process held is taken over and resumed.
+
+Stems are the INPUT's name (see :func:`mtaffect.predict.extras.output_names`) for a file given alone,
+``<INPUT name>_<file stem>`` for the files of a folder or list (parent folders added where stems
+collide), then made unique over the whole plan and kept clear of the names the combined outputs use
+(:data:`RESERVED_STEMS`). The plan is computed from the whole of the inputs by every process (all shards
+alike), so a file has the same stem whichever process runs it.
+
+``--shard K/N`` keeps the files whose :func:`shard_index` (a SHA-256 of the path as expanded from the
+command line) is K-1: the same split on every machine that sees the same command line, whatever the
+mount point, with no coordination. Files run longest first (frames expected from the container, see
+:func:`expected_frames`), so one long video does not end a parallel run alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from mtaffect.io import error_message
+from mtaffect.predict.claims import Claim, JobRecords, Skip, describe_holder
+from mtaffect.predict.extras import face_tracks, file_stems, model_card, output_names, safe_name, write_extras
+from mtaffect.predict.job import describe_input, predict_to_file
+from mtaffect.predict.pipeline import Predictor, source_warnings
+from mtaffect.predict.sources import (
+    LIST_EXTENSIONS,
+    FrameSequence,
+    InputError,
+    classify,
+    expand_inputs,
+    media_kind,
+)
+
+#: Stems a file's outputs never take: the combined outputs of the folder (:mod:`mtaffect.predict.collect`).
+RESERVED_STEMS: Final[frozenset[str]] = frozenset({"combined", "combined_summary", "report"})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One file of the inputs and the stem of its outputs."""
+
+    item: Path | FrameSequence
+    stem: str
+    arg: str  # the INPUT it came from, as given
+
+    @property
+    def source(self) -> str:
+        return str(self.item)
+
+    def table_name(self, fmt: str) -> str:
+        return f"{self.stem}.{fmt}"
+
+
+@dataclass
+class Plan:
+    """Every file of the inputs in command-line order (all shards), and the INPUTs that gave none."""
+
+    units: list[Unit]
+    errors: list[str] = field(default_factory=list)
+
+    def shard(self, k: int, n: int) -> list[Unit]:
+        """The units of shard ``k`` of ``n`` (1-based ``k``)."""
+        return [u for u in self.units if shard_index(u.source, n) == k - 1]
+
+
+def plan_units(inputs: Sequence[str], *, recursive: bool = False, sequences: bool = True) -> Plan:
+    """Expand ``inputs`` into files with unique, stable output stems (see the module docstring).
+
+    Streams, cameras and arrays are refused: per-file mode runs files. An INPUT that gives no file (an
+    empty folder, an unreadable list) is an error of its own; the others are planned.
+    """
+    units: list[Unit] = []
+    errors: list[str] = []
+    for arg, name in zip(inputs, output_names(inputs), strict=True):
+        item = classify(arg)
+        if not isinstance(item, Path):
+            raise ValueError(
+                f"{arg}: per-file mode (--per-file, --workers, --shard) runs files and folders; run streams "
+                "and cameras without it"
+            )
+        many = item.is_dir() or (item.suffix.lower() in LIST_EXTENSIONS and item.is_file())
+        try:
+            files = expand_inputs([arg], recursive=recursive, sequences=sequences)
+        except InputError as e:
+            errors.append(str(e))
+            continue
+        stems = file_stems(name, [str(f) for f in files], prefix_one=many)
+        units += [Unit(f, safe_name(s), arg) for f, s in zip(files, stems, strict=True)]
+    seen: set[str] = set(RESERVED_STEMS)
+    unique = []
+    for u in units:
+        stem, n = u.stem, 1
+        while stem in seen:
+            n += 1
+            stem = f"{u.stem}-{n}"
+        seen.add(stem)
+        unique.append(Unit(u.item, stem, u.arg))
+    return Plan(unique, errors)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N), 1 <= K <= N (Slurm: ``--shard $SLURM_ARRAY_TASK_ID/N`` with ``--array=1-N``)."""
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise ValueError(f"--shard takes K/N (shard K of N, from 1), e.g. 2/8; got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard {text}: K must be between 1 and N (shards are numbered from 1)")
+    return k, n
+
+
+def shard_index(source: str, n: int) -> int:
+    """Which of ``n`` shards (0-based) a file belongs to: stable across runs, machines and Python versions."""
+    return int.from_bytes(hashlib.sha256(source.encode("utf-8")).digest()[:8], "big") % n
+
+
+def expected_frames(unit: Unit, every: int = 1) -> int:
+    """Frames this file will analyse, as far as known without decoding: a still 1, a sequence its
+    frames, a video the count its container declares (or duration x rate); 0 when unreadable."""
+    if isinstance(unit.item, FrameSequence):
+        return -(-len(unit.item.paths) // every)
+    if media_kind(unit.item) == "image":
+        return 1
+    from mtaffect.predict.sources import VideoSource
+
+    try:
+        return VideoSource(unit.item, every).info.expected_analysed or 1
+    except (InputError, OSError):
+        return 0
+
+
+def longest_first(units: Sequence[Unit], frames: Sequence[int]) -> list[int]:
+    """Positions of ``units`` by expected frames, longest first (ties in plan order)."""
+    return sorted(range(len(units)), key=lambda i: (-frames[i], i))
+
+
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """Torch (or onnxruntime) threads per worker, so that workers x threads <= cores: each worker's
+    share of the cores less one for its video decoding thread, and at least 1."""
+    cores = cores or os.cpu_count() or 1
+    share = cores // max(1, workers)
+    return max(1, share - 1) if share >= 2 else 1
+
+
+# ---- one file ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitOptions:
+    """How each file is run and written (the same in every worker; picklable)."""
+
+    out: Path
+    fmt: str = "csv"
+    overwrite: bool = False
+    resume: bool = True
+    fps: float | None = None
+    plot: bool = False
+    video: bool = False
+    report: bool = False
+    run_started: float = field(default_factory=time.time)
+    report_settings: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # :func:`model_identity` of --model
+
+
+def model_identity(model: str | os.PathLike | None) -> dict:
+    """Which model a run used, beyond its recipe settings: the name as given and, for a checkpoint,
+    export or run folder, its files' sizes and modification times (a retrained checkpoint of the same
+    config is another model: a rerun must not take its tables for done)."""
+    if model is None or str(model) == "default":
+        return {"model": "default"}
+    p = Path(model)
+    if not p.exists():
+        return {"model": str(model)}  # e.g. emotiefflib:<name>
+    files = sorted(q for q in ([p] if p.is_file() else p.rglob("*")) if q.is_file())
+    stats = [(str(q.relative_to(p) if p.is_dir() else q.name), q.stat()) for q in files]
+    return {"model": str(model), "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
+
+
+@dataclass
+class Outcome:
+    """What happened to one file in this process: "done", "failed" or "skipped" (``why``: "done" earlier
+    with the same settings, "running" elsewhere, or "failed" elsewhere during this run)."""
+
+    source: str
+    stem: str
+    status: str
+    why: str = ""
+    frames: int = 0
+    faces: int = 0
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else math.nan
+
+
+def unit_signature(predictor: Predictor, unit: Unit, opts: UnitOptions) -> dict:
+    """What makes a file's table what it is: the model and settings, the file (size, mtime), the frame
+    rate given to sequences, the format (as JSON reads it back)."""
+    import json
+
+    from mtaffect import __version__
+
+    sig = {
+        "version": __version__,
+        "settings": predictor.settings(),
+        "model": opts.model,
+        "input": describe_input(unit.item),
+        "fps": opts.fps,
+        "format": opts.fmt,
+        "post": None if predictor.post is None else repr(predictor.post),
+    }
+    return json.loads(json.dumps(sig, default=str))
+
+
+def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOptions) -> None:
+    """Refuse, before any work, tables that a run would have to replace: one that no record of ours
+    made, or one made with other settings or from a changed file (``--overwrite`` replaces those). A
+    file's table made with the same settings is kept and the file skipped."""
+    records = JobRecords(opts.out)
+    blocked = []
+    for u in units:
+        table = opts.out / u.table_name(opts.fmt)
+        if table.is_dir():
+            raise IsADirectoryError(f"{table} is a folder where the table of {u.source} goes; move it away")
+        if opts.overwrite or not table.exists():
+            continue
+        rec = records.read(table.name)
+        if rec is None:
+            blocked.append(f"{table} (not written by a per-file run)")
+        elif rec.get("signature") != unit_signature(predictor, u, opts) and rec.get("status") == "done":
+            blocked.append(f"{table} (made with other settings or from a changed file)")
+    if blocked:
+        more = f" and {len(blocked) - 3} more" if len(blocked) > 3 else ""
+        raise FileExistsError(
+            f"{len(blocked)} table(s) would be replaced: {'; '.join(blocked[:3])}{more}; pass --overwrite to "
+            "replace them, or choose another --out"
+        )
+
+
+def already_done(predictor: Predictor, unit: Unit, opts: UnitOptions) -> bool:
+    """Whether ``unit``'s table is there, recorded done with the same settings (a rerun skips it: no
+    worker needs to start for it)."""
+    name = unit.table_name(opts.fmt)
+    rec = JobRecords(opts.out).read(name)
+    return (
+        rec is not None
+        and rec.get("status") == "done"
+        and (opts.out / name).is_file()
+        and rec.get("signature") == unit_signature(predictor, unit, opts)
+    )
+
+
+def run_unit(
+    predictor: Predictor,
+    unit: Unit,
+    opts: UnitOptions,
+    progress: Callable[[int], None] | None = None,
+) -> Outcome:
+    """Claim ``unit``, run it into its table (resuming a killed run's rows), write its extras and record
+    how it ended. A file another process holds, or finished with the same settings, is skipped.
+
+    KeyboardInterrupt leaves the partial rows and a ``running`` record whose lock is free: the next run
+    resumes the file.
+    """
+    table = opts.out / unit.table_name(opts.fmt)
+    signature = unit_signature(predictor, unit, opts)
+    claim = JobRecords(opts.out).claim(table.name, signature, opts.run_started, unit.source)
+    if isinstance(claim, Skip):
+        note = f"running in {describe_holder(claim.record)}" if claim.why == "running" else ""
+        return Outcome(unit.source, unit.stem, "skipped", claim.why, notes=[note] if note else [])
+    try:
+        return _run_claimed(predictor, unit, opts, claim, table, signature, progress)
+    finally:
+        claim.release()
+
+
+def _run_claimed(
+    predictor: Predictor,
+    unit: Unit,
+    opts: UnitOptions,
+    claim: Claim,
+    table: Path,
+    signature: dict,
+    progress: Callable[[int], None] | None,
+) -> Outcome:
+    # a table an earlier run of ours left (killed between the table and its record) is ours to replace
+    ours = claim.previous is not None and claim.previous.get("signature") == signature
+    overwrite = opts.overwrite or ours
+    outcome = Outcome(unit.source, unit.stem, "failed")
+
+    def advance(n: int) -> None:
+        claim.heartbeat()
+        if progress is not None:
+            progress(n)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (result,) = predict_to_file(
+                predictor, [unit.item], table, opts.fmt, overwrite=overwrite, resume=opts.resume,
+                fps=opts.fps, progress=advance, log=outcome.notes.append,
+            )  # fmt: skip
+            outcome.warnings = [str(w.message) for w in caught] + source_warnings(result.info)
+            outcome.seconds = result.seconds
+            if not result.ok:
+                outcome.error = result.error
+                claim.finish("failed", error=result.error, seconds=result.seconds, kind=result.info.kind)
+                return outcome
+            report_inputs, written = write_extras(
+                [result], unit.stem, table, opts.plot, opts.video, opts.report, overwrite
+            )
+            if opts.report:
+                from mtaffect.predict.report import write_report
+
+                page = opts.out / f"{unit.stem}.html"
+                write_report(page, report_inputs, model_card(predictor), opts.report_settings, overwrite)
+                written.append(str(page))
+    except (ValueError, OSError) as e:  # e.g. a table in the way, a full disk: this file fails alone
+        outcome.error = f"{unit.source}: {error_message(e)}"
+        claim.finish("failed", error=outcome.error, seconds=outcome.seconds)
+        return outcome
+    outcome.status, outcome.outputs = "done", written
+    outcome.frames, outcome.faces = result.analysed, face_tracks([result])
+    claim.finish(
+        "done", frames=outcome.frames, faces=outcome.faces, seconds=outcome.seconds, kind=result.info.kind,
+        outputs=[Path(p).name for p in written], report=f"{unit.stem}.html" if opts.report else None,
+    )  # fmt: skip
+    return outcome
+
+
+__all__ = [
+    "RESERVED_STEMS",
+    "Outcome",
+    "Plan",
+    "Unit",
+    "UnitOptions",
+    "already_done",
+    "check_in_the_way",
+    "expected_frames",
+    "longest_first",
+    "model_identity",
+    "parse_shard",
+    "plan_units",
+    "run_unit",
+    "shard_index",
+    "unit_signature",
+    "worker_threads",
+]

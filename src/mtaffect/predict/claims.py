@@ -1,0 +1,231 @@
+"""Per-file ownership in an output folder that many ``predict`` processes share.
+
+In per-file mode (:mod:`mtaffect.predict.archive`) every table has a *job record*, written by whoever
+processes it, in ``OUT/.mtaffect-jobs/``::
+
+    OUT/.mtaffect-jobs/
+        clip.csv.json   {"format": "mtaffect-predict-record", "status": "running" | "done" | "failed",
+                         "host", "pid", "started", "heartbeat", "finished", "signature", ...}
+        clip.csv.lock   empty; held locked (``flock``) by the process running the file
+
+Claiming a file is taking the lock of its lock file without waiting. The kernel (or the file server)
+drops the lock when the holder dies, however it dies, so a record that says ``running`` but whose lock
+is free belongs to a killed process: it is taken over, and the partial rows of the killed run resume
+(:class:`mtaffect.predict.job.PartialTable`). A held lock means the file is being processed elsewhere:
+it is skipped. Lock files are never removed (removing one while a process waits on it would let two
+processes hold "the" lock of the same file).
+
+Where locks do not reach other machines (an NFS mount with ``nolock``), a record that says ``running``
+on another host is trusted while its heartbeat (refreshed every ``HEARTBEAT_S`` while the file runs)
+is younger than ``stale_after`` seconds. Such file systems are better served by ``--shard K/N``, whose
+shards never share a file.
+
+A record says what happened and with which settings (``signature``): a later run skips a file that is
+``done`` with the same signature (its table is there), retries one that ``failed`` before the run
+started (a file that another process failed during this run is not retried: each file is processed once
+a run), and redoes a file whose signature changed only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from mtaffect.io import atomic_open
+
+RECORDS_DIR: Final[str] = ".mtaffect-jobs"
+FORMAT: Final[str] = "mtaffect-predict-record"
+FORMAT_VERSION: Final[int] = 1
+#: How often a running file's record is refreshed (seconds), and when a silent one on another host is
+#: taken to be dead (only where locks do not reach other hosts; see the module docstring).
+HEARTBEAT_S: Final[float] = 30.0
+STALE_AFTER_S: Final[float] = 600.0
+HOST: Final[str] = socket.gethostname()
+
+
+def records_dir(out: str | os.PathLike) -> Path:
+    """The hidden folder of job records in output folder ``out``."""
+    return Path(out) / RECORDS_DIR
+
+
+def read_record(path: Path) -> dict | None:
+    """A job record, or None when missing, unreadable or not ours."""
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        return None
+    if rec.get("format_version") != FORMAT_VERSION:
+        return None
+    return rec
+
+
+def _write_record(path: Path, rec: dict) -> None:
+    with atomic_open(path, "w", overwrite=True, encoding="utf-8") as fh:
+        json.dump(rec, fh, indent=1, default=str)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A file this process does not run: ``why`` is "done" (same settings, table present), "running"
+    (another process holds it) or "failed" (another process failed it during this run)."""
+
+    why: str
+    record: dict | None
+
+
+class Claim:
+    """This process's hold on one file: its record says ``running`` until :meth:`finish`; the lock is
+    held until :meth:`release` (or until the process dies)."""
+
+    def __init__(self, fd: int | None, path: Path, record: dict, previous: dict | None) -> None:
+        self._fd, self.path, self.record, self.previous = fd, path, record, previous
+        self._beat = time.monotonic()
+
+    def heartbeat(self) -> None:
+        """Refresh the record's heartbeat (at most every ``HEARTBEAT_S``)."""
+        if time.monotonic() - self._beat < HEARTBEAT_S:
+            return
+        self._beat = time.monotonic()
+        self.record["heartbeat"] = time.time()
+        _write_record(self.path, self.record)
+
+    def finish(self, status: str, **fields) -> None:
+        """Record the outcome ("done" or "failed") with what the run produced."""
+        if status not in ("done", "failed"):
+            raise ValueError(f"a finished file is 'done' or 'failed', not {status!r}")
+        self.record.update(fields, status=status, finished=time.time(), heartbeat=time.time())
+        _write_record(self.path, self.record)
+
+    def release(self) -> None:
+        """Let go of the lock (a record still ``running`` then reads as a killed run: resumable)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+class JobRecords:
+    """The job records of one output folder (see the module docstring)."""
+
+    def __init__(self, out: str | os.PathLike, stale_after: float = STALE_AFTER_S) -> None:
+        self.folder = records_dir(out)
+        self.stale_after = float(stale_after)
+
+    def record_path(self, table_name: str) -> Path:
+        return self.folder / f"{table_name}.json"
+
+    def read(self, table_name: str) -> dict | None:
+        return read_record(self.record_path(table_name))
+
+    def all(self) -> dict[str, dict]:
+        """Every valid record in the folder, by table name."""
+        if not self.folder.is_dir():
+            return {}
+        found = {}
+        for p in sorted(self.folder.glob("*.json")):
+            rec = read_record(p)
+            if rec is not None and rec.get("table") == p.name[: -len(".json")]:
+                found[rec["table"]] = rec
+        return found
+
+    def is_running(self, table_name: str) -> bool:
+        """Whether a live process holds this file now (its lock is taken)."""
+        lock = self.folder / f"{table_name}.lock"
+        if not lock.exists():
+            return False
+        fd = _lock(lock)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    def claim(self, table_name: str, signature: dict, run_started: float, source: str) -> Claim | Skip:
+        """Take the file whose table is ``table_name``, or say why not (:class:`Skip`)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = _lock(self.folder / f"{table_name}.lock")
+        if fd is None:
+            return Skip("running", self.read(table_name))
+        rec_path = self.record_path(table_name)
+        prev = read_record(rec_path)
+        why = self._why_skip(prev, signature, run_started, table_name)
+        if why is not None:
+            if fd >= 0:
+                os.close(fd)
+            return Skip(why, prev)
+        now = time.time()
+        record = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "table": table_name, "source": source,
+            "status": "running", "host": HOST, "pid": os.getpid(), "started": now, "heartbeat": now,
+            "finished": None, "signature": signature,
+        }  # fmt: skip
+        try:
+            _write_record(rec_path, record)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return Claim(fd if fd >= 0 else None, rec_path, record, prev)
+
+    def _why_skip(
+        self, prev: dict | None, signature: dict, run_started: float, table_name: str
+    ) -> str | None:
+        if prev is None:
+            return None
+        same = prev.get("signature") == signature
+        status = prev.get("status")
+        if status == "done" and same and (self.folder.parent / table_name).is_file():
+            return "done"
+        if status == "failed" and same and float(prev.get("finished") or 0) >= run_started:
+            return "failed"
+        # the lock was free: only a process on a host our locks may not reach can still be alive
+        remote = prev.get("host") != HOST or _locks_unsupported()
+        silent = time.time() - float(prev.get("heartbeat") or 0)
+        if status == "running" and remote and silent < self.stale_after:
+            return "running"
+        return None
+
+
+_NO_LOCKS: list[bool] = []  # set once a file system refused locking
+
+
+def _locks_unsupported() -> bool:
+    return bool(_NO_LOCKS)
+
+
+def _lock(path: Path) -> int | None:
+    """Open ``path`` (created if missing) and take its exclusive lock without waiting: the descriptor,
+    None when another process holds it, or -1 when this file system has no locks (nothing held)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks; records and heartbeats only
+        os.close(fd)
+        _NO_LOCKS.append(True)
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return None
+        _NO_LOCKS.append(True)  # e.g. ENOLCK on an NFS mount without a lock service
+        return -1
+    return fd
+
+
+def describe_holder(record: dict | None) -> str:
+    """Who holds or held a file, for messages: ``host pid N since HH:MM:SS``."""
+    if not record:
+        return "another process"
+    since = time.strftime("%H:%M:%S", time.localtime(float(record.get("started") or 0)))
+    return f"{record.get('host', '?')} pid {record.get('pid', '?')} since {since}"
+
+
+__all__ = ["RECORDS_DIR", "Claim", "JobRecords", "Skip", "describe_holder", "read_record", "records_dir"]

@@ -1,0 +1,133 @@
+"""What a finished input gives besides its table: timeline PNGs, annotated stills and videos, report
+entries, and the one line that says what was written.
+
+Shared by ``mtaffect predict`` (one table per INPUT) and per-file mode (:mod:`mtaffect.predict.archive`,
+run in worker processes too): nothing here prints.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mtaffect.predict.pipeline import FileResult
+from mtaffect.predict.report import ReportInput
+from mtaffect.predict.sources import StreamInput, classify
+
+
+def output_names(inputs: Sequence[str]) -> list[str]:
+    """A distinct file stem per INPUT (clip, clip-2, ...); URLs and cameras get a name of their own."""
+    names, seen = [], {}
+    for arg in inputs:
+        try:
+            item = classify(arg)
+        except ValueError:
+            item = Path(arg)
+        if isinstance(item, StreamInput):
+            parts = urlsplit(item.url)
+            base = item.name or Path(parts.path).stem or (parts.hostname or "stream")
+        else:
+            p = Path(item)
+            base = p.name if p.is_dir() else p.stem
+        base = safe_name(base)
+        n = seen.get(base, 0) + 1
+        seen[base] = n
+        names.append(base if n == 1 else f"{base}-{n}")
+    return names
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a file stem: runs of anything but letters, digits, ``.``, ``-`` and ``_`` become ``_``."""
+    return re.sub(r"[^\w.-]+", "_", text).strip("._") or "input"
+
+
+def file_stems(name: str, files: Sequence[str], prefix_one: bool = False) -> list[str]:
+    """Output stems of an INPUT's files: ``name`` alone for one file (unless ``prefix_one``), else
+    ``name_<file stem>``; where two files share a stem, their extension (``s1_mp4``, ``s1_avi``: same
+    folder) or as many parent folders as tell them apart (``a_clip``, ``b_clip``: ``--recursive``)."""
+    if len(files) == 1 and not prefix_one:
+        return [name]
+    paths = [Path(f) for f in files]
+    in_folder = Counter((p.parent, p.stem) for p in paths)
+    base = [p.stem + (p.suffix.replace(".", "_") if in_folder[p.parent, p.stem] > 1 else "") for p in paths]
+    depth = [0] * len(paths)
+    while True:
+        stems = ["_".join((*p.parent.parts[len(p.parent.parts) - d :], b)) if d else b
+                 for p, b, d in zip(paths, base, depth, strict=True)]  # fmt: skip
+        twice = {s for s, n in Counter(stems).items() if n > 1}
+        grew = False
+        for i, s in enumerate(stems):
+            if s in twice and depth[i] < len(paths[i].parent.parts):
+                depth[i] += 1
+                grew = True
+        if not grew:
+            return [f"{name}_{s}" for s in stems]
+
+
+def model_card(predictor) -> dict:
+    """The model table of the report: the engine's card and the AU thresholds in use."""
+    card = predictor.engine.card()
+    card["AU thresholds"] = ", ".join(f"{t:.2f}" for t in predictor.au_thresholds)
+    return card
+
+
+def face_tracks(results: Sequence[FileResult]) -> int:
+    """Face tracks (distinct ids with at least one detected face) over ``results``' tables."""
+    return sum(
+        int(r.table.loc[r.table["success"] == 1].groupby(["file", "face_id"]).ngroups) for r in results
+    )
+
+
+def write_extras(
+    good: Sequence[FileResult],
+    name: str,
+    table_path: Path,
+    plot: bool,
+    video: bool,
+    report: bool,
+    overwrite: bool,
+) -> tuple[list[ReportInput], list[str]]:
+    """Timelines, annotated stills/videos and report entries of an INPUT's successful results, written
+    beside its table; returns the report entries and every path written (the table first)."""
+    out = table_path.parent
+    written = [str(table_path)]
+    report_inputs = []
+    for r, stem in zip(good, file_stems(name, [r.info.file for r in good]), strict=True):
+        outputs = [str(table_path)]
+        pngs = {}
+        if plot or report:
+            from mtaffect.predict.plots import timeline_pngs, write_png
+
+            pngs = timeline_pngs(r.table, r.info.file)
+            if plot:
+                for fid, data in pngs.items():
+                    outputs.append(str(write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)))
+        if (plot or video) and r.info.kind == "image":
+            from mtaffect.predict.annotate import annotate_image
+
+            p = annotate_image(r.info.file, r.table, out / f"{stem}_annotated.jpg", overwrite=overwrite)
+            outputs.append(str(p))
+        if video and r.info.kind == "video":
+            from mtaffect.predict.annotate import annotate_video
+
+            p = annotate_video(r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite)
+            outputs.append(str(p))
+        written += outputs[1:]
+        report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
+    return report_inputs, written
+
+
+def summary_line(arg: str, good: Sequence[FileResult], written: Sequence[str]) -> str:
+    """``INPUT: N frames, K face track(s), R frames/s -> outputs``."""
+    n_frames = sum(r.analysed for r in good)
+    secs = sum(r.seconds for r in good)
+    rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
+    return f"{arg}: {n_frames} frames, {face_tracks(good)} face track(s){rate} -> {', '.join(written)}"
+
+
+__all__ = [
+    "face_tracks", "file_stems", "model_card", "output_names", "safe_name", "summary_line", "write_extras",
+]

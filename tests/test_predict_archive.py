@@ -1,0 +1,203 @@
+"""`mtaffect predict` over an archive: per-file tables, worker processes, processes sharing one folder,
+shards, a killed worker, Ctrl-C, and `collect`: the same tables as one process, every file once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("skimage")  # the public-domain test face
+
+from cli_helpers import run
+
+from mtaffect.predict import demo_media
+from mtaffect.predict.claims import RECORDS_DIR
+from mtaffect.predict.job import JOB_FILE, partial_dir
+from mtaffect.predict.outputs import read_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="flock, SIGKILL")]
+MTAFFECT = Path(sys.executable).parent / "mtaffect"
+DONE_LINE = re.compile(r"^(?P<source>\S+): (?P<frames>\d+) frames, ", re.M)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """Four files with faces (a 4 s video, a two-face clip, a short clip, a real photo) and a broken one."""
+    root = tmp_path_factory.mktemp("archive") / "interviews"
+    root.mkdir()
+    demo_media.make_demo_video(root / "long.mp4", seconds=4.0, faces=1)
+    demo_media.make_demo_video(root / "two.mp4", seconds=1.0, faces=2)
+    demo_media.make_demo_video(root / "short.mp4", seconds=0.6, faces=1)
+    from PIL import Image
+    from skimage import data
+
+    (root / "stills").mkdir()
+    Image.fromarray(data.astronaut()).save(root / "stills" / "astronaut.jpg")
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    return root
+
+
+TABLES = ["interviews_long.csv", "interviews_two.csv", "interviews_short.csv", "interviews_astronaut.csv"]
+
+
+@pytest.fixture(scope="module")
+def reference(archive, tmp_path_factory) -> Path:
+    """One process, one file after another."""
+    out = tmp_path_factory.mktemp("ref")
+    text = run("predict", archive, "-r", "--per-file", "--out", out, "--quiet")
+    assert "error: " in text and "broken.mp4" in text  # the broken file fails alone: exit 0
+    assert sorted(p.name for p in out.glob("*.csv")) == sorted(TABLES)
+    return out
+
+
+def _done_sources(text: str) -> list[str]:
+    return [m["source"] for m in DONE_LINE.finditer(text)]
+
+
+def _same_tables(a: Path, b: Path) -> None:
+    for name in TABLES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _cli(*args) -> list[str]:
+    return [str(MTAFFECT), *map(str, args)]
+
+
+def test_two_workers_write_the_tables_one_process_writes_and_combine_them(archive, reference, tmp_path):
+    out = tmp_path / "par"
+    text = run("predict", archive, "-r", "--workers", "2", "--out", out, "--combine", "--report", "--quiet")
+    assert "2 worker(s) x 1 thread(s) on" in text or os.cpu_count() != 2
+    assert sorted(_done_sources(text)) == sorted(str(p) for p in archive.rglob("*") if p.suffix in
+                                                 (".mp4", ".jpg") and p.name != "broken.mp4")  # fmt: skip
+    _same_tables(reference, out)  # byte-identical per-file tables
+    records = {p.name: json.loads(p.read_text()) for p in (out / RECORDS_DIR).glob("*.json")}
+    assert records["interviews_broken.csv.json"]["status"] == "failed"
+    assert {r["status"] for n, r in records.items() if n in {f"{t}.json" for t in TABLES}} == {"done"}
+    combined = read_table(out / "combined.csv")
+    parts = [read_table(reference / t) for t in TABLES]
+    expected = pd.concat(sorted(parts, key=lambda t: t["file"].iloc[0]), ignore_index=True)
+    pd.testing.assert_frame_equal(combined, expected)
+    summary = pd.read_csv(out / "combined_summary.csv")
+    assert set(summary["file"]) == set(combined["file"])
+    index = (out / "report.html").read_text()
+    assert all(f'href="{t[:-4]}.html"' in index for t in TABLES) and "broken.mp4" in index
+    # a rerun finds everything done: no worker starts, nothing is written again
+    mtimes = {t: (out / t).stat().st_mtime_ns for t in TABLES}
+    again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--combine", "--quiet")
+    assert "4 of 5 file(s) done earlier" in again and _done_sources(again) == []
+    assert mtimes == {t: (out / t).stat().st_mtime_ns for t in TABLES}
+
+
+def test_two_processes_into_one_folder_run_every_file_once(archive, reference, tmp_path):
+    out = tmp_path / "shared"
+    cmd = _cli("predict", archive, "-r", "--per-file", "--out", out, "--quiet")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    texts = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], texts
+    done = [_done_sources(stdout) for stdout, _ in texts]
+    assert sorted(done[0] + done[1]) == sorted(set(done[0] + done[1]))  # nothing processed twice
+    assert len(done[0] + done[1]) == len(TABLES)  # nothing missed
+    _same_tables(reference, out)
+    holders = {json.loads((out / RECORDS_DIR / f"{t}.json").read_text())["pid"] for t in TABLES}
+    assert holders <= {p.pid for p in procs}
+
+
+def test_shards_split_the_files_and_the_last_one_combines(archive, reference, tmp_path):
+    out = tmp_path / "sharded"
+    first = run("predict", archive, "-r", "--shard", "1/2", "--out", out, "--combine", "--quiet")
+    assert "not finished" in first and not (out / "combined.csv").exists()
+    second = run("predict", archive, "-r", "--shard", "2/2", "--out", out, "--combine", "--quiet")
+    a, b = _done_sources(first), _done_sources(second)
+    assert a and b and not set(a) & set(b) and len(a + b) == len(TABLES)
+    assert "combined 4 file(s)" in second
+    _same_tables(reference, out)
+    solo = tmp_path / "solo"
+    run("predict", archive, "-r", "--per-file", "--out", solo, "--combine", "--quiet")
+    assert (out / "combined.csv").read_bytes() == (solo / "combined.csv").read_bytes()
+
+
+def _wait_for_rows(out: Path, table: str, timeout: float = 120.0) -> dict:
+    """The job record of ``table`` once its running job has committed rows (then it is mid-video)."""
+    job = partial_dir(out / table) / JOB_FILE
+    record = out / RECORDS_DIR / f"{table}.json"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if json.loads(job.read_text())["rows_bytes"] > 0:
+                return json.loads(record.read_text())
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"{table} never had committed rows")
+
+
+def test_a_killed_worker_loses_only_its_file_and_a_rerun_resumes_it(archive, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = _cli("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
+    parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    record = _wait_for_rows(out, "interviews_long.csv")  # longest first: a worker took it at once
+    assert record["status"] == "running" and record["pid"] != parent.pid
+    os.kill(record["pid"], signal.SIGKILL)
+    stdout, stderr = parent.communicate(timeout=300)
+    assert parent.returncode == 0, stderr  # the other files went on
+    assert "died (signal 9)" in stderr and "long.mp4" in stderr
+    assert not (out / "interviews_long.csv").exists() and partial_dir(out / "interviews_long.csv").is_dir()
+    assert "long.mp4" not in " ".join(_done_sources(stdout)) and len(_done_sources(stdout)) == 3
+    again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
+    assert "resuming" in again and _done_sources(again) == [str(archive / "long.mp4")]
+    resumed, ref = read_table(out / "interviews_long.csv"), read_table(reference / "interviews_long.csv")
+    assert not resumed.duplicated(["frame", "face_id"]).any()
+    pd.testing.assert_frame_equal(resumed, ref, check_exact=False, atol=1e-6)
+    for name in TABLES[1:]:  # the files the other worker ran: as one process writes them
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_ctrl_c_stops_every_worker_and_the_next_run_finishes(archive, reference, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = _cli("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
+    parent = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _wait_for_rows(out, "interviews_long.csv")
+    os.killpg(parent.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+    _, stderr = parent.communicate(timeout=120)
+    assert parent.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert partial_dir(out / "interviews_long.csv").is_dir()
+    again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
+    assert "resuming" in again
+    for name in TABLES:
+        pd.testing.assert_frame_equal(read_table(out / name), read_table(reference / name), check_exact=False,
+                                      atol=1e-6)  # fmt: skip
+
+
+def test_per_file_options_are_checked_before_any_work(archive, tmp_path):
+    assert "--combine combines" in run("predict", archive, "--combine", "--out", tmp_path / "a", code=2)
+    assert "--shard" in run("predict", archive, "--shard", "3/2", "--out", tmp_path / "b", code=2)
+    assert "--workers" in run("predict", archive, "--workers", "0", "--out", tmp_path / "c", code=2)
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "interviews_short.csv").write_text("my own table\n")
+    text = run("predict", archive, "-r", "--per-file", "--out", out, code=2)
+    assert "would be replaced" in text and "interviews_short.csv" in text
+    assert (out / "interviews_short.csv").read_text() == "my own table\n"
+    assert "no finished file" in run("collect", out, code=2)
+
+
+def test_a_shard_without_files_succeeds_with_nothing_to_do(archive, tmp_path):
+    from mtaffect.predict.archive import plan_units
+
+    plan = plan_units([str(archive)], recursive=True)
+    empty = next(k for k in range(1, 41) if not plan.shard(k, 40))
+    text = run("predict", archive, "-r", "--shard", f"{empty}/40", "--out", tmp_path / "e", "--quiet")
+    assert "0 file(s) to run (shard" in text and "0 file(s) done, 0 failed" in text
