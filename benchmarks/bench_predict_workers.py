@@ -5,11 +5,12 @@ public-domain astronaut photo) are run by the command a user types, in a subproc
 output folder:
 
 - ``classic``: ``mtaffect predict DIR`` (one table for the folder, one process);
-- ``workers=N``: ``mtaffect predict DIR --workers N`` (per-file tables; N=1 runs in the process itself).
+- ``workers=N``: ``mtaffect predict DIR --per-file --workers N`` (per-file tables; N=1 runs the files in
+  the process itself, N>1 in N worker processes).
 
 Reported per run: wall seconds from the command's start to its exit (model loading and worker start-up
-included), frames/s over that wall time, and the files' own processing rate (frames over the seconds
-their job records give, summed over files: what the workers spend inside their jobs). Run:
+included), frames/s over that wall time, and (per-file runs) the seconds the files' jobs took, summed
+over files (their job records), and the thread arithmetic the run printed. Run:
 ``python benchmarks/bench_predict_workers.py [--workers 1,2] [--repeats 2]``.
 """
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"name": "predict_workers", "cores": os.cpu_count()}
     result["load_average_before"] = os.getloadavg()
     runs = {"classic": []}
-    runs.update({f"workers={n}": ["--workers", n] for n in args.workers.split(",")})
+    runs.update({f"workers={n}": ["--per-file", "--workers", n] for n in args.workers.split(",")})
     rows = []
     for label, extra in runs.items():
         reps = [run_once(folder, list(extra)) for _ in range(args.repeats)]

@@ -3,7 +3,8 @@
 #   1. application: `mtaffect predict` on a face video made from public-domain scikit-image photos
 #      (two faces, one leaves and comes back with its id) and on a still photo -> per-frame table with
 #      head pose, timelines, annotated video and still, HTML report with face thumbnails, and the
-#      per-face summary from Python (`mtaffect.summarize`);
+#      per-face summary from Python (`mtaffect.summarize`); then the same media as an archive
+#      (`--workers 2`: a table per file from two processes, and one combined table);
 #   2. research: synthetic s-Aff-Wild2 -> features from the embedded FER backbone -> train recipe 4
 #      (MT-EmotiNet heads) -> tune post-processing on validation -> evaluate -> validated submission.
 set -euo pipefail
@@ -33,6 +34,9 @@ summary.to_csv(out / "summary.csv", index=False)
 cols = ["face_id", "frames", "expression", "valence_mean", "arousal_mean", "pose_Ry_mean"]
 print(summary[cols].round(2).to_string(index=False))
 PY
+
+step "1b. the same media as an archive: one table per file, two worker processes, one combined table"
+$MT predict "$OUT/faces.mp4" "$OUT/astronaut.jpg" --out "$OUT/archive" --workers 2 --combine --quiet
 
 step "2. research: synthetic s-Aff-Wild2 (official layout) and its statistics"
 $MT synth --out "$DATA" --videos 48 --frames 150 --seed 0
@@ -67,4 +71,5 @@ echo "   (${SECONDS}s in all)"
 echo "demo outputs in $OUT/:"
 echo "  predict/  per-frame table (faces.csv, with head pose), summary.csv, timelines, annotated video"
 echo "            and still, report.html (face thumbnails)"
+echo "  archive/  one table per file (two worker processes), combined.csv and combined_summary.csv"
 echo "  run/      trained checkpoint (best/), metrics, validation predictions; post.yaml; submission.txt"

@@ -501,7 +501,14 @@ def register(app: typer.Typer) -> None:
         video: Annotated[
             bool, typer.Option("--video", help="Annotated MP4 per video; annotated JPEG per still image.")
         ] = False,
-        report: Annotated[bool, typer.Option("--report", help="One self-contained HTML report.")] = False,
+        report: Annotated[
+            bool,
+            typer.Option(
+                "--report",
+                help="One self-contained HTML report (per-file runs: a page per file, and an index "
+                "OUT/report.html when every file is done).",
+            ),
+        ] = False,
         recursive: Annotated[
             bool, typer.Option("--recursive", "-r", help="Search folders' subfolders too.")
         ] = False,
