@@ -50,14 +50,30 @@ def test_plan_gives_every_file_a_stable_unique_stem(archive, tmp_path):
     assert stems == {
         "s1.avi": "interviews_s1_avi",  # same stem, other extension: the extension tells them apart
         "s1.mp4": "interviews_s1_mp4",
-        "a/clip.mp4": "interviews_a_clip",  # same name in two folders: the folder tells them apart
+        "a/clip.mp4": "interviews_a_clip",  # the path inside the folder
         "b/clip.mp4": "interviews_b_clip",
-        "b/photo.jpg": "interviews_photo",
+        "b/photo.jpg": "interviews_b_photo",
         "seq": "interviews_seq",  # numbered frames: one sequence
     }
     assert isinstance(next(u.item for u in plan.units if u.stem == "interviews_seq"), FrameSequence)
     # the same command gives the same plan (every shard and every machine computes it alike)
     assert plan_units([str(archive)], recursive=True) == plan
+    # files added later never rename the others (their tables stay theirs)
+    _touch(archive / "a" / "clip.avi")
+    _touch(archive / "c" / "clip.mp4")
+    grown = {u.source: u.stem for u in plan_units([str(archive)], recursive=True).units}
+    assert all(grown[u.source] == u.stem for u in plan.units if u.source != str(archive / "a" / "clip.mp4"))
+    assert grown[str(archive / "c" / "clip.mp4")] == "interviews_c_clip"
+
+
+def test_a_file_named_twice_is_planned_once_and_stems_differ_without_case(tmp_path):
+    clip = _touch(tmp_path / "arch" / "a" / "clip.mp4")
+    again = tmp_path / "arch" / "a" / ".." / "a" / "clip.mp4"
+    plan = plan_units([str(tmp_path / "arch"), str(clip), str(again)], recursive=True)
+    assert [u.source for u in plan.units] == [str(clip)] and plan.repeated == 2
+    upper, lower = _touch(tmp_path / "x" / "Clip.mp4"), _touch(tmp_path / "y" / "clip.mp4")
+    stems = [u.stem for u in plan_units([str(upper), str(lower)]).units]
+    assert stems == ["Clip", "clip-2"]  # Clip.csv is clip.csv on a case-insensitive file system
 
 
 def test_a_folder_of_one_file_still_prefixes_and_names_never_collide_or_take_combined_names(tmp_path):
@@ -167,13 +183,17 @@ def test_done_files_are_skipped_failed_ones_retried_only_by_a_later_run(tmp_path
     again.release()
     skip = records.claim("v.csv", SIG, started, "v.mp4")
     assert isinstance(skip, Skip) and skip.why == "done"
-    changed = records.claim("v.csv", {**SIG, "fps": 30}, started, "v.mp4")  # other settings: run again
+    other = {**SIG, "fps": 30}
+    refused = records.claim("v.csv", other, started, "v.mp4")  # another run's table: left alone
+    assert isinstance(refused, Skip) and refused.why == "settings"
+    assert records.read("v.csv")["status"] == "done" and records.read("v.csv")["signature"] == SIG
+    changed = records.claim("v.csv", other, started, "v.mp4", replace=True)  # --overwrite: run again
     assert isinstance(changed, Claim)
     changed.finish("failed", error="broken")
     changed.release()
-    same_run = records.claim("v.csv", {**SIG, "fps": 30}, started, "v.mp4")
+    same_run = records.claim("v.csv", other, started, "v.mp4")
     assert isinstance(same_run, Skip) and same_run.why == "failed"  # once a run
-    later = records.claim("v.csv", {**SIG, "fps": 30}, time.time() + 1, "v.mp4")
+    later = records.claim("v.csv", other, time.time() + 1, "v.mp4")
     assert isinstance(later, Claim)  # a rerun tries a failed file again
     later.release()
 
@@ -237,7 +257,22 @@ def test_collect_combines_done_files_in_source_order_and_lists_the_rest(tmp_path
     assert summary[["file", "frames"]].values.tolist() == [["arch/a.mp4", 2], ["arch/b.mp4", 3]]
     page = (tmp_path / "report.html").read_text()
     assert "not a readable video" in page and "a.mp4" in page and page.count("<tr>") == 5
+    assert found.settings == 1 and found.superseded == []
     assert collect(tmp_path).rows == 5  # its own outputs are replaced on the next collect
+
+
+def test_collect_takes_a_file_once_and_says_when_settings_differ(tmp_path):
+    _finished(tmp_path, "old_name.csv", "arch/a.mp4", 2)
+    time.sleep(0.01)
+    _finished(tmp_path, "a.parquet", "arch/a.mp4", 3)  # the same file again, later, as Parquet
+    records = JobRecords(tmp_path)
+    c = records.claim("b.csv", {**SIG, "fps": 12}, time.time(), "arch/b.mp4")
+    write_table(_table("arch/b.mp4", 1), tmp_path / "b.csv")
+    c.finish("done")
+    c.release()
+    found = collect(tmp_path)
+    assert found.done == ["a.parquet", "b.csv"] and found.superseded == ["old_name.csv"] and found.rows == 4
+    assert found.settings == 2
 
 
 def test_collect_never_replaces_a_users_file_and_needs_a_finished_file(tmp_path):
@@ -249,3 +284,30 @@ def test_collect_never_replaces_a_users_file_and_needs_a_finished_file(tmp_path)
         collect(tmp_path)
     assert (tmp_path / "combined.csv").read_text() == "my notes\n"
     assert collect(tmp_path, overwrite=True).rows == 2
+
+
+class _Settings:
+    """What run_unit asks of a predictor before it runs anything."""
+
+    post = None
+    smoothing, smoothing_seconds = "none", 0.2
+
+    def settings(self) -> dict:
+        return {"every": 1}
+
+
+def test_a_file_that_breaks_the_pipeline_fails_alone_with_its_record(tmp_path, monkeypatch):
+    from mtaffect.predict import archive
+
+    def broken(*_a, **_k):
+        raise RuntimeError("decoder crashed on frame 7")
+
+    monkeypatch.setattr(archive, "predict_to_file", broken)
+    unit = Unit(_touch(tmp_path / "v.mp4"), "v", "x")
+    opts = archive.UnitOptions(tmp_path / "out")
+    outcome = archive.run_unit(_Settings(), unit, opts)
+    assert outcome.status == "failed" and "RuntimeError: decoder crashed on frame 7" in outcome.error
+    records = JobRecords(opts.out)
+    assert records.read("v.csv")["status"] == "failed" and not records.is_running("v.csv")
+    again = archive.run_unit(_Settings(), unit, opts)  # another process of the same run: not again
+    assert again.status == "skipped" and again.why == "failed"

@@ -20,6 +20,7 @@ pytest.importorskip("skimage")  # the public-domain test face
 from cli_helpers import run
 
 from mtaffect.predict import demo_media
+from mtaffect.predict.archive import plan_units, worker_threads
 from mtaffect.predict.claims import RECORDS_DIR
 from mtaffect.predict.job import JOB_FILE, partial_dir
 from mtaffect.predict.outputs import read_table
@@ -46,7 +47,9 @@ def archive(tmp_path_factory) -> Path:
     return root
 
 
-TABLES = ["interviews_long.csv", "interviews_two.csv", "interviews_short.csv", "interviews_astronaut.csv"]
+TABLES = [
+    "interviews_long.csv", "interviews_two.csv", "interviews_short.csv", "interviews_stills_astronaut.csv",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,8 @@ def _cli(*args) -> list[str]:
 def test_two_workers_write_the_tables_one_process_writes_and_combine_them(archive, reference, tmp_path):
     out = tmp_path / "par"
     text = run("predict", archive, "-r", "--workers", "2", "--out", out, "--combine", "--report", "--quiet")
-    assert "2 worker(s) x 1 thread(s) on" in text or os.cpu_count() != 2
+    threads = worker_threads(2, os.cpu_count())
+    assert f"2 worker(s) x {threads} thread(s) on {os.cpu_count()} core(s)" in text
     assert sorted(_done_sources(text)) == sorted(str(p) for p in archive.rglob("*") if p.suffix in
                                                  (".mp4", ".jpg") and p.name != "broken.mp4")  # fmt: skip
     _same_tables(reference, out)  # byte-identical per-file tables
@@ -112,18 +116,22 @@ def test_two_processes_into_one_folder_run_every_file_once(archive, reference, t
     assert holders <= {p.pid for p in procs}
 
 
-def test_shards_split_the_files_and_the_last_one_combines(archive, reference, tmp_path):
-    out = tmp_path / "sharded"
-    first = run("predict", archive, "-r", "--shard", "1/2", "--out", out, "--combine", "--quiet")
-    assert "not finished" in first and not (out / "combined.csv").exists()
-    second = run("predict", archive, "-r", "--shard", "2/2", "--out", out, "--combine", "--quiet")
-    a, b = _done_sources(first), _done_sources(second)
-    assert a and b and not set(a) & set(b) and len(a + b) == len(TABLES)
-    assert "combined 4 file(s)" in second
-    _same_tables(reference, out)
+def test_shards_split_the_files_and_the_last_one_combines(archive, tmp_path, monkeypatch):
+    monkeypatch.chdir(archive.parent)  # the paths hashed are the ones typed: "interviews/..."
+    plan = plan_units(["interviews"], recursive=True)
+    n = next(n for n in range(2, 9) if sum(1 for k in range(1, n + 1) if plan.shard(k, n)) >= 2)
+    out, done, texts = tmp_path / "sharded", [], []
+    for k in range(1, n + 1):
+        texts.append(run("predict", "interviews", "-r", "--shard", f"{k}/{n}", "--out", out, "--combine",
+                         "--quiet"))  # fmt: skip
+        done.append(_done_sources(texts[-1]))
+        assert (out / "combined.csv").exists() == (k == n)  # the last to finish combines
+    assert sum(map(len, done)) == len(TABLES) == len({s for d in done for s in d})  # once each
+    assert sum(1 for d in done if d) >= 2 and "combined 4 file(s)" in texts[-1]
     solo = tmp_path / "solo"
-    run("predict", archive, "-r", "--per-file", "--out", solo, "--combine", "--quiet")
-    assert (out / "combined.csv").read_bytes() == (solo / "combined.csv").read_bytes()
+    run("predict", "interviews", "-r", "--per-file", "--out", solo, "--combine", "--quiet")
+    for name in [*TABLES, "combined.csv", "combined_summary.csv"]:
+        assert (out / name).read_bytes() == (solo / name).read_bytes(), name
 
 
 def _wait_for_rows(out: Path, table: str, timeout: float = 120.0) -> dict:
@@ -170,8 +178,10 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_finishes(archive, reference,
     )
     _wait_for_rows(out, "interviews_long.csv")
     os.killpg(parent.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+    t0 = time.monotonic()
     _, stderr = parent.communicate(timeout=120)
     assert parent.returncode == 130, stderr
+    assert time.monotonic() - t0 < 15  # the workers stopped at their next chunk, not at the 30 s grace
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert partial_dir(out / "interviews_long.csv").is_dir()
     again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
@@ -192,6 +202,36 @@ def test_per_file_options_are_checked_before_any_work(archive, tmp_path):
     assert "would be replaced" in text and "interviews_short.csv" in text
     assert (out / "interviews_short.csv").read_text() == "my own table\n"
     assert "no finished file" in run("collect", out, code=2)
+
+
+def test_outputs_asked_for_on_a_rerun_are_made_from_the_tables(archive, reference, tmp_path):
+    out = tmp_path / "later"
+    run("predict", archive, "-r", "--per-file", "--out", out, "--quiet")
+    tables = {t: (out / t).stat().st_mtime_ns for t in TABLES}
+    (out / "interviews_two_face0.png").write_bytes(b"my picture")  # a user's file where a timeline goes
+    refused = run("predict", archive, "-r", "--per-file", "--plot", "--out", out, "--quiet", code=2)
+    assert "interviews_two_face0.png (not written by a per-file run)" in refused
+    assert (out / "interviews_two_face0.png").read_bytes() == b"my picture"
+    (out / "interviews_two_face0.png").unlink()
+    text = run("predict", archive, "-r", "--per-file", "--report", "--combine", "--out", out, "--quiet")
+    assert tables == {t: (out / t).stat().st_mtime_ns for t in TABLES}  # not run again
+    assert all((out / f"{t[:-4]}.html").is_file() for t in TABLES) and "combined 4 file(s)" in text
+    index = (out / "report.html").read_text()
+    assert all(f'href="{t[:-4]}.html"' in index for t in TABLES)
+    again = run("predict", archive, "-r", "--per-file", "--report", "--out", out, "--quiet")
+    assert "4 of 5 file(s) done earlier" in again  # complete now: skipped
+    _same_tables(reference, out)
+
+
+def test_workers_that_cannot_load_the_model_are_one_error(archive, tmp_path):
+    from mtaffect.predict.archive import UnitOptions
+    from mtaffect.predict.workers import WorkerSpec, run_pool
+
+    plan = plan_units([str(archive)], recursive=True)
+    model = {"model": str(tmp_path / "no-such-checkpoint")}
+    spec = WorkerSpec(model, plan.units, UnitOptions(tmp_path / "o"))
+    with pytest.raises(ValueError, match="no-such-checkpoint"):
+        run_pool(spec, [0, 1, 2], workers=2)
 
 
 def test_a_shard_without_files_succeeds_with_nothing_to_do(archive, tmp_path):

@@ -12,10 +12,12 @@ the inputs (a still, a video, a folder of numbered frames) a job of its own:
   folder: each file is processed once, and one a killed process held is taken over and resumed.
 
 Stems are the INPUT's name (see :func:`mtaffect.predict.extras.output_names`) for a file given alone,
-``<INPUT name>_<file stem>`` for the files of a folder or list (parent folders added where stems
-collide), then made unique over the whole plan and kept clear of the names the combined outputs use
-(:data:`RESERVED_STEMS`). The plan is computed from the whole of the inputs by every process (all shards
-alike), so a file has the same stem whichever process runs it.
+``<INPUT name>_<path inside the folder>`` for a folder's files (:func:`folder_stems`: files added to
+the archive later never rename the others), ``<list name>_<file stem>`` for a list's entries (parent
+folders added where stems collide), then made unique over the whole plan (regardless of case) and kept
+clear of the names the combined outputs use (:data:`RESERVED_STEMS`); a file named twice (a folder and a
+file inside it) is planned once. The plan is computed from the whole of the inputs by every process
+(all shards alike), so a file has the same stem whichever process runs it.
 
 ``--shard K/N`` keeps the files whose :func:`shard_index` (a SHA-256 of the path as expanded from the
 command line) is K-1: the same split on every machine that sees the same command line, whatever the
@@ -25,11 +27,13 @@ mount point, with no coordination. Files run longest first (frames expected from
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +43,12 @@ from mtaffect.io import error_message
 from mtaffect.predict.claims import Claim, JobRecords, Skip, describe_holder
 from mtaffect.predict.extras import face_tracks, file_stems, model_card, output_names, safe_name, write_extras
 from mtaffect.predict.job import describe_input, predict_to_file
-from mtaffect.predict.pipeline import Predictor, source_warnings
+from mtaffect.predict.pipeline import FileResult, Predictor, source_warnings
 from mtaffect.predict.sources import (
     LIST_EXTENSIONS,
     FrameSequence,
     InputError,
+    SourceInfo,
     classify,
     expand_inputs,
     media_kind,
@@ -71,10 +76,12 @@ class Unit:
 
 @dataclass
 class Plan:
-    """Every file of the inputs in command-line order (all shards), and the INPUTs that gave none."""
+    """Every file of the inputs in command-line order (all shards), the INPUTs that gave none, and how
+    many files were named more than once (run once)."""
 
     units: list[Unit]
     errors: list[str] = field(default_factory=list)
+    repeated: int = 0
 
     def shard(self, k: int, n: int) -> list[Unit]:
         """The units of shard ``k`` of ``n`` (1-based ``k``)."""
@@ -96,24 +103,52 @@ def plan_units(inputs: Sequence[str], *, recursive: bool = False, sequences: boo
                 f"{arg}: per-file mode (--per-file, --workers, --shard) runs files and folders; run streams "
                 "and cameras without it"
             )
-        many = item.is_dir() or (item.suffix.lower() in LIST_EXTENSIONS and item.is_file())
         try:
             files = expand_inputs([arg], recursive=recursive, sequences=sequences)
         except InputError as e:
             errors.append(str(e))
             continue
-        stems = file_stems(name, [str(f) for f in files], prefix_one=many)
+        if item.is_dir():
+            stems = folder_stems(name, item, files)
+        else:  # a file (its INPUT's name), or a list's entries
+            listed = item.suffix.lower() in LIST_EXTENSIONS and item.is_file()
+            stems = file_stems(name, [str(f) for f in files], prefix_one=listed)
         units += [Unit(f, safe_name(s), arg) for f, s in zip(files, stems, strict=True)]
-    seen: set[str] = set(RESERVED_STEMS)
-    unique = []
+    plan = Plan([], errors)
+    taken: set[str] = set(RESERVED_STEMS)  # compared without case: Clip.csv is clip.csv on macOS
+    files_seen: set[str] = set()
     for u in units:
+        real = os.path.realpath(u.source)
+        if real in files_seen:  # named twice (a folder and a file inside it): run once
+            plan.repeated += 1
+            continue
+        files_seen.add(real)
         stem, n = u.stem, 1
-        while stem in seen:
+        while stem.lower() in taken:
             n += 1
             stem = f"{u.stem}-{n}"
-        seen.add(stem)
-        unique.append(Unit(u.item, stem, u.arg))
-    return Plan(unique, errors)
+        taken.add(stem.lower())
+        plan.units.append(Unit(u.item, stem, u.arg))
+    return plan
+
+
+def folder_stems(name: str, folder: Path, files: Sequence[Path | FrameSequence]) -> list[str]:
+    """Stems of a folder's files that never change when other files are added: ``<name>_<path inside
+    the folder, parts joined by _>`` (``interviews_a_clip`` for ``interviews/a/clip.mp4``), with the
+    extension only where a file of the same stem lies in the same folder (``s1_mp4``, ``s1_avi``)."""
+    rel = [Path(os.path.relpath(str(f), folder)) for f in files]
+    same_stem = Counter(
+        (r.parent, r.stem) for f, r in zip(files, rel, strict=True) if not isinstance(f, FrameSequence)
+    )
+    stems = []
+    for f, r in zip(files, rel, strict=True):
+        if isinstance(f, FrameSequence):  # a folder of frames: its path ("." when it is the folder)
+            parts = [p for p in r.parts if p != "."]
+        else:
+            ext = r.suffix.replace(".", "_") if same_stem[r.parent, r.stem] > 1 else ""
+            parts = [*r.parent.parts, r.stem + ext]
+        stems.append("_".join([name, *[p for p in parts if p]]))
+    return stems
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -218,8 +253,9 @@ class Outcome:
 
 
 def unit_signature(predictor: Predictor, unit: Unit, opts: UnitOptions) -> dict:
-    """What makes a file's table what it is: the model and settings, the file (size, mtime), the frame
-    rate given to sequences, the format (as JSON reads it back)."""
+    """What makes a file's table what it is: the model and every setting that changes rows (detection,
+    tracking, smoothing, ``--post``), the file (size, mtime), the frame rate given to sequences, the
+    format; as JSON reads it back."""
     import json
 
     from mtaffect import __version__
@@ -228,42 +264,69 @@ def unit_signature(predictor: Predictor, unit: Unit, opts: UnitOptions) -> dict:
         "version": __version__,
         "settings": predictor.settings(),
         "model": opts.model,
+        "smoothing": [predictor.smoothing, predictor.smoothing_seconds],
+        "post": None if predictor.post is None else repr(predictor.post),
         "input": describe_input(unit.item),
         "fps": opts.fps,
         "format": opts.fmt,
-        "post": None if predictor.post is None else repr(predictor.post),
     }
     return json.loads(json.dumps(sig, default=str))
 
 
+_FACE_PNG = "{stem}_face*.png"
+
+
+def _extras_present(out: Path, stem: str, opts: UnitOptions) -> list[Path]:
+    """Files the extras of ``stem`` would write that exist already."""
+    found = [out / f"{stem}.html"] if opts.report else []
+    if opts.plot or opts.video:
+        found += [out / f"{stem}_annotated.jpg", out / f"{stem}_annotated.mp4"]
+    if opts.plot:
+        found += [p for p in out.glob(_FACE_PNG.format(stem=stem)) if p.name[len(stem) + 5 : -4].isdigit()]
+    return [p for p in found if p.exists()]
+
+
 def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOptions) -> None:
-    """Refuse, before any work, tables that a run would have to replace: one that no record of ours
-    made, or one made with other settings or from a changed file (``--overwrite`` replaces those). A
-    file's table made with the same settings is kept and the file skipped."""
+    """Refuse, before any work, outputs that a run would have to replace: a table that no record of ours
+    made, or one made with other settings or from a changed file, and timelines, annotated copies or
+    pages that its record does not list as its own (``--overwrite`` replaces them). A table made with
+    the same settings is kept and its file skipped."""
+    if opts.overwrite:
+        return
     records = JobRecords(opts.out)
     blocked = []
     for u in units:
         table = opts.out / u.table_name(opts.fmt)
         if table.is_dir():
             raise IsADirectoryError(f"{table} is a folder where the table of {u.source} goes; move it away")
-        if opts.overwrite or not table.exists():
-            continue
         rec = records.read(table.name)
-        if rec is None:
-            blocked.append(f"{table} (not written by a per-file run)")
-        elif rec.get("signature") != unit_signature(predictor, u, opts) and rec.get("status") == "done":
-            blocked.append(f"{table} (made with other settings or from a changed file)")
+        if table.exists():
+            if rec is None:
+                blocked.append(f"{table} (not written by a per-file run)")
+            elif rec.get("signature") != unit_signature(predictor, u, opts) and rec.get("status") == "done":
+                blocked.append(f"{table} (made with other settings, another model or from a changed file)")
+        ours = set((rec or {}).get("outputs") or [])
+        blocked += [f"{p} (not written by a per-file run)" for p in _extras_present(opts.out, u.stem, opts)
+                    if p.name not in ours]  # fmt: skip
     if blocked:
         more = f" and {len(blocked) - 3} more" if len(blocked) > 3 else ""
         raise FileExistsError(
-            f"{len(blocked)} table(s) would be replaced: {'; '.join(blocked[:3])}{more}; pass --overwrite to "
-            "replace them, or choose another --out"
+            f"{len(blocked)} output(s) would be replaced: {'; '.join(blocked[:3])}{more}; pass --overwrite "
+            "to replace them, or choose another --out"
         )
 
 
+def _missing_extras(rec: dict, opts: UnitOptions) -> bool:
+    """Whether a done file's record lacks extras this run asks for (``--plot``/``--video``/``--report``
+    added on a rerun): they are made from its table, not by running it again."""
+    had = rec.get("extras") or {}
+    return any(want and not had.get(k) for k, want in
+               (("plot", opts.plot), ("video", opts.video), ("report", opts.report)))  # fmt: skip
+
+
 def already_done(predictor: Predictor, unit: Unit, opts: UnitOptions) -> bool:
-    """Whether ``unit``'s table is there, recorded done with the same settings (a rerun skips it: no
-    worker needs to start for it)."""
+    """Whether ``unit``'s table is there, recorded done with the same settings, with every extra this run
+    asks for (a rerun skips it: no worker needs to start for it)."""
     name = unit.table_name(opts.fmt)
     rec = JobRecords(opts.out).read(name)
     return (
@@ -271,6 +334,7 @@ def already_done(predictor: Predictor, unit: Unit, opts: UnitOptions) -> bool:
         and rec.get("status") == "done"
         and (opts.out / name).is_file()
         and rec.get("signature") == unit_signature(predictor, unit, opts)
+        and not _missing_extras(rec, opts)
     )
 
 
@@ -281,21 +345,38 @@ def run_unit(
     progress: Callable[[int], None] | None = None,
 ) -> Outcome:
     """Claim ``unit``, run it into its table (resuming a killed run's rows), write its extras and record
-    how it ended. A file another process holds, or finished with the same settings, is skipped.
+    how it ended. A file another process holds, or finished with the same settings, is skipped; one
+    finished without the extras asked for now gets them from its table.
 
     KeyboardInterrupt leaves the partial rows and a ``running`` record whose lock is free: the next run
     resumes the file.
     """
     table = opts.out / unit.table_name(opts.fmt)
     signature = unit_signature(predictor, unit, opts)
-    claim = JobRecords(opts.out).claim(table.name, signature, opts.run_started, unit.source)
+    claim = JobRecords(opts.out).claim(
+        table.name, signature, opts.run_started, unit.source, replace=opts.overwrite,
+        incomplete=lambda rec: _missing_extras(rec, opts),
+    )  # fmt: skip
     if isinstance(claim, Skip):
-        note = f"running in {describe_holder(claim.record)}" if claim.why == "running" else ""
-        return Outcome(unit.source, unit.stem, "skipped", claim.why, notes=[note] if note else [])
+        return _skipped(unit, claim, table)
+    prev = claim.previous  # claimed although done with these settings: only its extras are missing
+    extras_only = (
+        prev is not None and prev.get("status") == "done" and prev.get("signature") == signature
+        and table.is_file()
+    )  # fmt: skip
     try:
-        return _run_claimed(predictor, unit, opts, claim, table, signature, progress)
+        return _run_claimed(predictor, unit, opts, claim, table, signature, progress, extras_only)
     finally:
         claim.release()
+
+
+def _skipped(unit: Unit, skip: Skip, table: Path) -> Outcome:
+    if skip.why == "settings":
+        return Outcome(unit.source, unit.stem, "failed", error=(
+            f"{table} was made with other settings by another run (its record says so); pass --overwrite "
+            "to replace it"))  # fmt: skip
+    note = f"running in {describe_holder(skip.record)}" if skip.why == "running" else ""
+    return Outcome(unit.source, unit.stem, "skipped", skip.why, notes=[note] if note else [])
 
 
 def _run_claimed(
@@ -306,48 +387,61 @@ def _run_claimed(
     table: Path,
     signature: dict,
     progress: Callable[[int], None] | None,
+    extras_only: bool,
 ) -> Outcome:
-    # a table an earlier run of ours left (killed between the table and its record) is ours to replace
-    ours = claim.previous is not None and claim.previous.get("signature") == signature
-    overwrite = opts.overwrite or ours
+    # outputs an earlier run of ours left (killed between the table and its record) are ours to replace;
+    # nothing else is, without --overwrite
+    prev = claim.previous or {}
+    same = prev.get("signature") == signature
+    ours = {table.name} if same else set()
+    ours |= set(prev.get("outputs") or [])
     outcome = Outcome(unit.source, unit.stem, "failed")
-
-    def advance(n: int) -> None:
-        claim.heartbeat()
-        if progress is not None:
-            progress(n)
-
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            (result,) = predict_to_file(
-                predictor, [unit.item], table, opts.fmt, overwrite=overwrite, resume=opts.resume,
-                fps=opts.fps, progress=advance, log=outcome.notes.append,
-            )  # fmt: skip
-            outcome.warnings = [str(w.message) for w in caught] + source_warnings(result.info)
+            if extras_only:
+                from mtaffect.predict.outputs import read_table
+
+                info = SourceInfo(**prev["info"]) if prev.get("info") else SourceInfo(unit.source, "video")
+                result = FileResult(info, read_table(table), float(prev.get("seconds") or 0),
+                                    int(prev.get("frames") or 0))  # fmt: skip
+            else:
+                (result,) = predict_to_file(
+                    predictor, [unit.item], table, opts.fmt, overwrite=opts.overwrite or table.name in ours,
+                    resume=opts.resume, fps=opts.fps, progress=progress, log=outcome.notes.append,
+                )  # fmt: skip
+                outcome.warnings = source_warnings(result.info)
             outcome.seconds = result.seconds
             if not result.ok:
                 outcome.error = result.error
-                claim.finish("failed", error=result.error, seconds=result.seconds, kind=result.info.kind)
+                claim.finish("failed", error=result.error, seconds=result.seconds, kind=result.info.kind,
+                             outputs=sorted(ours))  # fmt: skip
                 return outcome
             report_inputs, written = write_extras(
-                [result], unit.stem, table, opts.plot, opts.video, opts.report, overwrite
+                [result], unit.stem, table, opts.plot, opts.video, opts.report, opts.overwrite, ours
             )
             if opts.report:
                 from mtaffect.predict.report import write_report
 
                 page = opts.out / f"{unit.stem}.html"
-                write_report(page, report_inputs, model_card(predictor), opts.report_settings, overwrite)
+                write_report(page, report_inputs, model_card(predictor), opts.report_settings,
+                             opts.overwrite or page.name in ours)  # fmt: skip
                 written.append(str(page))
-    except (ValueError, OSError) as e:  # e.g. a table in the way, a full disk: this file fails alone
-        outcome.error = f"{unit.source}: {error_message(e)}"
-        claim.finish("failed", error=outcome.error, seconds=outcome.seconds)
+            outcome.warnings = [str(w.message) for w in caught] + outcome.warnings
+    except Exception as e:  # a table in the way, a full disk, a file that breaks a decoder: it fails alone
+        why = error_message(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+        outcome.error = f"{unit.source}: {why}"
+        claim.finish("failed", error=outcome.error, seconds=outcome.seconds, outputs=sorted(ours))
         return outcome
+    had = prev.get("extras") or {} if extras_only else {}
     outcome.status, outcome.outputs = "done", written
-    outcome.frames, outcome.faces = result.analysed, face_tracks([result])
+    outcome.frames, outcome.faces = (0 if extras_only else result.analysed), face_tracks([result])
     claim.finish(
-        "done", frames=outcome.frames, faces=outcome.faces, seconds=outcome.seconds, kind=result.info.kind,
-        outputs=[Path(p).name for p in written], report=f"{unit.stem}.html" if opts.report else None,
+        "done", frames=result.analysed, faces=outcome.faces, seconds=outcome.seconds, kind=result.info.kind,
+        info=dataclasses.asdict(result.info), outputs=sorted(ours | {Path(p).name for p in written}),
+        extras={k: bool(v or had.get(k)) for k, v in (("plot", opts.plot), ("video", opts.video),
+                                                       ("report", opts.report))},
+        report=f"{unit.stem}.html" if opts.report or had.get("report") else None,
     )  # fmt: skip
     return outcome
 

@@ -16,23 +16,27 @@ it is skipped. Lock files are never removed (removing one while a process waits 
 processes hold "the" lock of the same file).
 
 Where locks do not reach other machines (an NFS mount with ``nolock``), a record that says ``running``
-on another host is trusted while its heartbeat (refreshed every ``HEARTBEAT_S`` while the file runs)
-is younger than ``stale_after`` seconds. Such file systems are better served by ``--shard K/N``, whose
-shards never share a file.
+on another host is trusted while its heartbeat is younger than ``stale_after`` seconds: a thread of the
+holder refreshes it every ``HEARTBEAT_S`` for as long as it holds the file (table, extras and all).
+Such file systems are better served by ``--shard K/N``, whose shards never share a file.
 
 A record says what happened and with which settings (``signature``): a later run skips a file that is
 ``done`` with the same signature (its table is there), retries one that ``failed`` before the run
 started (a file that another process failed during this run is not retried: each file is processed once
-a run), and redoes a file whose signature changed only with ``--overwrite``.
+a run), and redoes a file whose signature changed only with ``--overwrite`` (without it, the record of
+the other settings is left as it is and the file is reported, not claimed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -44,8 +48,11 @@ FORMAT: Final[str] = "mtaffect-predict-record"
 FORMAT_VERSION: Final[int] = 1
 #: How often a running file's record is refreshed (seconds), and when a silent one on another host is
 #: taken to be dead (only where locks do not reach other hosts; see the module docstring).
-HEARTBEAT_S: Final[float] = 30.0
-STALE_AFTER_S: Final[float] = 600.0
+HEARTBEAT_S: Final[float] = 20.0
+STALE_AFTER_S: Final[float] = 90.0
+#: A lock found held is tried again this many times, this far apart, before the file is taken to be
+#: running elsewhere (a collect probing the lock holds it for an instant).
+LOCK_TRIES: Final[tuple[int, float]] = (3, 0.05)
 HOST: Final[str] = socket.gethostname()
 
 
@@ -75,37 +82,48 @@ def _write_record(path: Path, rec: dict) -> None:
 @dataclass(frozen=True)
 class Skip:
     """A file this process does not run: ``why`` is "done" (same settings, table present), "running"
-    (another process holds it) or "failed" (another process failed it during this run)."""
+    (another process holds it), "failed" (another process failed it during this run) or "settings"
+    (done with other settings, and replacing it was not asked for)."""
 
     why: str
     record: dict | None
 
 
 class Claim:
-    """This process's hold on one file: its record says ``running`` until :meth:`finish`; the lock is
-    held until :meth:`release` (or until the process dies)."""
+    """This process's hold on one file: its record says ``running`` until :meth:`finish`, its heartbeat
+    refreshed by a thread; the lock is held until :meth:`release` (or until the process dies)."""
 
     def __init__(self, fd: int | None, path: Path, record: dict, previous: dict | None) -> None:
         self._fd, self.path, self.record, self.previous = fd, path, record, previous
-        self._beat = time.monotonic()
+        self._write = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beating, name="mtaffect-heartbeat", daemon=True)
+        self._beat.start()
 
-    def heartbeat(self) -> None:
-        """Refresh the record's heartbeat (at most every ``HEARTBEAT_S``)."""
-        if time.monotonic() - self._beat < HEARTBEAT_S:
-            return
-        self._beat = time.monotonic()
-        self.record["heartbeat"] = time.time()
-        _write_record(self.path, self.record)
+    def _beating(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._write:
+                if self._stop.is_set():
+                    return
+                self.record["heartbeat"] = time.time()
+                with contextlib.suppress(OSError):  # a full disk now shows where it matters: at finish
+                    _write_record(self.path, self.record)
 
     def finish(self, status: str, **fields) -> None:
         """Record the outcome ("done" or "failed") with what the run produced."""
         if status not in ("done", "failed"):
             raise ValueError(f"a finished file is 'done' or 'failed', not {status!r}")
-        self.record.update(fields, status=status, finished=time.time(), heartbeat=time.time())
-        _write_record(self.path, self.record)
+        with self._write:
+            self._stop.set()
+            self.record.update(fields, status=status, finished=time.time(), heartbeat=time.time())
+            _write_record(self.path, self.record)
 
     def release(self) -> None:
-        """Let go of the lock (a record still ``running`` then reads as a killed run: resumable)."""
+        """Stop the heartbeat and let go of the lock (a record still ``running`` then reads as a killed
+        run: resumable)."""
+        with self._write:
+            self._stop.set()
+        self._beat.join()
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
@@ -136,25 +154,42 @@ class JobRecords:
         return found
 
     def is_running(self, table_name: str) -> bool:
-        """Whether a live process holds this file now (its lock is taken)."""
+        """Whether a live process holds this file now (its lock is taken; where locks do not work, its
+        record says running with a fresh heartbeat)."""
         lock = self.folder / f"{table_name}.lock"
         if not lock.exists():
             return False
         fd = _lock(lock)
         if fd is None:
             return True
-        os.close(fd)
-        return False
+        if fd >= 0:
+            os.close(fd)
+            return False
+        rec = self.read(table_name) or {}
+        fresh = time.time() - float(rec.get("heartbeat") or 0) < self.stale_after
+        return rec.get("status") == "running" and fresh
 
-    def claim(self, table_name: str, signature: dict, run_started: float, source: str) -> Claim | Skip:
-        """Take the file whose table is ``table_name``, or say why not (:class:`Skip`)."""
+    def claim(
+        self,
+        table_name: str,
+        signature: dict,
+        run_started: float,
+        source: str,
+        replace: bool = False,
+        incomplete: Callable[[dict], bool] | None = None,
+    ) -> Claim | Skip:
+        """Take the file whose table is ``table_name``, or say why not (:class:`Skip`). ``replace``:
+        a table done with other settings may be made again (``--overwrite``). ``incomplete(record)``:
+        whether a file done with the same settings still needs work (outputs asked for since)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = _lock(self.folder / f"{table_name}.lock")
+        fd = _lock_soon(self.folder / f"{table_name}.lock")
         if fd is None:
             return Skip("running", self.read(table_name))
         rec_path = self.record_path(table_name)
         prev = read_record(rec_path)
-        why = self._why_skip(prev, signature, run_started, table_name)
+        why = self._why_skip(prev, signature, run_started, table_name, replace)
+        if why == "done" and incomplete is not None and incomplete(prev):
+            why = None
         if why is not None:
             if fd >= 0:
                 os.close(fd)
@@ -162,8 +197,8 @@ class JobRecords:
         now = time.time()
         record = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "table": table_name, "source": source,
-            "status": "running", "host": HOST, "pid": os.getpid(), "started": now, "heartbeat": now,
-            "finished": None, "signature": signature,
+            "path": os.path.realpath(source), "status": "running", "host": HOST, "pid": os.getpid(),
+            "started": now, "heartbeat": now, "finished": None, "signature": signature,
         }  # fmt: skip
         try:
             _write_record(rec_path, record)
@@ -174,14 +209,17 @@ class JobRecords:
         return Claim(fd if fd >= 0 else None, rec_path, record, prev)
 
     def _why_skip(
-        self, prev: dict | None, signature: dict, run_started: float, table_name: str
+        self, prev: dict | None, signature: dict, run_started: float, table_name: str, replace: bool
     ) -> str | None:
         if prev is None:
             return None
         same = prev.get("signature") == signature
         status = prev.get("status")
-        if status == "done" and same and (self.folder.parent / table_name).is_file():
+        table = (self.folder.parent / table_name).is_file()
+        if status == "done" and same and table:
             return "done"
+        if status == "done" and table and not replace:
+            return "settings"  # another run's table: its record is left alone
         if status == "failed" and same and float(prev.get("finished") or 0) >= run_started:
             return "failed"
         # the lock was free: only a process on a host our locks may not reach can still be alive
@@ -197,6 +235,17 @@ _NO_LOCKS: list[bool] = []  # set once a file system refused locking
 
 def _locks_unsupported() -> bool:
     return bool(_NO_LOCKS)
+
+
+def _lock_soon(path: Path) -> int | None:
+    """:func:`_lock`, tried again a few times when held (a probe holds a lock for an instant)."""
+    tries, pause = LOCK_TRIES
+    for attempt in range(tries):
+        fd = _lock(path)
+        if fd is not None or attempt == tries - 1:
+            return fd
+        time.sleep(pause)
+    return None
 
 
 def _lock(path: Path) -> int | None:

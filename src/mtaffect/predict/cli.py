@@ -321,6 +321,8 @@ def _run_per_file(
     units = plan.units if k_n is None else plan.shard(*k_n)
     for e in plan.errors:
         err_console.print(f"[bold red]error:[/] {escape(e)}", highlight=False, soft_wrap=True)
+    if plan.repeated:
+        _note(f"{plan.repeated} file(s) named more than once by the inputs: each runs once")
     cores = os.cpu_count() or 1
     threads = archive.worker_threads(min(workers, max(1, len(units))), cores)
     with OutputFolder(opts.out, log=_note, shared=True):
@@ -365,7 +367,7 @@ def _run_per_file(
                 else:
                     spec = WorkerSpec(kwargs, units, opts, trust_remote_code, threads)
                     del predictor
-                    events = {"progress": bar.advance, "done": ended}
+                    events = {"progress": bar.advance, "done": ended, "warning": warn}
                     run_pool(spec, order, used, lambda kind, *a: events.get(kind, lambda *_: None)(*a))
             except KeyboardInterrupt:
                 bar.progress.stop()
@@ -406,21 +408,43 @@ def _print_outcome(outcome, bar: Progress | None = None) -> None:
 def _finish_folder(plan, opts, records, combine: bool, collect) -> None:
     """Combine the folder when every file of the plan (every shard) has finished; else say who will."""
     fmt = opts.fmt
-    waiting = [u for u in plan.units if (records.read(u.table_name(fmt)) or {}).get("status") not in
-               ("done", "failed")]  # fmt: skip
+    states = [(records.read(u.table_name(fmt)) or {}).get("status") for u in plan.units]
+    waiting = sum(s not in ("done", "failed") for s in states)
     if waiting:
         _note(
-            f"{len(waiting)} of {len(plan.units)} file(s) are not finished (other shards or processes, or "
+            f"{waiting} of {len(plan.units)} file(s) are not finished (other shards or processes, or "
             "interrupted): the last run to finish writes the combined outputs, or run `mtaffect collect "
             f"{opts.out}`"
         )
-        return
-    found = collect(opts.out, fmt, report=opts.report, overwrite=opts.overwrite, combine=combine)
+    elif "done" not in states:
+        _note("no file of these inputs is done: nothing to combine")
+    else:
+        found = collect(opts.out, fmt, report=opts.report, overwrite=opts.overwrite, combine=combine)
+        _print_collected(found)
+
+
+def _print_collected(found) -> None:
+    """What a collect wrote, and what it left out."""
     console.print(
         f"combined {len(found.done)} file(s), {found.rows} row(s) -> "
         + ", ".join(str(p) for p in found.written),
         highlight=False, soft_wrap=True,
     )  # fmt: skip
+    if found.settings > 1:
+        warn(f"the combined files were made with {found.settings} different settings or models (several "
+             "runs into one folder); their job records in .mtaffect-jobs/ say which")  # fmt: skip
+    if found.superseded:
+        warn(f"{len(found.superseded)} older table(s) of files combined from a newer one: "
+             + ", ".join(found.superseded[:5]))  # fmt: skip
+    for name, error in found.failed.items():
+        warn(f"{name}: failed: {error}")
+    if found.running:
+        warn(f"{len(found.running)} file(s) still running: {', '.join(found.running[:5])}")
+    if found.unfinished:
+        warn(
+            f"{len(found.unfinished)} file(s) unfinished (a killed run; rerun predict to resume): "
+            + ", ".join(found.unfinished[:5])
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -616,18 +640,4 @@ def register(app: typer.Typer) -> None:
         """
         from mtaffect.predict.collect import collect as collect_folder
 
-        found = collect_folder(out, fmt, report=report, overwrite=overwrite)
-        console.print(
-            f"combined {len(found.done)} file(s), {found.rows} row(s) -> "
-            + ", ".join(str(p) for p in found.written),
-            highlight=False, soft_wrap=True,
-        )  # fmt: skip
-        for name, error in found.failed.items():
-            warn(f"{name}: failed: {error}")
-        if found.running:
-            warn(f"{len(found.running)} file(s) still running: {', '.join(found.running[:5])}")
-        if found.unfinished:
-            warn(
-                f"{len(found.unfinished)} file(s) unfinished (a killed run; rerun predict to resume): "
-                + ", ".join(found.unfinished[:5])
-            )
+        _print_collected(collect_folder(out, fmt, report=report, overwrite=overwrite))

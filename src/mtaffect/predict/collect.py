@@ -17,6 +17,7 @@ only when the folder's ``OUT/.mtaffect-jobs/collect.json`` says a collect wrote 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -32,6 +33,7 @@ from mtaffect.predict.claims import JobRecords, records_dir
 from mtaffect.predict.outputs import check_format, read_table, write_table
 from mtaffect.predict.report import CSS
 from mtaffect.predict.summary import summarize
+from mtaffect.schema import EXPR_NAMES
 
 COLLECT_RECORD: Final[str] = "collect.json"
 SUMMARY_NAME: Final[str] = "combined_summary.csv"
@@ -76,6 +78,8 @@ class Collected:
     failed: dict[str, str] = field(default_factory=dict)  # table name -> error
     running: list[str] = field(default_factory=list)
     unfinished: list[str] = field(default_factory=list)  # killed runs: rerun to resume
+    superseded: list[str] = field(default_factory=list)  # older done tables of a file combined once
+    settings: int = 0  # distinct settings among the combined files (1: one run's settings)
     rows: int = 0
     written: list[Path] = field(default_factory=list)
 
@@ -88,56 +92,94 @@ def collect(
     combine: bool = True,
 ) -> Collected:
     """Combine every finished file of ``out`` (see the module docstring): the combined table and summary
-    (``combine``) and the index page (``report``). No finished file is an error."""
+    (``combine``) and the index page (``report``). No finished file is an error.
+
+    Two collects of one folder (two shards finishing together) take turns (a lock). A file with done
+    tables under two names (renamed, or written as CSV and Parquet) is combined once, from the newest.
+    """
     out = Path(out)
     fmt = check_format(fmt)
     if not out.is_dir():
         raise NotADirectoryError(f"{out}: not a folder of predict outputs")
-    check_collect_outputs(out, fmt, report, overwrite, combine)
     records = JobRecords(out)
+    records.folder.mkdir(exist_ok=True)
+    with open(records.folder / "collect.lock", "a+b") as lock:
+        _flock(lock.fileno())
+        return _collect(out, fmt, report, overwrite, combine, records)
+
+
+def _flock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: collects are not serialised
+        return
+    with contextlib.suppress(OSError):  # a file system without locks: collects are not serialised
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _collect(
+    out: Path, fmt: str, report: bool, overwrite: bool, combine: bool, records: JobRecords
+) -> Collected:
+    check_collect_outputs(out, fmt, report, overwrite, combine)
     found = Collected()
-    done = []
+    newest: dict[str, dict] = {}
     for name, rec in records.all().items():
         status = rec.get("status")
         if status == "done" and (out / name).is_file():
-            done.append(rec)
+            key = str(rec.get("path") or rec.get("source"))
+            if key in newest:
+                found.superseded.append(min(rec, newest[key], key=_finished)["table"])
+            newest[key] = max(rec, newest.get(key, rec), key=_finished)
         elif status == "failed":
             found.failed[name] = str(rec.get("error") or "failed")
         elif status == "running":
             (found.running if records.is_running(name) else found.unfinished).append(name)
         else:  # done, but its table has gone: rerun to make it again
             found.unfinished.append(name)
-    if not done:
+    if not newest:
         raise ValueError(
             f"{out}: no finished file to combine (no job record of a per-file run says done); run "
             "`mtaffect predict ... --per-file --out` into it first"
         )
-    done.sort(key=lambda r: (str(r.get("source", "")), r["table"]))
+    done = sorted(newest.values(), key=lambda r: (str(r.get("source", "")), r["table"]))
     found.done = [r["table"] for r in done]
+    found.settings = len({json.dumps(_settings(r), sort_keys=True) for r in done})
     tables = [read_table(out / r["table"]) for r in done]
     found.rows = sum(len(t) for t in tables)
+    names = combined_names(fmt, report, combine)
     ours = _ours(out)
-
-    def replace(name: str) -> bool:
-        return overwrite or name in ours
-
+    replace = {name: overwrite or name in ours for name in names}
+    # written first: a collect killed half-way, or another checking the folder meanwhile, sees them as ours
+    _write_ours(out, ours | set(names))
     if combine:
         combined = pd.concat(tables, ignore_index=True)
         name = f"combined.{fmt}"
-        found.written.append(write_table(combined, out / name, fmt, overwrite=replace(name)))
+        found.written.append(write_table(combined, out / name, fmt, overwrite=replace[name]))
         summary_path = out / SUMMARY_NAME
-        keep = replace(SUMMARY_NAME)
+        keep = replace[SUMMARY_NAME]
         with atomic_open(summary_path, "w", overwrite=keep, encoding="utf-8", newline="") as fh:
             summarize(combined).to_csv(fh, index=False)
         found.written.append(summary_path)
     if report:
         page = out / INDEX_NAME
-        with atomic_open(page, "w", overwrite=replace(INDEX_NAME), encoding="utf-8") as fh:
+        with atomic_open(page, "w", overwrite=replace[INDEX_NAME], encoding="utf-8") as fh:
             fh.write(render_index(done, tables, records.all()))
         found.written.append(page)
-    with atomic_open(records_dir(out) / COLLECT_RECORD, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump({"written": sorted(ours | {p.name for p in found.written})}, fh)
     return found
+
+
+def _finished(rec: dict) -> float:
+    return float(rec.get("finished") or 0)
+
+
+def _settings(rec: dict) -> dict:
+    """A done record's signature without what names the file itself."""
+    return {k: v for k, v in (rec.get("signature") or {}).items() if k != "input"}
+
+
+def _write_ours(out: Path, names: set[str]) -> None:
+    with atomic_open(records_dir(out) / COLLECT_RECORD, "w", overwrite=True, encoding="utf-8") as fh:
+        json.dump({"written": sorted(names)}, fh)
 
 
 def render_index(done: Sequence[dict], tables: Sequence[pd.DataFrame], records: dict[str, dict]) -> str:
@@ -146,7 +188,9 @@ def render_index(done: Sequence[dict], tables: Sequence[pd.DataFrame], records: 
     rows = []
     for rec, table in zip(done, tables, strict=True):
         faces = table.loc[table["success"] == 1]
-        expr = faces["expression"].mode().iloc[0] if len(faces) else ""
+        counts = faces["expression"].value_counts()
+        order = {name: i for i, name in enumerate(EXPR_NAMES)}  # ties: the official order, as summarize
+        expr = min(counts.index, key=lambda x: (-counts[x], order.get(x, len(order)))) if len(counts) else ""
         va = (f"{faces['valence'].mean():.2f}", f"{faces['arousal'].mean():.2f}") if len(faces) else ("", "")
         page = rec.get("report")
         name = e(Path(str(rec.get("source", ""))).name)

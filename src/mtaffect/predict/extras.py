@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -89,10 +89,16 @@ def write_extras(
     video: bool,
     report: bool,
     overwrite: bool,
+    ours: Collection[str] = (),
 ) -> tuple[list[ReportInput], list[str]]:
     """Timelines, annotated stills/videos and report entries of an INPUT's successful results, written
-    beside its table; returns the report entries and every path written (the table first)."""
+    beside its table; returns the report entries and every path written (the table first). An existing
+    file is replaced only with ``overwrite`` or when its name is in ``ours`` (an earlier run wrote it)."""
     out = table_path.parent
+
+    def replace(path: Path) -> bool:
+        return overwrite or path.name in ours
+
     written = [str(table_path)]
     report_inputs = []
     for r, stem in zip(good, file_stems(name, [r.info.file for r in good]), strict=True):
@@ -104,16 +110,19 @@ def write_extras(
             pngs = timeline_pngs(r.table, r.info.file)
             if plot:
                 for fid, data in pngs.items():
-                    outputs.append(str(write_png(data, out / f"{stem}_face{fid}.png", overwrite=overwrite)))
+                    png = out / f"{stem}_face{fid}.png"
+                    outputs.append(str(write_png(data, png, overwrite=replace(png))))
         if (plot or video) and r.info.kind == "image":
             from mtaffect.predict.annotate import annotate_image
 
-            p = annotate_image(r.info.file, r.table, out / f"{stem}_annotated.jpg", overwrite=overwrite)
+            jpg = out / f"{stem}_annotated.jpg"
+            p = annotate_image(r.info.file, r.table, jpg, overwrite=replace(jpg))
             outputs.append(str(p))
         if video and r.info.kind == "video":
             from mtaffect.predict.annotate import annotate_video
 
-            p = annotate_video(r.info.file, r.table, out / f"{stem}_annotated.mp4", overwrite=overwrite)
+            mp4 = out / f"{stem}_annotated.mp4"
+            p = annotate_video(r.info.file, r.table, mp4, overwrite=replace(mp4))
             outputs.append(str(p))
         written += outputs[1:]
         report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))

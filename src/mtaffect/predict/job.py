@@ -67,6 +67,10 @@ COMMIT_SECONDS: Final[float] = 1.0
 INPUT_COLUMN: Final[str] = "_input"  # rows.csv only: which input (by position) a row belongs to
 #: Hidden temporary files of mtaffect.io.atomic_path (``.<target>.<8 chars of mkstemp>.part``) whose
 #: target is a kind of file predict writes.
+#: Per-file runs share a folder: a shared lock tried this many times (100 ms apart) before a run of the
+#: other kind is taken to hold it; their ``.part`` files count as a killed run's after this long.
+SHARED_LOCK_TRIES: Final[int] = 20
+STALE_PART_AGE_S: Final[float] = 3600.0
 STALE_PART = re.compile(r"^\.(?P<target>.+\.(?:csv|parquet|html|png|mp4))\.[a-z0-9_]{8}\.part$")
 
 
@@ -427,12 +431,13 @@ class OutputFolder:
 
     Entering checks it before any work (an existing file of that name, or a folder that cannot be
     created, is a clear error), locks it, and removes the hidden ``.part`` files of killed runs
-    (:data:`STALE_PART`) when no other run is using the folder; nothing else in the folder is touched.
+    (:data:`STALE_PART`); nothing else in the folder is touched.
 
     A run of one table per INPUT takes the lock exclusively: a second ``mtaffect predict`` into the same
     folder is refused, not interleaved. A per-file run (``shared=True``) takes it shared: any number of
     per-file runs share the folder (each file is claimed on its own, :mod:`mtaffect.predict.claims`),
-    while a run of the other kind is refused.
+    while a run of the other kind is refused; there, only ``.part`` files untouched for an hour are
+    taken for a killed run's.
     """
 
     def __init__(
@@ -454,8 +459,8 @@ class OutputFolder:
             raise ValueError(f"--out {p}: cannot create the output folder ({e.strerror or e})") from e
         if not os.access(p, os.W_OK | os.X_OK):
             raise ValueError(f"--out {p}: the output folder is not writable")
-        alone = self._lock()
-        self.removed = self._clean_stale_parts() if alone else []
+        self._lock()
+        self.removed = self._clean_stale_parts()
         if self.removed:
             self.log(f"removed {len(self.removed)} temporary file(s) an interrupted run left in {p}")
         return self
@@ -465,49 +470,44 @@ class OutputFolder:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
 
-    def _lock(self) -> bool:
-        """Lock the folder (see the class docstring); True when this run is alone in it."""
+    def _lock(self) -> None:
+        """Lock the folder: exclusively, or shared in per-file mode (see the class docstring)."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks on folders
-            return not self.shared
+            return
         fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            alone = True
-        except OSError as e:
-            alone = False
-            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                os.close(fd)
-                self.log(f"cannot lock {self.path} ({e.strerror}); a second run into it would not be noticed")
-                return not self.shared
-            if not self.shared or not self._try_shared(fd):
-                os.close(fd)
-                raise ValueError(
-                    f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it "
-                    "to finish or choose another --out (per-file runs, --per-file/--workers/--shard, share "
-                    "a folder with each other only)"
-                ) from e
-        if alone and self.shared:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # alone now, but other per-file runs may join
-        self._fd = fd
-        return alone
-
-    @staticmethod
-    def _try_shared(fd: int) -> bool:
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        return True
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
+        for attempt in range(SHARED_LOCK_TRIES if self.shared else 1):
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                self._fd = fd
+                return
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    os.close(fd)
+                    self.log(f"cannot lock {self.path} ({e.strerror}); a second run into it would not be "
+                             "noticed")  # fmt: skip
+                    return
+                if attempt + 1 < (SHARED_LOCK_TRIES if self.shared else 1):
+                    time.sleep(0.1)
+        os.close(fd)
+        raise ValueError(
+            f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it to finish "
+            "or choose another --out (per-file runs, --per-file/--workers/--shard, share a folder with each "
+            "other only)"
+        )
 
     def _clean_stale_parts(self) -> list[Path]:
+        """The hidden ``.part`` files of killed runs; in a folder per-file runs share, only those
+        untouched for ``STALE_PART_AGE_S`` (another live run may be writing the others)."""
         removed = []
+        now = time.time()
         for entry in self.path.iterdir():
             if STALE_PART.match(entry.name) and entry.is_file() and not entry.is_symlink():
                 with contextlib.suppress(FileNotFoundError):
+                    if self.shared and now - entry.stat().st_mtime < STALE_PART_AGE_S:
+                        continue
                     entry.unlink()
                     removed.append(entry)
         return removed

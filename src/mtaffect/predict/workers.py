@@ -21,6 +21,7 @@ committed rows are kept all the same).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import signal
 import time
@@ -34,6 +35,9 @@ from mtaffect.io import error_message
 from mtaffect.predict.archive import Outcome, Unit, UnitOptions, run_unit
 
 STOP_GRACE_S: Final[float] = 30.0
+#: Workers that end before they are ready (the model does not load, the memory runs out) are replaced
+#: at most this many times in a row; then the files left are reported, not run.
+MAX_FAILED_STARTS: Final[int] = 3
 PROGRESS_EVERY_S: Final[float] = 0.25
 
 
@@ -74,7 +78,7 @@ def _worker_main(spec: WorkerSpec, conn: Connection, stop) -> None:
     while True:
         try:
             index = conn.recv()
-        except EOFError:  # the parent is gone
+        except (EOFError, OSError):  # the parent is gone
             return
         if index is None:
             return
@@ -87,20 +91,27 @@ def _worker_main(spec: WorkerSpec, conn: Connection, stop) -> None:
                 raise KeyboardInterrupt
             pending += n
             if time.monotonic() - last >= PROGRESS_EVERY_S:
-                conn.send(("progress", pending))
+                try:
+                    conn.send(("progress", pending))
+                except OSError:  # the parent is gone (killed): stop as at Ctrl-C, the rows kept
+                    raise KeyboardInterrupt from None
                 pending, last = 0, time.monotonic()
 
         try:
             outcome = run_unit(predictor, unit, spec.options, progress)
         except KeyboardInterrupt:
-            conn.send(("stopped", index))
+            with contextlib.suppress(OSError):
+                conn.send(("stopped", index))
             return
         except Exception as e:  # a file that breaks the pipeline fails alone
             error = f"{unit.source}: {type(e).__name__}: {e}"
             outcome = Outcome(unit.source, unit.stem, "failed", error=error)
-        if pending:
-            conn.send(("progress", pending))
-        conn.send(("done", index, outcome))
+        try:
+            if pending:
+                conn.send(("progress", pending))
+            conn.send(("done", index, outcome))
+        except OSError:  # the parent is gone: the record says how the file ended
+            return
 
 
 @dataclass
@@ -127,9 +138,11 @@ def run_pool(
 ) -> PoolResult:
     """Run the files ``order`` (positions in ``spec.units``) on ``workers`` processes.
 
-    ``on_event(kind, *payload)`` is called in this process: ("progress", index, frames) and
-    ("done", index, Outcome). A model that no worker can load is a ValueError (the workers' message);
-    Ctrl-C stops the workers and raises KeyboardInterrupt once they are gone.
+    ``on_event(kind, *payload)`` is called in this process: ("progress", index, frames),
+    ("done", index, Outcome) and ("warning", text). A model that no worker can load is a ValueError
+    (the workers' message); workers that keep dying before they are ready stop being replaced, and the
+    files left are failed outcomes; Ctrl-C stops the workers and raises KeyboardInterrupt once they are
+    gone.
     """
     emit = on_event or (lambda *_a: None)
     ctx = mp.get_context("spawn")
@@ -139,7 +152,10 @@ def run_pool(
     slots: dict[int, _Slot] = {}
     next_id = 0
     started_any = False
+    failed_starts = 0  # in a row, since the last worker that became ready
     load_error: str | None = None
+    if not todo:
+        return result
 
     def spawn() -> None:
         nonlocal next_id
@@ -152,17 +168,25 @@ def run_pool(
         next_id += 1
 
     def hand_out(slot: _Slot) -> None:
-        if todo and not stop.is_set():
-            slot.current = todo.popleft()
-            slot.conn.send(slot.current)
-        else:
-            slot.current = None
-            slot.conn.send(None)
+        index = todo.popleft() if todo and not stop.is_set() else None
+        try:
+            slot.conn.send(index)
+        except OSError:  # it died just now: the file goes back, its end is read from the pipe next
+            if index is not None:
+                todo.appendleft(index)
+            index = None
+        slot.current = index
 
     def ended(wid: int) -> None:
+        nonlocal failed_starts
         slot = slots.pop(wid)
         slot.process.join(timeout=5)
         code = slot.process.exitcode
+        if not slot.ready:
+            failed_starts += 1
+            if load_error is None and code:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                emit("warning", f"a worker process ended while loading the model ({how})")
         if slot.current is not None and slot.current not in result.outcomes and not stop.is_set():
             unit = spec.units[slot.current]
             how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
@@ -172,7 +196,8 @@ def run_pool(
             )
             result.outcomes[slot.current] = Outcome(unit.source, unit.stem, "failed", error=err)
             emit("done", slot.current, result.outcomes[slot.current])
-        if todo and not stop.is_set() and (started_any or load_error is None):
+        hopeless = load_error is not None and not started_any  # the model does not load: no use again
+        if todo and not stop.is_set() and failed_starts < MAX_FAILED_STARTS and not hopeless:
             spawn()  # keep the pool at strength while there is work
 
     for _ in range(min(workers, len(order))):
@@ -196,6 +221,7 @@ def run_pool(
                 kind = msg[0]
                 if kind == "ready":
                     started_any = slot.ready = True
+                    failed_starts = 0
                     hand_out(slot)
                 elif kind == "progress":
                     emit("progress", slot.current, msg[1])
@@ -206,6 +232,8 @@ def run_pool(
                 elif kind == "stopped":
                     slot.current = None
                 elif kind == "error":
+                    if started_any and load_error != msg[1]:
+                        emit("warning", f"a worker could not load the model: {msg[1]}")
                     load_error = msg[1]
         except KeyboardInterrupt:
             if stop.is_set():  # a second Ctrl-C: stop now
@@ -214,10 +242,16 @@ def run_pool(
             stop.set()
             result.interrupted = True
             deadline = time.monotonic() + STOP_GRACE_S
-    if load_error is not None and not started_any:
-        raise ValueError(load_error)
     if result.interrupted:
         raise KeyboardInterrupt
+    if not started_any:
+        raise ValueError(load_error or "the worker processes ended while loading the model (out of memory?)")
+    why = load_error or "the worker processes kept ending while loading the model"
+    for index in todo:  # workers stopped being replaced: these files were not run
+        unit = spec.units[index]
+        error = f"{unit.source}: not run: {why}"
+        result.outcomes[index] = Outcome(unit.source, unit.stem, "failed", error=error)
+        emit("done", index, result.outcomes[index])
     return result
 
 
