@@ -48,22 +48,22 @@ def test_plan_gives_every_file_a_stable_unique_stem(archive, tmp_path):
     plan = plan_units([str(archive)], recursive=True)
     stems = {Path(u.source).relative_to(archive).as_posix(): u.stem for u in plan.units}
     assert stems == {
-        "s1.avi": "interviews_s1_avi",  # same stem, other extension: the extension tells them apart
+        "s1.avi": "interviews_s1_avi",  # the path inside the folder, extension included
         "s1.mp4": "interviews_s1_mp4",
-        "a/clip.mp4": "interviews_a_clip",  # the path inside the folder
-        "b/clip.mp4": "interviews_b_clip",
-        "b/photo.jpg": "interviews_b_photo",
-        "seq": "interviews_seq",  # numbered frames: one sequence
+        "a/clip.mp4": "interviews_a_clip_mp4",
+        "b/clip.mp4": "interviews_b_clip_mp4",
+        "b/photo.jpg": "interviews_b_photo_jpg",
+        "seq": "interviews_seq",  # numbered frames: one sequence, named by its folder
     }
     assert isinstance(next(u.item for u in plan.units if u.stem == "interviews_seq"), FrameSequence)
     # the same command gives the same plan (every shard and every machine computes it alike)
     assert plan_units([str(archive)], recursive=True) == plan
     # files added later never rename the others (their tables stay theirs)
-    _touch(archive / "a" / "clip.avi")
-    _touch(archive / "c" / "clip.mp4")
+    _touch(archive / "a" / "clip.avi")  # same stem, same folder
+    _touch(archive / "c" / "clip.mp4")  # same name, another folder
     grown = {u.source: u.stem for u in plan_units([str(archive)], recursive=True).units}
-    assert all(grown[u.source] == u.stem for u in plan.units if u.source != str(archive / "a" / "clip.mp4"))
-    assert grown[str(archive / "c" / "clip.mp4")] == "interviews_c_clip"
+    assert all(grown[u.source] == u.stem for u in plan.units)
+    assert grown[str(archive / "a" / "clip.avi")] == "interviews_a_clip_avi"
 
 
 def test_a_file_named_twice_is_planned_once_and_stems_differ_without_case(tmp_path):
@@ -79,9 +79,9 @@ def test_a_file_named_twice_is_planned_once_and_stems_differ_without_case(tmp_pa
 def test_a_folder_of_one_file_still_prefixes_and_names_never_collide_or_take_combined_names(tmp_path):
     _touch(tmp_path / "one" / "talk.mp4")
     lone = _touch(tmp_path / "combined.jpg")
-    other = _touch(tmp_path / "x" / "one_talk.mp4")
+    other = _touch(tmp_path / "x" / "one_talk_mp4.mp4")
     plan = plan_units([str(tmp_path / "one"), str(lone), str(other)])
-    assert [u.stem for u in plan.units] == ["one_talk", "combined-2", "one_talk-2"]
+    assert [u.stem for u in plan.units] == ["one_talk_mp4", "combined-2", "one_talk_mp4-2"]
     assert not RESERVED_STEMS & {u.stem for u in plan.units}
 
 
@@ -311,3 +311,116 @@ def test_a_file_that_breaks_the_pipeline_fails_alone_with_its_record(tmp_path, m
     assert records.read("v.csv")["status"] == "failed" and not records.is_running("v.csv")
     again = archive.run_unit(_Settings(), unit, opts)  # another process of the same run: not again
     assert again.status == "skipped" and again.why == "failed"
+
+
+def _opts(tmp_path, **kw):
+    from mtaffect.predict.archive import UnitOptions
+
+    return UnitOptions(tmp_path / "out", **kw)
+
+
+def _signature(unit, opts):
+    from mtaffect.predict.archive import unit_signature
+
+    return unit_signature(_Settings(), unit, opts)
+
+
+def test_a_run_joining_mid_extras_or_after_an_interruption_owns_that_runs_files(tmp_path):
+    from mtaffect.predict.archive import check_in_the_way
+
+    unit = Unit(_touch(tmp_path / "v.mp4"), "v", "x")
+    opts = _opts(tmp_path, plot=True)
+    opts.out.mkdir()
+    claim = JobRecords(opts.out).claim("v.csv", _signature(unit, opts), time.time(), unit.source)
+    write_table(empty_table(), opts.out / "v.csv")
+    (opts.out / "v_face0.png").write_bytes(b"png")  # written by the running claim, not yet recorded
+    check_in_the_way(_Settings(), [unit], opts)  # another process of the same command: not in the way
+    claim.release()  # interrupted there
+    check_in_the_way(_Settings(), [unit], opts)  # the rerun: still its own
+    other = _opts(tmp_path, plot=True, fps=12.0)  # other settings: the table and picture are in the way
+    with pytest.raises(FileExistsError, match=r"v\.csv \(made with other settings.*v_face0\.png"):
+        check_in_the_way(_Settings(), [unit], other)
+
+
+def test_a_failed_overwrite_never_makes_another_runs_table_ours(tmp_path, monkeypatch):
+    from mtaffect.predict import archive
+
+    unit = Unit(_touch(tmp_path / "v.mp4"), "v", "x")
+    first = _opts(tmp_path)
+    first.out.mkdir()
+    c = JobRecords(first.out).claim("v.csv", _signature(unit, first), time.time(), unit.source)
+    write_table(empty_table(), first.out / "v.csv")
+    c.finish("done", outputs=["v.csv"])
+    c.release()
+
+    def broken(*_a, **kw):
+        assert kw["identity"] == second.model  # the model's files name the partial rows too
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive, "predict_to_file", broken)
+    second = _opts(tmp_path, fps=12.0, overwrite=True)
+    assert archive.run_unit(_Settings(), unit, second).status == "failed"
+    assert "v.csv" not in JobRecords(first.out).read("v.csv")["outputs"]
+    with pytest.raises(FileExistsError, match="made with other settings"):
+        archive.check_in_the_way(_Settings(), [unit], _opts(tmp_path, fps=5.0))
+
+
+def test_extras_that_fail_on_a_rerun_leave_the_file_done(tmp_path, monkeypatch):
+    from mtaffect.predict import archive
+
+    unit = Unit(_touch(tmp_path / "v.mp4"), "v", "x")
+    opts = _opts(tmp_path)
+    opts.out.mkdir()
+    c = JobRecords(opts.out).claim("v.csv", _signature(unit, opts), time.time(), unit.source)
+    write_table(_table(unit.source, 3), opts.out / "v.csv")
+    c.finish("done", frames=3, outputs=["v.csv"], extras={"plot": False, "video": False, "report": False})
+    c.release()
+    with_report = _opts(tmp_path, report=True)
+    assert archive.file_state(_Settings(), unit, with_report) == "extras"
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive, "write_extras", full_disk)
+    outcome = archive.run_unit(_Settings(), unit, with_report)
+    assert outcome.status == "failed" and "its table is done" in outcome.error
+    rec = JobRecords(opts.out).read("v.csv")
+    assert rec["status"] == "done" and rec["frames"] == 3 and "No space" in rec["extras_error"]
+    assert collect(opts.out).done == ["v.csv"]  # still combined
+
+
+def test_a_stem_taken_by_another_file_is_an_error_not_a_skip(tmp_path):
+    from mtaffect.predict import archive
+
+    mine, theirs = Unit(_touch(tmp_path / "a" / "v.mp4"), "v", "x"), _touch(tmp_path / "b" / "v.mp4")
+    opts = _opts(tmp_path)
+    held = JobRecords(opts.out).claim("v.csv", SIG, time.time(), str(theirs))
+    outcome = archive.run_unit(_Settings(), mine, opts)
+    held.release()
+    assert outcome.status == "failed" and f"taken by {theirs}" in outcome.error
+
+
+def test_a_hand_edited_record_does_not_keep_its_lock(tmp_path):
+    records = JobRecords(tmp_path)
+    c = records.claim("v.csv", SIG, time.time(), "v.mp4")
+    c.finish("failed", error="x")
+    c.release()
+    rec = json.loads(records.record_path("v.csv").read_text())
+    records.record_path("v.csv").write_text(json.dumps({**rec, "finished": "yesterday"}))
+    again = records.claim("v.csv", SIG, time.time(), "v.mp4")
+    assert isinstance(again, Claim) and again.previous is None  # not trusted
+    again.release()
+    assert not records.is_running("v.csv")
+
+
+def test_the_heartbeat_thread_refreshes_a_running_record_and_stops_at_release(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
+    records = JobRecords(tmp_path)
+    c = records.claim("v.csv", SIG, time.time(), "v.mp4")
+    first = records.read("v.csv")["heartbeat"]
+    time.sleep(0.3)
+    assert records.read("v.csv")["heartbeat"] > first
+    c.release()
+    last = records.read("v.csv")["heartbeat"]
+    time.sleep(0.2)
+    assert records.read("v.csv")["heartbeat"] == last  # nothing written after release

@@ -47,9 +47,8 @@ def archive(tmp_path_factory) -> Path:
     return root
 
 
-TABLES = [
-    "interviews_long.csv", "interviews_two.csv", "interviews_short.csv", "interviews_stills_astronaut.csv",
-]
+LONG = "interviews_long_mp4.csv"
+TABLES = [LONG, "interviews_two_mp4.csv", "interviews_short_mp4.csv", "interviews_stills_astronaut_jpg.csv"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_two_workers_write_the_tables_one_process_writes_and_combine_them(archiv
                                                  (".mp4", ".jpg") and p.name != "broken.mp4")  # fmt: skip
     _same_tables(reference, out)  # byte-identical per-file tables
     records = {p.name: json.loads(p.read_text()) for p in (out / RECORDS_DIR).glob("*.json")}
-    assert records["interviews_broken.csv.json"]["status"] == "failed"
+    assert records["interviews_broken_mp4.csv.json"]["status"] == "failed"
     assert {r["status"] for n, r in records.items() if n in {f"{t}.json" for t in TABLES}} == {"done"}
     combined = read_table(out / "combined.csv")
     parts = [read_table(reference / t) for t in TABLES]
@@ -153,17 +152,17 @@ def test_a_killed_worker_loses_only_its_file_and_a_rerun_resumes_it(archive, ref
     out = tmp_path / "killed"
     cmd = _cli("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
     parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    record = _wait_for_rows(out, "interviews_long.csv")  # longest first: a worker took it at once
+    record = _wait_for_rows(out, LONG)  # longest first: a worker took it at once
     assert record["status"] == "running" and record["pid"] != parent.pid
     os.kill(record["pid"], signal.SIGKILL)
     stdout, stderr = parent.communicate(timeout=300)
     assert parent.returncode == 0, stderr  # the other files went on
     assert "died (signal 9)" in stderr and "long.mp4" in stderr
-    assert not (out / "interviews_long.csv").exists() and partial_dir(out / "interviews_long.csv").is_dir()
+    assert not (out / LONG).exists() and partial_dir(out / LONG).is_dir()
     assert "long.mp4" not in " ".join(_done_sources(stdout)) and len(_done_sources(stdout)) == 3
     again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
     assert "resuming" in again and _done_sources(again) == [str(archive / "long.mp4")]
-    resumed, ref = read_table(out / "interviews_long.csv"), read_table(reference / "interviews_long.csv")
+    resumed, ref = read_table(out / LONG), read_table(reference / LONG)
     assert not resumed.duplicated(["frame", "face_id"]).any()
     pd.testing.assert_frame_equal(resumed, ref, check_exact=False, atol=1e-6)
     for name in TABLES[1:]:  # the files the other worker ran: as one process writes them
@@ -176,14 +175,14 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_finishes(archive, reference,
     parent = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    _wait_for_rows(out, "interviews_long.csv")
+    _wait_for_rows(out, LONG)
     os.killpg(parent.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
     t0 = time.monotonic()
     _, stderr = parent.communicate(timeout=120)
     assert parent.returncode == 130, stderr
     assert time.monotonic() - t0 < 15  # the workers stopped at their next chunk, not at the 30 s grace
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert partial_dir(out / "interviews_long.csv").is_dir()
+    assert partial_dir(out / LONG).is_dir()
     again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
     assert "resuming" in again
     for name in TABLES:
@@ -197,10 +196,10 @@ def test_per_file_options_are_checked_before_any_work(archive, tmp_path):
     assert "--workers" in run("predict", archive, "--workers", "0", "--out", tmp_path / "c", code=2)
     out = tmp_path / "d"
     out.mkdir()
-    (out / "interviews_short.csv").write_text("my own table\n")
+    (out / "interviews_short_mp4.csv").write_text("my own table\n")
     text = run("predict", archive, "-r", "--per-file", "--out", out, code=2)
-    assert "would be replaced" in text and "interviews_short.csv" in text
-    assert (out / "interviews_short.csv").read_text() == "my own table\n"
+    assert "would be replaced" in text and "interviews_short_mp4.csv" in text
+    assert (out / "interviews_short_mp4.csv").read_text() == "my own table\n"
     assert "no finished file" in run("collect", out, code=2)
 
 
@@ -208,11 +207,11 @@ def test_outputs_asked_for_on_a_rerun_are_made_from_the_tables(archive, referenc
     out = tmp_path / "later"
     run("predict", archive, "-r", "--per-file", "--out", out, "--quiet")
     tables = {t: (out / t).stat().st_mtime_ns for t in TABLES}
-    (out / "interviews_two_face0.png").write_bytes(b"my picture")  # a user's file where a timeline goes
+    (out / "interviews_two_mp4_face0.png").write_bytes(b"my picture")  # a user's file where a timeline goes
     refused = run("predict", archive, "-r", "--per-file", "--plot", "--out", out, "--quiet", code=2)
-    assert "interviews_two_face0.png (not written by a per-file run)" in refused
-    assert (out / "interviews_two_face0.png").read_bytes() == b"my picture"
-    (out / "interviews_two_face0.png").unlink()
+    assert "interviews_two_mp4_face0.png (not written by a per-file run)" in refused
+    assert (out / "interviews_two_mp4_face0.png").read_bytes() == b"my picture"
+    (out / "interviews_two_mp4_face0.png").unlink()
     text = run("predict", archive, "-r", "--per-file", "--report", "--combine", "--out", out, "--quiet")
     assert tables == {t: (out / t).stat().st_mtime_ns for t in TABLES}  # not run again
     assert all((out / f"{t[:-4]}.html").is_file() for t in TABLES) and "combined 4 file(s)" in text

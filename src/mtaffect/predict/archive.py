@@ -12,12 +12,13 @@ the inputs (a still, a video, a folder of numbered frames) a job of its own:
   folder: each file is processed once, and one a killed process held is taken over and resumed.
 
 Stems are the INPUT's name (see :func:`mtaffect.predict.extras.output_names`) for a file given alone,
-``<INPUT name>_<path inside the folder>`` for a folder's files (:func:`folder_stems`: files added to
-the archive later never rename the others), ``<list name>_<file stem>`` for a list's entries (parent
-folders added where stems collide), then made unique over the whole plan (regardless of case) and kept
-clear of the names the combined outputs use (:data:`RESERVED_STEMS`); a file named twice (a folder and a
-file inside it) is planned once. The plan is computed from the whole of the inputs by every process
-(all shards alike), so a file has the same stem whichever process runs it.
+``<INPUT name>_<path inside the folder>_<extension>`` for a folder's files (:func:`folder_stems`: files
+added to the archive later never rename the others, unless their names differ only by case), and
+``<list name>_<file stem>`` for a list's entries (parent folders added where stems collide); then made
+unique over the whole plan (regardless of case) and kept clear of the names the combined outputs use
+(:data:`RESERVED_STEMS`); a file named twice (a folder and a file inside it) is planned once. The plan
+is computed from the whole of the inputs by every process (all shards alike), so a file has the same
+stem whichever process runs it.
 
 ``--shard K/N`` keeps the files whose :func:`shard_index` (a SHA-256 of the path as expanded from the
 command line) is K-1: the same split on every machine that sees the same command line, whatever the
@@ -27,13 +28,11 @@ mount point, with no coordination. Files run longest first (frames expected from
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Final
 from mtaffect.io import error_message
 from mtaffect.predict.claims import Claim, JobRecords, Skip, describe_holder
 from mtaffect.predict.extras import face_tracks, file_stems, model_card, output_names, safe_name, write_extras
-from mtaffect.predict.job import describe_input, predict_to_file
+from mtaffect.predict.job import describe_input, info_from_dict, info_to_dict, predict_to_file
 from mtaffect.predict.pipeline import FileResult, Predictor, source_warnings
 from mtaffect.predict.sources import (
     LIST_EXTENSIONS,
@@ -133,20 +132,16 @@ def plan_units(inputs: Sequence[str], *, recursive: bool = False, sequences: boo
 
 
 def folder_stems(name: str, folder: Path, files: Sequence[Path | FrameSequence]) -> list[str]:
-    """Stems of a folder's files that never change when other files are added: ``<name>_<path inside
-    the folder, parts joined by _>`` (``interviews_a_clip`` for ``interviews/a/clip.mp4``), with the
-    extension only where a file of the same stem lies in the same folder (``s1_mp4``, ``s1_avi``)."""
-    rel = [Path(os.path.relpath(str(f), folder)) for f in files]
-    same_stem = Counter(
-        (r.parent, r.stem) for f, r in zip(files, rel, strict=True) if not isinstance(f, FrameSequence)
-    )
+    """Stems of a folder's files that no file added later can change: ``<name>_<path inside the folder,
+    parts and extension joined by _>`` (``interviews_a_clip_mp4`` for ``interviews/a/clip.mp4``: with
+    the extension, as ``clip.mov`` may join it); a folder of frames by its path alone."""
     stems = []
-    for f, r in zip(files, rel, strict=True):
+    for f in files:
+        r = Path(os.path.relpath(str(f), folder))
         if isinstance(f, FrameSequence):  # a folder of frames: its path ("." when it is the folder)
             parts = [p for p in r.parts if p != "."]
         else:
-            ext = r.suffix.replace(".", "_") if same_stem[r.parent, r.stem] > 1 else ""
-            parts = [*r.parent.parts, r.stem + ext]
+            parts = [*r.parent.parts, r.stem, r.suffix.lstrip(".")]
         stems.append("_".join([name, *[p for p in parts if p]]))
     return stems
 
@@ -276,12 +271,12 @@ def unit_signature(predictor: Predictor, unit: Unit, opts: UnitOptions) -> dict:
 _FACE_PNG = "{stem}_face*.png"
 
 
-def _extras_present(out: Path, stem: str, opts: UnitOptions) -> list[Path]:
+def _extras_present(out: Path, stem: str, plot: bool, video: bool, report: bool) -> list[Path]:
     """Files the extras of ``stem`` would write that exist already."""
-    found = [out / f"{stem}.html"] if opts.report else []
-    if opts.plot or opts.video:
+    found = [out / f"{stem}.html"] if report else []
+    if plot or video:
         found += [out / f"{stem}_annotated.jpg", out / f"{stem}_annotated.mp4"]
-    if opts.plot:
+    if plot:
         found += [p for p in out.glob(_FACE_PNG.format(stem=stem)) if p.name[len(stem) + 5 : -4].isdigit()]
     return [p for p in found if p.exists()]
 
@@ -290,7 +285,8 @@ def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOpti
     """Refuse, before any work, outputs that a run would have to replace: a table that no record of ours
     made, or one made with other settings or from a changed file, and timelines, annotated copies or
     pages that its record does not list as its own (``--overwrite`` replaces them). A table made with
-    the same settings is kept and its file skipped."""
+    the same settings is kept and its file skipped; outputs of a file that a run with these settings is
+    writing, or was interrupted writing, are its own."""
     if opts.overwrite:
         return
     records = JobRecords(opts.out)
@@ -299,15 +295,16 @@ def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOpti
         table = opts.out / u.table_name(opts.fmt)
         if table.is_dir():
             raise IsADirectoryError(f"{table} is a folder where the table of {u.source} goes; move it away")
-        rec = records.read(table.name)
-        if table.exists():
-            if rec is None:
-                blocked.append(f"{table} (not written by a per-file run)")
-            elif rec.get("signature") != unit_signature(predictor, u, opts) and rec.get("status") == "done":
-                blocked.append(f"{table} (made with other settings, another model or from a changed file)")
-        ours = set((rec or {}).get("outputs") or [])
-        blocked += [f"{p} (not written by a per-file run)" for p in _extras_present(opts.out, u.stem, opts)
-                    if p.name not in ours]  # fmt: skip
+        rec = records.read(table.name) or {}
+        same = rec.get("signature") == unit_signature(predictor, u, opts)
+        if table.exists() and not same:
+            why = "made with other settings, another model or from a changed file"
+            blocked.append(f"{table} ({why if rec else 'not written by a per-file run'})")
+        if same and rec.get("status") != "done":
+            continue  # running now, or interrupted: what it wrote is its own
+        ours = set(rec.get("outputs") or [])
+        extras = _extras_present(opts.out, u.stem, opts.plot, opts.video, opts.report)
+        blocked += [f"{p} (not written by a per-file run)" for p in extras if p.name not in ours]
     if blocked:
         more = f" and {len(blocked) - 3} more" if len(blocked) > 3 else ""
         raise FileExistsError(
@@ -324,18 +321,19 @@ def _missing_extras(rec: dict, opts: UnitOptions) -> bool:
                (("plot", opts.plot), ("video", opts.video), ("report", opts.report)))  # fmt: skip
 
 
-def already_done(predictor: Predictor, unit: Unit, opts: UnitOptions) -> bool:
-    """Whether ``unit``'s table is there, recorded done with the same settings, with every extra this run
-    asks for (a rerun skips it: no worker needs to start for it)."""
+def file_state(predictor: Predictor, unit: Unit, opts: UnitOptions) -> str | None:
+    """What a rerun has left to do for ``unit``: None (run it), "extras" (its table is done with these
+    settings; only extras asked for now are missing) or "done" (nothing: no worker needs to start)."""
     name = unit.table_name(opts.fmt)
     rec = JobRecords(opts.out).read(name)
-    return (
-        rec is not None
-        and rec.get("status") == "done"
-        and (opts.out / name).is_file()
-        and rec.get("signature") == unit_signature(predictor, unit, opts)
-        and not _missing_extras(rec, opts)
-    )
+    if (
+        rec is None
+        or rec.get("status") != "done"
+        or not (opts.out / name).is_file()
+        or rec.get("signature") != unit_signature(predictor, unit, opts)
+    ):
+        return None
+    return "extras" if _missing_extras(rec, opts) else "done"
 
 
 def run_unit(
@@ -359,18 +357,18 @@ def run_unit(
     )  # fmt: skip
     if isinstance(claim, Skip):
         return _skipped(unit, claim, table)
-    prev = claim.previous  # claimed although done with these settings: only its extras are missing
-    extras_only = (
-        prev is not None and prev.get("status") == "done" and prev.get("signature") == signature
-        and table.is_file()
-    )  # fmt: skip
     try:
-        return _run_claimed(predictor, unit, opts, claim, table, signature, progress, extras_only)
+        return _run_claimed(predictor, unit, opts, claim, table, signature, progress)
     finally:
         claim.release()
 
 
 def _skipped(unit: Unit, skip: Skip, table: Path) -> Outcome:
+    holder = (skip.record or {}).get("path")
+    if holder and holder != os.path.realpath(unit.source):  # two commands into one folder, one stem
+        return Outcome(unit.source, unit.stem, "failed", error=(
+            f"{unit.source}: its table name {table.name} is taken by {holder} (another command into the "
+            "same --out); give this one another --out"))  # fmt: skip
     if skip.why == "settings":
         return Outcome(unit.source, unit.stem, "failed", error=(
             f"{table} was made with other settings by another run (its record says so); pass --overwrite "
@@ -387,63 +385,108 @@ def _run_claimed(
     table: Path,
     signature: dict,
     progress: Callable[[int], None] | None,
-    extras_only: bool,
 ) -> Outcome:
-    # outputs an earlier run of ours left (killed between the table and its record) are ours to replace;
-    # nothing else is, without --overwrite
     prev = claim.previous or {}
     same = prev.get("signature") == signature
-    ours = {table.name} if same else set()
-    ours |= set(prev.get("outputs") or [])
+    # what this run may replace without --overwrite: the table when an earlier run with these settings
+    # made it; the extras earlier runs listed, and those a run with these settings was interrupted writing
+    ours = set(prev.get("outputs") or []) - {table.name}
+    if same:
+        ours.add(table.name)
+        if prev.get("status") != "done":
+            ours |= {p.name for p in _extras_present(opts.out, unit.stem, True, True, True)}
+    if same and prev.get("status") == "done" and table.is_file():  # claimed for missing extras only
+        return _extras_only(predictor, unit, opts, claim, table, prev, ours)
     outcome = Outcome(unit.source, unit.stem, "failed")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if extras_only:
-                from mtaffect.predict.outputs import read_table
-
-                info = SourceInfo(**prev["info"]) if prev.get("info") else SourceInfo(unit.source, "video")
-                result = FileResult(info, read_table(table), float(prev.get("seconds") or 0),
-                                    int(prev.get("frames") or 0))  # fmt: skip
-            else:
-                (result,) = predict_to_file(
-                    predictor, [unit.item], table, opts.fmt, overwrite=opts.overwrite or table.name in ours,
-                    resume=opts.resume, fps=opts.fps, progress=progress, log=outcome.notes.append,
-                )  # fmt: skip
-                outcome.warnings = source_warnings(result.info)
+            (result,) = predict_to_file(
+                predictor, [unit.item], table, opts.fmt, overwrite=opts.overwrite or table.name in ours,
+                resume=opts.resume, fps=opts.fps, progress=progress, log=outcome.notes.append,
+                identity=opts.model,
+            )  # fmt: skip
             outcome.seconds = result.seconds
-            if not result.ok:
-                outcome.error = result.error
-                claim.finish("failed", error=result.error, seconds=result.seconds, kind=result.info.kind,
-                             outputs=sorted(ours))  # fmt: skip
-                return outcome
-            report_inputs, written = write_extras(
-                [result], unit.stem, table, opts.plot, opts.video, opts.report, opts.overwrite, ours
-            )
-            if opts.report:
-                from mtaffect.predict.report import write_report
-
-                page = opts.out / f"{unit.stem}.html"
-                write_report(page, report_inputs, model_card(predictor), opts.report_settings,
-                             opts.overwrite or page.name in ours)  # fmt: skip
-                written.append(str(page))
-            outcome.warnings = [str(w.message) for w in caught] + outcome.warnings
+            if result.ok:
+                written = _write_extras(predictor, unit, opts, result, table, ours)
+        outcome.warnings = [str(w.message) for w in caught] + source_warnings(result.info)
     except Exception as e:  # a table in the way, a full disk, a file that breaks a decoder: it fails alone
-        why = error_message(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
-        outcome.error = f"{unit.source}: {why}"
+        outcome.error = f"{unit.source}: {_reason(e)}"
         claim.finish("failed", error=outcome.error, seconds=outcome.seconds, outputs=sorted(ours))
         return outcome
-    had = prev.get("extras") or {} if extras_only else {}
+    if not result.ok:
+        outcome.error = result.error
+        claim.finish("failed", error=result.error, seconds=result.seconds, kind=result.info.kind,
+                     outputs=sorted(ours))  # fmt: skip
+        return outcome
     outcome.status, outcome.outputs = "done", written
-    outcome.frames, outcome.faces = (0 if extras_only else result.analysed), face_tracks([result])
-    claim.finish(
-        "done", frames=result.analysed, faces=outcome.faces, seconds=outcome.seconds, kind=result.info.kind,
-        info=dataclasses.asdict(result.info), outputs=sorted(ours | {Path(p).name for p in written}),
-        extras={k: bool(v or had.get(k)) for k, v in (("plot", opts.plot), ("video", opts.video),
-                                                       ("report", opts.report))},
-        report=f"{unit.stem}.html" if opts.report or had.get("report") else None,
-    )  # fmt: skip
+    outcome.frames, outcome.faces = result.analysed, face_tracks([result])
+    claim.finish("done", **_done_fields(result, outcome, opts, ours, written, {}))
     return outcome
+
+
+def _extras_only(
+    predictor: Predictor, unit: Unit, opts: UnitOptions, claim: Claim, table: Path, prev: dict, ours: set
+) -> Outcome:
+    """A done file's extras asked for since, made from its table; whatever happens, it stays done."""
+    from mtaffect.predict.outputs import read_table
+
+    restore = {k: v for k, v in prev.items() if k not in ("status", "finished", "heartbeat")}
+    outcome = Outcome(unit.source, unit.stem, "failed", why="extras")
+    try:
+        info = info_from_dict(prev["info"]) if prev.get("info") else SourceInfo(unit.source, "unknown")
+        seconds, frames = float(prev.get("seconds") or 0), int(prev.get("frames") or 0)
+        result = FileResult(info, read_table(table), seconds, frames)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = _write_extras(predictor, unit, opts, result, table, ours)
+        outcome.warnings = [str(w.message) for w in caught]
+    except Exception as e:
+        outcome.error = f"{unit.source}: its table is done, but not the outputs asked for: {_reason(e)}"
+        claim.finish("done", **{**restore, "extras_error": outcome.error})
+        return outcome
+    except BaseException:  # interrupted: the table is done all the same
+        claim.finish("done", **restore)
+        raise
+    outcome.status, outcome.outputs = "done", written
+    outcome.faces = face_tracks([result])
+    claim.finish("done", **_done_fields(result, outcome, opts, ours, written, prev.get("extras") or {}))
+    return outcome
+
+
+def _write_extras(
+    predictor: Predictor, unit: Unit, opts: UnitOptions, result: FileResult, table: Path, ours: set
+) -> list[str]:
+    """The file's timelines, annotated copy and page; every path written (the table first)."""
+    report_inputs, written = write_extras(
+        [result], unit.stem, table, opts.plot, opts.video, opts.report, opts.overwrite, ours
+    )
+    if opts.report:
+        from mtaffect.predict.report import write_report
+
+        page = opts.out / f"{unit.stem}.html"
+        write_report(page, report_inputs, model_card(predictor), opts.report_settings,
+                     opts.overwrite or page.name in ours)  # fmt: skip
+        written.append(str(page))
+    return written
+
+
+def _done_fields(
+    result: FileResult, outcome: Outcome, opts: UnitOptions, ours: set, written: list[str], had: dict
+) -> dict:
+    """A done record's fields: what the file gave, and every output of this stem that is ours."""
+    asked = {"plot": opts.plot, "video": opts.video, "report": opts.report}
+    return {
+        "frames": result.analysed, "faces": outcome.faces, "seconds": result.seconds,
+        "kind": result.info.kind, "info": info_to_dict(result.info), "extras_error": None,
+        "outputs": sorted(ours | {Path(p).name for p in written}),
+        "extras": {k: bool(v or had.get(k)) for k, v in asked.items()},
+        "report": f"{outcome.stem}.html" if opts.report or had.get("report") else None,
+    }  # fmt: skip
+
+
+def _reason(e: Exception) -> str:
+    return error_message(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
 
 
 __all__ = [
@@ -452,9 +495,9 @@ __all__ = [
     "Plan",
     "Unit",
     "UnitOptions",
-    "already_done",
     "check_in_the_way",
     "expected_frames",
+    "file_state",
     "longest_first",
     "model_identity",
     "parse_shard",

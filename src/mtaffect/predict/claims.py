@@ -187,9 +187,16 @@ class JobRecords:
             return Skip("running", self.read(table_name))
         rec_path = self.record_path(table_name)
         prev = read_record(rec_path)
-        why = self._why_skip(prev, signature, run_started, table_name, replace)
-        if why == "done" and incomplete is not None and incomplete(prev):
-            why = None
+        try:
+            why = self._why_skip(prev, signature, run_started, table_name, replace)
+            if why == "done" and incomplete is not None and incomplete(prev):
+                why = None
+        except (TypeError, ValueError, AttributeError):  # a damaged record (edited by hand): not trusted
+            prev, why = None, None
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
         if why is not None:
             if fd >= 0:
                 os.close(fd)
@@ -199,6 +206,8 @@ class JobRecords:
             "format": FORMAT, "format_version": FORMAT_VERSION, "table": table_name, "source": source,
             "path": os.path.realpath(source), "status": "running", "host": HOST, "pid": os.getpid(),
             "started": now, "heartbeat": now, "finished": None, "signature": signature,
+            # the files earlier runs wrote for this stem stay listed as ours until this run says otherwise
+            "outputs": list((prev or {}).get("outputs") or []),
         }  # fmt: skip
         try:
             _write_record(rec_path, record)

@@ -140,8 +140,10 @@ def run_predict(
     settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
                 "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
                 "aligned": aligned}  # fmt: skip
+    from mtaffect.predict.archive import model_identity
+
     if per_file:
-        from mtaffect.predict.archive import UnitOptions, model_identity
+        from mtaffect.predict.archive import UnitOptions
 
         opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video and not aligned, report,
                            report_settings=settings, model=model_identity(model))  # fmt: skip
@@ -160,7 +162,7 @@ def run_predict(
                   f"{model or 'default'} --out DIR` once, then --model DIR, skips this)")  # fmt: skip
         predictor = build_predictor(kwargs, streaming_threads(), trust_remote_code)
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
-               "sequences": sequences}  # fmt: skip
+               "sequences": sequences, "identity": model_identity(model)}  # fmt: skip
         extras = {"plot": plot, "video": video and not aligned, "report": report, "overwrite": overwrite}
         report_inputs: list[ReportInput] = []
         ok_count = fail_count = 0
@@ -334,11 +336,12 @@ def _run_per_file(
             opts, report_settings=_report_settings(opts.report_settings, predictor, kwargs["temporal"])
         )
         archive.check_in_the_way(predictor, units, opts)
-        done = {i for i, u in enumerate(units) if archive.already_done(predictor, u, opts)}
+        state = [archive.file_state(predictor, u, opts) for u in units]
+        done = {i for i, s in enumerate(state) if s == "done"}
         if done:
             _note(f"{len(done)} of {len(units)} file(s) done earlier with the same settings: skipped")
         every = kwargs["every"]
-        frames = [0 if i in done else archive.expected_frames(u, every) for i, u in enumerate(units)]
+        frames = [0 if state[i] else archive.expected_frames(u, every) for i, u in enumerate(units)]
         order = [i for i in archive.longest_first(units, frames) if i not in done]
         used = min(workers, max(1, len(order)))
         threads = threads if used == 1 else archive.worker_threads(used, cores)
@@ -399,6 +402,9 @@ def _print_outcome(outcome, bar: Progress | None = None) -> None:
     if outcome.status == "failed":
         err_console.print(f"[bold red]error:[/] {escape(outcome.error or 'failed')}", highlight=False,
                           soft_wrap=True)  # fmt: skip
+    elif outcome.status == "done" and outcome.why == "extras":
+        _say(f"{outcome.source}: done earlier; outputs made from its table -> "
+             f"{', '.join(outcome.outputs[1:])}", bar)  # fmt: skip
     elif outcome.status == "done":
         rate = f", {outcome.fps:.1f} frames/s" if outcome.seconds > 0 else ""
         _say(f"{outcome.source}: {outcome.frames} frames, {outcome.faces} face track(s){rate} -> "

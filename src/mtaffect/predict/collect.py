@@ -102,7 +102,11 @@ def collect(
     if not out.is_dir():
         raise NotADirectoryError(f"{out}: not a folder of predict outputs")
     records = JobRecords(out)
-    records.folder.mkdir(exist_ok=True)
+    if not records.folder.is_dir():
+        raise ValueError(
+            f"{out}: no finished file to combine (no job records: not the --out of a per-file run); run "
+            "`mtaffect predict ... --per-file --out` into it first"
+        )
     with open(records.folder / "collect.lock", "a+b") as lock:
         _flock(lock.fileno())
         return _collect(out, fmt, report, overwrite, combine, records)
@@ -163,7 +167,8 @@ def _collect(
     if report:
         page = out / INDEX_NAME
         with atomic_open(page, "w", overwrite=replace[INDEX_NAME], encoding="utf-8") as fh:
-            fh.write(render_index(done, tables, records.all()))
+            others = {n: r for n, r in records.all().items() if n not in set(found.superseded)}
+            fh.write(render_index(done, tables, others))
         found.written.append(page)
     return found
 
@@ -205,6 +210,7 @@ def render_index(done: Sequence[dict], tables: Sequence[pd.DataFrame], records: 
         if name in listed:
             continue
         status = str(rec.get("status"))
+        status = "done, table missing (rerun)" if status == "done" else status
         detail = e(str(rec.get("error") or ""))
         source = e(Path(str(rec.get("source", ""))).name)
         rows.append(

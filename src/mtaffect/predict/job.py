@@ -97,11 +97,13 @@ def describe_input(item) -> dict:
         return {"path": str(p)}
 
 
-def _info_dict(info: SourceInfo) -> dict:
+def info_to_dict(info: SourceInfo) -> dict:
+    """A SourceInfo as JSON-ready data (job files and job records)."""
     return dataclasses.asdict(info)
 
 
-def _info_from(d: dict) -> SourceInfo:
+def info_from_dict(d: dict) -> SourceInfo:
+    """The SourceInfo :func:`info_to_dict` wrote (unknown keys ignored)."""
     fields = {f.name for f in dataclasses.fields(SourceInfo)}
     d = {k: v for k, v in d.items() if k in fields}
     d["unreadable"] = [tuple(x) for x in d.get("unreadable", [])]
@@ -248,7 +250,7 @@ class PartialTable:
             table.insert(0, INPUT_COLUMN, index)
             header = self._bytes == 0
             self._fh.write(table.to_csv(index=False, header=header, float_format="%.9g").encode("utf-8"))
-        cur = {**cur, "resume": _resume_dict(resume), "info": _info_dict(info), "seconds": seconds}
+        cur = {**cur, "resume": _resume_dict(resume), "info": info_to_dict(info), "seconds": seconds}
         self.state["current"], self._bytes = cur, self._fh.tell()
         self._pending, self._pending_point = TableBuilder(), None
         self._commit()
@@ -266,7 +268,7 @@ class PartialTable:
         re-identification merged (applied to its rows when the table is built)."""
         self.flush()
         self.state["done"][str(index)] = {
-            "info": _info_dict(info), "seconds": seconds, "analysed": analysed, "error": error,
+            "info": info_to_dict(info), "seconds": seconds, "analysed": analysed, "error": error,
             "aliases": {str(k): int(v) for k, v in (aliases or {}).items()},
         }  # fmt: skip
         self.state["current"] = None
@@ -323,12 +325,15 @@ def predict_to_file(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[SourceInfo], None] | None = None,
     log: Callable[[str], None] | None = None,
+    identity: dict | None = None,
 ) -> list[FileResult]:
     """Predict ``inputs`` into one table at ``path`` as a resumable job; one FileResult per input.
 
     Rows are written as they are produced; after a crash or a kill, the same call resumes. The table is
     written (atomically) when every input is done, unless every input failed. An existing table is
-    refused before any work unless ``overwrite``.
+    refused before any work unless ``overwrite``. ``identity``: what else names the model (e.g. its
+    files' sizes and times, :func:`mtaffect.predict.archive.model_identity`): rows of a retrained
+    checkpoint of the same config are not resumed as this one's.
     """
     path = Path(path)
     fmt = fmt or path.suffix.lstrip(".") or "csv"
@@ -339,6 +344,7 @@ def predict_to_file(
         "inputs": [describe_input(i) for i in items],
         "fps": fps,
         "channels": channels,
+        **({"identity": identity} if identity else {}),
     }
     part = PartialTable(path, signature, resume, log, predictor.au_thresholds)
     try:
@@ -414,7 +420,7 @@ def _results(predictor: Predictor, part: PartialTable, items: list) -> list[File
     out = []
     for index, _ in enumerate(items):
         rec = part.finished(index)
-        info = _info_from(rec["info"])
+        info = info_from_dict(rec["info"])
         if rec["error"] is not None:
             out.append(FileResult(info, empty_table(), rec["seconds"], 0, rec["error"]))
             continue
@@ -513,4 +519,4 @@ class OutputFolder:
         return removed
 
 
-__all__ = ["OutputFolder", "PartialTable", "partial_dir", "predict_to_file"]
+__all__ = ["OutputFolder", "PartialTable", "info_from_dict", "info_to_dict", "partial_dir", "predict_to_file"]

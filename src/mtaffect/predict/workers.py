@@ -26,7 +26,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Final
@@ -114,6 +114,20 @@ def _worker_main(spec: WorkerSpec, conn: Connection, stop) -> None:
             return
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process for the block (main thread only; elsewhere a no-op)."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @dataclass
 class _Slot:
     process: mp.process.BaseProcess
@@ -162,7 +176,8 @@ def run_pool(
         parent_end, child_end = ctx.Pipe()
         p = ctx.Process(target=_worker_main, args=(spec, child_end, stop), name=f"mtaffect-worker-{next_id}")
         p.daemon = True
-        p.start()
+        with _sigint_ignored():  # inherited: a Ctrl-C while the worker imports is the parent's to handle
+            p.start()
         child_end.close()
         slots[next_id] = _Slot(p, parent_end)
         next_id += 1
@@ -184,7 +199,7 @@ def run_pool(
         code = slot.process.exitcode
         if not slot.ready:
             failed_starts += 1
-            if load_error is None and code:
+            if load_error is None and code and not stop.is_set():
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
                 emit("warning", f"a worker process ended while loading the model ({how})")
         if slot.current is not None and slot.current not in result.outcomes and not stop.is_set():
@@ -242,6 +257,9 @@ def run_pool(
             stop.set()
             result.interrupted = True
             deadline = time.monotonic() + STOP_GRACE_S
+            for s in list(slots.values()):  # idle ones (a file just done) are told to stop now
+                if s.ready and (s.current is None or s.current in result.outcomes):
+                    hand_out(s)
     if result.interrupted:
         raise KeyboardInterrupt
     if not started_any:
