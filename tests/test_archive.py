@@ -375,10 +375,11 @@ def test_extras_that_fail_on_a_rerun_leave_the_file_done(tmp_path, monkeypatch):
     write_table(_table(unit.source, 3), opts.out / "v.csv")
     c.finish("done", frames=3, outputs=["v.csv"], extras={"plot": False, "video": False, "report": False})
     c.release()
-    with_report = _opts(tmp_path, report=True)
+    with_report = _opts(tmp_path, report=True, plot=True)
     assert archive.file_state(_Settings(), unit, with_report) == "extras"
 
     def full_disk(*_a, **_k):
+        (opts.out / "v_face0.png").write_bytes(b"png")  # one timeline written, then the disk is full
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(archive, "write_extras", full_disk)
@@ -386,6 +387,8 @@ def test_extras_that_fail_on_a_rerun_leave_the_file_done(tmp_path, monkeypatch):
     assert outcome.status == "failed" and "its table is done" in outcome.error
     rec = JobRecords(opts.out).read("v.csv")
     assert rec["status"] == "done" and rec["frames"] == 3 and "No space" in rec["extras_error"]
+    assert "v_face0.png" in rec["outputs"]  # what it wrote is its own: the next run may replace it
+    archive.check_in_the_way(_Settings(), [unit], with_report)
     assert collect(opts.out).done == ["v.csv"]  # still combined
 
 

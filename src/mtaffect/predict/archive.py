@@ -432,7 +432,14 @@ def _extras_only(
     from mtaffect.predict.outputs import read_table
 
     restore = {k: v for k, v in prev.items() if k not in ("status", "finished", "heartbeat")}
+    before = {p.name for p in _extras_present(opts.out, unit.stem, True, True, True)}
     outcome = Outcome(unit.source, unit.stem, "failed", why="extras")
+
+    def keep_done(**fields) -> None:  # with what this attempt wrote listed as the file's own
+        now = {p.name for p in _extras_present(opts.out, unit.stem, True, True, True)}
+        outputs = sorted(set(restore.get("outputs") or []) | (now - before))
+        claim.finish("done", **{**restore, "outputs": outputs, **fields})
+
     try:
         info = info_from_dict(prev["info"]) if prev.get("info") else SourceInfo(unit.source, "unknown")
         seconds, frames = float(prev.get("seconds") or 0), int(prev.get("frames") or 0)
@@ -443,10 +450,10 @@ def _extras_only(
         outcome.warnings = [str(w.message) for w in caught]
     except Exception as e:
         outcome.error = f"{unit.source}: its table is done, but not the outputs asked for: {_reason(e)}"
-        claim.finish("done", **{**restore, "extras_error": outcome.error})
+        keep_done(extras_error=outcome.error)
         return outcome
     except BaseException:  # interrupted: the table is done all the same
-        claim.finish("done", **restore)
+        keep_done()
         raise
     outcome.status, outcome.outputs = "done", written
     outcome.faces = face_tracks([result])
