@@ -3,6 +3,7 @@ PIL images and BGR arrays, and videos or streams that end before their declared 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import av
@@ -110,6 +111,30 @@ def test_an_unreadable_frame_is_skipped_and_listed(tmp_path):
 
 
 # ---- URLs, cameras, PIL, BGR ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="symbolic links")
+def test_symbolic_link_loops_are_searched_once_and_each_file_counted_once(tmp_path):
+    photo = _jpg(tmp_path / "L" / "photo.jpg")
+    (tmp_path / "L" / "s1").symlink_to(".", target_is_directory=True)  # two loops: 2^40 paths before
+    (tmp_path / "L" / "s2").symlink_to(".", target_is_directory=True)
+    assert expand_inputs(tmp_path / "L", recursive=True) == [photo]
+    _jpg(tmp_path / "M" / "other.jpg")
+    (tmp_path / "L" / "m").symlink_to(tmp_path / "M", target_is_directory=True)
+    (tmp_path / "L" / "m2").symlink_to(tmp_path / "M", target_is_directory=True)  # the same folder again
+    (tmp_path / "L" / "again.jpg").symlink_to(photo)  # the same photo again
+    found = expand_inputs(tmp_path / "L", recursive=True)
+    assert sorted(p.name for p in found) == ["other.jpg", "photo.jpg"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_pipe_where_an_image_is_expected_fails_instead_of_blocking(tmp_path):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        open_source(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(InputError, match="no images or videos"):  # a folder search skips it
+        expand_inputs(tmp_path)
 
 
 def test_urls_are_never_turned_into_paths(tmp_path):

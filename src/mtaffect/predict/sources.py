@@ -297,19 +297,27 @@ def numbered_frames(images: Sequence[Path]) -> tuple[int, ...] | None:
     return frames if len(set(frames)) == len(frames) else None
 
 
-def _expand_folder(folder: Path, recursive: bool, sequences: bool) -> list:
+def _expand_folder(folder: Path, recursive: bool, sequences: bool, seen: set | None = None) -> list:
+    """A folder's inputs; ``seen`` (the real folders and files visited so far in this expansion) makes
+    each real folder searched once and each video or still counted once, however symbolic links loop
+    or repeat (a sequence's frames are kept as they are: a repeated frame is a frame)."""
+    seen = set() if seen is None else seen
+    if not _first_visit(folder, seen):
+        return []
     files, dirs = _listdir(folder)
     images = [f for f in files if media_kind(f) == "image"]
     frames = numbered_frames(images) if sequences else None
+    # the files themselves before links to them: a link to a file met here is the one dropped
+    once = {f for f in sorted(files, key=Path.is_symlink) if _first_visit(f, seen)}
     if frames is not None:
         order = np.argsort(frames, kind="stable")
         seq = FrameSequence(folder, tuple(images[i] for i in order), tuple(frames[i] for i in order))
-        out: list = [seq, *(f for f in files if media_kind(f) == "video")]
+        out: list = [seq, *(f for f in files if media_kind(f) == "video" and f in once)]
     else:
-        out = list(files)
+        out = [f for f in files if f in once]
     if recursive:
         for d in dirs:
-            out.extend(_expand_folder(d, recursive, sequences))
+            out.extend(_expand_folder(d, recursive, sequences, seen))
     elif dirs and out:
         warnings.warn(
             f"{folder}: {len(dirs)} subfolder(s) not searched ({', '.join(d.name for d in dirs[:3])}"
@@ -317,6 +325,19 @@ def _expand_folder(folder: Path, recursive: bool, sequences: bool) -> list:
             stacklevel=3,
         )
     return out
+
+
+def _first_visit(path: Path, seen: set) -> bool:
+    """Whether the real file or folder behind ``path`` is met for the first time (then noted)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return True  # unreadable: listed, and it fails later with its own message
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _empty_folder_message(folder: Path, recursive: bool) -> str:
@@ -652,6 +673,8 @@ def open_source(
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         raise InputError(f"{path}: is a folder; pass it to expand_inputs() first")
+    if not path.is_file():  # a FIFO would block the reader forever; a device or socket is no image
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device); give an image or video")
     kind = media_kind(path)
     if kind == "image":
         return ImageSource(path, reader)
