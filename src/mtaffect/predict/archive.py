@@ -28,9 +28,11 @@ mount point, with no coordination. Files run longest first (frames expected from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -268,16 +270,29 @@ def unit_signature(predictor: Predictor, unit: Unit, opts: UnitOptions) -> dict:
     return json.loads(json.dumps(sig, default=str))
 
 
-_FACE_PNG = "{stem}_face*.png"
+_FACE_PNG = re.compile(r"(?P<stem>.+)_face\d+\.png")
 
 
-def _extras_present(out: Path, stem: str, plot: bool, video: bool, report: bool) -> list[Path]:
-    """Files the extras of ``stem`` would write that exist already."""
+def _timelines(out: Path) -> dict[str, list[str]]:
+    """The timeline PNGs (``<stem>_face<id>.png``) in ``out`` by stem, from one listing of the folder."""
+    found: dict[str, list[str]] = {}
+    with contextlib.suppress(FileNotFoundError), os.scandir(out) as entries:
+        for e in entries:
+            if m := _FACE_PNG.fullmatch(e.name):
+                found.setdefault(m["stem"], []).append(e.name)
+    return found
+
+
+def _extras_present(
+    out: Path, stem: str, plot: bool, video: bool, report: bool, pngs: Sequence[str] | None = None
+) -> list[Path]:
+    """Files the extras of ``stem`` would write that exist already. ``pngs``: the timeline names to look
+    for (default: the folder listed, which costs a scan of it: callers over many files pass them)."""
     found = [out / f"{stem}.html"] if report else []
     if plot or video:
         found += [out / f"{stem}_annotated.jpg", out / f"{stem}_annotated.mp4"]
     if plot:
-        found += [p for p in out.glob(_FACE_PNG.format(stem=stem)) if p.name[len(stem) + 5 : -4].isdigit()]
+        found += [out / n for n in (_timelines(out).get(stem, []) if pngs is None else pngs)]
     return [p for p in found if p.exists()]
 
 
@@ -290,6 +305,7 @@ def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOpti
     if opts.overwrite:
         return
     records = JobRecords(opts.out)
+    timelines = _timelines(opts.out) if opts.plot else {}  # one listing for every file
     blocked = []
     for u in units:
         table = opts.out / u.table_name(opts.fmt)
@@ -303,7 +319,8 @@ def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOpti
         if same and rec.get("status") != "done":
             continue  # running now, or interrupted: what it wrote is its own
         ours = set(rec.get("outputs") or [])
-        extras = _extras_present(opts.out, u.stem, opts.plot, opts.video, opts.report)
+        pngs = timelines.get(u.stem, [])
+        extras = _extras_present(opts.out, u.stem, opts.plot, opts.video, opts.report, pngs)
         blocked += [f"{p} (not written by a per-file run)" for p in extras if p.name not in ours]
     if blocked:
         more = f" and {len(blocked) - 3} more" if len(blocked) > 3 else ""
@@ -430,20 +447,26 @@ def _extras_only(
 ) -> Outcome:
     """A done file's extras asked for since, made from its table; whatever happens, it stays done."""
     from mtaffect.predict.outputs import read_table
+    from mtaffect.predict.plots import face_ids
 
     restore = {k: v for k, v in prev.items() if k not in ("status", "finished", "heartbeat")}
-    before = {p.name for p in _extras_present(opts.out, unit.stem, True, True, True)}
     outcome = Outcome(unit.source, unit.stem, "failed", why="extras")
+    pngs: list[str] = []  # the timelines this file can have: one per face id of its table
+    before: set[str] = set()
+
+    def present() -> set[str]:
+        return {p.name for p in _extras_present(opts.out, unit.stem, True, True, True, pngs)}
 
     def keep_done(**fields) -> None:  # with what this attempt wrote listed as the file's own
-        now = {p.name for p in _extras_present(opts.out, unit.stem, True, True, True)}
-        outputs = sorted(set(restore.get("outputs") or []) | (now - before))
+        outputs = sorted(set(restore.get("outputs") or []) | (present() - before))
         claim.finish("done", **{**restore, "outputs": outputs, **fields})
 
     try:
         info = info_from_dict(prev["info"]) if prev.get("info") else SourceInfo(unit.source, "unknown")
         seconds, frames = float(prev.get("seconds") or 0), int(prev.get("frames") or 0)
         result = FileResult(info, read_table(table), seconds, frames)
+        pngs = [f"{unit.stem}_face{fid}.png" for fid in face_ids(result.table, info.file)]
+        before = present()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             written = _write_extras(predictor, unit, opts, result, table, ours)

@@ -94,6 +94,7 @@ def run_predict(
     ``workers`` > 1, or a ``shard``) each file's is (:mod:`mtaffect.predict.archive`).
     """
     from mtaffect.io import check_writable
+    from mtaffect.predict.archive import UnitOptions, model_identity
     from mtaffect.predict.engines import check_device, is_export_folder
     from mtaffect.predict.extras import model_card, output_names, summary_line, write_extras
     from mtaffect.predict.job import OutputFolder
@@ -140,11 +141,7 @@ def run_predict(
     settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
                 "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
                 "aligned": aligned}  # fmt: skip
-    from mtaffect.predict.archive import model_identity
-
     if per_file:
-        from mtaffect.predict.archive import UnitOptions
-
         opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video and not aligned, report,
                            report_settings=settings, model=model_identity(model))  # fmt: skip
         return _run_per_file(
