@@ -25,7 +25,7 @@ from mtaffect.predict.archive import (
     worker_threads,
 )
 from mtaffect.predict.claims import Claim, JobRecords, Skip
-from mtaffect.predict.collect import collect
+from mtaffect.predict.collect import collect, render_index
 from mtaffect.predict.outputs import empty_table, write_table
 from mtaffect.predict.sources import FrameSequence
 
@@ -258,6 +258,9 @@ def test_collect_combines_done_files_in_source_order_and_lists_the_rest(tmp_path
     page = (tmp_path / "report.html").read_text()
     assert "not a readable video" in page and "a.mp4" in page and page.count("<tr>") == 5
     assert found.settings == 1 and found.superseded == []
+    rec = JobRecords(tmp_path).read("b.csv")  # a hostile record may not put a URL in the index
+    JobRecords(tmp_path).record_path("b.csv").write_text(json.dumps({**rec, "report": "javascript:alert(1)"}))
+    assert "javascript" not in render_index([JobRecords(tmp_path).read("b.csv")], [_table("b", 1)], {})
     assert collect(tmp_path).rows == 5  # its own outputs are replaced on the next collect
 
 

@@ -197,9 +197,11 @@ def render_index(done: Sequence[dict], tables: Sequence[pd.DataFrame], records: 
         order = {name: i for i, name in enumerate(EXPR_NAMES)}  # ties: the official order, as summarize
         expr = min(counts.index, key=lambda x: (-counts[x], order.get(x, len(order)))) if len(counts) else ""
         va = (f"{faces['valence'].mean():.2f}", f"{faces['arousal'].mean():.2f}") if len(faces) else ("", "")
-        page = rec.get("report")
+        page = str(rec.get("report") or "")
         name = e(Path(str(rec.get("source", ""))).name)
-        link = f'<a href="{e(page)}">{name}</a>' if page else name
+        # a record is data: only a page of this folder (a plain name) becomes a link, never a URL
+        local = page.endswith(".html") and Path(page).name == page and ":" not in page
+        link = f'<a href="{e(page)}">{name}</a>' if local else name
         rows.append(
             f"<tr><td>{link}</td><td>done</td><td class=num>{int(rec.get('frames') or 0)}</td>"
             f"<td class=num>{int(rec.get('faces') or 0)}</td><td>{e(str(expr))}</td>"
