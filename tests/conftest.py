@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,13 +80,15 @@ def away_torch_table(_away_torch_table):
 def default_export(tmp_path_factory) -> tuple[Path, dict]:
     """The embedded default model and MTCNN exported with --quantize (folder, manifest).
 
-    Exported over an existing folder with ``overwrite=True``: the old content must be gone.
+    Exported over an older export with ``overwrite=True``: the old content must be gone.
     """
     pytest.importorskip("onnxscript")
     from mtaffect.export.exporter import export_model
 
     out = tmp_path_factory.mktemp("export") / "default"
     out.mkdir()
-    (out / "stale.txt").write_text("from an older export")
+    (out / "stale.onnx").write_text("from an older export")
+    header = {"format": "mtaffect-export", "format_version": 1}  # an older export's manifest, by hand
+    (out / "export.json").write_text(json.dumps(header))
     manifest = export_model("default", out, quantize=True, overwrite=True)
     return out, manifest

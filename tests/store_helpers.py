@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtaffect.features.store import FORMAT_NAME
+FORMAT_NAME = "mtaffect-feature-store"  # as docs/formats.md names it
 
 
 def write_store_by_hand(

@@ -159,7 +159,7 @@ def test_saving_never_records_remote_code_trust(tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("format_version", [1], "format_version must be an integer"),
+        ("format_version", [1], "format_version must be a positive integer"),
         ("recipe", 3, "recipe must be a recipe name"),
         ("model_config", "hidden=8", "model_config must be a mapping"),
         ("inputs", ["features", "os.system"], "inputs must list some of features, logits, tokens"),
@@ -200,3 +200,35 @@ def test_replacing_keeps_a_users_folder_named_like_the_swap(tmp_path):
     _save(TinyModel(12, hidden=4), tmp_path / "ck", overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.replaced", "ck"]
+
+
+def test_a_checkpoint_never_replaces_a_users_folder(tmp_path):
+    """The ownership rule: --overwrite replaces a checkpoint, never a folder that is not one."""
+    users = tmp_path / "best"
+    users.mkdir()
+    (users / "config.json").write_text('{"my": "settings"}')  # a checkpoint's file name, not ours
+    (users / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=r"best is not a checkpoint written by mtaffect"):
+        _save(TinyModel(12), users, overwrite=True)
+    assert sorted(p.name for p in users.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_ensembles_do_not_nest(tmp_path):
+    """Issue 20 case 9: nested ensemble folders recursed without a limit (RecursionError at ~400)."""
+    import shutil
+
+    from mtaffect.models.ensemble import save_ensemble
+
+    ck = _save(TinyModel(12), tmp_path / "ck")
+    tasks = {"au": "m", "expr": "m", "va": "m"}
+    inner = save_ensemble(tmp_path / "inner", {"m": ck}, tasks)
+    assert load_model(inner).members["m"].model.hidden == TinyModel(12).hidden
+    with pytest.raises(CheckpointError, match=r"inner is an ensemble: the members and sources of one are"):
+        save_ensemble(tmp_path / "outer", {"m": inner}, tasks)
+    outer = tmp_path / "outer"  # made by hand: an ensemble whose member is an ensemble (holding a config)
+    shutil.copytree(inner, outer)
+    member = outer / "members" / "m"
+    shutil.copytree(inner, member / "nested")
+    (member / "ensemble.json").write_text((inner / "ensemble.json").read_text())
+    with pytest.raises(CheckpointError, match=r"members.m = 'members/m' is an ensemble, not a checkpoint"):
+        load_model(outer)

@@ -49,7 +49,7 @@ def _assert_close(got, want, tol: float = TOL) -> None:
 
 def test_folder_lists_every_file_with_its_hash_and_how_to_feed_it(default_export):
     out, manifest = default_export
-    assert not (out / "stale.txt").exists()  # --overwrite replaced the old folder as a whole
+    assert not (out / "stale.onnx").exists()  # --overwrite replaced the old export as a whole
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     assert set(manifest["files"]) == {
         "face_model.onnx", "face_model.int8.onnx", "mtcnn_pnet.onnx", "mtcnn_rnet.onnx", "mtcnn_onet.onnx"
@@ -152,6 +152,56 @@ def test_a_damaged_or_incomplete_export_is_refused(default_export, tmp_path):
     assert Runtime(plain).precision == "float32"
     with pytest.raises(ValueError, match="no int8 face model"):
         Runtime(plain, precision="int8")
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_export(tmp_path):
+    """Issue 20 case 2: `export --out e --no-detector --overwrite` deleted a user's notes."""
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    result = runner.invoke(app, ["export", "--out", str(out), "--no-detector", "--overwrite"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("error:") and "e is not a export written by mtaffect (it holds notes.txt)" in said
+    assert (out / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def _manifest_edit(src: Path, folder: Path, edit) -> Path:
+    shutil.copytree(src, folder)
+    manifest = json.loads((folder / "export.json").read_text())
+    edit(manifest)
+    (folder / "export.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["files"].update({"../o2/face_model.onnx": m["files"]["face_model.onnx"]}),
+         r"files\['../o2/face_model.onnx'\] must be a plain file name inside the export folder"),
+        (lambda m: m["files"].update({"/tmp/x.onnx": m["files"]["face_model.onnx"]}),
+         r"files\['/tmp/x.onnx'\] must be a plain file name"),
+        (lambda m: m["detector"]["files"].update(pnet="../x.onnx"),
+         r"detector.files.pnet must name a file listed in files, got '../x.onnx'"),
+        (lambda m: m["face_model"].update(file="elsewhere.onnx"),
+         r"face_model.file must name a file listed in files, got 'elsewhere.onnx'"),
+        (lambda m: m["files"].pop("face_model.onnx"),
+         r"face_model.file must name a file listed in files, got 'face_model.onnx'"),
+        (lambda m: m["postprocessing"].update(au_thresholds=[float("nan")] * 12),
+         r"postprocessing.au_thresholds must be 12 numbers between 0 and 1"),
+        (lambda m: m["face_model"].update(window=0), r"face_model.window must be null or a positive integer"),
+        (lambda m: m["preprocessing"]["resize"].update(size="112"), r"preprocessing.resize.size must be"),
+        (lambda m: m.update(format_version=2), r"export format version 2 is newer .* up to 1\); upgrade"),
+    ],
+)  # fmt: skip
+def test_a_manifest_naming_files_outside_its_folder_or_bad_values_is_refused(
+    default_export, tmp_path, edit, message
+):
+    """Issue 20 case 14 (and the raw `error: face_model.onnx` of a missing entry)."""
+    folder = _manifest_edit(default_export[0], tmp_path / "exp", edit)
+    with pytest.raises(ExportError, match=rf"export.json: {message}"):
+        Runtime(folder, verify=False)
 
 
 def test_existing_output_is_kept_and_bad_options_refused_before_any_work(tmp_path):

@@ -532,3 +532,148 @@ def test_16_bit_greyscale_is_scaled_not_clipped(faces, tmp_path):
         decode_image(tmp_path / "float.tif", 24, "RGB")
     with pytest.raises(InputError, match=r"float.tif: not a readable image .*32-bit float"):
         read_image(tmp_path / "float.tif")
+
+
+# ---- issue 20: 8-bit values in a 32-bit container; special files where an image is expected --------------
+def test_mode_i_image_of_8_bit_values_is_not_scaled_as_16_bit(faces, tmp_path):
+    """A PIL mode "I" image (e.g. an integer TIFF) holding 0..255 is that 8-bit image, not a black one."""
+    from mtaffect.predict.sources import read_image
+
+    root, names = faces
+    grey8 = np.asarray(Image.open(root / "cropped_aligned" / names[0]).convert("L"))
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    Image.fromarray(grey8.astype(np.int32)).save(tmp_path / "i8.tif")
+    Image.fromarray(grey8.astype(np.int32) * 257).save(tmp_path / "i16.tif")  # 16-bit values in "I"
+    assert Image.open(tmp_path / "i8.tif").mode == "I" and Image.open(tmp_path / "i16.tif").mode == "I"
+    for mode in ("L", "RGB"):
+        a = decode_image(tmp_path / "g8.png", 24, mode).astype(int)
+        for other in ("i8.tif", "i16.tif"):
+            assert np.abs(decode_image(tmp_path / other, 24, mode).astype(int) - a).max() <= 1, other
+    np.testing.assert_array_equal(read_image(tmp_path / "i8.tif"), read_image(tmp_path / "g8.png"))
+    np.testing.assert_array_equal(read_image(tmp_path / "i16.tif"), read_image(tmp_path / "g8.png"))
+
+
+@contextlib.contextmanager
+def _fails_instead_of_hanging(seconds: int = 60):
+    """Turn a hang (a blocked open of a FIFO) into a test failure after ``seconds``."""
+
+    def hung(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def _copy_of(faces, data: Path, n: int) -> Path:
+    """A dataset root holding the first ``n`` face crops of ``faces``."""
+    root, names = faces
+    for name in names[:n]:
+        (data / "cropped_aligned" / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / "cropped_aligned" / name).write_bytes((root / "cropped_aligned" / name).read_bytes())
+    return data
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_fifo_or_socket_named_like_an_image_is_a_failed_row_not_a_hang(faces, tmp_path):
+    names = faces[1]
+    data = _copy_of(faces, tmp_path / "data", 3)
+    (data / "cropped_aligned" / "odd").mkdir()
+    os.mkfifo(data / "cropped_aligned" / "odd" / "00001.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(data / "cropped_aligned" / "odd" / "00002.jpg"))
+        wanted = [*names[:3], "odd/00001.jpg", "odd/00002.jpg"]
+        with _fails_instead_of_hanging():
+            res = extract(data, TinyBackbone(), tmp_path / "s", images=wanted, **RUN)
+    finally:
+        sock.close()
+    assert res.failed == 2 and res.extracted == 5
+    failures = dict(FeatureStore.open(res.store).failures())
+    assert failures == {"odd/00001.jpg": "not a regular file: a FIFO (named pipe)",
+                        "odd/00002.jpg": "not a regular file: a socket"}  # fmt: skip
+    assert "odd/00001.jpg,not a regular file: a FIFO (named pipe)" in res.failed_report.read_text()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_infer_from_images_counts_a_fifo_as_unreadable(faces, tmp_path):
+    """`infer --data`: a FIFO in the list is an unreadable image (an error naming it, or valid = 0)."""
+    from cli_helpers import invoke
+    from model_helpers import checkpoint
+
+    names = faces[1]
+    data = _copy_of(faces, tmp_path / "data", 4)
+    (data / "cropped_aligned" / "vid9").mkdir()
+    os.mkfifo(data / "cropped_aligned" / "vid9" / "00001.jpg")
+    wanted = [*names[:4], "vid9/00001.jpg"]
+    (tmp_path / "list.txt").write_text("\n".join(wanted) + "\n")
+    model = checkpoint(tmp_path / "ckpt", "emotinet")
+    base = ("infer", "--model", model, "--data", data, "--images", tmp_path / "list.txt", "--workers", 0)
+    with _fails_instead_of_hanging():  # decoded in this process: a blocked open is interrupted
+        result = invoke(*base, "--out", tmp_path / "a.parquet")
+    output = result.output
+    assert result.exit_code == 2, output
+    assert "1 of 5 images could not be read" in " ".join(output.split())
+    assert "vid9/00001.jpg" in output and not (tmp_path / "a.parquet").exists()
+    with _fails_instead_of_hanging():
+        result = invoke(*base, "--out", tmp_path / "b.parquet", "--allow-missing")
+    assert result.exit_code == 0, result.output
+    from mtaffect.data.predictions import PredictionTable
+
+    assert PredictionTable.read(tmp_path / "b.parquet").frame["valid"].tolist() == [1, 1, 1, 1, 0]
+
+
+# ---- one ownership rule (issue 20, cases 1, 4 and 16) ------------------------------------------------------
+def test_overwrite_never_deletes_a_users_folder_that_holds_a_meta_json(faces, tmp_path):
+    """`extract --out u --overwrite` deleted u/thesis.tex because u held a text file named meta.json."""
+    root, names = faces
+    users = tmp_path / "u"
+    users.mkdir()
+    (users / "meta.json").write_text("notes\n")
+    (users / "thesis.tex").write_text("thesis")
+    kw = {**RUN, "images": names[:4]}
+    with pytest.raises(OutputExistsError, match=r"u is not a feature store written by mtaffect \(it holds "
+                                                r"meta.json, thesis.tex\); .* even with --overwrite"):
+        extract(root, TinyBackbone(), users, overwrite=True, **kw)  # fmt: skip
+    store = tmp_path / "store"
+    extract(root, TinyBackbone(), store, **kw)
+    (store / "notes.txt").write_text("a user's note inside a store")
+    with pytest.raises(OutputExistsError, match=r"also holds notes.txt, which mtaffect did not write"):
+        extract(root, TinyBackbone(seed=1), store, overwrite=True, **kw)
+    assert (users / "thesis.tex").read_text() == "thesis" and (store / "notes.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "u"]
+
+
+def test_a_link_to_a_store_is_extracted_through_and_stays_a_link(faces, tmp_path):
+    """`extract --out LINK --overwrite` failed half-way ("Cannot call rmtree on a symbolic link")."""
+    root, names = faces
+    kw = {**RUN, "images": names[:4]}
+    real, link = tmp_path / "real", tmp_path / "link"
+    extract(root, TinyBackbone(), real, **kw)
+    link.symlink_to(real)
+    for seed in (3, 4):  # every later overwrite works too
+        res = extract(root, TinyBackbone(seed=seed), link, overwrite=True, **kw)
+        assert res.store == link and link.is_symlink() and link.resolve() == real.resolve()
+        assert FeatureStore.open(link).meta["spec"]["config"] == {"seed": seed}
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing hidden left
+        assert sorted(p.name for p in real.iterdir()) == sorted([*ARRAYS, "meta.json"])  # no marker
+
+
+def test_a_dataset_without_its_face_crops_is_an_error_not_a_store_of_failures(faces, tmp_path):
+    names = faces[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"cropped_aligned: no such folder"):
+        extract(data, TinyBackbone(), tmp_path / "s", images=names[:4], **RUN)
+    (data / "cropped_aligned").write_text("a file, not a folder")
+    with pytest.raises(FileNotFoundError, match=r"cropped_aligned: not a folder"):
+        extract(data, TinyBackbone(), tmp_path / "s", images=names[:4], **RUN)
+    (data / "cropped_aligned").unlink()
+    (data / "cropped_aligned").mkdir()  # the folder, but none of the images
+    with pytest.raises(StoreError, match=rf"every one of the 4 images failed \(e.g. {names[0]}: missing"):
+        extract(data, TinyBackbone(), tmp_path / "s", images=names[:4], **RUN)
+    assert not (tmp_path / "s").exists()

@@ -3,10 +3,16 @@
 Through the CLI's own error path (``clikit.user_errors``, in-process: no subprocesses), each mutation
 must either parse into something valid or end with exit code 2 and one ``error:`` line naming the
 file (and the line, for line-based formats) -- never a traceback, never a silently wrong result.
+What a parser accepts is compared with what the file says, read independently (the csv module, JSON,
+YAML): every value read is a value written.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import re
 import warnings
 from collections.abc import Callable
@@ -15,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,7 +156,7 @@ def _submission_bytes() -> bytes:
 
 def _post_bytes() -> bytes:
     return (
-        b"format: mtaffect-postproc\nversion: 1\n"
+        b"format: mtaffect-postproc\nformat_version: 1\n"
         b"kernels: {va: {kind: gaussian, width: 6.0, causal: false}, au: {kind: box, width: 2}}\n"
         b"au_thresholds: {AU1: 0.41, AU2: 0.3, AU26: 0.37}\n"
         b"expr_bias: {Neutral: 0.0, Other: 0.2}\n"
@@ -173,6 +180,25 @@ def fuzz_one(path: Path, data: bytes, parse: Callable[[Path], object], *, line_b
     return result
 
 
+def _rows_written(data: bytes) -> dict[str, list[list[str]]]:
+    """The data rows of a CSV-like file as the csv module reads them: image -> its rows' other fields."""
+    text = data.decode("utf-8-sig", errors="replace")
+    rows: dict[str, list[list[str]]] = {}
+    for rec in list(csv.reader(io.StringIO(text, newline=None)))[1:]:
+        if rec and rec[0].strip():
+            rows.setdefault(rec[0].strip(), []).append([c.strip() for c in rec[1:]])
+    return rows
+
+
+def _same(got: list, fields: list[str], dtype) -> bool:
+    """Whether the values read equal the fields written (as the reader's dtype rounds them)."""
+    try:
+        want = np.array([float(f) for f in fields[: len(got)]], dtype=dtype)
+    except ValueError:
+        return False
+    return len(want) == len(got) and bool(np.array_equal(np.asarray(got, dtype), want, equal_nan=True))
+
+
 def _all_safe(names) -> bool:
     return all(unsafe_name_reason(n) is None for n in names)
 
@@ -181,10 +207,15 @@ def _all_safe(names) -> bool:
 @fuzz_settings()
 @given(ops=MUTATIONS)
 def test_annotation_files(folder: Path, ops):
-    table = fuzz_one(folder / "ann.txt", mutate(_annotation_bytes(), ops), read_annotations, line_based=True)
+    data = mutate(_annotation_bytes(), ops)
+    table = fuzz_one(folder / "ann.txt", data, read_annotations, line_based=True)
     if table is not None:
         LabelTable.from_frame(table.frame)  # every row that was read is a valid row
         assert _all_safe(table.images)
+        written = _rows_written(data)
+        for i, image in enumerate(table.images):  # ... and one the file holds, value for value
+            got = [table.valence[i], table.arousal[i], table.expression[i], *table.aus[i]]
+            assert any(_same(got, row, np.float32) for row in written[image]), (image, got, written[image])
 
 
 @fuzz_settings()
@@ -213,14 +244,26 @@ def test_prediction_tables_and_submissions(folder: Path, ops, kind):
     table = fuzz_one(path, data, PredictionTable.read, line_based=False)
     if table is not None:
         PredictionTable(table.frame)  # what was read passes validation as a whole
+        if kind == "table":  # a submission's labels become probabilities: its rows are checked above
+            written = _rows_written(data)
+            for i, image in enumerate(table.images):
+                got = [table.valence[i], table.arousal[i], *table.expr_probs[i], *table.au_probs[i]]
+                assert any(_same(got, row, np.float64) for row in written[image]), (image, got)
 
 
 @fuzz_settings()
 @given(ops=MUTATIONS)
 def test_post_configs(folder: Path, ops):
-    config = fuzz_one(folder / "post.yaml", mutate(_post_bytes(), ops), PostConfig.load, line_based=False)
+    data = mutate(_post_bytes(), ops)
+    config = fuzz_one(folder / "post.yaml", data, PostConfig.load, line_based=False)
     if config is not None:
         assert PostConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+        written = yaml.safe_load(data.decode("utf-8")) or {}
+        for name, value in (written.get("au_thresholds") or {}).items():  # read == written
+            assert config.au_thresholds[AU_NAMES.index(name)] == pytest.approx(float(value))
+        for task, kernel in (written.get("kernels") or {}).items():
+            assert config.kernels[task].kind == kernel["kind"]
+            assert config.kernels[task].width == pytest.approx(float(kernel["width"]))
 
 
 @fuzz_settings()
@@ -231,3 +274,74 @@ def test_recipe_configs(folder: Path, ops, recipe):
     if config is not None:
         assert isinstance(config, TrainConfig)
         validate(config, str(path))
+
+
+# ---- the JSON formats of folders (mtaffect.persist's header) -------------------------------------------
+def _export_folder(folder: Path) -> Path:
+    from mtaffect.persist import EXPORT, header
+
+    root = folder / "export"
+    root.mkdir(exist_ok=True)
+    files = {}
+    for name in ("face_model.onnx", "mtcnn_pnet.onnx", "mtcnn_rnet.onnx", "mtcnn_onet.onnx"):
+        (root / name).write_bytes(name.encode())
+        files[name] = {"sha256": hashlib.sha256(name.encode()).hexdigest(), "bytes": len(name)}
+    manifest = {
+        **header(EXPORT), "files": files,
+        "face_model": {"file": "face_model.onnx", "int8_file": None, "head_file": None, "temporal": False,
+                       "window": None, "outputs": {"va": {"shape": ["batch", 2]}},
+                       "head_inputs": {"features": {"shape": ["batch", 8]}}, "backbone": {"name": "x"}},
+        "preprocessing": {"resize": {"size": 64}, "colour": "L"},
+        "postprocessing": {"au_thresholds": [0.5] * 12},
+        "detector": {"files": {k: f"mtcnn_{k}.onnx" for k in ("pnet", "rnet", "onet")}},
+    }  # fmt: skip
+    (root / "export.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_export_manifests(folder: Path, ops):
+    from mtaffect.runtime.manifest import read_manifest
+
+    root = _export_folder(folder)
+    data = mutate((root / "export.json").read_bytes(), ops)
+    manifest = fuzz_one(root / "export.json", data, lambda p: read_manifest(p.parent), line_based=False)
+    if manifest is not None:
+        assert manifest == json.loads(data)  # read == written
+        for name in manifest["files"]:
+            assert (root / name).resolve().parent == root.resolve()  # every file inside the folder
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_run_records(folder: Path, ops):
+    from mtaffect.persist import RUN, header
+    from mtaffect.train.state import read_run
+
+    run = folder / "run"
+    run.mkdir(exist_ok=True)
+    valid = json.dumps({**header(RUN), "train": {"content_sha256": "ab" * 32}, "stores": {}}).encode()
+    data = mutate(valid, ops)
+    record = fuzz_one(run / "run.json", data, lambda p: read_run(p.parent), line_based=False)
+    if record is not None:
+        assert record == json.loads(data)
+
+
+@fuzz_settings()
+@given(ops=MUTATIONS)
+def test_per_file_job_records(folder: Path, ops):
+    """A damaged record is not trusted (the file is run again), never a traceback nor a wrong record."""
+    from mtaffect.persist import JOB_RECORD, header
+    from mtaffect.predict.claims import JobRecords
+
+    out = folder / "jobs"
+    records = JobRecords(out)
+    records.folder.mkdir(parents=True, exist_ok=True)
+    valid = json.dumps({**header(JOB_RECORD), "table": "v.csv", "status": "done", "signature": {"a": 1}})
+    data = mutate(valid.encode(), ops)
+    (records.folder / "v.csv.json").write_bytes(data)
+    found, err = through_cli(records.all)
+    assert err is None
+    if found:
+        assert found == {"v.csv": json.loads(data)}

@@ -54,23 +54,3 @@ def test_a_folder_is_never_replaced_by_a_file_output(tmp_path):
         with pytest.raises(IsADirectoryError):
             check_writable(tmp_path / "out", overwrite=overwrite)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-
-
-def test_a_file_is_never_replaced_by_a_folder_output(tmp_path):
-    from mtaffect.io import atomic_folder
-
-    (tmp_path / "out").write_text("mine")
-    with (
-        pytest.raises(OutputExistsError, match="overwrite"),
-        atomic_folder(tmp_path / "out", overwrite=False),
-    ):
-        pass
-    with pytest.raises(NotADirectoryError, match="is not a folder"), atomic_folder(tmp_path / "out"):
-        pass
-    assert (tmp_path / "out").read_text() == "mine"
-    assert sorted(os.listdir(tmp_path)) == ["out"]
-    with atomic_folder(tmp_path / "new") as tmp:  # a folder is made, and replaced when asked
-        (tmp / "a.txt").write_text("a")
-    with atomic_folder(tmp_path / "new", overwrite=True) as tmp:
-        (tmp / "b.txt").write_text("b")
-    assert sorted(os.listdir(tmp_path / "new")) == ["b.txt"]

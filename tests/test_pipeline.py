@@ -5,6 +5,7 @@ search over enhanced-model variants that trains the task models once, and steps 
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -200,3 +201,44 @@ def test_search_trains_the_task_models_once_and_writes_the_chosen_combination(
     log = run("train", "--config", out / "chosen.yaml", "--data", data, "--out", out)
     assert not trainings.count and "combined P" in log
     assert isinstance(load_model(out / "best"), EnsembleAffectModel)
+
+
+def test_overwrite_removes_only_what_the_pipeline_wrote(published, data, config, tmp_path):
+    """Issue 20 case 3: `train --overwrite` of a pipeline deleted all of RUN/stores/, folders it never made
+    included. Everything is checked before anything goes; then only the pipeline's own entries go."""
+    from mtaffect.train.config import load_config
+    from mtaffect.train.pipeline import Pipeline
+
+    copy = tmp_path / "run"
+    shutil.copytree(published[0], copy)
+    made = sorted(p.name for p in copy.iterdir())
+    (copy / "stores" / "mine").mkdir()
+    (copy / "stores" / "mine" / "notes.txt").write_text("keep")
+    result = invoke("train", "--config", config, "--data", data, "--out", copy, "--overwrite")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "stores/mine is not a feature store this pipeline extracted" in said
+    assert sorted(p.name for p in copy.iterdir()) == made  # nothing was removed
+    shutil.rmtree(copy / "stores" / "mine")
+    (copy / "notes.txt").write_text("a user's file beside the run")
+    (copy / "task_au" / "mine.txt").write_text("a user's file inside a step's run")
+    pipe = Pipeline(load_config(config), data, copy, overwrite=True, log=None)
+    pipe._remove_previous(copy / "pipeline.json")
+    assert sorted(p.name for p in copy.iterdir()) == ["notes.txt", "task_au"]
+    assert sorted(p.name for p in (copy / "task_au").iterdir()) == ["mine.txt"]
+
+
+def test_combine_on_other_validation_labels_says_so(published, data, config, tmp_path):
+    """`--step combine` with another --data said its (non-empty) validation file "holds no data rows"."""
+    copy = tmp_path / "run"
+    shutil.copytree(published[0], copy)
+    other = tmp_path / "other"
+    other.mkdir()
+    for entry in data.iterdir():
+        if entry.name != "validation_set_annotations.txt":
+            (other / entry.name).symlink_to(entry)
+    lines = (data / "validation_set_annotations.txt").read_text().splitlines(keepends=True)
+    (other / "validation_set_annotations.txt").write_text("".join(lines[: len(lines) // 2]))
+    result = invoke("train", "--config", config, "--data", other, "--out", copy, "--step", "combine")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "holds no data rows" not in said, said
+    assert "was validated on" in said and "validation_set_annotations.txt" in said, said

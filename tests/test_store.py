@@ -129,7 +129,7 @@ def test_a_reordered_image_list_is_refused_on_open(tmp_path):
         ({"arrays": {"features": "10x64", "valid": [10]}}, "arrays must map"),
         ({"counts": {"images": "ten", "failed": 0}}, "counts must hold"),
         ({"fingerprint": ["abc"]}, "fingerprint must be a str"),
-        ({"format_version": [1]}, "format_version must be an integer"),
+        ({"format_version": [1]}, "format_version must be a positive integer"),
         ({"images_sha256": 12}, "images_sha256 must be a hex string"),
     ],
 )

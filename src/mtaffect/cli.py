@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, write_json
+from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, write_result
 
 app = typer.Typer(
     help="mtaffect: multi-task facial affect analysis (12 AUs, 8 expressions, valence/arousal).",
@@ -129,7 +129,7 @@ def evaluate(
     dup = "kept" if keep_duplicates else "dropped"
     console.print(f"P = {result.P:.4f}   ({len(table)} rows; {table.duplicates} duplicate lines {dup})")
     if json_out:
-        write_json(result.to_dict(), json_out, overwrite)
+        write_result(result.to_dict(), json_out, overwrite)
 
 
 @app.command()
@@ -220,7 +220,7 @@ def data_stats(
     stats = stats_for_path(path)
     console.print(render_stats(stats))
     if json_out:
-        write_json(stats, json_out, overwrite)
+        write_result(stats, json_out, overwrite)
 
 
 @app.command()

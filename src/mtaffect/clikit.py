@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mtaffect.io import atomic_open, error_message
+from mtaffect.io import error_message
+from mtaffect.persist import write_json
 
 console = Console()
 err_console = Console(stderr=True)
@@ -82,9 +82,8 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def write_json(obj: dict, path: Path, overwrite: bool) -> None:
-    """Write a JSON result atomically, refusing to replace a file unless ``overwrite``."""
-    with atomic_open(path, "w", overwrite=overwrite) as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
+def write_result(obj: dict, path: Path, overwrite: bool) -> None:
+    """Write a command's JSON result (:func:`mtaffect.persist.write_json`: atomic, refusing to replace a
+    file unless ``overwrite``) and say so."""
+    write_json(path, obj, overwrite=overwrite)
     console.print(f"wrote {path}")

@@ -1,11 +1,12 @@
-"""Safe file output: atomic writes that never overwrite a user's file unless asked."""
+"""Safe file output: atomic writes that never overwrite a user's file unless asked.
+
+Folders (formats, ownership, swaps, locks) are :mod:`mtaffect.persist`'s."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,61 +57,6 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", overwrite: bool = Fals
     """Open a file for writing atomically (see :func:`atomic_path`)."""
     with atomic_path(path, overwrite) as tmp, open(tmp, mode, **kw) as fh:
         yield fh
-
-
-def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Rename the finished folder ``tmp`` onto ``target`` (made beside it), replacing an old ``target``.
-
-    The old folder is first moved into a fresh hidden folder of this call's own (never a name a user's
-    folder could have) and deleted only once the new one is in place, so at every moment ``target`` is
-    either the complete old folder or the complete new one (the old one then found by
-    :func:`previous_dir` when a crash fell between the two renames).
-    """
-    tmp, target = Path(tmp), Path(target)
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.rename(target, old / target.name)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, target)
-
-
-def previous_dir(target: str | os.PathLike) -> Path | None:
-    """The folder :func:`replace_dir` was swapping out of ``target`` when a crash left ``target`` missing
-    (the newest such), or None."""
-    target = Path(target)
-    found = sorted(
-        (p / target.name for p in target.parent.glob(f".{target.name}.*.old") if (p / target.name).is_dir()),
-        key=lambda p: p.stat().st_mtime,
-    )
-    return found[-1] if found else None
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it becomes ``path`` (:func:`replace_dir`).
-
-    An existing folder at ``path`` is replaced (only with ``overwrite``; otherwise
-    :class:`OutputExistsError` before any work) once the new one is complete: a crash leaves the old
-    folder, never a half-written one. Anything else at ``path`` (a file) is never replaced.
-    """
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
-    if target.exists() and not target.is_dir():  # a folder output does not take a file's place
-        raise NotADirectoryError(f"{target} exists and is not a folder; give the path of a folder to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def error_message(exc: BaseException) -> str:

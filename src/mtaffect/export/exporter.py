@@ -40,14 +40,12 @@ from mtaffect.export.graphs import (
 from mtaffect.faces.align import REFERENCE_5PT_112
 from mtaffect.faces.cascade import ONET_SIZE, PIXEL_MEAN, PIXEL_SCALE, RNET_SIZE, normalise
 from mtaffect.features.decode import RESAMPLE_NAME, resize_array
-from mtaffect.io import atomic_folder
 from mtaffect.models.base import AffectOutputs
+from mtaffect.persist import EXPORT, atomic_folder, header
 from mtaffect.runtime.engine import make_session
 from mtaffect.runtime.manifest import (
     FACE_MODEL,
     FACE_MODEL_INT8,
-    FORMAT,
-    FORMAT_VERSION,
     HEAD,
     MTCNN_FILES,
     file_records,
@@ -413,7 +411,7 @@ def export_model(
     require_export_extra()
     import onnxruntime
 
-    with atomic_folder(out, overwrite=overwrite) as tmp:  # an existing output is refused before any work
+    with atomic_folder(out, EXPORT, overwrite) as tmp:  # what is in the way is refused before any work
         loaded, graph = _load(model, window)
         log(
             f"exporting the face model ({type(loaded).__name__}, backbone {loaded.backbone}) at opset {opset}"
@@ -477,8 +475,6 @@ def _load(model: Any, window: int | None) -> tuple[Any, FaceGraph]:
 
 
 def _manifest(model, spec: str, graph: FaceGraph, window, opset, quantize, detector, checks, ort) -> dict:
-    from mtaffect import __version__
-
     bspec = graph.backbone.spec
     io_ = _io(graph, window)
     face = {
@@ -495,11 +491,9 @@ def _manifest(model, spec: str, graph: FaceGraph, window, opset, quantize, detec
         **io_,
     }
     manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        **header(EXPORT),
         "opset": opset,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "mtaffect_version": __version__,
         "exported_with": {"torch": torch.__version__.split("+")[0], "onnxruntime": ort.__version__},
         "source": _describe_source(model, spec),
         "face_model": face,

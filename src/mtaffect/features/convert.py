@@ -26,14 +26,14 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtaffect.features.base import IMAGENET_MEAN, IMAGENET_STD, normalisation_override
-from mtaffect.io import OutputExistsError, atomic_folder
+from mtaffect.persist import CONVERTED, atomic_folder, check_replaceable, header, write_json
 
 #: Heads of the published ViT sizes, by width (Ti, S, B, L, H): timm files do not record it.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -214,14 +214,7 @@ def convert_timm_vit(
 
     from mtaffect.features.hf import import_transformers
 
-    target = Path(out_dir)
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
-        if not target.is_dir() or (any(target.iterdir()) and not (target / "model.safetensors").is_file()):
-            raise OutputExistsError(
-                f"{target} exists and is not a weights folder; refusing to replace it (even with --overwrite)"
-            )
+    target = check_replaceable(out_dir, CONVERTED, overwrite)  # before the work
     norm = normalisation_override(mean, std, channels=3)
     state, report = timm_vit_to_transformers(read_state_dict(src), num_heads)
     config = import_transformers().ViTConfig(**report.config)
@@ -233,11 +226,13 @@ def convert_timm_vit(
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(norm[0]), "image_std": list(norm[1]),
     }  # fmt: skip
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, CONVERTED, overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "converted_from": "timm"})
         config.to_json_file(str(tmp / "config.json"))
         text = json.dumps(processor, indent=1) + "\n"
         (tmp / "preprocessor_config.json").write_text(text, encoding="utf-8")
+        record = header(CONVERTED, converted_from=str(src), report=asdict(report))
+        write_json(tmp / str(CONVERTED.marker), record)
     return report
 
 

@@ -58,14 +58,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mtaffect import persist
 from mtaffect.data.units import unsafe_name_reason
 from mtaffect.features.base import Backbone
 from mtaffect.features.decode import BatchDecodeDataset, preprocessing_description
 from mtaffect.features.store import (
     ARRAY_FILES,
     FAILED,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     IMAGES,
     META,
     RowWriter,
@@ -79,15 +78,10 @@ from mtaffect.features.store import (
     read_json,
     write_failed,
     write_images,
-    write_json,
 )
 from mtaffect.io import OutputExistsError
+from mtaffect.persist import FEATURE_STORE, Lock, LockBusy, check_replaceable, write_json
 from mtaffect.schema import CROPPED_DIR, SPLIT_FILES, TEST_LIST_NAMES
-
-try:  # advisory locks (POSIX); without them only the "two live runs" guard is lost
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 PLAN: Final[str] = "plan.json"
 PROGRESS: Final[str] = "progress"
@@ -182,8 +176,7 @@ def _make_plan(
     )
     prep = preprocessing_description(spec.input_size, spec.colour)
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        **persist.header(FEATURE_STORE),
         "backbone": spec.name,
         # create_backbone(backbone, **backbone_kwargs) rebuilds it (checkpoints trained here carry them)
         "backbone_kwargs": json.loads(json.dumps(dict(kwargs or {}), default=str)),
@@ -390,20 +383,16 @@ def _read_progress(partial: Path) -> dict[int, list]:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    """Only a finished store may be replaced, and only with ``overwrite``."""
-    if out.exists() or out.is_symlink():
-        if not _is_store(out):
-            raise OutputExistsError(
-                f"{out} exists and is not a feature store; refusing to replace it (even with overwrite): "
-                "remove it or choose another output"
-            )
-        if not overwrite:
-            meta = read_json(out / META, "store metadata")
-            raise OutputExistsError(
-                f"{out} is already a finished feature store (backbone {meta.get('backbone')!r}, "
-                f"{meta.get('counts', {}).get('images')} images); pass overwrite=True (CLI: --overwrite) "
-                "to extract it again"
-            )
+    """Only a finished store of ours may be replaced, and only with ``overwrite`` (the one ownership
+    rule, :func:`mtaffect.persist.check_replaceable`)."""
+    if _is_store(out) and not overwrite:
+        meta = read_json(out / META, "store metadata")
+        raise OutputExistsError(
+            f"{out} is already a finished feature store (backbone {meta.get('backbone')!r}, "
+            f"{meta.get('counts', {}).get('images')} images); pass overwrite=True (CLI: --overwrite) "
+            "to extract it again"
+        )
+    check_replaceable(out, FEATURE_STORE, overwrite)
 
 
 def _prepare(out: Path, partial: Path, plan: dict, images: Sequence[str], overwrite: bool) -> dict:
@@ -463,6 +452,11 @@ def _finalise(out: Path, partial: Path, plan: dict, images: Sequence[str], extra
                 "extract command to finish them"
             )
         failures = sorted((int(row), str(reason)) for chunk in done.values() for row, reason in chunk)
+        if len(failures) == n:  # zero usable rows is an error, never a store
+            raise StoreError(
+                f"every one of the {n} images failed (e.g. {images[failures[0][0]]}: {failures[0][1]}); "
+                "nothing to store: check --data and the images"
+            )
         valid = np.load(partial / ARRAY_FILES["valid"], mmap_mode="r")
         n_valid = int(np.count_nonzero(valid))
         del valid
@@ -503,27 +497,24 @@ def _finalise(out: Path, partial: Path, plan: dict, images: Sequence[str], extra
 def _shard_lock(partial: Path, rank: int) -> Iterator[None]:
     """Exclusive lock on this rank's shard: two live runs must not interleave progress records.
 
-    A POSIX record lock (``lockf``): it belongs to this process, so it goes with it, even while forked
-    DataLoader workers that inherited the descriptor are still winding down after a SIGKILL. The file
-    holds the owner's pid, for the message another run gets.
+    The one lock of :mod:`mtaffect.persist`: it belongs to this process, so forked DataLoader workers
+    still winding down after a SIGKILL do not keep it. The file holds the owner's pid, for the message
+    another run gets.
     """
     path = partial / PROGRESS / f"rank-{rank:05d}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
-                raise StoreError(
-                    f"{partial}: another extraction (pid {holder}) is writing this store (rank {rank}); "
-                    "wait for it to end"
-                ) from exc
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        lock = Lock.acquire(path)
+    except LockBusy as exc:
+        holder = path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
+        raise StoreError(
+            f"{partial}: another extraction (pid {holder}) is writing this store (rank {rank}); "
+            "wait for it to end"
+        ) from exc
+    with lock:
+        if lock.fd is not None:
+            os.ftruncate(lock.fd, 0)
+            os.pwrite(lock.fd, f"{os.getpid()}\n".encode(), 0)
         yield
-    finally:
-        os.close(fd)
 
 
 # ---- the work ---------------------------------------------------------------------------------------
@@ -722,7 +713,8 @@ def extract(
         raise ValueError(
             f"need batch_size >= 1, chunk_size >= 1, workers >= 0; got {batch_size}, {chunk_size}, {workers}"
         )
-    out = Path(out)
+    given = Path(out)
+    out = persist.resolve_output(given)  # a link to a store: the store it names is extracted
     partial = partial_path(out)
     names_list = (
         collect_images(root, splits) if images is None else list(dict.fromkeys(str(n) for n in images))
@@ -739,6 +731,11 @@ def extract(
             )
     names = np.array(names_list, dtype=object)
     folder = Path(root) / CROPPED_DIR  # as mtaffect.data.annotations.image_path
+    if not folder.is_dir():  # every row would fail: a wrong --data, not damaged images
+        raise FileNotFoundError(
+            f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; the face crops of a "
+            f"dataset live in <root>/{CROPPED_DIR}/<video>/<frame>.jpg"
+        )
 
     _check_target(out, overwrite)  # early, before loading a backbone; rank 0 checks again when preparing
     ranks = _resolve_ranks(rank, world_size)
@@ -778,7 +775,7 @@ def extract(
             raise StoreError("; ".join(errors)) from own_exc
         extra = {
             "batch_size": batch_size, "device": dev.type, "world_size": ranks.world,
-            "mtaffect_version": _version(), "torch_version": torch.__version__,
+            "torch_version": torch.__version__,
         }  # fmt: skip
         counts = ranks.on_rank0(lambda: _finalise(out, partial, plan, names_list, extra))
     finally:
@@ -786,13 +783,7 @@ def extract(
     extracted = sum(r[1] for r in reports)
     loop_s = max(r[2] for r in reports)
     return ExtractResult(
-        store=out, images=n, extracted=extracted, failed=int(counts["failed"]), resumed_from=resumed,
+        store=given, images=n, extracted=extracted, failed=int(counts["failed"]), resumed_from=resumed,
         seconds=time.perf_counter() - t_start, images_per_s=extracted / loop_s if loop_s > 0 else 0.0,
-        failed_report=out / FAILED,
+        failed_report=given / FAILED,
     )  # fmt: skip
-
-
-def _version() -> str:
-    from mtaffect import __version__
-
-    return __version__

@@ -15,8 +15,7 @@ On-disk format (version 1). A store is a directory::
 every array belongs to line i of ``images.txt``; rows of failed images are all zeros. ``meta.json``
 (one JSON object) holds::
 
-    format            "mtaffect-feature-store"
-    format_version    1
+    format, format_version, mtaffect_version   the one header (:mod:`mtaffect.persist`)
     backbone          the backbone's spec name, e.g. "fer-minixception"
     spec              its BackboneSpec as a dict (input_size, colour, mean, std, feature_dim, ...)
     fingerprint       spec.fingerprint(): models trained on the store check it (check_compatible)
@@ -27,7 +26,7 @@ every array belongs to line i of ``images.txt``; rows of failed images are all z
     arrays            {name: shape} of the arrays present
     counts            {images, valid, failed}
     images_sha256     sha256 of images.txt; chunk_size: the extraction's unit of work
-    batch_size, device, world_size, created (UTC ISO 8601), mtaffect_version, torch_version
+    batch_size, device, world_size, created (UTC ISO 8601), torch_version
 
 Reading is O(batch) in memory whatever the store size: :meth:`FeatureStore.open` memory-maps the
 arrays read-only and loads only ``images.txt`` and ``meta.json``; :meth:`FeatureStore.features` and
@@ -43,7 +42,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,10 +49,10 @@ from typing import Final
 
 import numpy as np
 
+from mtaffect import persist
 from mtaffect.io import atomic_open
+from mtaffect.persist import FEATURE_STORE
 
-FORMAT_NAME: Final[str] = "mtaffect-feature-store"
-FORMAT_VERSION: Final[int] = 1
 DTYPE: Final = np.float16
 META: Final[str] = "meta.json"
 IMAGES: Final[str] = "images.txt"
@@ -264,23 +262,9 @@ def write_failed(path: Path, failures: Sequence[tuple[str, str]]) -> None:
         writer.writerows(failures)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic, durable JSON write (fsync before the rename)."""
-    with atomic_open(path, "w", encoding="utf-8", overwrite=True) as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def read_json(path: Path, what: str) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{path}: cannot read the {what} ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise StoreError(f"{path}: the {what} is not a JSON object")
-    return obj
+    """A JSON object of a store's folder (:func:`mtaffect.persist.read_json` raising :class:`StoreError`)."""
+    return persist.read_json(path, what, StoreError)
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -312,16 +296,7 @@ class FeatureStore:
         if not (p / META).is_file():
             raise StoreError(f"{p} is not a feature store (no {META}); create one with `mtaffect extract`")
         meta = read_json(p / META, "store metadata")
-        if meta.get("format") != FORMAT_NAME:
-            raise StoreError(f"{p / META}: not a feature store (format {meta.get('format')!r})")
-        version = meta.get("format_version", 0)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise StoreError(f"{p / META}: format_version must be an integer, got {version!r}")
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{p}: store format version {version} is newer than this mtaffect "
-                f"(reads up to {FORMAT_VERSION}); upgrade mtaffect"
-            )
+        persist.check_header(meta, FEATURE_STORE, p / META, StoreError)
         check_meta(meta, str(p / META))
         images = read_images(p / IMAGES, meta.get("images_sha256"))
         arrays: dict[str, np.memmap] = {}

@@ -1,7 +1,7 @@
 """Trained-model checkpoints: a folder with ``model.safetensors`` + ``config.json``; never pickles.
 
-``config.json`` (format ``mtaffect-checkpoint`` version 1) holds everything that rebuilds and
-describes the model::
+``config.json`` (format ``mtaffect-checkpoint`` version 1, the one header of :mod:`mtaffect.persist`)
+holds everything that rebuilds and describes the model::
 
     recipe, model_config      create_model(recipe, **model_config) rebuilds the architecture
     temporal, inputs, window  what the model reads; temporal models predict over windows of `window`
@@ -10,7 +10,7 @@ describes the model::
     feature_dim, num_logits, token_shape
     au_thresholds             12 decision thresholds (default 0.5)
     metrics                   validation metrics of the saved weights (P and its terms)
-    train_config              the resolved training config; mtaffect_version, created
+    train_config              the resolved training config; created
 
 A model trained from images with a fine-tuned backbone (``backbone.mode: finetune``) also holds the
 backbone's weights: ``backbone/`` (safetensors, loaded by the backbone's own ``weights=`` option) and
@@ -19,7 +19,8 @@ feature store holds them (such a model predicts from images only). ``kwargs`` ar
 normalisation, dtype): an option that would run code (``trust_remote_code``) is never honoured here.
 
 A checkpoint is written into a temporary folder beside its target and renamed into place, so a crash
-never leaves half a checkpoint; an existing one is replaced only with ``overwrite=True``.
+never leaves half a checkpoint; an existing one is replaced only with ``overwrite=True`` and only when
+it is a checkpoint (nothing else is ever replaced: :func:`mtaffect.persist.check_replaceable`).
 
 A checkpoint is data, never code: every field of ``config.json`` is checked when read (types, ranges,
 registered recipe), the weights are safetensors, and ``backbone.kwargs`` may not hold an option that
@@ -32,7 +33,6 @@ trust_remote_code=True)``, CLI ``--trust-remote-code``), never the file's.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -45,12 +45,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtaffect.features.registry import CODE_EXECUTING_OPTIONS, options_from_file, with_trust
-from mtaffect.io import OutputExistsError, atomic_folder
 from mtaffect.models.base import AffectOutputs, MTLModel, outputs_to_probs
+from mtaffect.persist import (
+    CHECKPOINT,
+    atomic_folder,
+    check_replaceable,
+    header,
+    read_header_file,
+    write_json,
+)
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
-FORMAT = "mtaffect-checkpoint"
-FORMAT_VERSION = 1
+FORMAT = CHECKPOINT.name
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 BACKBONE_DIR = "backbone"  # a fine-tuned backbone's weights
@@ -58,12 +64,6 @@ BACKBONE_DIR = "backbone"  # a fine-tuned backbone's weights
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, damaged or does not fit the features it is used with."""
-
-
-def _version() -> str:
-    from mtaffect import __version__
-
-    return __version__
 
 
 def _jsonable(obj: Any) -> Any:
@@ -108,11 +108,7 @@ def save_checkpoint(
     ``input_stores``: for a model reading named stores (``features@au``), each store's backbone and
     fingerprint ({name: {backbone, fingerprint}}), checked when it predicts from stores.
     """
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
+    target = check_replaceable(path, CHECKPOINT, overwrite)  # before any work
     if not model.recipe:
         raise CheckpointError(f"{type(model).__name__} has no recipe name; register it with register_model")
     thr = (
@@ -123,8 +119,7 @@ def save_checkpoint(
     if thr.shape != (NUM_AUS,):
         raise CheckpointError(f"au_thresholds must hold {NUM_AUS} values, got shape {thr.shape}")
     config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        **header(CHECKPOINT),
         "recipe": model.recipe,
         "model_config": _jsonable(model.config()),
         "temporal": bool(model.temporal),
@@ -145,19 +140,16 @@ def save_checkpoint(
         "au_thresholds": thr.tolist(),
         "metrics": _jsonable(metrics or {}),
         "train_config": _jsonable(train_config or {}),
-        "mtaffect_version": _version(),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with atomic_folder(target, overwrite=overwrite) as tmp:
+    with atomic_folder(target, CHECKPOINT, overwrite) as tmp:
         if backbone_weights is not None:
             kwargs = backbone_weights.save_weights(tmp / BACKBONE_DIR, dict(backbone.get("kwargs", {})))
             config["backbone"]["kwargs"] = _data_options(kwargs)
             config["backbone"]["weights"] = BACKBONE_DIR
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT, "recipe": model.recipe})
-        with open(tmp / CONFIG, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=1)
-            fh.write("\n")
+        write_json(tmp / CONFIG, config)
     return target
 
 
@@ -169,17 +161,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     for name in (WEIGHTS, CONFIG):
         if not (p / name).is_file():
             raise CheckpointError(f"{p} is not a checkpoint: {name} is missing")
-    try:
-        config = json.loads((p / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{p / CONFIG}: cannot read ({exc})") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{p / CONFIG}: not an mtaffect checkpoint config")
-    version = config.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise CheckpointError(f"{p / CONFIG}: format_version must be an integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint format {version} is newer than this mtaffect")
+    config = read_header_file(p / CONFIG, CHECKPOINT, CheckpointError)
     _audit(config, str(p / CONFIG))
     return config
 
@@ -642,9 +624,17 @@ def load_model(
 
     if is_ensemble(path):  # one model per task (a pipeline run's best/)
         return EnsembleAffectModel(path, device, trust_remote_code=trust_remote_code)  # type: ignore[return-value]
+    return load_checkpoint(path, device, trust_remote_code=trust_remote_code)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+) -> TrainedAffectModel:
+    """Load the checkpoint folder ``path`` (never an ensemble: what an ensemble's members are)."""
     model, config = load_mtl_model(path)
     return TrainedAffectModel(model, config, device, path=path, trust_remote_code=trust_remote_code)
 
 
-__all__ = ["CheckpointError", "TrainedAffectModel", "backbone_from_run", "load_model", "load_weights",
+__all__ = ["CheckpointError", "TrainedAffectModel", "backbone_from_run", "load_checkpoint", "load_model",
+           "load_weights",
            "read_checkpoint_config", "save_checkpoint"]  # fmt: skip

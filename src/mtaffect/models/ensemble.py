@@ -4,11 +4,11 @@ The published method trains one *enhanced* model per task (AU on frames, EXPR on
 with an LSTM over 30 frames), each fusing its own fine-tuned backbone with the features of separately
 fine-tuned *task models*. An ensemble folder holds all of it, so one path predicts every task::
 
-    ensemble.json     {"format": "mtaffect-ensemble", "format_version": 1,
+    ensemble.json     {"format": "mtaffect-ensemble", "format_version": 1, "mtaffect_version": ...,
                        "tasks":   {"au": <member>, "expr": <member>, "va": <member>},
                        "members": {<member>: "members/<member>"},
                        "sources": {<store name>: "sources/<store name>"}, "metrics": {...}}
-    members/<name>/   a checkpoint (e.g. the enhanced model answering AU)
+    members/<name>/   a checkpoint (e.g. the enhanced model answering AU; never an ensemble)
     sources/<name>/   the checkpoint whose backbone computes a member's ``features@<name>`` input (a task
                       model); run on the images once and shared by every member that reads it
 
@@ -22,7 +22,6 @@ in ``ensemble.json`` is checked to stay inside the folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -33,19 +32,17 @@ import numpy as np
 import torch
 
 from mtaffect.features.reader import store_names
-from mtaffect.io import atomic_folder
 from mtaffect.models.base import TASKS
 from mtaffect.models.checkpoint import (
     CONFIG,
     CheckpointError,
     TrainedAffectModel,
-    load_model,
+    load_checkpoint,
     read_checkpoint_config,
 )
+from mtaffect.persist import ENSEMBLE, atomic_folder, header, read_header_file, write_json
 
-FORMAT = "mtaffect-ensemble"
-FORMAT_VERSION = 1
-ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FILE = str(ENSEMBLE.marker)
 
 
 def is_ensemble(path: str | os.PathLike) -> bool:
@@ -94,6 +91,9 @@ def save_ensemble(
         raise CheckpointError(
             f"an ensemble needs a member for each task; tasks {dict(tasks)}, members {list(members)}"
         )
+    for folder in [*members.values(), *sources.values()]:
+        if is_ensemble(folder):
+            raise CheckpointError(f"{folder} is an ensemble: the members and sources of one are checkpoints")
     for name, folder in members.items():
         cfg = read_checkpoint_config(folder)
         lacking = sorted(set(store_names(cfg.get("inputs", []))) - set(sources))
@@ -105,32 +105,22 @@ def save_ensemble(
     for folder in sources.values():
         read_checkpoint_config(folder)
     record = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "tasks": {t: str(tasks[t]) for t in TASKS},
+        **header(ENSEMBLE), "tasks": {t: str(tasks[t]) for t in TASKS},
         "members": {n: f"members/{n}" for n in members}, "sources": {k: f"sources/{k}" for k in sources},
         "metrics": dict(metrics or {}),
     }  # fmt: skip
-    with atomic_folder(Path(path), overwrite=overwrite) as tmp:
+    with atomic_folder(path, ENSEMBLE, overwrite) as tmp:
         for name, folder in members.items():
             _link_tree(Path(folder), tmp / "members" / name)
         for key, folder in sources.items():
             _link_tree(Path(folder), tmp / "sources" / key)
-        with open(tmp / ENSEMBLE_FILE, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1)
-            fh.write("\n")
+        write_json(tmp / ENSEMBLE_FILE, record)
     return Path(path)
 
 
 def _read_record(path: Path) -> dict:
     where = path / ENSEMBLE_FILE
-    try:
-        rec = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{where}: cannot read ({exc})") from exc
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not an mtaffect ensemble")
-    version = rec.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{where}: ensemble format {version!r} is not one this mtaffect reads")
+    rec = read_header_file(where, ENSEMBLE, CheckpointError)
     for key in ("tasks", "members", "sources"):
         if not isinstance(rec.get(key, {}), dict):
             raise CheckpointError(f"{where}: {key} must be a mapping")
@@ -143,6 +133,8 @@ def _read_record(path: Path) -> dict:
             target = (path / str(rel)).resolve()
             if not isinstance(rel, str) or root not in target.parents or not (target / CONFIG).is_file():
                 raise CheckpointError(f"{where}: {kind}.{name} = {rel!r} is not a checkpoint inside {path}")
+            if is_ensemble(target):  # members are checkpoints: a folder nesting ensembles is refused
+                raise CheckpointError(f"{where}: {kind}.{name} = {rel!r} is an ensemble, not a checkpoint")
     return rec
 
 
@@ -157,11 +149,11 @@ class EnsembleAffectModel:
         self.config = rec
         self.tasks: dict[str, str] = dict(rec["tasks"])
         self.members: dict[str, TrainedAffectModel] = {
-            n: load_model(self.path / rel, device, trust_remote_code=trust_remote_code)
+            n: load_checkpoint(self.path / rel, device, trust_remote_code=trust_remote_code)
             for n, rel in rec["members"].items()
         }  # fmt: skip
         self.sources: dict[str, TrainedAffectModel] = {
-            k: load_model(self.path / rel, device, trust_remote_code=trust_remote_code)
+            k: load_checkpoint(self.path / rel, device, trust_remote_code=trust_remote_code)
             for k, rel in rec.get("sources", {}).items()
         }  # fmt: skip
         self.metrics: dict = rec.get("metrics", {})

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mtaffect.clikit import Overwrite, console, user_errors, write_json
+from mtaffect.clikit import Overwrite, console, user_errors, write_result
 from mtaffect.io import check_writable
 
 
@@ -121,4 +121,4 @@ def register(app: typer.Typer) -> None:
         report.config.save(out, overwrite=overwrite)
         console.print(f"wrote {out}")
         if json_out is not None:
-            write_json(report.to_dict(), json_out, overwrite)
+            write_result(report.to_dict(), json_out, overwrite)

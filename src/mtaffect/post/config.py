@@ -28,15 +28,19 @@ import yaml
 
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.io import atomic_open
+from mtaffect.persist import POSTPROC, check_header, header
 from mtaffect.post.blend import blend, check_weights
 from mtaffect.post.smoothing import TASKS, Kernel, SmoothingError, smooth
 from mtaffect.post.thresholds import apply_expr_bias
 from mtaffect.schema import AU_NAMES, DEFAULT_AU_THRESHOLD, EXPR_NAMES, EXPR_PROB_COLUMNS, NUM_AUS, NUM_EXPR
 from mtaffect.textfiles import read_yaml
 
-FORMAT = "mtaffect-postproc"
-VERSION = 1
-_KEYS = ("format", "version", "kernels", "au_thresholds", "expr_bias", "blend_weights", "info")
+FORMAT = POSTPROC.name
+VERSION = POSTPROC.version
+_KEYS = (
+    "format", "format_version", "mtaffect_version", "version", "kernels", "au_thresholds", "expr_bias",
+    "blend_weights", "info",
+)  # fmt: skip
 _KERNEL_KEYS = tuple(f.name for f in fields(Kernel))  # kind, width, causal, unit
 
 
@@ -126,8 +130,7 @@ class PostConfig:
     # ---- YAML ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "format": FORMAT,
-            "version": VERSION,
+            **header(POSTPROC),
             "kernels": {t: k.to_dict() for t, k in self.kernels.items()},
             "au_thresholds": {n: float(v) for n, v in zip(AU_NAMES, self.au_thresholds, strict=True)},
             "expr_bias": {n: float(v) for n, v in zip(EXPR_NAMES, self.expr_bias, strict=True)},
@@ -162,12 +165,11 @@ class PostConfig:
         unknown = [k for k in data if k not in _KEYS]
         if unknown:
             raise PostConfigError(f"{where}: unknown key(s) {unknown}; expected some of {list(_KEYS)}")
-        if data.get("format", FORMAT) != FORMAT:
-            raise PostConfigError(f"{where}: format is {data['format']!r}, expected {FORMAT!r}")
-        if data.get("version", VERSION) != VERSION:
-            raise PostConfigError(
-                f"{where}: version {data['version']!r} is not supported (this is {VERSION})"
-            )
+        # a hand-written file may leave the header out; one that has it must be ours and not newer
+        given = {"format": FORMAT, **data}
+        if "format_version" not in given and "version" not in given:
+            given["format_version"] = VERSION
+        check_header(given, POSTPROC, where, PostConfigError)
         try:
             kernels = _kernels(data.get("kernels") or {}, where)
             thr = _named(data.get("au_thresholds"), AU_NAMES, DEFAULT_AU_THRESHOLD, "au_thresholds", where)

@@ -30,8 +30,6 @@ the other settings is left as it is and the file is reported, not claimed).
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import os
 import socket
 import threading
@@ -41,18 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mtaffect.io import atomic_open
+from mtaffect.persist import JOB_RECORD, Lock, header, read_header_file, write_json
 
 RECORDS_DIR: Final[str] = ".mtaffect-jobs"
-FORMAT: Final[str] = "mtaffect-predict-record"
-FORMAT_VERSION: Final[int] = 1
 #: How often a running file's record is refreshed (seconds), and when a silent one on another host is
 #: taken to be dead (only where locks do not reach other hosts; see the module docstring).
 HEARTBEAT_S: Final[float] = 20.0
 STALE_AFTER_S: Final[float] = 90.0
-#: A lock found held is tried again this many times, this far apart, before the file is taken to be
-#: running elsewhere (a collect probing the lock holds it for an instant).
-LOCK_TRIES: Final[tuple[int, float]] = (3, 0.05)
+#: How long a held lock is tried again before the file is taken to be running elsewhere (a collect
+#: probing the lock holds it for an instant).
+LOCK_WAIT_S: Final[float] = 0.1
 HOST: Final[str] = socket.gethostname()
 
 
@@ -64,19 +60,13 @@ def records_dir(out: str | os.PathLike) -> Path:
 def read_record(path: Path) -> dict | None:
     """A job record, or None when missing, unreadable or not ours."""
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_header_file(path, JOB_RECORD)
+    except ValueError:
         return None
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        return None
-    if rec.get("format_version") != FORMAT_VERSION:
-        return None
-    return rec
 
 
 def _write_record(path: Path, rec: dict) -> None:
-    with atomic_open(path, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump(rec, fh, indent=1, default=str)
+    write_json(path, rec)
 
 
 @dataclass(frozen=True)
@@ -93,8 +83,8 @@ class Claim:
     """This process's hold on one file: its record says ``running`` until :meth:`finish`, its heartbeat
     refreshed by a thread; the lock is held until :meth:`release` (or until the process dies)."""
 
-    def __init__(self, fd: int | None, path: Path, record: dict, previous: dict | None) -> None:
-        self._fd, self.path, self.record, self.previous = fd, path, record, previous
+    def __init__(self, lock: Lock, path: Path, record: dict, previous: dict | None) -> None:
+        self._lock, self.path, self.record, self.previous = lock, path, record, previous
         self._write = threading.Lock()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._beating, name="mtaffect-heartbeat", daemon=True)
@@ -124,9 +114,7 @@ class Claim:
         with self._write:
             self._stop.set()
         self._beat.join()
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
+        self._lock.release()
 
 
 class JobRecords:
@@ -159,11 +147,12 @@ class JobRecords:
         lock = self.folder / f"{table_name}.lock"
         if not lock.exists():
             return False
-        fd = _lock(lock)
-        if fd is None:
+        held = _lock(lock)
+        if held is None:
             return True
-        if fd >= 0:
-            os.close(fd)
+        locked = held.supported
+        held.release()
+        if locked:
             return False
         rec = self.read(table_name) or {}
         fresh = time.time() - float(rec.get("heartbeat") or 0) < self.stale_after
@@ -182,8 +171,8 @@ class JobRecords:
         a table done with other settings may be made again (``--overwrite``). ``incomplete(record)``:
         whether a file done with the same settings still needs work (outputs asked for since)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = _lock_soon(self.folder / f"{table_name}.lock")
-        if fd is None:
+        lock = _lock(self.folder / f"{table_name}.lock", LOCK_WAIT_S)
+        if lock is None:
             return Skip("running", self.read(table_name))
         rec_path = self.record_path(table_name)
         prev = read_record(rec_path)
@@ -194,16 +183,14 @@ class JobRecords:
         except (TypeError, ValueError, AttributeError):  # a damaged record (edited by hand): not trusted
             prev, why = None, None
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            lock.release()
             raise
         if why is not None:
-            if fd >= 0:
-                os.close(fd)
+            lock.release()
             return Skip(why, prev)
         now = time.time()
         record = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "table": table_name, "source": source,
+            **header(JOB_RECORD), "table": table_name, "source": source,
             "path": os.path.realpath(source), "status": "running", "host": HOST, "pid": os.getpid(),
             "started": now, "heartbeat": now, "finished": None, "signature": signature,
             # the files earlier runs wrote for this stem stay listed as ours until this run says otherwise
@@ -212,10 +199,9 @@ class JobRecords:
         try:
             _write_record(rec_path, record)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            lock.release()
             raise
-        return Claim(fd if fd >= 0 else None, rec_path, record, prev)
+        return Claim(lock, rec_path, record, prev)
 
     def _why_skip(
         self, prev: dict | None, signature: dict, run_started: float, table_name: str, replace: bool
@@ -246,36 +232,13 @@ def _locks_unsupported() -> bool:
     return bool(_NO_LOCKS)
 
 
-def _lock_soon(path: Path) -> int | None:
-    """:func:`_lock`, tried again a few times when held (a probe holds a lock for an instant)."""
-    tries, pause = LOCK_TRIES
-    for attempt in range(tries):
-        fd = _lock(path)
-        if fd is not None or attempt == tries - 1:
-            return fd
-        time.sleep(pause)
-    return None
-
-
-def _lock(path: Path) -> int | None:
-    """Open ``path`` (created if missing) and take its exclusive lock without waiting: the descriptor,
-    None when another process holds it, or -1 when this file system has no locks (nothing held)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks; records and heartbeats only
-        os.close(fd)
-        _NO_LOCKS.append(True)
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            return None
-        _NO_LOCKS.append(True)  # e.g. ENOLCK on an NFS mount without a lock service
-        return -1
-    return fd
+def _lock(path: Path, wait: float = 0.0) -> Lock | None:
+    """The exclusive lock of one file's job (:class:`mtaffect.persist.Lock`, waiting up to ``wait``
+    seconds: a probe holds it for an instant), or None when another process holds it."""
+    lock = Lock.try_acquire(path, wait=wait)
+    if lock is not None and not lock.supported:
+        _NO_LOCKS.append(True)  # e.g. NFS without a lock service: records and heartbeats only
+    return lock
 
 
 def describe_holder(record: dict | None) -> str:

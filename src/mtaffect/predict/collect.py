@@ -17,7 +17,6 @@ only when the folder's ``OUT/.mtaffect-jobs/collect.json`` says a collect wrote 
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Final
 import pandas as pd
 
 from mtaffect.io import atomic_open
+from mtaffect.persist import Lock, write_json
 from mtaffect.predict.claims import JobRecords, records_dir
 from mtaffect.predict.outputs import check_format, read_table, write_table
 from mtaffect.predict.report import CSS
@@ -107,18 +107,8 @@ def collect(
             f"{out}: no finished file to combine (no job records: not the --out of a per-file run); run "
             "`mtaffect predict ... --per-file --out` into it first"
         )
-    with open(records.folder / "collect.lock", "a+b") as lock:
-        _flock(lock.fileno())
+    with Lock.acquire(records.folder / "collect.lock", wait=None):  # collects take turns
         return _collect(out, fmt, report, overwrite, combine, records)
-
-
-def _flock(fd: int) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: collects are not serialised
-        return
-    with contextlib.suppress(OSError):  # a file system without locks: collects are not serialised
-        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def _collect(
@@ -183,8 +173,7 @@ def _settings(rec: dict) -> dict:
 
 
 def _write_ours(out: Path, names: set[str]) -> None:
-    with atomic_open(records_dir(out) / COLLECT_RECORD, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump({"written": sorted(names)}, fh)
+    write_json(records_dir(out) / COLLECT_RECORD, {"written": sorted(names)})
 
 
 def render_index(done: Sequence[dict], tables: Sequence[pd.DataFrame], records: dict[str, dict]) -> str:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -45,7 +44,16 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
-from mtaffect.io import atomic_open, check_writable
+from mtaffect.io import check_writable
+from mtaffect.persist import (
+    PREDICT_JOB,
+    Lock,
+    LockBusy,
+    foreign_entries,
+    header,
+    read_json,
+    write_json,
+)
 from mtaffect.predict.outputs import TableBuilder, empty_table, read_table, write_table
 from mtaffect.predict.pipeline import FileResult, Predictor, Resume
 from mtaffect.predict.sources import (
@@ -59,17 +67,15 @@ from mtaffect.predict.sources import (
 )
 from mtaffect.schema import DEFAULT_AU_THRESHOLD, NUM_AUS
 
-FORMAT: Final[str] = "mtaffect-predict-job"
-FORMAT_VERSION: Final[int] = 1
 PARTIAL_SUFFIX: Final[str] = ".mtaffect-partial"
-JOB_FILE, ROWS_FILE = "job.json", "rows.csv"
+JOB_FILE, ROWS_FILE = str(PREDICT_JOB.marker), "rows.csv"
 COMMIT_SECONDS: Final[float] = 1.0
 INPUT_COLUMN: Final[str] = "_input"  # rows.csv only: which input (by position) a row belongs to
 #: Hidden temporary files of mtaffect.io.atomic_path (``.<target>.<8 chars of mkstemp>.part``) whose
 #: target is a kind of file predict writes.
-#: Per-file runs share a folder: a shared lock tried this many times (100 ms apart) before a run of the
-#: other kind is taken to hold it; their ``.part`` files count as a killed run's after this long.
-SHARED_LOCK_TRIES: Final[int] = 20
+#: Per-file runs share a folder: a shared lock is tried this long before a run of the other kind is
+#: taken to hold it; their ``.part`` files count as a killed run's after this long.
+SHARED_LOCK_WAIT_S: Final[float] = 2.0
 STALE_PART_AGE_S: Final[float] = 3600.0
 STALE_PART = re.compile(r"^\.(?P<target>.+\.(?:csv|parquet|html|png|mp4))\.[a-z0-9_]{8}\.part$")
 
@@ -152,7 +158,7 @@ class PartialTable:
         self.thresholds = np.full(NUM_AUS, DEFAULT_AU_THRESHOLD) if thresholds is None else thresholds
         self.signature = json.loads(json.dumps(signature, default=str))  # as it reads back from job.json
         self.log = log or (lambda _msg: None)
-        self.state = {"format": FORMAT, "format_version": FORMAT_VERSION, "signature": self.signature,
+        self.state = {**header(PREDICT_JOB), "signature": self.signature,
                       "done": {}, "current": None, "rows_bytes": 0}  # fmt: skip
         old = self._load_existing()
         if old is not None and resume and old["signature"] == self.signature:
@@ -178,19 +184,19 @@ class PartialTable:
     def _load_existing(self) -> dict | None:
         if not self.folder.exists():
             return None
-        job = self.folder / JOB_FILE
+        state: dict = {}
+        ours = self.folder.is_dir() and not self.folder.is_symlink()
         try:
-            state = json.loads(job.read_text(encoding="utf-8"))
-            ours = isinstance(state, dict) and state.get("format") == FORMAT
-        except (OSError, ValueError):
+            state = read_json(self.folder / JOB_FILE, PREDICT_JOB.what) if ours else {}
+        except ValueError:
             ours = False
-        if not ours or not self.folder.is_dir():
+        if not ours or state.get("format") != PREDICT_JOB.name or foreign_entries(self.folder, PREDICT_JOB):
             raise FileExistsError(
-                f"{self.folder} exists but is not an mtaffect partial table (no {JOB_FILE} of ours); "
-                "move it away: it is left untouched"
+                f"{self.folder} exists but is not an mtaffect partial table (no {JOB_FILE} of ours, or files "
+                "of someone else); move it away: it is left untouched"
             )
-        if int(state.get("format_version", 0)) != FORMAT_VERSION:
-            return {**state, "signature": None}  # another version: resumable by nobody, discarded
+        if state.get("format_version") != PREDICT_JOB.version:
+            return {**state, "signature": None}  # another version's rows: resumable by nobody, discarded
         return state
 
     def _truncate_rows(self, committed: int) -> None:
@@ -280,8 +286,7 @@ class PartialTable:
         if fh is not None:
             fh.flush()
             self.state["rows_bytes"] = self._bytes
-        with atomic_open(self.folder / JOB_FILE, "w", overwrite=True, encoding="utf-8") as out:
-            json.dump(self.state, out)
+        write_json(self.folder / JOB_FILE, self.state)
         self._last_commit = time.monotonic()
 
     # ---- the end ---------------------------------------------------------------------------------------
@@ -452,7 +457,7 @@ class OutputFolder:
         self.path = Path(path)
         self.log = log or (lambda _msg: None)
         self.shared = shared
-        self._fd: int | None = None
+        self._lock_held: Lock | None = None
         self.removed: list[Path] = []
 
     def __enter__(self) -> OutputFolder:
@@ -472,37 +477,23 @@ class OutputFolder:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+        if self._lock_held is not None:
+            self._lock_held.release()
+            self._lock_held = None
 
     def _lock(self) -> None:
         """Lock the folder: exclusively, or shared in per-file mode (see the class docstring)."""
+        wait = SHARED_LOCK_WAIT_S if self.shared else 0.0
         try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks on folders
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
-        for attempt in range(SHARED_LOCK_TRIES if self.shared else 1):
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                self._fd = fd
-                return
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    os.close(fd)
-                    self.log(f"cannot lock {self.path} ({e.strerror}); a second run into it would not be "
-                             "noticed")  # fmt: skip
-                    return
-                if attempt + 1 < (SHARED_LOCK_TRIES if self.shared else 1):
-                    time.sleep(0.1)
-        os.close(fd)
-        raise ValueError(
-            f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it to finish "
-            "or choose another --out (per-file runs, --per-file/--workers/--shard, share a folder with each "
-            "other only)"
-        )
+            self._lock_held = Lock.acquire(self.path, shared=self.shared, wait=wait, poll=0.1)
+        except LockBusy:
+            raise ValueError(
+                f"--out {self.path}: another mtaffect predict is writing into this folder; wait for it to "
+                "finish or choose another --out (per-file runs, --per-file/--workers/--shard, share a "
+                "folder with each other only)"
+            ) from None
+        if not self._lock_held.supported:
+            self.log(f"cannot lock {self.path}; a second run into it would not be noticed")
 
     def _clean_stale_parts(self) -> list[Path]:
         """The hidden ``.part`` files of killed runs; in a folder per-file runs share, only those

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,12 +48,24 @@ from mtaffect.features.store import FeatureStore, StoreError
 from mtaffect.io import OutputExistsError, atomic_open
 from mtaffect.metrics import terms_row
 from mtaffect.models.base import TASKS
+from mtaffect.persist import (
+    CHECKPOINT,
+    ENSEMBLE,
+    FEATURE_STORE,
+    PIPELINE,
+    NotOursError,
+    check_replaceable,
+    folder_format,
+    header,
+    read_json,
+    write_json,
+)
 from mtaffect.train.config import TrainConfig, combine_map, fused_tasks, pipeline_configs
 from mtaffect.train.fit import env_rank, fit
-from mtaffect.train.run import check_same_run, run_status, write_json
-from mtaffect.train.state import ResumeError, data_source, run_identity
+from mtaffect.train.run import RUN_ENTRIES, check_ours, check_same_run, remove_run, run_status
+from mtaffect.train.state import ResumeError, data_source, labels_digest, read_run, run_identity
 
-PIPELINE_FILE = "pipeline.json"
+PIPELINE_FILE = str(PIPELINE.marker)
 STORES_DIR = "stores"
 #: Entries of a pipeline folder besides its step folders (what ``overwrite`` removes).
 PIPELINE_ENTRIES = (
@@ -63,6 +76,19 @@ PIPELINE_ENTRIES = (
     "val_predictions.parquet",
     STORES_DIR,
 )
+
+
+def _is_store_of_ours(folder: Path) -> bool:
+    """A finished feature store, or an unfinished one (``<name>.partial``, its plan.json), of ours."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if folder_format(folder, (FEATURE_STORE,)) is not None:
+        return True
+    try:
+        plan = read_json(folder / "plan.json", "extraction plan")
+        return folder.name.endswith(".partial") and plan.get("format") == FEATURE_STORE.name
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -152,19 +178,19 @@ class Pipeline:
 
     def _prepare(self) -> None:
         marker = self.out / PIPELINE_FILE
-        if self.out.exists() and any(self.out.iterdir()) and not marker.is_file():
+        ours = marker.is_file() and folder_format(self.out, (PIPELINE,)) is not None
+        if self.out.exists() and any(self.out.iterdir()) and not ours:
             raise OutputExistsError(
-                f"{self.out} holds something other than a pipeline run (no {PIPELINE_FILE}); choose another "
-                "--out"
+                f"{self.out} holds something other than a pipeline run (no {PIPELINE_FILE} of ours); choose "
+                "another --out"
             )
-        if self.overwrite and marker.is_file():
+        if self.overwrite and ours:
             self._remove_previous(marker)
-        elif marker.is_file():  # what earlier sessions recorded of the steps they ran
-            try:
-                before = json.loads(marker.read_text(encoding="utf-8")).get("steps", {})
-                self.record = {n: r for n, r in before.items() if n in self.by_name and "status" in r}
-            except (OSError, ValueError):
-                self.record = {}
+        elif ours:  # what earlier sessions recorded of the steps they ran
+            before = read_json(marker, PIPELINE.what).get("steps", {})
+            before = before if isinstance(before, dict) else {}
+            self.record = {n: r for n, r in before.items()
+                           if n in self.by_name and isinstance(r, dict) and "status" in r}  # fmt: skip
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_open(self.out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
@@ -172,30 +198,50 @@ class Pipeline:
             self._write_record()
 
     def _remove_previous(self, marker: Path) -> None:
-        """``overwrite``: remove what an earlier pipeline run wrote here (its steps and its own files)."""
-        import shutil
-
-        try:
-            old = json.loads(marker.read_text(encoding="utf-8")).get("steps", {})
-        except (OSError, ValueError):
-            old = {}
+        """``overwrite``: remove what an earlier pipeline run wrote here, and only that (the ownership
+        rule of :mod:`mtaffect.persist`): its step runs (:func:`~mtaffect.train.run.remove_run`), the
+        stores it extracted, its ensemble and its own files. Everything is checked before anything goes:
+        a folder that is not ours stops the overwrite, naming it."""
+        old = read_json(marker, PIPELINE.what).get("steps", {})
+        old = old if isinstance(old, dict) else {}
         # run folders of steps (a search's variants included)
-        steps = {p.name for p in self.out.iterdir() if p.name.startswith(("task_", "enhanced_"))
-                 and (p / "run.json").is_file()}  # fmt: skip
-        names = [*sorted({n for n in old if n.startswith(("task_", "enhanced_"))} | steps), *PIPELINE_ENTRIES]
-        if self.rank0:
-            for name in names:
-                p = self.out / name
-                if p.is_dir():
+        steps = sorted({p.name for p in self.out.iterdir() if p.name.startswith(("task_", "enhanced_"))}
+                       | {n for n in old if str(n).startswith(("task_", "enhanced_"))})  # fmt: skip
+        runs = [self.out / n for n in steps if (self.out / n).is_dir() and not (self.out / n).is_symlink()]
+        stores = self.out / STORES_DIR
+        store_folders = sorted(stores.iterdir()) if stores.is_dir() and not stores.is_symlink() else []
+        for run in runs:
+            check_ours(run, [e for e in RUN_ENTRIES if (run / e).exists()])
+        for folder in store_folders:
+            if not _is_store_of_ours(folder):
+                raise NotOursError(
+                    f"{folder} is not a feature store this pipeline extracted; refusing to overwrite "
+                    f"{self.out} (even with --overwrite): move it away first"
+                )
+        best = self.out / "best"
+        if best.exists():
+            check_replaceable(best, (ENSEMBLE, CHECKPOINT), overwrite=True)
+        if not self.rank0:
+            return
+        for run in runs:
+            remove_run(run)
+        for folder in store_folders:
+            shutil.rmtree(folder) if folder.is_dir() and not folder.is_symlink() else folder.unlink()
+        for name in PIPELINE_ENTRIES:
+            p = self.out / name
+            if p.is_dir() and not p.is_symlink():
+                if name == STORES_DIR:
+                    p.rmdir()  # emptied above
+                else:
                     shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+            elif p.exists() or p.is_symlink():
+                p.unlink()
 
     def _write_record(self) -> None:
         if not self.rank0:
             return
         write_json(self.out / PIPELINE_FILE, {
-            "format": "mtaffect-pipeline", "version": 1, "recipe": self.config.model.recipe,
+            **header(PIPELINE), "recipe": self.config.model.recipe,
             "combine": self.combine, "steps": {s.name: {"kind": s.kind, "needs": list(s.needs),
                                                       **self.record.get(s.name, {})} for s in self.steps},
         })  # fmt: skip
@@ -306,6 +352,7 @@ class Pipeline:
         preds = None
         if self.val is not None:
             folders = {task: self.out / f"enhanced_{name}" for task, name in self.combine.items()}
+            self._check_validated_on(folders.values())
             preds, metrics = combine_predictions(folders, self.val)
         if self.rank0:
             save_ensemble(self.out / "best", members, self.combine, sources=sources, metrics=metrics,
@@ -318,6 +365,19 @@ class Pipeline:
             + ", ".join(f"{t} with enhanced_{n}" for t, n in self.combine.items())
         )
         return {"status": "combined", "P": metrics.get("P") if metrics else None}
+
+    def _check_validated_on(self, folders) -> None:
+        """The steps combined were validated on this call's validation labels (``--step combine`` with
+        another ``--data`` would score one set's predictions against another's labels)."""
+        want = labels_digest(self.val)
+        for folder in folders:
+            rec = (read_run(folder) or {}).get("val") or {}
+            if rec.get("content_sha256") not in (None, want):
+                raise ValueError(
+                    f"{folder / 'run.json'}: step {folder.name} was validated on {rec.get('source')}, not on "
+                    f"{self.val.source}; run --step combine with the --data the steps were trained on, or "
+                    "train them again"
+                )
 
     def _result(self, seconds: float) -> PipelineResult:
         metrics, preds = getattr(self, "_combined", ({}, None))
@@ -348,6 +408,12 @@ def combine_predictions(runs: dict[str, Path], val: LabelTable) -> tuple[Predict
     images = [x for x in map(str, first.images) if x in common]
     preds = combine_tables(tables, images)
     kept = val.subset(_isin(val.images, images))
+    if len(kept) == 0:
+        raise ValueError(
+            f"{val.source or 'the validation labels'} and the validation predictions of "
+            f"{', '.join(str(f) for f in runs.values())} have no image in common: combine with the --data "
+            "the steps were trained on"
+        )
     return preds, score(kept, preds).to_dict()
 
 

@@ -23,9 +23,10 @@ import yaml
 
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.reader import StoreSet, store_names
-from mtaffect.io import OutputExistsError, atomic_open
+from mtaffect.io import OutputExistsError
 from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.checkpoint import save_checkpoint
+from mtaffect.persist import NotOursError
 from mtaffect.schema import NUM_AUS
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.state import EpochState, ResumeError, capture_rng, check_identity, read_run
@@ -37,23 +38,55 @@ if TYPE_CHECKING:
 #: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
 RUN_ENTRIES = (
     "config.yaml", "run.json", "best", "metrics.json", "val_predictions.parquet", "stages", "state", "logs",
+    "images.sha256",
 )  # fmt: skip
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, config: TrainConfig, identity: dict) -> None:
-    present = [e for e in RUN_ENTRIES if (out / e).exists()]
+    """Make ``out`` ready for a run: a new run needs it empty of runs; ``overwrite`` removes only what a
+    run of ours (its ``run.json`` validates) wrote there (:data:`RUN_ENTRIES`), never anything else."""
+    present = [e for e in RUN_ENTRIES if (out / e).exists() or (out / e).is_symlink()]
     if present and not resume:
         if not overwrite:
             raise OutputExistsError(
                 f"{out} already holds a run ({', '.join(present)}); pass --overwrite to replace it or "
                 "--resume to continue it"
             )
+        check_ours(out, present)
         for e in present:
             p = out / e
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     elif present:
         check_same_run(out, config, identity)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_ours(out: Path, present: list[str]) -> None:
+    """Refuse to delete ``present`` unless ``out`` is a run of ours (the ownership rule of
+    :mod:`mtaffect.persist`: its ``run.json`` validates)."""
+    if not present:
+        return
+    try:
+        ours = read_run(out) is not None
+    except ValueError:
+        ours = False
+    if not ours:
+        raise NotOursError(
+            f"{out} holds {', '.join(present)} but no run.json of an mtaffect run: not a run of ours, so "
+            "nothing is replaced, even with --overwrite; move those away or choose another --out"
+        )
+
+
+def remove_run(out: Path) -> None:
+    """Delete the run in ``out`` (only if it is ours: :func:`check_ours`): its :data:`RUN_ENTRIES`, and
+    the folder itself once nothing else is left in it (a user's files stay)."""
+    present = [e for e in RUN_ENTRIES if (out / e).exists() or (out / e).is_symlink()]
+    check_ours(out, present)
+    for e in present:
+        p = out / e
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()
 
 
 def check_same_run(out: Path, config: TrainConfig, identity: dict) -> None:
@@ -91,12 +124,6 @@ def run_status(out: Path) -> str:
         if done:
             return "finished"
     return "started"
-
-
-def write_json(path: Path, obj: dict) -> None:
-    with atomic_open(path, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, default=float)
-        fh.write("\n")
 
 
 def stage_dir(out: Path, k: int, stage: Stage) -> Path:
@@ -193,4 +220,4 @@ class RunRecorder:
 
 __all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records",
            "prediction_table", "prepare_out", "run_status", "save_model",
-           "stage_dir", "write_json"]  # fmt: skip
+           "stage_dir"]  # fmt: skip

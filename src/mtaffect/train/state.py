@@ -20,7 +20,6 @@ run draws the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,14 +33,20 @@ from safetensors.torch import save_file
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.reader import StoreSet, store_images_sha256
 from mtaffect.features.store import FeatureStore
-from mtaffect.io import atomic_folder, atomic_open, previous_dir
 from mtaffect.models.checkpoint import load_weights
+from mtaffect.persist import (
+    RUN,
+    TRAIN_STATE,
+    atomic_folder,
+    header,
+    previous_dir,
+    read_header_file,
+    write_json,
+)
 
-FORMAT = "mtaffect-train-state"
-VERSION = 1
-RUN_FILE = "run.json"
+RUN_FILE = str(RUN.marker)
 STATE_DIR = "state"
-STATE_JSON = "state.json"
+STATE_JSON = str(TRAIN_STATE.marker)
 STATE_TENSORS = "state.safetensors"
 
 
@@ -145,16 +150,15 @@ def check_identity(saved: dict, now: dict, out: Path) -> None:
 
 
 def read_run(out: Path) -> dict | None:
+    """The checked ``run.json`` of the run folder ``out`` (None when there is none)."""
     p = out / RUN_FILE
     if not p.is_file():
         return None
-    return json.loads(p.read_text(encoding="utf-8"))
+    return read_header_file(p, RUN, ResumeError)
 
 
 def write_run(out: Path, identity: dict) -> None:
-    with atomic_open(out / RUN_FILE, "w", overwrite=True, encoding="utf-8") as fh:
-        json.dump({"format": "mtaffect-run", "version": 1, **identity}, fh, indent=1)
-        fh.write("\n")
+    write_json(out / RUN_FILE, {**header(RUN), **identity})
 
 
 # ---- RNG -------------------------------------------------------------------------------------------
@@ -236,16 +240,14 @@ class EpochState:
             rng_scalars, rng_tensors = self.rng
             tensors.update(rng_tensors)
         meta = {
-            "format": FORMAT, "version": VERSION, "stage": self.stage, "stage_name": self.stage_name,
+            **header(TRAIN_STATE), "stage": self.stage, "stage_name": self.stage_name,
             "epoch": self.epoch, "stage_done": self.stage_done, "selection": self.selection,
             "history": self.history, "stages": self.stages, "optimizer": optim_meta,
             "scheduler": self.scheduler, "rng": rng_scalars,
         }  # fmt: skip
-        with atomic_folder(out / STATE_DIR, overwrite=True) as tmp:
-            save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": FORMAT})
-            with open(tmp / STATE_JSON, "w", encoding="utf-8") as fh:
-                json.dump(meta, fh, indent=1)
-                fh.write("\n")
+        with atomic_folder(out / STATE_DIR, TRAIN_STATE, overwrite=True) as tmp:
+            save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": TRAIN_STATE.name})
+            write_json(tmp / STATE_JSON, meta)
 
     @classmethod
     def load(cls, out: Path) -> EpochState | None:
@@ -256,14 +258,12 @@ class EpochState:
         if not (folder / STATE_JSON).is_file():
             return None
         try:
-            meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+            meta = read_header_file(folder / STATE_JSON, TRAIN_STATE, ResumeError)
             tensors = load_weights(folder / STATE_TENSORS, hint=None)
         except (OSError, ValueError) as exc:  # a damaged file included (CheckpointError)
             raise ResumeError(
                 f"{folder}: the training state cannot be read ({exc}); start over with --overwrite"
             ) from exc
-        if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-            raise ResumeError(f"{folder / STATE_JSON}: not a training state this mtaffect can read")
         model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         optimizer = None if meta["optimizer"] is None else _join_optimizer(meta["optimizer"], tensors)
         rng = None
