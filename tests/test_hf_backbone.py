@@ -152,3 +152,33 @@ def test_mean_std_overrides_are_checked_in_one_place_before_loading():
     for name in ("dinov2-small", "hf:/no/such/model"):  # refused before any weights are looked for
         with pytest.raises(ValueError, match="pass both mean= and std="):
             create_backbone(name, mean=(0.5,) * 3)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"num_attention_heads": 3}, "num_attention_heads (3) must divide hidden_size (32)"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+        ({"patch_size": 0}, "patch_size must be a positive integer"),
+        ({"num_hidden_layers": -1}, "num_hidden_layers must be a positive integer"),
+        ({"hidden_size": "abc"}, "field 'hidden_size'"),
+        ({"hidden_act": "nosuch"}, "hidden_act 'nosuch'"),
+    ],
+)
+def test_bad_config_is_a_value_error_naming_the_file_and_key(tmp_path, change, says):
+    """A weights folder whose config.json cannot build the model: one line naming the file and the key
+    (before: ZeroDivisionError / StrictDataclassFieldValidationError / KeyError tracebacks, or weights
+    silently left out)."""
+    import json
+
+    from model_helpers import tiny_vit_folder
+
+    folder = tiny_vit_folder(tmp_path / "vit")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError) as info:
+        create_backbone(f"hf:{folder}")
+    msg = str(info.value)
+    assert says in msg and str(folder.resolve() / "config.json") in msg and "\n" not in msg
+    with pytest.raises(ValueError, match=r"config\.json"):  # the same through weights= (a fine-tuned copy)
+        create_backbone("hf:some/hub-id", weights=str(folder))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -329,3 +330,128 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(data, vit_folder, t
     assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+
+
+# ---- issue 20: unreadable image sets, resume on other images ------------------------------------------
+def _copy_with(data: Path, root: Path, split: str, content: bytes | None) -> list[str]:
+    """``data`` copied to ``root`` with every image of ``split`` replaced by ``content``."""
+    import shutil
+
+    shutil.copytree(data, root)
+    names = [str(n) for n in load_split(root, split).images]
+    if content is not None:
+        for n in names:
+            (root / "cropped_aligned" / n).write_bytes(content)
+    return names
+
+
+def test_every_training_image_unreadable_is_an_error_and_nothing_is_saved(data, tmp_path):
+    """Zero-byte training images used to train on nothing (loss 0.0), exit 0 and write best/."""
+    root = tmp_path / "empty"
+    names = _copy_with(data, root, "train", b"")
+    conf = tmp_path / "c.yaml"
+    conf.write_text(json.dumps(cfg().to_dict()))  # JSON is YAML
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run("train", "--config", conf, "--data", root, "--out", tmp_path / "run", "--no-progress",
+                  code=2)
+    assert "error:" in out and str(root / "cropped_aligned") in out and "Traceback" not in out
+    assert re.search(r"not one of the \d+ training images read in epoch 0 could be decoded \(e\.g\. ", out)
+    assert any(n in out for n in names) and "not a readable image" in out, out
+    assert not (tmp_path / "run" / "best").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_every_validation_image_unreadable_is_an_error_not_a_reshape_failure(data, tmp_path):
+    """Before: RuntimeError "cannot reshape tensor of 0 elements" from the image model."""
+    from mtaffect.train.fit import fit
+    from mtaffect.train.images.data import UnreadableImagesError
+
+    root = tmp_path / "empty"
+    names = _copy_with(data, root, "val", b"not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnreadableImagesError, match=r"not one of the \d+ validation images") as info:
+            fit(cfg(), root, load_split(root, "train"), load_split(root, "val"), tmp_path / "run", log=None)
+    assert any(n in str(info.value) for n in names) and not (tmp_path / "run" / "best").exists()
+
+
+def test_resume_on_replaced_images_is_refused_naming_the_first_changed_one(data, tmp_path):
+    """run.json used to record images_sha256 null for a run from images: a resume after the JPEGs were
+    overwritten trained on the new pixels."""
+    from mtaffect.train.fit import fit
+    from mtaffect.train.images.digest import IMAGES_FILE
+    from mtaffect.train.state import ResumeError
+
+    root = tmp_path / "copy"
+    _copy_with(data, root, "train", None)
+    train, val = load_split(root, "train"), load_split(root, "val")
+    c = cfg(trainer={"epochs": 2})
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        fit(c, root, train, val, out, callbacks=[_crash_at(1)], log=None)
+    store = json.loads((out / "run.json").read_text())["store"]
+    assert len(store["images"]["sha256"]) == 64
+    assert store["images"]["count"] == len(set(train.images) | set(val.images))
+    assert (out / IMAGES_FILE).is_file()
+    first, later = sorted(map(str, val.images))[:2]
+    for name, donor in ((later, first), (first, later)):  # same size class, other pixels
+        (root / "cropped_aligned" / name).write_bytes((data / "cropped_aligned" / donor).read_bytes())
+    with pytest.raises(ResumeError) as info:
+        fit(c, root, train, val, out, resume=True, log=None)
+    msg = str(info.value)
+    assert str(root / "cropped_aligned" / first) in msg and "changed: was" in msg and "2 of" in msg
+    for name in (first, later):  # the same pixels again (new mtimes): the run continues
+        (root / "cropped_aligned" / name).write_bytes((data / "cropped_aligned" / name).read_bytes())
+    res = fit(c, root, train, val, out, resume=True, log=None)
+    assert res.best_epoch >= 0 and (out / "best").is_dir()
+
+
+def test_a_batch_with_no_image_left_gives_empty_backbone_outputs():
+    """Every image of a batch failed to decode: (0, D) features, not "cannot reshape tensor of 0 elements"."""
+    from mtaffect.features.registry import create_backbone
+    from mtaffect.models.image_model import ImageMTLModel
+    from mtaffect.train.fit import build_model
+
+    bb = create_backbone("fer-minixception")
+    model = ImageMTLModel(bb, build_model(cfg(), bb.spec))
+    s, ch = bb.spec.input_size, 1 if bb.spec.colour == "L" else 3
+    for lead in ((0,), (0, 4)):  # rows, and windows of 4 steps
+        out = model.backbone_outputs(torch.zeros(*lead, ch, s, s))
+        assert out["features"].shape == (*lead, bb.spec.feature_dim)
+
+
+def _poison_from(epoch: int):
+    import lightning as L
+
+    class Poison(L.Callback):  # NaN validation outputs from ``epoch`` on: that epoch is never selected
+        def on_validation_epoch_start(self, trainer, module):
+            self.hook = None
+            if trainer.current_epoch + module.epoch_offset >= epoch:
+                self.hook = module.model.head.register_forward_hook(
+                    lambda m, i, out: {k: v * float("nan") for k, v in out.items()}
+                )
+
+        def on_validation_epoch_end(self, trainer, module):
+            if self.hook is not None:
+                self.hook.remove()
+
+    return Poison()
+
+
+def test_a_resume_keeps_batchnorm_counters_of_the_selected_epoch(data, tmp_path):
+    """The selected epoch was in the session before the cut, so a resume reads its weights back from a
+    checkpoint (whose fer-minixception layout has no num_batches_tracked): they used to come back 0."""
+    from mtaffect.train.fit import fit
+
+    train, val = load_split(data, "train"), load_split(data, "val")
+    c = cfg(backbone={"mode": "finetune"}, model={"recipe": "emotinet", "hparams": {"joint": True}},
+            trainer={"epochs": 2})  # fmt: skip
+    whole = fit(c, data, train, val, tmp_path / "whole", callbacks=[_poison_from(1)], log=None)
+    with pytest.raises(_Crash):
+        fit(c, data, train, val, tmp_path / "cut", callbacks=[_crash_at(1), _poison_from(1)], log=None)
+    resumed = fit(c, data, train, val, tmp_path / "cut", resume=True, callbacks=[_poison_from(1)], log=None)
+    assert whole.best_epoch == resumed.best_epoch == 0
+    a, b = _state(whole.model), _state(resumed.model)
+    counters = [k for k in a if k.endswith("num_batches_tracked")]
+    assert counters and all(int(a[k]) > 0 for k in counters)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -715,3 +715,56 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
 
     with pytest.raises(CheckpointError, match=r"reads the features of \['au'\]"):  # no source computes them
         save_ensemble(tmp_path / "ensemble", {"m": best}, {"au": "m", "expr": "m", "va": "m"})
+
+
+# ---- issue 20 item 10: validation labels with nothing to score ---------------------------------------------
+@pytest.mark.parametrize("content", ["header", "cr-header", "no-label"])
+def test_a_validation_file_with_no_row_to_score_is_an_error_unless_asked(dataset, tmp_path, content):
+    """A header-only (or CR-only header, or all-labels-missing) validation file used to train without
+    selection, exit 0 and best/ with best_epoch -1: now exit 2 naming the file, best/ never written;
+    --no-validation trains without it on purpose."""
+    from typer.testing import CliRunner
+
+    from mtaffect.cli import app
+    from mtaffect.data.annotations import write_annotations
+    from mtaffect.schema import OFFICIAL_HEADER
+
+    store, train, val = dataset
+    root = tmp_path / "root"
+    write_annotations(train, root / "training_set_annotations.txt")
+    val_file = root / "validation_set_annotations.txt"
+    if content == "header":
+        val_file.write_text(OFFICIAL_HEADER + "\n")
+    elif content == "cr-header":
+        val_file.write_bytes((OFFICIAL_HEADER + "\r").encode())
+    else:
+        frame = val.frame.copy()
+        frame[["valence", "arousal"]] = -5
+        frame["expression"] = -1
+        frame[[c for c in frame.columns if c.startswith("AU")]] = -1
+        write_annotations(LabelTable.from_frame(frame), val_file)
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text("model: {recipe: tiny-test}\ntrainer: {epochs: 1, patience: 0}\ndata: {batch_size: 64}\n")
+    args = ["train", "--config", conf, "--features", store, "--data", root, "--out", tmp_path / "run",
+            "--no-progress"]  # fmt: skip
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 2, r.output
+    assert str(val_file) in r.output and "no validation row to score" in r.output
+    assert "--no-validation" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run" / "best").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    r = CliRunner().invoke(app, [str(a) for a in [*args, "--no-validation"]])
+    assert r.exit_code == 0, r.output
+    assert "trained without validation, as asked" in r.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["trainval"] is False and metrics["rows"]["val"] is None
+    r = CliRunner().invoke(app, [str(a) for a in [*args, "--no-validation", "--trainval", "--overwrite"]])
+    assert r.exit_code == 2 and "drop --no-validation" in r.output
+
+
+def test_validation_rows_whose_every_image_failed_extraction_are_an_error(dataset):
+    from mtaffect.train.fit import NoValidationError, fit
+
+    store, train, val = dataset
+    failed = val.subset(np.array([250 - len(train)]))  # the one val row whose extraction failed
+    with pytest.raises(NoValidationError, match="image of every one failed extraction"):
+        fit(cfg(), store, train, failed, log=None)

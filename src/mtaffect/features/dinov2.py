@@ -125,8 +125,9 @@ def _from_safetensors_file(path: Path, size: str) -> Any:
             published_config(size).to_json_file(str(Path(tmp) / "config.json"))
         try:
             model, info = load_pretrained(transformers.Dinov2Model, tmp, local_files_only=True)
-        except OSError as e:
-            raise ValueError(f"{path}: not a loadable DINOv2 safetensors file ({e.__cause__ or e})") from e
+        except (OSError, ValueError) as e:  # a bad config beside it: named by its real place, not tmp
+            text = str(e.__cause__ or e).replace(str(Path(tmp) / "config.json"), str(beside))
+            raise ValueError(f"{path}: not a loadable DINOv2 safetensors file ({text})") from e
     _check_complete(info, str(path), f"use the matching size (not {size!r}) or put its config.json beside it")
     return model
 

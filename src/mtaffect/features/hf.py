@@ -141,9 +141,14 @@ def load_pretrained(
     """
     local = Path(src).is_dir()
     offline = resolve_offline(src, local_files_only)
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = load_config(model_cls, src, revision=revision, local_files_only=offline,
+                             trust_remote_code=kwargs.get("trust_remote_code"))  # fmt: skip
     try:
         model, info = model_cls.from_pretrained(
             src,
+            config=config,
             revision=revision,
             local_files_only=offline,
             use_safetensors=True,
@@ -152,7 +157,91 @@ def load_pretrained(
         )
     except (OSError, ValueError) as e:
         raise _load_error(src, local, offline, e) from e
+    except _CONFIG_ERRORS as e:  # a config that passed the checks but does not build this model
+        raise ValueError(f"{_config_name(src, local)}: {_one_line(e)}") from e
+    except RuntimeError as e:  # only the weights-do-not-fit-the-config kind (never e.g. out of memory)
+        if "mismatched_sizes" not in str(e):
+            raise
+        raise ValueError(
+            f"{_config_name(src, local)} does not describe the weights beside it (their shapes differ from "
+            "the ones it gives); use the config.json the weights were saved with"
+        ) from e
     return model, info
+
+
+#: What transformers (and huggingface_hub's strict config dataclasses) raise on an ill-typed or
+#: inconsistent config, beside OSError/ValueError: a zero head count divides by zero, a string size
+#: fails validation, an unknown activation is a KeyError.
+_CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    TypeError, ArithmeticError, KeyError, IndexError, AttributeError,
+)  # fmt: skip
+try:  # huggingface_hub >= 1.0: configs are strict dataclasses validated field by field
+    from huggingface_hub.errors import StrictDataclassError
+
+    _CONFIG_ERRORS = (*_CONFIG_ERRORS, StrictDataclassError)
+except ImportError:  # pragma: no cover - older huggingface_hub
+    pass
+
+#: Sizes a vision config must give as positive integers (when it has them).
+_POSITIVE_INTS = (
+    "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size",
+    "image_size", "num_channels", "embed_dim", "embedding_size",
+)  # fmt: skip
+
+
+def _config_name(src: str, local: bool) -> str:
+    return str(Path(src) / "config.json") if local else f"{src} (config.json)"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def check_config(config: Any, where: str) -> None:
+    """Refuse sizes that would fail deep inside the model's constructor (a ZeroDivisionError, a tensor of
+    negative size, weights silently reinitialised): each must be a positive integer, and the heads must
+    divide the hidden size. The message names the key."""
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    for key in _POSITIVE_INTS:
+        v = values.get(key)
+        if v is None:  # absent, or left for the model to derive
+            continue
+        items = v if isinstance(v, list | tuple) else [v]
+        if not items or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in items):
+            raise ValueError(f"{where}: {key} must be a positive integer (or a list of them), got {v!r}")
+    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
+    explicit = values.get("head_dim") or values.get("attention_head_size")  # heads need not divide then
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads and not explicit:
+        raise ValueError(
+            f"{where}: num_attention_heads ({heads}) must divide hidden_size ({hidden}): each head gets "
+            "hidden_size / num_attention_heads channels"
+        )
+    act = values.get("hidden_act")
+    if isinstance(act, str):
+        from transformers.activations import ACT2FN
+
+        if act not in ACT2FN:
+            raise ValueError(f"{where}: hidden_act {act!r} is not an activation transformers knows")
+
+
+def load_config(
+    model_cls: Any, src: str, *, revision: str | None, local_files_only: bool, trust_remote_code: Any = None
+) -> Any:
+    """The model's config (``config.json``), read and checked before any weights: a bad value is a
+    ValueError naming the file and the key, not a traceback from inside transformers."""
+    transformers = import_transformers()
+    local = Path(src).is_dir()
+    where = _config_name(src, local)
+    config_cls = getattr(model_cls, "config_class", None) or transformers.AutoConfig
+    kw = {} if trust_remote_code is None else {"trust_remote_code": trust_remote_code}
+    try:
+        config = config_cls.from_pretrained(src, revision=revision, local_files_only=local_files_only, **kw)
+    except (OSError, ValueError) as e:
+        raise _load_error(src, local, local_files_only, e) from e
+    except _CONFIG_ERRORS as e:
+        raise ValueError(f"{where}: {_one_line(e)}") from e
+    check_config(config, where)
+    return config
 
 
 def source_config(src: str, revision: str | None) -> dict[str, Any]:

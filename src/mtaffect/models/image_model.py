@@ -154,9 +154,11 @@ class ImageMTLModel(MTLModel):
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             out = self.backbone(flat, tokens="tokens" in self.head.inputs)
-        arrays = {"features": out.features.reshape(*lead, -1)}
+        # sizes spelled out: a batch whose every image failed to decode has 0 rows, and -1 cannot be
+        # inferred from 0 elements
+        arrays = {"features": out.features.reshape(*lead, out.features.shape[-1])}
         if out.logits is not None:
-            arrays["logits"] = out.logits.reshape(*lead, -1)
+            arrays["logits"] = out.logits.reshape(*lead, out.logits.shape[-1])
         if out.tokens is not None:
             arrays["tokens"] = out.tokens.reshape(*lead, *out.tokens.shape[1:])
         return arrays

@@ -100,6 +100,14 @@ def train(
             "(how final test models are made).",
         ),
     ] = False,
+    no_validation: Annotated[
+        bool,
+        typer.Option(
+            "--no-validation",
+            help="Train on the train split without validation or selection (the last epoch's model); "
+            "without it, a validation file with no row to score is an error.",
+        ),
+    ] = False,
     step: Annotated[
         list[str] | None,
         typer.Option(
@@ -121,13 +129,19 @@ def train(
     cfg = _config(config, override, progress)
     main, named = split_features(features)
     if cfg.pipeline.enabled:
+        if no_validation:
+            raise ValueError(
+                f"--no-validation applies to single runs; {cfg.source} is a pipeline (its combined model is "
+                "selected on validation): use --trainval to train it without validation"
+            )
         _train_pipeline(cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code)
         return
     if step:
         raise ValueError(f"--step applies to pipeline configs; {cfg.source} has no pipeline section")
     source = _training_data(cfg, main, data)
     result = fit_from_root(
-        cfg, source, data, out, trainval=trainval, overwrite=overwrite, resume=resume, log=_log,
+        cfg, source, data, out, trainval=trainval, validation=not no_validation, overwrite=overwrite,
+        resume=resume, log=_log,
         trust_remote_code=trust_remote_code, stores=named or None,
     )  # fmt: skip
     if result.rank != 0:  # under DDP only rank 0 reports (and writes)

@@ -5,6 +5,8 @@ a :class:`TrainResult`; with ``out`` it also writes the run folder::
 
     out/config.yaml               the resolved config
     out/run.json                  the inputs: store images_sha256 + fingerprint, annotations' sha256
+                                  (from images: the digest of the image files, store.images.sha256)
+    out/images.sha256             from images: each image's sha256, size, mtime (names a changed one)
     out/best/                     checkpoint (model.safetensors + config.json) of the selected epoch,
                                   rewritten each time the final stage improves
     out/metrics.json              best P and its terms, the tasks scored, per-stage summaries, the full
@@ -25,7 +27,9 @@ Robustness: a validation epoch with NaN/inf predictions is recorded and never se
 then ends the stage); the best weights reach the disk each time they improve; after every epoch the
 whole training state is saved, so ``resume=True`` continues an interrupted stage from its last epoch
 and ends bit-identical to an uninterrupted run (CPU). ``resume`` refuses a run folder trained on other
-inputs (store or annotations) or with another config. Nothing is ever unpickled.
+inputs (store, annotations, or images whose bytes changed) or with another config. Nothing is ever
+unpickled. Validation labels of which no row can be scored are an error (:class:`NoValidationError`);
+``val=None`` trains without validation on purpose.
 
 Under DDP (``trainer.strategy: ddp``, ``devices``, ``num_nodes``; or ``torchrun``) every process runs
 :func:`fit`; each rank loads and trains only its share of the rows, torch threads are divided among
@@ -63,6 +67,7 @@ from mtaffect.metrics import terms_of, terms_row
 from mtaffect.models.base import TASKS, MTLModel, Stage
 from mtaffect.models.checkpoint import load_weights
 from mtaffect.models.losses import MTLLoss
+from mtaffect.persist import write_json
 from mtaffect.train.config import ConfigError, StageSettings, TrainConfig
 from mtaffect.train.data import MTLDataModule, cpus_per_process
 from mtaffect.train.module import MTLModule, apply_stage
@@ -73,13 +78,37 @@ from mtaffect.train.run import (
     prepare_out,
     save_model,
     stage_dir,
-    write_json,
 )
-from mtaffect.train.state import EpochState, capture_rng, data_source, run_identity, stage_seed, write_run
+from mtaffect.train.state import (
+    EpochState,
+    capture_rng,
+    data_source,
+    read_run,
+    run_identity,
+    stage_seed,
+    write_run,
+)
 
 
 class TrainingDivergedError(ValueError):
     """No validation epoch of the run was finite: there is no model worth saving."""
+
+
+class NoValidationError(ValueError):
+    """Validation labels were given but not one row of them can be scored: selecting on nothing would
+    pass for a trained model (a run without validation is asked for with ``val=None``/--no-validation)."""
+
+
+def _no_validation(val: LabelTable, rows: int, labelled: int, excluded: int) -> str:
+    where = val.source or "the validation labels"
+    if labelled == 0:
+        what = "no data rows" if rows == 0 else f"{rows} rows but not one label"
+    else:
+        what = f"{labelled} labelled rows, but the image of every one failed extraction or is missing"
+    return (
+        f"{where}: no validation row to score: it holds {what}; check the file (its line ends and header), "
+        "or train without validation on purpose (train --no-validation; in Python fit(..., val=None))"
+    )
 
 
 @dataclass
@@ -98,7 +127,7 @@ class TrainResult:
     not_selected: tuple[str, ...] = ()  # tasks the config left out (trainer.tasks), labels or not
     stages: list[dict] = field(default_factory=list)  # per-stage summaries
     rank: int = 0  # global rank of this process (only rank 0 writes and prints)
-    trainval: bool = False
+    trainval: bool = False  # trained on train + val (fit_from_root(trainval=True)), no selection
 
     @property
     def absent_tasks(self) -> tuple[str, ...]:
@@ -118,7 +147,8 @@ class TrainResult:
         if not m:
             if self.trainval:
                 return f"trained on train + val without selection ({self.seconds:.1f}s): nothing scored"
-            return "no validation set: nothing scored"
+            return (f"trained without validation, as asked ({self.seconds:.1f}s): the last epoch's model, "
+                    "nothing scored")
         label = {"va": "CCC_VA", "expr": "F1_EXPR", "au": "F1_AU"}
         t = terms_of(m)
         parts = " + ".join(f"{label[k]} {t[k]:.4f}" for k in ("va", "expr", "au") if k in self.tasks)
@@ -471,6 +501,7 @@ def fit(
     stores: Any = None,
     only_stages: Sequence[str] | None = None,
     reuse: Mapping[str, str | os.PathLike] | None = None,
+    trainval: bool | None = None,
 ) -> TrainResult:
     """Train ``config``'s recipe on ``store`` rows labelled by ``train``; select on ``val``.
 
@@ -482,6 +513,11 @@ def fit(
     (``trust_remote_code``: see :func:`build_training`). ``stores`` (``{name: store}``) adds named
     feature stores whose arrays the recipe reads as ``features@<name>`` (their image list must be the
     main store's; with images, they must hold every labelled image).
+
+    ``val=None`` trains without validation (the last epoch's model); validation labels of which not one
+    row can be scored are a :class:`NoValidationError`, never a silent run without selection.
+    ``trainval`` (recorded in metrics.json) says ``train`` holds the validation rows too (default: when
+    ``val`` is None).
     """
     t0 = time.perf_counter()
     named = named_stores(stores)
@@ -491,14 +527,15 @@ def fit(
         return _fit(config, data, train, val, Path(out) if out is not None else None, world, t0,
                     overwrite=overwrite, resume=resume, callbacks=callbacks, log=log,
                     trust_remote_code=trust_remote_code, stores=named, only_stages=only_stages,
-                    reuse={k: Path(v) for k, v in (reuse or {}).items()})  # fmt: skip
+                    reuse={k: Path(v) for k, v in (reuse or {}).items()},
+                    trainval=val is None if trainval is None else trainval)  # fmt: skip
 
 
 def _fit(
     config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
     world: World, t0: float, *, overwrite: bool, resume: bool, callbacks: Sequence, log: Any,
     trust_remote_code: bool = False, stores: StoreSet | None = None, only_stages: Sequence[str] | None = None,
-    reuse: Mapping[str, Path] | None = None,
+    reuse: Mapping[str, Path] | None = None, trainval: bool = False,
 ) -> TrainResult:  # fmt: skip
     rank0 = world.rank == 0
     reuse = dict(reuse or {})
@@ -507,10 +544,21 @@ def _fit(
         if rank0 and log:
             log(msg)
 
+    if val is not None and not val.any_label_mask.any():
+        raise NoValidationError(_no_validation(val, len(val), 0, 0))
+    images = None  # training from images: the image files' digest (rank 0, with a run folder)
     if out is not None:
         identity = run_identity(data_source(data, stores), train, val)
         if reuse:  # recorded, so a resumed run says where its reused stages came from
             identity["reused"] = {k: str(v) for k, v in reuse.items()}
+        if rank0 and config.from_images:
+            images = _image_set(data, train, val)
+            # beside images_sha256 (which check_identity compares, and callers such as the pipeline's
+            # kept-step check build without hashing): checked here, naming the first changed image
+            identity["store"] = {**identity["store"], "images": images.summary()}
+            saved_run = read_run(out) if resume else None
+            if saved_run is not None:  # before prepare_out: this check names the first changed image
+                images.check_resume(out, saved_run.get("store") or {})
         if rank0:  # other ranks start (Lightning's launcher) once rank 0 has prepared the folder
             prepare_out(out, overwrite, resume, config, identity)
     saved = EpochState.load(out) if resume and out is not None else None
@@ -525,6 +573,12 @@ def _fit(
         f"excluded {excl} whose image failed extraction" + (" or is missing" if config.from_images else "")
     )
     if dm.train_report.labelled and len(dm.train_set) == 0:
+        missing = list(getattr(dm, "missing", []))
+        if config.from_images and missing:
+            raise FileNotFoundError(
+                f"{dm.folder}: none of the {dm.train_report.labelled} labelled training images is there "
+                f"(e.g. {', '.join(missing[:3])}); check --data"
+            )
         raise ValueError("no training row: the training labels match no valid image of the store")
     labelled_tasks = present_tasks(dm)
     present = tuple(t for t in labelled_tasks if t in config.trainer.tasks)
@@ -534,6 +588,10 @@ def _fit(
             f"training rows have a label for (labelled: {list(labelled_tasks)})"
         )
     validate = dm.val_set is not None and len(dm.val_set) > 0
+    if val is not None and not validate:  # e.g. every validation image failed extraction or is missing
+        r = dm.val_report
+        raise NoValidationError(_no_validation(val, len(val), r.labelled if r else 0,
+                                               r.excluded_invalid if r else 0))  # fmt: skip
     a = dm.train_labels
     loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1), np.where(a.expr_mask, a.expr, -1))
     plan = plan_stages(model, config, present, say, labelled_tasks)
@@ -546,6 +604,8 @@ def _fit(
         with atomic_open(out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         write_run(out, identity)
+        if images is not None:
+            images.write(out)
     history: list[dict] = list(saved.history) if saved else []
     summaries: list[dict] = list(saved.stages) if saved else []
     if saved is not None:
@@ -598,7 +658,8 @@ def _fit(
             resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
         )  # fmt: skip
         if mid is not None and module.best_epoch >= 0 and out is not None:
-            module.best_state = training.weights(stage_dir(out, k, stage))
+            saved_best = training.weights(stage_dir(out, k, stage))
+            module.best_state = _with_counters(saved_best, module.best_counters)
         if remaining > 0:
             with _quiet_lightning():
                 trainer.fit(module, datamodule=dm)
@@ -645,7 +706,26 @@ def _fit(
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    return _finish(config, training, out, world, t0, history, summaries, selected, present, validate)
+    return _finish(config, training, out, world, t0, history, summaries, selected, present, validate,
+                   trainval and not validate)
+
+
+def _with_counters(state: dict[str, torch.Tensor], counters: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """``state`` (read from a checkpoint) with the integer buffers the selection recorded: a checkpoint
+    may leave BatchNorm's ``num_batches_tracked`` out, which would come back as 0 after a resume."""
+    for key, value in counters.items():
+        if key in state:
+            state[key] = torch.full_like(state[key], int(value))
+    return state
+
+
+def _image_set(root: Path, train: LabelTable, val: LabelTable | None) -> Any:
+    """The images a run from images reads (every one its annotations name), hashed: see
+    :mod:`mtaffect.train.images.digest`."""
+    from mtaffect.schema import CROPPED_DIR
+    from mtaffect.train.images.digest import ImageSet, image_names
+
+    return ImageSet.scan(Path(root) / CROPPED_DIR, image_names([train, val]))
 
 
 def select_tasks(config: TrainConfig, stage_tasks: tuple[str, ...]) -> tuple[str, ...]:
@@ -687,6 +767,7 @@ def _decode_failures(dm: Any) -> dict:
 def _finish(
     config: TrainConfig, training: Training, out: Path | None, world: World, t0: float, history: list[dict],
     summaries: list[dict], selected: dict | None, present: tuple[str, ...], validate: bool,
+    trainval: bool = False,
 ) -> TrainResult:  # fmt: skip
     """Write best/ and val_predictions.parquet where the final stage's recorder has not, and metrics.json
     (rank 0); build the result."""
@@ -705,7 +786,7 @@ def _finish(
               "train_units": len(dm._all_train),
               "in_memory": bool(dm.source.in_memory) if dm.source else None,
               **_decode_failures(dm)},
-        tasks=present, stages=summaries, rank=world.rank, trainval=not validate and dm.val_labels is None,
+        tasks=present, stages=summaries, rank=world.rank, trainval=trainval,
         not_selected=tuple(t for t in TASKS if t not in config.trainer.tasks),
     )  # fmt: skip
     # with validation a diverged stage falls back to its best (or starting) weights; without, nothing can
@@ -743,20 +824,32 @@ def _finish(
 
 def fit_from_root(
     config: TrainConfig, features: str | os.PathLike, data: str | os.PathLike,
-    out: str | os.PathLike | None = None, *, trainval: bool = False,
+    out: str | os.PathLike | None = None, *, trainval: bool = False, validation: bool = True,
     **kw: Any,
 ) -> TrainResult:  # fmt: skip
     """:func:`fit` on the official train/val splits of a dataset root.
 
     ``trainval``: refit on train + val for the configured epochs with no selection (no validation, no
     early stopping; the model is the last epoch's), as the published final test models were made.
+    ``validation=False``: train on the train split alone without validation (the val split is not
+    read); otherwise a val split with no row to score is an error (:class:`NoValidationError`).
     """
     from mtaffect.data.annotations import load_split
 
-    train, val = load_split(data, "train"), load_split(data, "val")
+    if trainval and not validation:
+        raise ValueError(
+            "--trainval already trains without validation (on train + val); drop --no-validation"
+        )
+    train = load_split(data, "train")
+    if not validation:
+        return fit(config, features, train, None, out, trainval=False, **kw)
+    val = load_split(data, "val")
     if trainval:
-        return fit(config, features, LabelTable.concat([train, val]), None, out, **kw)
+        return fit(config, features, LabelTable.concat([train, val]), None, out, trainval=True, **kw)
     return fit(config, features, train, val, out, **kw)
 
 
-__all__ = ["TrainResult", "TrainingDivergedError", "build_model", "fit", "fit_from_root", "resolve_world"]
+__all__ = [
+    "NoValidationError", "TrainResult", "TrainingDivergedError", "build_model", "fit", "fit_from_root",
+    "resolve_world",
+]  # fmt: skip

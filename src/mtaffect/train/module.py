@@ -146,6 +146,9 @@ class MTLModule(L.LightningModule):
         self.best_score = sel["best_score"] if sel.get("best_score") is not None else -math.inf
         self.best_epoch: int = sel.get("best_epoch", -1)
         self.best_metrics: dict | None = sel.get("best_metrics")
+        # the best weights' integer buffers (BatchNorm num_batches_tracked): a checkpoint may leave them
+        # out (fer-minixception's file layout), so a resumed run restores them from here
+        self.best_counters: dict[str, int] = dict(sel.get("best_counters") or {})
         self.wait: int = sel.get("wait", 0)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_predictions: dict[str, np.ndarray] | None = None
@@ -182,7 +185,27 @@ class MTLModule(L.LightningModule):
             if self.resume.rng is not None:
                 restore_rng(*self.resume.rng)
 
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _start_epoch(self, phase: str) -> None:
+        dm = self._datamodule()
+        if hasattr(dm, "start_epoch"):
+            dm.start_epoch(phase)
+
+    def _check_decoded(self, phase: str) -> None:
+        """Stop the run when not one input of this epoch's ``phase`` could be read (training from images:
+        every image unreadable), before the epoch is recorded or its weights saved."""
+        dm = self._datamodule()
+        if not hasattr(dm, "epoch_counts"):
+            return
+        counts = _gather(dm.epoch_counts(phase))
+        decoded, read = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        if read and not decoded:
+            raise dm.unreadable_error(phase, read, self.epoch)
+
     def on_train_epoch_start(self) -> None:
+        self._start_epoch("train")
         self.model.train()  # Lightning keeps the modules' modes as it found them: set them explicitly
         set_frozen_eval(self.model)
 
@@ -211,6 +234,7 @@ class MTLModule(L.LightningModule):
         return _finite(float(torch.stack(self._train_loss).mean())) if self._train_loss else None
 
     def on_train_epoch_end(self) -> None:
+        self._check_decoded("train")
         train_loss = self._epoch_train_loss()
         if train_loss is not None:
             self.log("train/loss_epoch", train_loss)
@@ -226,11 +250,14 @@ class MTLModule(L.LightningModule):
 
     # ---- validation -------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        self._start_epoch("val")
         self.metric.reset()
         self._preds = []
         self._nonfinite = 0
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        if batch["index"].shape[0] == 0:  # every image of the batch failed to decode: nothing to score
+            return
         out = self.model(batch)
         va = out["va"].float()
         expr = torch.softmax(out["expr"].float(), -1)
@@ -271,6 +298,8 @@ class MTLModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
+        self._check_decoded("train")  # the epoch's training ran before (nothing read when validating alone)
+        self._check_decoded("val")
         gathered = _gather((self.metric.state_dict(), self._nonfinite))
         nonfinite = sum(n for _, n in gathered)
         self._validated = self.current_epoch
@@ -299,6 +328,8 @@ class MTLModule(L.LightningModule):
                 self.best_score, self.best_epoch = score, self.epoch
                 self.best_metrics = result.to_dict()
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_counters = {k: int(v) for k, v in self.best_state.items()
+                                      if k.endswith("num_batches_tracked")}  # fmt: skip
                 self.best_predictions = _concat(_gather(_concat(self._preds)))
                 self.wait = 0
             else:
@@ -315,7 +346,7 @@ class MTLModule(L.LightningModule):
         """What a resumed run needs to continue this stage's selection (JSON-able)."""
         return {"best_score": _finite(self.best_score) if self.best_epoch >= 0 else None,
                 "best_epoch": self.best_epoch, "wait": self.wait, "best_metrics": self.best_metrics,
-                "select_tasks": list(self.select_tasks)}  # fmt: skip
+                "select_tasks": list(self.select_tasks), "best_counters": self.best_counters}  # fmt: skip
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

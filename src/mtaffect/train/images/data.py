@@ -17,7 +17,8 @@ share). What differs:
   and counted, as a store's failed images are (the report's ``excluded_invalid``); an image that fails
   to decode later (e.g. truncated) is dropped from its batch (for windows: its step is masked), counted
   in :attr:`ImageDataModule.failures` (a run's ``metrics.json``: ``rows.failed_to_decode``) and
-  reported in a warning, never silently.
+  reported in a warning, never silently; an epoch in which not one training (or validation) image
+  decodes is an :class:`UnreadableImagesError` before anything of it is saved.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ from mtaffect.train.images.augment import Augmenter, batch_seed
 
 #: How many failed images are named one by one before only the count is reported.
 _NAMED_FAILURES = 5
+
+
+class UnreadableImagesError(ValueError):
+    """Not one image of a training or validation epoch could be decoded: training on nothing (loss 0) or
+    selecting on nothing would pass for a trained model."""
 
 
 class ImageSource:
@@ -114,6 +120,9 @@ class ImageDataModule(MTLDataModule):
         self.augment = augment
         self.missing: list[str] = []  # images absent when training started (excluded)
         self.failures: dict[str, str] = {}  # images that failed to decode during training (dropped)
+        # this epoch's images per phase ("train"/"val"): decoded, read, and the first few failures
+        self._epoch_counts: dict[str, list[int]] = {}
+        self._epoch_failed: dict[str, list[tuple[str, str]]] = {}
         self._names: list[np.ndarray] = []
         self._batch_no: dict[tuple[int, int], int] = {}
         self.stores, self.store_inputs = stores, tuple(store_inputs)
@@ -220,10 +229,36 @@ class ImageDataModule(MTLDataModule):
         failed = batch.pop("failed", [])
         batch["pixels"] = self.prepare_pixels(batch["pixels"], training)
         batch = self.float32_inputs(batch, self.store_inputs)  # named stores' rows
+        phase = "train" if training else "val"
+        counts = self._epoch_counts.setdefault(phase, [0, 0])
+        counts[0] += int(ok.sum())
+        counts[1] += int(ok.numel())
         if failed:
             self._note_failures(failed)
+            shown = self._epoch_failed.setdefault(phase, [])
+            shown.extend(failed[: max(0, 3 - len(shown))])
             batch = _drop_failed(batch, ok, training)
         return batch
+
+    def start_epoch(self, phase: str) -> None:
+        """Forget the counts of ``phase`` ("train" or "val"): a new epoch of it begins."""
+        self._epoch_counts.pop(phase, None)
+        self._epoch_failed.pop(phase, None)
+
+    def epoch_counts(self, phase: str) -> tuple[int, int]:
+        """(images decoded, images read) in this epoch of ``phase`` so far (this rank's)."""
+        decoded, read = self._epoch_counts.get(phase, (0, 0))
+        return decoded, read
+
+    def unreadable_error(self, phase: str, read: int, epoch: int) -> UnreadableImagesError:
+        """The error for an epoch of ``phase`` in which not one of ``read`` images decoded."""
+        what = "training" if phase == "train" else "validation"
+        shown = "; ".join(f"{name}: {why}" for name, why in self._epoch_failed.get(phase, []))
+        return UnreadableImagesError(
+            f"{self.folder}: not one of the {read} {what} images read in epoch {epoch} could be decoded "
+            f"(e.g. {shown or 'no reason given'}); {'training on' if phase == 'train' else 'selecting on'} "
+            "nothing would pass for a trained model: check the files (empty, truncated, not images?)"
+        )
 
     def teardown(self, stage: str) -> None:
         if len(self.failures) > _NAMED_FAILURES:
@@ -234,4 +269,4 @@ class ImageDataModule(MTLDataModule):
             )
 
 
-__all__ = ["ImageDataModule", "ImageSource"]
+__all__ = ["ImageDataModule", "ImageSource", "UnreadableImagesError"]
