@@ -280,3 +280,29 @@ def test_trust_remote_code_is_only_a_flag_and_only_where_it_means_something(synt
     out = run("predict", tmp_path / "x.jpg", "--out", tmp_path / "o", "--trust-remote-code", code=2)
     _one_error_line(out, "--trust-remote-code needs --model")
     assert "--trust-remote-code" in run("predict", "--help")
+
+
+def test_prediction_names_outside_the_dataset_are_refused_by_evaluate_and_tune(tmp_path):
+    """Issue 20, item 15: `evaluate` and `tune` refuse a prediction file naming `..` or absolute images."""
+    import numpy as np
+
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.schema import NUM_AUS, NUM_EXPR, OFFICIAL_HEADER
+
+    names = [f"v{v}/{f:05d}.jpg" for v in (1, 2, 3, 4) for f in (1, 2, 3)]
+    gt = tmp_path / "val.txt"
+    gt.write_text(OFFICIAL_HEADER + "\n" + "".join(f"{n},0.1,-0.2,{i % NUM_EXPR},{','.join(['1', '0'] * 6)}\n"
+                                                   for i, n in enumerate(names)))  # fmt: skip
+    rng = np.random.default_rng(0)
+    n = len(names) + 1
+    for bad in ("../../v1/00001.jpg", str(tmp_path / "v1" / "00001.jpg")):
+        pred = tmp_path / "p.csv"
+        PredictionTable.from_arrays([*names, bad], rng.uniform(-1, 1, n), rng.uniform(-1, 1, n),
+                                    rng.dirichlet(np.ones(NUM_EXPR), n), rng.uniform(0, 1, (n, NUM_AUS)),
+                                    ).write(pred, overwrite=True)  # fmt: skip
+        line = f"p.csv:{n + 1}: image name {bad!r}"
+        _one_error_line(run("evaluate", "--gt", gt, "--pred", pred, code=2), line, "may not leave it")
+        post = tmp_path / "post.yaml"
+        out = run("tune", "--gt", gt, "--pred", pred, "--out", post, "--no-nested", "--widths", "2", code=2)
+        _one_error_line(out, line, "may not leave it")
+        assert not post.exists()

@@ -207,3 +207,26 @@ def test_csv_round_trip_of_awkward_text_columns(tmp_path):
     assert back.frame["note"].tolist() == ['says "hi", twice', "plain"]
     assert back.frame["face"].tolist() == [0, 1]
     np.testing.assert_array_equal(back.au_probs, t.au_probs)
+
+
+@pytest.mark.parametrize("bad", ["../../secret/00001.jpg", "/etc/vid/00001.jpg", "C:\\data\\00001.jpg"])
+@pytest.mark.parametrize("kind", ["csv", "parquet", "submission"])
+def test_files_naming_images_outside_the_dataset_are_refused(tmp_path, kind, bad):
+    """Issue 20, item 15: a name that leaves the dataset folder is refused with FILE:LINE (Parquet: row)."""
+    t = make(4)
+    frame = t.frame.copy()
+    frame.loc[2, "image"] = bad
+    table = PredictionTable(frame)  # in memory, names are free (predict's are file paths)
+    if kind == "submission":
+        path = tmp_path / "sub.txt"
+        lines = [OFFICIAL_HEADER, *(f"{n},0.1,0.2,3,{','.join(['0'] * NUM_AUS)}" for n in frame["image"])]
+        path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")  # a blank line 3
+        where = f"sub.txt:5: image name {bad!r}"
+    else:
+        path = table.write(tmp_path / f"p.{kind}")
+        where = f"p.csv:4: image name {bad!r}" if kind == "csv" else f"p.parquet: row 2: image name {bad!r}"
+    with pytest.raises(PredictionError, match="may not leave it") as err:
+        PredictionTable.read(path)
+    assert where in str(err.value) and "\n" not in str(err.value)
+    reason = "has a '..' part" if bad.startswith("..") else "is an absolute path"
+    assert reason in str(err.value)

@@ -177,3 +177,58 @@ def test_tune_command_writes_yaml_and_prints_the_gain(data, tmp_path: Path):
     bad = runner.invoke(app, ["tune", "--gt", str(tmp_path / "missing.txt"), "--pred", str(paths[0]),
                               "--out", str(tmp_path / "x.yaml")])  # fmt: skip
     assert bad.exit_code == 2 and "missing.txt" in bad.output
+
+
+# ---- zero scored rows is an error, never a result (issue 20, item 12) ------------------------------------
+def _unlabelled(gt, videos: list[str] | None = None):
+    """``gt`` with every label of ``videos`` (all videos: None) set to its missing code."""
+    from mtaffect.data.annotations import LabelTable
+    from mtaffect.schema import AU_NAMES, MISSING_AU, MISSING_EXPR, MISSING_VA
+
+    frame = gt.frame.copy()
+    rows = frame["video"].isin(videos if videos is not None else gt.videos)
+    frame.loc[rows, ["valence", "arousal"]] = MISSING_VA
+    frame.loc[rows, "expression"] = MISSING_EXPR
+    frame.loc[rows, list(AU_NAMES)] = MISSING_AU
+    return LabelTable(frame, source=gt.source)
+
+
+def _tune_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test app."""
+
+    register(app)
+    return app
+
+
+@pytest.mark.parametrize("videos", [12, 1])
+@pytest.mark.parametrize("nested", [["--nested"], ["--no-nested"]])
+def test_tune_on_ground_truth_without_labels_is_an_error(data, tmp_path: Path, nested, videos):
+    gt, tables = data
+    gt = _unlabelled(gt.select_videos(gt.videos[:videos]))
+    write_annotations(gt, tmp_path / "val.txt")
+    tables[0].write(tmp_path / "m.parquet")
+    out, report = tmp_path / "post.yaml", tmp_path / "r.json"
+    args = ["tune", "--gt", tmp_path / "val.txt", "--pred", tmp_path / "m.parquet", "--out", out,
+            "--json", report, "--widths", "2", *nested]  # fmt: skip
+    result = CliRunner().invoke(_tune_app(), [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert f"val.txt: nothing to tune: it holds {len(gt)} rows but not one label (zero scored rows)" in (
+        " ".join(result.output.split())
+    )
+    assert "found 1" not in result.output and "Traceback" not in result.output
+    assert not out.exists() and not report.exists()
+
+
+def test_a_nested_half_without_labels_is_an_error(data):
+    gt, tables = data
+    tune_videos, report_videos = split_videos(gt.videos, 0.5, 0)
+    with pytest.raises(ValueError, match=rf"{len(report_videos)} held-out videos hold no label .*no-nested"):
+        tune(_unlabelled(gt, report_videos), tables[:1], space=SMALL, split_seed=0)
+    with pytest.raises(ValueError, match=rf"{len(tune_videos)} tuning videos hold no label"):
+        tune(_unlabelled(gt, tune_videos), tables[:1], space=SMALL, split_seed=0)
+    with pytest.raises(ValueError, match="it holds no data rows"):
+        tune(gt.subset(np.zeros(len(gt), dtype=bool)), tables[:1], space=SMALL, nested=False)

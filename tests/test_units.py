@@ -67,3 +67,15 @@ def test_shifted_edges_fill_the_last_window_with_real_frames_and_count_each_fram
     assert set(idx[mask].tolist()) == set(range(9))
     with pytest.raises(ValueError, match="window edge"):
         make_windows(video, frame, 3, 3, edge="wrap")
+
+
+def test_first_unsafe_name_finds_what_unsafe_name_reason_refuses():
+    from mtaffect.data.units import first_unsafe_name, unsafe_name_reason
+
+    odd = ["a/00001.jpg", "a..b/00001.jpg", "a/..00001.jpg", "ab:/1.jpg", "a/b:c/1.jpg", "", "..."]
+    assert first_unsafe_name(odd) is None  # '..' inside a part, a colon elsewhere: safe
+    for bad in ("../x/00001.jpg", "a/../../1.jpg", "a\\..\\1.jpg", "/etc/1.jpg", "\\\\srv\\1.jpg", "C:/1.jpg",
+                "c:x.jpg", ".."):  # fmt: skip
+        names = [*odd, bad, "../second.jpg"]
+        assert first_unsafe_name(names) == (len(odd), unsafe_name_reason(bad)), bad
+    assert first_unsafe_name(np.array(["v/1.jpg", "/abs/2.jpg"], dtype=object)) == (1, "is an absolute path")

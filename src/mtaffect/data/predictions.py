@@ -11,7 +11,7 @@ import csv
 import io
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
+from mtaffect.data.units import first_unsafe_name
 from mtaffect.io import atomic_path
 from mtaffect.schema import (
     AU_NAMES,
     AU_PROB_COLUMNS,
+    CROPPED_DIR,
     EXPR_PROB_COLUMNS,
     LEGACY_PROB_COLUMNS,
     NUM_AUS,
@@ -122,7 +124,9 @@ class PredictionTable:
                 df = pd.read_parquet(p)
             except Exception as exc:  # pyarrow raises several types for a damaged file
                 raise PredictionError(f"{where}: not a readable Parquet file ({exc})") from exc
-            return cls(df, source=where)
+            table = cls(df, source=where)
+            _refuse_unsafe_names(table.frame["image"], lambda i: f"{where}: row {i}")
+            return table
         text = normalise_newlines(read_text(p, "prediction table (CSV) or submission", error=PredictionError))
         first = _first_nonblank_line(text)
         if not first:
@@ -137,7 +141,9 @@ class PredictionTable:
             df = pd.read_csv(io.StringIO(text), dtype={"image": str, "video": str})
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             raise PredictionError(_csv_error(where, exc)) from None
-        return _trusted(_validate(df, where, 2), where)  # CSV rows are reported by line number
+        frame = _validate(df, where, 2)  # CSV rows are reported by line number
+        _refuse_unsafe_names(frame["image"], lambda i: f"{where}:{i + 2}")
+        return _trusted(frame, where)
 
     # ---- output ----------------------------------------------------------------------------------
     def write(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -247,6 +253,22 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
             pa_csv.write_csv(table, fh, write_options=options)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError):
         frame.to_csv(path, index=False, lineterminator="\n")
+
+
+def _refuse_unsafe_names(images: pd.Series, at: Callable[[int], str]) -> None:
+    """Refuse a prediction file naming an image outside the dataset's image folder (``..``, absolute).
+
+    Such a name never matches an annotation, yet its folder part would be taken as a video (smoothing,
+    tuning splits): a file from elsewhere is refused as the annotation reader refuses it. ``at(i)``
+    says where row ``i`` is (``FILE:LINE``).
+    """
+    found = first_unsafe_name(images)
+    if found is not None:
+        i, reason = found
+        raise PredictionError(
+            f"{at(i)}: image name {images.iloc[i]!r} {reason}; image names are relative to the dataset's "
+            f"{CROPPED_DIR}/ folder ('<video>/<frame>.jpg') and may not leave it"
+        )
 
 
 def _trusted(frame: pd.DataFrame, source: str | None) -> PredictionTable:
@@ -411,6 +433,7 @@ def _read_submission(text: str, where: str, *, has_header: bool) -> pd.DataFrame
         raise PredictionError(
             f"{where}:{lines[i]}: {_SUBMISSION_COLUMNS[j + 1]} must be {rule} (got: {rows[i][j + 1]!r})"
         )
+    _refuse_unsafe_names(pd.Series(list(cols[0]), dtype=object), lambda i: f"{where}:{lines[i]}")
     expr = values[:, 2].astype(np.int64)
     data: dict[str, object] = {"image": list(cols[0]), "valence": values[:, 0], "arousal": values[:, 1]}
     onehot = np.eye(NUM_EXPR)[expr] if len(expr) else np.zeros((0, NUM_EXPR))

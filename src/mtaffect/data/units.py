@@ -43,6 +43,28 @@ def unsafe_name_reason(name: str) -> str | None:
     return None
 
 
+def first_unsafe_name(names: Sequence[str] | np.ndarray | pd.Series) -> tuple[int, str] | None:
+    """Position and :func:`unsafe_name_reason` of the first name that could leave the image folder.
+
+    For long tables (a million predictions): a vectorised pass keeps only the names that could be
+    unsafe (a ``..``, a leading slash or a drive colon) and :func:`unsafe_name_reason` decides on those.
+    """
+    try:  # a table's string column converts without a copy
+        arr = pa.array(names, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        arr = pa.array(pd.Series(np.asarray(names, dtype=object)).astype(str), type=pa.string())
+    arr = pc.fill_null(arr, "")
+    maybe = pc.or_(
+        pc.or_(pc.match_substring(arr, ".."), pc.starts_with(arr, "/")),
+        pc.or_(pc.starts_with(arr, "\\"), pc.equal(pc.utf8_slice_codeunits(arr, 1, 2), ":")),
+    )
+    for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)).tolist():
+        reason = unsafe_name_reason(arr[i].as_py())
+        if reason is not None:
+            return i, reason
+    return None
+
+
 #: Longest frame number read from a name: 18 digits always fit an int64 (19 may not).
 MAX_FRAME_DIGITS = 18
 
@@ -159,6 +181,7 @@ __all__ = [
     "MAX_FRAME_DIGITS",
     "WINDOW_EDGES",
     "ImageNameError",
+    "first_unsafe_name",
     "make_windows",
     "parse_image_name",
     "split_image_names",

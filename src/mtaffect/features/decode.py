@@ -12,7 +12,8 @@ decoder does as little work as the backbone needs:
   or inter-process message.
 
 Failures (missing, unreadable, truncated files) never raise: the image is left black, flagged
-``ok=False`` and the reason is returned, so one bad file cannot stop a run over 400k images.
+``ok=False`` and the reason is returned, so one bad file cannot stop a run over 400k images. Files are
+opened with :func:`open_regular`: a FIFO named like an image would block a plain ``open`` forever.
 
 Every decoded image, here and in the application (``predict.sources.read_image``), goes through
 :func:`to_8bit`, the one conversion to 8-bit RGB/L: 16-bit greyscale PNGs are scaled, not clipped.
@@ -20,9 +21,11 @@ Every decoded image, here and in the application (``predict.sources.read_image``
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Sequence
-from typing import Final
+from typing import BinaryIO, Final
 
 import numpy as np
 import PIL
@@ -52,6 +55,61 @@ def preprocessing_description(size: int, colour: str) -> dict:
     }
 
 
+class NotRegularFileError(OSError):
+    """A path where a file is expected names a FIFO, socket or device: reading it could block forever.
+
+    ``kind`` says what it is ("a FIFO (named pipe)"); the text reads ``PATH: <kind>, not a regular file``.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+        super().__init__(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+        self.kind = kind
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages and failed.csv."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for binary reading, only when it is a regular file.
+
+    Opened non-blocking and checked on the open descriptor (no check-then-open race), so a FIFO
+    never blocks: anything but a regular file raises :class:`NotRegularFileError` (a folder:
+    :class:`IsADirectoryError`), a user-fixable :class:`OSError` naming the path.
+    """
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX: opening a FIFO never waits for a writer
+    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket (or a device without its driver) cannot be opened
+            try:
+                kind = _file_kind(os.stat(path).st_mode)
+            except OSError:
+                kind = "a special file"
+            raise NotRegularFileError(path, kind) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, _file_kind(mode))
+        if nonblock:
+            os.set_blocking(fd, True)  # reads of a regular file as usual
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class ImageDepthError(ValueError):
     """An image whose pixel values have no known 8-bit equivalent (float, or integers beyond 16 bits)."""
 
@@ -64,17 +122,23 @@ def to_8bit(im: Image.Image, mode: str) -> Image.Image:
     """``im`` as an 8-bit ``mode`` ("RGB" or "L") image; the one conversion every decoded image takes.
 
     Pillow's ``convert`` clips 16-bit greyscale values to 255, which turns a 16-bit PNG white; here they
-    are scaled (``v * 255 / 65535``, rounded). 16-bit colour PNGs already open as 8-bit RGB. Float
-    images and integer images beyond 16 bits have no known range: :class:`ImageDepthError`.
+    are scaled (``v * 255 / 65535``, rounded). Mode ``I`` (32-bit integers, e.g. an integer TIFF) does
+    not say its depth: values within 0..255 are 8-bit and kept (scaling them as 16-bit would give a
+    black image), larger ones up to 65535 are 16-bit and scaled. 16-bit colour PNGs already open as
+    8-bit RGB. Float images and integers beyond 16 bits have no known range: :class:`ImageDepthError`.
     """
     if im.mode in _SIXTEEN_BIT or im.mode == "I":
         values = np.asarray(im)
-        if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        top = int(values.max()) if values.size else 0
+        if im.mode == "I" and values.size and (values.min() < 0 or top > 65535):
             raise ImageDepthError(
-                f"a 32-bit integer image (values {values.min()}..{values.max()}) has no known 8-bit "
+                f"a 32-bit integer image (values {values.min()}..{top}) has no known 8-bit "
                 "equivalent; save it as an 8- or 16-bit PNG or a JPEG"
             )
-        scaled = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        if im.mode == "I" and top <= 255:  # 32-bit container of 8-bit values: already 0..255
+            scaled = values.astype(np.uint8)
+        else:
+            scaled = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
         im = Image.fromarray(scaled, "L")
     elif im.mode == "F":
         raise ImageDepthError("a 32-bit float image has no known 8-bit equivalent; save it as PNG or JPEG")
@@ -86,7 +150,7 @@ def decode_image(path: str | os.PathLike, size: int, mode: str) -> np.ndarray:
 
     Non-square images are resized to the square (aligned crops are square already).
     """
-    with Image.open(path) as im:
+    with open_regular(path) as fh, Image.open(fh) as im:
         if im.format == "JPEG":
             # Largest DCT scaling whose result is still >= size: never upsampled, then resized below.
             im.draft(mode, (size, size))
@@ -115,6 +179,8 @@ def failure_reason(exc: BaseException) -> str:
     """A short, stable, one-line reason for failed.csv."""
     if isinstance(exc, FileNotFoundError):
         return "missing file"
+    if isinstance(exc, NotRegularFileError):
+        return f"not a regular file: {exc.kind}"
     if isinstance(exc, IsADirectoryError | PermissionError):
         return f"cannot open: {type(exc).__name__}"
     if isinstance(exc, Image.UnidentifiedImageError):

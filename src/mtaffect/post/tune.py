@@ -275,6 +275,27 @@ def _score(gt: LabelTable, table: PredictionTable, pos: np.ndarray, thr: np.ndar
     )
 
 
+def _require_scored(gt: LabelTable, what: str, half: str | None = None) -> None:
+    """Raise unless ``gt`` holds a scored label (a valence, arousal, expression or AU that is not missing).
+
+    Rows whose every label is missing score nothing: a search on them "finds" the defaults and would
+    save them as a result, so zero scored rows is an error, on all videos or on either nested half.
+    """
+    if len(gt) and gt.any_label_mask.any():
+        return
+    where = gt.source or "the annotations"
+    if half is None:
+        holds = "no data rows" if len(gt) == 0 else f"{len(gt)} rows but not one label"
+        raise ValueError(
+            f"{where}: nothing to {what}: it holds {holds} (zero scored rows); check that it is the right "
+            "annotation file and that its line ends and header are intact"
+        )
+    raise ValueError(
+        f"{where}: nothing to {what}: {half} hold no label (zero scored rows); the labels are in too few "
+        "videos for a nested split: try another --split-seed, or --no-nested"
+    )
+
+
 def source_group(video: str) -> str:
     """Videos filmed together (``X_left`` / ``X_right``) share a group, so a split never separates them."""
     return re.sub(r"_(left|right)$", "", video)
@@ -433,8 +454,7 @@ def tune(
     if not tables:
         raise ValueError("tune needs at least one prediction table")
     names = list(names) if names is not None else [t.source or f"model{i + 1}" for i, t in enumerate(tables)]
-    if len(gt) == 0:
-        raise ValueError(f"{gt.source or 'the annotations'}: no labelled rows to tune on")
+    _require_scored(gt, "tune")
     video_cols = [_videos_of(t) for t in tables]
     label_videos = gt.videos
     if nested:
@@ -449,13 +469,16 @@ def tune(
         ]
 
     gt_tune, tables_tune = part(tune_videos)
+    if nested:  # each half must hold labels: a search or a score on nothing is no result
+        gt_rep, tables_rep = part(report_videos)
+        _require_scored(gt_tune, "tune", half=f"the {len(tune_videos)} tuning videos")
+        _require_scored(gt_rep, "score", half=f"the {len(report_videos)} held-out videos")
     config, details = search(gt_tune, tables_tune, space)
     inputs_tune, tune_steps, baseline = evaluate_stages(gt_tune, tables_tune, config, None, details)
     if len(tables) > 1:
         tune_steps[0].detail = f"vs best input {names[baseline]}: {tune_steps[0].detail}"
     report_steps, inputs_report = None, []
     if nested:
-        gt_rep, tables_rep = part(report_videos)
         inputs_report, report_steps, _ = evaluate_stages(gt_rep, tables_rep, config, baseline, details)
     final = config
     if refit and nested:
