@@ -65,3 +65,31 @@ def test_the_torch_engine_sees_the_shared_pyramid():
         np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
         np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+class _Saturating(TorchNets):
+    """The torch nets with O-Net's near-certain probabilities rounded as a float32 sigmoid saturates:
+    1.0 (torch), or, for the windows in ``below``, the float just under it (onnxruntime's rounding)."""
+
+    def __init__(self, below: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.below = below
+
+    def onet(self, crops):
+        prob, reg, marks = super().onet(crops)
+        prob = np.where(prob > 0.99, np.float32(1.0), prob)
+        prob[[i for i in self.below if i < len(prob)]] = np.nextafter(np.float32(1), np.float32(0))
+        return prob, reg, marks
+
+
+def test_a_saturated_probability_does_not_decide_which_box_wins():
+    """O-Net scores every window on the astronaut's face above 0.99: saturated, each engine rounds them
+    its own way (1.0 vs 0.99999994). Ranked on the raw probability, the window rounded down lost to
+    another and the face box moved by pixels; ranked on the capped probability both keep the same box."""
+    img = skimage_data.astronaut()
+    (ref,) = Cascade(_Saturating()).detect(img)
+    for below in ((0,), (0, 1), (1, 2)):
+        (got,) = Cascade(_Saturating(below)).detect(img)
+        assert len(got) == len(ref) == 1
+        np.testing.assert_allclose(got.boxes, ref.boxes, atol=1e-4)
+        np.testing.assert_allclose(got.landmarks, ref.landmarks, atol=1e-4)

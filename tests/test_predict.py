@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -374,3 +375,42 @@ def test_device_and_out_are_checked_before_any_work(media, tmp_path, monkeypatch
     a_file.write_text("mine\n")
     res = CliRunner().invoke(app, ["predict", str(media["one"]), "--out", str(a_file), "--quiet"])
     assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "mine\n"
+
+
+def test_a_folder_of_frames_starts_at_frame_0_says_it_needs_fps_and_gets_its_annotated_video(tmp_path):
+    """``ffmpeg -i clip.mp4 %05d.jpg`` numbers frames from 1: the first is frame 0 at time 0, as the
+    video's first frame is. Without --fps the times stay empty and one line says why; --video writes the
+    annotated copy (at --fps, else at the rate tracking assumed), as it does for a video."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, img in enumerate(demo_media.frames(6, faces=1)):
+        Image.fromarray(img).save(frames / f"{i + 1:05d}.jpg", quality=92)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["predict", str(frames), "--out", str(out), "--video", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "no frame rate" in res.output and "--fps" in res.output
+    table = read_table(out / "frames.csv")
+    assert table["frame"].tolist() == list(range(6)) and table["time"].isna().all()
+    with av.open(str(out / "frames_annotated.mp4")) as c:
+        s = c.streams.video[0]
+        assert (s.width, s.height) == (640, 480) and float(s.average_rate) == 25
+        assert sum(1 for _ in c.decode(s)) == 6
+    res = CliRunner().invoke(
+        app, ["predict", str(frames), "--out", str(out), "--fps", "10", "--video", "--quiet", "--overwrite"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "no frame rate" not in res.output
+    table = read_table(out / "frames.csv")
+    np.testing.assert_allclose(table["time"], np.arange(6) / 10)
+    with av.open(str(out / "frames_annotated.mp4")) as c:
+        assert float(c.streams.video[0].average_rate) == 10
+
+
+def test_the_python_api_takes_lists_of_inputs_and_names_what_it_takes(predictor, media):
+    still = media["folder"] / "b10.png"
+    df = predictor.predict([[still], (str(still),)])  # a list in a list, a tuple: inputs all the same
+    assert df["file"].tolist() == [str(still)] * 2 and (df["success"] == 1).all()
+    with pytest.raises(TypeError, match=r"None \(NoneType\) is not an input: give an image, video or folder"):
+        predictor.predict([still, None])  # before any work, not a traceback from pathlib
+    with pytest.raises(TypeError, match="inputs must be"):
+        predictor.predict(2.5)

@@ -28,6 +28,8 @@ WINDOW = 4
 #: Stores hold float16 features and `predict` computes float32 ones: probabilities agree to this.
 ATOL = 2e-3
 
+pytestmark = pytest.mark.filterwarnings("ignore:folders of frames carry no frame rate")  # no times asked
+
 
 @pytest.fixture(scope="module")
 def research(tmp_path_factory) -> dict:
@@ -50,8 +52,10 @@ def research(tmp_path_factory) -> dict:
 
 
 def _by_image(table: pd.DataFrame) -> pd.DataFrame:
-    """predict's rows keyed by the s-Aff-Wild2 image key (video, frame), PredictionTable column names."""
-    out = pd.DataFrame({"video": [Path(f).name for f in table["file"]], "frame": table["frame"].to_numpy()})
+    """predict's rows keyed by the s-Aff-Wild2 image key (video, frame), PredictionTable column names
+    (predict counts frames from 0: its frame 0 is the image 00001.jpg)."""
+    video = [Path(f).name for f in table["file"]]
+    out = pd.DataFrame({"video": video, "frame": table["frame"].to_numpy() + 1})
     pairs = [
         *zip(EXPR_P_COLUMNS, EXPR_PROB_COLUMNS, strict=True),
         *zip(AU_P_COLUMNS, AU_PROB_COLUMNS, strict=True),

@@ -29,7 +29,10 @@ from mtaffect.schema import AU_PROB_COLUMNS, BOX_COLUMNS, EXPR_PROB_COLUMNS, POS
 
 PROBS = [*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS, *VA_NAMES]
 SETTINGS = {"detect_every": 5}
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("torch_one_thread"),
+    pytest.mark.filterwarnings("ignore:folders of frames carry no frame rate"),  # frames: no times asked
+]
 
 
 @pytest.fixture(scope="module")

@@ -76,8 +76,22 @@ def test_cropped_aligned_layout_needs_recursive_and_gives_one_sequence_per_video
     src = open_source(seqs[0], fps=30)
     frames = list(src)
     assert src.info.kind == "sequence" and src.info.temporal
-    assert [f.index for f in frames] == [1, 2, 3, 10]
-    np.testing.assert_allclose([f.time for f in frames], np.array([1, 2, 3, 10]) / 30)
+    # numbered from 1, as ffmpeg and s-Aff-Wild2 number them: 00001.jpg is frame 0 at time 0, as a video's
+    # first frame is; the gap before 00010.jpg stays a gap in time
+    assert [f.index for f in frames] == [0, 1, 2, 9]
+    np.testing.assert_allclose([f.time for f in frames], np.array([0, 1, 2, 9]) / 30)
+
+
+def test_a_sequence_numbered_from_0_keeps_its_numbers_and_without_fps_has_no_times(tmp_path):
+    for f in (0, 1, 2):
+        _jpg(tmp_path / "v" / f"{f:04d}.png")
+    (seq,) = expand_inputs(tmp_path / "v")
+    assert seq.origin == 0
+    frames = list(open_source(seq))
+    assert [f.index for f in frames] == [0, 1, 2] and all(np.isnan(f.time) for f in frames)
+    resumed = open_source(seq, fps=10)
+    resumed.after = 0  # a job resumed after frame 0 (the table's frame numbers)
+    assert [(f.index, f.time) for f in resumed] == [(1, 0.1), (2, 0.2)]
 
 
 def test_subfolders_are_not_skipped_silently(tmp_path):
@@ -106,7 +120,7 @@ def test_an_unreadable_frame_is_skipped_and_listed(tmp_path):
     (tmp_path / "002.jpg").write_bytes(b"not a jpeg")
     (seq,) = expand_inputs(tmp_path)
     src = open_source(seq)
-    assert [f.index for f in src] == [1, 3]
+    assert [f.index for f in src] == [0, 2]
     assert len(src.info.unreadable) == 1 and "002.jpg" in src.info.unreadable[0][0]
 
 
@@ -244,3 +258,20 @@ def test_http_stream_and_a_stream_that_stops(clips):
         n = decode_all(src)
         assert 20 < n < 180 and src.info.decoded == n
         assert f"{n} of 200" in src.info.ended_early
+
+
+def test_lists_of_inputs_may_nest_and_what_is_no_input_is_a_type_error_naming_what_is(tmp_path):
+    a, b = _jpg(tmp_path / "a.jpg"), _jpg(tmp_path / "b.jpg")
+    assert expand_inputs([[a], (str(b),)]) == [a, b]  # a list of lists: their inputs
+    assert expand_inputs([os.fsencode(a)]) == [a]  # a path as bytes
+    clip = np.zeros((3, 8, 8, 3), np.uint8)
+    two = expand_inputs([clip, clip])  # a list of clips: one input each (they used to be stacked to 5-D)
+    assert len(two) == 2 and all(x.shape == (3, 8, 8, 3) for x in two)
+    (one,) = expand_inputs([[clip[0], clip[1]]])  # a list of frames in a list: one clip
+    assert one.shape == (2, 8, 8, 3)
+    for bad in ([a, None], [[a, 1.5]], [{"path": a}]):
+        with pytest.raises(TypeError, match=r"is not an input: give an image, video or folder path.*PIL"):
+            expand_inputs(bad)
+    for bad in (None, 1.5, {"a": a}):
+        with pytest.raises(TypeError, match=r"inputs must be an image, video or folder path.*list of these"):
+            expand_inputs(bad)

@@ -12,9 +12,12 @@ relative to the box.
 
 Pipeline details that decide borderline windows follow the original implementation: P-Net cells map
 to boxes with its (slightly narrow) window arithmetic, which later stages were trained on; boxes are
-squared before each crop; the last NMS divides by the smaller area. Resampling is approximated for
-speed: the pyramid is plain bilinear (measured to keep the reference's detections on the test photos),
-and R/O-Net crops are bilinear reads from 2x2-averaged mip levels (close to area resizing).
+squared before each crop; the last NMS divides by the smaller area. Candidates are ranked on their
+probability capped just below 1 (:func:`rank_scores`), ties in the previous stage's order: a saturated
+probability is rounded differently by each engine, and must not decide which box wins. Resampling is
+approximated for speed: the pyramid is plain bilinear (measured to keep the reference's detections on
+the test photos), and R/O-Net crops are bilinear reads from 2x2-averaged mip levels (close to area
+resizing).
 
 The pyramid is defined bit for bit by :func:`resize_bilinear`: PyTorch's uint8 bilinear kernel
 (``F.interpolate(mode="bilinear", align_corners=False)`` on x86 AVX2 / ARM NEON: int16 weights,
@@ -49,6 +52,11 @@ ONET_SIZE: Final[int] = 48
 _NMS_SPLIT = 256
 #: Above this many boxes (in one group) NMS walks the kept boxes instead of building the full matrix.
 _NMS_MATRIX_MAX = 2500
+#: Face probabilities at or above this rank as ties (logit 10.4). Near 1 a float32 probability has few
+#: values left (spacing 6e-8) and the engines' sigmoids differ there by an ulp or two (a saturated O-Net
+#: window is 1.0 in torch, 0.99999994 in onnxruntime), so their order would be the engine's rounding; tied
+#: candidates keep the order of the stage before (see :func:`rank_scores`).
+RANK_CAP: Final[float] = 1 - 2**-15
 
 
 @dataclass
@@ -256,7 +264,8 @@ def nms(
     groups: np.ndarray | None = None,
     mode: str = "union",
 ) -> np.ndarray:
-    """Greedy non-maximum suppression; indices (int64) of the kept boxes, best score first.
+    """Greedy non-maximum suppression; indices (int64) of the kept boxes, best score first (equal
+    scores in their given order: the cascade passes :func:`rank_scores`).
 
     Boxes of different ``groups`` (e.g. frames) never suppress each other. Exact greedy result,
     computed without a Python loop per box: a box is kept iff no *kept* better box overlaps it by more
@@ -273,10 +282,9 @@ def nms(
         _, starts = np.unique(groups[by_group], return_index=True)
         if len(starts) > 1:
             parts = np.split(by_group, starts[1:])
-            keep = np.concatenate(
-                [idx[_nms_one(boxes[idx], scores[idx], threshold, None, mode)] for idx in parts]
-            )
-            return keep[np.argsort(-scores[keep], kind="stable")]
+            kept = [idx[_nms_one(boxes[idx], scores[idx], threshold, None, mode)] for idx in parts]
+            keep = np.sort(np.concatenate(kept))
+            return keep[np.argsort(-scores[keep], kind="stable")]  # equal scores in their given order
     return _nms_one(boxes, scores, threshold, groups, mode)
 
 
@@ -314,6 +322,19 @@ def _nms_walk(b: np.ndarray, threshold: float, mode: str, g: np.ndarray | None) 
             hit &= g[rest] == g[i]
         remaining = rest[~hit]
     return np.concatenate(kept)
+
+
+def rank_scores(prob: np.ndarray) -> np.ndarray:
+    """The key candidates are ranked by (in NMS and in the output order): P(face) capped at
+    :data:`RANK_CAP`. Capped candidates tie, and ties keep their incoming order (stable sorts), which is
+    the previous stage's ranking: so every engine ranks the same windows first, whatever its float32
+    rounding of a saturated probability."""
+    return np.minimum(np.asarray(prob, np.float32), np.float32(RANK_CAP))
+
+
+def ranked(prob: np.ndarray) -> np.ndarray:
+    """Indices best first by :func:`rank_scores` (stable: ties in their incoming order)."""
+    return np.argsort(-rank_scores(prob), kind="stable")
 
 
 def _window_boxes(xx: np.ndarray, yy: np.ndarray, sx: float, sy: float) -> np.ndarray:
@@ -455,7 +476,7 @@ class Cascade:
         b = _square(np.asarray(boxes, np.float32).reshape(-1, 4))
         frame = np.zeros(len(b), np.int64)
         _, out_boxes, prob, marks = self._output([_Level(frame_img[None], 1.0, 1.0)], frame, b)
-        order = np.argsort(-prob, kind="stable")
+        order = ranked(prob)
         return FaceDetections(out_boxes[order], prob[order], marks[order])
 
     # -- stages --
@@ -475,7 +496,7 @@ class Cascade:
         out = [FaceDetections.empty() for _ in range(len(frames))]
         for b in np.unique(frame):
             sel = np.flatnonzero(frame == b)
-            sel = sel[np.argsort(-score[sel], kind="stable")]
+            sel = sel[ranked(score[sel])]
             out[int(b)] = FaceDetections(boxes[sel], score[sel], marks[sel])
         return out
 
@@ -491,20 +512,20 @@ class Cascade:
             sc = prob[b, yy, xx]
             off = reg[b, :, yy, xx]
             boxes = _window_boxes(xx, yy, ws / width, hs / height)
-            keep = nms(boxes, sc, 0.5, b)
+            keep = nms(boxes, rank_scores(sc), 0.5, b)
             found.append((b[keep], boxes[keep], sc[keep], off[keep]))
         if not found:
             e = np.zeros((0, 4), np.float32)
             return np.zeros(0, np.int64), e, np.zeros(0, np.float32), e
         frame, boxes, score, offsets = (np.concatenate(t) for t in zip(*found, strict=True))
-        keep = nms(boxes, score, 0.7, frame)
+        keep = nms(boxes, rank_scores(score), 0.7, frame)
         return frame[keep], boxes[keep], score[keep], offsets[keep]
 
     def _refine(self, sources: list[_Level], frame: np.ndarray, boxes: np.ndarray):
         prob, reg = self.nets.rnet(_crops(sources, frame, boxes, RNET_SIZE))
         ok = prob >= np.float32(self.thresholds[1])
         frame, boxes, prob, reg = frame[ok], boxes[ok], prob[ok], reg[ok]
-        keep = nms(boxes, prob, 0.7, frame)
+        keep = nms(boxes, rank_scores(prob), 0.7, frame)
         return frame[keep], boxes[keep], prob[keep], reg[keep]
 
     def _output(self, sources: list[_Level], frame: np.ndarray, boxes: np.ndarray):
@@ -514,7 +535,7 @@ class Cascade:
         wh = boxes[:, 2:] - boxes[:, :2]
         marks = np.stack([pts[:, :5], pts[:, 5:]], 2) * wh[:, None, :] + boxes[:, None, :2]
         boxes = _regress(boxes, reg)
-        keep = nms(boxes, prob, 0.7, frame, mode="min")
+        keep = nms(boxes, rank_scores(prob), 0.7, frame, mode="min")
         return frame[keep], boxes[keep], prob[keep], marks[keep].astype(np.float32)
 
 
@@ -547,5 +568,7 @@ __all__ = [
     "box_iou",
     "nms",
     "normalise",
+    "rank_scores",
+    "ranked",
     "resize_bilinear",
 ]

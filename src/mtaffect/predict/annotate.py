@@ -3,7 +3,8 @@
 Videos: a second streaming pass over the source (PyAV demux -> decode -> PIL draw -> encode -> mux):
 memory stays flat. Every decoded frame is written; when only every N-th frame was analysed, a frame
 shows the most recent analysed result (held, never interpolated). Output timestamps are the input's own,
-so a variable frame rate video stays in sync. The audio stream is copied as is (re-encoded to AAC when
+so a variable frame rate video stays in sync (a folder of numbered frames plays at ``--fps``,
+:func:`annotate_sequence`). The audio stream is copied as is (re-encoded to AAC when
 its codec cannot go into MP4), and a phone video's display rotation is applied to the pixels, so the
 copy plays upright everywhere (the table's boxes are in upright coordinates too). Stills: one annotated
 image per input. Every overlay is placed inside the picture, whatever the face's position.
@@ -11,6 +12,7 @@ image per input. Every overlay is placed inside the picture, whatever the face's
 
 from __future__ import annotations
 
+import math
 import os
 from fractions import Fraction
 from functools import lru_cache
@@ -234,6 +236,60 @@ def annotate_video(
                     _flush_audio(cout, aout, transcode)
     except av.error.FFmpegError as e:
         raise InputError(f"{source}: cannot write the annotated video {out} ({e})") from e
+    return out
+
+
+def annotate_sequence(
+    folder: str | os.PathLike,
+    table: pd.DataFrame,
+    out: str | os.PathLike,
+    fps: float | None = None,
+    overwrite: bool = False,
+    codec: str | None = None,
+    crf: int = 23,
+) -> Path:
+    """Write ``out`` (MP4): the numbered frames of ``folder`` (a frame sequence, numbered as
+    :class:`~mtaffect.predict.sources.FrameSequence` says) with this folder's rows of ``table`` drawn,
+    played at ``fps`` (None or NaN: :data:`~mtaffect.predict.tracking.DEFAULT_RATE`, as tracking
+    assumed). A gap in the numbering is a gap in time (the frame before it stays on screen); a frame of
+    another size is resized to the first one's; unreadable frames are left out."""
+    import av
+
+    from mtaffect.predict.sources import SequenceSource, expand_inputs
+    from mtaffect.predict.tracking import rate_or_default
+
+    folder, out = Path(folder), Path(out)
+    seq = next((s for s in expand_inputs(folder, sequences=True) if Path(str(s)) == folder), None)
+    if seq is None:
+        raise InputError(f"{folder}: not a folder of numbered frames; nothing to annotate")
+    rows = _rows_by_frame(table[table["file"] == str(folder)] if "file" in table else table)
+    keys = np.array(sorted(rows), dtype=np.int64)
+    rate = Fraction(rate_or_default(float(fps) if fps is not None else math.nan)).limit_denominator(1001)
+    codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
+    source = SequenceSource(seq)
+    width, height = source.info.width, source.info.height
+    try:
+        with atomic_path(out, overwrite=overwrite) as tmp, av.open(str(tmp), "w", format="mp4") as cout:
+            sout = cout.add_stream(codec, rate=rate)
+            sout.width, sout.height, sout.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+            sout.codec_context.time_base = 1 / rate
+            if codec == "libx264":
+                sout.options = {"crf": str(crf), "preset": "veryfast"}
+            for fr in source:
+                j = np.searchsorted(keys, fr.index, side="right") - 1  # latest analysed frame <= this one
+                img = fr.image
+                if img.shape[:2] != (height, width):
+                    img = np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
+                img = draw_faces(img, rows[int(keys[j])] if j >= 0 else None)
+                img = np.pad(img, ((0, height % 2), (0, width % 2), (0, 0)))  # yuv420p: even sides
+                of = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+                of.pts, of.time_base = fr.index, 1 / rate
+                for pkt in sout.encode(of):
+                    cout.mux(pkt)
+            for pkt in sout.encode():
+                cout.mux(pkt)
+    except av.error.FFmpegError as e:
+        raise InputError(f"{folder}: cannot write the annotated video {out} ({e})") from e
     return out
 
 

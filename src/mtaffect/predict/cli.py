@@ -142,7 +142,7 @@ def run_predict(
                 "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
                 "aligned": aligned}  # fmt: skip
     if per_file:
-        opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video and not aligned, report,
+        opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video, report,
                            report_settings=settings, model=model_identity(model))  # fmt: skip
         return _run_per_file(
             inputs, opts, kwargs, workers=workers, shard=shard, combine=combine, progress=progress,
@@ -160,9 +160,10 @@ def run_predict(
         predictor = build_predictor(kwargs, streaming_threads(), trust_remote_code)
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
                "sequences": sequences, "identity": model_identity(model)}  # fmt: skip
-        extras = {"plot": plot, "video": video and not aligned, "report": report, "overwrite": overwrite}
+        extras = {"plot": plot, "video": video, "report": report, "overwrite": overwrite}
         report_inputs: list[ReportInput] = []
         ok_count = fail_count = 0
+        said: set[str] = set()  # a note about many inputs, once
         with _progress_bar(progress) as bar:
             for arg, name, table_path in zip(inputs, names, tables, strict=True):
                 results = _run_job(predictor, arg, name, table_path, fmt, bar, job)
@@ -173,7 +174,9 @@ def run_predict(
                         )
                         report_inputs.append(ReportInput(r.info, r.table, error=r.error))
                     for msg in source_warnings(r.info):
-                        warn(msg)
+                        if msg not in said:
+                            said.add(msg)
+                            warn(msg)
                 good = [r for r in results if r.ok]
                 ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
                 if good:
@@ -526,7 +529,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--plot", help="Timeline PNG per face; annotated JPEG per still image.")
         ] = False,
         video: Annotated[
-            bool, typer.Option("--video", help="Annotated MP4 per video; annotated JPEG per still image.")
+            bool,
+            typer.Option(
+                "--video",
+                help="Annotated MP4 per video and per folder of numbered frames (at --fps); annotated JPEG "
+                "per still image.",
+            ),
         ] = False,
         report: Annotated[
             bool,

@@ -124,6 +124,12 @@ def write_extras(
             mp4 = out / f"{stem}_annotated.mp4"
             p = annotate_video(r.info.file, r.table, mp4, overwrite=replace(mp4))
             outputs.append(str(p))
+        if video and r.info.kind == "sequence":  # a folder of numbered frames: a video at --fps
+            from mtaffect.predict.annotate import annotate_sequence
+
+            mp4 = out / f"{stem}_annotated.mp4"
+            p = annotate_sequence(r.info.file, r.table, mp4, fps=r.info.fps, overwrite=replace(mp4))
+            outputs.append(str(p))
         written += outputs[1:]
         report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))
     return report_inputs, written

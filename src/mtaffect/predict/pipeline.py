@@ -82,6 +82,7 @@ from mtaffect.predict.sources import (
 from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows
 from mtaffect.predict.threads import streaming_threads
 from mtaffect.predict.tracking import (
+    DEFAULT_RATE,
     DEFAULT_REID_SECONDS,
     TRACK_MEMORY_S,
     CutDetector,
@@ -173,8 +174,15 @@ def _batched(it: Iterator, n: int) -> Iterator[list]:
 
 
 def source_warnings(info: SourceInfo) -> list[str]:
-    """What the user must hear about an input that was read only in part (ended early, bad frames)."""
+    """What the user must hear about an input: read only in part (ended early, bad frames), or a frame
+    sequence without a frame rate (its times are left empty rather than guessed: a wrong rate would time
+    every row wrongly). That note names no folder, so that it is said once however many folders."""
     out = []
+    if info.kind == "sequence" and not info.fps > 0:
+        out.append(
+            "folders of frames carry no frame rate, so their time column is empty (tracking, smoothing and "
+            f"annotated videos assume {DEFAULT_RATE:g} frames/s); give the rate with --fps (Python: fps=)"
+        )
     if info.ended_early:
         out.append(f"{info.file}: ended early: {info.ended_early}")
     if info.unreadable:

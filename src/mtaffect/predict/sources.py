@@ -16,7 +16,8 @@ What an input may be (:func:`expand_inputs` turns each into single inputs):
   ``/dev/video0`` with video4linux2 on Linux, AVFoundation on macOS), or a ``/dev/video*`` device;
 - a folder: its media files in natural order; a folder whose images all have numbered names
   (``00001.jpg``..., the s-Aff-Wild2 ``cropped_aligned/<video>/`` layout or ``ffmpeg -i v.mp4 %05d.png``)
-  is one *frame sequence* (frame numbers from the names, tracked and smoothed like a video).
+  is one *frame sequence* (tracked and smoothed like a video; frame numbers from the names, counted
+  from 0 like a video's: ``00001.jpg`` is frame 0 at time 0; times need ``fps``).
   Subfolders are searched with ``recursive=True``;
 - a ``.txt``/``.lst`` list of such paths, one a line;
 - a uint8 array, RGB (``channels="bgr"`` for OpenCV's order): (H, W, 3) one image, (N, H, W, 3) one
@@ -36,7 +37,7 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -46,7 +47,7 @@ from urllib.request import url2pathname
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mtaffect.features.decode import to_8bit
+from mtaffect.features.decode import open_regular, to_8bit
 from mtaffect.predict.orientation import first_rotation, frame_rotation, quarter_turns, upright
 
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
@@ -61,6 +62,11 @@ STREAM_SCHEMES: Final[frozenset[str]] = frozenset(
     {"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp", "mms", "hls"}
 )
 CHANNELS: Final[tuple[str, str]] = ("rgb", "bgr")
+#: What an input may be, as error messages say it.
+ACCEPTED: Final[str] = (
+    "an image, video or folder path (str or os.PathLike), a stream URL, a camera number, a uint8 RGB "
+    "array, a PIL image, or a list of these"
+)
 #: A container's frame count estimated from its duration may be off by this much (frames, or fraction).
 _ESTIMATE_SLACK: Final[tuple[int, float]] = (3, 0.01)
 
@@ -71,8 +77,9 @@ class InputError(ValueError):
 
 @dataclass
 class Frame:
-    """One analysed frame: ``index`` is its frame number (decoded-frame count from 0 for videos, the
-    number in the file name for frame sequences); ``time`` in seconds (NaN for stills)."""
+    """One analysed frame: ``index`` is its frame number, from 0 for every kind of input (the decoded-frame
+    count of a video; for a frame sequence its file's number less the numbering's origin, see
+    :class:`FrameSequence`); ``time`` in seconds (NaN for stills, and for sequences without an fps)."""
 
     index: int
     time: float
@@ -125,7 +132,15 @@ class MediaSource:
 
 @dataclass(frozen=True)
 class FrameSequence:
-    """A folder of numbered frames (``00001.jpg``...) treated as one clip; ``frames`` from the names."""
+    """A folder of numbered frames (``00001.jpg``...) treated as one clip; ``frames``: the numbers in the
+    names, sorted.
+
+    Frame numbering starts at 1 (ffmpeg's ``%05d``, s-Aff-Wild2's ``cropped_aligned/<video>/00001.jpg``),
+    or at 0 when a file is numbered 0: a frame's number is its file's less that :attr:`origin`, so that
+    a sequence's first frame is frame 0 at time 0, as a video's is, and a frame extracted from a video
+    keeps that video's frame number. Gaps in the numbering (s-Aff-Wild2 leaves out frames without a
+    face) stay gaps.
+    """
 
     folder: Path
     paths: tuple[Path, ...]
@@ -133,6 +148,11 @@ class FrameSequence:
 
     def __str__(self) -> str:
         return str(self.folder)
+
+    @property
+    def origin(self) -> int:
+        """The file number of the sequence's frame 0: 0 when a file is numbered 0, else 1."""
+        return 0 if self.frames and min(self.frames) == 0 else 1
 
 
 @dataclass(frozen=True)
@@ -210,6 +230,10 @@ def classify(item) -> object:
             return ArrayInput(pil_to_array(item), name)
     if isinstance(item, np.ndarray | FrameSequence | StreamInput | ArrayInput):
         return item
+    if isinstance(item, bytes):  # a path as the OS gives it
+        item = os.fsdecode(item)
+    if not isinstance(item, str | os.PathLike):
+        raise TypeError(f"{item!r} ({type(item).__name__}) is not an input: give {ACCEPTED}")
     if isinstance(item, str):
         scheme = urlsplit(item).scheme.lower() if "://" in item else ""
         if scheme == "file":
@@ -248,19 +272,26 @@ def expand_inputs(inputs, _depth: int = 0, *, recursive: bool = False, sequences
     with a warning. A list file (``.txt``/``.lst``: one path a line, relative to the list's folder,
     ``#`` comments) becomes its entries.
 
-    Arrays pass through: (H, W, 3) is one image, (N, H, W, 3) or a list of (H, W, 3) arrays one clip.
-    Missing paths are kept (they fail later, one by one, with a clear message).
+    Arrays pass through: (H, W, 3) is one image, (N, H, W, 3) or a list of same-sized (H, W, 3) arrays
+    one clip (a list of clips: one input each). A list may hold lists (each expanded the same way).
+    Missing paths are kept (they fail later, one by one, with a clear message); anything else that is no
+    input is a TypeError naming what is accepted, before any work.
     """
-    if isinstance(inputs, np.ndarray | str | os.PathLike | int | Image.Image | FrameSequence | StreamInput):
+    if isinstance(inputs, _SINGLE):
         items: list = [inputs]
-    elif isinstance(inputs, ArrayInput):
-        items = [inputs]
-    elif isinstance(inputs, Sequence) and inputs and all(isinstance(x, np.ndarray) for x in inputs):
-        items = [np.stack(inputs)] if len({x.shape for x in inputs}) == 1 else list(inputs)
-    else:
+    elif _is_clip(inputs):
+        items = [np.stack(inputs)]
+    elif isinstance(inputs, Iterable) and not isinstance(inputs, Mapping):
         items = list(inputs)
+    else:
+        raise TypeError(f"inputs must be {ACCEPTED}; got {type(inputs).__name__}")
     out: list = []
     for raw in items:
+        if isinstance(raw, list | tuple):  # a list in the list: its own inputs
+            if _depth > 4:
+                raise TypeError(f"inputs: lists nested too deep; give {ACCEPTED}")
+            out.extend(expand_inputs(raw, _depth + 1, recursive=recursive, sequences=sequences))
+            continue
         item = classify(raw)
         if not isinstance(item, Path):
             out.append(item)
@@ -276,6 +307,17 @@ def expand_inputs(inputs, _depth: int = 0, *, recursive: bool = False, sequences
         else:
             out.append(item)
     return out
+
+
+#: Inputs that are one input, never a list of them.
+_SINGLE = (np.ndarray, str, bytes, os.PathLike, int, Image.Image, FrameSequence, StreamInput, ArrayInput)
+
+
+def _is_clip(inputs) -> bool:
+    """Whether ``inputs`` is a list of same-sized (H, W, C) arrays: the frames of one clip."""
+    if not (isinstance(inputs, Sequence) and inputs and all(isinstance(x, np.ndarray) for x in inputs)):
+        return False
+    return inputs[0].ndim == 3 and len({x.shape for x in inputs}) == 1
 
 
 def _listdir(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -383,7 +425,7 @@ def _image_errors(name: Path | str) -> Iterator[None]:
 
 def read_image(path: Path) -> np.ndarray:
     """uint8 RGB (H, W, 3), rotated by its EXIF orientation (:func:`pil_to_array`)."""
-    with _image_errors(path), Image.open(path) as im:
+    with _image_errors(path), open_regular(path) as fh, Image.open(fh) as im:  # a FIFO never blocks
         return pil_to_array(im)
 
 
@@ -431,7 +473,10 @@ class ImageSource(MediaSource):
 
 
 class SequenceSource(MediaSource):
-    """A folder of numbered frames, read one at a time; times are ``frame / fps`` when ``fps`` is given.
+    """A folder of numbered frames, read one at a time. Frame numbers count from 0
+    (:attr:`FrameSequence.origin`); times are ``frame / fps`` when ``fps`` is given, else NaN: a folder of
+    images holds no frame rate, and a guessed one would time every row wrongly (the pipeline says so once,
+    :func:`mtaffect.predict.pipeline.source_warnings`).
 
     An unreadable frame is skipped and listed in ``info.unreadable`` (the others still count); the
     pipeline warns about it once the sequence is done (sources never warn: they may run in a thread).
@@ -462,16 +507,17 @@ class SequenceSource(MediaSource):
         raise InputError(f"{self.seq.folder}: cannot read its first frames ({errors[0]})")
 
     def __iter__(self) -> Iterator[Frame]:
+        origin = self.seq.origin
         for k in range(0, len(self.seq.paths), self.every):
-            path, number = self.seq.paths[k], self.seq.frames[k]
-            if number <= self.after:
+            path, index = self.seq.paths[k], self.seq.frames[k] - origin
+            if index <= self.after:
                 continue
             try:
                 image = self.reader(path)
             except InputError as e:
                 self.info.unreadable.append((str(path), str(e)))
                 continue
-            yield Frame(number, number / self.fps if self.fps else math.nan, image)
+            yield Frame(index, index / self.fps if self.fps else math.nan, image)
 
 
 class ArraySource(MediaSource):
