@@ -30,7 +30,7 @@ def write_store(
     path: Path, n: int, dim: int, logits: int, tokens: tuple[int, int] | None, seed: int = 0
 ) -> None:
     """A finished feature store in the documented format (see mtaffect.features.store), random values."""
-    from mtaffect.features.store import FORMAT_NAME
+    from mtaffect.persist import FEATURE_STORE
 
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def write_store(
     (tmp / "images.txt").write_text("".join(f"{x}\n" for x in names), encoding="utf-8")
     (tmp / "failed.csv").write_text("image,reason\n")
     meta = {
-        "format": FORMAT_NAME, "format_version": 1, "backbone": "random", "spec": {"name": "random"},
+        "format": FEATURE_STORE.name, "format_version": 1, "backbone": "random", "spec": {"name": "random"},
         "fingerprint": "random0", "dtype": "float16",
         "arrays": {**{k: list(v) for k, v in arrays.items()}, "valid": [n]},
         "counts": {"images": n, "valid": n, "failed": 0},

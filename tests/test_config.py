@@ -106,6 +106,15 @@ PUBLISHED = EMOTINET.parent / "progressive_published.yaml"
         (["pipeline.task_models={au: {}}"], r"enhanced.au: fuses the features of task model\(s\) \['expr'"),
         (["pipeline.enhanced.va.data.window=0"], r"enhanced.va: data.window and data.stride must be >= 1"),
         (["pipeline.export.threads=4"], r"unknown key\(s\) \['threads'\] in pipeline.export"),
+        (["optim.schedule=linear"], r"optim.schedule must be one of cosine, constant, warmup_constant, got"),
+        (["optim.decay_all=maybe"], r"optim.decay_all must be true or false"),
+        (["trainer.checkpoint_per_task=1"], r"trainer.checkpoint_per_task must be true or false"),
+        (["augment.per_frame=yes please"], r"augment.per_frame must be true or false"),
+        (["trainer.select=[au, dominance]"], r"trainer.select must list distinct tasks among .*, arousal"),
+        (["trainer.tasks=[valence]"], r"trainer.tasks must list distinct tasks among au, expr, va, got"),
+        (["optim.shedule=constant"], r"unknown key 'shedule' in section 'optim'; valid keys: .*'schedule'"),
+        (["trainer.checkpoint_per_task=true"], r"checkpoint_per_task applies to one training, not a pipe"),
+        (["pipeline.enhanced.va.trainer.checkpoint_per_task=true"], r"enhanced.va: .*checkpoint_per_task"),
     ],
 )
 def test_the_published_pipeline_config_is_checked_step_by_step(overrides, message):
@@ -127,11 +136,12 @@ def test_the_published_pipeline_config_sets_the_published_values():
     task = steps["task_expr"]
     assert task.trainer.tasks == ["expr"] and task.model.hparams["fusion_tasks"] == []
     expr, va = steps["enhanced_expr"], steps["enhanced_va"]
-    assert expr.data.window == 5 and expr.loss.weights == {"au": 1.0, "expr": 0.25, "va": 1.0}
-    assert expr.loss.va_weights == {"valence": 1.0, "arousal": 0.0} and expr.trainer.select == ["expr"]
+    assert expr.data.window == 5 and expr.loss.weights == {"au": 1.0, "expr": 1.0, "va": 1.0}
+    assert expr.loss.va_weights == {"valence": 1.0, "arousal": 0.0}
+    assert expr.trainer.select == ["au", "expr", "valence"]
     assert va.data.window == 12 and va.model.hparams["temporal"] == "lstm" and va.trainer.tasks == ["va"]
     au = steps["enhanced_au"]
-    assert au.model.hparams["temporal"] == "none" and au.trainer.tasks == ["au"]
+    assert au.model.hparams["temporal"] == "none" and au.trainer.tasks == ["au", "va"]
     assert combine_map(cfg) == {"au": "au", "expr": "expr", "va": "va"}
     import yaml
 

@@ -33,6 +33,8 @@ TINY_BACKBONE = {
         " patch_size: 14, image_size: 518}",
     ],
 }
+#: load_model(best/) below reads one checkpoint: the per-task ensemble is tested in test_published_variants
+TINY_BACKBONE["queries_gcn_published"] = [*TINY_BACKBONE["queries_gcn"], "trainer.checkpoint_per_task=false"]
 
 
 @pytest.fixture(scope="module")

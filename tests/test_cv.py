@@ -10,7 +10,7 @@ import pytest
 from test_train import cfg, make_labels, make_store
 
 from mtaffect.models.checkpoint import load_model
-from mtaffect.train.cv import cross_validate, ensemble, group_key, video_folds
+from mtaffect.train.cv import cross_validate, ensemble, fold_split, group_key, video_folds
 
 
 def _names() -> list[str]:
@@ -39,6 +39,28 @@ def test_folds_split_by_source_video_and_cover_every_row():
     assert [f.tolist() for f in video_folds(labels, 3, seed=0)] == [f.tolist() for f in folds]
     with pytest.raises(ValueError, match="at least 9 source videos"):
         video_folds(labels, 9)
+
+
+def test_fold_split_is_the_cv_assignment_and_names_its_fold():
+    """`train --fold K` and `cv` share it: fold K's validation rows are video_folds' K-th part."""
+    names = _names()
+    labels = make_labels(names, np.random.default_rng(0).normal(size=(len(names), 12)).astype(np.float32))
+    labels.source = "train.txt+val.txt"
+    for k in range(3):
+        train, val = fold_split(labels, 3, k, seed=4)
+        assert val.frame.equals(labels.subset(video_folds(labels, 3, seed=4)[k]).frame)
+        assert set(train.videos) == set(labels.videos) - set(val.videos)
+        assert len(train) + len(val) == len(labels)
+        assert val.source == f"train.txt+val.txt (fold {k} of 3, split seed 4: validation rows)"
+    with pytest.raises(ValueError, match="fold 3 does not exist: folds are numbered 0 to 2"):
+        fold_split(labels, 3, 3)
+
+
+def test_resume_is_for_pipeline_configs_only(tmp_path):
+    names = _names()
+    feats = make_store(tmp_path / "store", names)
+    with pytest.raises(ValueError, match="resume applies to pipeline configs"):
+        cross_validate(cfg(), tmp_path / "store", make_labels(names, feats), 2, tmp_path / "cv", resume=True)
 
 
 def test_ensemble_is_the_mean_of_the_models():

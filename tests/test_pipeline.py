@@ -47,6 +47,8 @@ def config(vit_folder, tmp_path_factory) -> Path:
     enh = cfg["pipeline"]["enhanced"]
     enh["expr"]["data"].update(window=4, stride=4, batch_size=16)
     enh["va"]["data"].update(window=6, stride=6, batch_size=24)
+    for step in ("au", "va"):  # steps that set their own epochs (the peer's 30)
+        enh[step]["trainer"]["epochs"] = 1
     path = folder / "published.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -88,12 +90,12 @@ def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_m
         assert m["tasks"] == [t] and m["not_trained"] == [x for x in ("au", "expr", "va") if x != t]
         assert (out / f"task_{t}" / "best" / "backbone" / "model.safetensors").is_file()
         assert len(FeatureStore.open(out / "stores" / t)) == len(collect_images(data))  # every image
-    expr = load_model(out / "enhanced_expr" / "best")  # 4-frame windows, shifted last window, fused stores
-    assert expr.window == 4 and expr.window_edge == "shift" and expr.temporal
+    expr = load_model(out / "enhanced_expr" / "best")  # 4-frame windows (the peer pads), fused stores
+    assert expr.window == 4 and expr.window_edge == "pad" and expr.temporal
     assert expr.store_inputs == ("features@au", "features@expr", "features@va")
     cfg = json.loads((out / "enhanced_expr" / "best" / "config.json").read_text())["train_config"]
-    assert cfg["loss"]["weights"]["expr"] == 0.25 and cfg["loss"]["va_weights"]["arousal"] == 0.0
-    assert cfg["trainer"]["select"] == ["expr"] and not cfg["loss"]["expr_class_weights"]
+    assert cfg["loss"]["weights"].get("expr", 1.0) == 1.0 and cfg["loss"]["va_weights"]["arousal"] == 0.0
+    assert cfg["trainer"]["select"] == ["au", "expr", "valence"] and not cfg["loss"]["expr_class_weights"]
     assert json.loads((out / "enhanced_va" / "metrics.json").read_text())["tasks"] == ["va"]
 
     # the combined model: one model per task; infer from the images reproduces the validation predictions
@@ -227,17 +229,24 @@ def test_overwrite_removes_only_what_the_pipeline_wrote(published, data, config,
     assert sorted(p.name for p in (copy / "task_au").iterdir()) == ["mine.txt"]
 
 
+def edited_dataset(data: Path, folder: Path, name: str, edit) -> Path:
+    """A dataset root in ``folder`` that links to ``data`` except its annotation file ``name``, whose
+    lines are ``edit(lines)`` (the header included)."""
+    folder.mkdir()
+    for entry in data.iterdir():
+        if entry.name != name:
+            (folder / entry.name).symlink_to(entry)
+    lines = (data / name).read_text().splitlines(keepends=True)
+    (folder / name).write_text("".join(edit(lines)))
+    return folder
+
+
 def test_combine_on_other_validation_labels_says_so(published, data, config, tmp_path):
     """`--step combine` with another --data said its (non-empty) validation file "holds no data rows"."""
     copy = tmp_path / "run"
     shutil.copytree(published[0], copy)
-    other = tmp_path / "other"
-    other.mkdir()
-    for entry in data.iterdir():
-        if entry.name != "validation_set_annotations.txt":
-            (other / entry.name).symlink_to(entry)
-    lines = (data / "validation_set_annotations.txt").read_text().splitlines(keepends=True)
-    (other / "validation_set_annotations.txt").write_text("".join(lines[: len(lines) // 2]))
+    val_file = "validation_set_annotations.txt"
+    other = edited_dataset(data, tmp_path / "other", val_file, lambda lines: lines[: len(lines) // 2])
     result = invoke("train", "--config", config, "--data", other, "--out", copy, "--step", "combine")
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and "holds no data rows" not in said, said

@@ -61,6 +61,11 @@ class MTLModel(nn.Module):
     #: Optimiser settings per submodule, ``{dotted name: {"lr": ..., "weight_decay": ...}}`` (the
     #: config's ``optim.groups``), read by :meth:`param_groups`; not part of the architecture.
     group_settings: Mapping[str, Mapping[str, float]] = {}
+    #: ``optim.decay_all``: weight decay on every parameter. A recipe's own parameters always decay
+    #: (:meth:`param_groups`); a fine-tuned backbone (:class:`~mtaffect.models.image_model.ImageMTLModel`)
+    #: otherwise spares its biases, norms and embedding tokens (its ``/no_decay`` groups), which the
+    #: training loop then decays too (:func:`mtaffect.train.module.optimizer_groups`).
+    decay_all: bool = False
 
     def stages(self) -> list[Stage]:
         """Training phases in order; the default is one joint phase over all tasks and parameters."""

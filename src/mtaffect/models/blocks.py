@@ -98,6 +98,25 @@ def topk_adjacency(nodes: torch.Tensor, k: int, self_loop: bool = True) -> torch
     return deg_inv_sqrt.unsqueeze(-1) * adj * deg_inv_sqrt.unsqueeze(-2)
 
 
+def topk_adjacency_with_self(nodes: torch.Tensor, k: int) -> torch.Tensor:
+    """ME-GraphAU's per-sample adjacency (both published recipe-1 and recipe-2 peers use it).
+
+    ``nodes`` (B, N, D) -> (B, N, N). Row i links node i to every node whose dot product with it
+    reaches the row's ``k``-th largest, the node itself a candidate like any other (so usually k
+    links, itself included; ties add links), then ``D^-1/2 A D^-1/2`` with D the row degrees. Unlike
+    :func:`topk_adjacency` there is no forced self-loop and the k links may include the node itself;
+    the similarity is detached, so no gradient flows through the choice of neighbours.
+    """
+    _, n, _ = nodes.shape
+    if not 0 < k <= n:
+        raise ValueError(f"top-k adjacency needs 0 < k <= number of nodes ({n}), got k={k}")
+    sim = nodes.detach() @ nodes.detach().transpose(1, 2)
+    threshold = sim.topk(k, dim=-1).values[..., -1:]
+    adj = (sim >= threshold).to(nodes.dtype)
+    deg_inv_sqrt = adj.sum(-1).clamp_min(1.0).rsqrt()
+    return deg_inv_sqrt.unsqueeze(-1) * adj * deg_inv_sqrt.unsqueeze(-2)
+
+
 class GraphConv(nn.Module):
     """Graph convolution ``relu(BN(A X W))`` over (B, N, D) node features (recipe 1's AU graph)."""
 
@@ -276,6 +295,21 @@ class TCNTemporal(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x.transpose(1, 2)).transpose(1, 2)
+
+
+class PlainLSTM(nn.Module):
+    """A bare ``nn.LSTM`` over a window (B, T, dim) -> (B, T, hidden): no residual, no projection, no
+    dropout between layers (the recipe-3 peer's VA model: 2 layers of 768). Causal (unidirectional)."""
+
+    causal = True
+
+    def __init__(self, dim: int, layers: int = 2, hidden: int | None = None) -> None:
+        super().__init__()
+        self.hidden = hidden or dim
+        self.lstm = nn.LSTM(dim, self.hidden, layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]
 
 
 #: Temporal module kinds accepted by :func:`create_temporal` (``"none"`` is the identity).

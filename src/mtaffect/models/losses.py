@@ -3,11 +3,12 @@
 A batch may hold no labelled row for a task (the labels are sparse): that task's loss is then an exact
 0 that still belongs to the graph (``sum() * 0``), never NaN and never an error.
 
-Fixes of the peers' bugs, kept here on purpose:
+A peer's bug fixed here on purpose: the VA loss uses the *target* mean from the targets (recipe 2's
+peer took it from the predictions) and population moments (ddof 0), as the official CCC does.
 
-- the VA loss uses the *target* mean from the targets (one peer took it from the predictions) and
-  population moments (ddof 0), as the official CCC does;
-- task weights multiply the optimised loss (one peer only applied them to the logged value).
+``weights`` multiply the optimised loss. (Recipe 3's peer names task weights in its configs but applies
+them to the logged validation loss only: its training loss is the unweighted sum, which weights 1/1/1
+reproduce.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,16 @@ them in a per-sample top-k graph and scores each node against a learnable class 
 similarity. The EXPR/VA branch is a shared trunk with a tanh VA head and EXPR logits re-weighted by
 additive attention whose query is the 12 AU probabilities. As published it trains task-sequentially
 (AU branch first, then frozen while EXPR and VA train); ``joint=True`` trains everything at once.
+
+``variant="published"`` is the peer's network (khanhnd185/MTL-ABAW4, model.py ``AMTL``, block.py):
+12 AU nodes, each ``Dense(in -> in)`` = dropout 0.5, linear, BatchNorm, ReLU (in = 1280 EfficientNet-B0
+features + its 8 scores = 1288); one graph layer ``relu(x + BN_nodes(A V(x) + U(x)))`` with the
+BatchNorm over the 12 nodes; the cosine of each node with its ReLU-ed class vector, in [0, 1], used
+directly as the AU probability (the AU output is its logit, so sigmoid gives the cosine back); EXPR =
+a linear layer whose 8 logits are the attention keys (one scalar each) and are re-weighted by additive
+attention queried by the 12 AU cosines; VA = linear, BatchNorm, tanh. It trains as the peer's three
+separate task runs: stages ``au``, ``expr`` (AU branch frozen) and ``va``, each on its own task's
+loss and selecting its own best epoch.
 """
 
 from __future__ import annotations
@@ -24,10 +34,16 @@ from mtaffect.models.blocks import (
     flatten_leading,
     require_input,
     topk_adjacency,
+    topk_adjacency_with_self,
     unflatten_leading,
 )
 from mtaffect.models.registry import register_model
 from mtaffect.schema import NUM_AUS, NUM_EXPR
+
+VARIANTS = ("ours", "published")
+#: Published variant: the cosine is clamped to [COS_EPS, 1 - COS_EPS] before its logit is taken, so the
+#: logit stays finite (the peer clamped the same way inside its loss's logarithms).
+COS_EPS = 1e-6
 
 
 class AUBranch(nn.Module):
@@ -84,6 +100,85 @@ class ExprVABranch(nn.Module):
         return self.expr_head(h) * (NUM_EXPR * alpha), torch.tanh(self.va_head(h))
 
 
+class PublishedAUBranch(nn.Module):
+    """The peer's ANFL head: per-AU Dense nodes -> one graph layer -> cosine with class vectors.
+
+    Each of the 12 node encoders is ``Dense(in, in, bn, drop=0.5, relu)`` with its own dropout mask,
+    weights and BatchNorm (as 12 separate modules); the graph layer's BatchNorm runs over the 12 nodes
+    (``BatchNorm1d(12)`` on (B, 12, in)), not over the channels.
+    """
+
+    def __init__(self, in_dim: int, topk: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.topk = topk
+        self.drop = nn.Dropout(dropout)
+        self.weight = nn.Parameter(torch.empty(NUM_AUS, in_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(NUM_AUS, in_dim))
+        self.node_norm = nn.BatchNorm1d(NUM_AUS * in_dim)  # 12 BatchNorm1d(in), one per node
+        self.U = nn.Linear(in_dim, in_dim)
+        self.V = nn.Linear(in_dim, in_dim)
+        self.graph_norm = nn.BatchNorm1d(NUM_AUS)  # over the nodes, as the peer's GNN.bnv
+        self.class_vectors = nn.Parameter(torch.empty(NUM_AUS, in_dim))
+        # the peer's initialisation: Dense N(0, 1/out), U/V N(0, 2/in), class vectors Xavier
+        nn.init.normal_(self.weight, 0.0, math.sqrt(1.0 / in_dim))
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default bias
+        nn.init.uniform_(self.bias, -bound, bound)
+        for lin in (self.U, self.V):
+            nn.init.normal_(lin.weight, 0.0, math.sqrt(2.0 / in_dim))
+        nn.init.xavier_uniform_(self.class_vectors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in) -> AU cosines (B, 12) in [0, 1]."""
+        b, d = x.shape
+        h = self.drop(x.unsqueeze(1).expand(b, NUM_AUS, d))  # an independent mask per node
+        h = torch.einsum("bni,nio->bno", h, self.weight.to(h.dtype)) + self.bias.to(h.dtype)
+        nodes = F.relu(self.node_norm(h.reshape(b, -1)).reshape(b, NUM_AUS, d))
+        adj = topk_adjacency_with_self(nodes, self.topk)
+        nodes = F.relu(nodes + self.graph_norm(adj @ self.V(nodes) + self.U(nodes)))
+        cls = F.normalize(F.relu(self.class_vectors), dim=-1).to(nodes.dtype)
+        return (F.normalize(nodes, dim=-1) * cls.unsqueeze(0)).sum(-1)
+
+
+class PublishedExprBranch(nn.Module):
+    """EXPR logits re-weighted by additive attention keyed by themselves: ``e_c <- alpha_c e_c``.
+
+    ``alpha = softmax_c(w . tanh(Wq au + Wk e_c))`` with the 12 AU cosines as the query and each
+    class's scalar logit as its key (every map bias-free, as the peer's ``AdditiveAttention``).
+    """
+
+    def __init__(self, in_dim: int, attn_dim: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_dim, NUM_EXPR)
+        nn.init.normal_(self.head.weight, 0.0, math.sqrt(1.0 / NUM_EXPR))  # the peer's Dense init
+        self.Wq = nn.Linear(NUM_AUS, attn_dim, bias=False)
+        self.Wk = nn.Linear(1, attn_dim, bias=False)
+        self.w = nn.Linear(attn_dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, au_cos: torch.Tensor) -> torch.Tensor:
+        e = self.head(x)
+        scores = self.w(torch.tanh(self.Wq(au_cos.to(e.dtype)).unsqueeze(1) + self.Wk(e.unsqueeze(-1))))
+        return scores.squeeze(-1).softmax(-1) * e
+
+
+class PublishedVABranch(nn.Module):
+    """VA = tanh(BN(linear(x))) (the peer's ``Dense(in, 2, activation='tanh', bn=True)``)."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_dim, 2)
+        nn.init.normal_(self.head.weight, 0.0, math.sqrt(1.0 / 2))
+        self.norm = nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.head(x)))
+
+
+def cosine_logit(cos: torch.Tensor) -> torch.Tensor:
+    """The logit whose sigmoid is ``cos`` (clamped to [COS_EPS, 1 - COS_EPS]): a probability as a logit."""
+    c = cos.float().clamp(COS_EPS, 1.0 - COS_EPS)
+    return torch.log(c) - torch.log1p(-c)
+
+
 @register_model("au-graph")
 class AUGraphMTL(MTLModel):
     """AU relation graph with AU-to-expression cross attention on pooled features (+ logits)."""
@@ -102,14 +197,22 @@ class AUGraphMTL(MTLModel):
         hidden: int = 256,
         key_dim: int = 32,
         attn_dim: int = 64,
-        dropout: float = 0.1,
+        dropout: float | None = None,
         cos_scale: float = 10.0,
         learn_scale: bool = True,
         joint: bool = False,
+        variant: str = "ours",
     ) -> None:
+        """``dropout``: ours, the trunk's (default 0.1); published, the AU nodes' (default 0.5, as the
+        peer's). ``variant="published"`` reads ``topk``, ``attn_dim``, ``dropout`` and ``joint``; its nodes
+        are as wide as the input, so the other sizes are unused."""
         super().__init__()
         if cos_scale <= 0:
             raise ValueError(f"cos_scale must be positive, got {cos_scale}")
+        if variant not in VARIANTS:
+            raise ValueError(f"au-graph variant must be one of {VARIANTS}, got {variant!r}")
+        if dropout is None:
+            dropout = 0.5 if variant == "published" else 0.1
         self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
         self.token_shape = tuple(token_shape) if token_shape is not None else None
         # the backbone's logits are optional: without them the model reads features only
@@ -119,9 +222,17 @@ class AUGraphMTL(MTLModel):
             "key_dim": key_dim, "attn_dim": attn_dim, "dropout": dropout, "cos_scale": cos_scale,
             "learn_scale": learn_scale, "joint": joint,
         }  # fmt: skip
+        self.published = variant == "published"
+        if self.published:  # configs of our variant read as before the key
+            self.hp["variant"] = variant
         in_dim = self.feature_dim + self.num_logits
-        self.au_branch = AUBranch(in_dim, node_dim, graph_layers, topk, cos_scale, learn_scale)
-        self.expr_va = ExprVABranch(in_dim, hidden, key_dim, attn_dim, dropout)
+        if self.published:
+            self.au_branch = PublishedAUBranch(in_dim, topk, dropout)
+            self.expr_branch = PublishedExprBranch(in_dim, attn_dim)
+            self.va_branch = PublishedVABranch(in_dim)
+        else:
+            self.au_branch = AUBranch(in_dim, node_dim, graph_layers, topk, cos_scale, learn_scale)
+            self.expr_va = ExprVABranch(in_dim, hidden, key_dim, attn_dim, dropout)
 
     def config(self) -> dict:
         token_shape = list(self.token_shape) if self.token_shape is not None else None
@@ -131,6 +242,12 @@ class AUGraphMTL(MTLModel):
     def stages(self) -> list[Stage]:
         if self.hp["joint"]:
             return [Stage("joint")]
+        if self.published:  # the peer's three runs (train.py --task AU / EX / VA), AU first
+            return [
+                Stage("au", tasks=("au",), train_modules=("au_branch",)),
+                Stage("expr", tasks=("expr",), train_modules=("expr_branch",)),
+                Stage("va", tasks=("va",), train_modules=("va_branch",)),
+            ]
         return [
             Stage("au", tasks=("au",), train_modules=("au_branch",)),
             Stage("expr_va", tasks=("expr", "va"), train_modules=("expr_va",)),
@@ -142,7 +259,12 @@ class AUGraphMTL(MTLModel):
             logits = require_input(batch, "logits", self.recipe, (self.num_logits,))
             x = torch.cat([x, logits.to(x.dtype)], dim=-1)
         x, lead = flatten_leading(x, 1)
-        _, au = self.au_branch(x)
-        expr, va = self.expr_va(x, torch.sigmoid(au))
+        if self.published:
+            cos = self.au_branch(x)
+            au = cosine_logit(cos)
+            expr, va = self.expr_branch(x, cos), self.va_branch(x)
+        else:
+            _, au = self.au_branch(x)
+            expr, va = self.expr_va(x, torch.sigmoid(au))
         return {"au": unflatten_leading(au, lead), "expr": unflatten_leading(expr, lead),
                 "va": unflatten_leading(va, lead)}  # fmt: skip

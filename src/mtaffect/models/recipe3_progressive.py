@@ -21,6 +21,14 @@ Linear-ReLU-Dropout(``dropout``)-Linear, LeakyReLU(0.1), the optional temporal m
 ``dim``, 2 layers; transformer 2 layers x 4 heads; TCN) and the heads (AU 12, EXPR 8, VA tanh). One
 stage trains everything; ``trainer.tasks`` chooses the losses. With ``fusion_tasks: []`` it is a task
 model's head (the backbone feature alone through the same layers).
+
+``peer: true`` (published variant only; ``configs/progressive_published.yaml`` sets it) builds the
+layers exactly as the peer's code (YenanLiu/ABAW7th ``models/combine_fea_model.py``) does: a task model
+(``fusion_tasks: []``) is linear heads on the backbone feature (no fusion MLP); LeakyReLU(0.1) only in
+front of a temporal module; the LSTM a bare 2-layer ``nn.LSTM`` (hidden = ``dim``, no residual, no
+dropout). Without it (the default, so checkpoints saved before it load unchanged) the layers are as
+above. ``windowed: true`` makes the training loop feed windows of ``data.window`` frames even without a
+temporal module (the peer's EXPR model: batches of 8 windows of 5 frames, each frame scored alone).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from torch import nn
 from mtaffect.models.base import TASKS, MTLModel, Stage
 from mtaffect.models.blocks import (
     TEMPORAL_KINDS,
+    PlainLSTM,
     create_temporal,
     flatten_leading,
     require_input,
@@ -100,18 +109,22 @@ class ProgressiveMTL(MTLModel):
         progressive: bool = True,
         variant: str = "frozen",
         input_dims: Mapping[str, int] | None = None,
+        peer: bool = False,
+        windowed: bool = False,
     ) -> None:
         super().__init__()
         if temporal not in TEMPORAL_KINDS:
             raise ValueError(f"temporal must be one of {TEMPORAL_KINDS}, got {temporal!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        self.variant = variant
+        if (peer or windowed) and variant != "published":
+            raise ValueError("peer and windowed apply to variant published (the enhanced and task models)")
+        self.variant, self.peer, self.windowed = variant, bool(peer), bool(windowed)
         self.feature_dim, self.num_logits = int(feature_dim), int(num_logits)
         self.token_shape = tuple(token_shape) if token_shape is not None else None
         self.fusion_tasks = _task_tuple(fusion_tasks)
         self.temporal_kind = temporal
-        self.temporal = temporal != "none"  # the training loop reads this to build windows
+        self.temporal = temporal != "none" or self.windowed  # the training loop reads this to build windows
         self.dim, self.task_dim, self.dropout, self.task_dropout = dim, task_dim, dropout, task_dropout
         self.temporal_kwargs = dict(temporal_kwargs or {})
         self.progressive = progressive
@@ -145,6 +158,9 @@ class ProgressiveMTL(MTLModel):
         self.proj = nn.ModuleDict({t: nn.Identity() if self.input_dims[f"features@{t}"] == d
                                    else nn.Linear(self.input_dims[f"features@{t}"], d)
                                    for t in self.fusion_tasks})  # fmt: skip
+        if self.peer:
+            self._build_peer(temporal_defaults)
+            return
         self.fusion = nn.Sequential(
             nn.Linear(d, self.dim), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.dim, self.dim),
             nn.LeakyReLU(0.1),
@@ -153,6 +169,27 @@ class ProgressiveMTL(MTLModel):
             self.temporal_kind, self.dim, **{**temporal_defaults, **self.temporal_kwargs}
         )
         self.heads = nn.ModuleDict({t: _head(t, self.dim) for t in TASKS})
+
+    def _build_peer(self, temporal_defaults: dict) -> None:
+        """The peer's layers (see the module docstring): fusion MLP only over fused task features, the
+        activation only before a temporal module, a bare LSTM, linear heads (VA with tanh)."""
+        d = self.feature_dim
+        if self.fusion_tasks:
+            self.fusion = nn.Sequential(nn.Linear(d, self.dim), nn.ReLU(), nn.Dropout(self.dropout),
+                                        nn.Linear(self.dim, self.dim))  # fmt: skip
+            width = self.dim
+        else:  # a task model: the heads read the backbone feature
+            self.fusion = nn.Identity()
+            width = d
+        kind = self.temporal_kind
+        self.act = nn.LeakyReLU(0.1) if kind != "none" else nn.Identity()
+        kw = {**temporal_defaults, **self.temporal_kwargs}
+        if kind == "lstm":
+            self.temporal_net = PlainLSTM(width, layers=int(kw.get("layers", 2)), hidden=kw.get("hidden"))
+            width = self.temporal_net.hidden
+        else:
+            self.temporal_net = create_temporal(kind, width, **kw)
+        self.heads = nn.ModuleDict({t: _head(t, width) for t in TASKS})
 
     def config(self) -> dict:
         out = {
@@ -164,6 +201,7 @@ class ProgressiveMTL(MTLModel):
         }  # fmt: skip
         if self.variant != "frozen":  # checkpoints of the frozen variant read as before
             out.update(variant=self.variant, input_dims=dict(self.input_dims))
+            out.update({k: True for k in ("peer", "windowed") if getattr(self, k)})  # older: as before
         return out
 
     def stages(self) -> list[Stage]:
@@ -200,6 +238,8 @@ class ProgressiveMTL(MTLModel):
             for t, (feat, _) in task_out.items():
                 fused = fused + self.proj[t](feat)
         h = unflatten_leading(self.fusion(fused), lead)
+        if self.peer:
+            h = self.act(h)
         if self.temporal:
             h = self.temporal_net(h)
         h, _ = flatten_leading(h, 1)

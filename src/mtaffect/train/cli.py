@@ -34,6 +34,16 @@ AllowMissing = Annotated[
 ]
 
 
+Folds = Annotated[int, typer.Option(help="Number of folds (split by source video).")]
+SplitSeed = Annotated[
+    int | None,
+    typer.Option(help="Seed of the fold assignment (default: trainer.seed); `cv` and `train --fold` agree."),
+]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")
+]
+
+
 def _config(path: Path, overrides: list[str] | None, progress: bool):
     from mtaffect.train.config import load_config
 
@@ -88,10 +98,7 @@ def _training_data(cfg, features: Path | None, data: Path) -> Path:
 def train(
     config: Config, data: Data,
     out: Annotated[Path, typer.Option(help="Run folder: best/, metrics.json, val_predictions.parquet.")],
-    features: Features = None, override: Override = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")
-    ] = False,
+    features: Features = None, override: Override = None, resume: Resume = False,
     trainval: Annotated[
         bool,
         typer.Option(
@@ -116,34 +123,47 @@ def train(
             "export_au, enhanced_va, combine; the steps it needs must have finished.",
         ),
     ] = None,
+    fold: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on fold K's training videos of train + val, validate on fold K (0 to --folds - 1): "
+            "the split `mtaffect cv` uses for its foldK/.",
+        ),
+    ] = None,
+    folds: Folds = 5, split_seed: SplitSeed = None,
     overwrite: Overwrite = False, progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
     """Train a recipe on a feature store, or from images (configs with a backbone); keep the best val P.
 
     A config with a pipeline: section (configs/progressive_published.yaml) runs all its steps (task models,
     their export, the enhanced models, the combined model), or those given with --step; finished steps are
-    kept, an interrupted one continues with --resume.
+    kept, an interrupted one continues with --resume. --fold K trains on one fold of cv's split instead of
+    the official train/val split.
     """
-    from mtaffect.train.fit import fit_from_root
+    from mtaffect.train.fit import fit, fit_from_root
 
     cfg = _config(config, override, progress)
     main, named = split_features(features)
+    split = _fold_split(cfg, data, fold, folds, split_seed, trainval, no_validation)
     if cfg.pipeline.enabled:
         if no_validation:
             raise ValueError(
                 f"--no-validation applies to single runs; {cfg.source} is a pipeline (its combined model is "
                 "selected on validation): use --trainval to train it without validation"
             )
-        _train_pipeline(cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code)
+        _train_pipeline(
+            cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code, split
+        )
         return
     if step:
         raise ValueError(f"--step applies to pipeline configs; {cfg.source} has no pipeline section")
     source = _training_data(cfg, main, data)
-    result = fit_from_root(
-        cfg, source, data, out, trainval=trainval, validation=not no_validation, overwrite=overwrite,
-        resume=resume, log=_log,
-        trust_remote_code=trust_remote_code, stores=named or None,
-    )  # fmt: skip
+    kw = dict(overwrite=overwrite, resume=resume, log=_log, trust_remote_code=trust_remote_code,
+              stores=named or None)  # fmt: skip
+    if split is not None:
+        result = fit(cfg, source, *split, out, **kw)
+    else:
+        result = fit_from_root(cfg, source, data, out, trainval=trainval, validation=not no_validation, **kw)
     if result.rank != 0:  # under DDP only rank 0 reports (and writes)
         return
     console.print(f"[bold]{result.summary()}[/bold]", highlight=False)
@@ -153,18 +173,33 @@ def train(
     console.print("wrote " + ", ".join(f"{out}/{w}" for w in written), highlight=False)
 
 
-def _train_pipeline(
-    cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code
-) -> None:  # fmt: skip
-    from mtaffect.train.pipeline import run_pipeline
+def _fold_split(cfg, data: Path, fold: int | None, folds: int, seed: int | None, trainval: bool,
+                no_validation: bool):  # fmt: skip
+    """``train --fold K``: (training, validation) rows of cv's fold K over train + val (None without)."""
+    from mtaffect.data.annotations import LabelTable, load_split
+    from mtaffect.train.cv import fold_split
 
-    if main is not None or named:
+    if fold is None:
+        if folds != 5 or seed is not None:
+            raise ValueError("--folds and --split-seed choose the split of --fold K: give --fold too")
+        return None
+    if trainval or no_validation:
         raise ValueError(
-            f"{cfg.source} is a pipeline: it trains from the images under --data and exports its own stores; "
-            "drop --features"
+            "--fold K validates on fold K of train + val; drop --trainval / --no-validation (or --fold)"
         )
+    labels = LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
+    return fold_split(labels, folds, fold, cfg.trainer.seed if seed is None else seed)
+
+
+def _train_pipeline(
+    cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code, split=None
+) -> None:  # fmt: skip
+    from mtaffect.train.pipeline import check_no_features, run_pipeline
+
+    check_no_features(cfg, main is not None or bool(named))
+    train, val = split if split is not None else (None, None)
     res = run_pipeline(cfg, data, out, steps=step, resume=resume, overwrite=overwrite, trainval=trainval,
-                       log=_log, trust_remote_code=trust_remote_code)  # fmt: skip
+                       log=_log, trust_remote_code=trust_remote_code, train=train, val=val)  # fmt: skip
     if res.rank != 0:
         return
     console.print(f"[bold]{res.summary()}[/bold]", highlight=False)
@@ -176,29 +211,42 @@ def _train_pipeline(
 def cv(
     config: Config, data: Data,
     out: Annotated[Path, typer.Option(help="Folder: fold<k>/ runs, cv.json, test_predictions.parquet.")],
-    features: Features = None,
-    folds: Annotated[int, typer.Option(help="Number of folds (split by source video).")] = 5,
+    features: Features = None, folds: Folds = 5, split_seed: SplitSeed = None,
     test_list: Annotated[
         Path | None, typer.Option(help="Test list for the fold ensemble (default: the one in --data).")
     ] = None,
     override: Override = None, overwrite: Overwrite = False, progress: Progress = True,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Pipeline configs: continue an interrupted step of a fold.")
+    ] = False,
     allow_missing: AllowMissing = False, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
-    """K-fold cross-validation over train + val by video: mean ± std of P and its terms."""
+    """K-fold cross-validation over train + val by video: mean ± std of P and its terms.
+
+    A config with a pipeline: section runs its whole pipeline in each fold (task models on the fold's
+    training videos, their stores, enhanced and combined models) into OUT/fold<k>/; rerunning keeps
+    finished folds and steps, --resume continues an interrupted step. `train --fold K` trains one fold.
+    """
     from mtaffect.data.annotations import LabelTable, load_split
     from mtaffect.data.submission import find_test_list, read_test_list
     from mtaffect.train.cv import cross_validate
     from mtaffect.train.fit import env_rank
+    from mtaffect.train.pipeline import check_no_features
 
     cfg = _config(config, override, progress)
     main, named = split_features(features)
-    source = _training_data(cfg, main, data)
+    if cfg.pipeline.enabled:
+        check_no_features(cfg, main is not None or bool(named))
+        source = data
+    else:
+        source = _training_data(cfg, main, data)
     labels = LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
     tl = test_list or find_test_list(data)
     test_images = list(dict.fromkeys(read_test_list(tl))) if tl is not None else None
     res = cross_validate(
-        cfg, source, labels, folds, out, test_images=test_images, overwrite=overwrite,
-        allow_missing=allow_missing, log=_log, trust_remote_code=trust_remote_code, stores=named or None,
+        cfg, source, labels, folds, out, test_images=test_images, seed=split_seed, overwrite=overwrite,
+        resume=resume, allow_missing=allow_missing, log=_log, trust_remote_code=trust_remote_code,
+        stores=named or None,
     )  # fmt: skip
     if env_rank() != 0:
         return
@@ -214,16 +262,14 @@ def search(
 ) -> None:  # fmt: skip
     """Strategy search: train every variant of the config's search.grid and rank them by validation P."""
     from mtaffect.data.annotations import load_split
+    from mtaffect.train.pipeline import check_no_features
     from mtaffect.train.search import search as run_search
     from mtaffect.train.search import search_table
 
     cfg = _config(config, override, progress)
     main, named = split_features(features)
     if cfg.pipeline.enabled:
-        if main is not None or named:
-            raise ValueError(
-                f"{cfg.source} is a pipeline: it trains from the images under --data; drop --features"
-            )
+        check_no_features(cfg, main is not None or bool(named))
         source = data
     else:
         source = _training_data(cfg, main, data)

@@ -4,23 +4,24 @@ Layout (every section optional except ``model.recipe``)::
 
     model:   {recipe: emotinet, hparams: {...}}        # hparams go to create_model(recipe, ...)
     data:    {batch_size, eval_batch_size, window, stride, window_edge, in_memory, memory_limit_gb, workers}
-    optim:   {lr, weight_decay, warmup_epochs, min_lr_ratio, grad_clip,
+    optim:   {lr, weight_decay, warmup_epochs, min_lr_ratio, grad_clip, schedule, decay_all,
               groups: {<recipe submodule>: {lr, weight_decay}}}
     backbone: {name, weights, image_size, mean, std, kwargs, mode, lr, weight_decay, layer_decay,
                frozen_blocks, grad_checkpointing, stages}  # train from images (see below)
-    augment: {preset: none|li2024|liu2024, ops: {<op>: {param: value} | false}}
+    augment: {preset: none|li2024|liu2024, ops: {<op>: {param: value} | false}, per_frame}
     loss:    {weights: {au, expr, va}, va_weights: {valence, arousal}, au_loss: bce|wal, au_pos_weight,
               expr_class_weights}
     trainer: {epochs, patience, seed, accelerator, devices, strategy, num_nodes, precision, progress,
-              log_every_n_steps, au_threshold, num_threads, tasks, select}
+              log_every_n_steps, au_threshold, num_threads, tasks, select, checkpoint_per_task}
     stages:  {<stage name>: {epochs, lr, batch_size}}   # per-stage settings (each optional)
     search:  {grid: [{hparam: value, ...}, ...]}        # mtaffect search: one run per entry
     pipeline: {task_models, task_model, export, enhanced, enhanced_model, combine}  # recipe 3 as published
 
 ``trainer.tasks`` lists the tasks a run trains (default all three; the others are left out as if the
 data had no label for them); ``trainer.select`` the tasks whose terms choose each stage's epoch (default:
-the stage's own tasks). A ``pipeline:`` section makes the config a sequence of trainings
-(:mod:`mtaffect.train.pipeline`): each entry there is a partial config merged onto this one.
+the stage's own tasks; ``valence``/``arousal`` name one CCC of the VA term, summed unaveraged). A
+``pipeline:`` section makes the config a sequence of trainings (:mod:`mtaffect.train.pipeline`): each
+entry there is a partial config merged onto this one.
 
 ``--override section.key=value`` (value parsed as YAML) changes one field; unknown keys are errors
 that list the valid ones. ``model.hparams.*`` accepts any name (the recipe checks them when built);
@@ -87,6 +88,12 @@ class OptimSection:
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
     grad_clip: float = 0.0  # 0: no clipping
     groups: dict[str, Any] = field(default_factory=dict)  # {recipe submodule: {lr, weight_decay}}
+    # per-step lr multiplier (mtaffect.train.module.lr_lambda): cosine (warm-up, then cosine down to
+    # min_lr_ratio * lr) | constant (lr all along, no warm-up) | warmup_constant (warm-up, then lr)
+    schedule: str = "cosine"
+    # false: a fine-tuned backbone's biases, norms and embedding tokens get no weight decay (ViT practice);
+    # true: every parameter decays (as the recipe-3 peer's AdamW over model.parameters())
+    decay_all: bool = False
 
 
 @dataclass
@@ -105,6 +112,9 @@ class TrainerSection:
     num_threads: int = 0  # torch threads per process; 0: the CPUs divided by the processes on this node
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the tasks this run trains
     select: list[str] = field(default_factory=list)  # tasks whose terms select epochs ([]: the stage's)
+    # true: each task answered by the final stage's epoch best on that task's term; best/ is then an
+    # ensemble of those checkpoints (the recipe-1 peer kept epoch_au/epoch_expr/epoch_va)
+    checkpoint_per_task: bool = False
 
 
 @dataclass
@@ -146,6 +156,8 @@ class BackboneSection:
 class AugmentSection:
     preset: str = "none"  # none | li2024 | liu2024 (mtaffect.train.images.augment)
     ops: dict[str, Any] = field(default_factory=dict)  # per-op overrides: {op: {param: value} | false}
+    # false: every frame of a window gets the same transform; true: each frame its own (the recipe-3 peer)
+    per_frame: bool = False
 
 
 @dataclass
@@ -197,14 +209,19 @@ class TrainConfig:
             d.pop("backbone")
             if self.augment == AugmentSection():
                 d.pop("augment")
+        if "augment" in d and not self.augment.per_frame:  # so runs started before the key still resume
+            d["augment"].pop("per_frame")
         if not self.optim.groups:
             d["optim"].pop("groups")
         if not self.pipeline.enabled:
             d.pop("pipeline")
         defaults = TrainerSection()
-        for key in ("tasks", "select"):  # configs that keep the defaults read as before these keys
+        for key in ("tasks", "select", "checkpoint_per_task"):  # defaults read as before these keys
             if d["trainer"][key] == getattr(defaults, key):
                 d["trainer"].pop(key)
+        for key in ("schedule", "decay_all"):  # so runs started before these keys still resume
+            if d["optim"][key] == getattr(OptimSection(), key):
+                d["optim"].pop(key)
         if self.data.window_edge == "pad":
             d["data"].pop("window_edge")
         if self.loss.va_weights == LossConfig().va_weights:
@@ -418,6 +435,8 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         (cfg.data.memory_limit_gb >= 0, "data.memory_limit_gb must be >= 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0: no clipping)"),
+        (cfg.optim.schedule in SCHEDULES,
+         f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}"),
         (1 <= t.epochs <= MAX_EPOCHS, f"trainer.epochs must be in 1..{MAX_EPOCHS}"),
         (0 <= t.patience <= MAX_EPOCHS, f"trainer.patience must be in 0..{MAX_EPOCHS}"),
         (0 <= t.seed < 2**32, "trainer.seed must be in 0..4294967295 (numpy's seed range)"),
@@ -457,10 +476,11 @@ def validate(cfg: TrainConfig, where: str = "<config>") -> None:
         raise ConfigError(f"{where}: data.window_edge must be one of {', '.join(WINDOW_EDGES)}")
     for key in ("tasks", "select"):
         value = getattr(cfg.trainer, key)
-        ok = isinstance(value, list) and all(t in TASKS for t in value) and len(set(value)) == len(value)
+        allowed = SELECT_TERMS if key == "select" else TASKS
+        ok = isinstance(value, list) and all(t in allowed for t in value) and len(set(value)) == len(value)
         if not ok:
             raise ConfigError(
-                f"{where}: trainer.{key} must list distinct tasks among au, expr, va, got {value!r}"
+                f"{where}: trainer.{key} must list distinct tasks among {', '.join(allowed)}, got {value!r}"
             )
     if not cfg.trainer.tasks:
         raise ConfigError(f"{where}: trainer.tasks is empty: list the tasks to train (au, expr, va)")
@@ -519,6 +539,11 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
         raise ConfigError(
             f"{where}: a pipeline fine-tunes task models from images: it needs a backbone section"
         )
+    if cfg.trainer.checkpoint_per_task:
+        raise ConfigError(
+            f"{where}: trainer.checkpoint_per_task applies to one training, not a pipeline (each step's "
+            "best/ must be one checkpoint: pipeline.combine already answers each task with its own model)"
+        )
     for task, o in p.task_models.items():
         if task not in TASKS:
             raise ConfigError(f"{where}: pipeline.task_models names {task!r}; tasks are au, expr, va")
@@ -546,6 +571,14 @@ def pipeline_configs(cfg: TrainConfig, where: str | None = None) -> dict[str, Tr
                 "train"
             )
         out[f"enhanced_{name}"] = step
+    for name, c in out.items():
+        if c.trainer.checkpoint_per_task:
+            kind, _, step = name.partition("_")
+            raise ConfigError(
+                f"{where}: pipeline.{'task_models' if kind == 'task' else 'enhanced'}.{step}: "
+                "trainer.checkpoint_per_task applies to one training, not a pipeline step (its best/ must be "
+                "one checkpoint: pipeline.combine already answers each task with its own model)"
+            )
     for task, name in combine_map(cfg, where).items():
         if f"enhanced_{name}" not in out:
             raise ConfigError(
@@ -593,6 +626,11 @@ def combine_map(cfg: TrainConfig, where: str | None = None) -> dict[str, str]:
     return out
 
 
+#: What ``trainer.select`` may name: the tasks' terms of P, or one CCC of VA (the recipe-3 peer selected
+#: on AU F1 + EXPR F1 + CCC_V + CCC_A of the tasks each model trained: valence alone where arousal was off).
+SELECT_TERMS = (*TASKS, "valence", "arousal")
+#: ``optim.schedule`` values (:func:`mtaffect.train.module.lr_lambda`).
+SCHEDULES = ("cosine", "constant", "warmup_constant")
 #: Upper bound of epochs and patience: beyond it a value is a typo (``1e20``), not a plan.
 MAX_EPOCHS = 100_000
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")

@@ -9,6 +9,13 @@ the fewest rows so far (ties broken by a seeded shuffle), which balances fold si
 ``cv.json`` (per-fold and mean ± std of P and its three terms) and, when test images are given,
 ``test_predictions.parquet``: the ensemble of the fold models (mean of the expression and AU
 probabilities and of valence/arousal).
+
+A pipeline config (``pipeline:``, recipe 3 as published) runs its whole pipeline inside each fold:
+``fold<k>/`` is a pipeline folder (:mod:`mtaffect.train.pipeline`) whose task models see the fold's
+training videos only and whose stores are exported by those task models, so no validation video gets
+features from a model trained on its own labels. Finished folds and steps are kept on a rerun (checked
+against the fold's labels), an interrupted step continues with ``resume``. :func:`fold_split` is the
+one fold assignment (``mtaffect train --fold K`` uses it too).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +32,7 @@ import numpy as np
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
-from mtaffect.io import atomic_open, check_writable
+from mtaffect.io import OutputExistsError, atomic_open, check_writable
 from mtaffect.metrics import TERM_COLUMNS
 from mtaffect.train.config import TrainConfig
 from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
@@ -59,6 +66,20 @@ def video_folds(labels: LabelTable, k: int, seed: int = 0) -> list[np.ndarray]:
         load[f] += sizes[g]
     row_fold = fold_of[inverse]
     return [np.flatnonzero(row_fold == f) for f in range(k)]
+
+
+def fold_split(labels: LabelTable, k: int, fold: int, seed: int = 0) -> tuple[LabelTable, LabelTable]:
+    """(training rows, validation rows) of fold ``fold`` (0-based) of :func:`video_folds`; their
+    ``source`` names the fold, so a run's ``run.json`` says which rows it trained on."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold {fold} does not exist: folds are numbered 0 to {k - 1} (with {k} folds)")
+    val_idx = video_folds(labels, k, seed)[fold]
+    train_mask = np.ones(len(labels), dtype=bool)
+    train_mask[val_idx] = False
+    src = labels.source or "labels"
+    where = f"{src} (fold {fold} of {k}, split seed {seed}"
+    train = replace(labels.subset(train_mask), source=f"{where}: training rows)")
+    return train, replace(labels.subset(val_idx), source=f"{where}: validation rows)")
 
 
 @dataclass
@@ -108,6 +129,7 @@ def cross_validate(
     test_images: Sequence[str] | None = None,
     seed: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     allow_missing: bool = False,
     log=print,
     trust_remote_code: bool = False,
@@ -120,53 +142,91 @@ def cross_validate(
     Test images whose extraction failed (or that cannot be read) are an error unless ``allow_missing``
     (then the ensemble has a ``valid`` column, 0 for them). With tasks absent from the data, ``P`` is
     over the present tasks.
+
+    A pipeline config runs its whole pipeline per fold into ``out/fold<k>/`` (``out`` is then required,
+    ``store`` is the dataset root and ``stores`` must be None: see the module docstring); ``resume``
+    continues an interrupted step, finished folds and steps are kept.
     """
-    named = named_stores(stores)
-    st = open_training_data(config, store, named)
+    from mtaffect.train.pipeline import check_no_features
+
+    pipeline = config.pipeline.enabled
+    check_no_features(config, stores is not None)
+    if resume and not pipeline:
+        raise ValueError(
+            f"resume applies to pipeline configs in cv; {config.source or 'the config'} has no pipeline "
+            "section: rerun the cross-validation with another out (or overwrite)"
+        )
+    named = None if pipeline else named_stores(stores)
+    st = Path(store) if pipeline else open_training_data(config, store, named)
     out_path = Path(out) if out is not None else None
+    if pipeline and out_path is None:
+        raise ValueError("cross-validating a pipeline needs an out folder (its steps are written there)")
     if out_path is not None:
-        check_writable(out_path / "cv.json", overwrite)
-    folds = video_folds(labels, k, config.trainer.seed if seed is None else seed)
+        if pipeline and not overwrite:  # a rerun keeps the finished folds and rewrites the summary
+            _check_summary(out_path / "cv.json")
+        else:
+            check_writable(out_path / "cv.json", overwrite)
+    split_seed = config.trainer.seed if seed is None else seed
+    video_folds(labels, k, split_seed)  # too few videos: say so before anything is trained
     rows: list[dict] = []
     models = []
     checkpoints: list[Path] = []
-    for i, val_idx in enumerate(folds):
-        train_mask = np.ones(len(labels), dtype=bool)
-        train_mask[val_idx] = False
-        train, val = labels.subset(train_mask), labels.subset(val_idx)
+    for i in range(k):
+        train, val = fold_split(labels, k, i, split_seed)
         if log and env_rank() == 0:
-            log(f"fold {i + 1}/{k}: {len(train)} train rows, {len(val)} val rows ({len(val.videos)} videos)")
+            n = f"{len(train)} train rows, {len(val)} val rows ({len(val.videos)} videos)"
+            log(f"fold{i} ({i + 1}/{k}): {n}")
         fold_out = out_path / f"fold{i}" if out_path is not None else None
-        result = fit(
-            config,
-            st,
-            train,
-            val,
-            fold_out,
-            overwrite=overwrite,
-            log=log,
-            trust_remote_code=trust_remote_code,
-            stores=named if config.from_images else None,
-        )
-        entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val)}
-        entry.update(val_videos=val.videos, best_epoch=result.best_epoch, seconds=result.seconds)
+        if pipeline:
+            from mtaffect.train.pipeline import Pipeline
+
+            assert fold_out is not None
+            result = Pipeline(
+                config, st, fold_out, resume=resume, overwrite=overwrite, log=log,
+                trust_remote_code=trust_remote_code, train=train, val=val,
+            ).run()  # fmt: skip
+            entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val),
+                     "val_videos": val.videos, "seconds": result.seconds,
+                     "steps": {n: r.get("status") for n, r in result.steps.items()}}  # fmt: skip
+        else:
+            result = fit(
+                config,
+                st,
+                train,
+                val,
+                fold_out,
+                overwrite=overwrite,
+                log=log,
+                trust_remote_code=trust_remote_code,
+                stores=named if config.from_images else None,
+            )
+            entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val)}
+            entry.update(val_videos=val.videos, best_epoch=result.best_epoch, seconds=result.seconds)
         if result.checkpoint is not None:
             entry["checkpoint"] = str(result.checkpoint)
             checkpoints.append(result.checkpoint)
         rows.append(entry)
         models.append(result)
         if log and result.rank == 0:
-            log(f"fold {i + 1}/{k}: {result.summary()}")
+            log(f"fold{i} ({i + 1}/{k}): {result.summary()}")
     mean = {n: float(np.mean([r[n] for r in rows])) for n in TERMS}
     std = {n: float(np.std([r[n] for r in rows])) for n in TERMS}
     test_pred = None
     if test_images is not None:
-        from mtaffect.models.checkpoint import TrainedAffectModel
+        from mtaffect.models.checkpoint import TrainedAffectModel, load_model
+        from mtaffect.schema import CROPPED_DIR
 
         preds = []
         for result in models:
+            if pipeline or config.trainer.checkpoint_per_task:  # best/ is an ensemble folder
+                m = load_model(result.checkpoint, trust_remote_code=trust_remote_code)
+                images = list(test_images)
+                if isinstance(st, FeatureStore):
+                    preds.append(m.predict_store(st, images, allow_missing=allow_missing))
+                else:
+                    preds.append(m.predict_images(st / CROPPED_DIR, images, allow_missing=allow_missing))
+                continue
             if not isinstance(st, FeatureStore):  # trained from images: predict the test images
-                from mtaffect.schema import CROPPED_DIR
                 from mtaffect.train.images.build import image_affect_model
 
                 tm = image_affect_model(result.model, config)  # type: ignore[arg-type]
@@ -186,9 +246,26 @@ def cross_validate(
             test_pred = test_pred.with_columns({"valid": preds[0].align_to(list(test_images)).frame["valid"]})
     res = CVResult(rows, mean, std, test_pred, checkpoints)
     if out_path is not None and env_rank() == 0:
+        replace_ok = overwrite or pipeline  # a pipeline's rerun rewrites what it derives from its folds
         if test_pred is not None:
-            test_pred.write(out_path / "test_predictions.parquet", overwrite=overwrite)
-        with atomic_open(out_path / "cv.json", "w", overwrite=overwrite, encoding="utf-8") as fh:
-            json.dump({**res.to_dict(), "k": k, "recipe": config.model.recipe}, fh, indent=1, default=float)
+            test_pred.write(out_path / "test_predictions.parquet", overwrite=replace_ok)
+        with atomic_open(out_path / "cv.json", "w", overwrite=replace_ok, encoding="utf-8") as fh:
+            json.dump({**res.to_dict(), "k": k, "seed": split_seed, "recipe": config.model.recipe,
+                       "pipeline": pipeline}, fh, indent=1, default=float)  # fmt: skip
             fh.write("\n")
     return res
+
+
+def _check_summary(path: Path) -> None:
+    """``path`` may be (re)written by a pipeline's cross-validation: absent, or a cv.json of ours."""
+    if not path.exists():
+        return
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        ours = isinstance(d, dict) and "folds" in d and "k" in d
+    except (OSError, ValueError):
+        ours = False
+    if path.is_dir() or not ours:
+        raise OutputExistsError(
+            f"{path} is not the summary of a cross-validation of ours; move it away or choose another --out"
+        )

@@ -13,6 +13,10 @@ a :class:`TrainResult`; with ``out`` it also writes the run folder::
                                   per-epoch history (every session of a resumed run), row counts
     out/val_predictions.parquet   PredictionTable of the validation rows (selected epoch)
     out/stages/<k>-<name>/        each stage's best checkpoint, rewritten each time the stage improves
+    out/per_task/<task>/          trainer.checkpoint_per_task: the final stage's epoch best on that task's
+                                  term (and <task>.parquet, its validation predictions); best/ is then
+                                  their ensemble (members epoch_<n>), metrics.json's checkpoint_per_task
+                                  says which epoch answers which task and "best" is the ensemble's P
     out/state/                    per-epoch resumable state (see :mod:`mtaffect.train.state`)
     out/logs/                     Lightning CSV logs
 
@@ -566,6 +570,7 @@ def _fit(
     training = build_training(config, data, train, val, trust_remote_code=trust_remote_code,
                               stores=stores if config.from_images else None)  # fmt: skip
     model, dm = training.model, training.datamodule
+    model.decay_all = config.optim.decay_all  # read by param_groups (a fine-tuned backbone's no-decay set)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     excl = dm.train_report.excluded_invalid + (dm.val_report.excluded_invalid if dm.val_report else 0)
     say(
@@ -580,6 +585,12 @@ def _fit(
                 f"(e.g. {', '.join(missing[:3])}); check --data"
             )
         raise ValueError("no training row: the training labels match no valid image of the store")
+    if config.trainer.checkpoint_per_task and any("@" in i for i in model.inputs):
+        raise ConfigError(
+            f"{config.source or 'the config'}: trainer.checkpoint_per_task makes best/ an ensemble, whose "
+            f"members cannot read named feature stores ({[i for i in model.inputs if '@' in i]}); set it "
+            "false"
+        )
     labelled_tasks = present_tasks(dm)
     present = tuple(t for t in labelled_tasks if t in config.trainer.tasks)
     if not present:
@@ -656,6 +667,8 @@ def _fit(
             select_tasks=select_tasks(config, stage.tasks),
             patience=config.trainer.patience if validate else 0, epoch_offset=done,
             resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
+            schedule=config.optim.schedule,
+            per_task=stage.tasks if final and validate and config.trainer.checkpoint_per_task else (),
         )  # fmt: skip
         if mid is not None and module.best_epoch >= 0 and out is not None:
             saved_best = training.weights(stage_dir(out, k, stage))
@@ -687,11 +700,14 @@ def _fit(
             "best_score": module.selection()["best_score"], "best_metrics": module.best_metrics,
             "stopped_early": module.stopped_early, "diverged": module.diverged, "note": note,
         }  # fmt: skip
+        if module.per_task:  # checkpoint_per_task: each task's best epoch of the final stage
+            summary["per_task"] = module.task_best
         summaries = [*summaries, summary]
         if module.best_metrics is not None:
             selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
                         "predictions": module.best_predictions, "final": final,
-                        "written": recorder.best_written == module.best_epoch}  # fmt: skip
+                        "written": recorder.best_written == module.best_epoch,
+                        "task_predictions": module.task_predictions}  # fmt: skip
         if validate and module.best_metrics is not None:
             say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score {module.best_score:.4f} "
                 f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
@@ -731,7 +747,8 @@ def _image_set(root: Path, train: LabelTable, val: LabelTable | None) -> Any:
 def select_tasks(config: TrainConfig, stage_tasks: tuple[str, ...]) -> tuple[str, ...]:
     """The tasks whose terms choose a stage's epoch: ``trainer.select`` among the stage's tasks, else
     the stage's own tasks."""
-    chosen = tuple(t for t in config.trainer.select if t in stage_tasks)
+    owner = {"valence": "va", "arousal": "va"}  # one CCC of the VA term: selected when VA trains
+    chosen = tuple(t for t in config.trainer.select if owner.get(t, t) in stage_tasks)
     return chosen or stage_tasks
 
 
@@ -791,8 +808,16 @@ def _finish(
     )  # fmt: skip
     # with validation a diverged stage falls back to its best (or starting) weights; without, nothing can
     diverged = selected is None if validate else any(s["diverged"] for s in summaries)
+    per_task = summaries[-1].get("per_task") if summaries and validate and not diverged else None
+    if per_task:  # checkpoint_per_task: the model is each task's best epoch, best/ their ensemble
+        result.metrics = metrics = combine_metrics({t: v["metrics"] for t, v in per_task.items()})
+        result.val_predictions = preds = _per_task_predictions(out, per_task, selected, dm)
     if out is not None and rank0:
-        if not diverged:
+        if per_task:
+            result.checkpoint = _save_per_task(out, per_task, metrics)
+            if preds is not None:
+                preds.write(out / "val_predictions.parquet", overwrite=True)
+        elif not diverged:
             # best/ holds the selected epoch already when this session's recorder wrote it (the same weights
             # and metrics); else (selected in an earlier session, which may have ended between two writes)
             # it is written from the selected weights now
@@ -810,7 +835,10 @@ def _finish(
              "selected_stage": selected["stage"] if selected else None, "stages": summaries,
              "history": history, "rows": result.rows, "seconds": result.seconds, "world_size": world.size,
              "recipe": config.model.recipe, "trainval": result.trainval,
-             "diverged": diverged},
+             "diverged": diverged,
+             **({"checkpoint_per_task": {t: {"epoch": v["epoch"], "score": v["score"],
+                                             "member": _answering(per_task)[t]}
+                                         for t, v in per_task.items()}} if per_task else {})},
         )  # fmt: skip
     if diverged:
         what = "no validation epoch was finite" if validate else "the weights became NaN/inf"
@@ -820,6 +848,58 @@ def _finish(
             + (f"; the history is in {out / 'metrics.json'}" if out is not None else "")
         )
     return result
+
+
+def combine_metrics(per_task: Mapping[str, dict]) -> dict:
+    """One metrics dict from each task's own epoch (``{task: MetricResult.to_dict()}``): every term of P
+    depends only on its task's predictions, so each comes from the epoch answering that task."""
+    first = next(iter(per_task.values()))
+    out = {**first, **{t: m[t] for t, m in per_task.items()}}
+    out["P"] = float(out["va"]["mean"] + out["expr"]["f1"] + out["au"]["f1"])
+    return out
+
+
+def _answering(per_task: Mapping[str, dict]) -> dict[str, str]:
+    """task -> ensemble member (``epoch_<n>``): tasks not chosen on their own (not trained in the final
+    stage) are answered by the first chosen task's epoch."""
+    members = {t: f"epoch_{v['epoch']}" for t, v in per_task.items()}
+    first = next(iter(members.values()))
+    return {t: members.get(t, first) for t in TASKS}
+
+
+def _save_per_task(out: Path, per_task: Mapping[str, dict], metrics: dict) -> Path:
+    """best/ as an ensemble of the per-task best checkpoints (one member per distinct epoch)."""
+    from mtaffect.models.ensemble import save_ensemble
+    from mtaffect.train.run import per_task_dir
+
+    tasks = _answering(per_task)
+    members = {}
+    for t in per_task:
+        members.setdefault(tasks[t], per_task_dir(out, t))
+    return save_ensemble(out / "best", members, tasks, metrics=metrics, overwrite=True)
+
+
+def _per_task_predictions(out: Path | None, per_task: Mapping[str, dict], selected: dict | None,
+                          dm: Any) -> PredictionTable | None:  # fmt: skip
+    """The validation predictions of the per-task ensemble: each task's columns from its own epoch
+    (``per_task/<task>.parquet``, written each time that task improved)."""
+    from mtaffect.models.ensemble import combine_tables
+    from mtaffect.train.run import PER_TASK
+
+    memory = (selected or {}).get("task_predictions") or {}
+    tables = {}
+    for t in per_task:
+        path = None if out is None else out / PER_TASK / f"{t}.parquet"
+        if t in memory and dm.val_labels is not None:
+            tables[t] = prediction_table(memory[t], dm.val_labels.images)
+        elif path is not None and path.is_file():  # chosen in an earlier session
+            tables[t] = PredictionTable.read(path)
+        else:
+            return None
+    answer = _answering(per_task)
+    by_member = {f"epoch_{v['epoch']}": tables[t] for t, v in per_task.items()}
+    first = next(iter(tables.values()))
+    return combine_tables({t: by_member[answer[t]] for t in TASKS}, list(map(str, first.images)))
 
 
 def fit_from_root(

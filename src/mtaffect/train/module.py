@@ -9,9 +9,10 @@
   epoch, since Lightning puts the whole model back in train mode) and only its task losses optimised.
 - AdamW (multi-tensor) over the trainable parameters, in the groups the model gives
   (:meth:`MTLModel.param_groups`: the config's ``optim.groups``, a fine-tuned backbone's own lr and
-  layer decay); per-step schedule: linear warm-up that starts above 0 (step 0 trains at
-  ``lr / (warmup + 1)``: one peer's warm-up gave lr 0 for the whole first epoch), then cosine down to
-  ``min_lr_ratio * lr``.
+  layer decay); per-step schedule (``optim.schedule``): ``cosine`` (default) a linear warm-up that
+  starts above 0 (step 0 trains at ``lr / (warmup + 1)``: one peer's warm-up gave lr 0 for the whole
+  first epoch), then cosine down to ``min_lr_ratio * lr``; ``warmup_constant`` the same warm-up, then
+  ``lr`` to the end (recipe 1's peer); ``constant`` ``lr`` from the first step (recipe 3's peer).
 - Bookkeeping stays off the per-step path: the training loss is kept as detached tensors and logged
   every ``log_every_n_steps`` steps and as epoch means (a ``self.log`` per step costs about as much
   as a small head's whole step).
@@ -83,17 +84,31 @@ def set_frozen_eval(module: nn.Module) -> None:
         set_frozen_eval(child)
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
-    """Multiplier of the base lr at optimiser step ``s``: > 0 from step 0, warm-up then cosine."""
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float, schedule: str = "cosine"):
+    """Multiplier of the base lr at optimiser step ``s`` (> 0 from step 0) for ``schedule``: ``cosine``
+    (warm-up, then cosine to ``min_ratio``), ``warmup_constant`` (warm-up, then 1) or ``constant`` (1)."""
+    if schedule not in ("cosine", "constant", "warmup_constant"):
+        raise ValueError(f"unknown lr schedule {schedule!r}; valid values: cosine, constant, warmup_constant")
 
     def f(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
+        if schedule == "warmup_constant":
+            return 1.0
         span = max(1, total_steps - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def select_score(result: Any, terms: tuple[str, ...]) -> float:
+    """The selection score: the sum of the named terms of P (``au``, ``expr``, ``va``) and of single CCCs
+    (``valence``, ``arousal``: the recipe-3 peer summed CCC_V and CCC_A, not their mean)."""
+    single = {"valence": "ccc_v", "arousal": "ccc_a"}
+    return float(sum(getattr(result, single[t]) if t in single else result.P_of((t,)) for t in terms))
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -102,6 +117,22 @@ def _gather(obj: Any) -> list[Any]:
         torch.distributed.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def optimizer_groups(model: MTLModel, lr: float, weight_decay: float) -> list[dict]:
+    """``model.param_groups(lr, weight_decay)``; with ``model.decay_all`` (``optim.decay_all``) the groups
+    a fine-tuned backbone keeps free of decay (``.../no_decay``: biases, norms, embedding tokens) decay
+    like their layer's other parameters, as the recipe-3 peer's AdamW over ``model.parameters()`` did."""
+    groups = model.param_groups(lr, weight_decay)
+    if not model.decay_all:
+        return groups
+    by_name = {g["name"]: g for g in groups}
+    spare = getattr(model, "weight_decay", None)  # a fine-tuned backbone's own decay (backbone.weight_decay)
+    for g in groups:
+        if g["name"].endswith("/no_decay"):
+            twin = by_name.get(g["name"][: -len("/no_decay")])
+            g["weight_decay"] = twin["weight_decay"] if twin else weight_decay if spare is None else spare
+    return groups
 
 
 def make_optimizer(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -122,7 +153,8 @@ class MTLModule(L.LightningModule):
         self, model: MTLModel, loss: MTLLoss, stage: Stage, *, lr: float = 1e-3, weight_decay: float = 1e-2,
         warmup_steps: int = 0, total_steps: int = 1, min_lr_ratio: float = 0.01, au_threshold: float = 0.5,
         select_tasks: tuple[str, ...] | None = None, patience: int = 0, epoch_offset: int = 0,
-        resume: Any = None, recorder: Any = None, log_every_n_steps: int = 50,
+        resume: Any = None, recorder: Any = None, log_every_n_steps: int = 50, schedule: str = "cosine",
+        per_task: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         super().__init__()
         self.model, self.loss_fn, self.stage = model, loss, stage
@@ -132,6 +164,7 @@ class MTLModule(L.LightningModule):
             max(total_steps, 1),
             min_lr_ratio,
         )
+        self.schedule = schedule
         self.au_threshold = au_threshold
         self.select_tasks = tuple(select_tasks or stage.tasks)
         self.patience = patience
@@ -150,6 +183,11 @@ class MTLModule(L.LightningModule):
         # out (fer-minixception's file layout), so a resumed run restores them from here
         self.best_counters: dict[str, int] = dict(sel.get("best_counters") or {})
         self.wait: int = sel.get("wait", 0)
+        # trainer.checkpoint_per_task: each task's own best epoch (on its term of P) besides the selection
+        self.per_task = tuple(per_task)
+        self.task_best: dict[str, dict] = {t: dict(v) for t, v in (sel.get("per_task") or {}).items()}
+        self.task_predictions: dict[str, dict[str, np.ndarray]] = {}  # this session's, by task
+        self.improved_tasks: tuple[str, ...] = ()  # tasks whose best epoch is the one just validated
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_predictions: dict[str, np.ndarray] | None = None
         self.history: list[dict] = []  # this session's epochs of the stage
@@ -224,9 +262,10 @@ class MTLModule(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> dict:
-        opt = make_optimizer(self.model.param_groups(self.lr, self.weight_decay), self.lr, self.weight_decay)
+        groups = optimizer_groups(self.model, self.lr, self.weight_decay)
+        opt = make_optimizer(groups, self.lr, self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(self.warmup_steps, self.total_steps, self.min_lr_ratio)
+            opt, lr_lambda(self.warmup_steps, self.total_steps, self.min_lr_ratio, self.schedule)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -309,13 +348,14 @@ class MTLModule(L.LightningModule):
             "train_loss": self._epoch_train_loss(),
         }
         improved = False
+        self.improved_tasks = ()
         if nonfinite:
             entry.update(P=None, ccc_va=None, f1_expr=None, f1_au=None, score=None, finite=False,
                          nonfinite_rows=nonfinite)  # fmt: skip
             self.wait += 1
         else:
             result = MTLMetric.merge_states([s for s, _ in gathered]).compute()
-            score = result.P_of(self.select_tasks)
+            score = select_score(result, self.select_tasks)
             entry.update(P=result.P, ccc_va=result.va_mean, f1_expr=result.expr_f1, f1_au=result.au_f1,
                          score=score, finite=True)  # fmt: skip
             self.log("val/P", result.P, prog_bar=True)
@@ -334,6 +374,7 @@ class MTLModule(L.LightningModule):
                 self.wait = 0
             else:
                 self.wait += 1
+            self._select_per_task(result, improved)
         self.history.append(entry)
         self._preds = []
         if self.recorder is not None:
@@ -342,11 +383,26 @@ class MTLModule(L.LightningModule):
             self.stopped_early = True
             self.trainer.should_stop = True
 
+    def _select_per_task(self, result: Any, improved: bool) -> None:
+        """``per_task``: keep each task's best epoch on its own term (its metrics and predictions)."""
+        better = []
+        for t in self.per_task:
+            score = result.P_of((t,))
+            best = (self.task_best.get(t) or {}).get("score")
+            if math.isfinite(score) and (best is None or best < score):
+                self.task_best[t] = {"score": float(score), "epoch": self.epoch, "metrics": result.to_dict()}
+                better.append(t)
+        if better:
+            preds = self.best_predictions if improved else _concat(_gather(_concat(self._preds)))
+            self.task_predictions.update({t: preds for t in better})
+        self.improved_tasks = tuple(better)
+
     def selection(self) -> dict:
         """What a resumed run needs to continue this stage's selection (JSON-able)."""
         return {"best_score": _finite(self.best_score) if self.best_epoch >= 0 else None,
                 "best_epoch": self.best_epoch, "wait": self.wait, "best_metrics": self.best_metrics,
-                "select_tasks": list(self.select_tasks), "best_counters": self.best_counters}  # fmt: skip
+                "select_tasks": list(self.select_tasks), "best_counters": self.best_counters,
+                **({"per_task": self.task_best} if self.per_task else {})}  # fmt: skip
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -357,4 +413,5 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "set_frozen_eval"]
+__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "optimizer_groups", "select_score",
+           "set_frozen_eval"]  # fmt: skip

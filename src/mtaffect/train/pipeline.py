@@ -91,6 +91,17 @@ def _is_store_of_ours(folder: Path) -> bool:
         return False
 
 
+def check_no_features(config: TrainConfig, given: bool) -> None:
+    """Refuse feature stores given to a pipeline (``train``, ``cv``): it exports its own from its own task
+    models; stores made by task models trained on other rows (e.g. the whole training split) would give
+    validation videos features learnt from their own labels."""
+    if config.pipeline.enabled and given:
+        raise ValueError(
+            f"{config.source} is a pipeline: it trains from the images under --data and exports its own "
+            "stores; drop --features"
+        )
+
+
 @dataclass(frozen=True)
 class Step:
     """One step: ``train`` (a run folder), ``export`` (a store) or ``combine`` (the ensemble)."""
@@ -462,5 +473,5 @@ def run_pipeline(
     return Pipeline(config, root, out, **kwargs).run(steps)
 
 
-__all__ = ["PIPELINE_FILE", "Pipeline", "PipelineResult", "Step", "combine_predictions", "plan_pipeline",
-           "run_pipeline"]  # fmt: skip
+__all__ = ["PIPELINE_FILE", "Pipeline", "PipelineResult", "Step", "check_no_features", "combine_predictions",
+           "plan_pipeline", "run_pipeline"]  # fmt: skip

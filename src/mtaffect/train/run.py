@@ -3,10 +3,13 @@
 Layout (see :mod:`mtaffect.train.fit` for what each entry holds)::
 
     config.yaml  run.json  best/  metrics.json  val_predictions.parquet  stages/<k>-<name>/  state/  logs/
+    per_task/<task>/  per_task/<task>.parquet     (trainer.checkpoint_per_task: each task's best epoch)
 
 Only rank 0 writes. :class:`RunRecorder` is what a stage's module reports to: it writes the stage's
 best checkpoint each time the selection improves (the final stage's also as ``best/`` with the
-validation predictions) and the resumable state after every epoch; :func:`prepare_out` refuses to
+validation predictions; with ``trainer.checkpoint_per_task`` the final stage's best epoch of each task in
+``per_task/``, and ``best/`` is written at the end as their ensemble) and the resumable state after every
+epoch; :func:`prepare_out` refuses to
 replace a run without ``overwrite`` and to continue one trained on other inputs or with another config.
 """
 
@@ -38,8 +41,14 @@ if TYPE_CHECKING:
 #: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
 RUN_ENTRIES = (
     "config.yaml", "run.json", "best", "metrics.json", "val_predictions.parquet", "stages", "state", "logs",
-    "images.sha256",
+    "images.sha256", "per_task",
 )  # fmt: skip
+PER_TASK = "per_task"
+
+
+def per_task_dir(out: Path, task: str) -> Path:
+    """The checkpoint of the final stage's epoch best on ``task``'s term (``trainer.checkpoint_per_task``)."""
+    return out / PER_TASK / task
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, config: TrainConfig, identity: dict) -> None:
@@ -193,16 +202,24 @@ class RunRecorder:
                 f"stage {self.stage.name} epoch {entry['epoch']}: {entry['nonfinite_rows']} validation rows "
                 "predicted NaN/inf: non-finite epoch, not selected"
             )
-        if not improved or self.out is None:
+        if self.out is None:
+            return
+        if self.final:  # checkpoint_per_task: each task's best epoch so far, its weights and predictions
+            for t in module.improved_tasks:
+                self.training.save(per_task_dir(self.out, t), module.task_best[t]["metrics"], True)
+                self._write_predictions(module.task_predictions.get(t), self.out / PER_TASK / f"{t}.parquet")
+        if not improved:
             return
         # the live model holds the improved weights: its checkpoint (a fine-tuned backbone's included)
         self.training.save(stage_dir(self.out, self.k, self.stage), module.best_metrics, True)
-        if self.final:
+        if self.final and not module.per_task:  # per task: best/ is the ensemble written at the end
             self.training.save(self.out / "best", module.best_metrics, True)
             self.best_written = module.best_epoch
-            if module.best_predictions is not None and self.dm.val_labels is not None:
-                table = prediction_table(module.best_predictions, self.dm.val_labels.images)
-                table.write(self.out / "val_predictions.parquet", overwrite=True)
+            self._write_predictions(module.best_predictions, self.out / "val_predictions.parquet")
+
+    def _write_predictions(self, preds: dict[str, np.ndarray] | None, path: Path) -> None:
+        if preds is not None and self.dm.val_labels is not None:
+            prediction_table(preds, self.dm.val_labels.images).write(path, overwrite=True)
 
     def epoch_end(self, module: MTLModule) -> None:
         if not self.rank0 or self.out is None:
@@ -218,6 +235,6 @@ class RunRecorder:
         ).save(self.out)  # fmt: skip
 
 
-__all__ = ["RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records",
+__all__ = ["PER_TASK", "RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records", "per_task_dir",
            "prediction_table", "prepare_out", "run_status", "save_model",
            "stage_dir"]  # fmt: skip

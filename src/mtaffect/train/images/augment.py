@@ -33,7 +33,8 @@ Behaviour the training relies on:
   in extraction. ``none`` (or every op removed) is the identity: training then sees exactly the
   pixels extraction gives the backbone.
 - Every frame of a window gets the same random transform (kornia's ``VideoSequential`` with
-  ``same_on_frame``); rows are windows of one frame.
+  ``same_on_frame``); rows are windows of one frame. ``per_frame`` (``augment.per_frame``) draws each
+  frame's transform on its own instead, as the recipe-3 peer's data loader transformed every image.
 - Reproducible: each batch's parameters are drawn from a generator seeded by (seed, stage, epoch,
   rank, batch), never from the global random state, so reruns, worker counts and other consumers of
   randomness do not change them.
@@ -175,8 +176,10 @@ def _kornia_op(name: str, params: dict[str, Any], size: int, channels: int) -> A
 class Augmenter:
     """Batched, seeded, window-consistent augmentation of [0, 1] pixels (B, C, S, S) or (B, T, C, S, S)."""
 
-    def __init__(self, ops: list[tuple[str, dict[str, Any]]], size: int, channels: int) -> None:
-        self.ops = ops
+    def __init__(
+        self, ops: list[tuple[str, dict[str, Any]]], size: int, channels: int, per_frame: bool = False
+    ) -> None:
+        self.ops, self.per_frame = ops, bool(per_frame)
         self.size, self.channels = int(size), int(channels)
         self._pipeline = None
         if ops:
@@ -187,9 +190,10 @@ class Augmenter:
 
     @classmethod
     def from_config(
-        cls, preset: str, overrides: Mapping[str, Any] | None, size: int, channels: int
-    ) -> Augmenter:
-        return cls(resolve_ops(preset, overrides), size, channels)
+        cls, preset: str, overrides: Mapping[str, Any] | None, size: int, channels: int,
+        per_frame: bool = False,
+    ) -> Augmenter:  # fmt: skip
+        return cls(resolve_ops(preset, overrides), size, channels, per_frame)
 
     @property
     def identity(self) -> bool:
@@ -199,13 +203,16 @@ class Augmenter:
         if self._pipeline is None:
             return x
         rows = x.ndim == 4
+        shape = x.shape
+        if self.per_frame and not rows:  # every frame a window of its own: its own transform
+            x, rows = x.reshape(-1, *shape[-3:]), True
         v = x.unsqueeze(1) if rows else x
         self._pipeline.to(v.device)
         devices = [v.device] if v.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # parameters from this batch's seed only
             torch.manual_seed(seed)
             out = self._pipeline(v)
-        return out.squeeze(1) if rows else out
+        return out.reshape(shape) if rows else out
 
 
 def batch_seed(seed: int, *parts: int) -> int:

@@ -70,7 +70,7 @@ def build_image_training(
             stacklevel=2,
         )
     augment = Augmenter.from_config(
-        config.augment.preset, config.augment.ops, spec.input_size, len(spec.mean)
+        config.augment.preset, config.augment.ops, spec.input_size, len(spec.mean), config.augment.per_frame
     )
     dm = ImageDataModule(
         root, train, val, size=spec.input_size, colour=spec.colour, mean=spec.mean, std=spec.std,
