@@ -95,3 +95,16 @@ def test_config_trains_saves_reloads_and_predicts(config: Path, synth_store, tmp
         from mtaffect.predict.outputs import read_table
 
         assert read_table(tmp_path / "app" / "face.csv")["success"].eq(1).any()
+
+
+def test_dry_run_prints_the_resolved_config_and_each_steps_differences(tmp_path):
+    """The published variants' settings in one place, without training or writing anything."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "progressive_published.yaml"
+    out = run("train", "--config", config, "--data", tmp_path / "none",
+              "--out", tmp_path / "run", "--dry-run", "-o", "trainer.seed=3")  # fmt: skip
+    resolved = yaml.safe_load(out.split("# step ")[0])
+    assert resolved["optim"]["schedule"] == "constant" and resolved["trainer"]["seed"] == 3
+    steps = {part.split(":")[0]: yaml.safe_load(part.split("\n", 1)[1]) for part in out.split("# step ")[1:]}
+    assert steps["enhanced_va"]["model"]["hparams"]["temporal"] == "lstm"
+    assert steps["enhanced_expr"]["data"]["window"] == 5 and steps["enhanced_au"]["trainer"]["epochs"] == 30
+    assert not (tmp_path / "run").exists()

@@ -53,6 +53,36 @@ def _config(path: Path, overrides: list[str] | None, progress: bool):
     return cfg
 
 
+def resolved_config_text(cfg) -> str:
+    """The config a run would train with, as YAML; for a pipeline, then each step's settings that differ
+    from it (what ``--dry-run`` prints: the published variants' differences from the defaults in one
+    place)."""
+    import yaml
+
+    from mtaffect.train.config import pipeline_configs
+
+    base = cfg.to_dict()
+    text = f"# resolved config ({cfg.source})\n" + yaml.safe_dump(base, sort_keys=False)
+    if cfg.pipeline.enabled:
+        for name, step in pipeline_configs(cfg).items():
+            changed = _changed(base, step.to_dict()) or {}
+            text += f"# step {name}: differs from the above in\n" + yaml.safe_dump(changed, sort_keys=False)
+    return text
+
+
+def _changed(base: dict, other: dict) -> dict:
+    """The entries of ``other`` whose values differ from ``base`` (nested mappings compared key by key)."""
+    out = {}
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            sub = _changed(base[key], value)
+            if sub:
+                out[key] = sub
+        elif base.get(key) != value:
+            out[key] = value
+    return out
+
+
 def _log(msg: str) -> None:
     console.print(msg, highlight=False)
 
@@ -131,6 +161,14 @@ def train(
         ),
     ] = None,
     folds: Folds = 5, split_seed: SplitSeed = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the resolved config (the recipe's defaults, the file, the overrides; for a pipeline "
+            "every step's own settings) and exit without training or writing anything.",
+        ),
+    ] = False,
     overwrite: Overwrite = False, progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
 ) -> None:  # fmt: skip
     """Train a recipe on a feature store, or from images (configs with a backbone); keep the best val P.
@@ -143,6 +181,9 @@ def train(
     from mtaffect.train.fit import fit, fit_from_root
 
     cfg = _config(config, override, progress)
+    if dry_run:
+        console.print(resolved_config_text(cfg), highlight=False, markup=False, soft_wrap=True)
+        return
     main, named = split_features(features)
     split = _fold_split(cfg, data, fold, folds, split_seed, trainval, no_validation)
     if cfg.pipeline.enabled:
