@@ -569,25 +569,25 @@ def _fails_instead_of_hanging(seconds: int = 60):
         signal.signal(signal.SIGALRM, before)
 
 
-def _copy_of(faces, data: Path, n: int) -> Path:
-    """A dataset root holding the first ``n`` face crops of ``faces``."""
+def _with_a_fifo(faces, data: Path, n: int, fifo: str) -> list[str]:
+    """A dataset root ``data`` holding the first ``n`` face crops of ``faces`` and a named pipe at image
+    name ``fifo``: the image names to extract, the pipe last."""
     root, names = faces
-    for name in names[:n]:
+    for name in [*names[:n], fifo]:
         (data / "cropped_aligned" / name).parent.mkdir(parents=True, exist_ok=True)
+    for name in names[:n]:
         (data / "cropped_aligned" / name).write_bytes((root / "cropped_aligned" / name).read_bytes())
-    return data
+    os.mkfifo(data / "cropped_aligned" / fifo)
+    return [*names[:n], fifo]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
 def test_a_fifo_or_socket_named_like_an_image_is_a_failed_row_not_a_hang(faces, tmp_path):
-    names = faces[1]
-    data = _copy_of(faces, tmp_path / "data", 3)
-    (data / "cropped_aligned" / "odd").mkdir()
-    os.mkfifo(data / "cropped_aligned" / "odd" / "00001.jpg")
+    data = tmp_path / "data"
+    wanted = [*_with_a_fifo(faces, data, 3, "odd/00001.jpg"), "odd/00002.jpg"]
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.bind(str(data / "cropped_aligned" / "odd" / "00002.jpg"))
-        wanted = [*names[:3], "odd/00001.jpg", "odd/00002.jpg"]
         with _fails_instead_of_hanging():
             res = extract(data, TinyBackbone(), tmp_path / "s", images=wanted, **RUN)
     finally:
@@ -605,11 +605,8 @@ def test_infer_from_images_counts_a_fifo_as_unreadable(faces, tmp_path):
     from cli_helpers import invoke
     from model_helpers import checkpoint
 
-    names = faces[1]
-    data = _copy_of(faces, tmp_path / "data", 4)
-    (data / "cropped_aligned" / "vid9").mkdir()
-    os.mkfifo(data / "cropped_aligned" / "vid9" / "00001.jpg")
-    wanted = [*names[:4], "vid9/00001.jpg"]
+    data = tmp_path / "data"
+    wanted = _with_a_fifo(faces, data, 4, "vid9/00001.jpg")
     (tmp_path / "list.txt").write_text("\n".join(wanted) + "\n")
     model = checkpoint(tmp_path / "ckpt", "emotinet")
     base = ("infer", "--model", model, "--data", data, "--images", tmp_path / "list.txt", "--workers", 0)
