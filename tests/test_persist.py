@@ -184,3 +184,12 @@ def test_the_lock_is_exclusive_and_shared_locks_share(tmp_path):
     with Lock.acquire(tmp_path, shared=True), Lock.acquire(tmp_path, shared=True):  # a folder, shared
         assert Lock.try_acquire(tmp_path) is None
     assert Lock.try_acquire(path) is not None
+
+
+def test_a_killed_atomic_write_of_ours_leaves_the_folder_ours(tmp_path):
+    """A crash while rewriting a marker leaves ``.<name>.<8 chars>.part``: still ours, never foreign."""
+    ours = _ours(tmp_path / "ours", ".toy.json.abcd1234.part", ".a.npy.x_y9z0k1.part")
+    assert check_replaceable(ours, TOY, overwrite=True) == ours
+    mine = _ours(tmp_path / "mine", ".notes.txt.abcd1234.part")  # of a name the format never writes
+    with pytest.raises(NotOursError, match=r"also holds .notes.txt.abcd1234.part"):
+        check_replaceable(mine, TOY, overwrite=True)

@@ -85,6 +85,7 @@ def test_a_killed_job_resumes_after_the_last_completed_frame(clip, predictor, re
         read_table(part / ROWS_FILE).drop(columns="_input"), reference[reference.frame <= after],
         check_exact=False, atol=1e-6,
     )  # fmt: skip
+    (part / f".{JOB_FILE}.abcd1234.part").write_text("{")  # a kill during a commit leaves this too
     analysed, notes = [], []
     predict_to_file(predictor, clip, target, progress=analysed.append, log=notes.append)
     assert sum(analysed) == 20 - (after + 1)  # only the frames after the last completed one

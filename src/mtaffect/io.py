@@ -7,9 +7,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+#: The hidden temporary file :func:`atomic_path` writes beside its target (``.<target>.<mkstemp's 8
+#: characters>.part``); a crash mid-write leaves it behind.
+PART_FILE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part$")
 
 
 class OutputExistsError(FileExistsError):
@@ -26,7 +31,8 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return p
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it): the mode temporary files are given."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -42,7 +48,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual mode
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes owner-only files; outputs get the usual mode
     tmp_path = Path(tmp)
     try:
         yield tmp_path

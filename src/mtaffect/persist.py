@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from mtaffect import __version__
-from mtaffect.io import OutputExistsError, atomic_open
+from mtaffect.io import PART_FILE, OutputExistsError, atomic_open, current_umask
 
 try:  # advisory locks are POSIX; without them only the "two live runs" guards are lost
     import fcntl
@@ -210,13 +210,17 @@ def folder_format(path: str | os.PathLike, formats: Sequence[Format]) -> Format 
 
 
 def foreign_entries(path: str | os.PathLike, fmt: Format) -> list[str]:
-    """Names in the folder ``path`` that ``fmt`` never writes (hidden swap leftovers of ours excepted)."""
+    """Names in the folder ``path`` that ``fmt`` never writes. The temporary file an interrupted atomic
+    write of one of its names left behind (:data:`mtaffect.io.PART_FILE`) is ours too."""
     if fmt.members is None:
         return []
-    return sorted(
-        e.name for e in Path(path).iterdir()
-        if not any(fnmatch.fnmatchcase(e.name, m) for m in fmt.members)
-    )  # fmt: skip
+
+    def member(name: str) -> bool:
+        part = PART_FILE.match(name)
+        name = part["target"] if part else name
+        return any(fnmatch.fnmatchcase(name, m) for m in fmt.members or ())
+
+    return sorted(e.name for e in Path(path).iterdir() if not member(e.name))
 
 
 def _listing(path: Path, limit: int = 5) -> str:
@@ -307,7 +311,7 @@ def atomic_folder(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes owner-only folders
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes owner-only folders
         check_replaceable(target, formats, overwrite)  # still ours after the work (a user may have acted)
         replace_dir(tmp, target)
     finally:
@@ -340,12 +344,6 @@ def previous_dir(target: str | os.PathLike) -> Path | None:
         key=lambda p: p.stat().st_mtime,
     )
     return found[-1] if found else None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---- the lock ---------------------------------------------------------------------------------------
