@@ -193,15 +193,10 @@ def random_labels(n: int, device: torch.device, gen: torch.Generator) -> dict[st
 
 
 def make_optimizer(model: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The training loop's AdamW over the model's groups (mtaffect.train.module), or the same by hand on
-    a checkout without those helpers."""
-    try:
-        from mtaffect.train.module import make_optimizer as make
-        from mtaffect.train.module import optimizer_groups
-    except ImportError:
-        return torch.optim.AdamW(model.param_groups(lr, weight_decay), lr=lr, weight_decay=weight_decay,
-                                 foreach=True)  # fmt: skip
-    return make(optimizer_groups(model, lr, weight_decay), lr, weight_decay)
+    """The training loop's AdamW over the model's groups (mtaffect.train.module)."""
+    from mtaffect.train.module import make_optimizer as make
+
+    return make(model.param_groups(lr, weight_decay), lr, weight_decay)
 
 
 class TrainStep:

@@ -68,11 +68,9 @@ def test_the_module_steps_its_scheduler_with_the_configured_schedule():
 
 # ---- optim.decay_all -------------------------------------------------------------------------------------
 def _decay_by_param(model, decay_all: bool) -> dict[str, float]:
-    from mtaffect.train.module import optimizer_groups
-
     model.decay_all = decay_all
     ids = {id(p): n for n, p in model.named_parameters()}
-    return {ids[id(p)]: g["weight_decay"] for g in optimizer_groups(model, 1e-3, 0.05) for p in g["params"]}
+    return {ids[id(p)]: g["weight_decay"] for g in model.param_groups(1e-3, 0.05) for p in g["params"]}
 
 
 def test_decay_all_puts_weight_decay_on_norms_biases_and_position_embeddings(vit_folder):

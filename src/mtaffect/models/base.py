@@ -63,8 +63,8 @@ class MTLModel(nn.Module):
     group_settings: Mapping[str, Mapping[str, float]] = {}
     #: ``optim.decay_all``: weight decay on every parameter. A recipe's own parameters always decay
     #: (:meth:`param_groups`); a fine-tuned backbone (:class:`~mtaffect.models.image_model.ImageMTLModel`)
-    #: otherwise spares its biases, norms and embedding tokens (its ``/no_decay`` groups), which the
-    #: training loop then decays too (:func:`mtaffect.train.module.optimizer_groups`).
+    #: otherwise spares its biases, norms and embedding tokens (its ``/no_decay`` groups) unless this is
+    #: set (:meth:`~mtaffect.models.image_model.ImageMTLModel.param_groups`).
     decay_all: bool = False
 
     def stages(self) -> list[Stage]:

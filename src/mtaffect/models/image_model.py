@@ -193,7 +193,8 @@ class ImageMTLModel(MTLModel):
         for (layer, decay), params in sorted(buckets.items()):
             groups.append({
                 "name": f"backbone/layer{layer}" + ("" if decay else "/no_decay"), "params": params,
-                "lr": b_lr * self.layer_decay ** (top - layer), "weight_decay": b_wd if decay else 0.0,
+                "lr": b_lr * self.layer_decay ** (top - layer),
+                "weight_decay": b_wd if decay or self.decay_all else 0.0,
             })  # fmt: skip
         return groups
 

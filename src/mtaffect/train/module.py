@@ -119,22 +119,6 @@ def _gather(obj: Any) -> list[Any]:
     return [obj]
 
 
-def optimizer_groups(model: MTLModel, lr: float, weight_decay: float) -> list[dict]:
-    """``model.param_groups(lr, weight_decay)``; with ``model.decay_all`` (``optim.decay_all``) the groups
-    a fine-tuned backbone keeps free of decay (``.../no_decay``: biases, norms, embedding tokens) decay
-    like their layer's other parameters, as the recipe-3 peer's AdamW over ``model.parameters()`` did."""
-    groups = model.param_groups(lr, weight_decay)
-    if not model.decay_all:
-        return groups
-    by_name = {g["name"]: g for g in groups}
-    spare = getattr(model, "weight_decay", None)  # a fine-tuned backbone's own decay (backbone.weight_decay)
-    for g in groups:
-        if g["name"].endswith("/no_decay"):
-            twin = by_name.get(g["name"][: -len("/no_decay")])
-            g["weight_decay"] = twin["weight_decay"] if twin else weight_decay if spare is None else spare
-    return groups
-
-
 def make_optimizer(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW updating all parameters with multi-tensor kernels instead of a Python loop over them (the
     CPU default). Not ``fused``: that one unscales gradients itself, which Lightning's 16-mixed
@@ -262,7 +246,7 @@ class MTLModule(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> dict:
-        groups = optimizer_groups(self.model, self.lr, self.weight_decay)
+        groups = self.model.param_groups(self.lr, self.weight_decay)
         opt = make_optimizer(groups, self.lr, self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(self.warmup_steps, self.total_steps, self.min_lr_ratio, self.schedule)
@@ -413,5 +397,5 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "optimizer_groups", "select_score",
+__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "select_score",
            "set_frozen_eval"]  # fmt: skip

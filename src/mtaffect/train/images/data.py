@@ -231,8 +231,9 @@ class ImageDataModule(MTLDataModule):
         batch = self.float32_inputs(batch, self.store_inputs)  # named stores' rows
         phase = "train" if training else "val"
         counts = self._epoch_counts.setdefault(phase, [0, 0])
-        counts[0] += int(ok.sum())
-        counts[1] += int(ok.numel())
+        n = int(ok.numel())
+        counts[0] += n if not failed else int(ok.sum())  # ok is all true unless some image failed: no sync
+        counts[1] += n
         if failed:
             self._note_failures(failed)
             shown = self._epoch_failed.setdefault(phase, [])
