@@ -25,9 +25,9 @@ Design (crash safety, resume, sharding):
 - With ``world_size > 1`` ranks coordinate through ``torch.distributed`` (an initialised process
   group, or a gloo group initialised here from torchrun's environment): one broadcast after rank 0
   prepares and one gather before finalising, both carrying errors so no rank waits on a failed one.
-- A POSIX record lock on ``progress/rank-NNNNN.lock`` (holding the owner's pid) stops two live runs
-  from writing the same shard. Unlike ``flock`` it belongs to the process, not to the open file, so
-  DataLoader workers forked while it is held do not keep it after their parent is killed.
+- A lock on ``progress/rank-NNNNN.lock`` (:class:`mtaffect.persist.Lock`, the file holding the owner's
+  pid) stops two live runs from writing the same shard. Forked DataLoader workers drop their copy, so
+  a killed parent's lock is free at once, whatever its workers still do.
 - Nothing is deleted that this code did not create: the preparation folder has a unique name, and
   every folder extraction may later remove (``<out>.partial``, the preparation folder, the old store
   being swapped out by ``overwrite``) carries the marker file ``.mtaffect-extract`` naming the process
@@ -80,7 +80,7 @@ from mtaffect.features.store import (
     write_images,
 )
 from mtaffect.io import OutputExistsError
-from mtaffect.persist import FEATURE_STORE, Lock, LockBusy, check_replaceable, write_json
+from mtaffect.persist import FEATURE_STORE, Lock, LockBusy, NotOursError, check_replaceable, write_json
 from mtaffect.schema import CROPPED_DIR, SPLIT_FILES, TEST_LIST_NAMES
 
 PLAN: Final[str] = "plan.json"
@@ -384,15 +384,19 @@ def _read_progress(partial: Path) -> dict[int, list]:
 
 def _check_target(out: Path, overwrite: bool) -> None:
     """Only a finished store of ours may be replaced, and only with ``overwrite`` (the one ownership
-    rule, :func:`mtaffect.persist.check_replaceable`)."""
-    if _is_store(out) and not overwrite:
+    rule, :func:`mtaffect.persist.check_replaceable`); a store of ours without ``overwrite`` is named by
+    its backbone and size."""
+    try:
+        check_replaceable(out, FEATURE_STORE, overwrite)
+    except NotOursError:
+        raise
+    except OutputExistsError as exc:
         meta = read_json(out / META, "store metadata")
         raise OutputExistsError(
             f"{out} is already a finished feature store (backbone {meta.get('backbone')!r}, "
             f"{meta.get('counts', {}).get('images')} images); pass overwrite=True (CLI: --overwrite) "
             "to extract it again"
-        )
-    check_replaceable(out, FEATURE_STORE, overwrite)
+        ) from exc
 
 
 def _prepare(out: Path, partial: Path, plan: dict, images: Sequence[str], overwrite: bool) -> dict:

@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
-from mtaffect.persist import EXPORT, header, read_header_file, write_json
+from mtaffect.persist import EXPORT, read_header_file, write_json
 from mtaffect.schema import NUM_AUS
 
-FORMAT: Final[str] = EXPORT.name
 MANIFEST: Final[str] = str(EXPORT.marker)
 #: Graph files of an export folder.
 FACE_MODEL: Final[str] = "face_model.onnx"
@@ -52,9 +51,9 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``export.json`` into ``folder`` (called on the temporary folder before it is renamed); the
-    header of :mod:`mtaffect.persist` comes first."""
-    return write_json(folder / MANIFEST, {**header(EXPORT), **manifest})
+    """Write ``export.json`` into ``folder`` (called on the temporary folder before it is renamed);
+    ``manifest`` starts with the header of :mod:`mtaffect.persist` (``header(EXPORT, ...)``)."""
+    return write_json(folder / MANIFEST, manifest)
 
 
 def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict[str, Any]:

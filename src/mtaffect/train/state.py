@@ -38,9 +38,11 @@ from mtaffect.persist import (
     RUN,
     TRAIN_STATE,
     atomic_folder,
+    check_header,
     header,
     previous_dir,
     read_header_file,
+    read_json,
     write_json,
 )
 
@@ -258,12 +260,13 @@ class EpochState:
         if not (folder / STATE_JSON).is_file():
             return None
         try:
-            meta = read_header_file(folder / STATE_JSON, TRAIN_STATE, ResumeError)
+            meta = read_json(folder / STATE_JSON, TRAIN_STATE.what, ResumeError)
             tensors = load_weights(folder / STATE_TENSORS, hint=None)
         except (OSError, ValueError) as exc:  # a damaged file included (CheckpointError)
             raise ResumeError(
                 f"{folder}: the training state cannot be read ({exc}); start over with --overwrite"
             ) from exc
+        check_header(meta, TRAIN_STATE, folder / STATE_JSON, ResumeError)  # a newer one: upgrade, not redo
         model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         optimizer = None if meta["optimizer"] is None else _join_optimizer(meta["optimizer"], tensors)
         rng = None
