@@ -50,6 +50,7 @@ __all__ = [
     "ccc",
     "expression_f1",
     "official_metric",
+    "require_scored",
     "score",
     "terms_of",
     "terms_row",
@@ -580,6 +581,24 @@ def official_metric(
     return _result(*stats, thr)
 
 
+def require_scored(gt: Any, what: str = "score") -> None:
+    """Raise a ValueError naming ``gt``'s file unless one of its rows holds a label (zero scored rows give
+    no result, never a P of 0); ``what`` the work that needed them (score, tune)."""
+    labelled = (
+        (np.asarray(gt.valence) != MISSING_VA)
+        | (np.asarray(gt.arousal) != MISSING_VA)
+        | (np.asarray(gt.expression) != MISSING_EXPR)
+        | (np.asarray(gt.aus) != MISSING_AU).reshape(len(gt.images), NUM_AUS).any(axis=1)
+    )
+    if not labelled.any():
+        where = getattr(gt, "source", None) or "the ground truth"
+        holds = "no data rows" if len(gt.images) == 0 else f"{len(gt.images)} rows but not one label"
+        raise ValueError(
+            f"{where}: nothing to {what}: it holds {holds} (zero scored rows); check that it is the right "
+            "annotation file and that its line ends and header are intact"
+        )
+
+
 def score(gt: Any, pred: Any, *, au_thresholds: Any = None) -> MetricResult:
     """Score a PredictionTable against a LabelTable, aligning the predictions to the label rows.
 
@@ -589,19 +608,7 @@ def score(gt: Any, pred: Any, *, au_thresholds: Any = None) -> MetricResult:
     Ground truth with no labelled row (e.g. a header-only file) is a ValueError: zero scored rows give
     no score, never a P of 0.
     """
-    labelled = (
-        (np.asarray(gt.valence) != MISSING_VA)
-        | (np.asarray(gt.arousal) != MISSING_VA)
-        | (np.asarray(gt.expression) != MISSING_EXPR)
-        | (np.asarray(gt.aus) != MISSING_AU).reshape(len(gt.images), NUM_AUS).any(axis=1)
-    )
-    if not labelled.any():
-        where = getattr(gt, "source", None) or "the ground truth"
-        what = "no data rows" if len(gt.images) == 0 else f"{len(gt.images)} rows but not one label"
-        raise ValueError(
-            f"{where}: nothing to score: it holds {what} (zero scored rows); check that it is the right "
-            "annotation file and that its line ends and header are intact"
-        )
+    require_scored(gt)
     aligned = pred.align_to(gt.images)
     return official_metric(
         valence_true=gt.valence,

@@ -22,7 +22,7 @@ import pandas as pd
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
-from mtaffect.metrics import MetricResult, official_metric
+from mtaffect.metrics import MetricResult, official_metric, require_scored
 from mtaffect.post.blend import align_tables, task_objective, tune_blend_weights
 from mtaffect.post.config import PostConfig
 from mtaffect.post.smoothing import (
@@ -281,15 +281,12 @@ def _require_scored(gt: LabelTable, what: str, half: str | None = None) -> None:
     Rows whose every label is missing score nothing: a search on them "finds" the defaults and would
     save them as a result, so zero scored rows is an error, on all videos or on either nested half.
     """
+    if half is None:
+        require_scored(gt, what)
+        return
     if len(gt) and gt.any_label_mask.any():
         return
     where = gt.source or "the annotations"
-    if half is None:
-        holds = "no data rows" if len(gt) == 0 else f"{len(gt)} rows but not one label"
-        raise ValueError(
-            f"{where}: nothing to {what}: it holds {holds} (zero scored rows); check that it is the right "
-            "annotation file and that its line ends and header are intact"
-        )
     raise ValueError(
         f"{where}: nothing to {what}: {half} hold no label (zero scored rows); the labels are in too few "
         "videos for a nested split: try another --split-seed, or --no-nested"

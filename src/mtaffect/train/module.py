@@ -43,6 +43,7 @@ from mtaffect.metrics import MTLMetric
 from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.losses import MTLLoss
 from mtaffect.schema import MISSING_AU, MISSING_EXPR, MISSING_VA
+from mtaffect.train.config import SCHEDULES
 
 
 def apply_stage(model: MTLModel, stage: Stage) -> list[str]:
@@ -87,8 +88,8 @@ def set_frozen_eval(module: nn.Module) -> None:
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float, schedule: str = "cosine"):
     """Multiplier of the base lr at optimiser step ``s`` (> 0 from step 0) for ``schedule``: ``cosine``
     (warm-up, then cosine to ``min_ratio``), ``warmup_constant`` (warm-up, then 1) or ``constant`` (1)."""
-    if schedule not in ("cosine", "constant", "warmup_constant"):
-        raise ValueError(f"unknown lr schedule {schedule!r}; valid values: cosine, constant, warmup_constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; valid values: {', '.join(SCHEDULES)}")
 
     def f(step: int) -> float:
         if schedule == "constant":
