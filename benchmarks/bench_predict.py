@@ -6,10 +6,12 @@
 - memory: peak RSS (``VmHWM``) of a fresh process predicting a generated video of each length; flat
   in length means streaming works. Videos are made procedurally (a moving face over a backdrop,
   H.264 "ultrafast"), cached in ``--cache``.
+- landmarks: frames/s with the face landmarker (``landmarks`` compact, dense) and without it (none),
+  alternated on the speed video; its cost in % of frames/s (the bar: at most 25% with one face).
 - smile: the embedded default model on the 13,165 real faces of ../shared/data/smilesmiled (64x64
   face crops read from the tar, never extracted): AUROC of P(Happiness) and P(AU12) for smile vs not.
 
-Run: ``python benchmarks/bench_predict.py [--what speed,memory,smile] [--seconds 12]
+Run: ``python benchmarks/bench_predict.py [--what speed,landmarks,memory,smile] [--seconds 12]
 [--minutes 0.5,1,2] [--memory-every 1]``; ``--minutes 1,3,10`` is the full memory measurement.
 """
 
@@ -86,6 +88,25 @@ def bench_speed(seconds: float, settings: list[dict]) -> list[dict]:
                 }
             )
             print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def bench_landmarks(seconds: float, repeats: int = 3) -> dict:
+    """The landmarker's cost: frames/s with ``landmarks`` compact (the default), dense and none on the speed
+    video, the settings alternated ``repeats`` times (a busy machine slows all of them alike); the
+    median of each and the cost in % of the frames/s without the landmarker."""
+    modes = ("none", "compact", "dense")
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(repeats):
+        for m in modes:
+            runs[m].append(bench_speed(seconds, [{"landmarks": m}])[0]["analysed_frames_per_s"])
+    median = {m: float(np.median(v)) for m, v in runs.items()}
+    out = {
+        "frames_per_s": runs,
+        "median_frames_per_s": median,
+        "cost_pct": {m: round(100 * (1 - median[m] / median["none"]), 1) for m in ("compact", "dense")},
+    }
+    print(json.dumps(out), flush=True)
     return out
 
 
@@ -187,9 +208,10 @@ def bench_smile() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", default="speed,memory,smile")
+    ap.add_argument("--what", default="speed,landmarks,memory,smile")
     ap.add_argument("--seconds", type=float, default=12.0, help="length of the speed video")
     ap.add_argument("--minutes", default="0.5,1,2", help="video lengths for the memory test")
+    ap.add_argument("--repeats", type=int, default=3, help="alternated runs per landmarker setting")
     ap.add_argument("--memory-every", type=int, default=1)
     ap.add_argument("--memory-detect-every", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mtaffect_bench_predict")
@@ -211,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
             {"every": 5, "detect_every": 5},
         ]
         result["speed"] = bench_speed(args.seconds, settings)
+    if "landmarks" in what:
+        result["landmarks"] = bench_landmarks(args.seconds, args.repeats)
     if "memory" in what:
         minutes = [float(m) for m in args.minutes.split(",")]
         result["memory"] = bench_memory(minutes, args.cache, args.memory_every, args.memory_detect_every)

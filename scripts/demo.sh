@@ -2,7 +2,7 @@
 # `make demo`: the main job on real content, then a short research round on a synthetic set.
 #   1. application: `mtaffect predict` on a face video made from public-domain scikit-image photos
 #      (two faces, one leaves and comes back with its id) and on a still photo -> per-frame table with
-#      head pose, timelines, annotated video and still, HTML report with face thumbnails, and the
+#      head pose, gaze, blendshapes and AU intensities, timelines, annotated video and still, HTML report with face thumbnails, and the
 #      per-face summary from Python (`mtaffect.summarize`); then the same media as an archive
 #      (`--workers 2`: a table per file from two processes, and one combined table);
 #   2. research: synthetic s-Aff-Wild2 -> features from the embedded FER backbone -> train recipe 4
@@ -31,9 +31,11 @@ from mtaffect.predict import read_table
 out = Path(sys.argv[1])
 summary = mtaffect.summarize(read_table(out / "faces.csv"))
 summary.to_csv(out / "summary.csv", index=False)
-cols = ["face_id", "frames", "expression", "valence_mean", "arousal_mean", "pose_Ry_mean"]
+cols = ["face_id", "frames", "expression", "valence_mean", "arousal_mean", "pose_Ry_deg_mean", "AU12_r_mean"]
 print(summary[cols].round(2).to_string(index=False))
 PY
+# the 478 landmarks of the still, as columns (x_0..x_477, y_.., z_..) and drawn on its annotated copy
+$MT predict "$OUT/astronaut.jpg" --out "$OUT/landmarks" --plot --draw landmarks --quiet
 
 step "1b. the same media as an archive: one table per file, two worker processes, one combined table"
 $MT predict "$OUT/faces.mp4" "$OUT/astronaut.jpg" --out "$OUT/archive" --workers 2 --combine --quiet

@@ -137,3 +137,151 @@ def test_cli_annotates_stills_and_the_report_shows_face_thumbnails(tmp_path):
     assert "min_confidence=0.95" in html and "reid_memory_s=10.0" in html
     bad = CliRunner().invoke(app, ["predict", str(still), "--out", str(out / "b"), "--min-confidence", "2"])
     assert bad.exit_code == 2 and "min_confidence" in bad.output
+
+
+def _dense(row: dict, xs: np.ndarray, ys: np.ndarray) -> dict:
+    """``row`` with the dense landmark columns: the first ``len(xs)`` points at (xs, ys), the rest NaN."""
+    from mtaffect.schema import NUM_DENSE_LANDMARKS
+
+    x, y = np.full(NUM_DENSE_LANDMARKS, np.nan), np.full(NUM_DENSE_LANDMARKS, np.nan)
+    x[: len(xs)], y[: len(ys)] = xs, ys
+    return {**row, **{f"x_{i}": v for i, v in enumerate(x)}, **{f"y_{i}": v for i, v in enumerate(y)},
+            **{f"z_{i}": 0.0 for i in range(NUM_DENSE_LANDMARKS)}}  # fmt: skip
+
+
+_ROW = {"face_id": 1, "x1": 60.0, "y1": 60.0, "x2": 180.0, "y2": 150.0, "expression": "Happiness",
+        "Happiness_p": 0.9, "valence": 0.5, "arousal": 0.1, "success": 1}  # fmt: skip
+
+
+def test_drawn_landmarks_change_exactly_the_landmark_pixels():
+    import pandas as pd
+    from PIL import ImageColor
+
+    from mtaffect.predict.annotate import ID_COLOURS
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 60, (240, 320, 3), dtype=np.uint8)  # dark noise: no pixel is the dot colour
+    xs, ys = rng.uniform(70, 170, 200), rng.uniform(70, 140, 200)  # inside the box, off its edges
+    xs[0], ys[0] = 120.0, -3.0  # off the picture: skipped, not an error
+    rows = pd.DataFrame([_dense(_ROW, xs, ys)])
+    plain = draw_faces(img, rows)  # today's overlay: the default draws no landmark
+    both = draw_faces(img, rows, {"faces", "landmarks"})
+    dots = np.zeros(img.shape[:2], bool)
+    dots[np.floor(ys[1:]).astype(int), np.floor(xs[1:]).astype(int)] = True  # one pixel: a face < 160 px
+    changed = np.any(both != plain, axis=2)
+    assert np.array_equal(changed, dots)  # the landmark pixels and nothing else besides the overlay
+    colour = ImageColor.getrgb(ID_COLOURS[1])
+    assert (both[dots] == colour).all()
+    only = draw_faces(img, rows, ["landmarks"])  # the dots alone: the rest of the picture untouched
+    assert np.array_equal(np.any(only != img, axis=2), dots) and not np.shares_memory(only, img)
+    # a face the landmarker did not measure (NaN coordinates) gets no dots
+    unmeasured = pd.DataFrame([_dense(_ROW, np.full(5, np.nan), np.full(5, np.nan))])
+    assert np.array_equal(draw_faces(img, unmeasured, {"landmarks"}), img)
+
+
+def test_landmark_dots_grow_with_the_face():
+    import pandas as pd
+
+    from mtaffect.predict.annotate import draw_landmarks
+
+    img = np.zeros((400, 400, 3), np.uint8)
+    xs = np.array([20.5, 200.5, 380.5])  # a face 360 pixels wide: 5x5 discs
+    rows = pd.DataFrame([_dense({"face_id": 0}, xs, np.full(3, 200.5))])
+    out = draw_landmarks(img, rows)
+    lit = np.any(out > 0, axis=2)
+    assert lit.sum() == 3 * 21  # a 5x5 square less its 4 corners, per point
+    assert lit[200, 198:203].all() and not lit[198, 198] and not lit[200, 203]
+
+
+def test_drawing_landmarks_needs_the_dense_columns(tmp_path):
+    import pandas as pd
+
+    from mtaffect.predict.annotate import check_draw
+
+    path = tmp_path / "still.png"
+    img = np.zeros((240, 320, 3), np.uint8)
+    Image.fromarray(img).save(path)
+    table = pd.DataFrame([{**_ROW, "file": str(path), "frame": 0}])
+    with pytest.raises(ValueError, match=r"--landmarks dense"):
+        annotate_image(path, table, tmp_path / "a.png", draw={"faces", "landmarks"})
+    assert not (tmp_path / "a.png").exists()
+    with pytest.raises(ValueError, match=r"x_0\.\.x_477 and y_0\.\.y_477.*--landmarks dense"):
+        draw_faces(img, table, {"landmarks"})
+    with pytest.raises(ValueError, match="the layers are faces, landmarks"):
+        check_draw({"mesh"})
+    assert check_draw(None) == {"faces"} and check_draw("landmarks") == {"landmarks"}
+    annotate_image(path, table, tmp_path / "b.png")  # the default needs no dense columns
+
+
+def test_annotated_still_with_landmarks_through_write_extras(tmp_path):
+    """A real still analysed end to end, given dense landmarks on the detected face (a lattice inside its
+    box), written by write_extras as ``--video --draw landmarks`` would: the dots are in the picture."""
+    import pandas as pd
+
+    from mtaffect.predict.extras import write_extras
+    from mtaffect.predict.pipeline import FileResult
+    from mtaffect.predict.sources import SourceInfo
+    from mtaffect.schema import NUM_DENSE_LANDMARKS
+
+    frame = next(demo_media.frames(1, faces=1))
+    path = tmp_path / "still.png"
+    Image.fromarray(frame).save(path)
+    df = Predictor().predict(path)
+    r = df[df["success"] == 1].iloc[0]
+    gx, gy = np.meshgrid(np.linspace(r["x1"] + 8, r["x2"] - 8, 22), np.linspace(r["y1"] + 8, r["y2"] - 8, 22))
+    xs, ys = gx.ravel()[:NUM_DENSE_LANDMARKS], gy.ravel()[:NUM_DENSE_LANDMARKS]
+    dense = pd.DataFrame([_dense({}, xs, ys)] * len(df), index=df.index)
+    table = pd.concat([df, dense], axis=1)
+    info = SourceInfo(str(path), "image", width=frame.shape[1], height=frame.shape[0])
+    result = FileResult(info, table, 1.0, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    _, written = write_extras([result], "still", out / "still.csv", plot=False, video=True, report=False,
+                              overwrite=False, draw=("faces", "landmarks"))  # fmt: skip
+    assert written[1:] == [str(out / "still_annotated.jpg")]
+    drawn = np.asarray(Image.open(out / "still_annotated.jpg")).astype(int)
+    plain = np.asarray(annotate_image_array(frame, df)).astype(int)
+    at = (np.floor(ys).astype(int), np.floor(xs).astype(int))
+    assert np.abs(drawn[at] - plain[at]).mean() > 40  # the dots (JPEG blurs them a little)
+    half = (gy[1, 0] - gy[0, 0]) / 2, (gx[0, 1] - gx[0, 0]) / 2
+    between = (np.floor(ys + half[0]).astype(int), np.floor(xs + half[1]).astype(int))  # mid-cell: no dot
+    assert min(half) >= 2
+    assert np.abs(drawn[between] - plain[between]).mean() < 12
+    with pytest.raises(ValueError, match="--landmarks dense"):
+        write_extras([FileResult(info, df, 1.0, 1)], "x", out / "x.csv", False, True, False, False,
+                     draw=("faces", "landmarks"))  # fmt: skip
+    assert not (out / "x_annotated.jpg").exists()
+
+
+def annotate_image_array(image: np.ndarray, table) -> np.ndarray:
+    return draw_faces(image, table[table["success"] == 1])
+
+
+def test_annotated_video_draws_the_landmarks_on_every_frame(tmp_path):
+    import pandas as pd
+
+    src = tmp_path / "dark.mp4"
+    with av.open(str(src), "w") as c:
+        v = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 400, 400, "yuv420p"
+        for i in range(6):
+            f = av.VideoFrame.from_ndarray(np.zeros((400, 400, 3), np.uint8), format="rgb24")
+            f.pts, f.time_base = i, Fraction(1, 10)
+            for pkt in v.encode(f):
+                c.mux(pkt)
+        for pkt in v.encode():
+            c.mux(pkt)
+    xs, ys = np.array([20.5, 200.5, 360.5]), np.array([200.5, 60.5, 300.5])  # 340 px apart: 5x5 dots
+    rows = [_dense({**_ROW, "face_id": 0, "file": str(src), "frame": i}, xs + 4 * i, ys) for i in (0, 3)]
+    out = annotate_video(src, pd.DataFrame(rows), tmp_path / "dots.mp4", draw={"landmarks"})
+    with av.open(str(out)) as c:
+        frames = [fr.to_ndarray(format="rgb24").astype(int) for fr in c.decode(c.streams.video[0])]
+    assert len(frames) == 6
+    for i, img in enumerate(frames):
+        shift = 4 * (3 if i >= 3 else 0)  # a frame shows the latest analysed result
+        at = (ys.astype(int), xs.astype(int) + shift)
+        assert (img[at][:, 1] > 120).all(), i  # #00e676, face 0's colour: green
+        assert img[(ys.astype(int), xs.astype(int) + shift + 8)].max() < 40  # off the dots: still dark
+    with pytest.raises(ValueError, match="--landmarks dense"):
+        annotate_video(src, pd.DataFrame([_ROW]), tmp_path / "no.mp4", draw=("faces", "landmarks"))
+    assert not (tmp_path / "no.mp4").exists()

@@ -97,12 +97,14 @@ def test_mirrored_photo_flips_yaw_and_roll_and_keeps_pitch(astronaut_pose):
     assert mirror[0] == pytest.approx(base[0], abs=3 * DEG)
 
 
-def test_pipeline_writes_the_pose_of_its_landmarks():
+def test_pipeline_without_the_landmarker_writes_the_pose_of_its_five_points():
+    """``landmarks="none"``: the five-point pose of the row's own landmarks (with the landmarker the
+    pose is the 3D fit's: tests/test_predict_geometry.py)."""
     pytest.importorskip("skimage")
     from mtaffect.predict import demo_media
     from mtaffect.predict.pipeline import Predictor
 
-    df = Predictor().predict(next(demo_media.frames(1, faces=1)))
+    df = Predictor(landmarks="none").predict(next(demo_media.frames(1, faces=1)))
     ok = df[df["success"] == 1]
     assert len(ok) == 1
     expect = head_pose(ok[list(LANDMARK_COLUMNS)].to_numpy(np.float64))

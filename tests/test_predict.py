@@ -18,6 +18,7 @@ from mtaffect.cli import app
 from mtaffect.io import OutputExistsError
 from mtaffect.predict import demo_media
 from mtaffect.predict.outputs import (
+    ALL_COLUMNS,
     AU_C_COLUMNS,
     AU_P_COLUMNS,
     COLUMNS,
@@ -27,7 +28,7 @@ from mtaffect.predict.outputs import (
 )
 from mtaffect.predict.pipeline import Predictor, auto_min_face_size
 from mtaffect.predict.sources import InputError
-from mtaffect.schema import EXPR_NAMES
+from mtaffect.schema import AU_INTENSITY_COLUMNS, BLENDSHAPE_COLUMNS, EXPR_NAMES, GAZE_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def predictor() -> Predictor:
 
 
 def _check_schema(df: pd.DataFrame) -> None:
-    assert tuple(df.columns) == COLUMNS
+    # the base columns, and the landmarker's (compact: no dense points) next to their kin
+    compact = set(GAZE_COLUMNS) | set(AU_INTENSITY_COLUMNS) | set(BLENDSHAPE_COLUMNS)
+    assert tuple(df.columns) == tuple(c for c in ALL_COLUMNS if c in COLUMNS or c in compact)
     ok = df["success"] == 1
     probs = df.loc[ok, list(EXPR_P_COLUMNS)].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
@@ -248,8 +251,8 @@ def test_post_config_thresholds_and_kernels_are_applied(media):
     from mtaffect.post.config import PostConfig
     from mtaffect.post.smoothing import Kernel
 
-    th = np.full(12, 0.99)
-    th[6] = 0.01  # AU12 always on, everything else off
+    th = np.full(12, 1.0)
+    th[6] = 0.0  # AU12 always on, everything else off (no probability is ever exactly 0 or 1)
     post = PostConfig(kernels={"va": Kernel("box", 2)}, au_thresholds=th)
     df = Predictor(post=post).predict(media["one"])
     decisions = df[list(AU_C_COLUMNS)].to_numpy(dtype=float)

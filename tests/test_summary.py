@@ -13,7 +13,7 @@ from mtaffect.predict.outputs import TableBuilder, empty_table
 from mtaffect.predict.report import ReportInput, render_report
 from mtaffect.predict.sources import SourceInfo
 from mtaffect.predict.summary import SUMMARY_COLUMNS, summarize
-from mtaffect.schema import AU_NAMES, EXPR_NAMES
+from mtaffect.schema import AU_NAMES, EXPR_NAMES, POSE_COLUMNS
 
 
 def _table() -> pd.DataFrame:
@@ -65,7 +65,6 @@ def test_report_shows_the_same_numbers():
 
 def test_tables_written_before_the_pose_columns_still_read_and_summarize(tmp_path):
     from mtaffect.predict.outputs import read_table
-    from mtaffect.schema import POSE_COLUMNS
 
     path = tmp_path / "old.csv"
     _table().drop(columns=list(POSE_COLUMNS)).to_csv(path, index=False)
@@ -80,3 +79,62 @@ def test_empty_and_wrong_tables():
     with pytest.raises(ValueError, match="not a prediction table"):
         summarize(pd.DataFrame({"a": [1]}))
     assert math.isnan(summarize(_table().assign(time=np.nan)).iloc[0]["first_time"])
+
+
+def _with_geometry(t: pd.DataFrame) -> pd.DataFrame:
+    """``_table()`` with hand-set geometry columns: face 0 measured in frames 0-2 (frame 3: NaN, as a face
+    the landmarker missed), face 1 in both its frames; NaN on the faceless row."""
+    from mtaffect.schema import AU_INTENSITY_COLUMNS, BLENDSHAPE_COLUMNS, GAZE_COLUMNS
+
+    # (face, frame) -> value; rows not listed (face 0 frame 3, the empty frame) are NaN
+    keys = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
+    set_ = {
+        "pose_Rx": [0.5, 0.5, 0.2, -0.1, -0.1],
+        "pose_Ry": [0.1, 0.1, 0.1, 0.0, 0.0],
+        "pose_Rz": [0.0] * 5,
+        "gaze_angle_x": [0.2, 0.0, 0.1, 0.0, 0.0],
+        "AU12_r": [3.0, 4.0, 2.0, 0.5, 0.5],
+        "bs_jawOpen": [0.9, 0.3, 0.3, 0.0, 0.2],
+        "bs_mouthSmileLeft": [0.6, 0.6, 0.6, 0.01, 0.01],
+    }
+    t = t.copy()
+    at = {k: i for i, k in enumerate(zip(t["face_id"], t["frame"], strict=True))}
+    for c in (*POSE_COLUMNS, *GAZE_COLUMNS, *AU_INTENSITY_COLUMNS, *BLENDSHAPE_COLUMNS):
+        v = np.full(len(t), np.nan)
+        for k, x in zip(keys, set_.get(c, [0.0] * len(keys)), strict=True):
+            v[at[k]] = x
+        t[c] = v
+    return t
+
+
+def test_summary_gives_geometry_in_degrees_and_means():
+    from mtaffect.predict.summary import GEOMETRY_SUMMARY_COLUMNS, top_blendshapes
+
+    s = summarize(_with_geometry(_table()))
+    assert tuple(s.columns) == SUMMARY_COLUMNS and set(GEOMETRY_SUMMARY_COLUMNS) <= set(s.columns)
+    f0, f1 = s.iloc[0], s.iloc[1]
+    assert (f0["geometry_frames"], f1["geometry_frames"]) == (3, 2)  # frame 3 of face 0 not measured
+    pitch = np.degrees([0.5, 0.5, 0.2])
+    assert f0["pose_Rx_deg_mean"] == pytest.approx(pitch.mean()) == pytest.approx(22.918, abs=1e-3)
+    assert f0["pose_Rx_deg_sd"] == pytest.approx(np.std(pitch))  # population sd, as valence_sd
+    assert f0["pose_Rx_mean"] == pytest.approx(0.4)  # the radians column stays as it was
+    assert f0["pose_Ry_deg_mean"] == pytest.approx(math.degrees(0.1)) and f0["pose_Ry_deg_sd"] == 0
+    assert f0["pose_Rz_deg_mean"] == 0  # _table() wrote zeros
+    assert f0["gaze_angle_x_deg_mean"] == pytest.approx(math.degrees(0.1))
+    assert f1["pose_Rx_deg_mean"] == pytest.approx(math.degrees(-0.1))
+    assert f0["AU12_r_mean"] == pytest.approx(3.0) and f1["AU12_r_mean"] == pytest.approx(0.5)
+    assert f0["bs_jawOpen_mean"] == pytest.approx(0.5) and f0["bs__neutral_mean"] == 0
+    assert top_blendshapes(f0) == [("mouthSmileLeft", pytest.approx(0.6)), ("jawOpen", pytest.approx(0.5))]
+    assert top_blendshapes(f1) == [("jawOpen", pytest.approx(0.1))]  # 0.01 is below min_mean
+
+
+def test_tables_without_geometry_summarize_with_nan_geometry():
+    from mtaffect.predict.summary import GEOMETRY_SUMMARY_COLUMNS, top_blendshapes
+
+    s = summarize(_table().drop(columns=list(POSE_COLUMNS)))  # an in-memory table of an older version
+    assert tuple(s.columns) == SUMMARY_COLUMNS
+    assert (s["geometry_frames"] == 0).all()
+    rest = [c for c in GEOMETRY_SUMMARY_COLUMNS if c != "geometry_frames"]
+    assert s[rest].isna().all().all() and s["pose_Rx_mean"].isna().all()
+    assert top_blendshapes(s.iloc[0]) == []
+    assert s["frames"].tolist() == [4, 2] and s.iloc[0]["AU12_active"] == pytest.approx(0.75)

@@ -65,6 +65,35 @@ BOX_COLUMNS: Final[tuple[str, ...]] = ("x1", "y1", "x2", "y2")
 #: Head rotation in radians, OpenFace's names and convention (pitch, yaw, roll; see mtaffect.faces.pose).
 POSE_COLUMNS: Final[tuple[str, str, str]] = ("pose_Rx", "pose_Ry", "pose_Rz")
 
+#: Eye gaze in radians, OpenFace's names and convention (both eyes averaged; see mtaffect.geometry.gaze).
+GAZE_COLUMNS: Final[tuple[str, str]] = ("gaze_angle_x", "gaze_angle_y")
+#: MediaPipe Face Landmarker's 52 blendshapes, in the model's output order (``_neutral`` first). Left and
+#: right are the subject's, not the viewer's.
+BLENDSHAPE_NAMES: Final[tuple[str, ...]] = (
+    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
+    "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft",
+    "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight",
+    "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight",
+    "jawForward", "jawLeft", "jawOpen", "jawRight", "mouthClose", "mouthDimpleLeft", "mouthDimpleRight",
+    "mouthFrownLeft", "mouthFrownRight", "mouthFunnel", "mouthLeft", "mouthLowerDownLeft",
+    "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker", "mouthRight",
+    "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
+    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
+    "noseSneerLeft", "noseSneerRight",
+)  # fmt: skip
+#: ``bs_<name>`` in [0, 1], one per blendshape.
+BLENDSHAPE_COLUMNS: Final[tuple[str, ...]] = tuple(f"bs_{n}" for n in BLENDSHAPE_NAMES)
+#: The AUs whose intensity the facial evidence supports (OpenFace's 0-5 scale, ``AUxx_r``).
+AU_INTENSITY_NAMES: Final[tuple[str, ...]] = ("AU01", "AU02", "AU04", "AU07", "AU12", "AU25", "AU26")
+AU_INTENSITY_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_r" for n in AU_INTENSITY_NAMES)
+#: Number of dense landmarks (MediaPipe's 468-point mesh and 10 iris points).
+NUM_DENSE_LANDMARKS: Final[int] = 478
+#: ``--landmarks dense``: ``x_0..x_477``, ``y_0..y_477`` (image pixels) and ``z_0..z_477`` (relative depth,
+#: scaled like x; smaller is nearer the camera).
+DENSE_LANDMARK_COLUMNS: Final[tuple[str, ...]] = tuple(
+    f"{a}_{i}" for a in ("x", "y", "z") for i in range(NUM_DENSE_LANDMARKS)
+)
+
 #: Default decision threshold for AUs (a probability >= threshold is a positive).
 DEFAULT_AU_THRESHOLD: Final[float] = 0.5
 

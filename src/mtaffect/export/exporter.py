@@ -521,6 +521,7 @@ def _manifest(model, spec: str, graph: FaceGraph, window, opset, quantize, detec
         },
         "postprocessing": {
             "au_thresholds": [float(t) for t in np.asarray(model.au_thresholds, float)],
+            "au_source": str(getattr(model, "au_source", "model")),
             "au_names": list(AU_NAMES),
             "expr_names": list(EXPR_NAMES),
         },

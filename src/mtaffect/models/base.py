@@ -128,6 +128,9 @@ class FaceAffectModel(Protocol):
     backbone: str  # registry name of the backbone (create_backbone(backbone, **backbone_kwargs))
     backbone_kwargs: dict
     au_thresholds: np.ndarray  # (12,) decision thresholds for the 0/1 AU columns
+    # Optional (not part of the protocol's checked members): ``au_source = "expression"`` when the AUs are
+    # priors read off the expression probabilities (the application then combines them with the face's
+    # blendshape evidence); absent or "model": the model's own AU outputs, kept as they are.
 
     def create_backbone(self) -> Backbone:
         """The backbone whose outputs :meth:`predict` reads: ``create_backbone(backbone,

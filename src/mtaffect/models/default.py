@@ -72,6 +72,8 @@ class DefaultAffectModel(FaceAffectModel):
 
     backbone: str = "fer-minixception"
     name: str = "mtaffect-default (fer-minixception + priors)"
+    #: its AUs are read off the expression: the application combines them with measured facial evidence
+    au_source: str = "expression"
 
     def __init__(self, priors: str | Path | None = None, other_tau: float | None = None) -> None:
         data = load_priors(str(priors) if priors is not None else None)

@@ -211,6 +211,7 @@ class UnitOptions:
     run_started: float = field(default_factory=time.time)
     report_settings: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)  # :func:`model_identity` of --model
+    draw: tuple[str, ...] | None = None  # layers of the annotated copies (--draw; None: the faces)
 
 
 def model_identity(model: str | os.PathLike | None) -> dict:
@@ -489,7 +490,7 @@ def _write_extras(
 ) -> list[str]:
     """The file's timelines, annotated copy and page; every path written (the table first)."""
     report_inputs, written = write_extras(
-        [result], unit.stem, table, opts.plot, opts.video, opts.report, opts.overwrite, ours
+        [result], unit.stem, table, opts.plot, opts.video, opts.report, opts.overwrite, ours, draw=opts.draw
     )
     if opts.report:
         from mtaffect.predict.report import write_report

@@ -41,6 +41,9 @@ from rich.text import Text
 
 from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, warn
 
+#: What ``--draw`` can add to the annotated copies.
+DRAW_LAYERS = ("landmarks",)
+
 
 class _RateColumn(ProgressColumn):
     """Frames per second of the running task."""
@@ -85,6 +88,8 @@ def run_predict(
     workers: int = 1,
     shard: str | None = None,
     combine: bool = False,
+    landmarks: str = "compact",
+    draw: tuple[str, ...] = (),
 ) -> tuple[int, int]:
     """The command's work; returns (succeeded, failed) input counts (files in per-file mode).
 
@@ -108,6 +113,16 @@ def run_predict(
         detection["nested_overlap"] = None
     if reid_memory is not None:
         detection["reid_memory"] = reid_memory
+    draw = tuple(dict.fromkeys(draw))
+    unknown = [d for d in draw if d not in DRAW_LAYERS]
+    if unknown:
+        raise ValueError(f"--draw takes {', '.join(DRAW_LAYERS)}, got {unknown[0]!r}")
+    if "landmarks" in draw:
+        if landmarks == "none":
+            raise ValueError("--draw landmarks needs the landmarker: drop --landmarks none")
+        landmarks = "dense"  # the points are drawn from the table's x_i, y_i columns
+        if not (plot or video):
+            raise ValueError("--draw landmarks draws on the annotated copies: add --video or --plot")
 
     fmt = check_format(fmt)
     check_device(engine, device)
@@ -136,14 +151,15 @@ def run_predict(
         model=model, device=device, batch_size=batch_size, detect_every=detect_every, max_faces=max_faces,
         min_face_size="auto" if min_face_size == "auto" else float(min_face_size), every=every, post=post,
         smoothing=smoothing, aligned=aligned, temporal=temporal, engine=engine, precision=precision,
-        **detection,
+        landmarks=landmarks, **detection,
     )  # fmt: skip
     settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
                 "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
-                "aligned": aligned}  # fmt: skip
+                "aligned": aligned, "landmarks": landmarks}  # fmt: skip
+    layers = ("faces", *draw) if draw else None  # the annotated copies' layers (None: the faces only)
     if per_file:
         opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video, report,
-                           report_settings=settings, model=model_identity(model))  # fmt: skip
+                           report_settings=settings, model=model_identity(model), draw=layers)  # fmt: skip
         return _run_per_file(
             inputs, opts, kwargs, workers=workers, shard=shard, combine=combine, progress=progress,
             recursive=recursive, sequences=sequences, trust_remote_code=trust_remote_code,
@@ -160,7 +176,7 @@ def run_predict(
         predictor = build_predictor(kwargs, streaming_threads(), trust_remote_code)
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
                "sequences": sequences, "identity": model_identity(model)}  # fmt: skip
-        extras = {"plot": plot, "video": video, "report": report, "overwrite": overwrite}
+        extras = {"plot": plot, "video": video, "report": report, "overwrite": overwrite, "draw": layers}
         report_inputs: list[ReportInput] = []
         ok_count = fail_count = 0
         said: set[str] = set()  # a note about many inputs, once
@@ -603,6 +619,21 @@ def register(app: typer.Typer) -> None:
                 "paths: one array job per shard (implies --per-file).",
             ),
         ] = None,
+        landmarks: Annotated[
+            str,
+            typer.Option(
+                help="Face landmarker (MediaPipe's 478 points): compact (pose, gaze, 52 blendshapes, AU "
+                "evidence and intensities), dense (also x_0..x_477, y_.., z_.. columns) or none (faster; "
+                "pose from five points).",
+            ),
+        ] = "compact",
+        draw: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="Extra layers on the annotated copies (--video/--plot): landmarks (the 478 points; "
+                "implies --landmarks dense). Repeat for several.",
+            ),
+        ] = None,
         combine: Annotated[
             bool,
             typer.Option(
@@ -629,7 +660,7 @@ def register(app: typer.Typer) -> None:
             aligned=aligned, sequences=not stills, fps=fps, temporal=temporal, resume=not no_resume,
             trust_remote_code=trust_remote_code, min_confidence=min_confidence, keep_nested=keep_nested,
             reid_memory=reid_memory, engine=engine, precision=precision, per_file=per_file,
-            workers=workers, shard=shard, combine=combine,
+            workers=workers, shard=shard, combine=combine, landmarks=landmarks, draw=tuple(draw or ()),
         )  # fmt: skip
         if good == 0 and failed:  # a shard with no file, or all done earlier, is not a failure
             raise typer.Exit(1)

@@ -65,6 +65,12 @@ class Engine(Protocol):
     @property
     def au_thresholds(self) -> np.ndarray: ...
 
+    @property
+    def au_source(self) -> str:
+        """"expression": the model's AUs are priors read off its expressions (combined with the face's
+        blendshape evidence when the landmarker runs); "model": its own AU outputs."""
+        ...
+
     def running(self) -> AbstractContextManager:
         """Held while the pipeline's code runs (torch: its thread count), released between batches."""
         ...
@@ -218,6 +224,10 @@ class OnnxEngine:
     @property
     def au_thresholds(self) -> np.ndarray:
         return np.asarray(self.model.au_thresholds, np.float64)
+
+    @property
+    def au_source(self) -> str:
+        return self.model.au_source
 
     def running(self) -> AbstractContextManager:
         return contextlib.nullcontext()  # the sessions' threads are set when they are opened

@@ -90,11 +90,22 @@ def write_extras(
     report: bool,
     overwrite: bool,
     ours: Collection[str] = (),
+    draw: Collection[str] | None = None,
 ) -> tuple[list[ReportInput], list[str]]:
     """Timelines, annotated stills/videos and report entries of an INPUT's successful results, written
     beside its table; returns the report entries and every path written (the table first). An existing
-    file is replaced only with ``overwrite`` or when its name is in ``ours`` (an earlier run wrote it)."""
+    file is replaced only with ``overwrite`` or when its name is in ``ours`` (an earlier run wrote it).
+    ``draw``: what the annotated copies show (:func:`mtaffect.predict.annotate.check_draw`; None: the
+    face overlay; with ``landmarks`` the tables need the dense landmark columns, else a ValueError
+    before anything is written)."""
     out = table_path.parent
+    if plot or video:
+        from mtaffect.predict.annotate import check_draw, check_draw_table
+
+        draw = check_draw(draw)
+        for r in good:  # every annotated file's table checked before the first output is written
+            if r.info.kind == "image" or (video and r.info.kind in ("video", "sequence")):
+                check_draw_table(r.table, draw)
 
     def replace(path: Path) -> bool:
         return overwrite or path.name in ours
@@ -116,19 +127,21 @@ def write_extras(
             from mtaffect.predict.annotate import annotate_image
 
             jpg = out / f"{stem}_annotated.jpg"
-            p = annotate_image(r.info.file, r.table, jpg, overwrite=replace(jpg))
+            p = annotate_image(r.info.file, r.table, jpg, overwrite=replace(jpg), draw=draw)
             outputs.append(str(p))
         if video and r.info.kind == "video":
             from mtaffect.predict.annotate import annotate_video
 
             mp4 = out / f"{stem}_annotated.mp4"
-            p = annotate_video(r.info.file, r.table, mp4, overwrite=replace(mp4))
+            p = annotate_video(r.info.file, r.table, mp4, overwrite=replace(mp4), draw=draw)
             outputs.append(str(p))
         if video and r.info.kind == "sequence":  # a folder of numbered frames: a video at --fps
             from mtaffect.predict.annotate import annotate_sequence
 
             mp4 = out / f"{stem}_annotated.mp4"
-            p = annotate_sequence(r.info.file, r.table, mp4, fps=r.info.fps, overwrite=replace(mp4))
+            p = annotate_sequence(
+                r.info.file, r.table, mp4, fps=r.info.fps, overwrite=replace(mp4), draw=draw
+            )
             outputs.append(str(p))
         written += outputs[1:]
         report_inputs.append(ReportInput(r.info, r.table, pngs, r.seconds, r.analysed, outputs))

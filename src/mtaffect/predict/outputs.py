@@ -10,16 +10,25 @@ Columns, in order (names from :mod:`mtaffect.schema`; documented in docs/formats
 - ``x1, y1, x2, y2``: the face box in pixels (edge coordinates);
 - five landmarks ``eye_l_x, eye_l_y, eye_r_x, eye_r_y, nose_x, nose_y, mouth_l_x, mouth_l_y, mouth_r_x,
   mouth_r_y`` (left/right as seen in the image);
-- ``pose_Rx, pose_Ry, pose_Rz``: head pitch, yaw and roll in radians, OpenFace's convention, estimated from
-  the five landmarks (:mod:`mtaffect.faces.pose`; NaN where no landmarks were measured);
+- ``pose_Rx, pose_Ry, pose_Rz``: head pitch, yaw and roll in radians, OpenFace's convention: a rigid fit
+  of the 478 landmarks to MediaPipe's canonical face (:mod:`mtaffect.geometry.headpose`; expression
+  does not move it), or with ``landmarks="none"`` from the five landmarks (:mod:`mtaffect.faces.pose`);
+- ``gaze_angle_x, gaze_angle_y``: gaze in radians, OpenFace's convention (:mod:`mtaffect.geometry.gaze`);
 - ``AU01_p`` .. ``AU26_p``: AU probabilities (OpenFace-style names); ``AU01_c`` .. ``AU26_c``: 0/1
-  decisions at the model's (or the post-processing config's) per-AU thresholds;
+  decisions at the model's (or the post-processing config's) per-AU thresholds; ``AU01_r`` ..: AU
+  intensities on OpenFace's 0-5 scale for the AUs the facial evidence supports
+  (:data:`mtaffect.schema.AU_INTENSITY_COLUMNS`, :mod:`mtaffect.geometry.au_evidence`);
 - ``Neutral_p`` .. ``Other_p``: the 8 expression probabilities (sum to 1) and ``expression``: the most
   probable class name;
 - ``valence``, ``arousal`` in [-1, 1];
+- ``bs__neutral`` .. ``bs_noseSneerRight``: MediaPipe's 52 blendshapes in [0, 1];
 - ``ended_early``: 1 on every row of an input that stopped before the length its container declares
-  (a cut file, a dropped stream) or whose decoder failed part-way; its rows are what was decoded.
+  (a cut file, a dropped stream) or whose decoder failed part-way; its rows are what was decoded;
+- with ``landmarks="dense"``: ``x_0`` .. ``x_477``, ``y_0`` .. ``y_477`` (image pixels) and ``z_0`` ..
+  ``z_477`` (relative depth scaled like x).
 
+The gaze, intensity and blendshape columns are the landmarker's (:mod:`mtaffect.geometry.landmarker`):
+absent with ``landmarks="none"``, NaN on a face it could not measure (too small, cut by the border).
 Rows without a face carry NaN in every measured column (and ``expression`` is empty).
 """
 
@@ -36,11 +45,15 @@ import pandas as pd
 from mtaffect.io import atomic_path
 from mtaffect.schema import (
     AU_DECISION_COLUMNS,
+    AU_INTENSITY_COLUMNS,
     AU_NAMES,
     AU_PROB_COLUMNS,
+    BLENDSHAPE_COLUMNS,
     BOX_COLUMNS,
+    DENSE_LANDMARK_COLUMNS,
     EXPR_NAMES,
     EXPR_PROB_COLUMNS,
+    GAZE_COLUMNS,
     LANDMARK_COLUMNS,
     LANDMARK_NAMES,  # noqa: F401  (re-exported)
     POSE_COLUMNS,
@@ -66,13 +79,41 @@ COLUMNS: Final[tuple[str, ...]] = (
     *VA_COLUMNS,
     "ended_early",
 )
+#: Columns of the landmarker's measures, by the block key that carries them (absent: not measured).
+MEASURE_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    "gaze": GAZE_COLUMNS,
+    "au_r": AU_INTENSITY_COLUMNS,
+    "bs": BLENDSHAPE_COLUMNS,
+    "dense": DENSE_LANDMARK_COLUMNS,
+}
+#: Every column a table may have, in order: the landmarker's next to their kin, dense points last.
+ALL_COLUMNS: Final[tuple[str, ...]] = (
+    *ID_COLUMNS,
+    *BOX_COLUMNS,
+    *LANDMARK_COLUMNS,
+    *POSE_COLUMNS,
+    *GAZE_COLUMNS,
+    *AU_P_COLUMNS,
+    *AU_C_COLUMNS,
+    *AU_INTENSITY_COLUMNS,
+    *EXPR_P_COLUMNS,
+    "expression",
+    *VA_COLUMNS,
+    *BLENDSHAPE_COLUMNS,
+    "ended_early",
+    *DENSE_LANDMARK_COLUMNS,
+)
 FORMATS: Final[tuple[str, ...]] = ("csv", "parquet")
 
 
 class TableBuilder:
-    """Accumulates rows as numpy blocks (no per-row Python objects) and builds the DataFrame once."""
+    """Accumulates rows as numpy blocks (no per-row Python objects) and builds the DataFrame once.
 
-    def __init__(self) -> None:
+    ``measures``: the :data:`MEASURE_COLUMNS` keys every row has (NaN on rows without a face), so a file
+    without any face still has the landmarker's columns."""
+
+    def __init__(self, measures: Sequence[str] = ()) -> None:
+        self.measures = tuple(measures)
         self._blocks: list[dict[str, np.ndarray]] = []
         self._files: list[tuple[str, int]] = []  # (file, rows) per block
 
@@ -89,15 +130,22 @@ class TableBuilder:
         au: np.ndarray,
         va: np.ndarray,
         pose: np.ndarray | None = None,
+        measures: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Rows of faces: arrays of length n (boxes (n, 4), landmarks (n, 5, 2), expr (n, 8), au (n, 12),
-        pose (n, 3) radians or None: NaN)."""
+        pose (n, 3) radians or None: NaN); ``measures``: the landmarker's, by :data:`MEASURE_COLUMNS` key
+        ((n, k) arrays in that order of columns)."""
         n = len(frame)
         if n == 0:
             return
         pose = np.full((n, 3), np.nan, np.float32) if pose is None else pose
+        extra = {
+            k: np.asarray(v, np.float32).reshape(n, len(MEASURE_COLUMNS[k]))
+            for k, v in (measures or {}).items()
+        }
         self._blocks.append(
             {
+                **extra,
                 "frame": np.asarray(frame, np.int64),
                 "time": np.asarray(time, np.float64),
                 "face_id": np.asarray(face_id, np.int64),
@@ -132,6 +180,7 @@ class TableBuilder:
                 "au": np.full((n, len(AU_NAMES)), nan, np.float32),
                 "va": np.full((n, 2), nan, np.float32),
                 "pose": np.full((n, 3), nan, np.float32),
+                **{k: np.full((n, len(MEASURE_COLUMNS[k])), nan, np.float32) for k in self.measures},
             }
         )
         self._files.append((file, n))
@@ -149,7 +198,7 @@ class TableBuilder:
         """(rows of frames up to ``last_frame``, the later rows), as two builders: streaming hands out
         rows in frame order while later ones wait (building a DataFrame per chunk would cost more than
         the chunk's model)."""
-        early, late = TableBuilder(), TableBuilder()
+        early, late = TableBuilder(self.measures), TableBuilder(self.measures)
         for block, (file, _) in zip(self._blocks, self._files, strict=True):
             keep = block["frame"] <= last_frame
             for dst, mask in ((early, keep), (late, ~keep)):
@@ -172,7 +221,8 @@ class TableBuilder:
         """The table, sorted by file order, frame and face id."""
         if not self._blocks:
             return empty_table()
-        cat = {k: np.concatenate([b[k] for b in self._blocks]) for k in self._blocks[0]}
+        keys = dict.fromkeys(k for b in self._blocks for k in b)  # a file's empty rows lack the measures
+        cat = {k: np.concatenate([_block_array(b, k) for b in self._blocks]) for k in keys}
         files = np.concatenate([np.full(n, i, np.int64) for i, (_, n) in enumerate(self._files)])
         names = [f for f, _ in self._files]
         data: dict[str, np.ndarray] = {"file": np.array(names, dtype=object)[files]}
@@ -184,6 +234,9 @@ class TableBuilder:
         data.update(zip(AU_P_COLUMNS, cat["au"].T, strict=True))
         data.update(zip(EXPR_P_COLUMNS, cat["expr"].T, strict=True))
         data.update(zip(VA_COLUMNS, cat["va"].T, strict=True))
+        for key, names in MEASURE_COLUMNS.items():
+            if key in cat:
+                data.update(zip(names, cat[key].T, strict=True))
         data["ended_early"] = np.zeros(len(data["frame"]), np.int8)
         df = pd.DataFrame(data)
         # Stable order: files as added (first appearance), then frame, then face id.
@@ -191,6 +244,13 @@ class TableBuilder:
         df["_order"] = df["file"].map(first)
         df = df.sort_values(["_order", "frame", "face_id"], kind="stable").drop(columns="_order")
         return finalize(df.reset_index(drop=True), au_thresholds)
+
+
+def _block_array(block: dict[str, np.ndarray], key: str) -> np.ndarray:
+    if key in block:
+        return block[key]
+    n = len(block["frame"])
+    return np.full((n, len(MEASURE_COLUMNS[key])), np.nan, np.float32)
 
 
 def empty_table() -> pd.DataFrame:
@@ -228,7 +288,14 @@ def finalize(df: pd.DataFrame, au_thresholds: Sequence[float]) -> pd.DataFrame:
     df["expression"] = np.where(ok, label, "") if len(e) else pd.Series(dtype=object)
     if "ended_early" not in df.columns:
         df["ended_early"] = np.int8(0)
-    return df[list(COLUMNS)]
+    return df[table_columns(df)]
+
+
+def table_columns(df: pd.DataFrame) -> list[str]:
+    """The table's columns in order: every base column, then the landmarker's that ``df`` has, each
+    next to its kin (:data:`ALL_COLUMNS`)."""
+    have = set(df.columns)
+    return [c for c in ALL_COLUMNS if c in COLUMNS or c in have]
 
 
 def check_format(fmt: str) -> str:
@@ -279,7 +346,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not an mtaffect prediction table (missing {missing[:4]})")
-    return df[[*COLUMNS, *(c for c in df.columns if c not in COLUMNS)]]
+    ordered = table_columns(df)
+    return df[[*ordered, *(c for c in df.columns if c not in set(ordered))]]
 
 
 def to_prediction_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -59,6 +59,12 @@ from mtaffect.faces.filtering import (
 )
 from mtaffect.faces.pose import head_pose
 from mtaffect.features.decode import resize_array
+from mtaffect.geometry.au_evidence import EVIDENCE_THRESHOLDS
+from mtaffect.geometry.au_evidence import combine as combine_evidence
+from mtaffect.geometry.gaze import gaze_angles
+from mtaffect.geometry.headpose import head_pose_3d
+from mtaffect.geometry.landmarker import FaceGeometry, FaceLandmarker
+from mtaffect.models.outputs import AffectOutputs
 from mtaffect.predict.engines import Detector, Engine, create_engine
 from mtaffect.predict.outputs import (
     VA_COLUMNS,
@@ -80,7 +86,7 @@ from mtaffect.predict.sources import (
     read_face_crop,
 )
 from mtaffect.predict.temporal import TEMPORAL_MODES, Emitted, FaceRows, TrackWindows
-from mtaffect.predict.threads import streaming_threads
+from mtaffect.predict.threads import landmarker_threads, streaming_threads
 from mtaffect.predict.tracking import (
     DEFAULT_RATE,
     DEFAULT_REID_SECONDS,
@@ -90,12 +96,15 @@ from mtaffect.predict.tracking import (
     canonical_ids,
     rate_or_default,
 )
-from mtaffect.schema import AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
+from mtaffect.schema import AU_INTENSITY_COLUMNS, AU_PROB_COLUMNS, EXPR_PROB_COLUMNS
 
 if TYPE_CHECKING:
     from mtaffect.models.base import FaceAffectModel
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
+#: What the face landmarker adds: "compact" (pose from 3D landmarks, gaze, blendshapes, AU evidence and
+#: intensities), "dense" (also the 478 points), "none" (not run: faster, the five-point pose).
+LANDMARK_MODES: Final[tuple[str, ...]] = ("none", "compact", "dense")
 ALIGN_SIZE: Final[int] = 112
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
@@ -242,6 +251,7 @@ class Predictor:
         reid_memory: float = DEFAULT_REID_SECONDS,
         engine: str = "torch",
         precision: str | None = None,
+        landmarks: str = "compact",
     ) -> None:
         for name, v in (
             ("batch_size", batch_size),
@@ -261,6 +271,8 @@ class Predictor:
             raise ValueError(
                 f"min_face_size must be 'auto' or a number of pixels >= 12, got {min_face_size!r}"
             )
+        if landmarks not in LANDMARK_MODES:
+            raise ValueError(f"landmarks must be one of {', '.join(LANDMARK_MODES)}, got {landmarks!r}")
         check_filter_options(min_confidence, nested_overlap)
         if not reid_memory >= 0:
             raise ValueError(f"reid_memory must be >= 0 seconds (0: off), got {reid_memory}")
@@ -283,6 +295,11 @@ class Predictor:
         self.window = self.engine.window  # 1 for per-frame models
         self._detectors: dict[float, Detector] = {}
         self.failures: list[tuple[str, str]] = []
+        self.landmarks = landmarks
+        self._landmarker: FaceLandmarker | None = None
+        # AUs read off the expression (the default model, emotiefflib:) are combined with the face's
+        # blendshape evidence; a model trained on AUs keeps its own
+        self.au_evidence = landmarks != "none" and getattr(self.engine, "au_source", "model") == "expression"
 
     # ---- public API ------------------------------------------------------------------------------------
 
@@ -294,7 +311,23 @@ class Predictor:
     @property
     def au_thresholds(self) -> np.ndarray:
         post_th = getattr(self.post, "au_thresholds", None) if self.post is not None else None
-        return np.asarray(post_th if post_th is not None else self.engine.au_thresholds, np.float64)
+        if post_th is not None:
+            return np.asarray(post_th, np.float64)
+        return np.asarray(EVIDENCE_THRESHOLDS if self.au_evidence else self.engine.au_thresholds, np.float64)
+
+    @property
+    def measure_keys(self) -> tuple[str, ...]:
+        """The landmarker's column groups in this predictor's tables (outputs.MEASURE_COLUMNS keys)."""
+        return {"none": (), "compact": ("gaze", "au_r", "bs"), "dense": ("gaze", "au_r", "bs", "dense")}[
+            self.landmarks
+        ]
+
+    @property
+    def landmarker(self) -> FaceLandmarker:
+        """MediaPipe's landmark and blendshape models over our faces (loaded on first use)."""
+        if self._landmarker is None:
+            self._landmarker = FaceLandmarker(threads=landmarker_threads(self.num_threads))
+        return self._landmarker
 
     def predict(
         self,
@@ -376,7 +409,7 @@ class Predictor:
     ) -> FileResult:
         """Run the pipeline over one opened source: its whole, final table."""
         t0 = time.perf_counter()
-        rows, analysed, resume = TableBuilder(), 0, Resume()
+        rows, analysed, resume = TableBuilder(self.measure_keys), 0, Resume()
         for batch in self.stream_source(source, progress):
             rows.extend(batch.rows)
             analysed, resume = batch.resume.steps, batch.resume
@@ -448,6 +481,7 @@ class Predictor:
             "min_confidence": self.min_confidence,
             "nested_overlap": self.nested_overlap,
             "reid_memory": self.reid_memory,
+            "landmarks": self.landmarks,
         }
 
     # ---- internals -------------------------------------------------------------------------------------
@@ -462,7 +496,7 @@ class Predictor:
         windows = None
         if self.window > 1:
             windows = TrackWindows(self.engine, self.temporal, max_age=tr.max_age)
-        state = _State(tr, windows=windows)
+        state = _State(tr, windows=windows, held=TableBuilder(self.measure_keys))
         state.step, state.committed = resume.steps, resume
         state.last_boxes = np.asarray(resume.boxes, np.float32).reshape(-1, 4)
         state.next_id = resume.next_id
@@ -523,9 +557,11 @@ class Predictor:
         times = np.array([f.time for f in chunk], np.float64)
         if self.aligned:  # the whole image is the face: no box, no landmarks, no detector confidence
             n = len(chunk)
+            geo = self._measure([(f.image, _whole(f.image), None) for f in chunk], still=True)
             rows = FaceRows(
                 frame_no, times, np.zeros(n, np.int64), np.full(n, np.nan, np.float32),
                 np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32),
+                geo.points, geo.blendshapes,
             )  # fmt: skip
             return np.ones(n, np.int64), rows, np.stack([f.image for f in chunk]), None
         dets = self._locate(info, chunk, state)
@@ -540,13 +576,33 @@ class Predictor:
         crops = [resize_array(face, self._size, self._colour) for face in aligned]
         # identity cues for the tracker: the aligned crop's appearance (not the affect backbone's features)
         appearance = appearance_embedding(np.stack(aligned)) if aligned else None
+        geo = self._measure(
+            [(fr.image, d.boxes, d.landmarks) for fr, d in zip(chunk, dets, strict=True) if len(d)],
+            still=info.kind == "image",
+        )
         rows = FaceRows(
             frame_no[rep], times[rep], np.full(len(rep), -1, np.int64),
             np.concatenate([d.scores for d in dets]).astype(np.float32),
             np.concatenate([d.boxes for d in dets]).reshape(-1, 4),
             np.concatenate([d.landmarks for d in dets]).reshape(-1, 5, 2),
+            geo.points, geo.blendshapes,
         )  # fmt: skip
         return counts, rows, (np.stack(crops) if crops else np.zeros((0,))), appearance
+
+    def _measure(
+        self, faces: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], still: bool
+    ) -> FaceGeometry:
+        """The landmarker on each (image, boxes, five landmarks) of a chunk, in row order. Stills get a
+        second pass from the first one's landmarks (MediaPipe's tracking crop); video frames one pass,
+        so each frame's rows depend on that frame alone (a resumed job writes the same rows)."""
+        n = sum(len(b) for _, b, _ in faces)
+        if self.landmarks == "none":  # zero-width arrays: the rows carry nothing
+            return FaceGeometry(
+                np.zeros((n, 0, 3), np.float32), np.zeros((n, 0), np.float32), np.zeros(n, np.float32)
+            )
+        if not n:
+            return FaceGeometry.empty(0)
+        return FaceGeometry.concat([self.landmarker.measure(im, b, lm, refine=still) for im, b, lm in faces])
 
     def _track(self, info: SourceInfo, counts: np.ndarray, rows: FaceRows, feats, state: _State) -> None:
         """Face ids, frame by frame (every still is its own scene; aligned input is one face: id 0).
@@ -602,11 +658,30 @@ class Predictor:
             if not len(e.rows):
                 continue
             r, o = e.rows, e.outputs
+            pose, au, measures = self._measures(r, o)
             state.held.add(
                 info.file, r.frame, r.time, r.face_id, r.confidence, r.boxes, r.landmarks,
-                o.expr_probs, o.au_probs, o.va, pose=head_pose(r.landmarks),
+                o.expr_probs, au, o.va, pose=pose, measures=measures,
             )  # fmt: skip
             state.next_id = max(state.next_id, int(r.face_id.max()) + 1)
+
+    def _measures(
+        self, r: FaceRows, o: AffectOutputs
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(pose, AU probabilities, the landmarker's columns) of emitted rows: pose from the 3D landmarks
+        (from the five points without the landmarker), AUs with the blendshape evidence when the model's
+        AUs come from its expressions."""
+        if self.landmarks == "none":
+            return head_pose(r.landmarks), o.au_probs, {}
+        n = len(r)
+        au = np.asarray(o.au_probs, np.float32)
+        intensity = np.full((n, len(AU_INTENSITY_COLUMNS)), np.nan, np.float32)
+        if self.au_evidence:
+            au, intensity = combine_evidence(au, r.blendshapes, self.engine.au_thresholds)
+        measures = {"gaze": gaze_angles(r.points), "au_r": intensity, "bs": r.blendshapes}
+        if self.landmarks == "dense":  # x_0..x_477, y_0.., z_0..
+            measures["dense"] = np.transpose(r.points, (0, 2, 1)).reshape(n, -1)
+        return head_pose_3d(r.points), au, measures
 
     def _postprocess(self, table: pd.DataFrame, info: SourceInfo) -> pd.DataFrame:
         """Per-track smoothing (``smoothing``) or the post-processing config (its smoothing kernels and
@@ -673,6 +748,12 @@ class _State:
         self.committed = Resume(after, self.committed.steps + len(done), next_id, boxes, ids, aliases)
         self.frames = self.frames[len(done) :]
         return RowBatch(ready, self.committed)
+
+
+def _whole(image: np.ndarray) -> np.ndarray:
+    """The box of a whole image (an aligned face crop)."""
+    h, w = image.shape[:2]
+    return np.array([[0, 0, w, h]], np.float32)
 
 
 def relabel_faces(table: pd.DataFrame, aliases: dict[int, int] | None) -> pd.DataFrame:

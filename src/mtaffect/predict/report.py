@@ -5,6 +5,10 @@ offline. Values are HTML-escaped; nothing is fetched. Each face has a thumbnail 
 detection, :mod:`mtaffect.predict.thumbnails`) so a row can be matched to a person; the per-face
 figures are :func:`mtaffect.predict.summary.summarize`'s, the same numbers ``mtaffect.summarize(df)``
 returns in Python.
+
+Facial geometry, where the table has it: head pose and gaze in degrees (the table holds radians), mean
+AU intensities beside the AU probabilities, the most active blendshapes, and their timelines
+(:mod:`mtaffect.predict.plots`). A table without those columns gives the page it always gave.
 """
 
 from __future__ import annotations
@@ -28,9 +32,24 @@ from mtaffect.predict.summary import (
     AU_ACTIVE_COLUMNS,
     AU_MEAN_COLUMNS,
     EXPR_SHARE_COLUMNS,
+    GAZE_DEG_MEAN_COLUMNS,
+    GAZE_DEG_SD_COLUMNS,
+    POSE_DEG_MEAN_COLUMNS,
+    POSE_DEG_SD_COLUMNS,
     summarize,
+    top_blendshapes,
 )
-from mtaffect.schema import AU_OPENFACE_NAMES, EXPR_NAMES
+from mtaffect.schema import (
+    AU_INTENSITY_NAMES,
+    AU_OPENFACE_NAMES,
+    BLENDSHAPE_COLUMNS,
+    EXPR_NAMES,
+    GAZE_COLUMNS,
+    POSE_COLUMNS,
+)
+
+#: Names of the head pose angles, in POSE_COLUMNS order.
+POSE_NAMES = ("pitch", "yaw", "roll")
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1150px;
@@ -71,6 +90,48 @@ def _fmt(x, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:.{digits}f}"
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _deg(x, digits: int = 1) -> str:
+    """An angle already in degrees: ``28.6°``, or ``–`` when missing."""
+    return f"{float(x):.{digits}f}°" if _finite(x) else "–"
+
+
+def _angles(s: Mapping, names, means, sds) -> str:
+    """``pitch <b>28.6°</b> ± 1.2 · yaw ...``; empty when no angle is measured."""
+    if not any(_finite(s.get(c)) for c in means):
+        return ""
+    return " · ".join(
+        f"{n} <b>{_deg(s.get(m))}</b> ± {_fmt(float(s.get(d, math.nan)), 1)}"
+        for n, m, d in zip(names, means, sds, strict=True)
+    )
+
+
+def _geometry_card(s: Mapping) -> str:
+    """The lines of a face's card about its geometry (head pose, gaze, blendshapes); empty without."""
+    lines = []
+    pose = _angles(s, POSE_NAMES, POSE_DEG_MEAN_COLUMNS, POSE_DEG_SD_COLUMNS)
+    if pose:
+        lines.append(f"head pose (degrees, mean ± sd): {pose}")
+    gaze = _angles(s, ("x", "y"), GAZE_DEG_MEAN_COLUMNS, GAZE_DEG_SD_COLUMNS)
+    if gaze:
+        lines.append(f"gaze (degrees): {gaze}")
+    measured = s.get("geometry_frames", 0)
+    if _finite(measured) and measured > 0:
+        top = top_blendshapes(s)
+        active = ", ".join(f"{_e(n)} {v:.2f}" for n, v in top) or "none above 0.05"
+        lines.append(
+            f"facial geometry measured in {int(measured)} of {int(s['frames'])} frames · "
+            f"most active blendshapes (mean): {active}"
+        )
+    return "".join(f"{line}<br>" for line in lines)
 
 
 def _thumb(inp: ReportInput, fid: int) -> str:
@@ -147,6 +208,17 @@ def _face_block(inp: ReportInput, s: Mapping) -> str:
     au_p = "".join(f'<td class="num">{float(s[c]):.2f}</td>' for c in AU_MEAN_COLUMNS)
     top = sorted(rate.items(), key=lambda kv: -kv[1])
     active = ", ".join(f"{n} ({100 * r:.0f}%)" for n, r in top if r >= 0.5) or "none above 50% of frames"
+    intensity = {n: s.get(f"{n}_r_mean", math.nan) for n in AU_INTENSITY_NAMES}
+    au_r = ""
+    if any(_finite(v) for v in intensity.values()):
+        au_r = (
+            "<tr><th>mean intensity (0–5)</th>"
+            + "".join(
+                f'<td class="num">{_fmt(float(intensity[n])) if n in intensity else "–"}</td>'
+                for n in AU_OPENFACE_NAMES
+            )
+            + "</tr>"
+        )
     out = [
         f"<h3>{_thumb(inp, fid)}Face {fid}</h3>",
         '<div class="card">',
@@ -155,21 +227,54 @@ def _face_block(inp: ReportInput, s: Mapping) -> str:
         f"valence <b>{_fmt(float(s['valence_mean']))}</b> ± {_fmt(float(s['valence_sd']))} · "
         f"arousal <b>{_fmt(float(s['arousal_mean']))}</b> ± {_fmt(float(s['arousal_sd']))}<br>",
         f"expression (share of frames): {_expr_bar(shares)}<br>",
+        _geometry_card(s),
         f"AUs active in most frames: {_e(active)}</div>",
         f"<table><tr><th></th>{au_cells}</tr><tr><th>active</th>{au_rate}</tr>"
-        f"<tr><th>mean P</th>{au_p}</tr></table>",
+        f"<tr><th>mean P</th>{au_p}</tr>{au_r}</table>",
     ]
     if fid in inp.pngs:
         b64 = base64.b64encode(inp.pngs[fid]).decode("ascii")
         out.append(f'<img alt="timeline of face {fid}" src="data:image/png;base64,{b64}">')
-    return "\n".join(out)
+    return "\n".join(part for part in out if part)
+
+
+def _measured(inputs: Sequence[ReportInput], columns) -> bool:
+    """Whether any face row of ``inputs`` has a value in one of ``columns``."""
+    for inp in inputs:
+        t = inp.table
+        cols = [c for c in columns if c in t.columns]
+        if cols and len(t) and t.loc[t["success"] == 1, cols].notna().to_numpy().any():
+            return True
+    return False
+
+
+def _still_geometry(r: Mapping, pose: bool, gaze: bool, bs: bool) -> str:
+    """The geometry cells of one still's face row: pose and gaze in degrees, its top blendshapes."""
+    cells = []
+    if pose:
+        cells.append(" / ".join(_deg(math.degrees(float(r.get(c, math.nan)))) for c in POSE_COLUMNS))
+    if gaze:
+        cells.append(" / ".join(_deg(math.degrees(float(r.get(c, math.nan)))) for c in GAZE_COLUMNS))
+    if bs:
+        vals = [(c[3:], float(r.get(c, math.nan))) for c in BLENDSHAPE_COLUMNS[1:]]
+        top = sorted(((n, v) for n, v in vals if math.isfinite(v) and v >= 0.05), key=lambda kv: -kv[1])[:3]
+        cells.append(", ".join(f"{n} {v:.2f}" for n, v in top) or "–")
+    return "".join(f"<td>{_e(c)}</td>" for c in cells)
 
 
 def _stills_table(inputs: Sequence[ReportInput]) -> str:
-    """One line per face of still images (folders can hold hundreds: a table, not sections)."""
+    """One line per face of still images (folders can hold hundreds: a table, not sections); head pose,
+    gaze and blendshape columns where some table has them."""
+    pose, gaze = _measured(inputs, POSE_COLUMNS), _measured(inputs, GAZE_COLUMNS)
+    bs = _measured(inputs, BLENDSHAPE_COLUMNS)
+    extra = (
+        ("<th>head pose (°)<br>pitch / yaw / roll</th>" if pose else "")
+        + ("<th>gaze (°)<br>x / y</th>" if gaze else "")
+        + ("<th>top blendshapes</th>" if bs else "")
+    )
     head = (
         "<tr><th>image</th><th>face</th><th></th><th>confidence</th><th>expression</th><th>valence</th>"
-        "<th>arousal</th><th>active AUs</th></tr>"
+        f"<th>arousal</th><th>active AUs</th>{extra}</tr>"
     )
     lines = []
     for inp in inputs:
@@ -177,7 +282,7 @@ def _stills_table(inputs: Sequence[ReportInput]) -> str:
         if not len(t) or not (t["success"] == 1).any():
             lines.append(
                 f"<tr><td>{_e(Path(inp.info.file).name)}</td>"
-                "<td colspan=7 class=muted>no face found</td></tr>"
+                f"<td colspan={7 + pose + gaze + bs} class=muted>no face found</td></tr>"
             )
             continue
         for _, r in t[t["success"] == 1].iterrows():
@@ -190,7 +295,7 @@ def _stills_table(inputs: Sequence[ReportInput]) -> str:
                 f'<td><span class="chip" style="background:{EXPR_COLOURS.get(r["expression"], "#eee")}">'
                 f"{_e(r['expression'])}</span> {p:.2f}</td>"
                 f'<td class="num">{r["valence"]:.2f}</td><td class="num">{r["arousal"]:.2f}</td>'
-                f"<td>{_e(aus) or '–'}</td></tr>"
+                f"<td>{_e(aus) or '–'}</td>{_still_geometry(r, pose, gaze, bs)}</tr>"
             )
     return f"<table>{head}{''.join(lines)}</table>"
 
@@ -233,7 +338,10 @@ def render_report(
         '<p class="muted">Columns and conventions: valence/arousal in [-1, 1]; expression shares count the '
         "frames where a class is the most probable; an AU is active where its probability reaches its "
         "threshold. A face keeps its id within a file while it stays in view, and gets it back when it "
-        "returns within the re-identification memory (by appearance); pose angles are in radians.</p>"
+        "returns within the re-identification memory (by appearance). Head pose and gaze are shown in "
+        "degrees (the table holds radians, OpenFace's convention: pitch &gt; 0 head down, yaw &gt; 0 turned "
+        "to the person's right, roll &gt; 0 clockwise in the image); AU intensities are on OpenFace's 0–5 "
+        "scale and blendshapes (MediaPipe's) in [0, 1].</p>"
     )
     if failed:
         items = "".join(f"<li class=err>{_e(i.error)}</li>" for i in failed)

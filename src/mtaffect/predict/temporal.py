@@ -46,6 +46,10 @@ class FaceRows:
     confidence: np.ndarray
     boxes: np.ndarray  # (n, 4)
     landmarks: np.ndarray  # (n, 5, 2)
+    #: the landmarker's measures (mtaffect.geometry.landmarker.FaceGeometry): (n, 478, 3) points and
+    #: (n, 52) blendshapes, NaN where not measured; (n, 0, 3) and (n, 0) when it does not run
+    points: np.ndarray
+    blendshapes: np.ndarray
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -54,7 +58,10 @@ class FaceRows:
         return FaceRows(*(np.asarray(a)[idx] for a in self._arrays()))
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
-        return (self.frame, self.time, self.face_id, self.confidence, self.boxes, self.landmarks)
+        return (
+            self.frame, self.time, self.face_id, self.confidence, self.boxes, self.landmarks, self.points,
+            self.blendshapes,
+        )  # fmt: skip
 
     @staticmethod
     def concat(parts: list[FaceRows]) -> FaceRows:

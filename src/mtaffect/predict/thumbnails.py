@@ -64,7 +64,9 @@ def _video_frame(path: Path, t: float) -> np.ndarray | None:
 
 def face_thumbnails(info: SourceInfo, table: pd.DataFrame, size: int = 96) -> dict[int, bytes]:
     """{face_id: JPEG bytes} for the faces of one input (empty when its pictures cannot be read)."""
-    rows = table[(table["success"] == 1) & (table["file"] == info.file)] if "file" in table else table
+    cols = [c for c in ("face_id", "confidence", "time", *BOX_COLUMNS) if c in table.columns]
+    mask = (table["success"] == 1) & (table["file"] == info.file) if "file" in table else slice(None)
+    rows = table.loc[mask, cols]  # not the table's landmark columns: no copy of them
     if not len(rows) or info.kind not in ("image", "video") or not Path(info.file).is_file():
         return {}
     # the most confident row of each face (``--aligned`` rows have no confidence: the first one)

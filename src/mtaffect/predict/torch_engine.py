@@ -110,6 +110,10 @@ class TorchEngine:
     def au_thresholds(self) -> np.ndarray:
         return np.asarray(self.model.au_thresholds, np.float64)
 
+    @property
+    def au_source(self) -> str:
+        return str(getattr(self.model, "au_source", "model"))
+
     def running(self) -> AbstractContextManager:
         return torch_threads(self.num_threads)
 

@@ -133,6 +133,8 @@ class ExportedFaceModel:
         self._window_ndim = len(info["head_inputs"][self.reads[0]]["shape"])
         self.backbone: str = info["backbone"]["name"]
         self.au_thresholds = np.asarray(manifest["postprocessing"]["au_thresholds"], np.float64)
+        #: "expression" for AUs read off the expressions (exports before this field: the model's own)
+        self.au_source: str = manifest["postprocessing"].get("au_source", "model")
 
     def prepare(self, faces: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Aligned uint8 RGB crops (any square size, usually 112) -> the graph's (N, S, S, C) input."""

@@ -131,6 +131,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
     ok = isinstance(thr, list) and len(thr) == NUM_AUS and all(_is_probability(t) for t in thr)
     if not ok:
         raise fail("postprocessing.au_thresholds", f"must be {NUM_AUS} numbers between 0 and 1", thr)
+    if post.get("au_source", "model") not in ("model", "expression"):
+        raise fail("postprocessing.au_source", 'must be "model" or "expression"', post.get("au_source"))
     det = manifest.get("detector")
     if det is not None:
         nets = det.get("files") if isinstance(det, dict) else None
