@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 
+# Test files spread over the cores (at most 4 processes: each holds torch), a file's tests in one process
+# so module fixtures are built once; `pytest tests/test_x.py` alone runs serially as usual.
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 demo: setup
 	bash scripts/demo.sh
