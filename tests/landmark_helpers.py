@@ -42,6 +42,22 @@ def landmarks_of(rgb: np.ndarray) -> np.ndarray:
     return out[np.argsort(out[:, :, 0].mean(1))]
 
 
+#: The real portraits of :func:`photo`, both looking into the camera.
+PHOTOS = ("astronaut", "grace_hopper")
+
+
+@lru_cache(maxsize=1)
+def real_faces() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (RGB photo, its one face's (478, 3) landmarks), for each of :data:`PHOTOS` (built once)."""
+    out = {}
+    for name in PHOTOS:
+        rgb = photo(name)
+        lm = landmarks_of(rgb)
+        assert len(lm) == 1, name
+        out[name] = (rgb, lm[0])
+    return out
+
+
 def photo(name: str) -> np.ndarray:
     """A real portrait shipped with a dependency, uint8 RGB: ``astronaut`` (scikit-image) or
     ``grace_hopper`` (matplotlib); both look into the camera."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from landmark_helpers import landmarks_of, mirror, mirror_landmarks, photo, smile_crops
+from landmark_helpers import PHOTOS, landmarks_of, mirror, mirror_landmarks, real_faces, smile_crops
 
 from mtaffect.faces.pose import euler_to_matrix
 from mtaffect.geometry.canonical import canonical_face
@@ -13,7 +13,6 @@ from mtaffect.geometry.gaze import EYES, IRIS_RADIUS, IRIS_REST, gaze_angles, ga
 from mtaffect.geometry.headpose import CANONICAL_TO_CAMERA
 
 DEG = np.pi / 180
-PHOTOS = ("astronaut", "grace_hopper")
 
 
 def _eyes_looking(head: np.ndarray, gaze: np.ndarray, scale: float = 8.0) -> np.ndarray:
@@ -63,16 +62,8 @@ def test_non_finite_rows_give_nan_and_irises_are_required():
 
 @pytest.fixture(scope="module")
 def real() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (RGB photo, its one face's (478, 3) landmarks)."""
     pytest.importorskip("skimage")
-    pytest.importorskip("skimage")
-    out = {}
-    for name in PHOTOS:
-        rgb = photo(name)
-        lm = landmarks_of(rgb)
-        assert len(lm) == 1, name
-        out[name] = (rgb, lm[0])
-    return out
+    return real_faces()
 
 
 @pytest.mark.parametrize("name", PHOTOS)

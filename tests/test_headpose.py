@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from landmark_helpers import landmarks_of, mirror, mirror_landmarks, photo, rotate
+from landmark_helpers import PHOTOS, landmarks_of, mirror, mirror_landmarks, real_faces, rotate
 
 from mtaffect.faces.pose import euler_to_matrix, head_pose, matrix_to_euler
 from mtaffect.geometry.bundle import CANONICAL_FACE, BundleError, read_member
@@ -16,7 +16,6 @@ from mtaffect.geometry.canonical import NUM_VERTICES, canonical_face, parse_cano
 from mtaffect.geometry.headpose import CANONICAL_TO_CAMERA, fit_canonical, head_pose_3d
 
 DEG = np.pi / 180
-PHOTOS = ("astronaut", "grace_hopper")
 
 
 # ---- the canonical face ----------------------------------------------------------------------------
@@ -179,16 +178,8 @@ def test_non_finite_rows_give_nan_never_an_exception():
 
 @pytest.fixture(scope="module")
 def real() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (RGB photo, its one face's (478, 3) landmarks)."""
     pytest.importorskip("skimage")
-    pytest.importorskip("skimage")
-    out = {}
-    for name in PHOTOS:
-        rgb = photo(name)
-        lm = landmarks_of(rgb)
-        assert len(lm) == 1, name
-        out[name] = (rgb, lm[0])
-    return out
+    return real_faces()
 
 
 def _deform(lm: np.ndarray, move) -> np.ndarray:

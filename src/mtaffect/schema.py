@@ -64,6 +64,8 @@ LANDMARK_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_{a}" for n in LANDMARK_NA
 BOX_COLUMNS: Final[tuple[str, ...]] = ("x1", "y1", "x2", "y2")
 #: Head rotation in radians, OpenFace's names and convention (pitch, yaw, roll; see mtaffect.faces.pose).
 POSE_COLUMNS: Final[tuple[str, str, str]] = ("pose_Rx", "pose_Ry", "pose_Rz")
+#: What the report and the timelines call them, in POSE_COLUMNS order.
+POSE_ANGLE_NAMES: Final[tuple[str, str, str]] = ("pitch", "yaw", "roll")
 
 #: Eye gaze in radians, OpenFace's names and convention (both eyes averaged; see mtaffect.geometry.gaze).
 GAZE_COLUMNS: Final[tuple[str, str]] = ("gaze_angle_x", "gaze_angle_y")

@@ -120,7 +120,8 @@ def run_predict(
     if "landmarks" in draw:
         if landmarks == "none":
             raise ValueError("--draw landmarks needs the landmarker: drop --landmarks none")
-        landmarks = "dense"  # the points are drawn from the table's x_i, y_i columns
+        if landmarks == "compact":  # the points are drawn from the table's x_i, y_i columns
+            landmarks = "dense"
         if not (plot or video):
             raise ValueError("--draw landmarks draws on the annotated copies: add --video or --plot")
 

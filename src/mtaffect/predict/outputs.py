@@ -221,8 +221,7 @@ class TableBuilder:
         """The table, sorted by file order, frame and face id."""
         if not self._blocks:
             return empty_table()
-        keys = dict.fromkeys(k for b in self._blocks for k in b)  # a file's empty rows lack the measures
-        cat = {k: np.concatenate([_block_array(b, k) for b in self._blocks]) for k in keys}
+        cat = {k: np.concatenate([b[k] for b in self._blocks]) for k in self._blocks[0]}
         files = np.concatenate([np.full(n, i, np.int64) for i, (_, n) in enumerate(self._files)])
         names = [f for f, _ in self._files]
         data: dict[str, np.ndarray] = {"file": np.array(names, dtype=object)[files]}
@@ -244,13 +243,6 @@ class TableBuilder:
         df["_order"] = df["file"].map(first)
         df = df.sort_values(["_order", "frame", "face_id"], kind="stable").drop(columns="_order")
         return finalize(df.reset_index(drop=True), au_thresholds)
-
-
-def _block_array(block: dict[str, np.ndarray], key: str) -> np.ndarray:
-    if key in block:
-        return block[key]
-    n = len(block["frame"])
-    return np.full((n, len(MEASURE_COLUMNS[key])), np.nan, np.float32)
 
 
 def empty_table() -> pd.DataFrame:

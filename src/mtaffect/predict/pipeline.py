@@ -102,9 +102,15 @@ if TYPE_CHECKING:
     from mtaffect.models.base import FaceAffectModel
 
 SMOOTHING: Final[tuple[str, ...]] = ("none", "causal", "centred")
-#: What the face landmarker adds: "compact" (pose from 3D landmarks, gaze, blendshapes, AU evidence and
-#: intensities), "dense" (also the 478 points), "none" (not run: faster, the five-point pose).
-LANDMARK_MODES: Final[tuple[str, ...]] = ("none", "compact", "dense")
+#: What the face landmarker adds to the table, per ``landmarks`` mode (outputs.MEASURE_COLUMNS groups):
+#: "compact" (pose from 3D landmarks, gaze, blendshapes, AU evidence and intensities), "dense" (also the
+#: 478 points), "none" (not run: faster, the five-point pose).
+LANDMARK_MEASURES: Final[dict[str, tuple[str, ...]]] = {
+    "none": (),
+    "compact": ("gaze", "au_r", "bs"),
+    "dense": ("gaze", "au_r", "bs", "dense"),
+}
+LANDMARK_MODES: Final[tuple[str, ...]] = tuple(LANDMARK_MEASURES)
 ALIGN_SIZE: Final[int] = 112
 #: Smallest face searched for, as a fraction of the frame's shorter side, when min_face_size="auto".
 AUTO_FACE_FRACTION: Final[float] = 1 / 30
@@ -318,9 +324,7 @@ class Predictor:
     @property
     def measure_keys(self) -> tuple[str, ...]:
         """The landmarker's column groups in this predictor's tables (outputs.MEASURE_COLUMNS keys)."""
-        return {"none": (), "compact": ("gaze", "au_r", "bs"), "dense": ("gaze", "au_r", "bs", "dense")}[
-            self.landmarks
-        ]
+        return LANDMARK_MEASURES[self.landmarks]
 
     @property
     def landmarker(self) -> FaceLandmarker:

@@ -28,6 +28,7 @@ from mtaffect.schema import (
     BLENDSHAPE_COLUMNS,
     EXPR_NAMES,
     GAZE_COLUMNS,
+    POSE_ANGLE_NAMES,
     POSE_COLUMNS,
 )
 
@@ -47,9 +48,9 @@ EXPR_COLOURS: dict[str, str] = {
 TOP_BLENDSHAPES = 8
 #: (column, legend label, colour, line style) of the angle panel: head pose solid, gaze dashed.
 ANGLE_LINES: tuple[tuple[str, str, str, str], ...] = (
-    (POSE_COLUMNS[0], "pitch", "#1f77b4", "-"),
-    (POSE_COLUMNS[1], "yaw", "#d62728", "-"),
-    (POSE_COLUMNS[2], "roll", "#2ca02c", "-"),
+    (POSE_COLUMNS[0], POSE_ANGLE_NAMES[0], "#1f77b4", "-"),
+    (POSE_COLUMNS[1], POSE_ANGLE_NAMES[1], "#d62728", "-"),
+    (POSE_COLUMNS[2], POSE_ANGLE_NAMES[2], "#2ca02c", "-"),
     (GAZE_COLUMNS[0], "gaze x", "#9467bd", "--"),
     (GAZE_COLUMNS[1], "gaze y", "#8c564b", "--"),
 )

@@ -45,11 +45,9 @@ from mtaffect.schema import (
     BLENDSHAPE_COLUMNS,
     EXPR_NAMES,
     GAZE_COLUMNS,
+    POSE_ANGLE_NAMES,
     POSE_COLUMNS,
 )
-
-#: Names of the head pose angles, in POSE_COLUMNS order.
-POSE_NAMES = ("pitch", "yaw", "roll")
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1150px;
@@ -117,7 +115,7 @@ def _angles(s: Mapping, names, means, sds) -> str:
 def _geometry_card(s: Mapping) -> str:
     """The lines of a face's card about its geometry (head pose, gaze, blendshapes); empty without."""
     lines = []
-    pose = _angles(s, POSE_NAMES, POSE_DEG_MEAN_COLUMNS, POSE_DEG_SD_COLUMNS)
+    pose = _angles(s, POSE_ANGLE_NAMES, POSE_DEG_MEAN_COLUMNS, POSE_DEG_SD_COLUMNS)
     if pose:
         lines.append(f"head pose (degrees, mean ± sd): {pose}")
     gaze = _angles(s, ("x", "y"), GAZE_DEG_MEAN_COLUMNS, GAZE_DEG_SD_COLUMNS)
