@@ -226,3 +226,19 @@ def test_a_damaged_bundle_is_an_error_naming_it(tmp_path):
         read_member("face_landmarks_detector.tflite", bad)
     with pytest.raises(BundleError, match=r"no nothing\.tflite"):
         read_member("nothing.tflite")
+
+
+def test_without_litert_predict_says_what_to_do_before_any_work(monkeypatch):
+    import importlib.util
+
+    from mtaffect.predict.pipeline import Predictor
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "ai_edge_litert" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ValueError, match=r"pip install ai-edge-litert .*--landmarks none"):
+        Predictor()
+    Predictor(landmarks="none")  # the landmarker is not needed

@@ -29,6 +29,7 @@ keeps working without it. Parity with MediaPipe's own ``FaceLandmarker`` is test
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from contextlib import contextmanager
@@ -192,15 +193,25 @@ def _quiet_stderr():
         os.close(saved)
 
 
+#: What to do without LiteRT (a dependency: only a broken install, or a platform without its wheels).
+NO_LITERT = (
+    "the face landmarker needs the LiteRT interpreter: pip install ai-edge-litert (or predict with "
+    "--landmarks none)"
+)
+
+
+def check_runtime() -> None:
+    """A ValueError saying what to do when LiteRT cannot be imported: checked before any work starts."""
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        raise ValueError(NO_LITERT)
+
+
 def _interpreter(model: bytes, threads: int):
     with _quiet_stderr():
         try:
             from ai_edge_litert.interpreter import Interpreter
-        except ImportError as e:  # pragma: no cover - a dependency; only a broken install lacks it
-            raise ImportError(
-                "the face landmarker needs the LiteRT interpreter: pip install ai-edge-litert "
-                "(or predict with --landmarks none)"
-            ) from e
+        except ImportError as e:  # a user-fixable error, like every missing optional runtime
+            raise ValueError(NO_LITERT) from e
         try:
             it = Interpreter(model_content=model, num_threads=max(1, int(threads)))
             it.allocate_tensors()

@@ -64,6 +64,7 @@ from mtaffect.geometry.au_evidence import combine as combine_evidence
 from mtaffect.geometry.gaze import gaze_angles
 from mtaffect.geometry.headpose import head_pose_3d
 from mtaffect.geometry.landmarker import FaceGeometry, FaceLandmarker
+from mtaffect.geometry.landmarker import check_runtime as check_landmarker_runtime
 from mtaffect.models.outputs import AffectOutputs
 from mtaffect.predict.engines import Detector, Engine, create_engine
 from mtaffect.predict.outputs import (
@@ -279,6 +280,8 @@ class Predictor:
             )
         if landmarks not in LANDMARK_MODES:
             raise ValueError(f"landmarks must be one of {', '.join(LANDMARK_MODES)}, got {landmarks!r}")
+        if landmarks != "none":
+            check_landmarker_runtime()
         check_filter_options(min_confidence, nested_overlap)
         if not reid_memory >= 0:
             raise ValueError(f"reid_memory must be >= 0 seconds (0: off), got {reid_memory}")
