@@ -41,9 +41,6 @@ from rich.text import Text
 
 from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, warn
 
-#: What ``--draw`` can add to the annotated copies.
-DRAW_LAYERS = ("landmarks",)
-
 
 class _RateColumn(ProgressColumn):
     """Frames per second of the running task."""
@@ -113,10 +110,13 @@ def run_predict(
         detection["nested_overlap"] = None
     if reid_memory is not None:
         detection["reid_memory"] = reid_memory
+    from mtaffect.predict.annotate import DEFAULT_DRAW, DRAW_LAYERS
+
+    extra_layers = [d for d in DRAW_LAYERS if d not in DEFAULT_DRAW]  # what --draw adds to the faces
     draw = tuple(dict.fromkeys(draw))
-    unknown = [d for d in draw if d not in DRAW_LAYERS]
+    unknown = [d for d in draw if d not in extra_layers]
     if unknown:
-        raise ValueError(f"--draw takes {', '.join(DRAW_LAYERS)}, got {unknown[0]!r}")
+        raise ValueError(f"--draw takes {', '.join(extra_layers)}, got {unknown[0]!r}")
     if "landmarks" in draw:
         if landmarks == "none":
             raise ValueError("--draw landmarks needs the landmarker: drop --landmarks none")
@@ -157,7 +157,7 @@ def run_predict(
     settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
                 "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
                 "aligned": aligned, "landmarks": landmarks}  # fmt: skip
-    layers = ("faces", *draw) if draw else None  # the annotated copies' layers (None: the faces only)
+    layers = (*DEFAULT_DRAW, *draw) if draw else None  # the annotated copies' layers (None: the default)
     if per_file:
         opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video, report,
                            report_settings=settings, model=model_identity(model), draw=layers)  # fmt: skip
