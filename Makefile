@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning costs 10x (see docs/benchmarks.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-fast typecheck lint demo bench clean
 
 setup: $(STAMP)
 
@@ -21,10 +21,19 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 
+# mypy over src/mtaffect, configured in pyproject.toml's [tool.mypy].
+typecheck: setup
+	$(BIN)/mypy
+
 # Test files spread over the cores (at most 4 processes: each holds torch), a file's tests in one process
 # so module fixtures are built once; `pytest tests/test_x.py` alone runs serially as usual.
-test: setup lint
+test: setup lint typecheck
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+
+# The quick subset for editing: every test but those marked `slow` (trainings, pipelines, CV, DDP, exports
+# of trained models, anything over ~2 s). `make test` and CI still run them all.
+test-fast: setup lint
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile -m "not slow"
 
 demo: setup
 	bash scripts/demo.sh
@@ -33,4 +42,4 @@ bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache demo_out
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .mypy_cache demo_out

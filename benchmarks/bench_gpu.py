@@ -239,7 +239,7 @@ def bench_dinov2(s: Sizes, device: torch.device, work: Path) -> dict:
     from mtaffect.features.dinov2 import create_dinov2
     from mtaffect.models.image_model import ImageMTLModel
     from mtaffect.train.config import load_config
-    from mtaffect.train.fit import build_model
+    from mtaffect.train.training import build_model
 
     with torch.device(device):  # built where it runs: 1.1 B parameters initialise much faster there
         backbone = create_dinov2("giant", config=dict(s.dino), image_size=s.dino_image, dtype="bfloat16")
@@ -279,8 +279,8 @@ def bench_vit(s: Sizes, device: torch.device, work: Path) -> dict:
 
     from mtaffect.models.image_model import ImageMTLModel
     from mtaffect.train.config import load_config
-    from mtaffect.train.fit import build_model
     from mtaffect.train.images.build import build_backbone
+    from mtaffect.train.training import build_model
 
     transformers.utils.logging.disable_progress_bar()  # no save/load bars in the output
     out: dict = {"dtype": "bf16-mixed", "config": "configs/progressive_published.yaml (its task model)"}
@@ -291,7 +291,7 @@ def bench_vit(s: Sizes, device: torch.device, work: Path) -> dict:
         over = [f"backbone.name=hf:{folder}", f"backbone.image_size={s.vit['image_size']}",
                 "trainer.progress=false"]  # fmt: skip
         cfg = load_config(CONFIG_DIR / "progressive_published.yaml", over)
-        cfg.model.hparams.update(fusion_tasks=[], temporal="none")  # pipeline.task_model: no task inputs
+        cfg.model.hparams.update(fusion_tasks=[], temporal="none")  # pipeline.task_defaults: no task inputs
         b = s.vit_batch or cfg.data.batch_size
         size = cfg.backbone.image_size
         bb_cfg = cfg.backbone
@@ -332,7 +332,7 @@ def bench_agreement(s: Sizes, device: torch.device, work: Path) -> dict:
     """Each recipe on one random batch of its inputs: eval mode, fp32 vs bf16 autocast. One recipe that
     fails is recorded as an error there; the others still run."""
     from mtaffect.train.config import load_config
-    from mtaffect.train.fit import build_model
+    from mtaffect.train.training import build_model
 
     out: dict = {"dtype": "float32 vs bf16 autocast", "recipes": {}}
     for name, path in recipe_configs().items():

@@ -96,7 +96,7 @@ class _Step:
 
 def measure(name: str, cfg, root: Path, workers: list[int], batches: int) -> dict:
     from mtaffect.data.annotations import load_split
-    from mtaffect.train.fit import build_training
+    from mtaffect.train.build import build_training
 
     train = load_split(root, "train")
     rows: dict = {"workers": {}}

@@ -148,8 +148,8 @@ def lightning_loop(
 ) -> list[float]:
     """Seconds per step of ``MTLModule`` under the Trainer ``fit`` builds, per epoch after the first."""
     from mtaffect.train.config import config_from_dict
-    from mtaffect.train.fit import _quiet_lightning, _trainer
     from mtaffect.train.module import MTLModule
+    from mtaffect.train.trainer import quiet_lightning, stage_trainer
 
     model, stage, dm, loss = _setup(store, train, batch_size)
     model.load_state_dict(init)
@@ -157,8 +157,8 @@ def lightning_loop(
     cfg = config_from_dict({"model": {"recipe": "emotinet"}, "trainer": {"progress": progress}})
     timer = _StepTimer().callback
     cls = _legacy_module() if legacy else MTLModule
-    with tempfile.TemporaryDirectory() as logs, _quiet_lightning():
-        trainer = _trainer(cfg, epochs, Path(logs), "au", [timer], validate=False)
+    with tempfile.TemporaryDirectory() as logs, quiet_lightning():
+        trainer = stage_trainer(cfg, epochs, Path(logs), "au", [timer], validate=False)
         if legacy and progress:  # the plain rich bar, redrawn every step
             from lightning.pytorch.callbacks import RichProgressBar
 

@@ -9,8 +9,9 @@ from mtaffect.cli import app
 
 
 def invoke(*args) -> Result:
-    """``mtaffect ARGS`` (each argument ``str()``-ed), whatever its exit: typer's result."""
-    return CliRunner().invoke(app, [str(a) for a in args])
+    """``mtaffect ARGS`` (each argument ``str()``-ed), whatever its exit: typer's result. The terminal is
+    wide, so rich never wraps a message (a long temporary path would otherwise break inside a word)."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "2000"})
 
 
 def run(*args, code: int = 0) -> str:

@@ -84,6 +84,7 @@ def _numbers(tree) -> list[float]:
     return [tree] if isinstance(tree, int | float) and not isinstance(tree, bool) else []
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_one_thread")
 def test_gpu_benchmark_smoke_runs_every_section_on_the_cpu(monkeypatch, tmp_path):
     """``bench_gpu.py --smoke``: every section's code path (tiny models, CPU) gives numbers in the JSON."""

@@ -154,3 +154,46 @@ def test_require_input_names_the_missing_array_and_the_wrong_shape():
         require_input({"features": torch.zeros(2, 4)}, "logits", "emotinet", (7,))
     with pytest.raises(ValueError, match=r"expected \(\.\.\., 8\)"):
         require_input({"features": torch.zeros(2, 4)}, "features", "emotinet", (8,))
+
+
+@pytest.mark.parametrize("layer_kind", [GraphConv, ResidualGraphConv])
+def test_graph_layers_pass_messages_only_along_the_edges(layer_kind):
+    layer = layer_kind(8).eval()  # BatchNorm on its running statistics: rows do not mix through the batch
+    x = torch.randn(2, 6, 8)
+    adj = torch.eye(6).expand(2, 6, 6).clone()
+    adj[:, 0, 0], adj[:, 0, 4] = 0.5, 0.5  # node 0 hears node 4 and no other
+    out = layer(x, adj)
+    for other, heard in ((3, False), (4, True)):
+        y = x.clone()
+        y[:, other] += 1.0
+        changed = layer(y, adj)
+        torch.testing.assert_close(changed[:, [1, 2, 5]], out[:, [1, 2, 5]])  # no edge from `other`
+        assert not torch.allclose(changed[:, other], out[:, other])
+        assert torch.allclose(changed[:, 0], out[:, 0]) != heard
+
+
+@pytest.mark.parametrize("self_attention", [False, True])
+def test_decoder_blocks_treat_queries_as_a_set(self_attention):
+    block = DecoderBlock(16, 2, 32, 0.1, self_attention).eval()
+    q, mem = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    qpos, mpos = torch.randn(1, 5, 16), token_positions(9, 16).unsqueeze(0)
+    out = block(q, mem, qpos, mpos)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    torch.testing.assert_close(block(q[:, perm], mem, qpos[:, perm], mpos), out[:, perm])  # equivariant
+    other = q.clone()
+    other[:, 0] += 1.0
+    changed = block(other, mem, qpos, mpos)
+    # without self-attention a query reads the memory alone; with it, the other queries too
+    assert torch.allclose(changed[:, 1:], out[:, 1:], atol=1e-6) == (not self_attention)
+    assert not torch.allclose(block(q, mem + 1.0, qpos, mpos), out)  # the memory is read
+
+
+@pytest.mark.parametrize("kind", TEMPORAL_KINDS)
+def test_temporal_modules_run_each_window_on_its_own_and_see_frame_order(kind):
+    module = create_temporal(kind, 16, **({"heads": 4} if kind == "transformer" else {})).eval()
+    x = torch.randn(3, 7, 16)
+    out = module(x)
+    torch.testing.assert_close(module(x[1:2])[0], out[1], atol=1e-5, rtol=1e-5)  # no mixing across windows
+    reversed_back = module(x.flip(1)).flip(1)
+    # per-frame (none) is blind to the order; every temporal module is not
+    assert torch.allclose(reversed_back, out, atol=1e-6) == (kind == "none")

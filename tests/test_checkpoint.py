@@ -13,7 +13,8 @@ from test_train import TinyModel, TinyTemporal, make_store, video_names
 from mtaffect.features.store import FeatureStore, StoreError
 from mtaffect.io import OutputExistsError
 from mtaffect.models.base import FaceAffectModel
-from mtaffect.models.checkpoint import CheckpointError, load_model, save_checkpoint
+from mtaffect.models.checkpoint import CheckpointError, save_checkpoint
+from mtaffect.models.loading import load_model
 
 BACKBONE = {"name": "hand-made", "spec": {"name": "hand-made"}, "fingerprint": "abc123"}
 
@@ -56,7 +57,7 @@ def test_never_overwrites_without_permission(tmp_path):
 
 
 def test_damaged_checkpoints_are_explained(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="nothing: model not found"):
         load_model(tmp_path / "nothing")
     _save(TinyModel(12), tmp_path / "ck")
     (tmp_path / "ck" / "model.safetensors").unlink()

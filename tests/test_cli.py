@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,29 +20,74 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
+def _said(output: str) -> str:
+    """The output with rich's line wrapping undone (a long path wraps at 80 columns)."""
+    return " ".join(output.split())
+
+
+def _data_rows(path: Path) -> list[list[str]]:
+    """The data lines of an annotation file, split on commas (read here independently of the parser)."""
+    return [line.split(",") for line in path.read_text().splitlines()[1:] if line.strip()]
+
+
+def _p_line(output: str) -> re.Match:
+    """`evaluate`'s last line: ``P = 0.1234   (N rows; D duplicate lines dropped)``."""
+    pattern = r"^P = (\d\.\d{4}) +\((\d+) rows; (\d+) duplicate lines (dropped|kept)\)$"
+    found = re.search(pattern, output, re.MULTILINE)
+    assert found, output
+    return found
+
+
 def test_synth_refuses_to_overwrite(synth_root: Path):
-    assert "overwrite" in run("synth", "--out", synth_root, "--videos", "4", "--frames", "5", code=2)
+    before = sorted(p.relative_to(synth_root) for p in synth_root.rglob("*"))
+    out = run("synth", "--out", synth_root, "--videos", "4", "--frames", "5", code=2)
+    _one_error_line(out)
+    said = f"error: {synth_root} is not empty; pass overwrite=True (CLI: --overwrite) to replace it"
+    assert _said(out) == said
+    assert sorted(p.relative_to(synth_root) for p in synth_root.rglob("*")) == before
 
 
 def test_data_stats_json(synth_root: Path, tmp_path: Path):
     out = tmp_path / "stats.json"
-    run("data", "stats", synth_root, "--json", out)
+    shown = run("data", "stats", synth_root, "--json", out)
     stats = json.loads(out.read_text())
-    assert {"train", "val"} <= set(stats)
-    assert stats["train"]["rows"] > 0
+    assert set(stats) == {"train", "val", "test", "test_list"}
+    for split, name in (("train", "training"), ("val", "validation"), ("test", "test")):
+        rows = _data_rows(synth_root / f"{name}_set_annotations.txt")
+        videos = {r[0].split("/")[0] for r in rows}
+        got = stats[split]
+        distinct, images = {tuple(r) for r in rows}, {r[0] for r in rows}  # exact duplicate lines count once
+        assert (got["rows"], got["videos"], got["images_unique"]) == (len(distinct), len(videos), len(images))
+        assert got["duplicates"] == len(rows) - len(distinct)
+        counted = sum(1 for r in distinct if r[3] != "-1")  # expression -1: missing
+        assert sum(got["expression_counts"].values()) == got["valid"]["expression"] == counted
+        assert got["source"] == str(synth_root / f"{name}_set_annotations.txt")
+        headline = f"{split} ({name}_set_annotations.txt): {len(distinct)} rows, {len(videos)} videos,"
+        assert headline in _said(shown)
+    assert _said(shown).endswith(f"wrote {out}")
 
 
 def test_baselines_evaluate_submit_validate(synth_root: Path, tmp_path: Path):
+    from mtaffect.data.submission import read_test_list
+
     train = synth_root / "training_set_annotations.txt"
     val = synth_root / "validation_set_annotations.txt"
+    val_rows = _data_rows(val)
     scores = {}
     for kind in ("constant", "random"):
         pred = tmp_path / f"{kind}.csv"
-        run("baseline", "--kind", kind, "--train", train, "--images", val, "--out", pred)
+        shown = run("baseline", "--kind", kind, "--train", train, "--images", val, "--out", pred)
+        unique = len({r[0] for r in val_rows})
+        assert _said(shown) == f"wrote {pred} ({unique} rows, {kind} baseline)"
+        with pred.open(newline="") as f:
+            assert sorted(r["image"] for r in csv.DictReader(f)) == sorted({r[0] for r in val_rows})
         js = tmp_path / f"{kind}.json"
         out = run("evaluate", "--gt", val, "--pred", pred, "--json", js)
-        assert "P =" in out
         scores[kind] = json.loads(js.read_text())
+        line = _p_line(out)  # the printed P is the P written, over the annotated rows less duplicates
+        assert float(line[1]) == pytest.approx(scores[kind]["P"], abs=5e-5)
+        assert int(line[2]) + int(line[3]) == len(val_rows) and line[4] == "dropped"
+        assert "Traceback" not in out and "error:" not in out
     for s in scores.values():
         assert set(s) == {"P", "va", "expr", "au", "counts"}
         assert set(s["va"]) == {"ccc_v", "ccc_a", "mean"}
@@ -50,30 +97,45 @@ def test_baselines_evaluate_submit_validate(synth_root: Path, tmp_path: Path):
     assert scores["constant"]["va"]["mean"] == 0.0
 
     test_list = synth_root / "MTL.txt"
+    names = read_test_list(test_list)
     pred = tmp_path / "test.csv"
     run("baseline", "--kind", "constant", "--train", train, "--images", test_list, "--out", pred)
     sub = tmp_path / "submission.txt"
-    run("submit", "--pred", pred, "--test-list", test_list, "--out", sub)
-    run("validate-submission", "--test-list", test_list, sub)
+    shown = run("submit", "--pred", pred, "--test-list", test_list, "--out", sub)
+    assert _said(shown) == f"wrote {sub} ({len(names)} lines, validated against {test_list})"
+    assert [r[0] for r in _data_rows(sub)] == names  # one line per test-list line, in order
+    assert _said(run("validate-submission", "--test-list", test_list, sub)) == f"{sub}: valid"
     # The submission (hard labels) is itself scoreable against the synthetic test labels.
-    run("evaluate", "--gt", synth_root / "test_set_annotations.txt", "--pred", sub)
+    _p_line(run("evaluate", "--gt", synth_root / "test_set_annotations.txt", "--pred", sub))
     # And nothing is overwritten without being asked.
-    assert "overwrite" in run("submit", "--pred", pred, "--test-list", test_list, "--out", sub, code=2)
+    written = sub.read_bytes()
+    out = run("submit", "--pred", pred, "--test-list", test_list, "--out", sub, code=2)
+    _one_error_line(out)
+    assert _said(out) == f"error: {sub} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+    assert sub.read_bytes() == written
     run("submit", "--pred", pred, "--test-list", test_list, "--out", sub, "--overwrite")
+    assert sub.read_bytes() == written  # the same predictions: the same file
 
 
 def test_bad_submission_is_reported_with_line(synth_root: Path, tmp_path: Path):
+    from mtaffect.data.submission import read_test_list
+
     test_list = synth_root / "MTL.txt"
+    names = read_test_list(test_list)
     pred = tmp_path / "p.csv"
     run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
         "--images", test_list, "--out", pred)
     sub = tmp_path / "sub.txt"
     run("submit", "--pred", pred, "--test-list", test_list, "--out", sub)
     lines = sub.read_text().splitlines()
-    del lines[3]
+    del lines[3]  # the third data line (file line 4)
     sub.write_text("\n".join(lines) + "\n")
     out = run("validate-submission", "--test-list", test_list, sub, code=1)
-    assert "line" in out
+    assert "Traceback" not in out
+    said = out.splitlines()
+    assert said[0] == (f"{sub}: expected {len(names)} prediction lines after the header (one per test-list "
+                       f"line), found {len(names) - 1}")  # fmt: skip
+    assert said[1] == f"{sub}: line 4: expected image {names[2]!r}, found {names[3]!r}"
 
 
 def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Path):
@@ -85,10 +147,13 @@ def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Pa
     run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
         "--images", synth_root / "validation_set_annotations.txt", "--out", pred)
     out = run("evaluate", "--gt", bad, "--pred", pred, code=2)
-    assert "bad.txt:6" in out
+    _one_error_line(out)
+    assert _said(out) == f"error: {bad}:6: AU26 must be 0, 1 or -1 for missing (got: '7')"
     # --lenient skips the row, reports it, and scores the rest.
     out = run("evaluate", "--gt", bad, "--pred", pred, "--lenient")
-    assert "bad.txt:6" in out and "P =" in out
+    assert out.splitlines()[0] == f"skipped {bad}:6: AU26 must be 0, 1 or -1 for missing (got: '7')"
+    line = _p_line(out)
+    assert int(line[2]) + int(line[3]) == len(lines) - 2  # the header and the skipped row left out
 
 
 def test_missing_predictions_are_an_error(synth_root: Path, tmp_path: Path):
@@ -98,8 +163,14 @@ def test_missing_predictions_are_an_error(synth_root: Path, tmp_path: Path):
         "--images", val, "--out", pred)
     text = pred.read_text().splitlines()
     pred.write_text("\n".join(text[:-3]) + "\n")
+    dropped = [line.split(",")[0] for line in text[-3:]]
     out = run("evaluate", "--gt", val, "--pred", pred, code=2)
-    assert "3" in out and "prediction" in out.lower()
+    _one_error_line(out)
+    unique = len({r[0] for r in _data_rows(val)})
+    assert _said(out) == (
+        f"error: {pred}: 3 of {unique} requested image(s) have no prediction, e.g. {dropped}; "
+        "predict every image of the test list / annotation file"
+    )
 
 
 def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
@@ -118,9 +189,9 @@ def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
             "--out", preds[-1])  # fmt: skip
     post = tmp_path / "post.yaml"
     out = run("tune", "--gt", val, "--pred", preds[0], preds[1], "--out", post, "--widths", "2,4")
-    assert "held-out" in out
+    assert re.search(r"^P on \d+ held-out videos \(not seen by the search\)", out, re.M), out
     both = ("--pred", preds[0], "--pred", preds[1])
-    assert "blending them needs --post" in run("evaluate", "--gt", val, *both, code=2)
+    _one_error_line(run("evaluate", "--gt", val, *both, code=2), "blending them needs --post")
     js = tmp_path / "post.json"
     run("evaluate", "--gt", val, *both, "--post", post, "--json", js)
     config = PostConfig.load(post)
@@ -269,9 +340,14 @@ def test_synth_three_videos_then_extract(tmp_path):
     root = tmp_path / "three"
     run("synth", "--out", root, "--videos", "3", "--frames", "6", "--seed", "1")
     from mtaffect.data.submission import read_test_list
+    from mtaffect.features.store import FeatureStore
 
-    assert read_test_list(root / "MTL.txt")
+    names = read_test_list(root / "MTL.txt")
+    labelled = {r[0] for split in ("training", "validation")
+                for r in _data_rows(root / f"{split}_set_annotations.txt")}  # fmt: skip
+    assert names and len({n.split("/")[0] for n in [*names, *labelled]}) == 3  # every split holds images
     run("extract", "--data", root, "--out", tmp_path / "st", "--workers", "0")
+    assert sorted(FeatureStore.open(tmp_path / "st").images) == sorted(labelled | set(names))  # each once
 
 
 def test_trust_remote_code_is_only_a_flag_and_only_where_it_means_something(synth_root, tmp_path):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from test_train import cfg, make_labels, make_store
 
-from mtaffect.models.checkpoint import load_model
+from mtaffect.models.loading import load_model
 from mtaffect.train.cv import cross_validate, ensemble, fold_split, group_key, video_folds
 
 
@@ -80,6 +80,7 @@ def test_ensemble_is_the_mean_of_the_models():
     np.testing.assert_allclose(m.valence, (a.valence + b.valence) / 2)
 
 
+@pytest.mark.slow
 def test_cross_validate_reports_mean_std_saves_folds_and_ensembles(tmp_path):
     names = _names()
     feats = make_store(tmp_path / "store", names)
@@ -115,6 +116,7 @@ def test_cross_validate_reports_mean_std_saves_folds_and_ensembles(tmp_path):
         cross_validate(cfg(), tmp_path / "store", labels, 3, tmp_path / "cv", log=None)
 
 
+@pytest.mark.slow
 def test_the_fold_ensemble_refuses_failed_test_images_unless_allowed(tmp_path):
     """Item 5: a test image whose extraction failed is never predicted from zero features silently."""
     from mtaffect.features.reader import FailedImagesError

@@ -22,8 +22,8 @@ from test_pipeline import config, edited_dataset  # noqa: F401  (config: the shr
 import mtaffect.train.pipeline as pipeline_module
 from mtaffect.data.annotations import LabelTable, load_split
 from mtaffect.data.submission import read_test_list
-from mtaffect.models.checkpoint import load_model
 from mtaffect.models.ensemble import EnsembleAffectModel
+from mtaffect.models.loading import load_model
 from mtaffect.schema import CROPPED_DIR
 from mtaffect.train.cv import fold_split
 from mtaffect.train.state import labels_digest
@@ -52,7 +52,7 @@ def small(config, tmp_path_factory) -> Path:  # noqa: F811
     step one epoch whatever the shipped config sets per step."""
     cfg = yaml.safe_load(config.read_text())
     cfg["pipeline"]["enhanced"].pop("all")
-    for step in (cfg["pipeline"].get("task_model") or {}, *cfg["pipeline"]["enhanced"].values()):
+    for step in (cfg["pipeline"].get("task_defaults") or {}, *cfg["pipeline"]["enhanced"].values()):
         if "trainer" in step:
             step["trainer"]["epochs"] = 1
     path = tmp_path_factory.mktemp("cvpipe") / "published.yaml"
@@ -75,9 +75,14 @@ def _labels(data: Path) -> LabelTable:
     return LabelTable.concat([load_split(data, "train"), load_split(data, "val")])
 
 
-def test_cv_runs_the_whole_pipeline_in_each_fold_and_ensembles_the_combined_models(folds, data):
-    out, trained, _ = folds
-    assert trained == Counter({(f"fold{i}", s): 1 for i in range(2) for s in STEPS})  # no base-model run
+@pytest.mark.slow
+def test_cv_trains_every_pipeline_step_once_in_each_fold_and_no_base_model(folds):
+    assert folds[1] == Counter({(f"fold{i}", s): 1 for i in range(2) for s in STEPS})
+
+
+@pytest.mark.slow
+def test_the_cv_report_records_each_folds_steps_and_its_combined_models_score(folds):
+    out = folds[0]
     report = json.loads((out / "cv.json").read_text())
     assert report["pipeline"] is True and report["k"] == 2 and len(report["folds"]) == 2
     for i, fold in enumerate(report["folds"]):
@@ -87,21 +92,32 @@ def test_cv_runs_the_whole_pipeline_in_each_fold_and_ensembles_the_combined_mode
         scored = json.loads((out / f"fold{i}" / "metrics.json").read_text())["P_tasks"]
         assert fold["P"] == pytest.approx(scored)
         assert isinstance(load_model(out / f"fold{i}" / "best"), EnsembleAffectModel)
+
+
+@pytest.mark.slow
+def test_the_cv_summary_is_over_folds_that_validate_on_every_video_once(folds, data):
+    report = json.loads((folds[0] / "cv.json").read_text())
     for term in ("P", "ccc_va", "f1_expr", "f1_au"):
         values = [f[term] for f in report["folds"]]
         assert report["mean"][term] == pytest.approx(np.mean(values))
         assert report["std"][term] == pytest.approx(np.std(values))
     assert sorted(v for f in report["folds"] for v in f["val_videos"]) == _labels(data).videos
-    # the test set: mean of the fold's combined models
+
+
+@pytest.mark.slow
+def test_the_cv_test_predictions_are_the_mean_of_the_folds_combined_models(folds, data):
     from mtaffect.data.predictions import PredictionTable
 
+    out = folds[0]
     images = list(dict.fromkeys(read_test_list(data / "MTL.txt")))
     preds = [load_model(out / f"fold{i}" / "best").predict_images(data / CROPPED_DIR, images) for i in (0, 1)]
     written = PredictionTable.read(out / "test_predictions.parquet").align_to(images)
-    np.testing.assert_allclose(written.au_probs, np.mean([p.au_probs for p in preds], 0), atol=1e-5)
-    np.testing.assert_allclose(written.valence, np.mean([p.valence for p in preds], 0), atol=1e-5)
+    for column in ("au_probs", "expr_probs", "valence", "arousal"):
+        want = np.mean([getattr(p, column) for p in preds], 0)
+        np.testing.assert_allclose(getattr(written, column), want, atol=1e-5, err_msg=column)
 
 
+@pytest.mark.slow
 def test_each_folds_models_trained_on_its_training_videos_only_by_their_run_records(folds, data, small):
     out, _, _ = folds
     from mtaffect.train.config import load_config
@@ -121,8 +137,20 @@ def test_each_folds_models_trained_on_its_training_videos_only_by_their_run_reco
             assert (out / f"fold{i}" / "stores" / t / "meta.json").is_file()
 
 
+@pytest.mark.slow
+def test_a_rerun_on_other_annotations_than_the_folds_were_trained_on_is_refused_naming_both(
+    folds, data, small, tmp_path
+):
+    other = edited_dataset(data, tmp_path / "other", "training_set_annotations.txt", lambda x: x[:-1])
+    output = run("cv", "--config", small, "--data", other, "--out", folds[0], "--folds", "2", code=2)
+    assert "Traceback" not in output and [ln for ln in output.splitlines() if ln.startswith("error: ")]
+    said = " ".join(output.split())
+    assert "content sha256 differ" in said and "fold 0 of 2" in said, said
+
+
+@pytest.mark.slow
 def test_a_rerun_keeps_every_finished_fold_and_resume_continues_an_interrupted_step(
-    folds, data, small, tmp_path, monkeypatch
+    folds, data, small, monkeypatch
 ):
     out = folds[0]  # in place (a copy elsewhere is another task-model path, hence another backbone)
     before = json.loads((out / "cv.json").read_text())
@@ -137,11 +165,6 @@ def test_a_rerun_keeps_every_finished_fold_and_resume_continues_an_interrupted_s
     run("cv", "--config", small, "--data", data, "--out", out, "--folds", "2", "--resume")
     assert (out / "fold1" / "enhanced_va" / "metrics.json").is_file()
     assert sum(trainings.count.values()) == 1 and trainings.count[("fold1", "enhanced_va")] == 1
-    # other annotations than those the folds were trained on are refused, naming both
-    other = edited_dataset(data, tmp_path / "other", "training_set_annotations.txt", lambda x: x[:-1])
-    said = run("cv", "--config", small, "--data", other, "--out", out, "--folds", "2", code=2)
-    said = " ".join(said.split())
-    assert "content sha256 differ" in said and "fold 0 of 2" in said, said
 
 
 def test_cv_and_train_refuse_feature_stores_for_a_pipeline_with_one_message(data, small, tmp_path):
@@ -161,6 +184,7 @@ def test_cv_and_train_refuse_feature_stores_for_a_pipeline_with_one_message(data
         cross_validate(load_config(small), data, _labels(data), 2, tmp_path / "api", stores={"au": store})
 
 
+@pytest.mark.slow
 def test_train_fold_trains_a_pipeline_on_the_split_cv_uses(folds, data, small, tmp_path):
     out = tmp_path / "fold1"
     run("train", "--config", small, "--data", data, "--out", out, "--fold", "1", "--folds", "2",

@@ -92,6 +92,7 @@ def _assert_same_rows(got: pd.DataFrame, ref: pd.DataFrame, min_faces: int) -> N
     assert (got[au_c].to_numpy() == ref[au_c].to_numpy()).all()
 
 
+@pytest.mark.slow
 def test_both_engines_give_one_table_on_real_photos(default_export, photos):
     torch_p, ort_p = _engines(default_export[0])
     ref, got = torch_p.predict(photos), ort_p.predict(photos)
@@ -99,6 +100,7 @@ def test_both_engines_give_one_table_on_real_photos(default_export, photos):
     _assert_same_rows(got, ref, min_faces=20)  # the astronaut, the cameraman and most of the 20 LFW faces
 
 
+@pytest.mark.slow
 def test_both_engines_give_one_table_on_a_real_video(default_export, video):
     torch_p, ort_p = _engines(default_export[0])
     ref, got = torch_p.predict(video), ort_p.predict(video)

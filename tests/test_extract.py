@@ -133,6 +133,7 @@ def test_in_memory_faces_are_resized_like_files(faces):
     assert resize_array(full, 32, "L").shape == (32, 32)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical(faces, reference, tmp_path):
     root, names = faces
     out = tmp_path / "store"
@@ -289,6 +290,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, out: str, names: lis
     assert res.images == len(names) and res.extracted == len(names)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(faces, reference, tmp_path):
     """torchrun-style sharding (RANK/WORLD_SIZE/MASTER_ADDR, gloo): the merged store equals one process."""
     root, names = faces
@@ -471,6 +473,7 @@ with _shard_lock(partial, 0):
 """
 
 
+@pytest.mark.slow
 def test_the_shard_lock_names_its_holder_and_dies_with_it(tmp_path):
     from mtaffect.features.extract import _shard_lock
 

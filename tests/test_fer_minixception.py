@@ -237,6 +237,7 @@ def _smile_auroc(limit: int | None) -> tuple[float, int]:
     return float(roc_auc_score(labels, probs[:, FER_CLASS_NAMES.index("happy")])), len(labels)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SMILE_DIR / "smilesmiled_images.tar").is_file(), reason="SMILEsmileD not present")
 def test_happy_ranks_real_smiles_subset() -> None:
     """P(happy) ranks real smiling faces (fixed 1,500-face subset; full set: see the slow test)."""

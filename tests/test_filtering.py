@@ -50,6 +50,7 @@ def test_predictor_checks_the_filter_options():
         Predictor(nested_overlap=0.0)
 
 
+@pytest.mark.slow
 def test_a_weak_tracked_box_triggers_a_full_detection_instead_of_losing_the_face(tmp_path):
     """Between full detections O-Net follows the old box; when the face moved far it scores below
     min_confidence, and the frame must then be searched again, not left without its face."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import typer
 import yaml
@@ -31,10 +32,11 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.data.submission import _IMAGE_RE, read_image_names, read_test_list
 from mtaffect.data.units import unsafe_name_reason
 from mtaffect.post.config import PostConfig
-from mtaffect.schema import AU_NAMES, AU_PROB_COLUMNS, EXPR_PROB_COLUMNS, OFFICIAL_HEADER
-from mtaffect.train.config import TrainConfig, load_config, validate
+from mtaffect.schema import AU_NAMES, AU_PROB_COLUMNS, EXPR_PROB_COLUMNS, NUM_EXPR, OFFICIAL_HEADER
+from mtaffect.train.config import TrainConfig, config_from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+pytestmark = pytest.mark.slow  # hundreds of parses per test: `make test` and CI run them, not test-fast
 EXAMPLES = 250  # per parser (1,500 parses in all)
 
 #: Byte strings a careless or hostile edit tends to introduce.
@@ -109,9 +111,9 @@ def check_error(text: str, path: Path, *, line_based: bool) -> None:
         )
 
 
-def fuzz_settings(**kw):
+def fuzz_settings(max_examples: int = EXAMPLES, **kw):
     return settings(
-        max_examples=EXAMPLES,
+        max_examples=max_examples,
         deadline=None,
         derandomize=True,  # the same examples every run: a deterministic test
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -221,9 +223,18 @@ def test_annotation_files(folder: Path, ops):
 @fuzz_settings()
 @given(ops=MUTATIONS)
 def test_test_lists(folder: Path, ops):
-    names = fuzz_one(folder / "MTL.txt", mutate(_test_list_bytes(), ops), read_test_list, line_based=True)
+    data = mutate(_test_list_bytes(), ops)
+    names = fuzz_one(folder / "MTL.txt", data, read_test_list, line_based=True)
     if names is not None:
         assert names and all(_IMAGE_RE.match(n) for n in names) and _all_safe(names)
+        assert _in_file_order(names, data)
+
+
+def _in_file_order(names: list[str], data: bytes) -> bool:
+    """Whether ``names`` are first fields of the file's lines, in the file's order (read == written)."""
+    text = data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    firsts = iter(line.split(",")[0].strip() for line in text.split("\n"))
+    return all(any(name == first for first in firsts) for name in names)
 
 
 @fuzz_settings()
@@ -233,6 +244,7 @@ def test_image_lists_of_either_kind(folder: Path, ops, base):
     names = fuzz_one(folder / "images.txt", data, read_image_names, line_based=True)
     if names is not None:
         assert names and _all_safe(names)
+        assert _in_file_order(list(dict.fromkeys(names)), data)
 
 
 @fuzz_settings()
@@ -270,10 +282,17 @@ def test_post_configs(folder: Path, ops):
 @given(ops=MUTATIONS, recipe=st.sampled_from(sorted(p.name for p in CONFIGS.glob("*.yaml"))))
 def test_recipe_configs(folder: Path, ops, recipe):
     path = folder / "recipe.yaml"
-    config = fuzz_one(path, mutate((CONFIGS / recipe).read_bytes(), ops), load_config, line_based=False)
+    data = mutate((CONFIGS / recipe).read_bytes(), ops)
+    config = fuzz_one(path, data, load_config, line_based=False)
     if config is not None:
         assert isinstance(config, TrainConfig)
-        validate(config, str(path))
+        written = yaml.safe_load(data.decode("utf-8"))
+        model = written.get("model") or {}
+        assert config.model.recipe == model["recipe"]  # read == written (a config names its recipe)
+        assert config.model.hparams == (model.get("hparams") or {})
+        # and what a run folder writes of it (config.yaml) reads back as the same config
+        saved = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+        assert config_from_dict(saved).to_dict() == config.to_dict()
 
 
 # ---- the JSON formats of folders (mtaffect.persist's header) -------------------------------------------
@@ -345,3 +364,110 @@ def test_per_file_job_records(folder: Path, ops):
     assert err is None
     if found:
         assert found == {"v.csv": json.loads(data)}
+
+
+# ---- round trips: what our writers write is what the readers read ------------------------------------------
+ROUND_TRIPS = 40  # examples per format
+#: Video names a user's data may hold: digits, separators, spaces, non-ASCII (never a comma, a '/' or '..').
+_VIDEO = st.text(st.sampled_from("0123456789abcXYZ-_.é字 "), min_size=1, max_size=8).filter(
+    lambda v: v.strip() == v and v not in (".", "..")
+)
+_FRAMES = st.lists(st.integers(0, 99999), min_size=1, max_size=12, unique=True)
+_UNIT = st.floats(0, 1, allow_nan=False, width=64)
+
+
+def _names(videos: list[str], frames: list[int]) -> list[str]:
+    return [f"{videos[i % len(videos)]}/{f:05d}.jpg" for i, f in enumerate(frames)]
+
+
+#: Values a float writer gets wrong first: the ends, the smallest subnormal, one ulp below 1, thirds.
+EDGES = [0.0, 1.0, 5e-324, 1 - 2**-53, 0.1, 1 / 3, 2 / 3, 1e-17]
+
+
+def _values(draw, rng: np.random.Generator, shape: tuple[int, ...], low: float) -> np.ndarray:
+    """Random values in [low, 1] (numpy, fast), some replaced by drawn edge values (signed when low < 0)."""
+    out = rng.uniform(low, 1, shape)
+    flat = out.reshape(-1)
+    signs = st.sampled_from([1, -1] if low < 0 else [1])
+    edits = st.lists(st.tuples(st.integers(0, flat.size - 1), st.sampled_from(EDGES), signs), max_size=6)
+    for at, edge, sign in draw(edits):
+        flat[at] = sign * edge
+    return out
+
+
+@st.composite
+def prediction_tables(draw) -> PredictionTable:
+    names = _names(draw(st.lists(_VIDEO, min_size=1, max_size=3, unique=True)), draw(_FRAMES))
+    n = len(names)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    raw = _values(draw, rng, (n, NUM_EXPR), 0.0) + 1e-3  # never all zero
+    expr = raw / raw.sum(1, keepdims=True)
+    aus, va = _values(draw, rng, (n, 12), 0.0), _values(draw, rng, (n, 2), -1.0)
+    face_id = rng.integers(0, 5, n)
+    return PredictionTable.from_arrays(names, va[:, 0], va[:, 1], expr, aus, face_id=face_id)
+
+
+@fuzz_settings(max_examples=ROUND_TRIPS)
+@given(table=prediction_tables(), suffix=st.sampled_from([".csv", ".parquet"]))
+def test_a_prediction_table_reads_back_exactly_as_written(folder: Path, table, suffix):
+    path = table.write(folder / f"rt{suffix}", overwrite=True)
+    back = PredictionTable.read(path)
+    assert list(back.images) == list(table.images)
+    for column in ("valence", "arousal", "expr_probs", "au_probs"):  # CSV too: an exact float round trip
+        np.testing.assert_array_equal(getattr(back, column), getattr(table, column), err_msg=column)
+    assert back.frame["face_id"].tolist() == table.frame["face_id"].tolist()
+
+
+@fuzz_settings(max_examples=ROUND_TRIPS)
+@given(table=prediction_tables(), thresholds=st.lists(_UNIT, min_size=12, max_size=12), data=st.data())
+def test_a_submission_reads_back_as_the_hard_decisions_it_wrote(folder: Path, table, thresholds, data):
+    from mtaffect.data.submission import validate_submission, write_submission
+
+    order = data.draw(st.permutations(list(table.images)))  # the test list's order, not the table's
+    path = write_submission(table, order, folder / "sub.txt", au_thresholds=thresholds, overwrite=True)
+    assert validate_submission(path, order) == []
+    back, want = PredictionTable.read(path), table.align_to(order)
+    assert list(back.images) == list(order)
+    np.testing.assert_array_equal(back.expr_probs.argmax(1), want.expr_probs.argmax(1))
+    np.testing.assert_array_equal(back.au_probs, (want.au_probs >= np.array(thresholds)).astype(float))
+    for column in ("valence", "arousal"):  # written as text: to the digits the format keeps
+        np.testing.assert_allclose(getattr(back, column), getattr(want, column), atol=5e-4, err_msg=column)
+
+
+@st.composite
+def label_tables(draw) -> LabelTable:
+    names = _names(draw(st.lists(_VIDEO, min_size=1, max_size=3, unique=True)), draw(_FRAMES))
+    n = len(names)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    va = _values(draw, rng, (n, 2), -1.0)
+    va[rng.random((n, 2)) < 0.2] = -5.0  # the missing code
+    frame = {"image": names, "valence": va[:, 0], "arousal": va[:, 1], "expression": rng.integers(-1, 8, n)}
+    for au in AU_NAMES:
+        frame[au] = rng.integers(-1, 2, n)
+    return LabelTable.from_frame(pd.DataFrame(frame))
+
+
+@fuzz_settings(max_examples=ROUND_TRIPS)
+@given(table=label_tables())
+def test_an_annotation_file_reads_back_exactly_as_written(folder: Path, table):
+    from mtaffect.data.annotations import write_annotations
+
+    back = read_annotations(write_annotations(table, folder / "rt.txt", overwrite=True), keep_duplicates=True)
+    assert list(back.images) == list(table.images)
+    for column in ("valence", "arousal", "expression", "aus", "valence_mask", "expr_mask", "au_mask"):
+        np.testing.assert_array_equal(getattr(back, column), getattr(table, column), err_msg=column)
+
+
+@fuzz_settings(max_examples=ROUND_TRIPS)
+@given(videos=st.lists(_VIDEO, min_size=1, max_size=4, unique=True), frames=_FRAMES)
+def test_a_stores_image_index_reads_back_in_order_and_an_edit_is_refused(folder: Path, videos, frames):
+    from mtaffect.features.store import StoreError, images_digest, read_images, write_images
+
+    names = list(dict.fromkeys(_names(videos, frames)))
+    path = folder / "images.txt"
+    write_images(path, names)
+    assert list(read_images(path, images_digest(names))) == names
+    if len(names) > 1:  # the same names in another order would mislabel every row: refused
+        path.write_text("".join(f"{n}\n" for n in names[::-1]), encoding="utf-8")
+        with pytest.raises(StoreError):
+            read_images(path, images_digest(names))

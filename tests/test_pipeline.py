@@ -5,6 +5,7 @@ search over enhanced-model variants that trains the task models once, and steps 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -24,11 +25,11 @@ from mtaffect.data.predictions import PredictionTable  # noqa: E402
 from mtaffect.features.extract import collect_images  # noqa: E402
 from mtaffect.features.store import FeatureStore  # noqa: E402
 from mtaffect.metrics import score  # noqa: E402
-from mtaffect.models.checkpoint import load_model  # noqa: E402
 from mtaffect.models.ensemble import EnsembleAffectModel  # noqa: E402
+from mtaffect.models.loading import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]  # every test trains
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +80,48 @@ def published(data, config, tmp_path_factory):
     return out, trainings.count, log
 
 
-def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_model(
-    published, data, tmp_path
+STEPS = ("task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va", "enhanced_all")
+
+
+def _said(output: str) -> str:
+    """The output with rich's line wrapping undone (long paths wrap at 80 columns)."""
+    return " ".join(output.split())
+
+
+@pytest.fixture(scope="module")
+def val_names(data) -> list[str]:
+    return list(dict.fromkeys(map(str, load_split(data, "val").images)))
+
+
+@pytest.fixture(scope="module")
+def val_inferred(published, data, tmp_path_factory) -> Path:
+    """`mtaffect infer` of the combined model on the validation images, once: the table's path."""
+    pred = tmp_path_factory.mktemp("val_infer") / "val.parquet"
+    run("infer", "--model", published[0] / "best", "--images", data / "validation_set_annotations.txt",
+        "--data", data, "--out", pred, "--workers", "0")  # fmt: skip
+    return pred
+
+
+def test_the_pipeline_trains_each_of_its_seven_models_once(published):
+    _, trained, log = published
+    assert trained == Counter({s: 1 for s in STEPS})
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("task", ["au", "expr", "va"])
+def test_a_task_model_trains_its_task_only_and_exports_every_image_with_its_finetuned_backbone(
+    published, data, task
 ):
-    out, trained, _ = published
-    steps = ["task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va", "enhanced_all"]
-    assert trained == Counter({s: 1 for s in steps})  # each training once
-    for t in ("au", "expr", "va"):  # task models: their task only, fine-tuned backbone in the checkpoint
-        m = json.loads((out / f"task_{t}" / "metrics.json").read_text())
-        assert m["tasks"] == [t] and m["not_trained"] == [x for x in ("au", "expr", "va") if x != t]
-        assert (out / f"task_{t}" / "best" / "backbone" / "model.safetensors").is_file()
-        assert len(FeatureStore.open(out / "stores" / t)) == len(collect_images(data))  # every image
+    out = published[0]
+    m = json.loads((out / f"task_{task}" / "metrics.json").read_text())
+    assert m["tasks"] == [task] and m["not_trained"] == [x for x in ("au", "expr", "va") if x != task]
+    assert (out / f"task_{task}" / "best" / "backbone" / "model.safetensors").is_file()
+    store = FeatureStore.open(out / "stores" / task)
+    assert sorted(store.images) == sorted(collect_images(data))  # every image, each once
+
+
+def test_the_enhanced_expr_model_reads_the_fused_stores_over_padded_windows_with_its_own_loss(published):
+    out = published[0]
     expr = load_model(out / "enhanced_expr" / "best")  # 4-frame windows (the peer pads), fused stores
     assert expr.window == 4 and expr.window_edge == "pad" and expr.temporal
     assert expr.store_inputs == ("features@au", "features@expr", "features@va")
@@ -98,47 +130,81 @@ def test_published_structure_trains_end_to_end_and_predicts_each_task_from_its_m
     assert cfg["trainer"]["select"] == ["au", "expr", "valence"] and not cfg["loss"]["expr_class_weights"]
     assert json.loads((out / "enhanced_va" / "metrics.json").read_text())["tasks"] == ["va"]
 
-    # the combined model: one model per task; infer from the images reproduces the validation predictions
+
+def test_the_combined_model_answers_each_task_from_its_own_model(published, val_names):
+    out = published[0]
     model = load_model(out / "best")
     assert isinstance(model, EnsembleAffectModel) and model.tasks == {"au": "au", "expr": "expr", "va": "va"}
-    val = load_split(data, "val")
-    pred = tmp_path / "val.parquet"
-    run("infer", "--model", out / "best", "--images", data / "validation_set_annotations.txt", "--data", data,
-        "--out", pred, "--workers", "0")  # fmt: skip
-    table = PredictionTable.read(pred)
-    names = list(dict.fromkeys(map(str, val.images)))
-    assert sorted(map(str, table.images)) == sorted(names)  # every annotated row predicted exactly once
-    saved = PredictionTable.read(out / "val_predictions.parquet").align_to(names)
-    np.testing.assert_allclose(table.align_to(names).expr_probs, saved.expr_probs, atol=2e-3)
-    np.testing.assert_allclose(table.align_to(names).valence, saved.valence, atol=2e-3)
-    va_member = PredictionTable.read(out / "enhanced_va" / "val_predictions.parquet").align_to(names)
-    np.testing.assert_allclose(saved.arousal, va_member.arousal, atol=1e-6)  # VA from the VA model
+    saved = PredictionTable.read(out / "val_predictions.parquet").align_to(val_names)
+    for task, columns in {"au": ["au_probs"], "expr": ["expr_probs"], "va": ["valence", "arousal"]}.items():
+        member = PredictionTable.read(out / f"enhanced_{task}" / "val_predictions.parquet")
+        member = member.align_to(val_names)
+        for column in columns:
+            np.testing.assert_allclose(getattr(saved, column), getattr(member, column), atol=1e-6)
 
+
+def test_infer_from_the_images_reproduces_the_pipelines_validation_predictions(
+    published, val_inferred, val_names
+):
+    table = PredictionTable.read(val_inferred)
+    assert sorted(map(str, table.images)) == sorted(val_names)  # every annotated row predicted exactly once
+    saved = PredictionTable.read(published[0] / "val_predictions.parquet").align_to(val_names)
+    got = table.align_to(val_names)
+    for column in ("expr_probs", "au_probs", "valence", "arousal"):
+        np.testing.assert_allclose(getattr(got, column), getattr(saved, column), atol=2e-3, err_msg=column)
+
+
+def test_the_pipelines_P_and_evaluates_P_are_the_metric_of_the_predictions(published, data, val_inferred):
+    out = published[0]
+    val = load_split(data, "val")
     metrics = json.loads((out / "metrics.json").read_text())
+    saved = PredictionTable.read(out / "val_predictions.parquet")
     assert metrics["P_tasks"] == pytest.approx(score(val, saved).P, abs=1e-9)
-    shown = run("evaluate", "--gt", data / "validation_set_annotations.txt", "--pred", pred)
-    assert f"P = {score(val, table).P:.4f}" in shown
-    post = tmp_path / "post.yaml"  # blending the combined model with another run, tuned as usual
-    other = out / "enhanced_all" / "val_predictions.parquet"
-    run("tune", "--gt", data / "validation_set_annotations.txt", "--pred", pred, other, "--out", post,
-        "--widths", "2", "--kinds", "box", "--no-nested")  # fmt: skip
+    shown = run("evaluate", "--gt", data / "validation_set_annotations.txt", "--pred", val_inferred)
+    expected = score(val, PredictionTable.read(val_inferred)).P
+    assert re.search(rf"^P = {expected:.4f} +\({len(val)} rows;", shown, re.MULTILINE), shown
+
+
+def test_the_combined_model_blends_with_another_run_through_a_tuned_post_config(
+    published, data, val_inferred, tmp_path
+):
+    from mtaffect.post.config import PostConfig
+
     gt = data / "validation_set_annotations.txt"
-    assert "P = " in run("evaluate", "--gt", gt, "--pred", pred, "--pred", other, "--post", post)
-    sub = tmp_path / "sub.txt"
+    other = published[0] / "enhanced_all" / "val_predictions.parquet"
+    post = tmp_path / "post.yaml"
+    run("tune", "--gt", gt, "--pred", val_inferred, other, "--out", post, "--widths", "2", "--kinds", "box",
+        "--no-nested")  # fmt: skip
+    shown = run("evaluate", "--gt", gt, "--pred", val_inferred, "--pred", other, "--post", post)
+    config = PostConfig.load(post)
+    tables = [PredictionTable.read(val_inferred), PredictionTable.read(other)]
+    expected = score(load_split(data, "val"), config.apply(tables), au_thresholds=config.au_thresholds).P
+    assert re.search(rf"^P = {expected:.4f} ", shown, re.MULTILINE), shown
+
+
+def test_the_combined_models_test_predictions_make_a_valid_submission(published, data, tmp_path):
+    from mtaffect.data.submission import read_test_list, validate_submission
+
     test_list = data / "MTL.txt"
     test_pred = tmp_path / "test.parquet"
-    run("infer", "--model", out / "best", "--images", test_list, "--data", data, "--out", test_pred,
+    run("infer", "--model", published[0] / "best", "--images", test_list, "--data", data, "--out", test_pred,
         "--workers", "0")  # fmt: skip
-    assert "validated" in run("submit", "--pred", test_pred, "--test-list", test_list, "--out", sub)
+    sub = tmp_path / "sub.txt"
+    shown = _said(run("submit", "--pred", test_pred, "--test-list", test_list, "--out", sub))
+    names = read_test_list(test_list)
+    assert shown == f"wrote {sub} ({len(names)} lines, validated against {test_list})", shown
+    assert validate_submission(sub, names) == []
 
-    # the export step is `mtaffect extract --backbone run:<task run>`
+
+def test_the_export_step_is_extract_of_the_task_runs_backbone(published, data, tmp_path):
+    out = published[0]
     again = tmp_path / "au_store"
     run("extract", "--data", data, "--out", again, "--backbone", f"run:{out / 'task_au'}", "--workers", "0",
         "--split", "train,val")  # fmt: skip
     a, b = FeatureStore.open(again), FeatureStore.open(out / "stores" / "au")
-    np.testing.assert_allclose(
-        a.features(b.rows(list(a.images))), b.features(b.rows(list(a.images))), atol=1e-3
-    )
+    assert set(a.images) <= set(b.images) and len(a) > 0
+    rows = b.rows(list(a.images))
+    np.testing.assert_allclose(a.features(a.rows(list(a.images))), b.features(rows), atol=1e-3)
 
 
 def test_a_finished_pipeline_is_kept_and_an_interrupted_step_resumes(

@@ -104,6 +104,7 @@ def test_folder_natural_order_and_non_media_skipped(predictor, media):
     assert (df["success"] == 1).all()
 
 
+@pytest.mark.slow
 def test_two_face_video_keeps_ids(predictor, media):
     df = predictor.predict(media["two"])
     _check_schema(df)
@@ -139,6 +140,7 @@ def test_variable_frame_rate_times_are_real(predictor, media):
     )
 
 
+@pytest.mark.slow
 def test_max_faces_keeps_the_largest(media):
     df = Predictor(max_faces=1).predict(media["two"])
     assert (df.groupby("frame").size() == 1).all()
@@ -186,6 +188,7 @@ def test_table_round_trips_and_is_never_overwritten(predictor, media, tmp_path):
             write_table(df, path)
 
 
+@pytest.mark.slow
 def test_cli_writes_tables_plots_video_and_a_self_contained_report(media, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(
@@ -230,6 +233,7 @@ def test_cli_exit_code_1_when_every_input_fails(media, tmp_path):
     assert "broken.mp4" in res.output and "nope.png" in res.output
 
 
+@pytest.mark.slow
 def test_smoothing_per_track_centred_and_causal(media):
     clip = np.stack(list(demo_media.frames(12, faces=2)))
     raw = Predictor().predict(clip, fps=25)
@@ -247,6 +251,7 @@ def test_smoothing_per_track_centred_and_causal(media):
     np.testing.assert_allclose(full[full.frame < 6][cols].to_numpy(), head[cols].to_numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_post_config_thresholds_and_kernels_are_applied(media):
     from mtaffect.post.config import PostConfig
     from mtaffect.post.smoothing import Kernel
@@ -259,6 +264,7 @@ def test_post_config_thresholds_and_kernels_are_applied(media):
     assert (decisions[:, 6] == 1).all() and (np.delete(decisions, 6, 1) == 0).all()
 
 
+@pytest.mark.slow
 def test_a_trained_checkpoint_runs_in_the_same_pipeline(media, tmp_path):
     import torch
 
@@ -307,6 +313,7 @@ def test_pil_images_and_bgr_arrays_find_the_same_faces(predictor):
     assert len(ref) == 2
 
 
+@pytest.mark.slow
 def test_an_oversized_image_fails_alone(predictor, media, tmp_path, monkeypatch):
     big = tmp_path / "bomb.png"
     Image.fromarray(np.zeros((1000, 1000, 3), np.uint8)).save(big)
@@ -320,6 +327,39 @@ def test_an_oversized_image_fails_alone(predictor, media, tmp_path, monkeypatch)
     assert "bomb.png: image too large" in res.output and "1 of 2 input(s) failed" in res.output
 
 
+def test_still_images_on_a_command_line_share_one_table_and_per_file_splits_them(media, tmp_path):
+    """``predict photos/*.jpg`` gives one table (981 photos: one CSV, not 981), a row per face with its
+    file, the annotated copies under each photo's own name; a video keeps its table; --per-file gives
+    each still its own table with the same rows."""
+    stills = [str(media["folder"] / "b10.png"), str(media["folder"] / "b2.jpg")]
+    out = tmp_path / "o"
+    args = ["predict", stills[0], str(media["none"]), stills[1], "--out", str(out), "--plot", "--quiet"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "2 still images: 2 frames" in res.output
+    table = read_table(out / "images.csv")
+    assert table["file"].tolist() == stills and (table["success"] == 1).all()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "b10_annotated.jpg", "b2_annotated.jpg", "images.csv", "none.csv",
+    ]  # fmt: skip
+    per_file = tmp_path / "p"
+    res = CliRunner().invoke(app, ["predict", *stills, "--out", str(per_file), "--per-file", "--quiet"])
+    assert res.exit_code == 0, res.output
+    split = pd.concat([read_table(per_file / "b10.csv"), read_table(per_file / "b2.csv")], ignore_index=True)
+    pd.testing.assert_frame_equal(split, table, check_dtype=False)
+    assert not (per_file / "images.csv").exists()
+
+
+def test_a_predictor_says_what_it_runs_without_loading_more(media):
+    p = Predictor(landmarks="dense", max_faces=2, every=3, num_threads=1)
+    text = repr(p)
+    for part in ("model='mtaffect-default", "backbone='fer-minixception'", "engine='torch'", "device='cpu'",
+                 "num_threads=1", "landmarks='dense'", "every=3", "max_faces=2", "smoothing='none'"):
+        assert part in text, text
+    assert p._landmarker is None and not p._detectors  # the repr loaded neither
+
+
+@pytest.mark.slow
 def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, media, tmp_path):
     import av
 
@@ -348,6 +388,7 @@ def test_a_cut_video_is_kept_warned_and_marked_in_table_and_report(predictor, me
     assert (predictor.predict(media["one"])["ended_early"] == 0).all()  # the whole file: not flagged
 
 
+@pytest.mark.slow
 def test_stream_urls_reach_ffmpeg_unmangled(media, tmp_path):
     from http_helpers import serving_folder
 
@@ -380,6 +421,7 @@ def test_device_and_out_are_checked_before_any_work(media, tmp_path, monkeypatch
     assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_a_folder_of_frames_starts_at_frame_0_says_it_needs_fps_and_gets_its_annotated_video(tmp_path):
     """``ffmpeg -i clip.mp4 %05d.jpg`` numbers frames from 1: the first is frame 0 at time 0, as the
     video's first frame is. Without --fps the times stay empty and one line says why; --video writes the

@@ -18,7 +18,7 @@ from mtaffect.data.predictions import PredictionTable
 from mtaffect.data.units import split_image_names
 from mtaffect.features.extract import extract
 from mtaffect.features.store import FeatureStore
-from mtaffect.models.checkpoint import load_model
+from mtaffect.models.loading import load_model
 from mtaffect.predict.outputs import AU_P_COLUMNS, EXPR_P_COLUMNS, read_table
 from mtaffect.predict.pipeline import Predictor
 from mtaffect.predict.sources import expand_inputs
@@ -74,6 +74,7 @@ def _pred_by_image(pred: PredictionTable) -> pd.DataFrame:
     return out.sort_index()
 
 
+@pytest.mark.slow
 def test_predict_aligned_gives_the_numbers_of_infer(research, tmp_path):
     r = research
     out = tmp_path / "o"
@@ -103,6 +104,7 @@ def test_aligned_frames_reach_the_backbone_as_extraction_decodes_them(research):
     np.testing.assert_array_equal(live.astype(np.float16), store.features(store.rows(names)))
 
 
+@pytest.mark.slow
 def test_a_temporal_checkpoint_sees_the_windows_of_predict_store(research):
     r = research
     model = load_model(r["temporal_model"])
@@ -117,6 +119,7 @@ def test_a_temporal_checkpoint_sees_the_windows_of_predict_store(research):
     assert np.abs(single.au_probs - ref[list(AU_PROB_COLUMNS)].to_numpy()).max() > 10 * ATOL
 
 
+@pytest.mark.slow
 def test_shifted_last_windows_match_predict_store(research):
     """A model trained with ``data.window_edge: shift`` cuts a track's last window as predict_store does:
     moved back over frames already predicted instead of padded."""
@@ -131,6 +134,7 @@ def test_shifted_last_windows_match_predict_store(research):
     np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), atol=ATOL)
 
 
+@pytest.mark.slow
 def test_causal_windows_never_look_ahead(research, tmp_path):
     r = research
     video = sorted(p for p in r["root"].iterdir() if p.is_dir())[0]
@@ -147,6 +151,7 @@ def test_causal_windows_never_look_ahead(research, tmp_path):
     assert not np.allclose(full[cols].to_numpy(), centred[cols].to_numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_frame_sequences_are_timed_smoothed_and_plotted_like_videos(research):
     from mtaffect.predict.plots import timeline_pngs
 
@@ -159,6 +164,7 @@ def test_frame_sequences_are_timed_smoothed_and_plotted_like_videos(research):
     assert list(timeline_pngs(smooth, str(video))) == [0]
 
 
+@pytest.mark.slow
 def test_aligned_stills_get_annotated_pictures_thumbnails_and_landmarker_pose(research, tmp_path):
     """--aligned rows have no box and no five landmarks: the pose is the face landmarker's, measured on
     the crop (NaN where it could not measure the face); the annotated picture and the report's thumbnail

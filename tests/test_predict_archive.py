@@ -244,3 +244,19 @@ def test_a_shard_without_files_succeeds_with_nothing_to_do(archive, tmp_path):
     empty = next(k for k in range(1, 41) if not plan.shard(k, 40))
     text = run("predict", archive, "-r", "--shard", f"{empty}/40", "--out", tmp_path / "e", "--quiet")
     assert "0 file(s) to run (shard" in text and "0 file(s) done, 0 failed" in text
+
+
+def test_a_warning_that_names_no_file_is_said_once_per_run(tmp_path):
+    """Frame folders without --fps: the one line that says their times are empty, not one per folder."""
+    from PIL import Image
+
+    frames = list(demo_media.frames(2, faces=1, width=160, height=120))
+    for name in ("a", "b"):
+        (tmp_path / "seqs" / name).mkdir(parents=True)
+        for i, img in enumerate(frames):
+            Image.fromarray(img).save(tmp_path / "seqs" / name / f"{i + 1:05d}.png")
+    out = tmp_path / "o"
+    seqs = tmp_path / "seqs"
+    text = run("predict", seqs, "-r", "--per-file", "--landmarks", "none", "--out", out, "--quiet")
+    assert text.count("no frame rate") == 1, text
+    assert sorted(p.name for p in out.glob("*.csv")) == ["seqs_a.csv", "seqs_b.csv"]

@@ -46,6 +46,7 @@ def ort_table(default_export, video) -> pd.DataFrame:
     return Predictor(model=folder, engine="onnxruntime", precision="float32", **SETTINGS).predict(video)
 
 
+@pytest.mark.slow
 def test_both_engines_give_one_table(ort_table, away_torch_table):
     ref = away_torch_table  # Predictor(**SETTINGS) on the video (conftest)
     got = ort_table
@@ -80,6 +81,7 @@ NO_TORCH = BLOCK_TORCH + textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_predict_runs_where_torch_cannot_be_imported(default_export, video, ort_table, tmp_path):
     """The Python API and the CLI (a resumable job, report included) with torch unimportable."""
     folder, _ = default_export
@@ -113,6 +115,7 @@ def _aligned_sequence(folder: Path, n: int = 11) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_temporal_checkpoint_runs_its_windows_with_onnxruntime(tmp_path):
     """A checkpoint given to the onnxruntime engine is exported first (here without MTCNN: aligned
     faces), and its track windows, centred and causal, give the torch engine's numbers."""

@@ -65,6 +65,7 @@ KILLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 def test_a_killed_job_resumes_after_the_last_completed_frame(clip, predictor, reference, tmp_path):
     target = tmp_path / "two.csv"

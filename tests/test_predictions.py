@@ -11,7 +11,6 @@ from mtaffect.io import OutputExistsError
 from mtaffect.schema import (
     AU_PROB_COLUMNS,
     EXPR_PROB_COLUMNS,
-    LEGACY_PROB_COLUMNS,
     NUM_AUS,
     NUM_EXPR,
     OFFICIAL_HEADER,
@@ -186,19 +185,16 @@ def test_column_constants_are_in_schema_order():
     assert [c for c in t.frame.columns if c.endswith("_p")] == [*EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS]
 
 
-def test_old_probability_names_are_still_read(tmp_path):
-    """Tables written before the one-convention renaming (p_AU1, p_Happiness) read as today's names."""
+def test_pre_release_probability_names_are_missing_columns(tmp_path):
+    """A table with the pre-release ``p_AU1`` / ``p_Happiness`` names is refused with the usual message
+    naming the columns it lacks (no silent renaming)."""
     t = make(3, face_id=[0, 1, 2])
-    old = t.frame.rename(columns={new: old for old, new in LEGACY_PROB_COLUMNS.items()})
-    assert "p_AU1" in old.columns and "p_Happiness" in old.columns
+    old = t.frame.rename(columns={"AU01_p": "p_AU1", "Happiness_p": "p_Happiness"})
     for name in ("old.csv", "old.parquet"):
         path = tmp_path / name
         old.to_csv(path, index=False) if name.endswith(".csv") else old.to_parquet(path, index=False)
-        back = PredictionTable.read(path)
-        pd.testing.assert_frame_equal(back.frame, t.frame, check_exact=True)
-    both = t.frame.assign(p_AU1=t.frame["AU01_p"])
-    with pytest.raises(PredictionError, match="p_AU1"):
-        PredictionTable(both)
+        with pytest.raises(PredictionError, match=r"missing column\(s\) \['Happiness_p', 'AU01_p'\]"):
+            PredictionTable.read(path)
 
 
 def test_csv_round_trip_of_awkward_text_columns(tmp_path):

@@ -90,11 +90,11 @@ def test_decay_all_puts_weight_decay_on_norms_biases_and_position_embeddings(vit
     assert set(everything.values()) == {0.05}  # every parameter decays, the spared ones included
 
 
-def test_decay_all_is_read_from_the_config_and_left_out_of_configs_that_keep_the_default():
+def test_decay_all_is_read_from_the_config_and_written_with_every_setting():
     from mtaffect.train.config import config_from_dict
 
     base = {"model": {"recipe": "emotinet"}}
-    assert "decay_all" not in config_from_dict(base).to_dict()["optim"]  # old run folders still resume
+    assert config_from_dict(base).to_dict()["optim"]["decay_all"] is False  # a run's config.yaml is complete
     cfg = config_from_dict({**base, "optim": {"decay_all": True, "schedule": "constant"},
                             "trainer": {"checkpoint_per_task": True}})  # fmt: skip
     d = cfg.to_dict()
@@ -119,9 +119,10 @@ def _store_and_labels(root: Path) -> tuple[Path, LabelTable, LabelTable]:
     return root / "store", labels.subset(np.arange(n_train)), labels.subset(np.arange(n_train, len(names)))
 
 
+@pytest.mark.slow
 def test_checkpoint_per_task_makes_best_an_ensemble_of_each_tasks_best_epoch(tmp_path):
-    from mtaffect.models.checkpoint import load_model
     from mtaffect.models.ensemble import EnsembleAffectModel
+    from mtaffect.models.loading import load_model
     from mtaffect.train.config import config_from_dict
     from mtaffect.train.fit import fit
 
@@ -162,6 +163,7 @@ def test_checkpoint_per_task_makes_best_an_ensemble_of_each_tasks_best_epoch(tmp
     assert pytest.approx(combined, abs=1e-4) == score(val, preds).P  # the ensemble's own predictions
 
 
+@pytest.mark.slow
 def test_patience_zero_never_stops_early(tmp_path):
     """The published recipe-3 variant trains every epoch: patience 0 is no early stopping (patience 1
     on the same run stops, so the run does have epochs without improvement)."""
@@ -185,8 +187,8 @@ def test_patience_zero_never_stops_early(tmp_path):
 # ---- recipe 3 as the peer built it ------------------------------------------------------------------------
 def test_selection_sums_single_cccs_as_the_peer_did():
     from mtaffect.train.config import config_from_dict
-    from mtaffect.train.fit import select_tasks
     from mtaffect.train.module import select_score
+    from mtaffect.train.stages import select_tasks
 
     class Result:
         ccc_v, ccc_a = 0.5, 0.1
@@ -271,49 +273,79 @@ def published_config(vit_folder, tmp_path_factory) -> Path:
     return path
 
 
-def test_published_recipe3_trains_through_the_cli_with_the_peers_settings(published_config, data, tmp_path):
+STEPS = ("task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va", "enhanced_all")
+
+
+@pytest.fixture(scope="module")
+def published_run(published_config, data, tmp_path_factory) -> Path:
+    """`mtaffect train` of the shrunk published pipeline, once for the tests below: the run folder."""
     from cli_helpers import run
 
-    from mtaffect.models.blocks import PlainLSTM
-    from mtaffect.models.checkpoint import load_mtl_model
-    from mtaffect.models.ensemble import EnsembleAffectModel
-
-    out = tmp_path / "published"
+    out = tmp_path_factory.mktemp("published3_run") / "published"
     run("train", "--config", published_config, "--data", data, "--out", out)
+    return out
 
-    def resolved(step: str) -> dict:
-        return yaml.safe_load((out / step / "config.yaml").read_text())
 
-    steps = ("task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va", "enhanced_all")
-    for step in steps:
-        c = resolved(step)
-        assert c["optim"]["schedule"] == "constant" and c["optim"]["decay_all"] is True
-        assert c["optim"]["lr"] == c["backbone"]["lr"] == 1e-5
-        assert c["optim"]["weight_decay"] == c["backbone"]["weight_decay"] == 0.05
-        assert all(g == {"lr": 1e-5, "weight_decay": 0.05} for g in c["optim"]["groups"].values())
-        assert c["trainer"]["patience"] == 0 and c["augment"]["per_frame"] is True
-        assert c["loss"]["weights"] == {"au": 1.0, "expr": 1.0, "va": 1.0}  # unweighted sum
-        assert c["model"]["hparams"]["peer"] is True
-    shipped = yaml.safe_load(PUBLISHED.read_text())  # the shipped epochs and batches (shrunk above)
-    p = shipped["pipeline"]
-    assert shipped["trainer"]["epochs"] == 20 and shipped["data"]["batch_size"] == 50  # ALL; AU batch 50
+def _resolved(out: Path, step: str) -> dict:
+    return yaml.safe_load((out / step / "config.yaml").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", STEPS)
+def test_every_step_trains_with_the_peers_optimiser_and_an_unweighted_loss(published_run, step):
+    c = _resolved(published_run, step)
+    assert c["optim"]["schedule"] == "constant" and c["optim"]["decay_all"] is True
+    assert c["optim"]["lr"] == c["backbone"]["lr"] == 1e-5
+    assert c["optim"]["weight_decay"] == c["backbone"]["weight_decay"] == 0.05
+    assert all(g == {"lr": 1e-5, "weight_decay": 0.05} for g in c["optim"]["groups"].values())
+    assert c["trainer"]["patience"] == 0 and c["augment"]["per_frame"] is True
+    assert c["loss"]["weights"] == {"au": 1.0, "expr": 1.0, "va": 1.0}  # unweighted sum
+    assert c["model"]["hparams"]["peer"] is True
+
+
+def test_the_shipped_config_keeps_the_peers_epochs_batches_and_windows():
+    from mtaffect.train.config import load_config
+
+    resolved = load_config(PUBLISHED)  # a value the config leaves to its default counts too
+    assert resolved.trainer.epochs == 20 and resolved.data.batch_size == 50  # ALL; AU batch 50
+    p = yaml.safe_load(PUBLISHED.read_text())["pipeline"]
     assert p["enhanced"]["au"]["trainer"]["epochs"] == p["enhanced"]["va"]["trainer"]["epochs"] == 30
     assert p["enhanced"]["expr"]["data"]["batch_size"] // p["enhanced"]["expr"]["data"]["window"] == 8  # 8x5
     assert (p["enhanced"]["va"]["data"]["window"], p["enhanced"]["va"]["data"]["batch_size"]) == (30, 300)
-    au, expr, every = (resolved(f"enhanced_{n}")["trainer"] for n in ("au", "expr", "all"))
-    assert au["tasks"] == ["au", "va"] and au["select"] == ["au", "valence"]  # AU + valence
-    assert expr["select"] == ["au", "expr", "valence"]  # the sum of the terms each model trains
-    assert every["select"] == ["au", "expr", "valence", "arousal"]
-    assert resolved("enhanced_expr")["model"]["hparams"]["temporal"] == "none"
 
-    task, _ = load_mtl_model(out / "task_expr" / "best")  # linear heads on the backbone feature
+
+@pytest.mark.slow
+def test_each_enhanced_model_selects_on_the_sum_of_the_terms_it_trains(published_run):
+    au, expr, every = (_resolved(published_run, f"enhanced_{n}")["trainer"] for n in ("au", "expr", "all"))
+    assert au["tasks"] == ["au", "va"] and au["select"] == ["au", "valence"]  # AU + valence
+    assert expr["select"] == ["au", "expr", "valence"]
+    assert every["select"] == ["au", "expr", "valence", "arousal"]
+    assert _resolved(published_run, "enhanced_expr")["model"]["hparams"]["temporal"] == "none"
+
+
+@pytest.mark.slow
+def test_the_trained_models_have_the_peers_layers(published_run):
+    from mtaffect.models.blocks import PlainLSTM
+    from mtaffect.models.checkpoint import load_mtl_model
+
+    task, _ = load_mtl_model(published_run / "task_expr" / "best")  # linear heads on the backbone feature
     assert isinstance(task.fusion, torch.nn.Identity) and isinstance(task.heads["expr"], torch.nn.Linear)
-    va_model, _ = load_mtl_model(out / "enhanced_va" / "best")
+    va_model, _ = load_mtl_model(published_run / "enhanced_va" / "best")
     assert isinstance(va_model.temporal_net, PlainLSTM) and isinstance(va_model.act, torch.nn.LeakyReLU)
-    expr_model, _ = load_mtl_model(out / "enhanced_expr" / "best")
+    expr_model, _ = load_mtl_model(published_run / "enhanced_expr" / "best")
     assert expr_model.windowed and isinstance(expr_model.temporal_net, torch.nn.Identity)
     assert not any(isinstance(m, torch.nn.LeakyReLU) for m in expr_model.modules())
-    from mtaffect.models.checkpoint import load_model
 
-    assert isinstance(load_model(out / "best"), EnsembleAffectModel)
-    assert json.loads((out / "metrics.json").read_text())["P_tasks"] is not None
+
+@pytest.mark.slow
+def test_best_is_the_combined_model_scored_on_validation(published_run, data):
+    from mtaffect.data.annotations import load_split
+    from mtaffect.data.predictions import PredictionTable
+    from mtaffect.metrics import score
+    from mtaffect.models.ensemble import EnsembleAffectModel
+    from mtaffect.models.loading import load_model
+
+    assert isinstance(load_model(published_run / "best"), EnsembleAffectModel)
+    saved = PredictionTable.read(published_run / "val_predictions.parquet")
+    metrics = json.loads((published_run / "metrics.json").read_text())
+    assert metrics["P_tasks"] == pytest.approx(score(load_split(data, "val"), saved).P, abs=1e-9)

@@ -241,6 +241,39 @@ def test_recipe2_expr_attention_is_keyed_by_the_8_expr_logits_and_queried_by_the
         torch.testing.assert_close(alpha, scores.softmax(-1))
 
 
+def test_recipe2_expr_branch_is_the_shared_attention_block_with_the_published_parameters():
+    """The branch reuses models.blocks.AdditiveAttention without moving a published parameter: the same
+    names and sizes (checkpoints load strictly), the same draws from a seed, the block's formula."""
+    from mtaffect.models.blocks import AdditiveAttention
+    from mtaffect.models.recipe2_au_graph import PublishedExprBranch
+
+    in_dim, attn_dim = D + K, 5
+    torch.manual_seed(7)
+    branch = PublishedExprBranch(in_dim, attn_dim)
+    assert isinstance(branch, AdditiveAttention)
+    shapes = {n: tuple(p.shape) for n, p in branch.named_parameters()}
+    assert shapes == {"head.weight": (NUM_EXPR, in_dim), "head.bias": (NUM_EXPR,),
+                      "Wq.weight": (attn_dim, 12), "Wk.weight": (attn_dim, 1), "w.weight": (1, attn_dim)}
+    torch.manual_seed(7)  # the layers drawn in the published order: head first, then Wq, Wk, w
+    head = nn.Linear(in_dim, NUM_EXPR)
+    nn.init.normal_(head.weight, 0.0, (1.0 / NUM_EXPR) ** 0.5)
+    wq = nn.Linear(NUM_AUS, attn_dim, bias=False)
+    wk = nn.Linear(1, attn_dim, bias=False)
+    w = nn.Linear(attn_dim, 1, bias=False)
+    drawn = {"head.weight": head.weight, "head.bias": head.bias, "Wq.weight": wq.weight,
+             "Wk.weight": wk.weight, "w.weight": w.weight}  # fmt: skip
+    for name, value in branch.state_dict().items():
+        torch.testing.assert_close(value, drawn[name], rtol=0, atol=0)
+    other = PublishedExprBranch(in_dim, attn_dim)
+    other.load_state_dict({k: v.detach() for k, v in drawn.items()}, strict=True)
+    x, au = torch.randn(4, in_dim), torch.rand(4, NUM_AUS)
+    with torch.no_grad():
+        e = head(x)
+        alpha = (w(torch.tanh(wq(au).unsqueeze(1) + wk(e.unsqueeze(-1))))).squeeze(-1).softmax(-1)
+        torch.testing.assert_close(other(x, au), alpha * e, rtol=0, atol=1e-7)
+    assert sum(p.numel() for p in recipe2().parameters()) == 10438  # the published model, D=16, K=8
+
+
 def test_recipe2_va_is_tanh_of_batchnorm_and_trains_as_three_task_stages():
     model = recipe2().eval()
     batch = features()
@@ -278,6 +311,7 @@ def _labels(names: list[str], rng: np.random.Generator) -> pd.DataFrame:
     return df
 
 
+@pytest.mark.slow
 def test_au_graph_published_config_trains_its_three_task_stages_through_the_cli(tmp_path: Path):
     from mtaffect.data.annotations import LabelTable, write_annotations
 
@@ -312,11 +346,12 @@ def synth_data(tmp_path_factory) -> Path:
     return tmp / "data"
 
 
+@pytest.mark.slow
 def test_queries_gcn_published_config_trains_from_images_through_the_cli(synth_data: Path, tmp_path: Path):
     tiny = [
         "backbone.weights=null", "backbone.image_size=56", "model.hparams.dim=16", "model.hparams.blocks=2",
         "model.hparams.heads=2", "model.hparams.ffn_dim=32", "model.hparams.dropped_aus=[0, 5]",
-        "backbone.kwargs.config={hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2,"
+        "backbone.options.config={hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2,"
         " mlp_ratio: 2, patch_size: 14, image_size: 518}",
         "trainer.epochs=1", "data.workers=0", "data.batch_size=16",
     ]  # fmt: skip

@@ -62,6 +62,7 @@ def test_failed_images_are_counted_and_named(store):
     ]
 
 
+@pytest.mark.slow
 def test_training_from_the_memory_mapped_store_in_workers_matches_the_main_process(dataset, tmp_path):  # noqa: F811
     from mtaffect.train.fit import fit
 

@@ -50,6 +50,7 @@ def _state(out: Path) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_stage_resumes_to_bit_identical_weights(dataset, tmp_path):  # noqa: F811
     """Item 2: SIGKILL inside a stage; --resume continues from the last epoch and ends bit-identical."""
     store, train, val = dataset
@@ -96,6 +97,7 @@ def test_a_run_killed_mid_stage_resumes_to_bit_identical_weights(dataset, tmp_pa
     assert not any(p.suffix in (".ckpt", ".pt", ".pth", ".pkl") for p in out.rglob("*"))  # no pickle
 
 
+@pytest.mark.slow
 def test_state_files_hold_tensors_in_safetensors_and_scalars_in_json(dataset, tmp_path):  # noqa: F811
     import lightning as L
 
@@ -120,6 +122,7 @@ def test_state_files_hold_tensors_in_safetensors_and_scalars_in_json(dataset, tm
     assert final["stage_done"] and final["epoch"] == 2 and final["optimizer"] is None
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_features_or_annotations(dataset, tmp_path):  # noqa: F811
     """Item 3: --resume with another store or other labels is refused, naming both."""
     store, train, val = dataset
@@ -138,6 +141,7 @@ def test_resume_refuses_other_features_or_annotations(dataset, tmp_path):  # noq
     assert (out / "metrics.json").read_bytes() == before  # nothing was rewritten
 
 
+@pytest.mark.slow
 def test_resume_from_a_damaged_state_file_is_an_error_line_not_a_traceback(dataset, tmp_path):  # noqa: F811
     """A truncated state/state.safetensors (safetensors' own error is no ValueError) ends ``train --resume``
     with one error line naming the file and exit code 2; the run folder is left as it was."""
@@ -168,6 +172,7 @@ def test_resume_from_a_damaged_state_file_is_an_error_line_not_a_traceback(datas
         load_weights(state)
 
 
+@pytest.mark.slow
 def test_best_is_written_once_per_improvement_and_again_on_resume(dataset, tmp_path, monkeypatch):  # noqa: F811
     """The final stage writes best/ each time its selection improves; the end of the run does not write the
     same checkpoint a second time (a fine-tuned ViT's is large). A resumed run whose best/ is missing (a
@@ -175,7 +180,7 @@ def test_best_is_written_once_per_improvement_and_again_on_resume(dataset, tmp_p
     import math
     import shutil
 
-    import mtaffect.train.fit as F
+    import mtaffect.train.build as F
 
     store, train, val = dataset
     out = tmp_path / "run"

@@ -208,6 +208,7 @@ def test_warmup_trains_from_the_first_step():
     assert f(9) < f(10) == pytest.approx(1.0) and f(99) < 0.05 and f(55) < f(20)
 
 
+@pytest.mark.slow
 def test_first_epoch_changes_the_weights(dataset):
     import lightning as L
 
@@ -227,6 +228,7 @@ def test_first_epoch_changes_the_weights(dataset):
     assert not torch.equal(snap.before, snap.after) and snap.lrs > 0
 
 
+@pytest.mark.slow
 def test_stages_freeze_and_keep_frozen_modules_in_eval(dataset):
     import lightning as L
 
@@ -272,6 +274,7 @@ def test_training_rows_without_any_label_are_a_clear_error(dataset):
         fit(cfg("tiny-two-stage"), store, _without(train, "au", "expr", "va"), val, log=None)
 
 
+@pytest.mark.slow
 def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(dataset, tmp_path):
     """Item 6: CK+-like data (AU + expression, no valence/arousal) trains; the VA stage is skipped."""
     from mtaffect.train.fit import fit
@@ -297,11 +300,12 @@ def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(d
     assert all(np.isnan(v) for v in terms_row({}, ("au",)).values())
 
 
+@pytest.mark.slow
 def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_cleanly(dataset, tmp_path):
     """Item 1: NaN predictions after the first epoch: logged, not selected, early stopping ends the run."""
     import lightning as L
 
-    from mtaffect.models.checkpoint import load_model
+    from mtaffect.models.loading import load_model
     from mtaffect.train.fit import fit
 
     store, train, val = dataset
@@ -331,6 +335,7 @@ def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_
     assert all(torch.isfinite(p).all() for p in model.model.parameters())
 
 
+@pytest.mark.slow
 def test_a_first_stage_without_a_finite_epoch_leaves_the_weights_as_built(dataset, tmp_path):
     """No validation epoch of the first stage is finite: its modules keep the weights the run built (the
     seeded model), the next stage trains on, and the run's model is the next stage's."""
@@ -358,6 +363,7 @@ def test_a_first_stage_without_a_finite_epoch_leaves_the_weights_as_built(datase
     assert res.stages[1]["best_epoch"] >= 0 and np.isfinite(res.P)
 
 
+@pytest.mark.slow
 def test_weights_that_become_nonfinite_end_the_stage_at_once(dataset, tmp_path):
     import lightning as L
 
@@ -380,6 +386,7 @@ def test_weights_that_become_nonfinite_end_the_stage_at_once(dataset, tmp_path):
     assert not (tmp_path / "tv" / "best").exists()
 
 
+@pytest.mark.slow
 def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
     """Item 4: the AU stage picks its epoch on F1_AU, not on a P moved by the other (untrained) heads."""
     import lightning as L
@@ -412,6 +419,7 @@ def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
     assert torch.equal(saved["au.weight"], cheat.au[best])
 
 
+@pytest.mark.slow
 def test_per_stage_epochs_lr_and_batch_size(dataset, tmp_path):
     import lightning as L
 
@@ -442,10 +450,11 @@ def test_per_stage_epochs_lr_and_batch_size(dataset, tmp_path):
 
 
 # ---- a run end to end ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_path):
     from mtaffect.data.predictions import PredictionTable
     from mtaffect.io import OutputExistsError
-    from mtaffect.models.checkpoint import load_model
+    from mtaffect.models.loading import load_model
     from mtaffect.train.fit import fit
 
     store, train, val = dataset
@@ -472,8 +481,18 @@ def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_
     again = fit(c, store, train, val, out, resume=True, log=logs.append)
     assert "stage au: finished in an earlier session" in logs  # finished stages are not trained again
     assert "stage rest: finished in an earlier session" in logs and again.P == res.P
+    # a config.yaml written by an older mtaffect listed only what differed from the defaults: same run
+    (out / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"recipe": "tiny-two-stage"}, "trainer": {"epochs": 4, "progress": False, "patience": 0},
+        "data": {"batch_size": 32, "window": 8, "stride": 4}, "optim": {"lr": 0.01}}))
+    assert fit(c, store, train, val, out, resume=True, log=None).P == res.P
+    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"recipe": "tiny-two-stage"}, "backbone": {
+        "kwargs": {}}}))  # a key this version renamed: refused, saying what to do
+    with pytest.raises(ValueError, match=r"renamed.*start over with --overwrite"):
+        fit(c, store, train, val, out, resume=True, log=None)
 
 
+@pytest.mark.slow
 def test_temporal_model_predicts_each_frame_once(dataset, tmp_path):
     from mtaffect.train.fit import fit
 
@@ -507,6 +526,7 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(path)
 
 
+@pytest.mark.slow
 def test_cli_train_then_infer(dataset, tmp_path):
     import typer
     from typer.testing import CliRunner
@@ -586,6 +606,7 @@ if res.checkpoint is not None:
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(dataset, tmp_path):
     from ddp_helpers import run_two_ranks
 
@@ -636,9 +657,10 @@ def test_search_ranks_the_grid_by_validation_p(dataset, tmp_path):
         search(c, store, train, val, log=None)
 
 
+@pytest.mark.slow
 def test_search_of_the_frozen_progressive_variant_trains_each_task_model_once(dataset, tmp_path):
-    from mtaffect.models.checkpoint import load_model
     from mtaffect.models.ensemble import EnsembleAffectModel
+    from mtaffect.models.loading import load_model
     from mtaffect.train.config import load_config
     from mtaffect.train.search import search
 
@@ -668,6 +690,7 @@ def test_search_of_the_frozen_progressive_variant_trains_each_task_model_once(da
     assert len(combined.predict_store(store, names, allow_missing=True)) == 40
 
 
+@pytest.mark.slow
 def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_path):
     from cli_helpers import run as cli
 
@@ -718,6 +741,7 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
 
 
 # ---- issue 20 item 10: validation labels with nothing to score ---------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["header", "cr-header", "no-label"])
 def test_a_validation_file_with_no_row_to_score_is_an_error_unless_asked(dataset, tmp_path, content):
     """A header-only (or CR-only header, or all-labels-missing) validation file used to train without
@@ -761,6 +785,7 @@ def test_a_validation_file_with_no_row_to_score_is_an_error_unless_asked(dataset
     assert r.exit_code == 2 and "drop --no-validation" in r.output
 
 
+@pytest.mark.slow
 def test_validation_rows_whose_every_image_failed_extraction_are_an_error(dataset):
     from mtaffect.train.fit import NoValidationError, fit
 
@@ -768,3 +793,24 @@ def test_validation_rows_whose_every_image_failed_extraction_are_an_error(datase
     failed = val.subset(np.array([250 - len(train)]))  # the one val row whose extraction failed
     with pytest.raises(NoValidationError, match="image of every one failed extraction"):
         fit(cfg(), store, train, failed, log=None)
+
+
+_CLI_MODULES = """
+import contextlib, io, sys
+import mtaffect.cli
+for argv in (["--help"], ["train", "--help"], ["cv", "--help"], ["search", "--help"], ["infer", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        mtaffect.cli.main(argv)
+print(sorted(m for m in ("torch", "lightning", "torchmetrics") if m in sys.modules))
+"""
+
+
+def test_the_cli_and_its_training_commands_help_start_without_torch_or_lightning():
+    """Start-up is fast by structure: Lightning (and torch) are imported when a training starts, not by
+    `mtaffect --help` or a command's help."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CLI_MODULES], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

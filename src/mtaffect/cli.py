@@ -253,18 +253,12 @@ def extract(
 ) -> None:
     """Run a frozen backbone once over every face; resumable, sharded per rank under torchrun."""
     from mtaffect.features.extract import extract as run_extract
+    from mtaffect.models.loading import resolve_backbone
 
     splits = tuple(s.strip() for s in split.split(",") if s.strip())
     kwargs = parse_backbone_args(backbone_arg or [])
-    model = backbone
-    if backbone.startswith("run:"):  # a trained model's backbone, as it was trained
-        from mtaffect.models.checkpoint import backbone_from_run
-
-        if kwargs:
-            raise ValueError(
-                "--backbone-arg does not apply to run:RUN (the run's backbone is used as trained)"
-            )
-        model = backbone_from_run(backbone, trust_remote_code=trust_remote_code)
+    # a registry name as it is, or run:RUN: a trained model's backbone, as it was trained
+    model = resolve_backbone(backbone, kwargs, trust_remote_code=trust_remote_code)
     res = run_extract(
         data,
         model,

@@ -11,7 +11,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,7 +22,8 @@ from mtaffect.persist import write_json
 
 console = Console()
 err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: Errors that are the user's to fix: reported in one line, exit code 2. ``OSError`` covers what the
 #: machine refuses (read-only or full disk, permissions, a directory where a file was expected).
@@ -60,7 +61,7 @@ def _one_line_warnings() -> Iterator[None]:
         warnings.showwarning = before
 
 
-def user_errors(fn: F) -> F:
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Report expected errors (they name the file, line and what to do) as one line and exit code 2.
 
     This is the one place that turns a user-fixable error or an OS error into ``error: ...``; commands
@@ -68,7 +69,7 @@ def user_errors(fn: F) -> F:
     """
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             with _one_line_warnings():
                 return fn(*args, **kwargs)
@@ -79,7 +80,7 @@ def user_errors(fn: F) -> F:
             )
             raise typer.Exit(2) from exc
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def write_result(obj: dict, path: Path, overwrite: bool) -> None:

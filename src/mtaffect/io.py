@@ -1,4 +1,5 @@
-"""Safe file output: atomic writes that never overwrite a user's file unless asked.
+"""Safe file output: atomic writes that never overwrite a user's file unless asked; and the one check
+that a path to read is a regular file (:func:`open_regular`: a FIFO never blocks a reader).
 
 Folders (formats, ownership, swaps, locks) are :mod:`mtaffect.persist`'s."""
 
@@ -8,13 +9,111 @@ import contextlib
 import errno
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 #: The hidden temporary file :func:`atomic_path` writes beside its target (``.<target>.<mkstemp's 8
 #: characters>.part``); a crash mid-write leaves it behind.
 PART_FILE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.part$")
+
+
+class NotRegularFileError(OSError):
+    """A path where a file is expected names a FIFO, socket or device: reading it could block forever.
+
+    ``kind`` says what it is ("a FIFO (named pipe)"); the text reads ``PATH: <kind>, not a regular file``.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+        super().__init__(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+        self.kind = kind
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages and failed.csv."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def open_regular(path: str | os.PathLike, what: str | None = None) -> BinaryIO:
+    """``path`` opened for binary reading, only when it is a regular file: the one such check.
+
+    Opened non-blocking and checked on the open descriptor (no check-then-open race), so a FIFO
+    never blocks.
+
+    Args:
+        path: the file to read.
+        what: the kind of file expected ("annotation file"), for the messages of a missing path or a
+            folder; None: the operating system's messages.
+
+    Returns:
+        The open binary file (blocking reads, as usual).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        IsADirectoryError: ``path`` is a folder.
+        NotRegularFileError: a FIFO, socket or device.
+    """
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX: opening a FIFO never waits for a writer
+    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if what is None:
+            raise
+        raise FileNotFoundError(f"{what} not found: {os.fspath(path)}") from None
+    except IsADirectoryError:  # Windows; POSIX opens a folder read-only and fstat tells below
+        raise _folder_error(path, what) from None
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket (or a device without its driver) cannot be opened
+            try:
+                kind = _file_kind(os.stat(path).st_mode)
+            except OSError:
+                kind = "a special file"
+            raise NotRegularFileError(path, kind) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _folder_error(path, what)
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, _file_kind(mode))
+        if nonblock:
+            os.set_blocking(fd, True)  # reads of a regular file as usual
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _folder_error(path: str | os.PathLike, what: str | None) -> IsADirectoryError:
+    if what is None:
+        return IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    return IsADirectoryError(f"{os.fspath(path)} is a folder; expected a {what}")
+
+
+def read_regular(path: str | os.PathLike, what: str | None = None) -> bytes:
+    """The bytes of a regular file.
+
+    Args:
+        path: the file to read.
+        what: the kind of file expected, for messages (see :func:`open_regular`).
+
+    Returns:
+        Its whole content.
+
+    Raises:
+        OSError: as :func:`open_regular` (missing, a folder, a FIFO/socket/device) or a failed read.
+    """
+    with open_regular(path, what) as fh:
+        return fh.read()
 
 
 class OutputExistsError(FileExistsError):

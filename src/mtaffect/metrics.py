@@ -607,6 +607,20 @@ def score(gt: Any, pred: Any, *, au_thresholds: Any = None) -> MetricResult:
     ``.expr_probs``, ``.au_probs`` (alignment errors, e.g. unpredicted images, are raised there).
     Ground truth with no labelled row (e.g. a header-only file) is a ValueError: zero scored rows give
     no score, never a P of 0.
+
+    Args:
+        gt: the labels, a :class:`~mtaffect.data.annotations.LabelTable` (or anything with its fields).
+        pred: the predictions, a :class:`~mtaffect.data.predictions.PredictionTable` covering every
+            labelled image (extra rows are ignored).
+        au_thresholds: 12 per-AU decision thresholds on the probabilities; None: 0.5 each.
+
+    Returns:
+        The :class:`MetricResult`: ``P`` and its terms (CCC of valence and arousal, expression F1, AU F1),
+        with the per-class and per-AU breakdown.
+
+    Raises:
+        ValueError: no scored row, or rows that cannot be scored (a labelled image without a prediction,
+            a value of the wrong shape or not finite).
     """
     require_scored(gt)
     aligned = pred.align_to(gt.images)
@@ -667,7 +681,18 @@ class MTLMetric:
         expr_pred: Any,
         au_pred: Any,
     ) -> None:
-        """Add one batch (same keywords and rules as :func:`official_metric`; numpy or torch)."""
+        """Add one batch (same keywords and rules as :func:`official_metric`; numpy or torch).
+
+        Args:
+            valence_true: (n,) labels; the missing code -5 leaves a row out of VA (NaN is an error).
+            arousal_true: (n,) labels, likewise.
+            expr_true: (n,) class indices; -1 leaves a row out of the expression term.
+            au_true: (n, 12) 0/1 labels; -1 leaves that AU of the row out.
+            valence_pred: (n,) predictions.
+            arousal_pred: (n,) predictions.
+            expr_pred: (n, 8) probabilities or scores, or (n,) class indices.
+            au_pred: (n, 12) probabilities, compared with the thresholds given at construction.
+        """
         rows, va, conf, au = _statistics(
             self.au_thresholds,
             valence_true=valence_true,
@@ -734,5 +759,9 @@ class MTLMetric:
         return total
 
     def compute(self) -> MetricResult:
-        """The official metric of everything added since the last :meth:`reset`."""
+        """The official metric of everything added since the last :meth:`reset`.
+
+        Returns:
+            The :class:`MetricResult`, the same as :func:`official_metric` on all the batches at once.
+        """
         return _result(self.rows, self.va_moments, self.expr_confusion, self.au_counts, self.au_thresholds)

@@ -48,11 +48,6 @@ EXPR_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in EXPR_NAMES)
 AU_PROB_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_p" for n in AU_OPENFACE_NAMES)
 #: 0/1 decision column of each AU (probability >= its threshold), in official AU order.
 AU_DECISION_COLUMNS: Final[tuple[str, ...]] = tuple(f"{n}_c" for n in AU_OPENFACE_NAMES)
-#: Names earlier versions wrote (``p_AU1``, ``p_Happiness``) -> today's names. Readers still accept them.
-LEGACY_PROB_COLUMNS: Final[dict[str, str]] = {
-    **{f"p_{n}": c for n, c in zip(EXPR_NAMES, EXPR_PROB_COLUMNS, strict=True)},
-    **{f"p_{n}": c for n, c in zip(AU_NAMES, AU_PROB_COLUMNS, strict=True)},
-}
 
 # ---- PredictionTable columns (the currency between models, post-processing, metric and submission) ----
 PREDICTION_COLUMNS: Final[tuple[str, ...]] = ("image", *VA_NAMES, *EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS)

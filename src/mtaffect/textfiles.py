@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, AnyStr
 
+from mtaffect.io import read_regular
+
 
 class TextFileError(ValueError):
     """A file that is not readable text (or YAML); the message names the file and, when known, the line."""
@@ -26,11 +28,7 @@ def read_text(path: str | os.PathLike, what: str, *, error: type[ValueError] = T
     there is no such file and IsADirectoryError for a folder.
     """
     p = Path(path)
-    if not p.is_file():
-        if p.is_dir():
-            raise IsADirectoryError(f"{p} is a folder; expected a {what}")
-        raise FileNotFoundError(f"{what} not found: {p}")
-    data = p.read_bytes()
+    data = read_regular(p, what)
     nul = data.find(b"\0")
     if nul >= 0:
         line = data[:nul].count(b"\n") + 1

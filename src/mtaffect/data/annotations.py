@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtaffect.data.units import parse_image_name, split_image_names_arrow, unsafe_name_reason
-from mtaffect.io import atomic_open
+from mtaffect.io import atomic_open, read_regular
 from mtaffect.schema import (
     AU_NAMES,
     CROPPED_DIR,
@@ -425,16 +426,16 @@ def _slow_rows(raw_bytes: bytes, where: str) -> tuple[_Rows, list[AnnotationErro
     """Line-by-line parse that keeps line numbers and explains every malformed row."""
     nul = raw_bytes.find(b"\0")
     if nul >= 0:
-        line = raw_bytes[:nul].count(b"\n") + 1
+        bad_line = raw_bytes[:nul].count(b"\n") + 1
         raise AnnotationError(
-            where, line, "a binary file (NUL byte), not a text annotation file", raw_bytes[nul : nul + 8]
+            where, bad_line, "a binary file (NUL byte), not a text annotation file", raw_bytes[nul : nul + 8]
         )
     try:
         text = raw_bytes.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw_bytes[: exc.start].count(b"\n") + 1
+        bad_line = raw_bytes[: exc.start].count(b"\n") + 1
         raise AnnotationError(
-            where, line, "file is not UTF-8 text", raw_bytes[exc.start : exc.start + 8]
+            where, bad_line, "file is not UTF-8 text", raw_bytes[exc.start : exc.start + 8]
         ) from None
     lines = text.split("\n")
     if not lines[0].strip() and len(lines) == 1:
@@ -518,19 +519,31 @@ def _fmt_num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def read_annotations(path: str | Path, *, keep_duplicates: bool = False, lenient: bool = False) -> LabelTable:
+def read_annotations(
+    path: str | os.PathLike, *, keep_duplicates: bool = False, lenient: bool = False
+) -> LabelTable:
     """Read an s-Aff-Wild2 multi-task annotation file into a :class:`LabelTable`.
 
     Strict by default: the first malformed row raises :class:`AnnotationError` naming file, line, field
     and value. ``lenient=True`` skips such rows and lists them in ``table.skipped``. Exact duplicate rows
     are dropped (first kept) unless ``keep_duplicates``; either way ``table.duplicates`` counts them. The
     same image with different labels is an error (lenient: the later row is skipped and recorded).
+
+    Args:
+        path: the annotation file (``image,valence,arousal,expression,AU1,...`` with the official header).
+        keep_duplicates: keep exact duplicate rows instead of dropping all but the first.
+        lenient: skip malformed rows (listed in ``table.skipped``) instead of raising on the first.
+
+    Returns:
+        The rows as a :class:`LabelTable`, in file order, with validity masks from the missing codes.
+
+    Raises:
+        AnnotationError: a malformed row (strict mode) or conflicting labels for one image.
+        FileNotFoundError: no such file (a folder or a FIFO: the matching ``OSError``).
     """
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {where}")
-    raw = normalise_newlines(path.read_bytes())
+    raw = normalise_newlines(read_regular(path, "annotation file"))
     _warn_if_headerless(raw, where)
     rows = _fast_rows(raw)
     problems: list[AnnotationError] = []
@@ -571,8 +584,21 @@ def _warn_if_headerless(raw: bytes, where: str) -> None:
         )
 
 
-def load_split(root: str | Path, split: str, **kw) -> LabelTable:
-    """Read the annotations of ``split`` ("train" or "val") from a dataset root (official file names)."""
+def load_split(root: str | os.PathLike, split: str, **kw) -> LabelTable:
+    """Read the annotations of one split of a dataset root, by the official file names.
+
+    Args:
+        root: the dataset root (it holds the annotation files and ``cropped_aligned/``).
+        split: "train" or "val".
+        **kw: passed to :func:`read_annotations` (``lenient``, ``keep_duplicates``).
+
+    Returns:
+        The split's :class:`LabelTable`.
+
+    Raises:
+        ValueError: an unknown split.
+        FileNotFoundError: the split's file is missing (the message lists what the root holds).
+    """
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
     root = Path(root)
@@ -588,7 +614,7 @@ def load_split(root: str | Path, split: str, **kw) -> LabelTable:
     return read_annotations(path, **kw)
 
 
-def image_path(root: str | Path, image: str) -> Path:
+def image_path(root: str | os.PathLike, image: str) -> Path:
     """Where the aligned face crop of ``image`` (``<video>/<frame>.jpg``) lives under a dataset root."""
     return Path(root) / CROPPED_DIR / image
 
@@ -598,8 +624,17 @@ def image_path(root: str | Path, image: str) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 
-def write_annotations(table: LabelTable, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``table`` in the official format (header, 16 fields); VA round-trips exactly, ints as ints."""
+def write_annotations(table: LabelTable, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``table`` in the official format (header, 16 fields); VA round-trips exactly, ints as ints.
+
+    Args:
+        table: the labels to write.
+        path: the file to write (atomically).
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written.
+    """
     cols = ["image", *_NUMERIC_FIELDS]
     out = Path(path)
     with atomic_open(out, "w", overwrite=overwrite, newline="", encoding="utf-8") as fh:

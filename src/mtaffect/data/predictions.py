@@ -20,13 +20,12 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from mtaffect.data.units import first_unsafe_name
-from mtaffect.io import atomic_path
+from mtaffect.io import atomic_path, open_regular
 from mtaffect.schema import (
     AU_NAMES,
     AU_PROB_COLUMNS,
     CROPPED_DIR,
     EXPR_PROB_COLUMNS,
-    LEGACY_PROB_COLUMNS,
     NUM_AUS,
     NUM_EXPR,
     NUM_FIELDS,
@@ -82,7 +81,23 @@ class PredictionTable:
         au_probs: np.ndarray,
         **extra_columns: Sequence | np.ndarray,
     ) -> PredictionTable:
-        """Build from arrays: ``expr_probs`` is (n, 8) in class-index order, ``au_probs`` (n, 12)."""
+        """Build a table from arrays (validated like a file).
+
+        Args:
+            images: n image names (``<video>/<frame>.jpg``).
+            valence: n values in [-1, 1].
+            arousal: n values in [-1, 1].
+            expr_probs: (n, 8) probabilities in class-index order (:data:`~mtaffect.schema.EXPR_NAMES`).
+            au_probs: (n, 12) probabilities in official AU order (:data:`~mtaffect.schema.AU_NAMES`).
+            **extra_columns: more columns of n values each (``video``, ``frame``, ``face_id``, ...),
+                carried along.
+
+        Returns:
+            The table.
+
+        Raises:
+            PredictionError: a wrong shape, a value out of range or not finite.
+        """
         names = [str(x) for x in images]
         n = len(names)
         expr = np.asarray(expr_probs, dtype=np.float64)
@@ -109,11 +124,22 @@ class PredictionTable:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> PredictionTable:
-        """Read a CSV or Parquet table, or a challenge submission (hard labels become 0/1 probabilities)."""
+        """Read a CSV or Parquet table, or a challenge submission (hard labels become 0/1 probabilities).
+
+        Args:
+            path: a ``.csv``, ``.parquet``/``.pq`` table or a ``.txt`` submission.
+
+        Returns:
+            The table (its ``source`` is the path, for messages).
+
+        Raises:
+            PredictionError: an unsupported suffix, missing columns or values out of range, each naming
+                the file (and the line of a CSV).
+            FileNotFoundError: no such file (a folder or a FIFO: the matching ``OSError``).
+        """
         p = Path(path)
         where = str(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"prediction file not found: {where}")
+        open_regular(p, "prediction file").close()  # a missing path, folder or FIFO: said before reading
         suffix = p.suffix.lower()
         if suffix not in _READ_SUFFIXES:
             raise PredictionError(
@@ -147,7 +173,19 @@ class PredictionTable:
 
     # ---- output ----------------------------------------------------------------------------------
     def write(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write CSV (exact float round-trip) or Parquet by suffix, atomically; no overwrite unless asked."""
+        """Write CSV (exact float round-trip) or Parquet by suffix, atomically; no overwrite unless asked.
+
+        Args:
+            path: a ``.csv``, ``.parquet`` or ``.pq`` file.
+            overwrite: replace an existing file.
+
+        Returns:
+            The path written.
+
+        Raises:
+            PredictionError: another suffix.
+            OutputExistsError: the file exists and ``overwrite`` is false.
+        """
         p = Path(path)
         suffix = p.suffix.lower()
         if suffix not in (*CSV_SUFFIXES, *PARQUET_SUFFIXES):
@@ -288,27 +326,10 @@ def _where_row(i: int, line_offset: int | None) -> str:
     return f"line {i + line_offset}" if line_offset is not None else f"row {i}"
 
 
-def upgrade_columns(frame: pd.DataFrame, where: str = "<table>") -> pd.DataFrame:
-    """``frame`` with the probability columns of older versions (``p_AU1``, ``p_Happiness``) renamed to
-    today's names (``AU01_p``, ``Happiness_p``; :data:`mtaffect.schema.LEGACY_PROB_COLUMNS`)."""
-    legacy = [c for c in frame.columns if c in LEGACY_PROB_COLUMNS]
-    if not legacy:
-        return frame
-    clash = [c for c in legacy if LEGACY_PROB_COLUMNS[c] in frame.columns]
-    if clash:
-        c = clash[0]
-        raise PredictionError(
-            f"{where}: has both {c!r} (the old name) and {LEGACY_PROB_COLUMNS[c]!r} for the same "
-            "probability; keep one of them"
-        )
-    return frame.rename(columns={c: LEGACY_PROB_COLUMNS[c] for c in legacy})
-
-
 def _validate(frame: pd.DataFrame, where: str, line_offset: int | None) -> pd.DataFrame:
     """Check and normalise a prediction frame: required columns first (float64), extras kept after."""
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"a PredictionTable needs a pandas DataFrame, got {type(frame).__name__}")
-    frame = upgrade_columns(frame, where)
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
         raise PredictionError(
@@ -442,4 +463,4 @@ def _read_submission(text: str, where: str, *, has_header: bool) -> pd.DataFrame
     return pd.DataFrame(data)
 
 
-__all__ = ["MissingPredictionsError", "PredictionError", "PredictionTable", "upgrade_columns"]
+__all__ = ["MissingPredictionsError", "PredictionError", "PredictionTable"]

@@ -19,7 +19,7 @@ import pandas as pd
 
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.data.units import unsafe_name_reason
-from mtaffect.io import atomic_open, check_writable
+from mtaffect.io import atomic_open, check_writable, open_regular
 from mtaffect.schema import (
     AU_NAMES,
     AU_OPENFACE_NAMES,
@@ -86,9 +86,7 @@ def list_kind(path: str | os.PathLike) -> str:
     An empty or binary file is an error that says what was expected.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image list not found: {p}")
-    with open(p, "rb") as fh:
+    with open_regular(p, "image list") as fh:
         head = fh.read(_HEAD_BYTES)
     if b"\0" in head:
         raise SubmissionError(f"{p}: a binary file, not text; expected {_KINDS_HINT}")
@@ -128,6 +126,15 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
 
     An optional header (a first line that is not an image name) is skipped; anything after the first
     comma of a line is ignored (ABAW7 lines end with a trailing comma). Blank lines inside are an error.
+
+    Args:
+        path: the challenge's test list file.
+
+    Returns:
+        The image names, in file order.
+
+    Raises:
+        SubmissionError: an empty file, a blank line inside, or a line that is not an image name.
     """
     p = Path(path)
     lines = _lines(_read_text(p, "test list"))
@@ -182,6 +189,16 @@ def write_submission(
 
     VA is clipped to [-1, 1]; the expression is the most probable class; AU k is 1 iff its probability
     is >= ``au_thresholds[k]`` (default :data:`~mtaffect.schema.DEFAULT_AU_THRESHOLD`).
+
+    Args:
+        pred: predictions covering every image of ``test_list``.
+        test_list: the image names the file must list, in order (:func:`read_test_list`).
+        out: the file to write (atomically).
+        au_thresholds: 12 per-AU thresholds; None: the default for each.
+        overwrite: replace an existing file.
+
+    Returns:
+        The path written (it passes :func:`validate_submission`).
     """
     names = list(test_list)
     if not names:
@@ -238,6 +255,14 @@ def validate_submission(
     Checks the header, the line count, each line's image (order included) and the value ranges. At most
     ``max_problems`` are listed, followed by a count of the rest. A missing or unreadable file is
     reported as a problem rather than raised, so callers can print the list either way.
+
+    Args:
+        path: the submission file.
+        test_list: the image names it must list, in order.
+        max_problems: how many problems to list before summarising the rest.
+
+    Returns:
+        The problems as messages naming their line; empty when the file is valid.
     """
     p = Path(path)
     expected = list(test_list)

@@ -84,7 +84,7 @@ def _ncdf(x: np.ndarray | float) -> np.ndarray:
     return np.vectorize(lambda v: 0.5 * math.erfc(-v / math.sqrt(2.0)), otypes=[float])(x)
 
 
-def _bvn_cdf(h: np.ndarray, k: np.ndarray, r: np.ndarray, n: int = 40) -> np.ndarray:
+def _bvn_cdf(h: np.ndarray | float, k: np.ndarray | float, r: np.ndarray | float, n: int = 40) -> np.ndarray:
     """P(X < h, Y < k) of a standard bivariate normal with correlation ``r`` (broadcasting arrays).
 
     Plackett's identity: d/dr of the CDF is the density at (h, k), integrated from 0 to r (midpoints).
@@ -97,7 +97,7 @@ def _bvn_cdf(h: np.ndarray, k: np.ndarray, r: np.ndarray, n: int = 40) -> np.nda
 
 
 def _bvn_both_below(c: float, rho: float) -> float:
-    return float(_bvn_cdf(np.float64(c), np.float64(c), np.float64(rho), n=200))
+    return float(_bvn_cdf(c, c, rho, n=200))
 
 
 def _rho_for_persistence(probit: np.ndarray, weights: np.ndarray, same: float) -> float:

@@ -13,7 +13,7 @@ from mtaffect.clikit import Overwrite, console, user_errors
 def export(
     out: Annotated[Path, typer.Option(help="Export folder to create (face model, MTCNN, export.json).")],
     model: Annotated[
-        str, typer.Option(help="'default' (the embedded model) or a checkpoint folder such as RUN/best.")
+        str, typer.Option(help="'default' (the embedded model), a checkpoint folder (RUN/best) or a run.")
     ] = "default",
     quantize: Annotated[
         bool, typer.Option("--quantize", help="Also write face_model.int8.onnx (dynamic int8 weights).")

@@ -40,7 +40,8 @@ from mtaffect.export.graphs import (
 from mtaffect.faces.align import REFERENCE_5PT_112
 from mtaffect.faces.cascade import ONET_SIZE, PIXEL_MEAN, PIXEL_SCALE, RNET_SIZE, normalise
 from mtaffect.features.decode import RESAMPLE_NAME, resize_array
-from mtaffect.models.base import AffectOutputs
+from mtaffect.models.base import AffectOutputs, FaceAffectModel
+from mtaffect.models.loading import load_face_model
 from mtaffect.persist import EXPORT, atomic_folder, header
 from mtaffect.runtime.engine import make_session
 from mtaffect.runtime.manifest import (
@@ -104,7 +105,7 @@ def torch_reference(
 ) -> tuple[AffectOutputs, dict[str, np.ndarray]]:
     """What ``mtaffect predict`` computes with PyTorch for these pixels: probabilities + backbone arrays.
 
-    Temporal models get each (T, ...) window as one sequence, as ``TrainedAffectModel.predict`` does.
+    Temporal models get each (T, ...) window as one sequence, as a checkpoint's ``predict`` does.
     """
     backbone = graph.backbone
     lead = pixels.shape[:2] if graph.temporal else pixels.shape[:1]
@@ -168,6 +169,7 @@ def onnx_export(
             module, args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
             opset_version=opset, optimize=True, verbose=False, custom_translation_table=CUSTOM_TRANSLATIONS,
         )  # fmt: skip
+        assert program is not None  # dynamo=True always gives a program (None: the legacy exporter)
         program.save(str(path))
     _check_graph(path, inputs, dynamic, opset)
 
@@ -227,12 +229,12 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
     example = synthetic_faces(2, s, graph.colour, window=t_check if graph.temporal else None, seed=1)
     dynamic = {"pixels": {0: "batch", 1: "window"} if graph.temporal and window is None else {0: "batch"}}
     outputs = [*PROB_OUTPUTS, *graph.outputs]
-    pixels = torch.from_numpy(example)
-    onnx_export(graph, (pixels,), folder / FACE_MODEL, ["pixels"], outputs, dynamic, opset)
+    example_pixels = torch.from_numpy(example)
+    onnx_export(graph, (example_pixels,), folder / FACE_MODEL, ["pixels"], outputs, dynamic, opset)
     face_sess, head_sess = make_session(folder / FACE_MODEL), None
     if graph.temporal:  # the heads alone, for windows over face tracks
         with torch.inference_mode():
-            arrays = graph(pixels)[len(PROB_OUTPUTS) :]
+            arrays = graph(example_pixels)[len(PROB_OUTPUTS) :]
         head_args = tuple(arrays[graph.outputs.index(k)].clone() for k in graph.reads)
         onnx_export(graph.head, head_args, folder / HEAD, list(graph.reads), list(PROB_OUTPUTS),
                     {k: dynamic["pixels"] for k in graph.reads}, opset)  # fmt: skip
@@ -348,7 +350,7 @@ def _export_mtcnn(folder: Path, opset: int, tolerance: float) -> dict[str, Any]:
 # ---- the folder ----------------------------------------------------------------------------------------
 
 
-def _describe_source(model, spec: str) -> dict[str, Any]:
+def _describe_source(model: FaceAffectModel, spec: str) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None:
         return {"model": "default", "name": getattr(model, "name", type(model).__name__)}
@@ -386,7 +388,7 @@ def _io(graph: FaceGraph, window: int | None) -> dict[str, Any]:
 
 
 def export_model(
-    model: Any = "default",
+    model: FaceAffectModel | str | os.PathLike | None = "default",
     out: str | os.PathLike = "export",
     *,
     quantize: bool = False,
@@ -449,12 +451,12 @@ def require_export_extra() -> None:
         )
 
 
-def _load(model: Any, window: int | None) -> tuple[Any, FaceGraph]:
+def _load(
+    model: FaceAffectModel | str | os.PathLike | None, window: int | None
+) -> tuple[FaceAffectModel, FaceGraph]:
     """``model`` as ``mtaffect predict`` loads it and its face graph (with the model's own backbone,
     fine-tuned weights included), or an error saying why it cannot be exported (with ``window``)."""
-    from mtaffect.predict.torch_engine import load_affect_model  # what `mtaffect predict` loads
-
-    loaded = load_affect_model("default" if model is None else model)
+    loaded = load_face_model(model)  # what `mtaffect predict` runs
     if str(loaded.backbone).startswith("emotiefflib:"):
         raise ValueError(
             f"{model}: its backbone {loaded.backbone} is an ONNX model run by onnxruntime inside torch, "

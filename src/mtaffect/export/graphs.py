@@ -14,7 +14,8 @@ exporter writes as one ONNX ``LSTM`` node (:data:`CUSTOM_TRANSLATIONS`), so wind
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from mtaffect.features.base import Backbone
 from mtaffect.features.fer_minixception import FER_TO_EXPR
 from mtaffect.models.default import OTHER_INDEX, DefaultAffectModel
 from mtaffect.schema import NUM_EXPR
+
+if TYPE_CHECKING:
+    from onnxscript.onnx_types import INT64
 
 #: Output names of the face graph, in order; the backbone arrays the heads read follow them.
 PROB_OUTPUTS: tuple[str, str, str] = ("expr_probs", "au_probs", "va")
@@ -38,6 +42,10 @@ class DefaultHead(nn.Module):
     """
 
     reads = ("logits",)
+    to_abaw: Tensor  # buffers (registered in __init__)
+    other: Tensor
+    p_au: Tensor
+    va_means: Tensor
 
     def __init__(self, model: DefaultAffectModel) -> None:
         super().__init__()
@@ -81,6 +89,9 @@ class FaceGraph(nn.Module):
     ``au_probs``, ``va`` and then the backbone arrays the heads read (``features`` always: trackers use
     it), with the same leading axes as the input.
     """
+
+    mean: Tensor  # buffers (registered in __init__)
+    std: Tensor
 
     def __init__(self, backbone: Backbone, head: nn.Module, reads: Sequence[str], temporal: bool) -> None:
         super().__init__()
@@ -154,11 +165,14 @@ def _lstm_layer_onnx(x, w, r, b, hidden: int):
     from onnxscript import opset18 as op
 
     y, _, _ = op.LSTM(op.Transpose(x, perm=[1, 0, 2]), w, r, b, hidden_size=hidden)  # (T, 1, B, H)
-    return op.Transpose(op.Squeeze(y, op.Constant(value_ints=[1])), perm=[1, 0, 2])
+    axes = cast("INT64", op.Constant(value_ints=[1]))  # value_ints: an INT64 tensor (typed as any tensor)
+    return op.Transpose(op.Squeeze(y, axes), perm=[1, 0, 2])
 
 
 #: Extra translations for ``torch.onnx.export(custom_translation_table=...)``.
-CUSTOM_TRANSLATIONS = {torch.ops.mtaffect.lstm_layer.default: _lstm_layer_onnx}
+CUSTOM_TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.mtaffect.lstm_layer.default: _lstm_layer_onnx,
+}
 
 
 class ExportLSTM(nn.Module):

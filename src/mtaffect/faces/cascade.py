@@ -300,7 +300,7 @@ def _nms_one(
     over = np.triu(_overlapping(b, b, threshold, mode), 1)  # over[i, j]: better box i overlaps box j
     if g is not None:
         over &= g[:, None] == g[None, :]
-    keep = np.ones(n, bool)
+    keep: np.ndarray = np.ones(n, bool)
     for _ in range(n):
         new = ~(over & keep[:, None]).any(0)
         if np.array_equal(new, keep):
@@ -330,11 +330,6 @@ def rank_scores(prob: np.ndarray) -> np.ndarray:
     the previous stage's ranking: so every engine ranks the same windows first, whatever its float32
     rounding of a saturated probability."""
     return np.minimum(np.asarray(prob, np.float32), np.float32(RANK_CAP))
-
-
-def ranked(prob: np.ndarray) -> np.ndarray:
-    """Indices best first by :func:`rank_scores` (stable: ties in their incoming order)."""
-    return np.argsort(-rank_scores(prob), kind="stable")
 
 
 def _window_boxes(xx: np.ndarray, yy: np.ndarray, sx: float, sy: float) -> np.ndarray:
@@ -435,7 +430,7 @@ class Cascade:
         """Pyramid scales: the smallest face maps to P-Net's 12-pixel window, then shrink by ``factor``."""
         m = PNET_WINDOW / self.min_face_size
         side = min(height, width) * m
-        out = []
+        out: list[float] = []
         while side >= PNET_WINDOW:
             out.append(m * self.factor ** len(out))
             side *= self.factor
@@ -476,8 +471,7 @@ class Cascade:
         b = _square(np.asarray(boxes, np.float32).reshape(-1, 4))
         frame = np.zeros(len(b), np.int64)
         _, out_boxes, prob, marks = self._output([_Level(frame_img[None], 1.0, 1.0)], frame, b)
-        order = ranked(prob)
-        return FaceDetections(out_boxes[order], prob[order], marks[order])
+        return FaceDetections(out_boxes, prob, marks)  # best first: the last NMS's order
 
     # -- stages --
 
@@ -495,8 +489,7 @@ class Cascade:
             marks = np.zeros((0, 5, 2), np.float32)
         out = [FaceDetections.empty() for _ in range(len(frames))]
         for b in np.unique(frame):
-            sel = np.flatnonzero(frame == b)
-            sel = sel[ranked(score[sel])]
+            sel = np.flatnonzero(frame == b)  # best first: the last NMS's order, kept within a frame
             out[int(b)] = FaceDetections(boxes[sel], score[sel], marks[sel])
         return out
 
@@ -569,6 +562,5 @@ __all__ = [
     "nms",
     "normalise",
     "rank_scores",
-    "ranked",
     "resize_bilinear",
 ]

@@ -123,7 +123,9 @@ class PNet(nn.Module):
         # reference kernel on CPU.
         n, c, h, w = x.shape
         weight = torch.cat([self.conv4_1.weight, self.conv4_2.weight]).view(6, c)
-        bias = torch.cat([self.conv4_1.bias, self.conv4_2.bias])
+        b1, b2 = self.conv4_1.bias, self.conv4_2.bias
+        assert b1 is not None and b2 is not None  # built with bias=True
+        bias = torch.cat([b1, b2])
         y = torch.addmm(bias, x.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.t()).view(n, h, w, 6)
         return torch.sigmoid(y[..., 1] - y[..., 0]), y[..., 2:].permute(0, 3, 1, 2)
 
@@ -242,10 +244,12 @@ class TorchNets:
         return tuple(torch.cat(t).float().cpu().numpy() for t in zip(*outs, strict=True))
 
     def rnet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._run(self.r, crops, RNET_BYTES)  # (probability, box regression)
+        prob, reg = self._run(self.r, crops, RNET_BYTES)
+        return prob, reg
 
     def onet(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self._run(self.o, crops, ONET_BYTES)  # (probability, box regression, landmarks)
+        prob, reg, points = self._run(self.o, crops, ONET_BYTES)
+        return prob, reg, points
 
 
 class MTCNN(Cascade):
@@ -265,10 +269,11 @@ class MTCNN(Cascade):
         weights: str | Path | None = None,
         batch_size: int = 32,
     ) -> None:
-        super().__init__(TorchNets(device, weights), min_face_size, thresholds, factor, batch_size)
-        self.device = self.nets.device
-        self.weights = self.nets.weights
-        self.pnet, self.rnet, self.onet = self.nets.p, self.nets.r, self.nets.o
+        nets = TorchNets(device, weights)
+        super().__init__(nets, min_face_size, thresholds, factor, batch_size)
+        self.device = nets.device
+        self.weights = nets.weights
+        self.pnet, self.rnet, self.onet = nets.p, nets.r, nets.o
 
 
 __all__ = ["DEFAULT_WEIGHTS", "MTCNN", "FaceDetections", "TorchNets", "box_iou", "load_mtcnn_nets", "nms"]

@@ -106,6 +106,8 @@ class Backbone(nn.Module):
     """
 
     spec: BackboneSpec
+    #: Where the weights came from (a file, folder or hub id), as loaded; "" when built in.
+    source: str = ""
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 images (N, H, W, 3) RGB, already ``input_size`` square -> normalised (N, C, S, S) float.

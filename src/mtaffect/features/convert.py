@@ -216,6 +216,7 @@ def convert_timm_vit(
 
     target = check_replaceable(out_dir, CONVERTED, overwrite)  # before the work
     norm = normalisation_override(mean, std, channels=3)
+    assert norm is not None  # both are given
     state, report = timm_vit_to_transformers(read_state_dict(src), num_heads)
     config = import_transformers().ViTConfig(**report.config)
     config.architectures = ["ViTModel"]

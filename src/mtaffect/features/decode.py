@@ -13,7 +13,7 @@ decoder does as little work as the backbone needs:
 
 Failures (missing, unreadable, truncated files) never raise: the image is left black, flagged
 ``ok=False`` and the reason is returned, so one bad file cannot stop a run over 400k images. Files are
-opened with :func:`open_regular`: a FIFO named like an image would block a plain ``open`` forever.
+opened with :func:`mtaffect.io.open_regular`: a FIFO named like an image would block a plain ``open`` forever.
 
 Every decoded image, here and in the application (``predict.sources.read_image``), goes through
 :func:`to_8bit`, the one conversion to 8-bit RGB/L: 16-bit greyscale PNGs are scaled, not clipped.
@@ -21,15 +21,15 @@ Every decoded image, here and in the application (``predict.sources.read_image``
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from collections.abc import Sequence
-from typing import BinaryIO, Final
+from typing import Final
 
 import numpy as np
 import PIL
 from PIL import Image
+
+from mtaffect.io import NotRegularFileError, open_regular
 
 #: The one resampling filter used for every resize: extraction must be reproducible.
 RESAMPLE: Final = Image.Resampling.BILINEAR
@@ -53,61 +53,6 @@ def preprocessing_description(size: int, colour: str) -> dict:
         "decode": "JPEG luma plane" if colour == "L" else "RGB",
         "pillow": PIL.__version__,
     }
-
-
-class NotRegularFileError(OSError):
-    """A path where a file is expected names a FIFO, socket or device: reading it could block forever.
-
-    ``kind`` says what it is ("a FIFO (named pipe)"); the text reads ``PATH: <kind>, not a regular file``.
-    """
-
-    def __init__(self, path: str | os.PathLike, kind: str) -> None:
-        super().__init__(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
-        self.kind = kind
-
-
-def _file_kind(mode: int) -> str:
-    """What a non-regular file is, for messages and failed.csv."""
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a special file"
-
-
-def open_regular(path: str | os.PathLike) -> BinaryIO:
-    """``path`` opened for binary reading, only when it is a regular file.
-
-    Opened non-blocking and checked on the open descriptor (no check-then-open race), so a FIFO
-    never blocks: anything but a regular file raises :class:`NotRegularFileError` (a folder:
-    :class:`IsADirectoryError`), a user-fixable :class:`OSError` naming the path.
-    """
-    nonblock = getattr(os, "O_NONBLOCK", 0)  # POSIX: opening a FIFO never waits for a writer
-    flags = os.O_RDONLY | nonblock | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # a socket (or a device without its driver) cannot be opened
-            try:
-                kind = _file_kind(os.stat(path).st_mode)
-            except OSError:
-                kind = "a special file"
-            raise NotRegularFileError(path, kind) from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-        if not stat.S_ISREG(mode):
-            raise NotRegularFileError(path, _file_kind(mode))
-        if nonblock:
-            os.set_blocking(fd, True)  # reads of a regular file as usual
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class ImageDepthError(ValueError):
@@ -189,8 +134,12 @@ def failure_reason(exc: BaseException) -> str:
     return f"unreadable: {text}"[:200]
 
 
+#: Image names: a list, or an object array of str (forked workers share it without a copy per item).
+ImageNames = Sequence[str] | np.ndarray
+
+
 def decode_rows(
-    folder: str, names: Sequence[str], rows: np.ndarray, size: int, mode: str
+    folder: str, names: ImageNames, rows: np.ndarray, size: int, mode: str
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode ``names[rows]`` under ``folder`` into one preallocated uint8 array; never raises.
 
@@ -223,7 +172,7 @@ class BatchDecodeDataset:
     def __init__(
         self,
         folder: str | os.PathLike,
-        names: Sequence[str],
+        names: ImageNames,
         batches: Sequence[np.ndarray],
         size: int,
         colour: str,

@@ -618,8 +618,10 @@ def _run_chunks(
     record = read_json(record_file, "progress file") if record_file.exists() else {"chunks": {}}
     spec = bb.spec
     dataset = BatchDecodeDataset(folder, names, batches, spec.input_size, spec.colour)
-    loader = DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
+    # BatchDecodeDataset is map-style without torch's Dataset base class (decode.py imports no torch)
+    loader: DataLoader[dict] = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
     )  # fmt: skip
     writers = {k: RowWriter(partial / ARRAY_FILES[k], shapes[k], array_dtype(k)) for k in shapes}
     pre = _Preprocess(bb)

@@ -12,6 +12,7 @@ explicitly so the port reproduces the original numerically.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -132,14 +133,14 @@ class SepConvBN(nn.Module):
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        groups=conv.groups, bias=True,
-    )  # fmt: skip
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:  # built with track_running_stats=False: nothing to fold
+        raise ValueError("a BatchNorm without running statistics cannot be folded into its convolution")
+    scale = bn.weight / torch.sqrt(var + bn.eps)
+    fused = copy.deepcopy(conv)  # same geometry (kernel, stride, padding, groups), its own weights
     fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+    fused.bias = nn.Parameter(bn.bias + (bias - mean) * scale)
     return fused
 
 
@@ -298,10 +299,12 @@ class FerMiniXception(Backbone):
         # channels_last only when no gradient is recorded: torch 2.13's CPU backward of a strided 1x1
         # conv on channels_last input corrupts the heap (segfault).
         cl = self.channels_last and not self._records_grad(x)
+        layout = torch.channels_last if cl else torch.contiguous_format
         if cl != self._layout_cl:  # weights in the same layout as the input (3x faster than input only)
-            self.net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            # torch's stubs omit Module.to's documented memory_format keyword
+            self.net.to(memory_format=layout)  # type: ignore[call-overload]
             self._layout_cl = cl
-        x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        x = x.contiguous(memory_format=layout)
         # Training: BatchNorm batch statistics need the whole batch at once; ONNX export: any batch size.
         whole = self.training or torch.onnx.is_in_onnx_export() or x.shape[0] <= self.chunk
         chunks = [x] if whole else x.split(self.chunk)

@@ -257,7 +257,8 @@ def hub_commit(repo_id: str, revision: str | None, cache_dir: str | os.PathLike 
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+        cache = None if cache_dir is None else os.fspath(cache_dir)
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache, revision=revision)
     except Exception:  # an id the cache cannot parse, or an older huggingface_hub
         return None
     return Path(found).parent.name if isinstance(found, str) else None  # .../snapshots/<commit>/config.json
@@ -322,9 +323,9 @@ def normalisation_from_processor(
     ``m' = m / (255 r)`` and ``s' = s / (255 r)``.
     """
     r = float(proc.get("rescale_factor", 1 / 255)) if proc.get("do_rescale", True) else 1.0
-    if not proc.get("do_normalize", True):
-        mean, std = 0.0, 1.0
-    else:
+    mean: Any = 0.0  # scalars or per-channel lists, as the processor file has them
+    std: Any = 1.0
+    if proc.get("do_normalize", True):
         mean, std = proc.get("image_mean"), proc.get("image_std")
         if mean is None or std is None:
             return None

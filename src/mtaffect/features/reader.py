@@ -142,16 +142,16 @@ class StoreSet:
         """``{"features@<name>": feature dim}`` of every named store (what a fusing recipe is built with)."""
         return {f"features@{k}": s.feature_dim for k, s in self.named.items()}
 
-    def rows(self, images: Sequence[str]) -> np.ndarray:
+    def rows(self, images: Sequence[str] | np.ndarray) -> np.ndarray:
         return self.reference.rows(images)
 
     def valid(self, rows: Any) -> np.ndarray:
         """An image is valid when every store extracted it."""
-        ok = None
-        for st in self.stores.values():
-            v = st.valid(rows)
-            ok = v if ok is None else ok & v
-        return ok  # type: ignore[return-value]
+        first, *others = self.stores.values()  # the main store is always there
+        ok = first.valid(rows)
+        for st in others:
+            ok = ok & st.valid(rows)
+        return ok
 
     def _take(self, input_name: str, rows: Any) -> np.ndarray:
         st, array = self.store_of(input_name)

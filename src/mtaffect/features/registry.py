@@ -30,11 +30,29 @@ BACKBONES: Registry[Backbone] = Registry(
 
 
 def register_backbone(name: str, *, prefix: bool = False) -> Callable:
-    """Decorator: register a backbone factory under ``name`` (a family ``name:<...>`` when ``prefix``)."""
+    """Decorator: register a backbone factory under ``name``.
+
+    Args:
+        name: the backbone's name (``fer-minixception``), or a family's prefix (``hf``).
+        prefix: register the family ``name:<anything>``; the factory receives the part after the colon
+            as its first argument.
+
+    Returns:
+        The decorator; it returns the factory unchanged. The factory's keyword arguments are the
+        backbone's options.
+
+    Raises:
+        ValueError: ``name`` is registered already.
+    """
     return BACKBONES.register(name, prefix=prefix)
 
 
 def list_backbones() -> list[str]:
+    """The registered backbone names, families as ``prefix:<...>`` (built-ins imported first).
+
+    Returns:
+        The names, sorted.
+    """
     return BACKBONES.names()
 
 
@@ -43,6 +61,17 @@ def create_backbone(name: str, **kwargs) -> Backbone:
 
     Options its factory does not take are a ValueError naming them and the ones it takes; an option
     of the wrong type (the factory's TypeError) is a ValueError too: options come from people.
+
+    Args:
+        name: a registered backbone or family member (:func:`list_backbones`), e.g. ``hf:<hub-id>``.
+        **kwargs: the backbone's options (``weights``, ``image_size``, ...).
+
+    Returns:
+        The backbone, with its ``spec`` (input, normalisation, outputs, fingerprint).
+
+    Raises:
+        KeyError: an unknown name.
+        ValueError: an option the backbone does not take, or one of the wrong type.
     """
     options = _options(name)
     unknown = [] if options is None else sorted(set(kwargs) - set(options))

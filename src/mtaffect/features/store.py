@@ -103,7 +103,11 @@ def check_names(images: Sequence[str]) -> None:
             )
     if len(set(images)) != len(images):
         seen: set[str] = set()
-        dups = [n for n in images if n in seen or seen.add(n)]
+        dups = []
+        for n in images:
+            if n in seen:
+                dups.append(n)
+            seen.add(n)
         raise StoreError(
             f"{len(dups)} duplicate image names (e.g. {dups[:3]}); a store holds each image once"
         )
@@ -240,7 +244,7 @@ class RowWriter:
             raise StoreError(
                 f"{self.path}: rows {start}..{start + len(arr)} of shape {arr.shape} do not fit {self.shape}"
             )
-        view = memoryview(arr.reshape(-1).view(np.uint8))
+        view = arr.reshape(-1).view(np.uint8).data  # a memoryview of the bytes, no copy
         pos = self.offset + start * self.row_bytes
         while len(view):
             written = os.pwrite(self.fd, view, pos)
@@ -358,7 +362,10 @@ class FeatureStore:
 
     @property
     def token_shape(self) -> tuple[int, int] | None:
-        return tuple(self._arrays["tokens"].shape[1:]) if self.has_tokens else None  # type: ignore[return-value]
+        if not self.has_tokens:
+            return None
+        _, n, dim = self._arrays["tokens"].shape
+        return int(n), int(dim)
 
     @property
     def num_failed(self) -> int:
@@ -381,7 +388,7 @@ class FeatureStore:
             )
 
     # ---- rows -----------------------------------------------------------------------------------
-    def rows(self, images: Sequence[str]) -> np.ndarray:
+    def rows(self, images: Sequence[str] | np.ndarray) -> np.ndarray:
         """Row index (int64) of each name; :class:`MissingImagesError` naming those not in the store."""
         if self._order is None or self._sorted is None:
             self._order = np.argsort(self.images, kind="stable")

@@ -260,7 +260,7 @@ def combine(
     if t.shape != (NUM_AUS,) or not np.all((t > 0) & (t < 1)):
         raise ValueError(f"prior_thresholds must be {NUM_AUS} values in (0, 1), got {prior_thresholds!r}")
 
-    evident = np.isfinite(bs).all(axis=1)
+    evident = np.asarray(np.isfinite(bs).all(axis=1))
     scores = np.where(evident[:, None], np.nan_to_num(bs) @ _SCORES, 0.0)
     z = _PRIOR_WEIGHT * (_logit(prior) - _logit(t)) + _logit(EVIDENCE_THRESHOLDS)
     z = z + np.where(evident[:, None], _SLOPE * (scores - _CROSSOVER), 0.0)

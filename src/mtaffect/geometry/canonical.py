@@ -125,7 +125,8 @@ def parse_canonical_face(data: bytes, name: str = CANONICAL_FACE) -> CanonicalFa
     """A serialized ``GeometryPipelineMetadata`` -> :class:`CanonicalFace`; BundleError names ``name``."""
     top = _fields(data, name)
     mesh = _fields(_one(top, 1, _WIRE_LEN, name, "canonical mesh"), name)
-    vertex_type = next((v for f, w, v in mesh if f == 1 and w == _WIRE_VARINT), 0)  # proto2 default 0
+    # field 1 is a varint (an int here); proto2's default is 0
+    vertex_type = next((v for f, _, v in mesh if f == 1 and isinstance(v, int)), 0)
     if vertex_type != _VERTEX_PT:
         raise BundleError(f"{name}: canonical mesh vertex type {vertex_type}, expected VERTEX_PT (0)")
     vb = _floats(mesh, 3, name)
@@ -140,7 +141,7 @@ def parse_canonical_face(data: bytes, name: str = CANONICAL_FACE) -> CanonicalFa
     for f, w, v in top:
         if f != 2:
             continue
-        if w != _WIRE_LEN:
+        if w != _WIRE_LEN or not isinstance(v, bytes):
             raise BundleError(f"{name}: procrustes landmark basis entry is not a message")
         ref = _fields(v, name)
         ids.append(_one(ref, 1, _WIRE_VARINT, name, "procrustes landmark id"))

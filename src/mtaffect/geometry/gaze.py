@@ -40,7 +40,7 @@ from typing import Final
 
 import numpy as np
 
-from mtaffect.geometry.headpose import CANONICAL_TO_CAMERA, fit_canonical
+from mtaffect.geometry.headpose import CANONICAL_TO_CAMERA, RigidFit, fit_or_given
 
 #: (iris centre, outer corner, inner corner) landmark ids per eye: the eye on the image's left, then right.
 EYES: Final[tuple[tuple[int, int, int], ...]] = ((468, 33, 133), (473, 263, 362))
@@ -62,10 +62,18 @@ def _rotation_centres(landmarks: np.ndarray, rotation: np.ndarray, scale: np.nda
     return np.stack(out, 1)
 
 
-def gaze_vectors(landmarks: np.ndarray) -> np.ndarray:
-    """(n, 478, 3) landmarks in pixels -> (n, 2, 3) unit gaze vectors (camera frame), image-left eye first.
+def gaze_vectors(landmarks: np.ndarray, fit: RigidFit | None = None) -> np.ndarray:
+    """Unit gaze vectors of both eyes.
 
-    NaN for rows with a non-finite value; landmarks without the irises (468 points) are an error."""
+    Args:
+        landmarks: (n, 478, 3) landmarks in pixels, irises included (468 points are an error).
+        fit: their :func:`~mtaffect.geometry.headpose.fit_canonical` when the caller has it (head pose
+            uses the same fit); None: computed here.
+
+    Returns:
+        (n, 2, 3) unit vectors in the camera frame, image-left eye first; NaN rows for faces with a
+        non-finite landmark.
+    """
     x = np.asarray(landmarks, np.float64)
     if x.ndim != 3 or x.shape[1] < 478 or x.shape[2] != 3:
         raise ValueError(f"landmarks must be (n, 478, 3) (x, y, z in pixels, irises included), got {x.shape}")
@@ -73,11 +81,12 @@ def gaze_vectors(landmarks: np.ndarray) -> np.ndarray:
     ok = np.isfinite(x).all(axis=(1, 2))
     if not ok.any():
         return out
+    every = fit_or_given(x, fit)
+    rotation, scale = every.rotation[ok], every.scale[ok]
     x = x[ok]
-    fit = fit_canonical(x)
-    centre = _rotation_centres(x, fit.rotation, fit.scale)
+    centre = _rotation_centres(x, rotation, scale)
     iris = x[:, [e[0] for e in EYES], :2]
-    radius = (IRIS_RADIUS * fit.scale)[:, None, None]
+    radius = (IRIS_RADIUS * scale)[:, None, None]
     d = (iris - centre[..., :2]) / radius  # projected offset in radii
     norm = np.linalg.norm(d, axis=-1, keepdims=True)
     d = d / np.maximum(norm, 1.0)  # beyond the sphere's outline: 90° off the camera axis
@@ -86,11 +95,18 @@ def gaze_vectors(landmarks: np.ndarray) -> np.ndarray:
     return out
 
 
-def gaze_angles(landmarks: np.ndarray) -> np.ndarray:
-    """(n, 478, 3) landmarks in pixels -> (n, 2) float32 ``gaze_angle_x, gaze_angle_y`` (radians, OpenFace).
+def gaze_angles(landmarks: np.ndarray, fit: RigidFit | None = None) -> np.ndarray:
+    """Gaze angles of a face (both eyes averaged).
 
-    Rows with a non-finite value give NaN, never an exception."""
-    g = gaze_vectors(landmarks).mean(1)
+    Args:
+        landmarks: (n, 478, 3) landmarks in pixels.
+        fit: their rigid fit, when the caller has it (see :func:`gaze_vectors`).
+
+    Returns:
+        (n, 2) float32 ``gaze_angle_x, gaze_angle_y`` (radians, OpenFace's convention); NaN rows for faces
+        with a non-finite landmark, never an exception.
+    """
+    g = gaze_vectors(landmarks, fit).mean(1)
     return np.stack([np.arctan2(g[:, 0], -g[:, 2]), np.arctan2(g[:, 1], -g[:, 2])], -1).astype(np.float32)
 
 

@@ -92,12 +92,29 @@ def fit_canonical(landmarks: np.ndarray) -> RigidFit:
     return RigidFit(rot, scale, shift)
 
 
-def head_pose_3d(landmarks: np.ndarray) -> np.ndarray:
-    """(n, 468+, 3) landmarks in pixels -> (n, 3) float32 ``pose_Rx, pose_Ry, pose_Rz`` (radians, OpenFace).
+def fit_or_given(landmarks: np.ndarray, fit: RigidFit | None) -> RigidFit:
+    """``fit`` when a caller computed it already (checked to be one per face), else
+    :func:`fit_canonical` of ``landmarks``: head pose and gaze share one fit per face."""
+    if fit is None:
+        return fit_canonical(landmarks)
+    if len(fit.rotation) != len(landmarks):
+        raise ValueError(f"a fit of {len(fit.rotation)} faces for {len(landmarks)} faces' landmarks")
+    return fit
 
-    Rows with a non-finite value give NaN (never an exception); expression does not move the result.
+
+def head_pose_3d(landmarks: np.ndarray, fit: RigidFit | None = None) -> np.ndarray:
+    """Head pose from the dense landmarks; expression does not move it.
+
+    Args:
+        landmarks: (n, 468+, 3) landmarks in pixels (see the module docstring).
+        fit: their :func:`fit_canonical`, when the caller has it already (gaze uses the same fit);
+            None: computed here.
+
+    Returns:
+        (n, 3) float32 ``pose_Rx, pose_Ry, pose_Rz`` (radians, OpenFace's convention); NaN rows for faces
+        with a non-finite landmark (never an exception).
     """
-    return matrix_to_euler(fit_canonical(landmarks).rotation).astype(np.float32)
+    return matrix_to_euler(fit_or_given(landmarks, fit).rotation).astype(np.float32)
 
 
-__all__ = ["CANONICAL_TO_CAMERA", "RigidFit", "fit_canonical", "head_pose_3d"]
+__all__ = ["CANONICAL_TO_CAMERA", "RigidFit", "fit_canonical", "fit_or_given", "head_pose_3d"]

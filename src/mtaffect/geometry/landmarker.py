@@ -289,14 +289,14 @@ class FaceLandmarker:
             raw[k] = self._mesh.get_tensor(self._points_out).reshape(NUM_DENSE_LANDMARKS, 3)
             logit[k] = float(self._mesh.get_tensor(self._presence_out).reshape(()))
         # crop pixels (edge convention) -> image pixels through the region; z scaled like x
-        k = (regions.side / INPUT_SIZE)[:, None]
+        scale = (regions.side / INPUT_SIZE)[:, None]
         u = raw[..., 0] - INPUT_SIZE / 2
         v = raw[..., 1] - INPUT_SIZE / 2
         c, s = np.cos(regions.angle)[:, None], np.sin(regions.angle)[:, None]
         pts = np.empty_like(raw)
-        pts[..., 0] = regions.centre[:, 0:1] + (c * u - s * v) * k
-        pts[..., 1] = regions.centre[:, 1:2] + (s * u + c * v) * k
-        pts[..., 2] = raw[..., 2] * k
+        pts[..., 0] = regions.centre[:, 0:1] + (c * u - s * v) * scale
+        pts[..., 1] = regions.centre[:, 1:2] + (s * u + c * v) * scale
+        pts[..., 2] = raw[..., 2] * scale
         return pts, 1.0 / (1.0 + np.exp(-logit))
 
     def _blendshapes(self, points: np.ndarray) -> np.ndarray:

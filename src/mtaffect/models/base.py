@@ -5,15 +5,23 @@ logits, patch tokens) and returns raw outputs for the three tasks. The training 
 about any recipe beyond this: which inputs it reads, whether it wants temporal windows, and the
 sequence of training :class:`Stage` s (task-sequential or progressive recipes train in stages).
 
-The application sees a :class:`FaceAffectModel`: anything that turns a backbone's outputs into
-probabilities. Trained checkpoints (``mtaffect.load_model``) and the embedded default model both are.
+Two interfaces face the users of a trained model, and a model implements only those it can serve:
+
+- :class:`FaceAffectModel`, what the application (``mtaffect predict``, ``mtaffect export``) runs on
+  each aligned face: one backbone and heads over its outputs. The embedded default model,
+  ``emotiefflib:`` and a trained checkpoint are one; an ensemble (several backbones) is not.
+- :class:`AffectPredictor`, the research interface over a list of images: a PredictionTable from feature
+  stores or from face crops (``mtaffect infer``, ``evaluate``). A trained checkpoint and an ensemble are.
+
+:mod:`mtaffect.models.loading` turns any model name into the one a caller asks for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -22,6 +30,7 @@ from torch import nn
 from mtaffect.models.outputs import AffectOutputs
 
 if TYPE_CHECKING:
+    from mtaffect.data.predictions import PredictionTable
     from mtaffect.features.base import Backbone
 
 #: Task keys used in model outputs, losses, stages and configs.
@@ -52,9 +61,10 @@ class MTLModel(nn.Module):
     and returns ``{"au": (..., 12) logits, "expr": (..., 8) logits, "va": (..., 2) in [-1, 1]}``.
     """
 
-    recipe: ClassVar[str] = ""
-    temporal: ClassVar[bool] = False
-    inputs: ClassVar[tuple[str, ...]] = ("features",)
+    # class defaults a recipe instance may set from its hparams (an image model takes its head's)
+    recipe: str = ""
+    temporal: bool = False
+    inputs: tuple[str, ...] = ("features",)
     #: Set by the training loop during a training step to the stage's tasks (None otherwise): a recipe
     #: may then skip computing outputs no loss of the stage uses (a speed hint, never required).
     active_tasks: tuple[str, ...] | None = None
@@ -144,4 +154,29 @@ class FaceAffectModel(Protocol):
         self, features: torch.Tensor, logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None
     ) -> AffectOutputs:
         """Backbone outputs for N faces (one time step each) -> probabilities."""
+        ...
+
+
+@runtime_checkable
+class AffectPredictor(Protocol):
+    """What research code needs: a PredictionTable for a list of images (``<video>/<frame>`` names), from
+    feature stores or from face crops. Trained checkpoints and ensemble folders implement it
+    (:func:`mtaffect.models.loading.load_predictor`).
+    """
+
+    au_thresholds: np.ndarray  # (12,) decision thresholds for the 0/1 AU columns
+    failures: list[tuple[str, str]]  # (image, why) of the last predict_images call's unreadable images
+
+    def predict_store(
+        self, store: object, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
+        stores: Mapping[str, object] | None = None,
+    ) -> PredictionTable:  # fmt: skip
+        """Predict ``images`` from a feature store (or its folder); ``stores``: named ones it fuses."""
+        ...
+
+    def predict_images(
+        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
+        allow_missing: bool = False, stores: Mapping[str, object] | None = None,
+    ) -> PredictionTable:  # fmt: skip
+        """Predict ``images`` (names relative to ``folder``) through the model's own backbone(s)."""
         ...

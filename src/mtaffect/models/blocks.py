@@ -154,12 +154,18 @@ class AdditiveAttention(nn.Module):
     """Bahdanau attention of one query over C keys: ``score_c = w . tanh(Wq q + Wk k_c)``, softmax over C.
 
     ``forward(q (B, Dq), k (B, C, Dk))`` returns the weights (B, C), each row summing to 1.
+
+    Args:
+        query_dim: size of the query ``q``.
+        key_dim: size of each key ``k_c``.
+        attn_dim: size of the space the query and the keys are mapped to.
+        key_bias: whether ``Wk`` has a bias (recipe 2's published variant has none: every map bias-free).
     """
 
-    def __init__(self, query_dim: int, key_dim: int, attn_dim: int = 64) -> None:
+    def __init__(self, query_dim: int, key_dim: int, attn_dim: int = 64, key_bias: bool = True) -> None:
         super().__init__()
         self.Wq = nn.Linear(query_dim, attn_dim, bias=False)
-        self.Wk = nn.Linear(key_dim, attn_dim, bias=True)
+        self.Wk = nn.Linear(key_dim, attn_dim, bias=key_bias)
         self.w = nn.Linear(attn_dim, 1, bias=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,13 @@ fine-tuned *task models*. An ensemble folder holds all of it, so one path predic
                       model); run on the images once and shared by every member that reads it
 
 Files are hard links where the filesystem allows (a copy otherwise), so the folder is self-contained
-without doubling the disk a ViT-B checkpoint takes. :func:`mtaffect.models.checkpoint.load_model`
-recognises the folder and returns an :class:`EnsembleAffectModel`: ``predict_images`` (``mtaffect infer
---data``) and ``predict_store`` (``infer --features``, members trained on frozen features) write one
-PredictionTable, so ``evaluate``, ``submit``, ``tune`` and blending use it like any model's. Every path
-in ``ensemble.json`` is checked to stay inside the folder.
+without doubling the disk a ViT-B checkpoint takes. :func:`mtaffect.models.loading.load_predictor`
+(``mtaffect.load_model``) recognises the folder and returns an :class:`EnsembleAffectModel`, an
+:class:`~mtaffect.models.base.AffectPredictor`: ``predict_images`` (``mtaffect infer --data``) and
+``predict_store`` (``infer --features``, members trained on frozen features) write one PredictionTable,
+so ``evaluate``, ``submit``, ``tune`` and blending use it like any model's. It is no
+:class:`~mtaffect.models.base.FaceAffectModel` (it has several backbones), so the application does not
+run it. Every path in ``ensemble.json`` is checked to stay inside the folder.
 """
 
 from __future__ import annotations
@@ -26,26 +28,25 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mtaffect.features.reader import store_names
 from mtaffect.models.base import TASKS
-from mtaffect.models.checkpoint import (
-    CONFIG,
-    CheckpointError,
-    TrainedAffectModel,
-    load_checkpoint,
-    read_checkpoint_config,
-)
+from mtaffect.models.checkpoint import CONFIG, CheckpointError, read_checkpoint_config
+from mtaffect.models.trained import TrainedAffectModel, load_checkpoint
 from mtaffect.persist import ENSEMBLE, atomic_folder, header, read_header_file, write_json
+
+if TYPE_CHECKING:
+    from mtaffect.data.predictions import PredictionTable
 
 ENSEMBLE_FILE = str(ENSEMBLE.marker)
 
 
 def is_ensemble(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ensemble folder (it holds ``ensemble.json``)."""
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
@@ -62,7 +63,7 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(a, b)
 
 
-def combine_tables(tables: Mapping[str, Any], images: Sequence[str]) -> Any:
+def combine_tables(tables: Mapping[str, PredictionTable], images: Sequence[str]) -> PredictionTable:
     """One PredictionTable for ``images``: each task's columns from its own table (``{task: table}``, a
     table may answer several tasks); ``valid`` (when every table has it) is valid in all of them."""
     from mtaffect.data.predictions import PredictionTable
@@ -139,8 +140,8 @@ def _read_record(path: Path) -> dict:
 
 
 class EnsembleAffectModel:
-    """Each task from its own member model (see the module docstring); ``load_model`` returns it for an
-    ensemble folder."""
+    """Each task from its own member model (see the module docstring): an
+    :class:`~mtaffect.models.base.AffectPredictor`, never a face model (it has several backbones)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", *,
                  trust_remote_code: bool = False) -> None:  # fmt: skip
@@ -163,30 +164,16 @@ class EnsembleAffectModel:
     def __repr__(self) -> str:
         return f"EnsembleAffectModel({str(self.path)!r}, tasks={self.tasks}, P={self.metrics.get('P')})"
 
-    @property
-    def backbone(self) -> str:
-        raise CheckpointError(
-            f"{self.path} is an ensemble (one model per task, several backbones): predict with "
-            "`mtaffect infer --model ... --data ROOT` (face crops); `mtaffect predict` runs single models, "
-            "e.g. the task models in its sources/ folder"
-        )
-
-    def predict(self, *args: Any, **kwargs: Any) -> Any:
-        return self.backbone  # raises: see above
-
-    def create_backbone(self) -> Any:
-        return self.backbone  # raises: see above
-
     def _used(self) -> list[str]:
         return list(dict.fromkeys(self.tasks[t] for t in TASKS))
 
-    def _combine(self, tables: Mapping[str, Any], images: Sequence[str]) -> Any:
+    def _combine(self, tables: Mapping[str, PredictionTable], images: Sequence[str]) -> PredictionTable:
         return combine_tables({t: tables[self.tasks[t]] for t in TASKS}, images)
 
     def predict_images(
         self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
         allow_missing: bool = False, stores: Mapping[str, Any] | None = None,
-    ) -> Any:  # fmt: skip
+    ) -> PredictionTable:  # fmt: skip
         """A PredictionTable for ``images`` under ``folder``: the sources' backbones run once each, then
         every member answers its tasks (temporal members over their own windows). ``stores``
         (``{name: store}``, e.g. a pipeline's exported ones) are read instead of running the sources."""
@@ -210,7 +197,7 @@ class EnsembleAffectModel:
     def predict_store(
         self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
         stores: Mapping[str, Any] | None = None,
-    ) -> Any:  # fmt: skip
+    ) -> PredictionTable:  # fmt: skip
         """A PredictionTable from feature stores (members trained on frozen features): ``store`` the
         main one, ``stores`` the named ones the members fuse."""
         tables = {}

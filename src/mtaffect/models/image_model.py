@@ -58,7 +58,7 @@ def _cover(module: nn.Module, prefix: str, exclude: set[str]) -> list[str]:
 class ImageMTLModel(MTLModel):
     """``backbone`` -> ``head`` (any recipe), trained from images; see the module docstring."""
 
-    inputs = ("pixels",)
+    inputs: tuple[str, ...] = ("pixels",)
 
     def __init__(
         self, backbone: Backbone, head: MTLModel, *, mode: str = "frozen", frozen_blocks: int = 0,
@@ -74,9 +74,9 @@ class ImageMTLModel(MTLModel):
             )
         self.backbone, self.head = backbone, head
         # pixels, plus what the head reads from named stores (features@au ...) beside the images
-        self.inputs = ("pixels", *(i for i in head.inputs if "@" in i))  # type: ignore[misc]
-        self.recipe = head.recipe  # type: ignore[misc] - the head's identity is the model's
-        self.temporal = head.temporal  # type: ignore[misc]
+        self.inputs = ("pixels", *(i for i in head.inputs if "@" in i))
+        self.recipe = head.recipe  # the head's identity is the model's
+        self.temporal = head.temporal
         self.mode, self.frozen_blocks = mode, int(frozen_blocks)
         self.lr, self.weight_decay, self.layer_decay = lr, weight_decay, float(layer_decay)
         self.train_stages = None if train_stages is None else tuple(train_stages)
@@ -84,7 +84,7 @@ class ImageMTLModel(MTLModel):
         stage_names = [s.name for s in head.stages()]
         if self.train_stages is not None and (bad := sorted(set(self.train_stages) - set(stage_names))):
             raise ValueError(
-                f"backbone.stages names {bad}, not stages of recipe {head.recipe!r} ({stage_names})"
+                f"backbone.train_stages names {bad}, not stages of recipe {head.recipe!r} ({stage_names})"
             )
         if mode == "frozen":
             if frozen_blocks or grad_checkpointing or layer_decay != 1.0:
@@ -117,7 +117,7 @@ class ImageMTLModel(MTLModel):
 
     # ---- the MTLModel contract --------------------------------------------------------------------
     @property
-    def active_tasks(self) -> tuple[str, ...] | None:  # type: ignore[override]
+    def active_tasks(self) -> tuple[str, ...] | None:
         return self.head.active_tasks
 
     @active_tasks.setter

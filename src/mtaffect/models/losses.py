@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -161,20 +162,39 @@ class LossConfig:
     va_weights: dict[str, float] = field(default_factory=lambda: {"valence": 1.0, "arousal": 1.0})
 
 
+class LossSettings(Protocol):
+    """What :class:`MTLLoss` reads of its settings: a :class:`LossConfig`, or a training config's
+    ``loss`` section (the same fields)."""
+
+    @property
+    def weights(self) -> Mapping[str, float]: ...
+    @property
+    def au_loss(self) -> str: ...
+    @property
+    def au_pos_weight(self) -> bool: ...
+    @property
+    def expr_class_weights(self) -> bool: ...
+    @property
+    def va_weights(self) -> Mapping[str, float]: ...
+
+
 class MTLLoss(nn.Module):
     """Weighted sum of the masked task losses; returns the optimised total and each (unweighted) term.
 
     Outputs may carry a time axis (B, T, ...); ``batch["step_mask"]`` (B, T) then drops padded steps.
     """
 
+    au_weight: torch.Tensor  # buffers (they follow the module to its device)
+    expr_weight: torch.Tensor
+
     def __init__(
         self,
-        config: LossConfig | None = None,
+        config: LossSettings | None = None,
         au_weight: torch.Tensor | None = None,
         expr_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.config = config or LossConfig()
+        self.config: LossSettings = config or LossConfig()
         if self.config.au_loss not in AU_LOSSES:
             raise ValueError(f"loss.au_loss must be one of {AU_LOSSES}, got {self.config.au_loss!r}")
         unknown = set(self.config.weights) - {"au", "expr", "va"}
@@ -189,7 +209,7 @@ class MTLLoss(nn.Module):
         self.register_buffer("expr_weight", expr_weight if expr_weight is not None else torch.ones(NUM_EXPR))
 
     @classmethod
-    def from_labels(cls, config: LossConfig, aus: np.ndarray, expression: np.ndarray) -> MTLLoss:
+    def from_labels(cls, config: LossSettings, aus: np.ndarray, expression: np.ndarray) -> MTLLoss:
         """Weights computed from the training labels, as configured."""
         au_w = None
         if config.au_pos_weight:
@@ -214,5 +234,8 @@ class MTLLoss(nn.Module):
             parts["va"] = va_ccc_loss(out["va"], batch["va"], m, self.va_weights)
         if not parts:
             raise ValueError(f"no task to optimise: stage tasks {tasks} name none of au, expr, va")
-        total = sum(float(self.config.weights.get(t, 1.0)) * v for t, v in parts.items())
-        return total, parts  # type: ignore[return-value]
+        weighted = [float(self.config.weights.get(t, 1.0)) * v for t, v in parts.items()]
+        total = weighted[0]
+        for term in weighted[1:]:
+            total = total + term
+        return total, parts

@@ -120,7 +120,7 @@ class QueriesGCN(MTLModel):
     """Task-adaptive queries over patch tokens with an AU graph feeding the EXPR/VA queries."""
 
     recipe = "queries-gcn"
-    inputs = ("tokens",)
+    inputs: tuple[str, ...] = ("tokens",)
 
     def __init__(
         self,

@@ -139,25 +139,24 @@ class PublishedAUBranch(nn.Module):
         return (F.normalize(nodes, dim=-1) * cls.unsqueeze(0)).sum(-1)
 
 
-class PublishedExprBranch(nn.Module):
+class PublishedExprBranch(AdditiveAttention):
     """EXPR logits re-weighted by additive attention keyed by themselves: ``e_c <- alpha_c e_c``.
 
     ``alpha = softmax_c(w . tanh(Wq au + Wk e_c))`` with the 12 AU cosines as the query and each
-    class's scalar logit as its key (every map bias-free, as the peer's ``AdditiveAttention``).
+    class's scalar logit as its key (every map bias-free, as the peer's ``AdditiveAttention``). The
+    attention is the shared block itself (a subclass, so the parameter names ``Wq``/``Wk``/``w`` of
+    published checkpoints stay where they were).
     """
 
     def __init__(self, in_dim: int, attn_dim: int) -> None:
-        super().__init__()
-        self.head = nn.Linear(in_dim, NUM_EXPR)
-        nn.init.normal_(self.head.weight, 0.0, math.sqrt(1.0 / NUM_EXPR))  # the peer's Dense init
-        self.Wq = nn.Linear(NUM_AUS, attn_dim, bias=False)
-        self.Wk = nn.Linear(1, attn_dim, bias=False)
-        self.w = nn.Linear(attn_dim, 1, bias=False)
+        head = nn.Linear(in_dim, NUM_EXPR)  # made first: the random initialisation of a seed is unchanged
+        nn.init.normal_(head.weight, 0.0, math.sqrt(1.0 / NUM_EXPR))  # the peer's Dense init
+        super().__init__(NUM_AUS, 1, attn_dim, key_bias=False)
+        self.head = head
 
     def forward(self, x: torch.Tensor, au_cos: torch.Tensor) -> torch.Tensor:
         e = self.head(x)
-        scores = self.w(torch.tanh(self.Wq(au_cos.to(e.dtype)).unsqueeze(1) + self.Wk(e.unsqueeze(-1))))
-        return scores.squeeze(-1).softmax(-1) * e
+        return super().forward(au_cos.to(e.dtype), e.unsqueeze(-1)) * e
 
 
 class PublishedVABranch(nn.Module):
@@ -184,7 +183,7 @@ class AUGraphMTL(MTLModel):
     """AU relation graph with AU-to-expression cross attention on pooled features (+ logits)."""
 
     recipe = "au-graph"
-    inputs = ("features", "logits")
+    inputs: tuple[str, ...] = ("features", "logits")
 
     def __init__(
         self,
@@ -217,7 +216,7 @@ class AUGraphMTL(MTLModel):
         self.token_shape = tuple(token_shape) if token_shape is not None else None
         # the backbone's logits are optional: without them the model reads features only
         self.inputs = ("features", "logits") if self.num_logits else ("features",)
-        self.hp = {
+        self.hp: dict[str, object] = {
             "node_dim": node_dim, "graph_layers": graph_layers, "topk": topk, "hidden": hidden,
             "key_dim": key_dim, "attn_dim": attn_dim, "dropout": dropout, "cos_scale": cos_scale,
             "learn_scale": learn_scale, "joint": joint,
@@ -227,7 +226,7 @@ class AUGraphMTL(MTLModel):
             self.hp["variant"] = variant
         in_dim = self.feature_dim + self.num_logits
         if self.published:
-            self.au_branch = PublishedAUBranch(in_dim, topk, dropout)
+            self.au_branch: PublishedAUBranch | AUBranch = PublishedAUBranch(in_dim, topk, dropout)
             self.expr_branch = PublishedExprBranch(in_dim, attn_dim)
             self.va_branch = PublishedVABranch(in_dim)
         else:

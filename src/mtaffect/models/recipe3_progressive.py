@@ -92,7 +92,7 @@ class ProgressiveMTL(MTLModel):
     """Task models -> feature fusion -> optional temporal module -> per-task heads."""
 
     recipe = "progressive"
-    inputs = ("features",)
+    inputs: tuple[str, ...] = ("features",)
 
     def __init__(
         self,
@@ -139,7 +139,9 @@ class ProgressiveMTL(MTLModel):
         self.proj = nn.ModuleDict({"features": nn.Linear(self.feature_dim, dim)})
         for t in self.fusion_tasks:
             self.proj[t] = nn.Linear(task_dim, dim) if task_dim != dim else nn.Identity()
-        self.fusion = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.fusion: nn.Module = nn.Sequential(
+            nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim)
+        )
         self.temporal_net = create_temporal(temporal, dim, **{**defaults, **self.temporal_kwargs})
         self.heads = nn.ModuleDict({t: _head(t, dim) for t in TASKS})
 
@@ -153,7 +155,7 @@ class ProgressiveMTL(MTLModel):
                 "exported from those task models (--features au=STORE ...; the pipeline does it)"
             )
         self.input_dims = {n: int(input_dims[n]) for n in names}
-        self.inputs = ("features", *names)  # type: ignore[misc]
+        self.inputs = ("features", *names)
         d = self.feature_dim
         self.proj = nn.ModuleDict({t: nn.Identity() if self.input_dims[f"features@{t}"] == d
                                    else nn.Linear(self.input_dims[f"features@{t}"], d)

@@ -33,7 +33,7 @@ class EmotiNetHeads(MTLModel):
     """Separate EXPR (linear), AU (MLP) and VA (tanh linear on the extractor's logits) heads."""
 
     recipe = "emotinet"
-    inputs = ("features", "logits")
+    inputs: tuple[str, ...] = ("features", "logits")
 
     def __init__(
         self,
@@ -92,7 +92,11 @@ class EmotiNetHeads(MTLModel):
         )
         out: dict[str, torch.Tensor] = {}
         if "au" in tasks or "expr" in tasks:
-            h = torch.cat([x, logits], -1) if self.expr_au_input == "features+logits" else x
+            h = (
+                torch.cat([x, logits], -1)
+                if logits is not None and self.expr_au_input == "features+logits"
+                else x
+            )
             if "au" in tasks:
                 out["au"] = self.au_head(h)
             if "expr" in tasks:

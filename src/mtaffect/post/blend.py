@@ -27,7 +27,7 @@ from mtaffect.schema import MISSING_VA
 MAX_SIMPLEX_POINTS = 300
 
 
-def check_weights(weights: Sequence[float], n_models: int, task: str = "") -> np.ndarray:
+def check_weights(weights: Sequence[float] | np.ndarray, n_models: int, task: str = "") -> np.ndarray:
     """Weights as a (n_models,) array summing to 1; refuses negative, non-finite or all-zero weights."""
     w = np.asarray(weights, dtype=np.float64).ravel()
     name = f"blend weights for {task!r}" if task else "blend weights"

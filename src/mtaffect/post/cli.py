@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         """Tune smoothing, AU thresholds and blend weights on validation; print each step's gain."""
         from mtaffect.data.annotations import read_annotations
         from mtaffect.data.predictions import PredictionTable
-        from mtaffect.post.tune import SearchSpace
+        from mtaffect.post.tune import DEFAULT_MAX_SPAN, DEFAULT_WIDTHS, SearchSpace
         from mtaffect.post.tune import tune as run_tune
 
         check_writable(out, overwrite)  # fail before the search, not after it
@@ -93,10 +93,10 @@ def register(app: typer.Typer) -> None:
         paths = [*pred, *(more_preds or [])]
         space = SearchSpace(
             kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-            **({"widths": _numbers(widths, "--widths")} if widths.strip() else {}),
+            widths=_numbers(widths, "--widths") if widths.strip() else DEFAULT_WIDTHS,
             causal=causal,
             units=tuple(u.strip() for u in units.split(",") if u.strip()),
-            **({"max_span": max_span} if max_span is not None else {}),
+            max_span=max_span if max_span is not None else DEFAULT_MAX_SPAN,
             threshold_method=thresholds,
             bootstrap=bootstrap,
             expr_bias=expr_bias,

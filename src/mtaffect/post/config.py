@@ -178,7 +178,8 @@ class PostConfig:
             if weights is not None and not isinstance(weights, Mapping):
                 raise PostConfigError(f"{where}: blend_weights must map va/expr/au to lists of weights")
             info = data.get("info") or {}
-            return cls(kernels=kernels, au_thresholds=thr, expr_bias=bias, blend_weights=weights, info=info)
+            blend = None if weights is None else dict(weights)
+            return cls(kernels=kernels, au_thresholds=thr, expr_bias=bias, blend_weights=blend, info=info)
         except (PostConfigError, SmoothingError) as exc:
             msg = str(exc)
             raise PostConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None

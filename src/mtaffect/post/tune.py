@@ -474,7 +474,8 @@ def tune(
     inputs_tune, tune_steps, baseline = evaluate_stages(gt_tune, tables_tune, config, None, details)
     if len(tables) > 1:
         tune_steps[0].detail = f"vs best input {names[baseline]}: {tune_steps[0].detail}"
-    report_steps, inputs_report = None, []
+    report_steps: list[Step] | None = None
+    inputs_report: list[MetricResult] = []
     if nested:
         inputs_report, report_steps, _ = evaluate_stages(gt_rep, tables_rep, config, baseline, details)
     final = config

@@ -2,7 +2,8 @@
 
 ``Predictor(model=None).predict("clip.mp4")`` returns the per-frame, per-face table (see
 :mod:`mtaffect.predict.outputs` for its columns); the CLI writes the same table, plus timelines, an
-annotated video and an HTML report; ``summarize(table)`` gives the per-face summary the report shows.
+annotated video and an HTML report; ``summarize(table)`` gives the per-face summary the report shows,
+and ``table.affect`` its column groups, summary and timelines (:mod:`mtaffect.predict.accessor`).
 Names are imported lazily so ``import mtaffect.predict`` (and the CLI's
 start-up) does not load torch.
 """
@@ -10,6 +11,8 @@ start-up) does not load torch.
 from __future__ import annotations
 
 import importlib
+
+from mtaffect.predict import accessor as _accessor  # noqa: F401  (registers ``df.affect`` on tables)
 
 _EXPORTS = {
     "Predictor": "mtaffect.predict.pipeline",

@@ -33,6 +33,7 @@ from mtaffect.io import atomic_path
 from mtaffect.predict.orientation import first_rotation, frame_rotation, quarter_turns, upright
 from mtaffect.predict.plots import EXPR_COLOURS
 from mtaffect.predict.sources import InputError, read_image
+from mtaffect.predict.video_out import add_video_stream
 from mtaffect.schema import BOX_COLUMNS, EXPR_PROB_COLUMNS, NUM_DENSE_LANDMARKS, VA_NAMES
 
 #: Audio codecs an MP4 file takes as they are; others are re-encoded to AAC.
@@ -183,9 +184,9 @@ def overlay_layout(
 def face_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
     """``box`` as floats; a row without a box (``--aligned`` input: the picture is the face) is the
     whole ``size`` = (W, H) picture."""
-    b = tuple(float(v) for v in box)
-    if all(np.isfinite(b)):
-        return b  # type: ignore[return-value]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if all(np.isfinite((x0, y0, x1, y1))):
+        return x0, y0, x1, y1
     return 0.0, 0.0, size[0] - 1.0, size[1] - 1.0
 
 
@@ -319,8 +320,6 @@ def annotate_video(
     rows = _rows_by_frame(mine)
     points = _points_by_frame(mine) if "landmarks" in layers else {}
     keys = np.array(sorted(rows), dtype=np.int64)
-    if codec is None:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     try:
         with av.open(str(source)) as cin, atomic_path(out, overwrite=overwrite) as tmp:
             sin = cin.streams.video[0]
@@ -334,27 +333,25 @@ def annotate_video(
             if turned:
                 width, height = height, width
             with av.open(str(tmp), "w", format="mp4") as cout:
-                sout = cout.add_stream(codec, rate=rate)
-                sout.width, sout.height, sout.pix_fmt = width, height, "yuv420p"
+                sout = add_video_stream(cout, codec, rate, (width, height), crf)
                 sout.codec_context.time_base = tb
-                if codec == "libx264":
-                    sout.options = {"crf": str(crf), "preset": "veryfast"}
                 aout, transcode = _audio_stream(cout, ain)
-                state = {"i": 0, "last_pts": None}
+                count = 0
+                last_pts: int | None = None
 
-                def put_video(fr) -> None:
-                    i = state["i"]
-                    state["i"] += 1
+                def put_video(fr: av.VideoFrame) -> None:
+                    nonlocal count, last_pts
+                    i = count
+                    count += 1
                     j = np.searchsorted(keys, i, side="right") - 1  # latest analysed frame <= i
                     img = upright(fr.to_ndarray(format="rgb24"), frame_rotation(fr))
-                    k = int(keys[j]) if j >= 0 else None
+                    k = int(keys[j]) if j >= 0 else -1  # -1: before the first analysed frame (no rows)
                     img = _draw(img, rows.get(k), layers, points.get(k))
                     of = av.VideoFrame.from_ndarray(img, format="rgb24")
                     pts = fr.pts if fr.pts is not None else i
-                    last = state["last_pts"]
-                    if last is not None and pts <= last:  # encoders need increasing timestamps
-                        pts = last + 1
-                    of.pts, of.time_base, state["last_pts"] = pts, tb, pts
+                    if last_pts is not None and pts <= last_pts:  # encoders need increasing timestamps
+                        pts = last_pts + 1
+                    of.pts, of.time_base, last_pts = pts, tb, pts
                     for pkt in sout.encode(of):
                         cout.mux(pkt)
 
@@ -362,7 +359,8 @@ def annotate_video(
                 for packet in cin.demux(*streams):
                     if packet.stream.type == "video":
                         for fr in packet.decode():
-                            put_video(fr)
+                            if isinstance(fr, av.VideoFrame):  # always, on the video stream
+                                put_video(fr)
                     elif packet.dts is not None:
                         _put_audio(cout, aout, transcode, packet)
                 for pkt in sout.encode():
@@ -406,22 +404,18 @@ def annotate_sequence(
     points = _points_by_frame(mine) if "landmarks" in layers else {}
     keys = np.array(sorted(rows), dtype=np.int64)
     rate = Fraction(rate_or_default(float(fps) if fps is not None else math.nan)).limit_denominator(1001)
-    codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
     source = SequenceSource(seq)
     width, height = source.info.width, source.info.height
     try:
         with atomic_path(out, overwrite=overwrite) as tmp, av.open(str(tmp), "w", format="mp4") as cout:
-            sout = cout.add_stream(codec, rate=rate)
-            sout.width, sout.height, sout.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+            sout = add_video_stream(cout, codec, rate, (width + width % 2, height + height % 2), crf)
             sout.codec_context.time_base = 1 / rate
-            if codec == "libx264":
-                sout.options = {"crf": str(crf), "preset": "veryfast"}
             for fr in source:
                 j = np.searchsorted(keys, fr.index, side="right") - 1  # latest analysed frame <= this one
                 img = fr.image
                 if img.shape[:2] != (height, width):
                     img = np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
-                k = int(keys[j]) if j >= 0 else None
+                k = int(keys[j]) if j >= 0 else -1  # -1: before the first analysed frame (no rows)
                 img = _draw(img, rows.get(k), layers, points.get(k))
                 img = np.pad(img, ((0, height % 2), (0, width % 2), (0, 0)))  # yuv420p: even sides
                 of = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")

@@ -35,7 +35,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -297,22 +297,35 @@ def _extras_present(
     return [p for p in found if p.exists()]
 
 
-def check_in_the_way(predictor: Predictor, units: Sequence[Unit], opts: UnitOptions) -> None:
+def read_records(units: Sequence[Unit], opts: UnitOptions) -> dict[str, dict | None]:
+    """Each unit's job record by table name, read once for the checks before a run
+    (:func:`check_in_the_way`, :func:`file_state`)."""
+    records = JobRecords(opts.out)
+    return {u.table_name(opts.fmt): records.read(u.table_name(opts.fmt)) for u in units}
+
+
+def check_in_the_way(
+    predictor: Predictor,
+    units: Sequence[Unit],
+    opts: UnitOptions,
+    records: Mapping[str, dict | None] | None = None,
+) -> None:
     """Refuse, before any work, outputs that a run would have to replace: a table that no record of ours
     made, or one made with other settings or from a changed file, and timelines, annotated copies or
     pages that its record does not list as its own (``--overwrite`` replaces them). A table made with
     the same settings is kept and its file skipped; outputs of a file that a run with these settings is
-    writing, or was interrupted writing, are its own."""
+    writing, or was interrupted writing, are its own. ``records``: :func:`read_records` of ``units``
+    (None: read here)."""
     if opts.overwrite:
         return
-    records = JobRecords(opts.out)
+    records = read_records(units, opts) if records is None else records
     timelines = _timelines(opts.out) if opts.plot else {}  # one listing for every file
     blocked = []
     for u in units:
         table = opts.out / u.table_name(opts.fmt)
         if table.is_dir():
             raise IsADirectoryError(f"{table} is a folder where the table of {u.source} goes; move it away")
-        rec = records.read(table.name) or {}
+        rec = records.get(table.name) or {}
         same = rec.get("signature") == unit_signature(predictor, u, opts)
         if table.exists() and not same:
             why = "made with other settings, another model or from a changed file"
@@ -339,11 +352,14 @@ def _missing_extras(rec: dict, opts: UnitOptions) -> bool:
                (("plot", opts.plot), ("video", opts.video), ("report", opts.report)))  # fmt: skip
 
 
-def file_state(predictor: Predictor, unit: Unit, opts: UnitOptions) -> str | None:
+def file_state(
+    predictor: Predictor, unit: Unit, opts: UnitOptions, records: Mapping[str, dict | None] | None = None
+) -> str | None:
     """What a rerun has left to do for ``unit``: None (run it), "extras" (its table is done with these
-    settings; only extras asked for now are missing) or "done" (nothing: no worker needs to start)."""
+    settings; only extras asked for now are missing) or "done" (nothing: no worker needs to start).
+    ``records``: :func:`read_records` of the run's units (None: this unit's is read here)."""
     name = unit.table_name(opts.fmt)
-    rec = JobRecords(opts.out).read(name)
+    rec = JobRecords(opts.out).read(name) if records is None else records.get(name)
     if (
         rec is None
         or rec.get("status") != "done"
@@ -533,6 +549,7 @@ __all__ = [
     "model_identity",
     "parse_shard",
     "plan_units",
+    "read_records",
     "run_unit",
     "shard_index",
     "unit_signature",

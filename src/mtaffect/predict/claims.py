@@ -178,7 +178,7 @@ class JobRecords:
         prev = read_record(rec_path)
         try:
             why = self._why_skip(prev, signature, run_started, table_name, replace)
-            if why == "done" and incomplete is not None and incomplete(prev):
+            if why == "done" and incomplete is not None and prev is not None and incomplete(prev):
                 why = None
         except (TypeError, ValueError, AttributeError):  # a damaged record (edited by hand): not trusted
             prev, why = None, None

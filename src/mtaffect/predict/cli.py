@@ -1,10 +1,11 @@
 """``mtaffect predict``: the application command (wired into the main app with :func:`register`).
 
 Each INPUT (an image, a video, a folder of them, a .txt list of paths, a stream URL, a camera number)
-gives one table ``OUT/<name>.<format>`` (a folder or list: one table for all its files), plus with
-``--plot`` a timeline PNG per face (``OUT/<name>_face<id>.png``), with ``--video`` an annotated copy of
-each video (``OUT/<name>_annotated.mp4``), with ``--plot`` or ``--video`` an annotated copy of each
-still image (``OUT/<name>_annotated.jpg``), and with ``--report`` one HTML page ``OUT/report.html``.
+gives one table ``OUT/<name>.<format>`` (a folder or list: one table for all its files; two or more
+still images on the command line share ``OUT/images.<format>``, :func:`mtaffect.predict.extras.input_tables`),
+plus with ``--plot`` a timeline PNG per face (``OUT/<name>_face<id>.png``), with ``--video`` an annotated
+copy of each video (``OUT/<name>_annotated.mp4``), with ``--plot`` or ``--video`` an annotated copy of
+each still image (``OUT/<name>_annotated.jpg``), and with ``--report`` one HTML page ``OUT/report.html``.
 
 Each table is a resumable job: rows are written as they are produced into a hidden partial folder, a
 killed run resumes when the same command is rerun, and the table appears only when complete.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -40,6 +41,11 @@ from rich.progress import (
 from rich.text import Text
 
 from mtaffect.clikit import Overwrite, TrustRemoteCode, console, err_console, user_errors, warn
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mtaffect.predict.extras import TableInputs
 
 
 class _RateColumn(ProgressColumn):
@@ -98,14 +104,14 @@ def run_predict(
     from mtaffect.io import check_writable
     from mtaffect.predict.archive import UnitOptions, model_identity
     from mtaffect.predict.engines import check_device, is_export_folder
-    from mtaffect.predict.extras import model_card, output_names, summary_line, write_extras
+    from mtaffect.predict.extras import input_tables, model_card, summary_line, write_extras
     from mtaffect.predict.job import OutputFolder
     from mtaffect.predict.outputs import check_format
     from mtaffect.predict.pipeline import source_warnings, streaming_threads
     from mtaffect.predict.report import ReportInput, write_report
     from mtaffect.predict.workers import build_predictor
 
-    detection = {} if min_confidence is None else {"min_confidence": min_confidence}
+    detection: dict[str, float | None] = {} if min_confidence is None else {"min_confidence": min_confidence}
     if keep_nested:
         detection["nested_overlap"] = None
     if reid_memory is not None:
@@ -165,8 +171,8 @@ def run_predict(
             inputs, opts, kwargs, workers=workers, shard=shard, combine=combine, progress=progress,
             recursive=recursive, sequences=sequences, trust_remote_code=trust_remote_code,
         )  # fmt: skip
-    names = output_names(inputs)
-    tables = [out / f"{n}.{fmt}" for n in names]
+    groups = input_tables(inputs)
+    tables = [out / f"{g.name}.{fmt}" for g in groups]
     report_path = out / "report.html"
     with OutputFolder(out, log=_note):
         for p in [*tables, *([report_path] if report else [])]:
@@ -177,13 +183,12 @@ def run_predict(
         predictor = build_predictor(kwargs, streaming_threads(), trust_remote_code)
         job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
                "sequences": sequences, "identity": model_identity(model)}  # fmt: skip
-        extras = {"plot": plot, "video": video, "report": report, "overwrite": overwrite, "draw": layers}
         report_inputs: list[ReportInput] = []
         ok_count = fail_count = 0
         said: set[str] = set()  # a note about many inputs, once
         with _progress_bar(progress) as bar:
-            for arg, name, table_path in zip(inputs, names, tables, strict=True):
-                results = _run_job(predictor, arg, name, table_path, fmt, bar, job)
+            for group, table_path in zip(groups, tables, strict=True):
+                results = _run_job(predictor, group, table_path, fmt, bar, job)
                 for r in results:
                     if not r.ok:
                         err_console.print(
@@ -196,10 +201,13 @@ def run_predict(
                             warn(msg)
                 good = [r for r in results if r.ok]
                 ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
-                if good:
-                    entries, written = write_extras(good, name, table_path, **extras)
+                if good:  # the stills' table: each photo's outputs keep its own name
+                    entries, written = write_extras(
+                        good, "" if group.stills else group.name, table_path, plot=plot, video=video,
+                        report=report, overwrite=overwrite, draw=layers,
+                    )  # fmt: skip
                     report_inputs += entries
-                    _say(summary_line(arg, good, written), bar)
+                    _say(summary_line(group.label, good, written), bar)
         if report:
             settings = _report_settings(settings, predictor, temporal)
             write_report(report_path, report_inputs, model_card(predictor), settings, overwrite=overwrite)
@@ -238,17 +246,19 @@ def _progress_bar(enabled: bool) -> Progress:
     return Progress(*columns, console=err_console, disable=not enabled, transient=False)
 
 
-def _run_job(predictor, arg: str, name: str, table_path: Path, fmt: str, bar: Progress, job: dict) -> list:
-    """One INPUT's table as a resumable job; its warnings printed; Ctrl-C keeps the partial rows."""
+def _run_job(predictor, group: TableInputs, table_path: Path, fmt: str, bar: Progress, job: dict) -> list:
+    """One table's INPUTs (:class:`~mtaffect.predict.extras.TableInputs`) as a resumable job; its
+    warnings printed; Ctrl-C keeps the partial rows."""
     from mtaffect.predict.job import partial_dir, predict_to_file
     from mtaffect.predict.outputs import empty_table
     from mtaffect.predict.pipeline import FileResult
     from mtaffect.predict.sources import SourceInfo
 
-    task = bar.add_task(name, total=None)
+    task = bar.add_task(group.name, total=None)
+    arg = group.inputs[0] if len(group.inputs) == 1 else list(group.inputs)
 
-    def started(info, is_dir=Path(arg).is_dir()):
-        if not is_dir:  # a folder keeps its name and counts frames without a total
+    def started(info, one_file=len(group.inputs) == 1 and not Path(group.inputs[0]).is_dir()):
+        if one_file:  # a folder or the stills keep their name and count frames without a total
             bar.update(task, description=Path(info.file).name, total=info.expected_analysed)
 
     try:
@@ -259,7 +269,7 @@ def _run_job(predictor, arg: str, name: str, table_path: Path, fmt: str, bar: Pr
                 progress=lambda n: bar.advance(task, n),
             )  # fmt: skip
     except ValueError as e:  # e.g. an empty folder: this input fails, the others go on
-        results = [FileResult(SourceInfo(str(arg), "unknown"), empty_table(), error=str(e))]
+        results = [FileResult(SourceInfo(group.label, "unknown"), empty_table(), error=str(e))]
     except KeyboardInterrupt:
         bar.stop()
         err_console.print(
@@ -352,8 +362,9 @@ def _run_per_file(
         opts = dataclasses.replace(
             opts, report_settings=_report_settings(opts.report_settings, predictor, kwargs["temporal"])
         )
-        archive.check_in_the_way(predictor, units, opts)
-        state = [archive.file_state(predictor, u, opts) for u in units]
+        records = archive.read_records(units, opts)  # one read of each file's record for both checks
+        archive.check_in_the_way(predictor, units, opts, records)
+        state = [archive.file_state(predictor, u, opts, records) for u in units]
         done = {i for i, s in enumerate(state) if s == "done"}
         if done:
             _note(f"{len(done)} of {len(units)} file(s) done earlier with the same settings: skipped")
@@ -371,6 +382,7 @@ def _run_per_file(
             warn(f"--workers {workers} is more than the {cores} core(s) here: they will share them")
         tally = {"done": 0, "failed": 0, "skipped": len(done)}
         skipped: dict[str, int] = {"done": len(done)} if done else {}
+        said: set[str] = set()  # warnings said once, however many files give them
         with _ArchiveBar(progress, len(order), frames) as bar:
 
             def ended(index: int, outcome) -> None:
@@ -378,7 +390,7 @@ def _run_per_file(
                 if outcome.status == "skipped":
                     skipped[outcome.why] = skipped.get(outcome.why, 0) + 1
                 bar.file_ended(index)
-                _print_outcome(outcome, bar.progress)
+                _print_outcome(outcome, bar.progress, said)
 
             try:
                 if used == 1:
@@ -387,7 +399,9 @@ def _run_per_file(
                 else:
                     spec = WorkerSpec(kwargs, units, opts, trust_remote_code, threads)
                     del predictor
-                    events = {"progress": bar.advance, "done": ended, "warning": warn}
+                    events: dict[str, Callable[..., None]] = {
+                        "progress": bar.advance, "done": ended, "warning": warn,
+                    }  # fmt: skip
                     run_pool(spec, order, used, lambda kind, *a: events.get(kind, lambda *_: None)(*a))
             except KeyboardInterrupt:
                 bar.progress.stop()
@@ -411,11 +425,16 @@ def _run_per_file(
     return ok, failed
 
 
-def _print_outcome(outcome, bar: Progress | None = None) -> None:
+def _print_outcome(outcome, bar: Progress | None = None, said: set[str] | None = None) -> None:
+    """What one file of a per-file run ended with; a warning in ``said`` (one that names no file, such
+    as the missing frame rate of frame folders) is not said again, and is added to it."""
     for msg in outcome.notes:
         _note(msg)
     for msg in outcome.warnings:
-        warn(msg)
+        if said is None or msg not in said:
+            warn(msg)
+        if said is not None:
+            said.add(msg)
     if outcome.status == "failed":
         err_console.print(f"[bold red]error:[/] {escape(outcome.error or 'failed')}", highlight=False,
                           soft_wrap=True)  # fmt: skip
@@ -602,7 +621,8 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--per-file",
-                help="One table per file (OUT/<stem>.<format>), each claimed and resumed on its own: "
+                help="One table per file (OUT/<stem>.<format>; without it, the still images named on "
+                "the command line share OUT/images.<format>), each claimed and resumed on its own: "
                 "many processes (or machines) may run the same command into the same --out.",
             ),
         ] = False,

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mtaffect.io import atomic_path
+from mtaffect.predict.video_out import add_video_stream
 
 WIDTH, HEIGHT, FPS = 640, 480, 25
 #: Square around the astronaut's face in the 512x512 photo (MTCNN finds the face at about
@@ -136,18 +137,13 @@ def write_video(
     import av
 
     out = Path(out)
-    if codec is None:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with atomic_path(out, overwrite=overwrite) as tmp:
         fmt = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi", ".mov": "mov"}.get(out.suffix.lower(), "mp4")
         with av.open(str(tmp), "w", format=fmt) as c:
             rate = Fraction(fps).limit_denominator(1001)
-            s = c.add_stream(codec, rate=rate)
-            s.pix_fmt = "yuv420p"
+            s = add_video_stream(c, codec, rate, crf=crf)
             tb = Fraction(1, 1000) if times is not None else 1 / rate
             s.codec_context.time_base = tb
-            if codec == "libx264":
-                s.options = {"crf": str(crf), "preset": "veryfast"}
             first = True
             for i, img in enumerate(images):
                 if first:

@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 
 from mtaffect.faces.cascade import Cascade
+from mtaffect.models.names import parse_model_name
 from mtaffect.models.outputs import AffectOutputs
 from mtaffect.predict.threads import resolve_threads
 
@@ -61,6 +62,7 @@ class Engine(Protocol):
     temporal: bool
     window: int
     inputs: tuple[str, ...]
+    num_threads: int | None  # the resolved thread count (None: the library's own setting)
 
     @property
     def au_thresholds(self) -> np.ndarray: ...
@@ -187,12 +189,8 @@ class OnnxEngine:
 
     def _export(self, model, detector: bool) -> Path:
         """``model`` exported into a temporary folder that lives as long as this engine."""
-        folder = isinstance(model, str | os.PathLike) and Path(model).is_dir()
-        if folder and not (Path(model) / "config.json").is_file():
-            raise ValueError(
-                f"{model} is neither an export folder (no export.json) nor a checkpoint; make one with "
-                f"`mtaffect export --model RUN/best --out {model}`"
-            )
+        if model is None or isinstance(model, str | os.PathLike):
+            parse_model_name(model)  # a name that means no model fails before the export extra is asked for
         try:
             from mtaffect.export.exporter import export_model
         except ImportError as e:

@@ -10,33 +10,102 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlsplit
 
 from mtaffect.predict.pipeline import FileResult
 from mtaffect.predict.report import ReportInput
-from mtaffect.predict.sources import StreamInput, classify
+from mtaffect.predict.sources import StreamInput, classify, media_kind
+
+#: The stem of the one table that the still images named on a command line share.
+STILLS_TABLE: Final[str] = "images"
 
 
-def output_names(inputs: Sequence[str]) -> list[str]:
-    """A distinct file stem per INPUT (clip, clip-2, ...); URLs and cameras get a name of their own."""
-    names, seen = [], {}
-    for arg in inputs:
-        try:
-            item = classify(arg)
-        except ValueError:
-            item = Path(arg)
-        if isinstance(item, StreamInput):
-            parts = urlsplit(item.url)
-            base = item.name or Path(parts.path).stem or (parts.hostname or "stream")
-        else:
-            p = Path(item)
-            base = p.name if p.is_dir() else p.stem
-        base = safe_name(base)
+@dataclass(frozen=True)
+class TableInputs:
+    """One table of a ``predict`` run: its stem and the INPUTs whose rows it holds.
+
+    Attributes:
+        name: the table's stem (``OUT/<name>.<format>``).
+        inputs: the command-line INPUTs it holds (one, or the still images of :func:`input_tables`).
+        stills: whether it is the shared table of still images (their outputs keep their own stems).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    stills: bool = False
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the INPUT as given, or the number of stills."""
+        return f"{len(self.inputs)} still images" if self.stills else self.inputs[0]
+
+
+def _input_base(arg: str) -> str:
+    try:
+        item = classify(arg)
+    except ValueError:
+        item = Path(arg)
+    if isinstance(item, StreamInput):
+        parts = urlsplit(item.url)
+        return item.name or Path(parts.path).stem or (parts.hostname or "stream")
+    assert isinstance(item, Path)  # classify gives a str a Path or a StreamInput
+    p = item
+    return p.name if p.is_dir() else p.stem
+
+
+def _distinct(bases: Sequence[str]) -> list[str]:
+    """Safe stems, a repeated one numbered (clip, clip-2, ...)."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for base in map(safe_name, bases):
         n = seen.get(base, 0) + 1
         seen[base] = n
         names.append(base if n == 1 else f"{base}-{n}")
     return names
+
+
+def output_names(inputs: Sequence[str]) -> list[str]:
+    """A distinct file stem per INPUT (clip, clip-2, ...); URLs and cameras get a name of their own."""
+    return _distinct([_input_base(arg) for arg in inputs])
+
+
+def is_still(arg: str) -> bool:
+    """Whether a command-line INPUT names one still image (a missing one too: it fails on its own)."""
+    try:
+        item = classify(arg)
+    except ValueError:
+        return False
+    return isinstance(item, Path) and not item.is_dir() and media_kind(item) == "image"
+
+
+def input_tables(inputs: Sequence[str]) -> list[TableInputs]:
+    """The tables of a ``predict`` run, in the order of the INPUTs.
+
+    Two or more still images on the command line (``photos/*.jpg``) share one table,
+    ``OUT/images.<format>`` (one row per face, the ``file`` column says whose), placed where the first of
+    them is; every other INPUT (a video, a folder, a list, a stream) has its own table, as a single still
+    does. A table per still is per-file mode's (``--per-file``, :mod:`mtaffect.predict.archive`).
+
+    Args:
+        inputs: the command's INPUTs, as given.
+
+    Returns:
+        One :class:`TableInputs` per table, with distinct stems.
+    """
+    stills = [a for a in inputs if is_still(a)]
+    shared = len(stills) > 1
+    groups: list[tuple[str, tuple[str, ...], bool]] = []
+    for arg in inputs:
+        if shared and arg in stills:
+            if arg == stills[0]:
+                groups.append((STILLS_TABLE, tuple(stills), True))
+            continue
+        groups.append((_input_base(arg), (arg,), False))
+    names = _distinct([base for base, _, _ in groups])
+    return [TableInputs(n, args, s) for n, (_, args, s) in zip(names, groups, strict=True)]
 
 
 def safe_name(text: str) -> str:
@@ -46,9 +115,10 @@ def safe_name(text: str) -> str:
 
 def file_stems(name: str, files: Sequence[str], prefix_one: bool = False) -> list[str]:
     """Output stems of an INPUT's files: ``name`` alone for one file (unless ``prefix_one``), else
-    ``name_<file stem>``; where two files share a stem, their extension (``s1_mp4``, ``s1_avi``: same
-    folder) or as many parent folders as tell them apart (``a_clip``, ``b_clip``: ``--recursive``)."""
-    if len(files) == 1 and not prefix_one:
+    ``name_<file stem>`` (``name`` empty: the file stems alone); where two files share a stem, their
+    extension (``s1_mp4``, ``s1_avi``: same folder) or as many parent folders as tell them apart
+    (``a_clip``, ``b_clip``: ``--recursive``)."""
+    if len(files) == 1 and not prefix_one and name:
         return [name]
     paths = [Path(f) for f in files]
     in_folder = Counter((p.parent, p.stem) for p in paths)
@@ -64,7 +134,7 @@ def file_stems(name: str, files: Sequence[str], prefix_one: bool = False) -> lis
                 depth[i] += 1
                 grew = True
         if not grew:
-            return [f"{name}_{s}" for s in stems]
+            return [f"{name}_{s}" if name else s for s in stems]
 
 
 def model_card(predictor) -> dict:
@@ -97,7 +167,8 @@ def write_extras(
     file is replaced only with ``overwrite`` or when its name is in ``ours`` (an earlier run wrote it).
     ``draw``: what the annotated copies show (:func:`mtaffect.predict.annotate.check_draw`; None: the
     face overlay; with ``landmarks`` the tables need the dense landmark columns, else a ValueError
-    before anything is written)."""
+    before anything is written). ``name`` empty: each file's outputs are named by its own stem (the
+    shared table of still images)."""
     out = table_path.parent
     if plot or video:
         from mtaffect.predict.annotate import check_draw, check_draw_table
@@ -149,7 +220,7 @@ def write_extras(
 
 
 def summary_line(arg: str, good: Sequence[FileResult], written: Sequence[str]) -> str:
-    """``INPUT: N frames, K face track(s), R frames/s -> outputs``."""
+    """``INPUT: N frames, K face track(s), R frames/s -> outputs`` (``arg``: how the INPUT is named)."""
     n_frames = sum(r.analysed for r in good)
     secs = sum(r.seconds for r in good)
     rate = f", {n_frames / secs:.1f} frames/s" if secs > 0 else ""
@@ -157,5 +228,6 @@ def summary_line(arg: str, good: Sequence[FileResult], written: Sequence[str]) -
 
 
 __all__ = [
-    "face_tracks", "file_stems", "model_card", "output_names", "safe_name", "summary_line", "write_extras",
+    "STILLS_TABLE", "TableInputs", "face_tracks", "file_stems", "input_tables", "is_still", "model_card",
+    "output_names", "safe_name", "summary_line", "write_extras",
 ]

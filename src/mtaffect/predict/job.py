@@ -174,7 +174,8 @@ class PartialTable:
             self._commit()
         self._fh = open(self._rows_path, "ab")  # noqa: SIM115 - held open while the job appends
         self._bytes = self._fh.tell()  # rows.csv bytes that go with state["current"]
-        self._pending, self._pending_point = TableBuilder(), None
+        self._pending = TableBuilder()
+        self._pending_point: tuple[int, Resume, SourceInfo, float] | None = None
         self._last_commit = time.monotonic()
 
     @property
@@ -425,6 +426,7 @@ def _results(predictor: Predictor, part: PartialTable, items: list) -> list[File
     out = []
     for index, _ in enumerate(items):
         rec = part.finished(index)
+        assert rec is not None  # every input was run to its end (or its error) before this
         info = info_from_dict(rec["info"])
         if rec["error"] is not None:
             out.append(FileResult(info, empty_table(), rec["seconds"], 0, rec["error"]))

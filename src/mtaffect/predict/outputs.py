@@ -217,7 +217,7 @@ class TableBuilder:
             ids.append(b["face_id"][sel])
         return np.concatenate(boxes), np.concatenate(ids)
 
-    def build(self, au_thresholds: Sequence[float]) -> pd.DataFrame:
+    def build(self, au_thresholds: Sequence[float] | np.ndarray) -> pd.DataFrame:
         """The table, sorted by file order, frame and face id."""
         if not self._blocks:
             return empty_table()
@@ -233,9 +233,9 @@ class TableBuilder:
         data.update(zip(AU_P_COLUMNS, cat["au"].T, strict=True))
         data.update(zip(EXPR_P_COLUMNS, cat["expr"].T, strict=True))
         data.update(zip(VA_COLUMNS, cat["va"].T, strict=True))
-        for key, names in MEASURE_COLUMNS.items():
+        for key, columns in MEASURE_COLUMNS.items():
             if key in cat:
-                data.update(zip(names, cat[key].T, strict=True))
+                data.update(zip(columns, cat[key].T, strict=True))
         data["ended_early"] = np.zeros(len(data["frame"]), np.int8)
         df = pd.DataFrame(data)
         # Stable order: files as added (first appearance), then frame, then face id.
@@ -261,7 +261,7 @@ def empty_table() -> pd.DataFrame:
     return df
 
 
-def finalize(df: pd.DataFrame, au_thresholds: Sequence[float]) -> pd.DataFrame:
+def finalize(df: pd.DataFrame, au_thresholds: Sequence[float] | np.ndarray) -> pd.DataFrame:
     """(Re)compute the derived columns — AU decisions and the expression label — and order the columns.
 
     Call it again after changing probabilities (smoothing, post-processing) so the labels follow.
@@ -314,11 +314,8 @@ def write_table(
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a table written by :func:`write_table` (CSV or Parquet), with the same dtypes.
 
-    Tables of older versions are accepted: old probability names (``p_AU1``) are renamed, and a table
-    without the pose columns gets them as NaN.
+    A table without the pose columns gets them as NaN.
     """
-    from mtaffect.data.predictions import upgrade_columns
-
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         df = pd.read_parquet(path)
@@ -329,7 +326,6 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         for c in AU_C_COLUMNS:
             if c in df:
                 df[c] = df[c].astype("Int8")
-    df = upgrade_columns(df, str(path))
     for c in POSE_COLUMNS:  # tables written before these columns existed
         if c not in df:
             df[c] = np.float32("nan")

@@ -62,7 +62,7 @@ from mtaffect.features.decode import resize_array
 from mtaffect.geometry.au_evidence import EVIDENCE_THRESHOLDS
 from mtaffect.geometry.au_evidence import combine as combine_evidence
 from mtaffect.geometry.gaze import gaze_angles
-from mtaffect.geometry.headpose import head_pose_3d
+from mtaffect.geometry.headpose import fit_canonical, head_pose_3d
 from mtaffect.geometry.landmarker import FaceGeometry, FaceLandmarker
 from mtaffect.geometry.landmarker import check_runtime as check_landmarker_runtime
 from mtaffect.models.outputs import AffectOutputs
@@ -311,6 +311,28 @@ class Predictor:
         self.au_evidence = landmarks != "none" and getattr(self.engine, "au_source", "model") == "expression"
 
     # ---- public API ------------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        """What runs and how, from what is already loaded (nothing is read or built for it)."""
+        card = self.engine.card()
+        parts = {
+            "model": card.get("name"),
+            "backbone": card.get("backbone"),
+            "engine": card.get("engine", self.engine.name),
+            "device": str(self.device),
+            "num_threads": self.num_threads,
+            "landmarks": self.landmarks,
+            "aligned": self.aligned,
+            "every": self.every,
+            "detect_every": self.detect_every,
+            "max_faces": self.max_faces,
+            "min_face_size": self.min_face_size,
+            "smoothing": self.smoothing,
+            "post": "yes" if self.post is not None else None,
+            "temporal": f"{self.temporal} (window {self.window})" if self.window > 1 else None,
+        }
+        shown = ", ".join(f"{k}={v!r}" for k, v in parts.items() if v is not None or k == "max_faces")
+        return f"Predictor({shown})"
 
     @property
     def backbone(self):
@@ -685,10 +707,11 @@ class Predictor:
         intensity = np.full((n, len(AU_INTENSITY_COLUMNS)), np.nan, np.float32)
         if self.au_evidence:
             au, intensity = combine_evidence(au, r.blendshapes, self.engine.au_thresholds)
-        measures = {"gaze": gaze_angles(r.points), "au_r": intensity, "bs": r.blendshapes}
+        fit = fit_canonical(r.points)  # one rigid fit per face serves head pose and gaze
+        measures = {"gaze": gaze_angles(r.points, fit), "au_r": intensity, "bs": r.blendshapes}
         if self.landmarks == "dense":  # x_0..x_477, y_0.., z_0..
             measures["dense"] = np.transpose(r.points, (0, 2, 1)).reshape(n, -1)
-        return head_pose_3d(r.points), au, measures
+        return head_pose_3d(r.points, fit), au, measures
 
     def _postprocess(self, table: pd.DataFrame, info: SourceInfo) -> pd.DataFrame:
         """Per-track smoothing (``smoothing``) or the post-processing config (its smoothing kernels and
@@ -780,15 +803,6 @@ def relabel_faces(table: pd.DataFrame, aliases: dict[int, int] | None) -> pd.Dat
 def predict(inputs, model=None, **kwargs) -> pd.DataFrame:
     """Shortcut: ``Predictor(model, **kwargs).predict(inputs)``."""
     return Predictor(model, **kwargs).predict(inputs)
-
-
-def __getattr__(name: str):
-    # the torch engine's helpers, from where they used to live (imported on use: torch stays unloaded)
-    if name in ("load_affect_model", "torch_device"):
-        from mtaffect.predict import torch_engine
-
-        return getattr(torch_engine, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__: Sequence[str] = (

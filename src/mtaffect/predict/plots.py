@@ -263,7 +263,7 @@ def face_ids(table: pd.DataFrame, file: str) -> list[int]:
 
 def timeline_pngs(table: pd.DataFrame, file: str, min_frames: int = 2) -> dict[int, bytes]:
     """PNG bytes per face id of one file (faces seen in fewer than ``min_frames`` frames are skipped)."""
-    out = {}
+    out: dict[int, bytes] = {}
     rows = table.loc[(table["file"] == file) & (table["success"] == 1), "face_id"]
     counts = rows.groupby(rows).size()
     if table.loc[table["file"] == file, "frame"].nunique() < 2:

@@ -47,7 +47,8 @@ from urllib.request import url2pathname
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mtaffect.features.decode import open_regular, to_8bit
+from mtaffect.features.decode import to_8bit
+from mtaffect.io import open_regular
 from mtaffect.predict.orientation import first_rotation, frame_rotation, quarter_turns, upright
 
 IMAGE_EXTENSIONS: Final[frozenset[str]] = frozenset(
@@ -583,7 +584,7 @@ class VideoSource(MediaSource):
         self.path, self.every, self.av_format, self.prepare = path, every, av_format, prepare
         self.live = not isinstance(path, Path)
         label = name or str(path)
-        if not self.live and not path.is_file():
+        if isinstance(path, Path) and not path.is_file():  # a local file (not live)
             raise InputError(f"{path}: file not found")
         try:
             with self._open() as c:

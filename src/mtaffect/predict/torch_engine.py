@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,39 +16,13 @@ import torch
 from mtaffect.faces.cascade import Cascade
 from mtaffect.faces.mtcnn import TorchNets
 from mtaffect.models.base import FaceAffectModel
+from mtaffect.models.loading import load_face_model
 from mtaffect.models.outputs import AffectOutputs
 from mtaffect.predict.threads import resolve_threads, torch_threads
 
-
-def load_affect_model(
-    model: FaceAffectModel | str | os.PathLike | None, device: str | torch.device = "cpu"
-) -> FaceAffectModel:
-    """None or "default": the embedded default model; "emotiefflib:<model>": an EmotiEffLib network
-    (:mod:`mtaffect.models.emotiefflib`); a path: a trained checkpoint; or a model object."""
-    if model is None or (isinstance(model, str) and model == "default"):
-        from mtaffect.models.default import DefaultAffectModel
-
-        return DefaultAffectModel()
-    if isinstance(model, str) and model.startswith("emotiefflib:"):
-        from mtaffect.models.emotiefflib import EmotiEffLibAffectModel
-
-        return EmotiEffLibAffectModel(model)
-    if isinstance(model, str | os.PathLike):
-        if not Path(model).exists():
-            raise FileNotFoundError(f"{model}: model checkpoint not found (train one with `mtaffect train`)")
-        if (Path(model) / "export.json").is_file():
-            raise ValueError(
-                f"{model} is an ONNX export folder (mtaffect export): run it with --engine onnxruntime "
-                "(Python: Predictor(model=..., engine='onnxruntime'))"
-            )
-        from mtaffect.models.checkpoint import load_model
-
-        return load_model(model, device=device)
-    if isinstance(model, FaceAffectModel):
-        return model
-    raise TypeError(
-        f"model must be None, 'default', a checkpoint path or a FaceAffectModel, got {type(model).__name__}"
-    )
+#: The face model of a name or object (:func:`mtaffect.models.loading.load_face_model`), under the name
+#: :mod:`mtaffect.predict` exports.
+load_affect_model = load_face_model
 
 
 def torch_device(name: str | torch.device) -> torch.device:

@@ -34,6 +34,7 @@ live track, so after a cut ids come back by appearance only (or are new when re-
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,16 @@ class Track:
     identity: np.ndarray | None = None  # sum of the unit embeddings seen (its direction: the mean)
     first_step: int = -1
 
+    def appearance(self) -> np.ndarray:
+        """The unit direction of :attr:`identity`, the mean appearance re-identification compares.
+
+        Raises:
+            ValueError: the track has seen no embedding (only such tracks are remembered or compared).
+        """
+        if self.identity is None:
+            raise ValueError(f"face track {self.id} has no appearance to compare")
+        return _unit(self.identity)
+
 
 class FaceTracker:
     """Assigns stable ids to per-frame detections; call :meth:`update` once per analysed frame, in order."""
@@ -199,7 +210,7 @@ class FaceTracker:
         used = max(int(ids.max()) if len(ids) else -1, max(self.aliases, default=-1))
         self._next_id = max(int(next_id), used + 1)
 
-    def canonical(self, ids: np.ndarray) -> np.ndarray:
+    def canonical(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Ids as finally resolved: a young track merged into a remembered face gets that face's id."""
         return canonical_ids(ids, self.aliases)
 
@@ -213,13 +224,14 @@ class FaceTracker:
             # only faces last seen before this track began: one id is never twice in a frame
             sim = np.array(
                 [
-                    _unit(g.identity) @ _unit(t.identity) if g.last_step < t.first_step else -1.0
+                    g.appearance() @ t.appearance() if g.last_step < t.first_step else -1.0
                     for g in self.gallery
                 ]
             )
             k = int(np.argmax(sim))
             if sim[k] >= self.reid_similarity:
                 g = self.gallery.pop(k)
+                assert g.identity is not None  # the gallery holds only faces with an appearance
                 self.aliases[t.id] = g.id
                 t.id, t.identity = g.id, t.identity + g.identity
                 t.hits += g.hits
@@ -236,9 +248,10 @@ class FaceTracker:
         score = iou.copy()
         ok = iou >= self.iou_threshold
         have = [i for i, t in enumerate(self.tracks) if t.feature is not None]
+        known = [t.feature for t in self.tracks if t.feature is not None]
         if feats is not None and have:
             sim = np.full(iou.shape, -1.0)
-            sim[have] = np.stack([self.tracks[i].feature for i in have]) @ _unit(feats).T
+            sim[have] = np.stack(known) @ _unit(feats).T
             side = np.maximum(tb[:, 2] - tb[:, 0], tb[:, 3] - tb[:, 1])[:, None]
             ct = (tb[:, :2] + tb[:, 2:]) / 2
             cd = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -273,7 +286,7 @@ class FaceTracker:
         cands += self.gallery
         if not len(free) or not cands:
             return
-        sim = np.stack([_unit(t.identity) for t in cands]) @ _unit(feats[free]).T
+        sim = np.stack([t.appearance() for t in cands]) @ _unit(feats[free]).T
         order = np.argsort(-sim, axis=None, kind="stable")
         used_t: set[int] = set()
         for flat in order:

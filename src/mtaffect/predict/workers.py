@@ -59,10 +59,10 @@ def build_predictor(kwargs: dict, threads: int | str | None, trust_remote_code: 
 
     kwargs = dict(kwargs)
     if trust_remote_code:  # the person's flag, passed on; never read from a file
-        from mtaffect.models.checkpoint import load_model
+        from mtaffect.models.loading import load_face_model
 
         device = kwargs.get("device", "cpu")
-        kwargs["model"] = load_model(kwargs["model"], device=device, trust_remote_code=True)
+        kwargs["model"] = load_face_model(kwargs["model"], device, trust_remote_code=True)
     return Predictor(**kwargs, num_threads=threads)
 
 
@@ -225,8 +225,10 @@ def run_pool(
                     s.process.terminate()
                 deadline = None
             conns = {s.conn: wid for wid, s in slots.items()}
-            for conn in wait(list(conns), timeout=0.5):
-                wid = conns[conn]
+            ready = wait(list(conns), timeout=0.5)
+            for conn, wid in conns.items():
+                if conn not in ready:
+                    continue
                 slot = slots[wid]
                 try:
                     msg = conn.recv()

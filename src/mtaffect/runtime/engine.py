@@ -248,8 +248,8 @@ class Runtime:
                 )
             first = (self._providers or ["CPUExecutionProvider"])[0]
             on_cpu = (first if isinstance(first, str) else first[0]) == "CPUExecutionProvider"
-            sessions = (self._session(det["files"][k]) for k in ("pnet", "rnet", "onet"))
-            self._nets = OrtNets(*sessions, chunked=on_cpu)
+            pnet, rnet, onet = (self._session(det["files"][k]) for k in ("pnet", "rnet", "onet"))
+            self._nets = OrtNets(pnet, rnet, onet, chunked=on_cpu)
         return self._nets
 
     def detector(

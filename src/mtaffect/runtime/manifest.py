@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from mtaffect.persist import EXPORT, read_header_file, write_json
 from mtaffect.schema import NUM_AUS
@@ -124,6 +124,7 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
     size = (pre.get("resize") or {}).get("size") if isinstance(pre, dict) else None
     if not _is_int(size) or not 1 <= size <= 4096:
         raise fail("preprocessing.resize.size", "must be an integer between 1 and 4096", size)
+    assert isinstance(pre, dict)  # the size came from it
     if pre.get("colour") not in ("RGB", "L"):
         raise fail("preprocessing.colour", 'must be "RGB" or "L"', pre.get("colour"))
     post = manifest.get("postprocessing")
@@ -131,6 +132,7 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
     ok = isinstance(thr, list) and len(thr) == NUM_AUS and all(_is_probability(t) for t in thr)
     if not ok:
         raise fail("postprocessing.au_thresholds", f"must be {NUM_AUS} numbers between 0 and 1", thr)
+    assert isinstance(post, dict)  # the thresholds came from it
     if post.get("au_source", "model") not in ("model", "expression"):
         raise fail("postprocessing.au_source", 'must be "model" or "expression"', post.get("au_source"))
     det = manifest.get("detector")
@@ -157,5 +159,5 @@ def _is_probability(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1  # NaN: False
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)

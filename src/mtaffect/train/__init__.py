@@ -3,10 +3,7 @@ strategy search, CLI commands.
 
 Entry points: :func:`mtaffect.train.fit.fit` / ``fit_from_root``, :func:`mtaffect.train.config.load_config`,
 :func:`mtaffect.train.cv.cross_validate`; training from images lives in :mod:`mtaffect.train.images`.
-Nothing heavy is imported here so the CLI starts without Lightning; the first ``import lightning``
-afterwards skips torchmetrics' optional integrations (:mod:`mtaffect.train.lean_imports`).
+Nothing is imported here, so the CLI starts without torch or Lightning: Lightning is imported by the
+modules a training runs (:mod:`mtaffect.train.trainer`, :mod:`mtaffect.train.module`, ...) when the
+training starts.
 """
-
-from mtaffect.train.lean_imports import install as _install_lean_imports
-
-_install_lean_imports()

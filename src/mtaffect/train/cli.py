@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mtaffect.clikit import Overwrite, TrustRemoteCode, console, user_errors
+
+if TYPE_CHECKING:
+    from mtaffect.data.annotations import LabelTable
 
 Config = Annotated[Path, typer.Option(help="Recipe YAML (configs/*.yaml).")]
 Features = Annotated[
@@ -46,8 +49,9 @@ Resume = Annotated[
 
 def _config(path: Path, overrides: list[str] | None, progress: bool):
     from mtaffect.train.config import load_config
+    from mtaffect.train.pipeline_steps import check_pipeline
 
-    cfg = load_config(path, overrides or [])
+    cfg = check_pipeline(load_config(path, overrides or []))
     if not progress:
         cfg.trainer.progress = False
     return cfg
@@ -59,7 +63,7 @@ def resolved_config_text(cfg) -> str:
     place)."""
     import yaml
 
-    from mtaffect.train.config import pipeline_configs
+    from mtaffect.train.pipeline_steps import pipeline_configs
 
     base = cfg.to_dict()
     text = f"# resolved config ({cfg.source})\n" + yaml.safe_dump(base, sort_keys=False)
@@ -199,12 +203,13 @@ def train(
     if step:
         raise ValueError(f"--step applies to pipeline configs; {cfg.source} has no pipeline section")
     source = _training_data(cfg, main, data)
-    kw = dict(overwrite=overwrite, resume=resume, log=_log, trust_remote_code=trust_remote_code,
-              stores=named or None)  # fmt: skip
     if split is not None:
-        result = fit(cfg, source, *split, out, **kw)
+        result = fit(cfg, source, *split, out, overwrite=overwrite, resume=resume, log=_log,
+                     trust_remote_code=trust_remote_code, stores=named or None)  # fmt: skip
     else:
-        result = fit_from_root(cfg, source, data, out, trainval=trainval, validation=not no_validation, **kw)
+        result = fit_from_root(cfg, source, data, out, trainval=trainval, validation=not no_validation,
+                               overwrite=overwrite, resume=resume, log=_log,
+                               trust_remote_code=trust_remote_code, stores=named or None)  # fmt: skip
     if result.rank != 0:  # under DDP only rank 0 reports (and writes)
         return
     console.print(f"[bold]{result.summary()}[/bold]", highlight=False)
@@ -215,7 +220,7 @@ def train(
 
 
 def _fold_split(cfg, data: Path, fold: int | None, folds: int, seed: int | None, trainval: bool,
-                no_validation: bool):  # fmt: skip
+                no_validation: bool) -> tuple[LabelTable, LabelTable] | None:  # fmt: skip
     """``train --fold K``: (training, validation) rows of cv's fold K over train + val (None without)."""
     from mtaffect.data.annotations import LabelTable, load_split
     from mtaffect.train.cv import fold_split
@@ -347,7 +352,7 @@ def infer(
     """Predict the listed images with a trained checkpoint, from a feature store or from the images."""
     from mtaffect.data.submission import read_image_names
     from mtaffect.io import check_writable
-    from mtaffect.models.checkpoint import load_model
+    from mtaffect.models.loading import load_model
     from mtaffect.schema import CROPPED_DIR
 
     main, named = split_features(features)
@@ -357,12 +362,12 @@ def infer(
     names = list(dict.fromkeys(read_image_names(images)))  # a test list repeats names: predict each once
     m = load_model(model, trust_remote_code=trust_remote_code)
     if data is not None:
-        kw = {"stores": named} if named else {}
         table = m.predict_images(
             data / CROPPED_DIR, names, batch_size=batch_size, workers=workers,
-            allow_missing=allow_missing, **kw,
+            allow_missing=allow_missing, stores=named or None,
         )  # fmt: skip
     else:
+        assert main is not None  # exactly one of --features and --data (checked above)
         table = m.predict_store(main, names, allow_missing=allow_missing, stores=named or None)
     table.write(out, overwrite=overwrite)
     bad = int((table.frame["valid"] == 0).sum()) if allow_missing else 0

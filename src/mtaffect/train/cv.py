@@ -26,16 +26,22 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mtaffect.data.annotations import LabelTable
 from mtaffect.data.predictions import PredictionTable
 from mtaffect.features.store import FeatureStore
-from mtaffect.io import OutputExistsError, atomic_open, check_writable
+from mtaffect.io import OutputExistsError, check_writable
 from mtaffect.metrics import TERM_COLUMNS
+from mtaffect.persist import write_json
+from mtaffect.train.build import named_stores, open_training_data, pipeline_root
 from mtaffect.train.config import TrainConfig
-from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
+from mtaffect.train.fit import TrainResult, env_rank, fit
+
+if TYPE_CHECKING:
+    from mtaffect.train.pipeline import PipelineResult
 
 _SIDE = re.compile(r"_(left|right)$")
 TERMS = ("P", *TERM_COLUMNS.values())
@@ -157,7 +163,7 @@ def cross_validate(
             "section: rerun the cross-validation with another out (or overwrite)"
         )
     named = None if pipeline else named_stores(stores)
-    st = Path(store) if pipeline else open_training_data(config, store, named)
+    st = pipeline_root(store) if pipeline else open_training_data(config, store, named)
     out_path = Path(out) if out is not None else None
     if pipeline and out_path is None:
         raise ValueError("cross-validating a pipeline needs an out folder (its steps are written there)")
@@ -169,8 +175,9 @@ def cross_validate(
     split_seed = config.trainer.seed if seed is None else seed
     video_folds(labels, k, split_seed)  # too few videos: say so before anything is trained
     rows: list[dict] = []
-    models = []
+    models: list[TrainResult | PipelineResult] = []
     checkpoints: list[Path] = []
+    result: TrainResult | PipelineResult
     for i in range(k):
         train, val = fold_split(labels, k, i, split_seed)
         if log and env_rank() == 0:
@@ -213,12 +220,15 @@ def cross_validate(
     std = {n: float(np.std([r[n] for r in rows])) for n in TERMS}
     test_pred = None
     if test_images is not None:
-        from mtaffect.models.checkpoint import TrainedAffectModel, load_model
+        from mtaffect.models.loading import load_model
+        from mtaffect.models.trained import TrainedAffectModel
         from mtaffect.schema import CROPPED_DIR
 
         preds = []
         for result in models:
             if pipeline or config.trainer.checkpoint_per_task:  # best/ is an ensemble folder
+                if result.checkpoint is None:
+                    raise ValueError("test predictions of an ensemble model read its best/ folder: give out")
                 m = load_model(result.checkpoint, trust_remote_code=trust_remote_code)
                 images = list(test_images)
                 if isinstance(st, FeatureStore):
@@ -226,14 +236,15 @@ def cross_validate(
                 else:
                     preds.append(m.predict_images(st / CROPPED_DIR, images, allow_missing=allow_missing))
                 continue
+            assert isinstance(result, TrainResult)  # not a pipeline: fit's result
             if not isinstance(st, FeatureStore):  # trained from images: predict the test images
+                from mtaffect.models.image_model import ImageMTLModel
                 from mtaffect.train.images.build import image_affect_model
 
-                tm = image_affect_model(result.model, config)  # type: ignore[arg-type]
-                kw = {"stores": named} if named is not None else {}
-                preds.append(
-                    tm.predict_images(st / CROPPED_DIR, list(test_images), allow_missing=allow_missing, **kw)
-                )
+                assert isinstance(result.model, ImageMTLModel)  # what image training builds
+                tm = image_affect_model(result.model, config)
+                preds.append(tm.predict_images(st / CROPPED_DIR, list(test_images),
+                                               allow_missing=allow_missing, stores=named))  # fmt: skip
                 continue
             tm = TrainedAffectModel(
                 result.model, {"backbone": {"name": st.backbone, "fingerprint": st.fingerprint},
@@ -249,10 +260,9 @@ def cross_validate(
         replace_ok = overwrite or pipeline  # a pipeline's rerun rewrites what it derives from its folds
         if test_pred is not None:
             test_pred.write(out_path / "test_predictions.parquet", overwrite=replace_ok)
-        with atomic_open(out_path / "cv.json", "w", overwrite=replace_ok, encoding="utf-8") as fh:
-            json.dump({**res.to_dict(), "k": k, "seed": split_seed, "recipe": config.model.recipe,
-                       "pipeline": pipeline}, fh, indent=1, default=float)  # fmt: skip
-            fh.write("\n")
+        write_json(out_path / "cv.json", {**res.to_dict(), "k": k, "seed": split_seed,
+                                          "recipe": config.model.recipe, "pipeline": pipeline},
+                   overwrite=replace_ok)  # fmt: skip
     return res
 
 

@@ -273,7 +273,7 @@ class MTLDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, store: FeatureStore | StoreSet, train: LabelTable, val: LabelTable | None, *,
+        self, store: FeatureStore | StoreSet | None, train: LabelTable, val: LabelTable | None, *,
         inputs: Sequence[str], temporal: bool, batch_size: int = 256, eval_batch_size: int = 4096,
         window: int = 32, stride: int = 16, window_edge: str = "pad", in_memory: bool | str = "auto",
         memory_limit_gb: float = 8.0, seed: int = 0, workers: int | str = "auto", pin_memory: bool = False,
@@ -290,6 +290,8 @@ class MTLDataModule(L.LightningDataModule):
         self.in_memory_option, self.memory_limit_gb = in_memory, memory_limit_gb
         self.workers_option, self.pin_memory = workers, pin_memory
         self.train_labels, self.train_report = self._join(train, "training labels")
+        self.val_labels: LabelArrays | None
+        self.val_report: JoinReport | None
         if val is not None:
             self.val_labels, self.val_report = self._join(val, "validation labels")
         else:
@@ -385,10 +387,12 @@ class MTLDataModule(L.LightningDataModule):
 
     # ---- where the inputs come from (image training overrides these) ---------------------------------
     def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
+        assert self.store is not None  # None only for subclasses that read no store (they override this)
         return join_labels(self.store, labels, what)
 
     def _make_source(self, keep: np.ndarray | None) -> Any:
         """The reader of the inputs at every position of ``self.rows`` (only ``keep`` loaded into RAM)."""
+        assert self.store is not None  # None only for subclasses that read no store (they override this)
         return InputSource(self.store, self.rows, self.inputs, self.in_memory_option, self.memory_limit_gb,
                            keep=keep)  # fmt: skip
 
@@ -443,9 +447,9 @@ class MTLDataModule(L.LightningDataModule):
         return loader(self.train_set, self.train_sampler(rank, world), workers=self.workers,
                       pin_memory=self.pin_memory, seed=self.seed)  # fmt: skip
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_set is None:
-            return []  # type: ignore[return-value]
+            return []  # no validation loader (Lightning then skips validation)
         rank, world = self._rank_world()
         self.load(rank, world)
         sampler = ShardedBatches(self.val_ids(rank, world), self.eval_batch_size, shuffle=False)

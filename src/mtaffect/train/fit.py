@@ -39,20 +39,19 @@ Under DDP (``trainer.strategy: ddp``, ``devices``, ``num_nodes``; or ``torchrun`
 :func:`fit`; each rank loads and trains only its share of the rows, torch threads are divided among
 the processes of a node, the validation metric is merged across ranks, and only rank 0 writes or logs.
 
-What is trained comes from :func:`build_training`: a recipe over a feature store, or, for a config
-with a ``backbone:`` section, the backbone in the loop over a dataset's images
-(:mod:`mtaffect.train.images`); the loop below is the same for both.
+What is trained comes from :func:`mtaffect.train.build.build_training`: a recipe over a feature store,
+or, for a config with a ``backbone:`` section, the backbone in the loop over a dataset's images
+(:mod:`mtaffect.train.images`); the loop (:class:`StagedFit`) is the same for both. Its parts live
+beside it: the stage plan (:mod:`~mtaffect.train.stages`), the Lightning Trainer of a stage
+(:mod:`~mtaffect.train.trainer`), selection and non-finite epochs (:mod:`~mtaffect.train.module`), the
+run folder and per-epoch writes (:mod:`~mtaffect.train.run`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import logging
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,20 +67,21 @@ from mtaffect.features.reader import StoreSet
 from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open
 from mtaffect.metrics import terms_of, terms_row
-from mtaffect.models.base import TASKS, MTLModel, Stage
-from mtaffect.models.checkpoint import load_weights
+from mtaffect.models.base import TASKS, MTLModel
 from mtaffect.models.losses import MTLLoss
 from mtaffect.persist import write_json
-from mtaffect.train.config import ConfigError, StageSettings, TrainConfig
-from mtaffect.train.data import MTLDataModule, cpus_per_process
+from mtaffect.train.build import build_training, named_stores, open_training_data
+from mtaffect.train.config import ConfigError, TrainConfig
 from mtaffect.train.module import MTLModule, apply_stage
-from mtaffect.train.run import (
-    RunRecorder,
-    input_store_records,
-    prediction_table,
-    prepare_out,
-    save_model,
-    stage_dir,
+from mtaffect.train.run import RunRecorder, prediction_table, prepare_out, stage_dir
+from mtaffect.train.stages import (
+    PlannedStage,
+    plan_stages,
+    present_tasks,
+    reuse_stage,
+    select_tasks,
+    selected_from_summary,
+    with_counters,
 )
 from mtaffect.train.state import (
     EpochState,
@@ -92,6 +92,7 @@ from mtaffect.train.state import (
     stage_seed,
     write_run,
 )
+from mtaffect.train.trainer import World, quiet_lightning, resolve_world, stage_trainer, torch_threads
 
 
 class TrainingDivergedError(ValueError):
@@ -182,313 +183,6 @@ def env_rank() -> int:
     return local + node * max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
-def build_model(config: TrainConfig, store: Any, input_dims: dict[str, int] | None = None) -> MTLModel:
-    """``create_model(recipe, feature_dim, num_logits, token_shape, **hparams)`` with a clear error.
-
-    ``store`` is anything with those three sizes: a :class:`FeatureStore` or a backbone's spec.
-    ``input_dims`` (``{"features@au": 768, ...}``, from named stores) go to recipes that fuse them.
-    """
-    from mtaffect.models.registry import create_model
-
-    where = config.source or "the config"
-    extra = {"input_dims": dict(input_dims)} if input_dims else {}
-    try:
-        model = create_model(
-            config.model.recipe,
-            feature_dim=store.feature_dim,
-            num_logits=store.num_logits,
-            token_shape=store.token_shape,
-            **config.model.hparams,
-            **extra,
-        )
-    except TypeError as exc:
-        if extra and "input_dims" in str(exc):
-            raise ValueError(
-                f"{where}: recipe {config.model.recipe!r} reads no named feature stores; drop the "
-                f"--features NAME=STORE options ({sorted(input_dims or {})})"
-            ) from exc
-        raise ValueError(f"{where}: model.hparams do not fit recipe {config.model.recipe!r}: {exc}") from exc
-    except (ValueError, RuntimeError) as exc:  # e.g. a size torch cannot allocate
-        raise ValueError(f"{where}: model.hparams do not fit recipe {config.model.recipe!r}: {exc}") from exc
-    model.group_settings = dict(config.optim.groups)
-    return model
-
-
-@dataclass
-class Training:
-    """What :func:`fit` trains: the model, its data module, and how its checkpoints are written and read.
-
-    ``weights(folder)`` is the full state dict of ``model`` saved in a checkpoint folder (a fine-tuned
-    backbone's weights included).
-    """
-
-    model: MTLModel
-    datamodule: Any  # MTLDataModule (or a subclass)
-    save: Callable[[Path, dict | None, bool], Path]  # (folder, metrics, overwrite) -> checkpoint folder
-    weights: Callable[[Path], dict[str, torch.Tensor]]
-
-
-def open_training_data(config: TrainConfig, data: Any, stores: Any = None) -> Any:
-    """The data a config trains on: a :class:`FeatureStore` (opened once), or for a config with a
-    ``backbone:`` section the dataset root (its images are read while training).
-
-    ``stores`` (``{name: store}``, or a :class:`StoreSet`) adds named stores (inputs ``features@<name>``):
-    the store path then reads a :class:`StoreSet` with ``data`` as its main store; image training reads
-    them beside the images (:func:`named_stores`).
-    """
-    if config.from_images:
-        if isinstance(data, FeatureStore | StoreSet):
-            raise ValueError(
-                f"{config.source or 'the config'} trains from images (it has a backbone section): give the "
-                "dataset root, not a feature store"
-            )
-        return Path(data)
-    if isinstance(data, StoreSet):
-        return data
-    main = data if isinstance(data, FeatureStore) else FeatureStore.open(data)
-    named = named_stores(stores)
-    return StoreSet({"": main, **named.stores}) if named is not None else main
-
-
-def named_stores(stores: Any) -> StoreSet | None:
-    """``{name: store or path}`` (or a :class:`StoreSet`) as a set of named stores; None for none."""
-    if not stores:
-        return None
-    found = stores if isinstance(stores, StoreSet) else StoreSet.open(dict(stores))
-    if "" in found.stores:
-        raise ValueError("named stores need a name each (au=STORE); the main store is given on its own")
-    return found
-
-
-def build_training(
-    config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, *,
-    trust_remote_code: bool = False, stores: Any = None,
-) -> Training:  # fmt: skip
-    """The model and data module of ``config`` over ``data`` (see :func:`open_training_data`).
-
-    ``trust_remote_code`` (a person's flag, never a config's) lets an ``hf:`` backbone in the loop run
-    the code its repository ships. ``stores``: named stores (see :func:`open_training_data`).
-    """
-    data = open_training_data(config, data, stores)
-    if config.from_images:
-        from mtaffect.train.images.build import build_image_training
-
-        return build_image_training(config, data, train, val, trust_remote_code=trust_remote_code,
-                                    stores=named_stores(stores))  # fmt: skip
-    model = build_model(config, data, data.input_dims() if isinstance(data, StoreSet) else None)
-    dm = MTLDataModule(
-        data, train, val, inputs=model.inputs, temporal=bool(model.temporal),
-        batch_size=config.data.batch_size,
-        eval_batch_size=config.data.eval_batch_size, window=config.data.window, stride=config.data.stride,
-        window_edge=config.data.window_edge,
-        in_memory=config.data.in_memory, memory_limit_gb=config.data.memory_limit_gb,
-        seed=config.trainer.seed, workers=config.data.workers, pin_memory=on_gpu(config),
-    )  # fmt: skip
-
-    record = {"name": data.backbone, "spec": data.spec, "fingerprint": data.fingerprint}
-    input_stores = input_store_records(data if isinstance(data, StoreSet) else None, model.inputs)
-
-    def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return save_model(path, model, config, metrics, backbone=record, sizes=data,
-                          input_stores=input_stores, overwrite=overwrite)  # fmt: skip
-
-    return Training(model=model, datamodule=dm, save=save, weights=load_weights)
-
-
-def on_gpu(config: TrainConfig) -> bool:
-    """Whether the run trains on CUDA (mixed precision applies; pinned host memory speeds up the copies)."""
-    acc = config.trainer.accelerator
-    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
-
-
-# ---- Lightning -------------------------------------------------------------------------------------
-def _precision(config: TrainConfig) -> str:
-    p = config.trainer.precision
-    if not on_gpu(config):
-        if p not in ("auto", "32", "32-true"):
-            warnings.warn(f"precision {p!r} ignored: mixed precision is used on GPU only", stacklevel=3)
-        return "32-true"
-    if p == "auto":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return p
-
-
-def _strategy(config: TrainConfig) -> Any:
-    s = config.trainer.strategy
-    if s == "ddp":
-        # Stages freeze parts of the model and optimise a subset of the heads: unused parameters are normal.
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=True)
-    if s == "ddp_spawn":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(start_method="spawn", find_unused_parameters=True)
-    return s
-
-
-def _trainer(
-    config: TrainConfig, epochs: int, log_dir: Path | None, stage: str, callbacks: Sequence, validate: bool
-) -> L.Trainer:
-    t = config.trainer
-    cbs = list(callbacks)
-    if t.progress and epochs > 0:
-        cbs.append(_progress_bar(refresh_rate=10))
-    logger: Any = False
-    if log_dir is not None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(str(log_dir), name=stage)
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=_strategy(config),
-        precision=_precision(config),  # type: ignore[arg-type]
-        max_epochs=epochs,
-        logger=logger,
-        callbacks=cbs,
-        enable_checkpointing=False,  # best weights are saved as safetensors by the run recorder
-        enable_progress_bar=t.progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=t.log_every_n_steps,
-        use_distributed_sampler=False,  # the data module shards by rank itself
-        gradient_clip_val=config.optim.grad_clip or None,
-        limit_val_batches=1.0 if validate else 0,
-        deterministic=False,
-    )
-
-
-def _progress_bar(refresh_rate: int) -> Any:
-    """Lightning's rich progress bar, redrawn (and its metrics gathered) every ``refresh_rate`` steps only:
-    a redraw per step costs about as much as a small head's whole step."""
-    from lightning.pytorch.callbacks import RichProgressBar
-
-    class SparseRichProgressBar(RichProgressBar):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[override]
-            if (batch_idx + 1) % self.refresh_rate == 0 or batch_idx + 1 >= self.total_train_batches:
-                super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    return SparseRichProgressBar(refresh_rate=refresh_rate)
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the run: global rank, number of processes, processes on this node."""
-
-    rank: int
-    size: int
-    local: int
-
-
-def resolve_world(config: TrainConfig) -> World:
-    """Rank and world size as the configured Trainer sees them (launcher environment included)."""
-    with _quiet_lightning():
-        probe = L.Trainer(
-            accelerator=config.trainer.accelerator, devices=config.trainer.devices,
-            num_nodes=config.trainer.num_nodes, strategy=_strategy(config), logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-    return World(probe.global_rank, probe.world_size, max(1, probe.num_devices))
-
-
-@contextlib.contextmanager
-def _threads(config: TrainConfig, world: World) -> Iterator[None]:
-    """torch threads for this process: ``trainer.num_threads``, or the CPUs divided among a node's ranks."""
-    before = torch.get_num_threads()
-    n = config.trainer.num_threads or (cpus_per_process(world.local) if world.local > 1 else 0)
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Hide Lightning's banner lines and the warnings our design triggers on purpose (frozen eval modules)."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            for pattern in (
-                r".*module\(s\) in eval mode.*", r".*number of training batches.*", r".*LeafSpec.*",
-                r".*does not have many workers.*", r".*sync_dist.*", r".*limit_val_batches.*",
-                r".*max_epochs=0.*", r".*You have overridden `.*` in `LightningModule`.*",
-            ):  # fmt: skip
-                warnings.filterwarnings("ignore", message=pattern)
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-# ---- stages ----------------------------------------------------------------------------------------
-@dataclass
-class PlannedStage:
-    index: int  # position in model.stages() (names the stage folder and seeds the stage)
-    stage: Stage  # tasks reduced to the present ones
-    settings: StageSettings
-    epochs: int
-
-
-def plan_stages(
-    model: MTLModel, config: TrainConfig, present: Sequence[str], say: Callable,
-    labelled: Sequence[str] | None = None,
-) -> list[PlannedStage]:  # fmt: skip
-    """The recipe's stages with their settings; stages of absent tasks dropped (and said so).
-
-    ``present``: the tasks trained; ``labelled``: those with training labels (a task labelled but not
-    present was left out by ``trainer.tasks``).
-    """
-    labelled = present if labelled is None else labelled
-
-    def why(tasks: Sequence[str]) -> str:
-        no_label = [t for t in tasks if t not in labelled]
-        unlisted = [t for t in tasks if t in labelled]
-        parts = [f"no {'/'.join(no_label)} label in the training rows"] if no_label else []
-        parts += [f"{'/'.join(unlisted)} not in trainer.tasks"] if unlisted else []
-        return "; ".join(parts)
-
-    stages = model.stages()
-    names = [s.name for s in stages]
-    unknown = sorted(set(config.stages) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"{config.source or 'the config'}: stages {unknown} are not stages of recipe "
-            f"{config.model.recipe!r} (its stages: {names})"
-        )
-    planned = []
-    for k, s in enumerate(stages):
-        tasks = tuple(t for t in s.tasks if t in present)
-        missing = [t for t in s.tasks if t not in present]
-        if not tasks:
-            say(f"stage {s.name} skipped: {why(missing)}")
-            continue
-        if missing:
-            say(f"stage {s.name}: trains {'/'.join(tasks)} only ({why(missing)})")
-        settings = config.stage(s.name)
-        epochs = settings.epochs or s.epochs or config.trainer.epochs
-        planned.append(PlannedStage(k, dataclasses.replace(s, tasks=tasks), settings, epochs))
-    return planned
-
-
-def present_tasks(dm: MTLDataModule) -> tuple[str, ...]:
-    """Tasks with at least one training label (a dataset may carry only some tasks)."""
-    counts = dm.train_labels.task_rows()
-    tasks = tuple(t for t in TASKS if counts.get(t, 0) > 0)
-    if not tasks:
-        raise ValueError(
-            f"the training rows hold no label of any task (rows per task: {counts}); check the annotations "
-            "and the store's failed images"
-        )
-    return tasks
-
-
 # ---- fit -------------------------------------------------------------------------------------------
 def fit(
     config: TrainConfig,
@@ -527,171 +221,254 @@ def fit(
     named = named_stores(stores)
     data = open_training_data(config, store, named)
     world = resolve_world(config)
-    with _threads(config, world):
-        return _fit(config, data, train, val, Path(out) if out is not None else None, world, t0,
-                    overwrite=overwrite, resume=resume, callbacks=callbacks, log=log,
-                    trust_remote_code=trust_remote_code, stores=named, only_stages=only_stages,
-                    reuse={k: Path(v) for k, v in (reuse or {}).items()},
-                    trainval=val is None if trainval is None else trainval)  # fmt: skip
+    with torch_threads(config, world):
+        return StagedFit(
+            config, data, train, val, Path(out) if out is not None else None, world, t0, overwrite=overwrite,
+            resume=resume, callbacks=callbacks, log=log, trust_remote_code=trust_remote_code, stores=named,
+            only_stages=only_stages, reuse={k: Path(v) for k, v in (reuse or {}).items()},
+            trainval=val is None if trainval is None else trainval,
+        ).run()  # fmt: skip
 
 
-def _fit(
-    config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
-    world: World, t0: float, *, overwrite: bool, resume: bool, callbacks: Sequence, log: Any,
-    trust_remote_code: bool = False, stores: StoreSet | None = None, only_stages: Sequence[str] | None = None,
-    reuse: Mapping[str, Path] | None = None, trainval: bool = False,
-) -> TrainResult:  # fmt: skip
-    rank0 = world.rank == 0
-    reuse = dict(reuse or {})
+class StagedFit:
+    """One run of :func:`fit`, in the order it happens: :meth:`prepare` (inputs checked, the run folder
+    made ready, model and data built, stages planned), :meth:`run_stage` for each planned stage (its own
+    Trainer and :class:`~mtaffect.train.module.MTLModule`; selection, non-finite epochs and early stopping
+    live in the module, the per-epoch writes in its :class:`~mtaffect.train.run.RunRecorder`), then
+    :func:`_finish` (best/, metrics.json, the :class:`TrainResult`).
 
-    def say(msg: str) -> None:
-        if rank0 and log:
-            log(msg)
+    Between stages it carries the history, the stage summaries and the stage whose epoch is selected.
 
-    if val is not None and not val.any_label_mask.any():
-        raise NoValidationError(_no_validation(val, len(val), 0, 0))
-    images = None  # training from images: the image files' digest (rank 0, with a run folder)
-    if out is not None:
-        identity = run_identity(data_source(data, stores), train, val)
-        if reuse:  # recorded, so a resumed run says where its reused stages came from
-            identity["reused"] = {k: str(v) for k, v in reuse.items()}
-        if rank0 and config.from_images:
-            images = _image_set(data, train, val)
+    Args:
+        config: the run's config.
+        data: what :func:`~mtaffect.train.build.open_training_data` opened (a store, or a dataset root).
+        train: the training labels.
+        val: the validation labels (None: no validation).
+        out: the run folder (None: nothing written).
+        world: this process's rank and world size.
+        t0: ``time.perf_counter()`` when :func:`fit` was called (the run's seconds).
+        overwrite, resume, callbacks, log, trust_remote_code, only_stages, trainval: as :func:`fit`'s.
+        stores: the named stores (a :class:`StoreSet`), or None.
+        reuse: ``{stage: checkpoint folder}`` of stages taken from another run.
+    """
+
+    def __init__(
+        self, config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
+        world: World, t0: float, *, overwrite: bool = False, resume: bool = False, callbacks: Sequence = (),
+        log: Any = print, trust_remote_code: bool = False, stores: StoreSet | None = None,
+        only_stages: Sequence[str] | None = None, reuse: Mapping[str, Path] | None = None,
+        trainval: bool = False,
+    ) -> None:  # fmt: skip
+        self.config, self.data, self.train, self.val, self.out = config, data, train, val, out
+        self.world, self.t0, self.rank0 = world, t0, world.rank == 0
+        self.overwrite, self.resume, self.callbacks, self.log = overwrite, resume, callbacks, log
+        self.trust_remote_code, self.stores, self.only_stages = trust_remote_code, stores, only_stages
+        self.reuse, self.trainval = dict(reuse or {}), trainval
+        self.saved: EpochState | None = None  # the state of an earlier session (resume)
+        self.history: list[dict] = []
+        self.summaries: list[dict] = []
+        self.selected: dict[str, Any] | None = None  # the stage whose best epoch is the run's model
+
+    def say(self, msg: str) -> None:
+        if self.rank0 and self.log:
+            self.log(msg)
+
+    def run(self) -> TrainResult:
+        """Prepare, train every planned stage, finish: the whole of :func:`fit` after the world is known."""
+        self.prepare()
+        for i, ps in enumerate(self.plan):
+            self.run_stage(i, ps)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.model.eval()
+        return _finish(self)
+
+    # ---- before the first stage ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Check the inputs, make the run folder ready (rank 0), build model and data, plan the stages."""
+        config, out, val = self.config, self.out, self.val
+        if val is not None and not val.any_label_mask.any():
+            raise NoValidationError(_no_validation(val, len(val), 0, 0))
+        identity, images = self._identity() if out is not None else ({}, None)  # identity: for out only
+        if out is not None and self.rank0:  # other ranks start (Lightning's launcher) once rank 0 is ready
+            prepare_out(out, self.overwrite, self.resume, config, identity)
+        self.saved = EpochState.load(out) if self.resume and out is not None else None
+        L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+        self.training = build_training(
+            config, self.data, self.train, val, trust_remote_code=self.trust_remote_code,
+            stores=self.stores if config.from_images else None,
+        )  # fmt: skip
+        self.model, self.dm = self.training.model, self.training.datamodule
+        self.model.decay_all = config.optim.decay_all  # read by param_groups (a fine-tuned backbone's too)
+        self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._check_rows()
+        self._plan()
+        if out is not None and self.rank0:
+            with atomic_open(out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
+                yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+            write_run(out, identity)
+            if images is not None:
+                images.write(out)
+        if self.saved is not None:
+            self.history, self.summaries = list(self.saved.history), list(self.saved.stages)
+            self.model.load_state_dict(self.saved.model)  # the weights after the last finished epoch/stage
+
+    def _identity(self) -> tuple[dict, Any]:
+        """The run's inputs as run.json records them, and (rank 0, from images) the images' digest."""
+        identity = run_identity(data_source(self.data, self.stores), self.train, self.val)
+        if self.reuse:  # recorded, so a resumed run says where its reused stages came from
+            identity["reused"] = {k: str(v) for k, v in self.reuse.items()}
+        images = None
+        if self.rank0 and self.config.from_images:
+            images = image_set(self.data, self.train, self.val)
             # beside images_sha256 (which check_identity compares, and callers such as the pipeline's
             # kept-step check build without hashing): checked here, naming the first changed image
             identity["store"] = {**identity["store"], "images": images.summary()}
-            saved_run = read_run(out) if resume else None
+            assert self.out is not None  # only a run with a folder records its identity
+            saved_run = read_run(self.out) if self.resume else None
             if saved_run is not None:  # before prepare_out: this check names the first changed image
-                images.check_resume(out, saved_run.get("store") or {})
-        if rank0:  # other ranks start (Lightning's launcher) once rank 0 has prepared the folder
-            prepare_out(out, overwrite, resume, config, identity)
-    saved = EpochState.load(out) if resume and out is not None else None
-    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    training = build_training(config, data, train, val, trust_remote_code=trust_remote_code,
-                              stores=stores if config.from_images else None)  # fmt: skip
-    model, dm = training.model, training.datamodule
-    model.decay_all = config.optim.decay_all  # read by param_groups (a fine-tuned backbone's no-decay set)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    excl = dm.train_report.excluded_invalid + (dm.val_report.excluded_invalid if dm.val_report else 0)
-    say(
-        f"rows: train {dm.train_report.used}, val {dm.val_report.used if dm.val_report else 0}; "
-        f"excluded {excl} whose image failed extraction" + (" or is missing" if config.from_images else "")
-    )
-    if dm.train_report.labelled and len(dm.train_set) == 0:
-        missing = list(getattr(dm, "missing", []))
-        if config.from_images and missing:
-            raise FileNotFoundError(
-                f"{dm.folder}: none of the {dm.train_report.labelled} labelled training images is there "
-                f"(e.g. {', '.join(missing[:3])}); check --data"
+                images.check_resume(self.out, saved_run.get("store") or {})
+        return identity, images
+
+    def _check_rows(self) -> None:
+        """Say the rows used; refuse a run with no training row or no validation row to score."""
+        config, dm, val = self.config, self.dm, self.val
+        excl = dm.train_report.excluded_invalid + (dm.val_report.excluded_invalid if dm.val_report else 0)
+        missing_too = " or is missing" if config.from_images else ""
+        self.say(
+            f"rows: train {dm.train_report.used}, val {dm.val_report.used if dm.val_report else 0}; "
+            f"excluded {excl} whose image failed extraction{missing_too}"
+        )
+        if dm.train_report.labelled and len(dm.train_set) == 0:
+            missing = list(getattr(dm, "missing", []))
+            if config.from_images and missing:
+                raise FileNotFoundError(
+                    f"{dm.folder}: none of the {dm.train_report.labelled} labelled training images is there "
+                    f"(e.g. {', '.join(missing[:3])}); check --data"
+                )
+            raise ValueError("no training row: the training labels match no valid image of the store")
+        named = [i for i in self.model.inputs if "@" in i]
+        if config.trainer.checkpoint_per_task and named:
+            raise ConfigError(
+                f"{config.source or 'the config'}: trainer.checkpoint_per_task makes best/ an ensemble, "
+                f"whose members cannot read named feature stores ({named}); set it false"
             )
-        raise ValueError("no training row: the training labels match no valid image of the store")
-    if config.trainer.checkpoint_per_task and any("@" in i for i in model.inputs):
-        raise ConfigError(
-            f"{config.source or 'the config'}: trainer.checkpoint_per_task makes best/ an ensemble, whose "
-            f"members cannot read named feature stores ({[i for i in model.inputs if '@' in i]}); set it "
-            "false"
-        )
-    labelled_tasks = present_tasks(dm)
-    present = tuple(t for t in labelled_tasks if t in config.trainer.tasks)
-    if not present:
-        raise ValueError(
-            f"{config.source or 'the config'}: trainer.tasks {config.trainer.tasks} names no task the "
-            f"training rows have a label for (labelled: {list(labelled_tasks)})"
-        )
-    validate = dm.val_set is not None and len(dm.val_set) > 0
-    if val is not None and not validate:  # e.g. every validation image failed extraction or is missing
-        r = dm.val_report
-        raise NoValidationError(_no_validation(val, len(val), r.labelled if r else 0,
-                                               r.excluded_invalid if r else 0))  # fmt: skip
-    a = dm.train_labels
-    loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1), np.where(a.expr_mask, a.expr, -1))
-    plan = plan_stages(model, config, present, say, labelled_tasks)
-    if only_stages is not None:
-        plan = [ps for ps in plan if ps.stage.name in only_stages]
-    unknown = sorted(set(reuse) - {ps.stage.name for ps in plan})
-    if unknown:
-        raise ValueError(f"stages {unknown} cannot be reused: not stages this run trains")
-    if out is not None and rank0:
-        with atomic_open(out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
-            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
-        write_run(out, identity)
-        if images is not None:
-            images.write(out)
-    history: list[dict] = list(saved.history) if saved else []
-    summaries: list[dict] = list(saved.stages) if saved else []
-    if saved is not None:
-        model.load_state_dict(saved.model)  # the weights after the last finished epoch (or stage)
-    selected: dict[str, Any] | None = None  # the stage whose best epoch is the run's model
-    for i, ps in enumerate(plan):
-        k, stage, final = ps.index, ps.stage, i == len(plan) - 1
+        self.validate = dm.val_set is not None and len(dm.val_set) > 0
+        if val is not None and not self.validate:  # e.g. every validation image failed or is missing
+            r = dm.val_report
+            raise NoValidationError(_no_validation(val, len(val), r.labelled if r else 0,
+                                                   r.excluded_invalid if r else 0))  # fmt: skip
+
+    def _plan(self) -> None:
+        """The tasks trained, the loss weighted on the training labels, and the stages to run."""
+        config, dm = self.config, self.dm
+        labelled = present_tasks(dm)
+        self.present = tuple(t for t in labelled if t in config.trainer.tasks)
+        if not self.present:
+            raise ValueError(
+                f"{config.source or 'the config'}: trainer.tasks {config.trainer.tasks} names no task the "
+                f"training rows have a label for (labelled: {list(labelled)})"
+            )
+        a = dm.train_labels
+        self.loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1),
+                                        np.where(a.expr_mask, a.expr, -1))  # fmt: skip
+        plan = plan_stages(self.model, config, self.present, self.say, labelled)
+        if self.only_stages is not None:
+            plan = [ps for ps in plan if ps.stage.name in self.only_stages]
+        unknown = sorted(set(self.reuse) - {ps.stage.name for ps in plan})
+        if unknown:
+            raise ValueError(f"stages {unknown} cannot be reused: not stages this run trains")
+        self.plan = plan
+
+    # ---- one stage ---------------------------------------------------------------------------------
+    def run_stage(self, i: int, ps: PlannedStage) -> None:
+        """Train the ``i``-th planned stage (or take it from an earlier session or another run)."""
+        k, stage, saved = ps.index, ps.stage, self.saved
         if saved is not None and (k < saved.stage or (k == saved.stage and saved.stage_done)):
-            say(f"stage {stage.name}: finished in an earlier session")
-            selected = _selected_from_summary(summaries, stage.name, selected)
-            continue
-        if stage.name in reuse:
-            _reuse_stage(model, stage, training.weights(reuse[stage.name]), reuse[stage.name])
-            say(f"stage {stage.name}: taken from {reuse[stage.name]} (trained once, reused)")
-            summaries = [*summaries, {"name": stage.name, "index": k, "tasks": list(stage.tasks),
-                                      "reused": str(reuse[stage.name]), "best_metrics": None}]  # fmt: skip
-            continue
+            self.say(f"stage {stage.name}: finished in an earlier session")
+            self.selected = selected_from_summary(self.summaries, stage.name, self.selected)
+            return
+        if stage.name in self.reuse:
+            folder = self.reuse[stage.name]
+            reuse_stage(self.model, stage, self.training.weights(folder), folder)
+            self.say(f"stage {stage.name}: taken from {folder} (trained once, reused)")
+            self.summaries = [*self.summaries, {"name": stage.name, "index": k, "tasks": list(stage.tasks),
+                                                "reused": str(folder), "best_metrics": None}]  # fmt: skip
+            return
         mid = saved if saved is not None and k == saved.stage else None
+        if mid is not None:
+            self.say(f"stage {stage.name}: resuming at epoch {mid.epoch} of {ps.epochs}")
+        L.seed_everything(stage_seed(self.config.trainer.seed, k), workers=True, verbose=False)
+        start = self._start_weights(i, mid)
+        module = self._train(i, ps, mid)
+        self._end_stage(i, ps, module, start, mid.epoch if mid is not None else 0)
+
+    def _start_weights(self, i: int, mid: EpochState | None) -> dict[str, torch.Tensor] | None:
+        """The weights the stage starts from (a run's first stage: the model as built); None for a stage
+        resumed mid-way after the first (read back from the previous stage's checkpoint, only if needed)."""
+        if mid is not None:
+            return self.initial if i == 0 else None
+        if i == 0 and self.saved is None:
+            return self.initial
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _train(self, i: int, ps: PlannedStage, mid: EpochState | None) -> MTLModule:
+        """The stage's module trained under its own Trainer (its remaining epochs)."""
+        config, model, dm, out = self.config, self.model, self.dm, self.out
+        k, stage, final = ps.index, ps.stage, i == len(self.plan) - 1
         done = mid.epoch if mid is not None else 0
-        if mid is not None:
-            say(f"stage {stage.name}: resuming at epoch {done} of {ps.epochs}")
-        L.seed_everything(stage_seed(config.trainer.seed, k), workers=True, verbose=False)
-        # the weights the stage starts from (a run's first stage: the model as built); a stage resumed
-        # mid-way reads them back below, only if needed
-        if mid is not None:
-            start = initial if i == 0 else None
-        elif i == 0 and saved is None:
-            start = initial
-        else:
-            start = {k_: v.detach().clone() for k_, v in model.state_dict().items()}
         apply_stage(model, stage)
         dm.set_stage(stage.tasks, batch_size=ps.settings.batch_size or config.data.batch_size,
                      seed=stage_seed(config.trainer.seed, k), epoch_offset=done)  # fmt: skip
-        remaining = ps.epochs - done
-        if mid is not None and mid.selection.get("stopped"):
-            remaining = 0
-        recorder = RunRecorder(out, rank0, k, stage, final, training, history, summaries, say)
-        with _quiet_lightning():
-            trainer = _trainer(
-                config, max(remaining, 0), out / "logs" if out is not None and rank0 else None, stage.name,
-                callbacks, validate,
-            )  # fmt: skip
+        remaining = 0 if mid is not None and mid.selection.get("stopped") else ps.epochs - done
+        recorder = RunRecorder(out, self.rank0, k, stage, final, self.training, self.history, self.summaries,
+                               self.say)  # fmt: skip
+        logs = out / "logs" if out is not None and self.rank0 else None
+        with quiet_lightning():
+            trainer = stage_trainer(config, max(remaining, 0), logs, stage.name, self.callbacks,
+                                    self.validate)  # fmt: skip
         steps = dm.steps_per_epoch(trainer.world_size)
         module = MTLModule(
-            model, loss, stage, lr=ps.settings.lr or config.optim.lr, weight_decay=config.optim.weight_decay,
+            model, self.loss, stage, lr=ps.settings.lr or config.optim.lr,
+            weight_decay=config.optim.weight_decay,
             warmup_steps=round(config.optim.warmup_epochs * steps), total_steps=steps * ps.epochs,
             min_lr_ratio=config.optim.min_lr_ratio, au_threshold=config.trainer.au_threshold,
             select_tasks=select_tasks(config, stage.tasks),
-            patience=config.trainer.patience if validate else 0, epoch_offset=done,
+            patience=config.trainer.patience if self.validate else 0, epoch_offset=done,
             resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
             schedule=config.optim.schedule,
-            per_task=stage.tasks if final and validate and config.trainer.checkpoint_per_task else (),
+            per_task=stage.tasks if final and self.validate and config.trainer.checkpoint_per_task else (),
         )  # fmt: skip
         if mid is not None and module.best_epoch >= 0 and out is not None:
-            saved_best = training.weights(stage_dir(out, k, stage))
-            module.best_state = _with_counters(saved_best, module.best_counters)
+            saved_best = self.training.weights(stage_dir(out, k, stage))
+            module.best_state = with_counters(saved_best, module.best_counters)
         if remaining > 0:
-            with _quiet_lightning():
+            with quiet_lightning():
                 trainer.fit(module, datamodule=dm)
-        history = history + module.history
+        return module
+
+    def _end_stage(self, i: int, ps: PlannedStage, module: MTLModule, start: dict | None, done: int) -> None:
+        """End on the stage's selected weights (or, with no finite epoch, those it started from), record
+        its summary and, on rank 0, its checkpoint and a finished-stage state."""
+        config, model, out = self.config, self.model, self.out
+        k, stage, final = ps.index, ps.stage, i == len(self.plan) - 1
+        self.history = self.history + module.history
         note = ""
         if module.best_state is not None:
             model.load_state_dict(module.best_state)
-        elif validate:  # no finite epoch: keep the weights the stage started from
+        elif self.validate:  # no finite epoch: keep the weights the stage started from
             if start is None:
-                prev = plan[i - 1] if i > 0 and out is not None else None
-                start = training.weights(stage_dir(out, prev.index, prev.stage)) if prev else initial
+                if i > 0 and out is not None:
+                    prev = self.plan[i - 1]
+                    start = self.training.weights(stage_dir(out, prev.index, prev.stage))
+                else:
+                    start = self.initial
             model.load_state_dict(start)
             note = "no finite validation epoch: weights left as before the stage"
-            say(f"stage {stage.name}: {note} (lower optim.lr, or train in 32-true precision)")
+            self.say(f"stage {stage.name}: {note} (lower optim.lr, or train in 32-true precision)")
         if module.diverged:
-            say(
-                f"stage {stage.name}: the weights became NaN/inf at epoch {module.epoch}; "
-                "the stage ended there"
-            )
+            self.say(f"stage {stage.name}: the weights became NaN/inf at epoch {module.epoch}; the stage "
+                     "ended there")  # fmt: skip
         summary = {
             "name": stage.name, "index": k, "tasks": list(stage.tasks), "epochs": ps.epochs,
             "lr": ps.settings.lr or config.optim.lr,
@@ -702,40 +479,29 @@ def _fit(
         }  # fmt: skip
         if module.per_task:  # checkpoint_per_task: each task's best epoch of the final stage
             summary["per_task"] = module.task_best
-        summaries = [*summaries, summary]
+        self.summaries = [*self.summaries, summary]
         if module.best_metrics is not None:
-            selected = {"stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
-                        "predictions": module.best_predictions, "final": final,
-                        "written": recorder.best_written == module.best_epoch,
-                        "task_predictions": module.task_predictions}  # fmt: skip
-        if validate and module.best_metrics is not None:
-            say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score {module.best_score:.4f} "
-                f"(P {module.best_metrics['P']:.4f}) at epoch {module.best_epoch}")  # fmt: skip
-        if out is not None and rank0:
-            if not validate or module.best_state is None:
-                training.save(stage_dir(out, k, stage), module.best_metrics, True)
+            self.selected = {
+                "stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
+                "predictions": module.best_predictions, "final": final,
+                "written": module.recorder.best_written == module.best_epoch,
+                "task_predictions": module.task_predictions,
+            }  # fmt: skip
+        if self.validate and module.best_metrics is not None:
+            self.say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score "
+                     f"{module.best_score:.4f} (P {module.best_metrics['P']:.4f}) at epoch "
+                     f"{module.best_epoch}")  # fmt: skip
+        if out is not None and self.rank0:
+            if not self.validate or module.best_state is None:
+                self.training.save(stage_dir(out, k, stage), module.best_metrics, True)
             EpochState(
                 stage=k, stage_name=stage.name, epoch=summary["epochs_run"], stage_done=True,
-                model=model.state_dict(), selection=module.selection(), history=history, stages=summaries,
-                rng=capture_rng(),
+                model=model.state_dict(), selection=module.selection(), history=self.history,
+                stages=self.summaries, rng=capture_rng(),
             ).save(out)  # fmt: skip
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
-    return _finish(config, training, out, world, t0, history, summaries, selected, present, validate,
-                   trainval and not validate)
 
 
-def _with_counters(state: dict[str, torch.Tensor], counters: Mapping[str, int]) -> dict[str, torch.Tensor]:
-    """``state`` (read from a checkpoint) with the integer buffers the selection recorded: a checkpoint
-    may leave BatchNorm's ``num_batches_tracked`` out, which would come back as 0 after a resume."""
-    for key, value in counters.items():
-        if key in state:
-            state[key] = torch.full_like(state[key], int(value))
-    return state
-
-
-def _image_set(root: Path, train: LabelTable, val: LabelTable | None) -> Any:
+def image_set(root: Path, train: LabelTable, val: LabelTable | None) -> Any:
     """The images a run from images reads (every one its annotations name), hashed: see
     :mod:`mtaffect.train.images.digest`."""
     from mtaffect.schema import CROPPED_DIR
@@ -744,50 +510,19 @@ def _image_set(root: Path, train: LabelTable, val: LabelTable | None) -> Any:
     return ImageSet.scan(Path(root) / CROPPED_DIR, image_names([train, val]))
 
 
-def select_tasks(config: TrainConfig, stage_tasks: tuple[str, ...]) -> tuple[str, ...]:
-    """The tasks whose terms choose a stage's epoch: ``trainer.select`` among the stage's tasks, else
-    the stage's own tasks."""
-    owner = {"valence": "va", "arousal": "va"}  # one CCC of the VA term: selected when VA trains
-    chosen = tuple(t for t in config.trainer.select if owner.get(t, t) in stage_tasks)
-    return chosen or stage_tasks
-
-
-def _reuse_stage(model: MTLModel, stage: Stage, saved: dict[str, torch.Tensor], folder: Path) -> None:
-    """Load the weights of ``stage``'s trainable modules from ``saved`` (the checkpoint ``folder``'s)."""
-    prefixes = tuple(f"{m}." for m in stage.train_modules if m != "*")
-    if not prefixes:
-        raise ValueError(f"stage {stage.name} trains the whole model: nothing to reuse from {folder}")
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-    bad = [k for k, v in own.items() if k not in saved or saved[k].shape != v.shape]
-    if bad:
-        raise ValueError(
-            f"{folder} does not hold stage {stage.name}'s weights for this model (e.g. {bad[:3]}); train the "
-            "stage with the same recipe settings"
-        )
-    model.load_state_dict({k: saved[k] for k in own}, strict=False)
-
-
-def _selected_from_summary(summaries: list[dict], name: str, before: dict | None) -> dict | None:
-    for s in summaries:
-        if s["name"] == name and s.get("best_metrics") is not None:
-            return {"stage": name, "metrics": s["best_metrics"], "epoch": s["best_epoch"],
-                    "predictions": None, "final": False, "written": False}  # fmt: skip
-    return before
-
-
 def _decode_failures(dm: Any) -> dict:
     """Images that failed to decode while training from images (left out of their batches), by name."""
     failures = getattr(dm, "failures", None)
     return {"failed_to_decode": dict(sorted(failures.items()))} if failures else {}
 
 
-def _finish(
-    config: TrainConfig, training: Training, out: Path | None, world: World, t0: float, history: list[dict],
-    summaries: list[dict], selected: dict | None, present: tuple[str, ...], validate: bool,
-    trainval: bool = False,
-) -> TrainResult:  # fmt: skip
+def _finish(fitting: StagedFit) -> TrainResult:
     """Write best/ and val_predictions.parquet where the final stage's recorder has not, and metrics.json
     (rank 0); build the result."""
+    config, training, out, world = fitting.config, fitting.training, fitting.out, fitting.world
+    t0 = fitting.t0
+    history, summaries, selected = fitting.history, fitting.summaries, fitting.selected
+    present, validate, trainval = fitting.present, fitting.validate, fitting.trainval and not fitting.validate
     model, dm = training.model, training.datamodule
     rank0 = world.rank == 0
     metrics = selected["metrics"] if selected else {}
@@ -873,7 +608,7 @@ def _save_per_task(out: Path, per_task: Mapping[str, dict], metrics: dict) -> Pa
     from mtaffect.train.run import per_task_dir
 
     tasks = _answering(per_task)
-    members = {}
+    members: dict[str, Path] = {}
     for t in per_task:
         members.setdefault(tasks[t], per_task_dir(out, t))
     return save_ensemble(out / "best", members, tasks, metrics=metrics, overwrite=True)
@@ -930,6 +665,6 @@ def fit_from_root(
 
 
 __all__ = [
-    "NoValidationError", "TrainResult", "TrainingDivergedError", "build_model", "fit", "fit_from_root",
-    "resolve_world",
+    "NoValidationError", "StagedFit", "TrainResult", "TrainingDivergedError", "env_rank", "fit",
+    "fit_from_root",
 ]  # fmt: skip

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -45,6 +45,9 @@ from mtaffect.models.losses import MTLLoss
 from mtaffect.schema import MISSING_AU, MISSING_EXPR, MISSING_VA
 from mtaffect.train.config import SCHEDULES
 
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+
 
 def apply_stage(model: MTLModel, stage: Stage) -> list[str]:
     """Freeze all but ``stage.train_modules`` (dotted names; ``"*"``: all); returns the trainable names."""
@@ -55,16 +58,18 @@ def apply_stage(model: MTLModel, stage: Stage) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in stage.train_modules:
+        target: nn.Module | nn.Parameter
         try:
             target = model.get_submodule(name)
         except AttributeError:
-            target = getattr(model, name, None)
-            if not isinstance(target, nn.Parameter):
+            param = getattr(model, name, None)
+            if not isinstance(param, nn.Parameter):
                 children = [n for n, _ in model.named_children()]
                 raise ValueError(
                     f"stage {stage.name!r} trains {name!r}, which is not a submodule or parameter of "
                     f"{type(model).__name__} (children: {children})"
                 ) from None
+            target = param
         if isinstance(target, nn.Parameter):
             target.requires_grad_(True)
         else:
@@ -246,7 +251,7 @@ class MTLModule(L.LightningModule):
             )
         return total
 
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         groups = self.model.param_groups(self.lr, self.weight_decay)
         opt = make_optimizer(groups, self.lr, self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -378,7 +383,11 @@ class MTLModule(L.LightningModule):
                 self.task_best[t] = {"score": float(score), "epoch": self.epoch, "metrics": result.to_dict()}
                 better.append(t)
         if better:
-            preds = self.best_predictions if improved else _concat(_gather(_concat(self._preds)))
+            if improved:
+                assert self.best_predictions is not None  # set by this validation
+                preds = self.best_predictions
+            else:
+                preds = _concat(_gather(_concat(self._preds)))
             self.task_predictions.update({t: preds for t in better})
         self.improved_tasks = tuple(better)
 

@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,9 @@ from mtaffect.persist import (
     read_json,
     write_json,
 )
-from mtaffect.train.config import TrainConfig, combine_map, fused_tasks, pipeline_configs
+from mtaffect.train.config import TrainConfig
 from mtaffect.train.fit import env_rank, fit
+from mtaffect.train.pipeline_steps import combine_map, fused_tasks, pipeline_configs
 from mtaffect.train.run import RUN_ENTRIES, check_ours, check_same_run, remove_run, run_status
 from mtaffect.train.state import ResumeError, data_source, labels_digest, read_run, run_identity
 
@@ -177,7 +178,8 @@ class Pipeline:
         self.combine = combine_map(config)
         tr = train if train is not None else load_split(self.root, "train")
         va = val if val is not None else load_split(self.root, "val")
-        self.train, self.val = (LabelTable.concat([tr, va]), None) if trainval else (tr, va)
+        self.train: LabelTable = LabelTable.concat([tr, va]) if trainval else tr
+        self.val: LabelTable | None = None if trainval else va
         self.rank0 = env_rank() == 0
         self.trained: list[str] = []  # train steps this call trained (not kept from before)
         self.record: dict[str, dict] = {}
@@ -323,7 +325,7 @@ class Pipeline:
 
     def _export(self, step: Step) -> dict:
         from mtaffect.features.extract import extract
-        from mtaffect.models.checkpoint import backbone_from_run
+        from mtaffect.models.loading import backbone_of
 
         run = self.out / f"task_{step.task}"
         store = self.out / STORES_DIR / str(step.task)
@@ -331,7 +333,7 @@ class Pipeline:
         device = str(opts.get("device", "auto"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        bb = backbone_from_run(f"run:{run}", device, trust_remote_code=self.trust_remote_code)
+        bb = backbone_of(run, device, trust_remote_code=self.trust_remote_code)
         fp = bb.spec.fingerprint()
         if (store / "meta.json").is_file():
             st = FeatureStore.open(store)
@@ -363,7 +365,7 @@ class Pipeline:
         preds = None
         if self.val is not None:
             folders = {task: self.out / f"enhanced_{name}" for task, name in self.combine.items()}
-            self._check_validated_on(folders.values())
+            self._check_validated_on(folders.values(), self.val)
             preds, metrics = combine_predictions(folders, self.val)
         if self.rank0:
             save_ensemble(self.out / "best", members, self.combine, sources=sources, metrics=metrics,
@@ -377,16 +379,16 @@ class Pipeline:
         )
         return {"status": "combined", "P": metrics.get("P") if metrics else None}
 
-    def _check_validated_on(self, folders) -> None:
+    def _check_validated_on(self, folders: Iterable[Path], val: LabelTable) -> None:
         """The steps combined were validated on this call's validation labels (``--step combine`` with
         another ``--data`` would score one set's predictions against another's labels)."""
-        want = labels_digest(self.val)
+        want = labels_digest(val)
         for folder in folders:
             rec = (read_run(folder) or {}).get("val") or {}
             if rec.get("content_sha256") not in (None, want):
                 raise ValueError(
                     f"{folder / 'run.json'}: step {folder.name} was validated on {rec.get('source')}, not on "
-                    f"{self.val.source}; run --step combine with the --data the steps were trained on, or "
+                    f"{val.source}; run --step combine with the --data the steps were trained on, or "
                     "train them again"
                 )
 

@@ -31,12 +31,12 @@ from mtaffect.models.base import MTLModel, Stage
 from mtaffect.models.checkpoint import save_checkpoint
 from mtaffect.persist import NotOursError
 from mtaffect.schema import NUM_AUS
-from mtaffect.train.config import TrainConfig
+from mtaffect.train.config import ConfigError, TrainConfig, config_from_dict
 from mtaffect.train.state import EpochState, ResumeError, capture_rng, check_identity, read_run
 
 if TYPE_CHECKING:
-    from mtaffect.train.fit import Training
     from mtaffect.train.module import MTLModule
+    from mtaffect.train.training import Training
 
 #: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
 RUN_ENTRIES = (
@@ -110,12 +110,25 @@ def check_same_run(out: Path, config: TrainConfig, identity: dict) -> None:
     check_identity(saved_run, identity, out)
     saved_cfg = out / "config.yaml"
     if saved_cfg.is_file():
-        before = yaml.safe_load(saved_cfg.read_text(encoding="utf-8"))
+        before = _settings(yaml.safe_load(saved_cfg.read_text(encoding="utf-8")), saved_cfg)
         if before != yaml.safe_load(yaml.safe_dump(config.to_dict())):
             raise ResumeError(
                 f"{saved_cfg}: the run was started with another config; resume with the same config "
                 "and overrides, or start over with --overwrite"
             )
+
+
+def _settings(saved: Any, where: Path) -> Any:
+    """Every setting of a saved ``config.yaml``: an older run's file lists only what differed from the
+    defaults, so it is read through the schema (its defaults filled in) before being compared."""
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return yaml.safe_load(yaml.safe_dump(config_from_dict(saved, str(where)).to_dict()))
+    except ConfigError as e:
+        raise ResumeError(
+            f"{e}; this run was saved with settings this version no longer reads: start over with --overwrite"
+        ) from None
 
 
 def run_status(out: Path) -> str:

@@ -22,8 +22,8 @@ in ``out/best/``.
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,11 @@ from mtaffect.features.store import FeatureStore
 from mtaffect.io import atomic_open, check_writable
 from mtaffect.metrics import TERM_COLUMNS, terms_row
 from mtaffect.models.base import TASKS
-from mtaffect.train.config import ConfigError, TrainConfig, combine_map, merge_config
-from mtaffect.train.fit import env_rank, fit, named_stores, open_training_data
+from mtaffect.persist import write_json
+from mtaffect.train.build import named_stores, open_training_data, pipeline_root
+from mtaffect.train.config import ConfigError, TrainConfig
+from mtaffect.train.fit import env_rank, fit
+from mtaffect.train.pipeline_steps import combine_map, merge_config
 
 
 @dataclass
@@ -52,6 +55,13 @@ class SearchRow:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def scored(cls, variant: dict[str, Any], terms: Mapping[str, float], seconds: float,
+               run: str | None) -> SearchRow:  # fmt: skip
+        """A row from ``terms_row``'s terms (P, ccc_va, f1_expr, f1_au)."""
+        return cls(variant=variant, P=terms["P"], ccc_va=terms["ccc_va"], f1_expr=terms["f1_expr"],
+                   f1_au=terms["f1_au"], seconds=seconds, run=run)  # fmt: skip
 
 
 def _label(variant: dict[str, Any]) -> str:
@@ -86,8 +96,8 @@ def search(
             f"{config.source or 'the config'}: search.grid is empty; list model.hparams variants to compare"
         )
     if config.pipeline.enabled:
-        return search_pipeline(config, store, train, val, out, variants, overwrite=overwrite, log=log,
-                               trust_remote_code=trust_remote_code)  # fmt: skip
+        return search_pipeline(config, pipeline_root(store), train, val, out, variants, overwrite=overwrite,
+                               log=log, trust_remote_code=trust_remote_code)  # fmt: skip
     named = named_stores(stores)
     st = open_training_data(config, store, named)  # a store, or the dataset root for image configs
     out_path = Path(out) if out is not None else None
@@ -109,8 +119,8 @@ def search(
             reuse={f"task_{t}": reuse[t] for t in ([tasks] if isinstance(tasks, str) else tasks)}
             if reuse else None,
         )  # fmt: skip
-        rows.append(SearchRow(variant=dict(variant), **result.terms(), seconds=result.seconds,
-                              run=None if run is None else str(run)))  # fmt: skip
+        rows.append(SearchRow.scored(dict(variant), result.terms(), seconds=result.seconds,
+                                     run=None if run is None else str(run)))  # fmt: skip
     per_task = _choose(rows)
     ranked = sorted(rows, key=lambda r: -r.P)
     if out_path is not None and env_rank() == 0:
@@ -126,11 +136,10 @@ def search(
         save_ensemble(out_path / "best", members, {t: f"run{k}" for t, k in per_task.items()}, overwrite=True)
         best_of = [f"{t} best in run{k} ({_label(rows[k].variant)})" for t, k in per_task.items()]
         say(f"per task: {', '.join(best_of)}; {out_path / 'best'} combines them (one model per task)")
-        with atomic_open(out_path / "search.json", "w", overwrite=overwrite, encoding="utf-8") as fh:
-            json.dump({"recipe": config.model.recipe, "ranked": [r.to_dict() for r in ranked],
-                       "per_task": _per_task_report(rows), "chosen_config": str(out_path / "chosen.yaml"),
-                       "task_models_reused": bool(reuse)}, fh, indent=1, default=float)  # fmt: skip
-            fh.write("\n")
+        write_json(out_path / "search.json",
+                   {"recipe": config.model.recipe, "ranked": [r.to_dict() for r in ranked],
+                    "per_task": _per_task_report(rows), "chosen_config": str(out_path / "chosen.yaml"),
+                    "task_models_reused": bool(reuse)}, overwrite=overwrite)  # fmt: skip
     return ranked
 
 
@@ -229,8 +238,8 @@ def search_pipeline(
         _, metrics = combine_predictions(runs, val)
         seconds = sum(pipe.record.get(f"enhanced_v{i}_{n}", {}).get("train_seconds") or 0.0
                       for n in config.pipeline.enhanced)  # fmt: skip
-        rows.append(SearchRow(variant=dict(variant), **terms_row(metrics, tuple(base)), seconds=seconds,
-                              run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
+        rows.append(SearchRow.scored(dict(variant), terms_row(metrics, tuple(base)), seconds=seconds,
+                                     run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
     chosen = _choose(rows)
     pick = config.copy()
     pick.search.grid = []
@@ -249,16 +258,14 @@ def search_pipeline(
         + f"; combined P {result.P:.4f}; runnable config {out_path / 'chosen.yaml'}")  # fmt: skip
     ranked = sorted(rows, key=lambda r: -r.P)
     if env_rank() == 0:
-        with atomic_open(out_path / "search.json", "w", overwrite=True, encoding="utf-8") as fh:
-            json.dump({
-                "recipe": config.model.recipe, "pipeline": True, "ranked": [r.to_dict() for r in ranked],
-                "per_task": _per_task_report(rows),
-                "chosen": {task: {"variant": rows[chosen[task]].variant, "model": pick.pipeline.combine[task]}
-                           for task in base},
-                "chosen_P": result.P, "chosen_config": str(out_path / "chosen.yaml"),
-                "trained": pipe.trained,
-            }, fh, indent=1, default=float)  # fmt: skip
-            fh.write("\n")
+        write_json(out_path / "search.json", {
+            "recipe": config.model.recipe, "pipeline": True, "ranked": [r.to_dict() for r in ranked],
+            "per_task": _per_task_report(rows),
+            "chosen": {task: {"variant": rows[chosen[task]].variant, "model": pick.pipeline.combine[task]}
+                       for task in base},
+            "chosen_P": result.P, "chosen_config": str(out_path / "chosen.yaml"),
+            "trained": pipe.trained,
+        })  # fmt: skip
     return ranked
 
 
@@ -267,7 +274,7 @@ def search_table(rows: list[SearchRow]):  # -> rich.table.Table
 
     t = Table(title="strategy search (ranked by validation P)", title_justify="left")
     chosen = any(r.chosen_for is not None for r in rows)
-    columns = ("rank", "variant", "P", "CCC_VA", "F1_EXPR", "F1_AU", "seconds")
+    columns: tuple[str, ...] = ("rank", "variant", "P", "CCC_VA", "F1_EXPR", "F1_AU", "seconds")
     columns += ("chosen for",) if chosen else ()
     for col in columns:
         t.add_column(col, justify="left" if col in ("variant", "chosen for") else "right")

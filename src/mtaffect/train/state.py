@@ -95,6 +95,7 @@ def data_source(data: FeatureStore | StoreSet | Path, stores: StoreSet | None = 
         data = data.main
     if stores is not None:
         named.update({k: v for k, v in stores.identity().items() if k})
+    out: dict[str, Any]
     if isinstance(data, FeatureStore):
         out = {"path": str(data.path), "images_sha256": store_images_sha256(data),
                "fingerprint": data.fingerprint}  # fmt: skip
@@ -167,7 +168,7 @@ def write_run(out: Path, identity: dict) -> None:
 def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
     """(JSON-able Python/NumPy RNG states, torch RNG states as uint8 tensors)."""
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     scalars = {
         "python": [version, list(internal), gauss],
         "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],

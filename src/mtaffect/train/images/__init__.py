@@ -7,8 +7,8 @@ feature store, beside the store path and sharing its units, losses, metric and c
   batched on the device with kornia, seeded, one transform per window;
 - :mod:`.data`: :class:`~.data.ImageDataModule`, decoding in DataLoader workers, rank shards;
 - :mod:`.build`: :func:`~.build.build_image_training` (backbone + recipe ->
-  :class:`~mtaffect.models.image_model.ImageMTLModel`, data module, checkpoint writer) used by
-  :func:`mtaffect.train.fit.fit`, and :func:`~.build.image_affect_model` for predictions.
+  :class:`~mtaffect.models.image_model.ImageMTLModel`, data module, checkpoint writer) called by
+  :func:`mtaffect.train.build.build_training`, and :func:`~.build.image_affect_model` for predictions.
 
 Nothing is imported here, so the CLI stays light.
 """

@@ -1,4 +1,5 @@
-"""From a config with a ``backbone:`` section to what :func:`mtaffect.train.fit.fit` trains.
+"""From a config with a ``backbone:`` section to what :func:`mtaffect.train.fit.fit` trains (called by
+:func:`mtaffect.train.build.build_training`).
 
 :func:`build_image_training` builds the backbone (``create_backbone(name, **kwargs)``), the recipe on
 its output sizes (the head), the :class:`~mtaffect.models.image_model.ImageMTLModel` around both, the
@@ -20,13 +21,14 @@ import torch
 from mtaffect.data.annotations import LabelTable
 from mtaffect.features.base import Backbone
 from mtaffect.features.reader import StoreSet
-from mtaffect.models.checkpoint import TrainedAffectModel, load_mtl_model
+from mtaffect.models.checkpoint import load_mtl_model
 from mtaffect.models.image_model import ImageMTLModel
+from mtaffect.models.trained import TrainedAffectModel
 from mtaffect.train.config import TrainConfig
-from mtaffect.train.fit import Training, build_model, on_gpu
 from mtaffect.train.images.augment import Augmenter
 from mtaffect.train.images.data import ImageDataModule
 from mtaffect.train.run import input_store_records, save_model
+from mtaffect.train.training import Training, build_model, on_gpu
 
 
 def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Backbone:
@@ -60,7 +62,7 @@ def build_image_training(
     store_inputs = tuple(i for i in head.inputs if "@" in i)
     model = ImageMTLModel(
         backbone, head, mode=b.mode, frozen_blocks=b.frozen_blocks, lr=b.lr, weight_decay=b.weight_decay,
-        layer_decay=b.layer_decay, train_stages=b.stages, grad_checkpointing=b.grad_checkpointing,
+        layer_decay=b.layer_decay, train_stages=b.train_stages, grad_checkpointing=b.grad_checkpointing,
     )  # fmt: skip
     d = config.data
     if d.eval_batch_size > 4 * max(d.batch_size, 64):

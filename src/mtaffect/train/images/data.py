@@ -130,7 +130,7 @@ class ImageDataModule(MTLDataModule):
             raise ValueError(f"the model reads {list(self.store_inputs)}: give the named stores holding them")
         self._store_rows: list[np.ndarray] = []  # row of each position in the named stores
         super().__init__(
-            None, train, val, inputs=("pixels", *self.store_inputs), temporal=temporal,  # type: ignore[arg-type]
+            None, train, val, inputs=("pixels", *self.store_inputs), temporal=temporal,
             batch_size=batch_size, eval_batch_size=eval_batch_size, window=window, stride=stride,
             window_edge=window_edge, seed=seed, workers=workers, pin_memory=pin_memory, in_memory=in_memory,
             memory_limit_gb=memory_limit_gb,

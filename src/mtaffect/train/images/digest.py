@@ -52,13 +52,34 @@ class ImageFile:
         return f"{self.size} bytes, sha256 {self.sha256[:12]}…, modified {when}"
 
 
+#: Files this process has hashed: path -> (stat key, sha256). A pipeline's steps and a cross-validation's
+#: folds read the same images; each is hashed once per process, and again whenever its stat key changed
+#: (a rewrite changes ctime, which cannot be set back; only one within the same clock tick as the
+#: earlier hash, milliseconds, would go unseen).
+_HASHED: dict[str, tuple[tuple[int, ...], str]] = {}
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever a file's bytes may have: ctime too, which no one can set back."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _hash_file(path: str) -> tuple[int, int, str]:
     """(size, mtime_ns, sha256) of a regular file; (-1, 0, "-") when it is missing or not a regular file.
 
     Raw ``os.open``/``fstat``/``read``: on small face crops the per-file overhead is the cost (about 2.5x
     less than ``open()`` + ``hashlib.file_digest``). Opened non-blocking, so a FIFO never blocks;
-    ``fstat`` of the open file, so size and content are the same file's.
+    ``fstat`` of the open file, so size and content are the same file's. A file this process hashed
+    before and whose stat is unchanged is not read again.
     """
+    seen = _HASHED.get(path)
+    if seen is not None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and _stat_key(st) == seen[0]:
+            return st.st_size, st.st_mtime_ns, seen[1]
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(path, flags)
@@ -71,6 +92,7 @@ def _hash_file(path: str) -> tuple[int, int, str]:
         h = hashlib.sha256()
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
+        _HASHED[path] = (_stat_key(st), h.hexdigest())
         return st.st_size, st.st_mtime_ns, h.hexdigest()
     except OSError:
         return -1, 0, "-"
