@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 # mypy over src/mtaffect, configured in pyproject.toml's [tool.mypy].
 typecheck: setup

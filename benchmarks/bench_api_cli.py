@@ -42,15 +42,27 @@ def _env() -> dict:
 def run_api(video: Path, detect_every: int, threads: str = "auto") -> float:
     res = subprocess.run(
         [sys.executable, "-c", API_CHILD, str(video), str(detect_every), threads],
-        capture_output=True, text=True, check=True, env=_env(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env(),
+    )
     return float(next(ln for ln in res.stdout.splitlines() if ln.startswith("API_RATE")).split()[1])
 
 
 def run_cli(video: Path, detect_every: int, out: Path) -> float:
     exe = Path(sys.executable).with_name("mtaffect")
-    cmd = [str(exe), "predict", str(video), "--out", str(out), "--quiet", "--overwrite",
-           "--detect-every", str(detect_every)]  # fmt: skip
+    cmd = [
+        str(exe),
+        "predict",
+        str(video),
+        "--out",
+        str(out),
+        "--quiet",
+        "--overwrite",
+        "--detect-every",
+        str(detect_every),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env())
     m = re.search(r"([\d.]+) frames/s", res.stdout)
     if m is None:

@@ -66,8 +66,13 @@ def run(src: Path, store: Path, train_rows: int, world: int, out: Path) -> list[
     for f in out.glob("rss_*.json"):
         f.unlink()
     script = out / "child.py"
-    fields = {"src": str(src), "bench": str(Path(__file__).parent), "store": str(store), "world": world,
-              "train_rows": train_rows}  # fmt: skip
+    fields = {
+        "src": str(src),
+        "bench": str(Path(__file__).parent),
+        "store": str(store),
+        "world": world,
+        "train_rows": train_rows,
+    }
     config = src.parent / "configs" / "emotinet.yaml"  # the checkout's own config
     config = config if config.is_file() else config_path("emotinet")
     script.write_text(CHILD.format(config=str(config), out=str(out), **fields))

@@ -39,8 +39,18 @@ print("TORCH_LOADED", "torch" in sys.modules)
 
 
 def run_cli(video: Path, out: Path, engine: str, export: Path, detect_every: int) -> dict:
-    args = ["predict", str(video), "--out", str(out), "--quiet", "--overwrite",
-            "--detect-every", str(detect_every), "--engine", engine]  # fmt: skip
+    args = [
+        "predict",
+        str(video),
+        "--out",
+        str(out),
+        "--quiet",
+        "--overwrite",
+        "--detect-every",
+        str(detect_every),
+        "--engine",
+        engine,
+    ]
     if engine == "onnxruntime":
         args += ["--model", str(export), "--precision", "float32"]
     t0 = time.perf_counter()
@@ -93,8 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.repeats):
                 for engine in runs:
                     runs[engine].append(run_cli(video, d / engine, engine, d / "export", every))
-                print(f"detect_every {every}: " + ", ".join(
-                    f"{e} {r[-1]['fps']:.1f} frames/s" for e, r in runs.items()), flush=True)  # fmt: skip
+                print(
+                    f"detect_every {every}: "
+                    + ", ".join(f"{e} {r[-1]['fps']:.1f} frames/s" for e, r in runs.items()),
+                    flush=True,
+                )
             row = {}
             for engine, rs in runs.items():
                 row[engine] = {

@@ -79,8 +79,14 @@ def smile(folder: Path, limit: int | None) -> dict:
 
     images, labels, _ = load_faces(DEFAULT_DATA, limit)
     backbone, model = create_backbone("fer-minixception").eval(), DefaultAffectModel()
-    probs = {"torch": np.concatenate([torch_predict(backbone, model, images[i : i + 512]).expr_probs
-                                      for i in range(0, len(images), 512)])}  # fmt: skip
+    probs = {
+        "torch": np.concatenate(
+            [
+                torch_predict(backbone, model, images[i : i + 512]).expr_probs
+                for i in range(0, len(images), 512)
+            ]
+        )
+    }
     for p in ("float32", "int8"):
         rt = Runtime(folder, precision=p)
         probs[f"onnxruntime_{p}"] = np.concatenate(

@@ -148,13 +148,26 @@ def main(argv: list[str] | None = None) -> dict:
         def run(bb: Backbone, label: str, workers: int, threads: int, batch: int, images: list[str]) -> dict:
             cpu0 = _cpu_seconds()
             res = extract(
-                root, bb, Path(tmp) / "store", images=images, batch_size=batch, workers=workers,
-                threads=threads, progress=False, overwrite=True,
-            )  # fmt: skip
+                root,
+                bb,
+                Path(tmp) / "store",
+                images=images,
+                batch_size=batch,
+                workers=workers,
+                threads=threads,
+                progress=False,
+                overwrite=True,
+            )
             cpu_ms = (_cpu_seconds() - cpu0) * 1000 / len(images)
-            row = {"backbone": label, "workers": workers, "threads": threads, "batch_size": batch,
-                   "images": len(images), "images_per_s": round(res.images_per_s, 1),
-                   "cpu_ms_per_image": round(cpu_ms, 3)}  # fmt: skip
+            row = {
+                "backbone": label,
+                "workers": workers,
+                "threads": threads,
+                "batch_size": batch,
+                "images": len(images),
+                "images_per_s": round(res.images_per_s, 1),
+                "cpu_ms_per_image": round(cpu_ms, 3),
+            }
             print(f"  {row}", flush=True)
             return row
 

@@ -55,12 +55,26 @@ SECTIONS = ("dinov2_giant", "vit_b16_finetune", "bf16_agreement", "token_reader"
 
 #: facebook/dinov2-giant's architecture, by hand (no download): SwiGLU FFN (4096 wide), layer scale 1,
 #: position embeddings trained at 518 px and interpolated to the 238 px recipe 1 runs at.
-DINOV2_GIANT = {"hidden_size": 1536, "num_hidden_layers": 40, "num_attention_heads": 24, "mlp_ratio": 4,
-                "use_swiglu_ffn": True, "patch_size": 14, "image_size": 518,
-                "layerscale_value": 1.0}  # fmt: skip
+DINOV2_GIANT = {
+    "hidden_size": 1536,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 24,
+    "mlp_ratio": 4,
+    "use_swiglu_ffn": True,
+    "patch_size": 14,
+    "image_size": 518,
+    "layerscale_value": 1.0,
+}
 #: ViT-B/16 (the shape of recipe 3's MAE ViT-B/16 backbone).
-VIT_B16 = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-           "patch_size": 16, "image_size": 224, "layer_norm_eps": 1e-6}  # fmt: skip
+VIT_B16 = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "patch_size": 16,
+    "image_size": 224,
+    "layer_norm_eps": 1e-6,
+}
 
 
 class Sizes(NamedTuple):
@@ -113,21 +127,54 @@ def recipe_configs() -> dict[str, Path]:
 
 
 FULL = Sizes(
-    dino=DINOV2_GIANT, dino_image=238, dino_batch=64, vit=VIT_B16, vit_batch=None, warmup=3, iters=10,
-    recipes=_recipes((289, 1536), 1280, 768), agree_batch=None,
-    reader_rows=2048, reader_tokens=(289, 1536), reader_batch=64, reader_batches=24, reader_workers=4,
+    dino=DINOV2_GIANT,
+    dino_image=238,
+    dino_batch=64,
+    vit=VIT_B16,
+    vit_batch=None,
+    warmup=3,
+    iters=10,
+    recipes=_recipes((289, 1536), 1280, 768),
+    agree_batch=None,
+    reader_rows=2048,
+    reader_tokens=(289, 1536),
+    reader_batch=64,
+    reader_batches=24,
+    reader_workers=4,
     onnx_batches=(1, 64, 256),
-)  # fmt: skip
+)
 SMOKE = Sizes(
-    dino={**DINOV2_GIANT, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-          "image_size": 56},
-    dino_image=28, dino_batch=2,
-    vit={**VIT_B16, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "intermediate_size": 64, "image_size": 32},
-    vit_batch=2, warmup=1, iters=1, recipes=_recipes((4, 16), 16, 16), agree_batch=4,
-    reader_rows=32, reader_tokens=(4, 16), reader_batch=4, reader_batches=4, reader_workers=1,
-    onnx_batches=(1, 4), onnx_check_faces=1, collect=False,
-)  # fmt: skip
+    dino={
+        **DINOV2_GIANT,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 56,
+    },
+    dino_image=28,
+    dino_batch=2,
+    vit={
+        **VIT_B16,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+    },
+    vit_batch=2,
+    warmup=1,
+    iters=1,
+    recipes=_recipes((4, 16), 16, 16),
+    agree_batch=4,
+    reader_rows=32,
+    reader_tokens=(4, 16),
+    reader_batch=4,
+    reader_batches=4,
+    reader_workers=1,
+    onnx_batches=(1, 4),
+    onnx_check_faces=1,
+    collect=False,
+)
 
 
 # ---- shared helpers -----------------------------------------------------------------------------------
@@ -136,8 +183,13 @@ def environment(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
     cudnn = torch.backends.cudnn.version() if cuda else None
-    return {"device": str(device), "device_name": name, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": cudnn}  # fmt: skip
+    return {
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -245,10 +297,14 @@ def bench_dinov2(s: Sizes, device: torch.device, work: Path) -> dict:
         backbone = create_dinov2("giant", config=dict(s.dino), image_size=s.dino_image, dtype="bfloat16")
     backbone.to(device)
     b, size = s.dino_batch, s.dino_image
-    out: dict = {"dtype": "bfloat16", "batch": b, "image_size": size,
-                 "tokens": list(backbone.spec.token_shape or ()),
-                 "parameters": sum(p.numel() for p in backbone.parameters()),
-                 "weights_gb": allocated_gb(device)}  # fmt: skip
+    out: dict = {
+        "dtype": "bfloat16",
+        "batch": b,
+        "image_size": size,
+        "tokens": list(backbone.spec.token_shape or ()),
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "weights_gb": allocated_gb(device),
+    }
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(b, 3, size, size, generator=gen).to(device)
 
@@ -267,9 +323,11 @@ def bench_dinov2(s: Sizes, device: torch.device, work: Path) -> dict:
     batch = {"pixels": pixels, **random_labels(b, device, gen)}
     out["recipe1_train_step"] = {
         **time_steps(step, batch, s),
-        "precision": "backbone bfloat16 (frozen), head bf16-mixed", "config": "configs/queries_gcn.yaml",
-        "head_parameters": sum(p.numel() for p in head.parameters()), "lr": cfg.optim.lr,
-    }  # fmt: skip
+        "precision": "backbone bfloat16 (frozen), head bf16-mixed",
+        "config": "configs/queries_gcn.yaml",
+        "head_parameters": sum(p.numel() for p in head.parameters()),
+        "lr": cfg.optim.lr,
+    }
     return out
 
 
@@ -288,15 +346,24 @@ def bench_vit(s: Sizes, device: torch.device, work: Path) -> dict:
         folder = Path(tmp) / "vit_b16_random"
         torch.manual_seed(0)
         transformers.ViTModel(transformers.ViTConfig(**s.vit)).save_pretrained(str(folder))
-        over = [f"backbone.name=hf:{folder}", f"backbone.image_size={s.vit['image_size']}",
-                "trainer.progress=false"]  # fmt: skip
+        over = [
+            f"backbone.name=hf:{folder}",
+            f"backbone.image_size={s.vit['image_size']}",
+            "trainer.progress=false",
+        ]
         cfg = load_config(CONFIG_DIR / "progressive_published.yaml", over)
         cfg.model.hparams.update(fusion_tasks=[], temporal="none")  # pipeline.task_defaults: no task inputs
         b = s.vit_batch or cfg.data.batch_size
         size = cfg.backbone.image_size
         bb_cfg = cfg.backbone
-        out.update(batch=b, image_size=size, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                   backbone_lr=bb_cfg.lr, backbone_weight_decay=bb_cfg.weight_decay)  # fmt: skip
+        out.update(
+            batch=b,
+            image_size=size,
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            backbone_lr=bb_cfg.lr,
+            backbone_weight_decay=bb_cfg.weight_decay,
+        )
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(b, 3, size, size, generator=gen).to(device)
         batch = {"pixels": pixels, **random_labels(b, device, gen)}
@@ -304,9 +371,15 @@ def bench_vit(s: Sizes, device: torch.device, work: Path) -> dict:
             backbone = build_backbone(cfg)
             head = build_model(cfg, backbone.spec)
             model = ImageMTLModel(
-                backbone, head, mode=bb_cfg.mode, frozen_blocks=bb_cfg.frozen_blocks, lr=bb_cfg.lr,
-                weight_decay=bb_cfg.weight_decay, layer_decay=bb_cfg.layer_decay, grad_checkpointing=ckpt,
-            ).to(device)  # fmt: skip
+                backbone,
+                head,
+                mode=bb_cfg.mode,
+                frozen_blocks=bb_cfg.frozen_blocks,
+                lr=bb_cfg.lr,
+                weight_decay=bb_cfg.weight_decay,
+                layer_decay=bb_cfg.layer_decay,
+                grad_checkpointing=ckpt,
+            ).to(device)
             key = "grad_checkpointing" if ckpt else "no_checkpointing"
             out[key] = time_steps(TrainStep(model, cfg.optim.lr, cfg.optim.weight_decay, device), batch, s)
             out[key]["parameters"] = sum(p.numel() for p in model.parameters())
@@ -358,9 +431,12 @@ def bench_agreement(s: Sizes, device: torch.device, work: Path) -> dict:
                 ref = model(batch)
                 with bf16_autocast(device):
                     low = model(batch)
-            out["recipes"][name] = {"recipe": cfg.model.recipe, "batch": list(lead),
-                                    "inputs": {k: list(v.shape) for k, v in batch.items()},
-                                    **_agreement(ref, low)}  # fmt: skip
+            out["recipes"][name] = {
+                "recipe": cfg.model.recipe,
+                "batch": list(lead),
+                "inputs": {k: list(v.shape) for k, v in batch.items()},
+                **_agreement(ref, low),
+            }
             del model, batch, ref, low
         except Exception as exc:  # recorded; the next recipe still runs
             out["recipes"][name] = error_record(exc)
@@ -393,9 +469,14 @@ def bench_reader(s: Sizes, device: torch.device, work: Path) -> dict:
     cuda = device.type == "cuda"
     n, b = s.reader_rows, s.reader_batch
     row_bytes = 2 * int(np.prod(s.reader_tokens))
-    out: dict = {"dtype": "float16 store -> float32 on the device", "batch": b, "rows": n,
-                 "tokens": list(s.reader_tokens), "row_bytes": row_bytes,
-                 "workers": s.reader_workers}  # fmt: skip
+    out: dict = {
+        "dtype": "float16 store -> float32 on the device",
+        "batch": b,
+        "rows": n,
+        "tokens": list(s.reader_tokens),
+        "row_bytes": row_bytes,
+        "workers": s.reader_workers,
+    }
     with tempfile.TemporaryDirectory(dir=work, prefix="bench_gpu_store") as tmp:
         path = Path(tmp) / "tokens"
         t0 = time.perf_counter()
@@ -447,14 +528,20 @@ def bench_onnx(s: Sizes, device: torch.device, work: Path) -> dict:
     from mtaffect.runtime.engine import Runtime
 
     available = ort.get_available_providers()
-    out: dict = {"dtype": "float32", "onnxruntime": ort.__version__, "available_providers": available,
-                 "batches": list(s.onnx_batches)}  # fmt: skip
+    out: dict = {
+        "dtype": "float32",
+        "onnxruntime": ort.__version__,
+        "available_providers": available,
+        "batches": list(s.onnx_batches),
+    }
     runs = {"cpu": ["CPUExecutionProvider"]}
     if "CUDAExecutionProvider" in available:
         runs["cuda"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
-        out["cuda"] = {"skipped": "onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
-                       "(matching the CUDA version) in place of onnxruntime"}  # fmt: skip
+        out["cuda"] = {
+            "skipped": "onnxruntime has no CUDAExecutionProvider here: install onnxruntime-gpu "
+            "(matching the CUDA version) in place of onnxruntime"
+        }
     with tempfile.TemporaryDirectory(dir=work, prefix="bench_gpu_onnx") as tmp:
         folder = Path(tmp) / "default"
         t0 = time.perf_counter()
@@ -468,7 +555,7 @@ def bench_onnx(s: Sizes, device: torch.device, work: Path) -> dict:
                 out["face_size"], out["channels"] = m.size, m.channels
                 faces = np.random.default_rng(0).integers(
                     0, 256, (max(s.onnx_batches), m.size, m.size, m.channels), dtype=np.uint8
-                )  # fmt: skip
+                )
                 row: dict = {"providers_used": m._face.get_providers(), "faces_per_s": {}}
                 for b in s.onnx_batches:
                     sec = seconds_per_call(lambda: m.run(faces[:b]), device, s.warmup, s.iters)  # noqa: B023
@@ -488,9 +575,12 @@ def bench_onnx(s: Sizes, device: torch.device, work: Path) -> dict:
 
 
 BENCHES: dict[str, Callable[[Sizes, torch.device, Path], dict]] = {
-    "dinov2_giant": bench_dinov2, "vit_b16_finetune": bench_vit, "bf16_agreement": bench_agreement,
-    "token_reader": bench_reader, "onnxruntime": bench_onnx,
-}  # fmt: skip
+    "dinov2_giant": bench_dinov2,
+    "vit_b16_finetune": bench_vit,
+    "bf16_agreement": bench_agreement,
+    "token_reader": bench_reader,
+    "onnxruntime": bench_onnx,
+}
 
 
 def error_record(exc: BaseException) -> dict:

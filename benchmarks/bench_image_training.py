@@ -32,8 +32,15 @@ from bench_recipes import synth_set
 from recipe_configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-VIT_TI = {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768,
-          "image_size": 112, "patch_size": 16, "layer_norm_eps": 1e-6}  # fmt: skip
+VIT_TI = {
+    "hidden_size": 192,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 3,
+    "intermediate_size": 768,
+    "image_size": 112,
+    "patch_size": 16,
+    "layer_norm_eps": 1e-6,
+}
 
 
 def prepare(out: Path, videos: int, frames: int) -> tuple[Path, Path]:
@@ -46,9 +53,15 @@ def prepare(out: Path, videos: int, frames: int) -> tuple[Path, Path]:
     if not (vit / "model.safetensors").is_file():
         torch.manual_seed(0)
         transformers.ViTModel(transformers.ViTConfig(**VIT_TI)).save_pretrained(vit)
-        proc = {"do_resize": True, "size": {"height": 112, "width": 112}, "do_rescale": True,
-                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5]}  # fmt: skip
+        proc = {
+            "do_resize": True,
+            "size": {"height": 112, "width": 112},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
         (vit / "preprocessor_config.json").write_text(json.dumps(proc))
     return root, vit
 
@@ -59,9 +72,15 @@ def configs(vit: Path) -> dict:
     fer = load_config(CONFIG_DIR / "finetune_fer.yaml", ["trainer.progress=false"])
     vit_cfg = load_config(
         CONFIG_DIR / "finetune_fer.yaml",
-        [f"backbone.name=hf:{vit}", "backbone.lr=0.0001", "augment.preset=liu2024", "augment.ops={}",
-         "data.batch_size=32", "trainer.progress=false"],
-    )  # fmt: skip
+        [
+            f"backbone.name=hf:{vit}",
+            "backbone.lr=0.0001",
+            "augment.preset=liu2024",
+            "augment.ops={}",
+            "data.batch_size=32",
+            "trainer.progress=false",
+        ],
+    )
     return {"fer-minixception finetune": fer, "ViT-Ti/16 112px finetune": vit_cfg}
 
 
@@ -120,8 +139,11 @@ def measure(name: str, cfg, root: Path, workers: list[int], batches: int) -> dic
             step(b)
         train_s = time.perf_counter() - t0
         rows["workers"][w] = r = {"loader": bs * batches / loader_s, "train": bs * batches / train_s}
-        print(f"{name:28s} workers {w}: loader {r['loader']:7.0f} img/s   model step "
-              f"{rows['model']:7.0f} img/s   train step {r['train']:7.0f} img/s", flush=True)  # fmt: skip
+        print(
+            f"{name:28s} workers {w}: loader {r['loader']:7.0f} img/s   model step "
+            f"{rows['model']:7.0f} img/s   train step {r['train']:7.0f} img/s",
+            flush=True,
+        )
     return rows
 
 

@@ -164,8 +164,15 @@ def lightning_loop(
 
             bars = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, RichProgressBar)]
             trainer.callbacks[bars[0]] = RichProgressBar()
-        module = cls(model, loss, stage, lr=3e-3, weight_decay=1e-4, warmup_steps=steps // 2,
-                     total_steps=steps * epochs)  # fmt: skip
+        module = cls(
+            model,
+            loss,
+            stage,
+            lr=3e-3,
+            weight_decay=1e-4,
+            warmup_steps=steps // 2,
+            total_steps=steps * epochs,
+        )
         trainer.fit(module, datamodule=dm)
     return timer.per_step
 
@@ -200,8 +207,13 @@ def main(argv: list[str] | None = None) -> dict:
         runs["lightning"] += lightning_loop(store, train, args.batch_size, args.epochs, init, progress)
         if not args.no_before:
             runs["before"] += lightning_loop(store, train, args.batch_size, args.epochs, init, progress, True)
-    result: dict = {"rows": args.rows, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                    "progress_bar": progress, "epochs_timed": len(runs["bare"])}  # fmt: skip
+    result: dict = {
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "progress_bar": progress,
+        "epochs_timed": len(runs["bare"]),
+    }
     for name, times in runs.items():
         if times:
             result[f"{name}_ms_median"] = round(statistics.median(times) * 1e3, 3)

@@ -218,10 +218,14 @@ def real(wheels: Path | None) -> dict:
     }
     print(json.dumps({"gaze": res["gaze"]}), flush=True)
     res["per_face"] = [
-        {"photo": n, "pose_5pt_deg": (b[:3] / DEG).round(1).tolist(),
-         "pose_3d_deg": (b[3:6] / DEG).round(1).tolist(), "gaze_rad": b[6:].round(2).tolist()}
+        {
+            "photo": n,
+            "pose_5pt_deg": (b[:3] / DEG).round(1).tolist(),
+            "pose_3d_deg": (b[3:6] / DEG).round(1).tolist(),
+            "gaze_rad": b[6:].round(2).tolist(),
+        }
         for n, b in zip(names, base, strict=True)
-    ]  # fmt: skip
+    ]
     return res
 
 

@@ -132,8 +132,16 @@ def bench_memory(minutes: list[float], cache: Path, every: int, detect_every: in
     out = []
     for m in minutes:
         video = long_video(cache / f"long_{m:g}min.mp4", 60 * m)
-        cmd = [sys.executable, __file__, "--rss-child", str(video), "--memory-every", str(every),
-               "--memory-detect-every", str(detect_every)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--rss-child",
+            str(video),
+            "--memory-every",
+            str(every),
+            "--memory-detect-every",
+            str(detect_every),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(next(ln for ln in res.stdout.splitlines() if "peak_rss_mb" in ln))
         r.update({"minutes": m, "every": every, "detect_every": detect_every})

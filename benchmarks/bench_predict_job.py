@@ -136,16 +136,24 @@ def bench_temporal(video: Path, settings: dict) -> list[dict]:
         }
         for name, (model, window) in models.items():
             path = save_checkpoint(
-                Path(d) / name.split()[0], model.eval(), backbone=backbone, feature_dim=spec.feature_dim,
-                num_logits=spec.num_logits, window=window,
-            )  # fmt: skip
+                Path(d) / name.split()[0],
+                model.eval(),
+                backbone=backbone,
+                feature_dim=spec.feature_dim,
+                num_logits=spec.num_logits,
+                window=window,
+            )
             for mode in ("centred", "causal") if window > 1 else ("-",):
                 p = _predictor(model=path, temporal=mode if window > 1 else "centred", **settings)
                 _warm(p)
                 t0 = time.perf_counter()
                 n = p.predict(video)["frame"].nunique()
-                row = {"model": name, "mode": mode, "settings": settings,
-                       "frames_per_s": round(n / (time.perf_counter() - t0), 1)}  # fmt: skip
+                row = {
+                    "model": name,
+                    "mode": mode,
+                    "settings": settings,
+                    "frames_per_s": round(n / (time.perf_counter() - t0), 1),
+                }
                 print(json.dumps(row), flush=True)
                 out.append(row)
     return out

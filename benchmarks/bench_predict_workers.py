@@ -54,8 +54,11 @@ def run_once(folder: Path, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out"
         t0 = time.perf_counter()
-        proc = subprocess.run([*_mtaffect(), "predict", str(folder), "--out", str(out), "--quiet", *extra],
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [*_mtaffect(), "predict", str(folder), "--out", str(out), "--quiet", *extra],
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
@@ -68,8 +71,13 @@ def run_once(folder: Path, extra: list[str]) -> dict:
             table = pd.read_csv(out / f"{folder.name}.csv", usecols=["file", "frame"])
             frames = int(table.drop_duplicates().shape[0])
         note = next((line for line in proc.stderr.splitlines() if "worker(s) x" in line), "")
-    return {"wall_s": round(wall, 2), "frames": frames, "frames_per_s": round(frames / wall, 1),
-            "file_seconds": round(busy, 2), "threads": note.removeprefix("note: ")}  # fmt: skip
+    return {
+        "wall_s": round(wall, 2),
+        "frames": frames,
+        "frames_per_s": round(frames / wall, 1),
+        "file_seconds": round(busy, 2),
+        "threads": note.removeprefix("note: "),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,9 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for label, extra in runs.items():
         reps = [run_once(folder, list(extra)) for _ in range(args.repeats)]
-        row = {"run": label, **reps[-1], "wall_s": [r["wall_s"] for r in reps],
-               "frames_per_s": [r["frames_per_s"] for r in reps],
-               "median_frames_per_s": statistics.median(r["frames_per_s"] for r in reps)}  # fmt: skip
+        row = {
+            "run": label,
+            **reps[-1],
+            "wall_s": [r["wall_s"] for r in reps],
+            "frames_per_s": [r["frames_per_s"] for r in reps],
+            "median_frames_per_s": statistics.median(r["frames_per_s"] for r in reps),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     result["runs"] = rows

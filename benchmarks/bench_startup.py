@@ -70,8 +70,15 @@ def first_step(src: Path, store: Path, out: Path) -> dict:
     result.unlink(missing_ok=True)
     script = out / "startup_child.py"
     config = src.parent / "configs" / "emotinet.yaml"
-    script.write_text(FIRST_STEP.format(src=str(src), bench=str(Path(__file__).parent), store=str(store),
-                                        config=str(config), out=str(result)))  # fmt: skip
+    script.write_text(
+        FIRST_STEP.format(
+            src=str(src),
+            bench=str(Path(__file__).parent),
+            store=str(store),
+            config=str(config),
+            out=str(result),
+        )
+    )
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(script)], cwd=out, capture_output=True, text=True)
     if not result.exists():
@@ -84,8 +91,9 @@ def first_step(src: Path, store: Path, out: Path) -> dict:
 def cli(src: Path, body: str) -> dict:
     """One fresh process running ``body`` (the CLI's import, or ``--help``): seconds, heavy imports."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", CLI.format(src=str(src), body=body)], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI.format(src=str(src), body=body)], capture_output=True, text=True
+    )
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,12 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
         fs = r["first_step"]
         result[name] = {
             "src": str(src),
-            "first_step": {"seconds": median(fs, "seconds"), "cpu_s": median(fs, "cpu_s"),
-                           "rss_mb": median(fs, "rss_mb"), "optional": fs[0]["optional"],
-                           "all_seconds": [round(x["seconds"], 2) for x in fs]},
+            "first_step": {
+                "seconds": median(fs, "seconds"),
+                "cpu_s": median(fs, "cpu_s"),
+                "rss_mb": median(fs, "rss_mb"),
+                "optional": fs[0]["optional"],
+                "all_seconds": [round(x["seconds"], 2) for x in fs],
+            },
             "help": {"seconds": median(r["help"], "seconds"), "heavy": r["help"][0]["heavy"]},
             "import_cli": {"seconds": median(r["import"], "seconds"), "heavy": r["import"][0]["heavy"]},
-        }  # fmt: skip
+        }
         f = result[name]["first_step"]
         print(
             f"{name:5s} ({src}): first training step {f['seconds']:.1f} s after the process started, "

@@ -54,11 +54,15 @@ def write_store(
     (tmp / "images.txt").write_text("".join(f"{x}\n" for x in names), encoding="utf-8")
     (tmp / "failed.csv").write_text("image,reason\n")
     meta = {
-        "format": FEATURE_STORE.name, "format_version": 1, "backbone": "random", "spec": {"name": "random"},
-        "fingerprint": "random0", "dtype": "float16",
+        "format": FEATURE_STORE.name,
+        "format_version": 1,
+        "backbone": "random",
+        "spec": {"name": "random"},
+        "fingerprint": "random0",
+        "dtype": "float16",
         "arrays": {**{k: list(v) for k, v in arrays.items()}, "valid": [n]},
         "counts": {"images": n, "valid": n, "failed": 0},
-    }  # fmt: skip
+    }
     (tmp / "meta.json").write_text(json.dumps(meta))
     os.rename(tmp, path)
 
@@ -116,8 +120,13 @@ def run(recipe: str, st, train, val, overrides: list[str]) -> dict:
     res = fit(cfg, st, train, val, None, log=None)
     seconds = time.perf_counter() - t0
     epochs = len(res.history)  # epochs over all stages
-    return {"seconds": seconds, "epochs_total": epochs, "stages": len({h["stage"] for h in res.history}),
-            "seconds_per_epoch": seconds / max(epochs, 1), "P": res.P}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "epochs_total": epochs,
+        "stages": len({h["stage"] for h in res.history}),
+        "seconds_per_epoch": seconds / max(epochs, 1),
+        "P": res.P,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,8 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    result: dict = {"rows": args.rows, "val_rows": args.val_rows, "inputs": 1290,
-                    "threads": torch.get_num_threads(), "device": "cpu"}  # fmt: skip
+    result: dict = {
+        "rows": args.rows,
+        "val_rows": args.val_rows,
+        "inputs": 1290,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
     t0 = time.perf_counter()
     st, train, val = prepare(args.out, args.rows, args.val_rows, None, "feat")
     result["prepare_s"] = time.perf_counter() - t0

@@ -120,9 +120,14 @@ def noisy_predictions(
     au_logit = 2.0 * (2 * latent["au"] - 1) + offset + err(NUM_AUS, 1.8, 1.2)
     au = 1.0 / (1.0 + np.exp(-au_logit))
     return PredictionTable.from_arrays(
-        gt.images, pred_va[:, 0], pred_va[:, 1], expr, au, video=gt.frame["video"].to_numpy(),
+        gt.images,
+        pred_va[:, 0],
+        pred_va[:, 1],
+        expr,
+        au,
+        video=gt.frame["video"].to_numpy(),
         frame=gt.frame["frame"].to_numpy(),
-    )  # fmt: skip
+    )
 
 
 def run_noisy(videos: int, frames: int, seed: int) -> tuple[LabelTable, list[PredictionTable]]:

@@ -24,11 +24,17 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 #: (section title, module, names): the main entry points beyond the top level, by layer.
 ENTRY_POINTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Metric", "mtaffect.metrics", ("score", "MTLMetric", "MetricResult")),
-    ("Annotations", "mtaffect.data.annotations",
-     ("LabelTable", "read_annotations", "load_split", "write_annotations")),
+    (
+        "Annotations",
+        "mtaffect.data.annotations",
+        ("LabelTable", "read_annotations", "load_split", "write_annotations"),
+    ),
     ("Predictions", "mtaffect.data.predictions", ("PredictionTable",)),
-    ("Submissions", "mtaffect.data.submission",
-     ("read_test_list", "write_submission", "validate_submission")),
+    (
+        "Submissions",
+        "mtaffect.data.submission",
+        ("read_test_list", "write_submission", "validate_submission"),
+    ),
     ("Backbones", "mtaffect.features.registry", ("create_backbone", "register_backbone", "list_backbones")),
     ("Recipes", "mtaffect.models.registry", ("create_model", "register_model", "list_models")),
 )
@@ -167,8 +173,14 @@ def _entry(qualname: str, obj: Any, level: int = 3) -> list[str]:
                 out += [text, ""] if text else []
             elif isinstance(member, classmethod | staticmethod) or inspect.isfunction(member):
                 func = getattr(obj, name)
-                out += [f"{'#' * (level + 1)} `{qualname}.{name}`", "", "```python",
-                        signature(func, name), "```", ""]  # fmt: skip
+                out += [
+                    f"{'#' * (level + 1)} `{qualname}.{name}`",
+                    "",
+                    "```python",
+                    signature(func, name),
+                    "```",
+                    "",
+                ]
                 text = docstring(func)
                 out += [text, ""] if text else []
     return out

@@ -29,8 +29,11 @@ class Rows(L.Callback):
         import torch
 
         held = getattr(trainer.datamodule.source, "held_rows", None)
-        info = {"rows": sorted(self.rows), "held": None if held is None else len(held),
-                "threads": torch.get_num_threads()}  # fmt: skip
+        info = {
+            "rows": sorted(self.rows),
+            "held": None if held is None else len(held),
+            "threads": torch.get_num_threads(),
+        }
         with open(os.path.join(self.out, f"rows{trainer.global_rank}.json"), "w") as fh:
             json.dump(info, fh)
 
@@ -47,7 +50,13 @@ def child_env() -> dict[str, str]:
 def run_two_ranks(script: Path, cwd: Path, timeout: int = 180) -> tuple[list[dict], str]:
     """Run ``script`` (it starts a 2-device DDP fit with a :class:`Rows` callback writing into ``cwd``);
     return what each rank recorded (rank 0, rank 1) and the processes' standard output."""
-    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env=child_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((cwd / f"rows{r}.json").read_text()) for r in range(2)], proc.stdout

@@ -8,12 +8,24 @@ import json
 from pathlib import Path
 
 #: A tiny ViT's transformers config: 2 blocks of width 32, 32 px images in 8 px patches.
-TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-            "image_size": 32, "patch_size": 8}  # fmt: skip
+TINY_VIT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+}
 #: Its image processor: resized to 32 px, scaled to [-1, 1].
-TINY_VIT_PROCESSOR = {"do_resize": True, "size": {"height": 32, "width": 32}, "do_rescale": True,
-                      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-                      "image_std": [0.5, 0.5, 0.5]}  # fmt: skip
+TINY_VIT_PROCESSOR = {
+    "do_resize": True,
+    "size": {"height": 32, "width": 32},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
 
 
 def checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hparams) -> Path:
@@ -34,9 +46,13 @@ def checkpoint(path: Path, recipe: str, window: int = 1, gain: float = 1.0, **hp
             p.mul_(gain)
     backbone = {"name": spec.name, "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
     return save_checkpoint(
-        path, model.eval(), backbone=backbone, feature_dim=spec.feature_dim, num_logits=spec.num_logits,
+        path,
+        model.eval(),
+        backbone=backbone,
+        feature_dim=spec.feature_dim,
+        num_logits=spec.num_logits,
         window=window,
-    )  # fmt: skip
+    )
 
 
 def torch_path(model, faces, backbone=None):

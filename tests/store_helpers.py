@@ -13,9 +13,14 @@ FORMAT_NAME = "mtaffect-feature-store"  # as docs/formats.md names it
 
 
 def write_store_by_hand(
-    path: Path, names: list[str], features: np.ndarray, *, logits: np.ndarray | None = None,
-    valid: np.ndarray | None = None, reason: str = "unreadable",
-) -> None:  # fmt: skip
+    path: Path,
+    names: list[str],
+    features: np.ndarray,
+    *,
+    logits: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    reason: str = "unreadable",
+) -> None:
     """Features (and logits) are stored as float16; rows where ``valid`` is False are listed as failed."""
     path.mkdir(parents=True)
     valid = np.ones(len(names), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
@@ -28,10 +33,15 @@ def write_store_by_hand(
     bad = np.array(names)[~valid]
     (path / "failed.csv").write_text("image,reason\n" + "".join(f"{n},{reason}\n" for n in bad))
     meta = {
-        "format": FORMAT_NAME, "format_version": 1, "backbone": "hand-made", "spec": {"name": "hand-made"},
-        "fingerprint": "abc123", "dtype": "float16", "arrays": {k: list(v.shape) for k, v in arrays.items()},
+        "format": FORMAT_NAME,
+        "format_version": 1,
+        "backbone": "hand-made",
+        "spec": {"name": "hand-made"},
+        "fingerprint": "abc123",
+        "dtype": "float16",
+        "arrays": {k: list(v.shape) for k, v in arrays.items()},
         "counts": {"images": len(names), "valid": int(valid.sum()), "failed": int((~valid).sum())},
-    }  # fmt: skip
+    }
     (path / "meta.json").write_text(json.dumps(meta))
 
 

@@ -87,8 +87,12 @@ def test_custom_size_and_template():
 def test_batch_equals_single():
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    lms = np.stack([_apply(_similarity(a, s, tx, ty), REFERENCE_5PT_112) for a, s, tx, ty in
-                    [(10, 2.5, 100, 20), (-40, 0.8, 250, 120), (0, 1.0, 5, 5)]])  # fmt: skip
+    lms = np.stack(
+        [
+            _apply(_similarity(a, s, tx, ty), REFERENCE_5PT_112)
+            for a, s, tx, ty in [(10, 2.5, 100, 20), (-40, 0.8, 250, 120), (0, 1.0, 5, 5)]
+        ]
+    )
     batch = align_faces(img, lms)
     assert batch.shape == (3, 112, 112, 3) and batch.dtype == np.uint8
     for face, lm in zip(batch, lms, strict=True):

@@ -45,8 +45,17 @@ def test_drawing_near_the_bottom_edge_draws_the_bars_in_view():
     img = np.zeros((240, 320, 3), np.uint8)
     import pandas as pd
 
-    row = {"face_id": 0, "x1": 20.0, "y1": 150.0, "x2": 110.0, "y2": 238.0, "expression": "Happiness",
-           "Happiness_p": 0.9, "valence": 0.8, "arousal": -0.5}  # fmt: skip
+    row = {
+        "face_id": 0,
+        "x1": 20.0,
+        "y1": 150.0,
+        "x2": 110.0,
+        "y2": 238.0,
+        "expression": "Happiness",
+        "Happiness_p": 0.9,
+        "valence": 0.8,
+        "arousal": -0.5,
+    }
     out = draw_faces(img, pd.DataFrame([row]))
     # the valence bar (green fill, from the middle to +0.8) appears somewhere in the picture
     green = (out[..., 1] > 150) & (out[..., 0] < 120) & (out[..., 2] < 120)
@@ -127,8 +136,19 @@ def test_cli_annotates_stills_and_the_report_shows_face_thumbnails(tmp_path):
     still = tmp_path / "face.png"
     Image.fromarray(next(demo_media.frames(1, faces=1))).save(still)
     out = tmp_path / "out"
-    args = ["predict", str(still), "--out", str(out), "--plot", "--report", "--quiet",
-            "--min-confidence", "0.95", "--reid-memory", "10"]  # fmt: skip
+    args = [
+        "predict",
+        str(still),
+        "--out",
+        str(out),
+        "--plot",
+        "--report",
+        "--quiet",
+        "--min-confidence",
+        "0.95",
+        "--reid-memory",
+        "10",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (out / "face_annotated.jpg").read_bytes()[:2] == b"\xff\xd8"
@@ -145,12 +165,26 @@ def _dense(row: dict, xs: np.ndarray, ys: np.ndarray) -> dict:
 
     x, y = np.full(NUM_DENSE_LANDMARKS, np.nan), np.full(NUM_DENSE_LANDMARKS, np.nan)
     x[: len(xs)], y[: len(ys)] = xs, ys
-    return {**row, **{f"x_{i}": v for i, v in enumerate(x)}, **{f"y_{i}": v for i, v in enumerate(y)},
-            **{f"z_{i}": 0.0 for i in range(NUM_DENSE_LANDMARKS)}}  # fmt: skip
+    return {
+        **row,
+        **{f"x_{i}": v for i, v in enumerate(x)},
+        **{f"y_{i}": v for i, v in enumerate(y)},
+        **{f"z_{i}": 0.0 for i in range(NUM_DENSE_LANDMARKS)},
+    }
 
 
-_ROW = {"face_id": 1, "x1": 60.0, "y1": 60.0, "x2": 180.0, "y2": 150.0, "expression": "Happiness",
-        "Happiness_p": 0.9, "valence": 0.5, "arousal": 0.1, "success": 1}  # fmt: skip
+_ROW = {
+    "face_id": 1,
+    "x1": 60.0,
+    "y1": 60.0,
+    "x2": 180.0,
+    "y2": 150.0,
+    "expression": "Happiness",
+    "Happiness_p": 0.9,
+    "valence": 0.5,
+    "arousal": 0.1,
+    "success": 1,
+}
 
 
 def test_drawn_landmarks_change_exactly_the_landmark_pixels():
@@ -236,8 +270,16 @@ def test_annotated_still_with_landmarks_through_write_extras(tmp_path):
     result = FileResult(info, table, 1.0, 1)
     out = tmp_path / "out"
     out.mkdir()
-    _, written = write_extras([result], "still", out / "still.csv", plot=False, video=True, report=False,
-                              overwrite=False, draw=("faces", "landmarks"))  # fmt: skip
+    _, written = write_extras(
+        [result],
+        "still",
+        out / "still.csv",
+        plot=False,
+        video=True,
+        report=False,
+        overwrite=False,
+        draw=("faces", "landmarks"),
+    )
     assert written[1:] == [str(out / "still_annotated.jpg")]
     drawn = np.asarray(Image.open(out / "still_annotated.jpg")).astype(int)
     plain = np.asarray(annotate_image_array(frame, df)).astype(int)
@@ -248,8 +290,16 @@ def test_annotated_still_with_landmarks_through_write_extras(tmp_path):
     assert min(half) >= 2
     assert np.abs(drawn[between] - plain[between]).mean() < 12
     with pytest.raises(ValueError, match="--landmarks dense"):
-        write_extras([FileResult(info, df, 1.0, 1)], "x", out / "x.csv", False, True, False, False,
-                     draw=("faces", "landmarks"))  # fmt: skip
+        write_extras(
+            [FileResult(info, df, 1.0, 1)],
+            "x",
+            out / "x.csv",
+            False,
+            True,
+            False,
+            False,
+            draw=("faces", "landmarks"),
+        )
     assert not (out / "x_annotated.jpg").exists()
 
 

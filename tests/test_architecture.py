@@ -87,11 +87,24 @@ def test_rooms_import_one_way(graph):
 def test_lower_rooms_never_import_the_application_or_training(graph):
     """The layers the engines rely on: what runs without torch (runtime, faces, geometry) and the model
     layer never reach up into prediction, export or training."""
-    lower = ("schema", "io", "persist", "textfiles", "data", "faces", "geometry", "features", "models",
-             "runtime", "metrics", "post")  # fmt: skip
+    lower = (
+        "schema",
+        "io",
+        "persist",
+        "textfiles",
+        "data",
+        "faces",
+        "geometry",
+        "features",
+        "models",
+        "runtime",
+        "metrics",
+        "post",
+    )
     upper = {"predict", "export", "train", "cli"}
-    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
-                 if _room(m) in lower and _room(t) in upper)  # fmt: skip
+    bad = sorted(
+        f"{m} -> {t}" for m, ts in graph.items() for t in ts if _room(m) in lower and _room(t) in upper
+    )
     assert not bad, bad
 
 
@@ -103,8 +116,12 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     (pkg / "a" / "__init__.py").write_text("")
     (pkg / "a" / "one.py").write_text("from mtaffect.a import two\n")
     (pkg / "a" / "two.py").write_text("def f():\n    from mtaffect.a.one import x\n")
-    modules = {"mtaffect.a.one": pkg / "a" / "one.py", "mtaffect.a.two": pkg / "a" / "two.py",
-               "mtaffect.a": pkg / "a" / "__init__.py", "mtaffect": pkg / "__init__.py"}  # fmt: skip
+    modules = {
+        "mtaffect.a.one": pkg / "a" / "one.py",
+        "mtaffect.a.two": pkg / "a" / "two.py",
+        "mtaffect.a": pkg / "a" / "__init__.py",
+        "mtaffect": pkg / "__init__.py",
+    }
     g = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert "mtaffect.a.two" in g["mtaffect.a.one"] and g["mtaffect.a.two"] == {"mtaffect.a.one"}
     with pytest.raises(graphlib.CycleError):

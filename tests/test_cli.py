@@ -123,8 +123,17 @@ def test_bad_submission_is_reported_with_line(synth_root: Path, tmp_path: Path):
     test_list = synth_root / "MTL.txt"
     names = read_test_list(test_list)
     pred = tmp_path / "p.csv"
-    run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
-        "--images", test_list, "--out", pred)
+    run(
+        "baseline",
+        "--kind",
+        "random",
+        "--train",
+        synth_root / "training_set_annotations.txt",
+        "--images",
+        test_list,
+        "--out",
+        pred,
+    )
     sub = tmp_path / "sub.txt"
     run("submit", "--pred", pred, "--test-list", test_list, "--out", sub)
     lines = sub.read_text().splitlines()
@@ -133,8 +142,10 @@ def test_bad_submission_is_reported_with_line(synth_root: Path, tmp_path: Path):
     out = run("validate-submission", "--test-list", test_list, sub, code=1)
     assert "Traceback" not in out
     said = out.splitlines()
-    assert said[0] == (f"{sub}: expected {len(names)} prediction lines after the header (one per test-list "
-                       f"line), found {len(names) - 1}")  # fmt: skip
+    assert said[0] == (
+        f"{sub}: expected {len(names)} prediction lines after the header (one per test-list "
+        f"line), found {len(names) - 1}"
+    )
     assert said[1] == f"{sub}: line 4: expected image {names[2]!r}, found {names[3]!r}"
 
 
@@ -144,8 +155,17 @@ def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Pa
     lines[5] = lines[5].rsplit(",", 1)[0] + ",7"  # an AU of 7
     bad.write_text("\n".join(lines) + "\n")
     pred = tmp_path / "p.csv"
-    run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
-        "--images", synth_root / "validation_set_annotations.txt", "--out", pred)
+    run(
+        "baseline",
+        "--kind",
+        "random",
+        "--train",
+        synth_root / "training_set_annotations.txt",
+        "--images",
+        synth_root / "validation_set_annotations.txt",
+        "--out",
+        pred,
+    )
     out = run("evaluate", "--gt", bad, "--pred", pred, code=2)
     _one_error_line(out)
     assert _said(out) == f"error: {bad}:6: AU26 must be 0, 1 or -1 for missing (got: '7')"
@@ -159,8 +179,17 @@ def test_malformed_annotation_names_file_and_line(synth_root: Path, tmp_path: Pa
 def test_missing_predictions_are_an_error(synth_root: Path, tmp_path: Path):
     val = synth_root / "validation_set_annotations.txt"
     pred = tmp_path / "p.csv"
-    run("baseline", "--kind", "random", "--train", synth_root / "training_set_annotations.txt",
-        "--images", val, "--out", pred)
+    run(
+        "baseline",
+        "--kind",
+        "random",
+        "--train",
+        synth_root / "training_set_annotations.txt",
+        "--images",
+        val,
+        "--out",
+        pred,
+    )
     text = pred.read_text().splitlines()
     pred.write_text("\n".join(text[:-3]) + "\n")
     dropped = [line.split(",")[0] for line in text[-3:]]
@@ -185,8 +214,19 @@ def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
     preds = []
     for seed in (1, 2):
         preds.append(tmp_path / f"r{seed}.csv")
-        run("baseline", "--kind", "random", "--seed", seed, "--train", train, "--images", val,
-            "--out", preds[-1])  # fmt: skip
+        run(
+            "baseline",
+            "--kind",
+            "random",
+            "--seed",
+            seed,
+            "--train",
+            train,
+            "--images",
+            val,
+            "--out",
+            preds[-1],
+        )
     post = tmp_path / "post.yaml"
     out = run("tune", "--gt", val, "--pred", preds[0], preds[1], "--out", post, "--widths", "2,4")
     assert re.search(r"^P on \d+ held-out videos \(not seen by the search\)", out, re.M), out
@@ -196,9 +236,10 @@ def test_tune_then_post_applies_to_evaluate(synth_root: Path, tmp_path: Path):
     run("evaluate", "--gt", val, *both, "--post", post, "--json", js)
     config = PostConfig.load(post)
     expected = score(
-        read_annotations(val), config.apply([PredictionTable.read(p) for p in preds]),
+        read_annotations(val),
+        config.apply([PredictionTable.read(p) for p in preds]),
         au_thresholds=config.au_thresholds,
-    )  # fmt: skip
+    )
     assert json.loads(js.read_text())["P"] == pytest.approx(expected.P, abs=1e-9)
 
 
@@ -245,11 +286,31 @@ def test_os_errors_in_every_command_are_one_line(synth_root, synth_store, tmp_pa
     reason = os.strerror(code)
     with monkeypatch.context() as m:
         m.setattr(io_module.tempfile, "mkstemp", _os_error(code))  # every atomic file write
-        out = run("baseline", "--kind", "constant", "--train", train, "--images", val, "--out",
-                  tmp_path / "b.csv", code=2)  # fmt: skip
+        out = run(
+            "baseline",
+            "--kind",
+            "constant",
+            "--train",
+            train,
+            "--images",
+            val,
+            "--out",
+            tmp_path / "b.csv",
+            code=2,
+        )
         _one_error_line(out, "/mnt/out/file", reason, f"errno {code}")
-        out = run("infer", "--model", ckpt, "--features", synth_store, "--images", val, "--out",
-                  tmp_path / "i.csv", code=2)  # fmt: skip
+        out = run(
+            "infer",
+            "--model",
+            ckpt,
+            "--features",
+            synth_store,
+            "--images",
+            val,
+            "--out",
+            tmp_path / "i.csv",
+            code=2,
+        )
         _one_error_line(out, reason)
     with monkeypatch.context() as m:
         m.setattr(extract_module, "allocate_arrays", _os_error(code))
@@ -258,8 +319,21 @@ def test_os_errors_in_every_command_are_one_line(synth_root, synth_store, tmp_pa
     with monkeypatch.context() as m:
         m.setattr(fit_module, "atomic_open", _os_error(code))
         config = Path(__file__).resolve().parents[1] / "configs" / "emotinet.yaml"
-        out = run("train", "--config", config, "--features", synth_store, "--data", synth_root, "--out",
-                  tmp_path / "run", "--no-progress", "-o", "trainer.epochs=1", code=2)  # fmt: skip
+        out = run(
+            "train",
+            "--config",
+            config,
+            "--features",
+            synth_store,
+            "--data",
+            synth_root,
+            "--out",
+            tmp_path / "run",
+            "--no-progress",
+            "-o",
+            "trainer.epochs=1",
+            code=2,
+        )
         _one_error_line(out, reason)
 
 
@@ -270,8 +344,17 @@ def test_a_folder_given_as_output_file_is_refused_even_with_overwrite(synth_root
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
-    out = run("submit", "--pred", pred, "--test-list", synth_root / "MTL.txt", "--out", folder, "--overwrite",
-              code=2)  # fmt: skip
+    out = run(
+        "submit",
+        "--pred",
+        pred,
+        "--test-list",
+        synth_root / "MTL.txt",
+        "--out",
+        folder,
+        "--overwrite",
+        code=2,
+    )
     _one_error_line(out, "is a folder")
     run("baseline", "--kind", "random", "--train", val, "--images", val, "--out", tmp_path / "v.csv")
     out = run("tune", "--gt", val, "--pred", tmp_path / "v.csv", "--out", folder, "--overwrite", code=2)
@@ -328,8 +411,9 @@ def test_annotations_with_a_bad_line_2_are_not_taken_for_a_test_list(synth_root,
     out = run("data", "stats", bad, code=2)
     _one_error_line(out, f"{bad}:2:", "expected 16")
     train = synth_root / "training_set_annotations.txt"
-    out = run("baseline", "--kind", "random", "--train", train, "--images", bad, "--out", tmp_path / "x.csv",
-              code=2)  # fmt: skip
+    out = run(
+        "baseline", "--kind", "random", "--train", train, "--images", bad, "--out", tmp_path / "x.csv", code=2
+    )
     _one_error_line(out, f"{bad}:2:", "read as an annotation file")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -343,8 +427,11 @@ def test_synth_three_videos_then_extract(tmp_path):
     from mtaffect.features.store import FeatureStore
 
     names = read_test_list(root / "MTL.txt")
-    labelled = {r[0] for split in ("training", "validation")
-                for r in _data_rows(root / f"{split}_set_annotations.txt")}  # fmt: skip
+    labelled = {
+        r[0]
+        for split in ("training", "validation")
+        for r in _data_rows(root / f"{split}_set_annotations.txt")
+    }
     assert names and len({n.split("/")[0] for n in [*names, *labelled]}) == 3  # every split holds images
     run("extract", "--data", root, "--out", tmp_path / "st", "--workers", "0")
     assert sorted(FeatureStore.open(tmp_path / "st").images) == sorted(labelled | set(names))  # each once
@@ -367,15 +454,22 @@ def test_prediction_names_outside_the_dataset_are_refused_by_evaluate_and_tune(t
 
     names = [f"v{v}/{f:05d}.jpg" for v in (1, 2, 3, 4) for f in (1, 2, 3)]
     gt = tmp_path / "val.txt"
-    gt.write_text(OFFICIAL_HEADER + "\n" + "".join(f"{n},0.1,-0.2,{i % NUM_EXPR},{','.join(['1', '0'] * 6)}\n"
-                                                   for i, n in enumerate(names)))  # fmt: skip
+    gt.write_text(
+        OFFICIAL_HEADER
+        + "\n"
+        + "".join(f"{n},0.1,-0.2,{i % NUM_EXPR},{','.join(['1', '0'] * 6)}\n" for i, n in enumerate(names))
+    )
     rng = np.random.default_rng(0)
     n = len(names) + 1
     for bad in ("../../v1/00001.jpg", str(tmp_path / "v1" / "00001.jpg")):
         pred = tmp_path / "p.csv"
-        PredictionTable.from_arrays([*names, bad], rng.uniform(-1, 1, n), rng.uniform(-1, 1, n),
-                                    rng.dirichlet(np.ones(NUM_EXPR), n), rng.uniform(0, 1, (n, NUM_AUS)),
-                                    ).write(pred, overwrite=True)  # fmt: skip
+        PredictionTable.from_arrays(
+            [*names, bad],
+            rng.uniform(-1, 1, n),
+            rng.uniform(-1, 1, n),
+            rng.dirichlet(np.ones(NUM_EXPR), n),
+            rng.uniform(0, 1, (n, NUM_AUS)),
+        ).write(pred, overwrite=True)
         line = f"p.csv:{n + 1}: image name {bad!r}"
         _one_error_line(run("evaluate", "--gt", gt, "--pred", pred, code=2), line, "may not leave it")
         post = tmp_path / "post.yaml"

@@ -36,13 +36,15 @@ def _config(tmp_path: Path, key: str, value: str) -> Path:
         ("loss.weights", "{au: 0, expr: 0.0, va: 0}", r"loss.weights are all 0"),
         ("loss.weights", "{au: -1, expr: 1, va: 1}", r"loss.weights.au must be >= 0, got -1"),
         (
-            "loss.weights", "{valence: 1}",
+            "loss.weights",
+            "{valence: 1}",
             r"loss.weights has unknown key\(s\) \['valence'\]; valid keys: au, expr, va",
         ),
         ("model.hparams.au_hidden", "-5", r"model.hparams.au_hidden must be >= 0"),
         ("model.hparams.dropout", "1.5", r"model.hparams.dropout is a dropout rate"),
         (
-            "trainer.accelerator", "tpu",
+            "trainer.accelerator",
+            "tpu",
             r"trainer.accelerator must be one of auto, cpu, gpu, cuda, mps, got 'tpu'",
         ),
         ("trainer.devices", "0", r"trainer.devices must be a count >= 1"),
@@ -50,34 +52,41 @@ def _config(tmp_path: Path, key: str, value: str) -> Path:
         ("optim.lr", ".inf", r"optim.lr must be a finite number"),
         # the messages list every value the field accepts (they are generated from the same declaration)
         (
-            "trainer.precision", "64",
+            "trainer.precision",
+            "64",
             r"trainer.precision must be one of auto, 32-true, 32, bf16-mixed, 16-mixed, got 64",
         ),
         (
-            "trainer.strategy", "fsdp",
+            "trainer.strategy",
+            "fsdp",
             r"trainer.strategy must be one of auto, ddp, ddp_spawn, ddp_find_unused_pa",
         ),
         ("data.in_memory", "1", r"data.in_memory must be one of auto, true, false, got 1"),
         ("stages.expr", "{epochs: 0}", r"stages.expr.epochs must be in 1..100000, got 0"),
         (
-            "stages.expr", "{epoch: 2}",
+            "stages.expr",
+            "{epoch: 2}",
             r"unknown key\(s\) \['epoch'\] in stages.expr; valid keys: .*did you mean 'epoch' -> 'epochs'",
         ),
         (
-            "optim.shedule", "constant",
+            "optim.shedule",
+            "constant",
             r"unknown key\(s\) \['shedule'\] in section 'optim'; .*did you mean 'shedule' -> 'schedule'",
         ),
         (
-            "trainers.epochs", "3",
+            "trainers.epochs",
+            "3",
             r"unknown key\(s\) \['trainers'\] in the config; valid sections: .*"
             r"did you mean 'trainers' -> 'trainer'",
         ),
         (
-            "backbone.kwargs", "{pooling: mean}",
+            "backbone.kwargs",
+            "{pooling: mean}",
             r"unknown key\(s\) \['kwargs'\] in section 'backbone'; .*'kwargs' was renamed to 'options'",
         ),
         (
-            "pipeline.task_model", "{}",
+            "pipeline.task_model",
+            "{}",
             r"unknown key.*in section 'pipeline'; .*'task_model' was renamed to 'task_defaults'",
         ),
         ("trainer", "5", r"section 'trainer' must be a mapping, got int"),
@@ -169,8 +178,15 @@ def test_the_published_pipeline_config_sets_the_published_values():
 
     cfg = load_config(PUBLISHED, ["pipeline.enhanced.va.data.window=12"])  # a step is overridden in depth
     steps = pipeline_configs(cfg)
-    assert set(steps) == {"task_au", "task_expr", "task_va", "enhanced_au", "enhanced_expr", "enhanced_va",
-                          "enhanced_all"}  # fmt: skip
+    assert set(steps) == {
+        "task_au",
+        "task_expr",
+        "task_va",
+        "enhanced_au",
+        "enhanced_expr",
+        "enhanced_va",
+        "enhanced_all",
+    }
     for s in steps.values():
         assert s.optim.lr == s.backbone.lr == 1e-5 and s.optim.weight_decay == s.backbone.weight_decay == 0.05
         assert not s.loss.expr_class_weights and not s.loss.au_pos_weight and s.augment.preset == "liu2024"
@@ -211,10 +227,20 @@ def test_to_dict_round_trips_every_setting(path):
     cfg = load_config(path)
     saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     assert config_from_dict(saved, cfg.source) == cfg
-    assert list(saved) == ["model", "data", "optim", "loss", "trainer", "stages", "search", "backbone",
-                           "augment", "pipeline"]  # fmt: skip
+    assert list(saved) == [
+        "model",
+        "data",
+        "optim",
+        "loss",
+        "trainer",
+        "stages",
+        "search",
+        "backbone",
+        "augment",
+        "pipeline",
+    ]
     assert saved["trainer"]["tasks"] == ["au", "expr", "va"] and "window_edge" in saved["data"]
-    for step in (pipeline_configs(cfg).values() if cfg.pipeline.enabled else ()):
+    for step in pipeline_configs(cfg).values() if cfg.pipeline.enabled else ():
         assert config_from_dict(step.to_dict(), step.source) == step
 
 
@@ -224,9 +250,13 @@ def test_shipped_configs_list_only_what_differs_from_the_defaults(path):
 
     defaults = TrainConfig().to_dict()
     raw = yaml.safe_load(path.read_text())
-    same = [f"{section}.{key}" for section, values in raw.items() if isinstance(values, dict)
-            for key, value in values.items()
-            if defaults.get(section, {}).get(key, object()) == value]  # fmt: skip
+    same = [
+        f"{section}.{key}"
+        for section, values in raw.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if defaults.get(section, {}).get(key, object()) == value
+    ]
     assert same == []
 
 

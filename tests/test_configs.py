@@ -65,9 +65,17 @@ def test_config_trains_saves_reloads_and_predicts(config: Path, synth_store, tmp
     source = ["--data", data] if images else ["--features", store]
     over = [*TINY_BACKBONE.get(config.stem, []), "trainer.epochs=1", "data.workers=0"]
     out = run(
-        "train", "--config", config, "--data", data, *([] if images else source), "--out", tmp_path / "run",
-        "--no-progress", *(x for o in over for x in ("--override", o)),
-    )  # fmt: skip
+        "train",
+        "--config",
+        config,
+        "--data",
+        data,
+        *([] if images else source),
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        *(x for o in over for x in ("--override", o)),
+    )
     assert "P = " in out
     model = load_model(tmp_path / "run" / "best")
     assert model.backbone == (RAW[config.stem]["backbone"]["name"] if images else "fer-minixception")
@@ -93,8 +101,15 @@ def test_config_trains_saves_reloads_and_predicts(config: Path, synth_store, tmp
         from mtaffect.predict import demo_media
 
         Image.fromarray(next(demo_media.frames(1, faces=1))).save(tmp_path / "face.png")
-        run("predict", tmp_path / "face.png", "--model", tmp_path / "run" / "best", "--out", tmp_path / "app",
-            "--quiet")  # fmt: skip
+        run(
+            "predict",
+            tmp_path / "face.png",
+            "--model",
+            tmp_path / "run" / "best",
+            "--out",
+            tmp_path / "app",
+            "--quiet",
+        )
         from mtaffect.predict.outputs import read_table
 
         assert read_table(tmp_path / "app" / "face.csv")["success"].eq(1).any()
@@ -103,8 +118,18 @@ def test_config_trains_saves_reloads_and_predicts(config: Path, synth_store, tmp
 def test_dry_run_prints_the_resolved_config_and_each_steps_differences(tmp_path):
     """The published variants' settings in one place, without training or writing anything."""
     config = Path(__file__).resolve().parents[1] / "configs" / "progressive_published.yaml"
-    out = run("train", "--config", config, "--data", tmp_path / "none",
-              "--out", tmp_path / "run", "--dry-run", "-o", "trainer.seed=3")  # fmt: skip
+    out = run(
+        "train",
+        "--config",
+        config,
+        "--data",
+        tmp_path / "none",
+        "--out",
+        tmp_path / "run",
+        "--dry-run",
+        "-o",
+        "trainer.seed=3",
+    )
     resolved = yaml.safe_load(out.split("# step ")[0])
     assert resolved["optim"]["schedule"] == "constant" and resolved["trainer"]["seed"] == 3
     steps = {part.split(":")[0]: yaml.safe_load(part.split("\n", 1)[1]) for part in out.split("# step ")[1:]}

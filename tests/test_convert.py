@@ -31,8 +31,13 @@ def _timm_layout(model) -> dict[str, torch.Tensor]:
         "head.bias": torch.zeros(7),
         "decoder_embed.weight": torch.randn(16, WIDTH),  # MAE decoder: dropped
     }
-    pairs = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
-             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
+    pairs = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     for i in range(model.config.num_hidden_layers):
         blk = {k.split(f"layers.{i}.", 1)[1]: v for k, v in sd.items() if k.startswith(f"layers.{i}.")}
         for timm_name, ours in pairs.items():
@@ -47,16 +52,33 @@ def test_timm_vit_round_trips_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(
-        hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=2, intermediate_size=64,
-        image_size=SIZE, patch_size=PATCH, layer_norm_eps=1e-6,
-    )  # fmt: skip
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=SIZE,
+        patch_size=PATCH,
+        layer_norm_eps=1e-6,
+    )
     ref = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
     pth = tmp_path / "mae_face.pth"
     torch.save({"model": _timm_layout(ref), "epoch": 3}, pth)  # the usual training-script container
 
     out = tmp_path / "vit"
-    r = CliRunner().invoke(app, ["convert-weights", str(pth), str(out), "--heads", "2",
-                                 "--mean", "0.499,0.410,0.366", "--std", "0.297,0.270,0.265"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "convert-weights",
+            str(pth),
+            str(out),
+            "--heads",
+            "2",
+            "--mean",
+            "0.499,0.410,0.366",
+            "--std",
+            "0.297,0.270,0.265",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "dropped 3 tensors" in r.output and (out / "model.safetensors").is_file()
     again = CliRunner().invoke(app, ["convert-weights", str(pth), str(out), "--heads", "2"])
@@ -78,9 +100,19 @@ def test_unknown_layouts_are_refused_with_a_reason():
         timm_vit_to_transformers(
             {"cls_token": torch.zeros(1, 1, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}
         )
-    good = _timm_layout(transformers.ViTModel(transformers.ViTConfig(
-        hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
-        patch_size=PATCH), add_pooling_layer=False))  # fmt: skip
+    good = _timm_layout(
+        transformers.ViTModel(
+            transformers.ViTConfig(
+                hidden_size=WIDTH,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                image_size=SIZE,
+                patch_size=PATCH,
+            ),
+            add_pooling_layer=False,
+        )
+    )
     with pytest.raises(ConversionError, match="attention heads of width 32"):
         timm_vit_to_transformers(good)
     with pytest.raises(ConversionError, match="layer scale"):

@@ -71,8 +71,13 @@ def test_ensemble_is_the_mean_of_the_models():
 
     def table():
         e = rng.random((2, 8))
-        return PredictionTable.from_arrays(imgs, rng.uniform(-1, 1, 2), rng.uniform(-1, 1, 2),
-                                           e / e.sum(1, keepdims=True), rng.random((2, 12)))  # fmt: skip
+        return PredictionTable.from_arrays(
+            imgs,
+            rng.uniform(-1, 1, 2),
+            rng.uniform(-1, 1, 2),
+            e / e.sum(1, keepdims=True),
+            rng.random((2, 12)),
+        )
 
     a, b = table(), table()
     m = ensemble([a, b.take([1, 0])], imgs)  # order of the inputs does not matter

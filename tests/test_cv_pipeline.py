@@ -87,8 +87,11 @@ def test_the_cv_report_records_each_folds_steps_and_its_combined_models_score(fo
     assert report["pipeline"] is True and report["k"] == 2 and len(report["folds"]) == 2
     for i, fold in enumerate(report["folds"]):
         assert json.loads((out / f"fold{i}" / "pipeline.json").read_text())["steps"]["combine"]["status"]
-        assert fold["steps"] == {**{s: "trained" for s in STEPS}, **{f"export_{t}": "exported"
-                                 for t in ("au", "expr", "va")}, "combine": "combined"}  # fmt: skip
+        assert fold["steps"] == {
+            **{s: "trained" for s in STEPS},
+            **{f"export_{t}": "exported" for t in ("au", "expr", "va")},
+            "combine": "combined",
+        }
         scored = json.loads((out / f"fold{i}" / "metrics.json").read_text())["P_tasks"]
         assert fold["P"] == pytest.approx(scored)
         assert isinstance(load_model(out / f"fold{i}" / "best"), EnsembleAffectModel)
@@ -187,8 +190,21 @@ def test_cv_and_train_refuse_feature_stores_for_a_pipeline_with_one_message(data
 @pytest.mark.slow
 def test_train_fold_trains_a_pipeline_on_the_split_cv_uses(folds, data, small, tmp_path):
     out = tmp_path / "fold1"
-    run("train", "--config", small, "--data", data, "--out", out, "--fold", "1", "--folds", "2",
-        "--step", "task_au")  # fmt: skip
+    run(
+        "train",
+        "--config",
+        small,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--fold",
+        "1",
+        "--folds",
+        "2",
+        "--step",
+        "task_au",
+    )
     mine = json.loads((out / "task_au" / "run.json").read_text())
     cvs = json.loads((folds[0] / "fold1" / "task_au" / "run.json").read_text())
     for split in ("train", "val"):
@@ -212,21 +228,65 @@ def test_train_fold_passes_the_cv_split_to_a_single_run(data, tmp_path, monkeypa
     monkeypatch.setattr(fit_module, "fit", fake_fit)
     store = tmp_path / "store"
     for k in (0, 1):
-        run("train", "--config", cfg, "--data", data, "--features", store, "--out", tmp_path / "o", "--fold",
-            str(k), "--folds", "2", "--split-seed", "5")  # fmt: skip
+        run(
+            "train",
+            "--config",
+            cfg,
+            "--data",
+            data,
+            "--features",
+            store,
+            "--out",
+            tmp_path / "o",
+            "--fold",
+            str(k),
+            "--folds",
+            "2",
+            "--split-seed",
+            "5",
+        )
         labels = _labels(data)
         val_rows = video_folds(labels, 2, 5)[k]
         assert got["val"].videos == labels.subset(val_rows).videos
         assert set(got["train"].videos) == set(labels.videos) - set(got["val"].videos)
         assert len(got["train"]) + len(got["val"]) == len(labels)
-    run("train", "--config", cfg, "--data", data, "--features", store, "--out", tmp_path / "o", "--fold", "0",
-        "--folds", "2")  # fmt: skip
+    run(
+        "train",
+        "--config",
+        cfg,
+        "--data",
+        data,
+        "--features",
+        store,
+        "--out",
+        tmp_path / "o",
+        "--fold",
+        "0",
+        "--folds",
+        "2",
+    )
     labels = _labels(data)
     assert got["val"].videos == labels.subset(video_folds(labels, 2, 3)[0]).videos  # split seed: trainer.seed
     assert load_config(cfg).trainer.seed == 3
-    bad = {("--fold", "2", "--folds", "2"): "fold 2 does not exist", ("--folds", "3"): "give --fold too",
-           ("--fold", "0", "--trainval"): "drop --trainval"}  # fmt: skip
+    bad = {
+        ("--fold", "2", "--folds", "2"): "fold 2 does not exist",
+        ("--folds", "3"): "give --fold too",
+        ("--fold", "0", "--trainval"): "drop --trainval",
+    }
     for args, message in bad.items():
-        said = " ".join(run("train", "--config", cfg, "--data", data, "--features", store, "--out",
-                            tmp_path / "o", *args, code=2).split())  # fmt: skip
+        said = " ".join(
+            run(
+                "train",
+                "--config",
+                cfg,
+                "--data",
+                data,
+                "--features",
+                store,
+                "--out",
+                tmp_path / "o",
+                *args,
+                code=2,
+            ).split()
+        )
         assert message in said, said

@@ -161,11 +161,25 @@ def test_two_output_model_and_fixed_batch_graph(tmp_path):
 
 def test_affectnet_order_and_abaw_mapping():
     assert AFFECTNET_NAMES == (
-        "Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise",
-    )  # fmt: skip
+        "Anger",
+        "Contempt",
+        "Disgust",
+        "Fear",
+        "Happiness",
+        "Neutral",
+        "Sadness",
+        "Surprise",
+    )
     assert [EXPR_NAMES[i] for i in AFFECTNET_TO_ABAW] == [
-        "Anger", "Other", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise",
-    ]  # fmt: skip
+        "Anger",
+        "Other",
+        "Disgust",
+        "Fear",
+        "Happiness",
+        "Neutral",
+        "Sadness",
+        "Surprise",
+    ]
     assert MODELS["enet_b2_7"].logit_names[:3] == ("Anger", "Disgust", "Fear")
     names = MODELS["enet_b0_8_va_mtl"].logit_names
     logits = torch.zeros(2, 10)

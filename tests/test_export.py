@@ -53,8 +53,12 @@ def test_folder_lists_every_file_with_its_hash_and_how_to_feed_it(default_export
     assert not (out / "stale.onnx").exists()  # --overwrite replaced the old export as a whole
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
     assert set(manifest["files"]) == {
-        "face_model.onnx", "face_model.int8.onnx", "mtcnn_pnet.onnx", "mtcnn_rnet.onnx", "mtcnn_onet.onnx"
-    }  # fmt: skip
+        "face_model.onnx",
+        "face_model.int8.onnx",
+        "mtcnn_pnet.onnx",
+        "mtcnn_rnet.onnx",
+        "mtcnn_onet.onnx",
+    }
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_file(out / name)
         assert record["bytes"] == (out / name).stat().st_size
@@ -215,23 +219,35 @@ def _manifest_edit(src: Path, folder: Path, edit) -> Path:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m["files"].update({"../o2/face_model.onnx": m["files"]["face_model.onnx"]}),
-         r"files\['../o2/face_model.onnx'\] must be a plain file name inside the export folder"),
-        (lambda m: m["files"].update({"/tmp/x.onnx": m["files"]["face_model.onnx"]}),
-         r"files\['/tmp/x.onnx'\] must be a plain file name"),
-        (lambda m: m["detector"]["files"].update(pnet="../x.onnx"),
-         r"detector.files.pnet must name a file listed in files, got '../x.onnx'"),
-        (lambda m: m["face_model"].update(file="elsewhere.onnx"),
-         r"face_model.file must name a file listed in files, got 'elsewhere.onnx'"),
-        (lambda m: m["files"].pop("face_model.onnx"),
-         r"face_model.file must name a file listed in files, got 'face_model.onnx'"),
-        (lambda m: m["postprocessing"].update(au_thresholds=[float("nan")] * 12),
-         r"postprocessing.au_thresholds must be 12 numbers between 0 and 1"),
+        (
+            lambda m: m["files"].update({"../o2/face_model.onnx": m["files"]["face_model.onnx"]}),
+            r"files\['../o2/face_model.onnx'\] must be a plain file name inside the export folder",
+        ),
+        (
+            lambda m: m["files"].update({"/tmp/x.onnx": m["files"]["face_model.onnx"]}),
+            r"files\['/tmp/x.onnx'\] must be a plain file name",
+        ),
+        (
+            lambda m: m["detector"]["files"].update(pnet="../x.onnx"),
+            r"detector.files.pnet must name a file listed in files, got '../x.onnx'",
+        ),
+        (
+            lambda m: m["face_model"].update(file="elsewhere.onnx"),
+            r"face_model.file must name a file listed in files, got 'elsewhere.onnx'",
+        ),
+        (
+            lambda m: m["files"].pop("face_model.onnx"),
+            r"face_model.file must name a file listed in files, got 'face_model.onnx'",
+        ),
+        (
+            lambda m: m["postprocessing"].update(au_thresholds=[float("nan")] * 12),
+            r"postprocessing.au_thresholds must be 12 numbers between 0 and 1",
+        ),
         (lambda m: m["face_model"].update(window=0), r"face_model.window must be null or a positive integer"),
         (lambda m: m["preprocessing"]["resize"].update(size="112"), r"preprocessing.resize.size must be"),
         (lambda m: m.update(format_version=2), r"export format version 2 is newer .* up to 1\); upgrade"),
     ],
-)  # fmt: skip
+)
 def test_a_manifest_naming_files_outside_its_folder_or_bad_values_is_refused(
     default_export, tmp_path, edit, message
 ):
@@ -301,13 +317,21 @@ def test_a_disagreeing_export_is_refused_and_leaves_nothing(default_export, tmp_
 #: Tiny versions of the shipped configs (one decoder block, one transformer layer: every layer kind
 #: that matters for export, at a fraction of the export time).
 TINY = {
-    "queries_gcn_cached": ["model.hparams.dim=16", "model.hparams.blocks=1", "model.hparams.heads=2",
-                    "model.hparams.ffn_dim=32"],
-    "au_graph": ["model.hparams.node_dim=8", "model.hparams.hidden=16", "model.hparams.key_dim=8",
-                 "model.hparams.attn_dim=8"],
+    "queries_gcn_cached": [
+        "model.hparams.dim=16",
+        "model.hparams.blocks=1",
+        "model.hparams.heads=2",
+        "model.hparams.ffn_dim=32",
+    ],
+    "au_graph": [
+        "model.hparams.node_dim=8",
+        "model.hparams.hidden=16",
+        "model.hparams.key_dim=8",
+        "model.hparams.attn_dim=8",
+    ],
     "progressive": ["model.hparams.dim=16", "model.hparams.task_dim=16", "data.window=6", "data.stride=3"],
     "emotinet": ["model.hparams.au_hidden=16"],
-}  # fmt: skip
+}
 #: One checkpoint per recipe (recipe 3 with its published LSTM), and recipe 3 with a transformer for the
 #: fixed-window export.
 RUNS = {
@@ -387,9 +411,13 @@ def finetuned(tmp_path_factory) -> Path:
     model = create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits, au_hidden=16)
     backbone = {"name": spec.name, "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
     return save_checkpoint(
-        tmp_path_factory.mktemp("finetuned") / "best", model.eval(), backbone=backbone,
-        feature_dim=spec.feature_dim, num_logits=spec.num_logits, backbone_weights=bb.eval(),
-    )  # fmt: skip
+        tmp_path_factory.mktemp("finetuned") / "best",
+        model.eval(),
+        backbone=backbone,
+        feature_dim=spec.feature_dim,
+        num_logits=spec.num_logits,
+        backbone_weights=bb.eval(),
+    )
 
 
 @pytest.mark.slow

@@ -45,10 +45,17 @@ class TinyBackbone(Backbone):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         tokens = (size // 4) ** 2
         self.spec = BackboneSpec(
-            name=f"tiny-{colour}", input_size=size, colour=colour, mean=(0.5,) * cin, std=(0.25,) * cin,
-            feature_dim=8, num_logits=3, logit_names=("a", "b", "c"), token_shape=(tokens, 8),
+            name=f"tiny-{colour}",
+            input_size=size,
+            colour=colour,
+            mean=(0.5,) * cin,
+            std=(0.25,) * cin,
+            feature_dim=8,
+            num_logits=3,
+            logit_names=("a", "b", "c"),
+            token_shape=(tokens, 8),
             config={"seed": seed},
-        )  # fmt: skip
+        )
         self.eval()
 
     def forward(self, x: torch.Tensor, tokens: bool = False) -> BackboneOutput:
@@ -240,8 +247,16 @@ def test_trust_remote_code_builds_a_named_backbone_and_is_never_recorded(faces, 
         return TinyBackbone(seed=seed)
 
     root, names = faces
-    res = extract(root, "test-extract-trusting", tmp_path / "s", images=names[:4], workers=0, progress=False,
-                  backbone_kwargs={"seed": 2}, trust_remote_code=True)  # fmt: skip
+    res = extract(
+        root,
+        "test-extract-trusting",
+        tmp_path / "s",
+        images=names[:4],
+        workers=0,
+        progress=False,
+        backbone_kwargs={"seed": 2},
+        trust_remote_code=True,
+    )
     assert calls == [{"seed": 2, "trust_remote_code": True}]
     assert FeatureStore.open(res.store).meta["backbone_kwargs"] == {"seed": 2}
     with pytest.raises(ValueError, match="applies to hub backbones"):  # a flag that means nothing here
@@ -257,10 +272,23 @@ def test_cli_backbone_options_with_trust_remote_code_are_one_error_line(tmp_path
     from mtaffect.data.synth import SynthConfig, generate
 
     generate(tmp_path / "data", SynthConfig(videos=3, frames=4, seed=1))
-    result = CliRunner().invoke(app, [
-        "extract", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "st"), "--workers", "0",
-        "--backbone", f"hf:{tmp_path / 'vit'}", "--trust-remote-code", "--backbone-arg", "bogus=1",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "st"),
+            "--workers",
+            "0",
+            "--backbone",
+            f"hf:{tmp_path / 'vit'}",
+            "--trust-remote-code",
+            "--backbone-arg",
+            "bogus=1",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "error: backbone 'hf:" in result.output and "does not take the option bogus" in result.output
     assert not (tmp_path / "st").exists()
@@ -358,10 +386,17 @@ def test_hub_backbones_extract_into_a_store(faces, tmp_path):
 
     root, names = faces
     dino = create_backbone(
-        "dinov2-small", image_size=28, config={"hidden_size": 16, "num_hidden_layers": 1,
-                                              "num_attention_heads": 2, "intermediate_size": 32,
-                                              "patch_size": 14, "image_size": 28},
-    )  # fmt: skip
+        "dinov2-small",
+        image_size=28,
+        config={
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "patch_size": 14,
+            "image_size": 28,
+        },
+    )
     res = extract(root, dino, tmp_path / "dino", images=names, tokens=True, **RUN)
     store = FeatureStore.open(res.store)
     assert store.has_tokens and store.tokens([0]).shape == (1, 4, 16)  # 28 px / 14 = 2x2 patches
@@ -371,18 +406,25 @@ def test_hub_backbones_extract_into_a_store(faces, tmp_path):
     np.testing.assert_allclose(store.features(np.arange(3)), direct, rtol=2e-3, atol=2e-3)  # float16
 
     rng = np.random.default_rng(0)
-    init = {"w1": rng.normal(size=(6, 3)), "b1": rng.normal(size=6), "w2": rng.normal(size=(10, 6)),
-            "b2": rng.normal(size=10)}  # fmt: skip
+    init = {
+        "w1": rng.normal(size=(6, 3)),
+        "b1": rng.normal(size=6),
+        "w2": rng.normal(size=(10, 6)),
+        "b2": rng.normal(size=10),
+    }
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["gap"]),
-         helper.make_node("Flatten", ["gap"], ["f"]),
-         helper.make_node("Gemm", ["f", "w1", "b1"], ["h0"], transB=1),
-         helper.make_node("Relu", ["h0"], ["h"]),
-         helper.make_node("Gemm", ["h", "w2", "b2"], ["scores"], transB=1)],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["gap"]),
+            helper.make_node("Flatten", ["gap"], ["f"]),
+            helper.make_node("Gemm", ["f", "w1", "b1"], ["h0"], transB=1),
+            helper.make_node("Relu", ["h0"], ["h"]),
+            helper.make_node("Gemm", ["h", "w2", "b2"], ["scores"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 10])],
         initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in init.items()],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "tiny.onnx"))
@@ -484,8 +526,10 @@ def test_the_shard_lock_names_its_holder_and_dies_with_it(tmp_path):
     )
     worker = int(holder.stdout.readline())
     try:
-        with pytest.raises(StoreError, match=rf"another extraction \(pid {holder.pid}\) .* wait for it"), \
-                _shard_lock(partial, 0):  # fmt: skip
+        with (
+            pytest.raises(StoreError, match=rf"another extraction \(pid {holder.pid}\) .* wait for it"),
+            _shard_lock(partial, 0),
+        ):
             pass
         holder.kill()  # SIGKILL: the forked worker lives on with the inherited descriptor
         holder.wait()
@@ -597,8 +641,10 @@ def test_a_fifo_or_socket_named_like_an_image_is_a_failed_row_not_a_hang(faces, 
         sock.close()
     assert res.failed == 2 and res.extracted == 5
     failures = dict(FeatureStore.open(res.store).failures())
-    assert failures == {"odd/00001.jpg": "not a regular file: a FIFO (named pipe)",
-                        "odd/00002.jpg": "not a regular file: a socket"}  # fmt: skip
+    assert failures == {
+        "odd/00001.jpg": "not a regular file: a FIFO (named pipe)",
+        "odd/00002.jpg": "not a regular file: a socket",
+    }
     assert "odd/00001.jpg,not a regular file: a FIFO (named pipe)" in res.failed_report.read_text()
 
 
@@ -636,9 +682,12 @@ def test_overwrite_never_deletes_a_users_folder_that_holds_a_meta_json(faces, tm
     (users / "meta.json").write_text("notes\n")
     (users / "thesis.tex").write_text("thesis")
     kw = {**RUN, "images": names[:4]}
-    with pytest.raises(OutputExistsError, match=r"u is not a feature store written by mtaffect \(it holds "
-                                                r"meta.json, thesis.tex\); .* even with --overwrite"):
-        extract(root, TinyBackbone(), users, overwrite=True, **kw)  # fmt: skip
+    with pytest.raises(
+        OutputExistsError,
+        match=r"u is not a feature store written by mtaffect \(it holds "
+        r"meta.json, thesis.tex\); .* even with --overwrite",
+    ):
+        extract(root, TinyBackbone(), users, overwrite=True, **kw)
     store = tmp_path / "store"
     extract(root, TinyBackbone(), store, **kw)
     (store / "notes.txt").write_text("a user's note inside a store")

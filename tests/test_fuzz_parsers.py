@@ -41,11 +41,44 @@ EXAMPLES = 250  # per parser (1,500 parses in all)
 
 #: Byte strings a careless or hostile edit tends to introduce.
 TOKENS = [
-    b",", b"\n", b"\r", b"\r\n", b"\x00", b"-5", b"-1", b"nan", b"inf", b"1e999", b"..", b"/", b"/etc/",
-    b"\xff", b"\xc3", b" ", b'"', b"'", b":", b"#", b"{", b"}", b"[", b"- ", b"\t", b"9" * 25, "é".encode(),
-    b"!!python/object/apply:os.system ['true']", b"&a", b"*a", b"~", b"true", b"0", b"1", b"2", b".5",
+    b",",
+    b"\n",
+    b"\r",
+    b"\r\n",
+    b"\x00",
+    b"-5",
+    b"-1",
+    b"nan",
+    b"inf",
+    b"1e999",
+    b"..",
+    b"/",
+    b"/etc/",
+    b"\xff",
+    b"\xc3",
+    b" ",
+    b'"',
+    b"'",
+    b":",
+    b"#",
+    b"{",
+    b"}",
+    b"[",
+    b"- ",
+    b"\t",
+    b"9" * 25,
+    "é".encode(),
+    b"!!python/object/apply:os.system ['true']",
+    b"&a",
+    b"*a",
+    b"~",
+    b"true",
+    b"0",
+    b"1",
+    b"2",
+    b".5",
     OFFICIAL_HEADER.encode(),
-]  # fmt: skip
+]
 
 _OP = st.sampled_from(["insert", "delete", "replace", "dup_line", "drop_line", "swap_lines", "truncate"])
 _PIECE = st.one_of(st.sampled_from(TOKENS), st.binary(min_size=1, max_size=3))
@@ -306,14 +339,22 @@ def _export_folder(folder: Path) -> Path:
         (root / name).write_bytes(name.encode())
         files[name] = {"sha256": hashlib.sha256(name.encode()).hexdigest(), "bytes": len(name)}
     manifest = {
-        **header(EXPORT), "files": files,
-        "face_model": {"file": "face_model.onnx", "int8_file": None, "head_file": None, "temporal": False,
-                       "window": None, "outputs": {"va": {"shape": ["batch", 2]}},
-                       "head_inputs": {"features": {"shape": ["batch", 8]}}, "backbone": {"name": "x"}},
+        **header(EXPORT),
+        "files": files,
+        "face_model": {
+            "file": "face_model.onnx",
+            "int8_file": None,
+            "head_file": None,
+            "temporal": False,
+            "window": None,
+            "outputs": {"va": {"shape": ["batch", 2]}},
+            "head_inputs": {"features": {"shape": ["batch", 8]}},
+            "backbone": {"name": "x"},
+        },
         "preprocessing": {"resize": {"size": 64}, "colour": "L"},
         "postprocessing": {"au_thresholds": [0.5] * 12},
         "detector": {"files": {k: f"mtcnn_{k}.onnx" for k in ("pnet", "rnet", "onet")}},
-    }  # fmt: skip
+    }
     (root / "export.json").write_text(json.dumps(manifest, indent=1))
     return root
 

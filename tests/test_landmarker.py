@@ -149,9 +149,11 @@ def test_geometry_is_in_image_pixels_with_one_row_per_face(photos, ours, mtcnn):
     b = det.boxes[0]
     w = b[2] - b[0]
     inside = (
-        (geo.points[0, :, 0] > b[0] - 0.3 * w) & (geo.points[0, :, 0] < b[2] + 0.3 * w)
-        & (geo.points[0, :, 1] > b[1] - 0.3 * w) & (geo.points[0, :, 1] < b[3] + 0.3 * w)
-    )  # fmt: skip
+        (geo.points[0, :, 0] > b[0] - 0.3 * w)
+        & (geo.points[0, :, 0] < b[2] + 0.3 * w)
+        & (geo.points[0, :, 1] > b[1] - 0.3 * w)
+        & (geo.points[0, :, 1] < b[3] + 0.3 * w)
+    )
     assert inside.all()
     # MTCNN's eyes and MediaPipe's iris centres agree (image left eye = subject's right: point 468)
     eyes = geo.points[0, [468, 473], :2]

@@ -100,10 +100,13 @@ def test_empty_batches_give_zero_not_nan(kind):
         "va": torch.randn(4, 2, requires_grad=True),
     }
     batch = {
-        "au": torch.zeros(4, 12), "au_mask": torch.zeros(4, 12, dtype=torch.bool),
-        "expr": torch.zeros(4, dtype=torch.long), "expr_mask": torch.zeros(4, dtype=torch.bool),
-        "va": torch.zeros(4, 2), "va_mask": torch.zeros(4, 2, dtype=torch.bool),
-    }  # fmt: skip
+        "au": torch.zeros(4, 12),
+        "au_mask": torch.zeros(4, 12, dtype=torch.bool),
+        "expr": torch.zeros(4, dtype=torch.long),
+        "expr_mask": torch.zeros(4, dtype=torch.bool),
+        "va": torch.zeros(4, 2),
+        "va_mask": torch.zeros(4, 2, dtype=torch.bool),
+    }
     total, parts = MTLLoss(LossConfig(au_loss=kind))(out, batch, ("au", "expr", "va"))
     assert total.item() == 0.0 and all(v.item() == 0.0 for v in parts.values())
     total.backward()  # still differentiable
@@ -116,16 +119,21 @@ def _batch(n=6, t=None):
     return {
         "au": (torch.rand(*shape, 12, generator=g) > 0.5).float(),
         "au_mask": torch.ones(*shape, 12, dtype=torch.bool),
-        "expr": torch.randint(0, 8, shape, generator=g), "expr_mask": torch.ones(shape, dtype=torch.bool),
-        "va": torch.rand(*shape, 2, generator=g) * 2 - 1, "va_mask": torch.ones(*shape, 2, dtype=torch.bool),
-    }  # fmt: skip
+        "expr": torch.randint(0, 8, shape, generator=g),
+        "expr_mask": torch.ones(shape, dtype=torch.bool),
+        "va": torch.rand(*shape, 2, generator=g) * 2 - 1,
+        "va_mask": torch.ones(*shape, 2, dtype=torch.bool),
+    }
 
 
 def test_task_weights_scale_the_optimised_loss_and_its_gradient():
     batch = _batch()
     g = torch.Generator().manual_seed(1)
-    base = {"au": torch.randn(6, 12, generator=g), "expr": torch.randn(6, 8, generator=g),
-            "va": torch.randn(6, 2, generator=g).tanh()}  # fmt: skip
+    base = {
+        "au": torch.randn(6, 12, generator=g),
+        "expr": torch.randn(6, 8, generator=g),
+        "va": torch.randn(6, 2, generator=g).tanh(),
+    }
 
     def grads(weights):
         out = {k: v.clone().requires_grad_(True) for k, v in base.items()}

@@ -334,9 +334,12 @@ def test_score_aligns_predictions_to_labels():
             return Pred(wanted, self.idx[[pos[w] for w in wanted]])
 
     gt = types.SimpleNamespace(
-        images=images, valence=d["valence_true"], arousal=d["arousal_true"],
-        expression=d["expr_true"], aus=d["au_true"],
-    )  # fmt: skip
+        images=images,
+        valence=d["valence_true"],
+        arousal=d["arousal_true"],
+        expression=d["expr_true"],
+        aus=d["au_true"],
+    )
     res = score(gt, Pred([images[i] for i in order], order))
     assert res.to_dict() == official_metric(**d).to_dict()
 
@@ -353,9 +356,13 @@ def test_zero_scored_rows_is_an_error_not_a_score():
     with pytest.raises(ValueError, match=r"^gt.txt: nothing to score: it holds no data rows"):
         score(empty, pred)
     unlabelled = types.SimpleNamespace(
-        images=["v/1.jpg"], valence=np.array([-5.0]), arousal=np.array([-5.0]), expression=np.array([-1]),
-        aus=-np.ones((1, NUM_AUS), dtype=int), source="gt.txt",
-    )  # fmt: skip
+        images=["v/1.jpg"],
+        valence=np.array([-5.0]),
+        arousal=np.array([-5.0]),
+        expression=np.array([-1]),
+        aus=-np.ones((1, NUM_AUS), dtype=int),
+        source="gt.txt",
+    )
     with pytest.raises(ValueError, match=r"1 rows but not one label"):
         score(unlabelled, pred)
 

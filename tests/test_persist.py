@@ -54,25 +54,35 @@ def test_every_format_reads_back_what_was_written(tmp_path):
         fields = {"n": 3, "x": 0.25, "names": ["a", "é"], "nested": {"k": None}}
         written = write_json(tmp_path / f"{fmt.name}.json", header(fmt, **fields))
         got = read_header_file(written, fmt)
-        assert got == {"format": fmt.name, "format_version": fmt.version, "mtaffect_version": __version__,
-                       **fields}  # fmt: skip
+        assert got == {
+            "format": fmt.name,
+            "format_version": fmt.version,
+            "mtaffect_version": __version__,
+            **fields,
+        }
         assert list(got)[:3] == ["format", "format_version", "mtaffect_version"]  # the header first
 
 
 @pytest.mark.parametrize(
     ("obj", "message"),
     [
-        ({"format": "mtaffect-toy", "format_version": 3}, r"toy folder format version 3 is newer than this "
-                                                          r"mtaffect \(reads up to 2\); upgrade mtaffect"),
-        ({"format": "mtaffect-other", "format_version": 1}, r"not an mtaffect toy folder \(format "
-                                                            r"'mtaffect-other', expected 'mtaffect-toy'\)"),
+        (
+            {"format": "mtaffect-toy", "format_version": 3},
+            r"toy folder format version 3 is newer than this "
+            r"mtaffect \(reads up to 2\); upgrade mtaffect",
+        ),
+        (
+            {"format": "mtaffect-other", "format_version": 1},
+            r"not an mtaffect toy folder \(format "
+            r"'mtaffect-other', expected 'mtaffect-toy'\)",
+        ),
         ({"format": "mtaffect-toy", "format_version": True}, "format_version must be a positive integer"),
         ({"format": "mtaffect-toy", "format_version": "1"}, "format_version must be a positive integer"),
         ({"format": "mtaffect-toy", "format_version": 0}, "format_version must be a positive integer"),
         ({"format": "mtaffect-toy"}, "format_version must be a positive integer, got None"),
         ([1, 2], r"not an mtaffect toy folder \(not a JSON object\)"),
     ],
-)  # fmt: skip
+)
 def test_a_header_names_the_file_and_what_is_wrong(obj, message):
     with pytest.raises(FormatError, match=rf"^where\.json: {message}"):
         check_header(obj, TOY, "where.json")
@@ -104,9 +114,12 @@ def test_only_a_folder_of_ours_is_replaced_and_only_when_asked(tmp_path):
     assert check_replaceable(ours, TOY, overwrite=True) == ours
     users = _users(tmp_path / "users")
     for overwrite in (False, True):
-        with pytest.raises(NotOursError, match=r"users is not a toy folder written by mtaffect \(it holds "
-                                               r"thesis.tex, toy.json\); refusing .* even with --overwrite"):
-            check_replaceable(users, TOY, overwrite=overwrite)  # fmt: skip
+        with pytest.raises(
+            NotOursError,
+            match=r"users is not a toy folder written by mtaffect \(it holds "
+            r"thesis.tex, toy.json\); refusing .* even with --overwrite",
+        ):
+            check_replaceable(users, TOY, overwrite=overwrite)
     added = _ours(tmp_path / "added", "notes.txt")
     with pytest.raises(NotOursError, match=r"is a toy folder but also holds notes.txt, which mtaffect"):
         check_replaceable(added, TOY, overwrite=True)

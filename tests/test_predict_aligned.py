@@ -78,13 +78,23 @@ def _pred_by_image(pred: PredictionTable) -> pd.DataFrame:
 def test_predict_aligned_gives_the_numbers_of_infer(research, tmp_path):
     r = research
     out = tmp_path / "o"
-    run("predict", r["root"], "--recursive", "--aligned", "--model", r["frame_model"], "--out", out,
-        "--quiet")  # fmt: skip
+    run(
+        "predict", r["root"], "--recursive", "--aligned", "--model", r["frame_model"], "--out", out, "--quiet"
+    )
     table = read_table(out / f"{CROPPED_DIR}.csv")
     assert (table["success"] == 1).all() and (table["face_id"] == 0).all()
     assert table["file"].nunique() == 3 and table["confidence"].isna().all()
-    run("infer", "--model", r["frame_model"], "--features", r["store"], "--images", r["dir"] / "all.txt",
-        "--out", tmp_path / "infer.csv")  # fmt: skip
+    run(
+        "infer",
+        "--model",
+        r["frame_model"],
+        "--features",
+        r["store"],
+        "--images",
+        r["dir"] / "all.txt",
+        "--out",
+        tmp_path / "infer.csv",
+    )
     ref = _pred_by_image(PredictionTable.read(tmp_path / "infer.csv"))
     got = _by_image(table)[ref.columns]
     assert got.index.equals(ref.index) and len(ref) == len(r["names"])
@@ -170,8 +180,18 @@ def test_aligned_stills_get_annotated_pictures_thumbnails_and_landmarker_pose(re
     the crop (NaN where it could not measure the face); the annotated picture and the report's thumbnail
     are the whole crop; stills of two folders with the same file names get distinct outputs."""
     out = tmp_path / "o"
-    run("predict", research["root"], "--recursive", "--aligned", "--stills", "--plot", "--report",
-        "--out", out, "--quiet")  # fmt: skip
+    run(
+        "predict",
+        research["root"],
+        "--recursive",
+        "--aligned",
+        "--stills",
+        "--plot",
+        "--report",
+        "--out",
+        out,
+        "--quiet",
+    )
     table = read_table(out / f"{CROPPED_DIR}.csv")
     assert len(table) == len(research["names"])
     measured = table["bs_jawOpen"].notna()

@@ -79,8 +79,9 @@ def test_two_workers_write_the_tables_one_process_writes_and_combine_them(archiv
     text = run("predict", archive, "-r", "--workers", "2", "--out", out, "--combine", "--report", "--quiet")
     threads = worker_threads(2, os.cpu_count())
     assert f"2 worker(s) x {threads} thread(s) on {os.cpu_count()} core(s)" in text
-    assert sorted(_done_sources(text)) == sorted(str(p) for p in archive.rglob("*") if p.suffix in
-                                                 (".mp4", ".jpg") and p.name != "broken.mp4")  # fmt: skip
+    assert sorted(_done_sources(text)) == sorted(
+        str(p) for p in archive.rglob("*") if p.suffix in (".mp4", ".jpg") and p.name != "broken.mp4"
+    )
     _same_tables(reference, out)  # byte-identical per-file tables
     records = {p.name: json.loads(p.read_text()) for p in (out / RECORDS_DIR).glob("*.json")}
     assert records["interviews_broken_mp4.csv.json"]["status"] == "failed"
@@ -103,8 +104,9 @@ def test_two_workers_write_the_tables_one_process_writes_and_combine_them(archiv
 def test_two_processes_into_one_folder_run_every_file_once(archive, reference, tmp_path):
     out = tmp_path / "shared"
     cmd = _cli("predict", archive, "-r", "--per-file", "--out", out, "--quiet")
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     texts = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], texts
     done = [_done_sources(stdout) for stdout, _ in texts]
@@ -121,8 +123,9 @@ def test_shards_split_the_files_and_the_last_one_combines(archive, reference, tm
     n = next(n for n in range(2, 9) if sum(1 for k in range(1, n + 1) if plan.shard(k, n)) >= 2)
     out, done, texts = tmp_path / "sharded", [], []
     for k in range(1, n + 1):
-        texts.append(run("predict", "interviews", "-r", "--shard", f"{k}/{n}", "--out", out, "--combine",
-                         "--quiet"))  # fmt: skip
+        texts.append(
+            run("predict", "interviews", "-r", "--shard", f"{k}/{n}", "--out", out, "--combine", "--quiet")
+        )
         done.append(_done_sources(texts[-1]))
         assert (out / "combined.csv").exists() == (k == n)  # the last to finish combines
     assert sum(map(len, done)) == len(TABLES) == len({s for d in done for s in d})  # once each
@@ -190,8 +193,9 @@ def test_ctrl_c_stops_every_worker_and_the_next_run_finishes(archive, reference,
     again = run("predict", archive, "-r", "--workers", "2", "--out", out, "--quiet")
     assert "resuming" in again
     for name in TABLES:
-        pd.testing.assert_frame_equal(read_table(out / name), read_table(reference / name), check_exact=False,
-                                      atol=1e-6)  # fmt: skip
+        pd.testing.assert_frame_equal(
+            read_table(out / name), read_table(reference / name), check_exact=False, atol=1e-6
+        )
 
 
 def test_per_file_options_are_checked_before_any_work(archive, tmp_path):

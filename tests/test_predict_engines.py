@@ -89,8 +89,10 @@ def test_predict_runs_where_torch_cannot_be_imported(default_export, video, ort_
     script.write_text(NO_TORCH)
     proc = subprocess.run(
         [sys.executable, str(script), str(folder), str(video), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["exit"] == 0 and "torch" not in got["modules"] and "lightning" not in got["modules"]
@@ -156,8 +158,22 @@ def test_engine_choices_are_checked_and_jobs_keep_engines_apart(default_export, 
         Predictor(precision="int8")
     with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
         Predictor(model=folder, engine="onnxruntime", device="mps")
-    res = CliRunner().invoke(app, ["predict", str(video), "--engine", "onnxruntime", "--model", str(folder),
-                                   "--device", "cuda", "--out", str(tmp_path / "o"), "--quiet"])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(video),
+            "--engine",
+            "onnxruntime",
+            "--model",
+            str(folder),
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 2 and "error:" in res.output and "CUDAExecutionProvider" in res.output
     # float32 unless int8 is asked for (smaller, not faster on CPU); a job's signature names the engine
     assert Predictor(model=folder, engine="onnxruntime").engine.runtime.precision == "float32"

@@ -83,9 +83,11 @@ def test_a_killed_job_resumes_after_the_last_completed_frame(clip, predictor, re
     rows = pd.read_csv(part / ROWS_FILE)
     assert after == 11 and rows["frame"].max() == after  # killed in chunk 4 (frames 12-15): 0-11 written
     pd.testing.assert_frame_equal(
-        read_table(part / ROWS_FILE).drop(columns="_input"), reference[reference.frame <= after],
-        check_exact=False, atol=1e-6,
-    )  # fmt: skip
+        read_table(part / ROWS_FILE).drop(columns="_input"),
+        reference[reference.frame <= after],
+        check_exact=False,
+        atol=1e-6,
+    )
     (part / f".{JOB_FILE}.abcd1234.part").write_text("{")  # a kill during a commit leaves this too
     analysed, notes = [], []
     predict_to_file(predictor, clip, target, progress=analysed.append, log=notes.append)

@@ -51,8 +51,16 @@ def test_the_module_steps_its_scheduler_with_the_configured_schedule():
 
     lrs = {}
     for schedule in ("cosine", "constant", "warmup_constant"):
-        module = MTLModule(Lin(), MTLLoss(LossConfig()), Stage("joint"), lr=0.1, warmup_steps=2,
-                           total_steps=10, min_lr_ratio=0.0, schedule=schedule)  # fmt: skip
+        module = MTLModule(
+            Lin(),
+            MTLLoss(LossConfig()),
+            Stage("joint"),
+            lr=0.1,
+            warmup_steps=2,
+            total_steps=10,
+            min_lr_ratio=0.0,
+            schedule=schedule,
+        )
         conf = module.configure_optimizers()
         opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
         seen = []
@@ -79,8 +87,9 @@ def test_decay_all_puts_weight_decay_on_norms_biases_and_position_embeddings(vit
     from mtaffect.models.registry import create_model
 
     backbone = create_backbone(f"hf:{vit_folder}", image_size=32)
-    head = create_model("progressive", feature_dim=backbone.spec.feature_dim, variant="published",
-                        fusion_tasks=[], dim=8)  # fmt: skip
+    head = create_model(
+        "progressive", feature_dim=backbone.spec.feature_dim, variant="published", fusion_tasks=[], dim=8
+    )
     model = ImageMTLModel(backbone, head, mode="finetune", weight_decay=0.05)
     spared = [n for n, wd in _decay_by_param(model, False).items() if wd == 0.0]  # today's grouping
     assert any(n.endswith("position_embeddings") for n in spared) and any("bias" in n for n in spared)
@@ -95,8 +104,13 @@ def test_decay_all_is_read_from_the_config_and_written_with_every_setting():
 
     base = {"model": {"recipe": "emotinet"}}
     assert config_from_dict(base).to_dict()["optim"]["decay_all"] is False  # a run's config.yaml is complete
-    cfg = config_from_dict({**base, "optim": {"decay_all": True, "schedule": "constant"},
-                            "trainer": {"checkpoint_per_task": True}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            **base,
+            "optim": {"decay_all": True, "schedule": "constant"},
+            "trainer": {"checkpoint_per_task": True},
+        }
+    )
     d = cfg.to_dict()
     assert d["optim"]["decay_all"] is True and d["optim"]["schedule"] == "constant"
     assert d["trainer"]["checkpoint_per_task"] is True
@@ -110,8 +124,14 @@ def _store_and_labels(root: Path) -> tuple[Path, LabelTable, LabelTable]:
     feats = rng.normal(size=(len(names), 12)).astype(np.float32)
     write_store_by_hand(root / "store", names, feats)
     z = feats @ np.random.default_rng(9).normal(size=(12, 22))
-    df = pd.DataFrame({"image": names, "valence": np.tanh(z[:, 0] / 3), "arousal": np.tanh(z[:, 1] / 3),
-                       "expression": z[:, 2:10].argmax(1)})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "image": names,
+            "valence": np.tanh(z[:, 0] / 3),
+            "arousal": np.tanh(z[:, 1] / 3),
+            "expression": z[:, 2:10].argmax(1),
+        }
+    )
     for j, au in enumerate(AU_NAMES):
         df[au] = (z[:, 10 + j] > 0).astype(int)
     labels = LabelTable.from_frame(df)
@@ -127,11 +147,14 @@ def test_checkpoint_per_task_makes_best_an_ensemble_of_each_tasks_best_epoch(tmp
     from mtaffect.train.fit import fit
 
     store, train, val = _store_and_labels(tmp_path)
-    cfg = config_from_dict({
-        "model": {"recipe": "emotinet", "hparams": {"joint": True}},
-        "optim": {"lr": 0.05, "warmup_epochs": 0}, "data": {"batch_size": 16},
-        "trainer": {"epochs": 6, "patience": 0, "progress": False, "checkpoint_per_task": True},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "model": {"recipe": "emotinet", "hparams": {"joint": True}},
+            "optim": {"lr": 0.05, "warmup_epochs": 0},
+            "data": {"batch_size": 16},
+            "trainer": {"epochs": 6, "patience": 0, "progress": False, "checkpoint_per_task": True},
+        }
+    )
     out = tmp_path / "run"
     result = fit(cfg, store, train, val, out, log=None)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -150,8 +173,11 @@ def test_checkpoint_per_task_makes_best_an_ensemble_of_each_tasks_best_epoch(tmp
     assert ens["tasks"] == {t: f"epoch_{chosen[t]['epoch']}" for t in terms}
     for task in terms:  # each member is that epoch's checkpoint (its own metrics)
         member = json.loads((out / "best" / ens["members"][ens["tasks"][task]] / "config.json").read_text())
-        term = {"au": member["metrics"]["au"]["f1"], "expr": member["metrics"]["expr"]["f1"],
-                "va": member["metrics"]["va"]["mean"]}[task]  # fmt: skip
+        term = {
+            "au": member["metrics"]["au"]["f1"],
+            "expr": member["metrics"]["expr"]["f1"],
+            "va": member["metrics"]["va"]["mean"],
+        }[task]
         assert term == pytest.approx(chosen[task]["score"])
     combined = sum(c["score"] for c in chosen.values())
     assert metrics["best"]["P"] == pytest.approx(combined) == pytest.approx(result.metrics["P"])
@@ -173,11 +199,14 @@ def test_patience_zero_never_stops_early(tmp_path):
     store, train, val = _store_and_labels(tmp_path)
     runs = {}
     for patience in (0, 1):
-        cfg = config_from_dict({
-            "model": {"recipe": "emotinet", "hparams": {"joint": True}}, "data": {"batch_size": 60},
-            "optim": {"lr": 5.0, "warmup_epochs": 0},
-            "trainer": {"epochs": 6, "patience": patience, "progress": False},
-        })  # fmt: skip
+        cfg = config_from_dict(
+            {
+                "model": {"recipe": "emotinet", "hparams": {"joint": True}},
+                "data": {"batch_size": 60},
+                "optim": {"lr": 5.0, "warmup_epochs": 0},
+                "trainer": {"epochs": 6, "patience": patience, "progress": False},
+            }
+        )
         runs[patience] = fit(cfg, store, train, val, None, log=None)
     assert len(runs[0].history) == 6 and not runs[0].stages[-1]["stopped_early"]
     assert len(runs[1].history) < 6 and runs[1].stages[-1]["stopped_early"]
@@ -208,8 +237,15 @@ def test_peer_layers_linear_task_heads_activation_only_before_a_temporal_module_
     from mtaffect.models.registry import create_model
 
     def build(**kw):
-        return create_model("progressive", feature_dim=8, variant="published", peer=True, dim=8,
-                            input_dims={"features@au": 8}, **kw)  # fmt: skip
+        return create_model(
+            "progressive",
+            feature_dim=8,
+            variant="published",
+            peer=True,
+            dim=8,
+            input_dims={"features@au": 8},
+            **kw,
+        )
 
     task = build(fusion_tasks=[])  # a task model: linear heads on the backbone feature
     assert isinstance(task.fusion, torch.nn.Identity) and isinstance(task.act, torch.nn.Identity)
@@ -231,8 +267,12 @@ def test_peer_layers_linear_task_heads_activation_only_before_a_temporal_module_
     rows = expr({k: v.reshape(10, 8) for k, v in batch.items()})  # each frame scored alone
     torch.testing.assert_close(out["expr"].reshape(10, 8), rows["expr"])
     assert build(fusion_tasks=[]).config()["peer"] is True
-    assert "peer" not in create_model("progressive", feature_dim=8, variant="published", fusion_tasks=[],
-                                      dim=8).config()  # saved checkpoints read as before  # fmt: skip
+    assert (
+        "peer"
+        not in create_model(
+            "progressive", feature_dim=8, variant="published", fusion_tasks=[], dim=8
+        ).config()
+    )  # saved checkpoints read as before
     with pytest.raises(ValueError, match="peer and windowed apply to variant published"):
         create_model("progressive", feature_dim=8, peer=True)
 

@@ -86,8 +86,14 @@ def test_recipe1_gcn_runs_over_the_10_nodes_left_after_dropping_two_and_feeds_on
     assert len(head.node_graph) == 2 and head.maps.shape == (10, DIM, DIM)
     assert not any("bias" in n for n, _ in head.named_parameters() if n.startswith("maps"))
     assert not hasattr(model, "select") and not hasattr(model, "query_linear")  # our routing is absent
-    cap = Capture(au=head.au_graph, g1=head.node_graph[0], g2=head.node_graph[1], expr=model.expr_head,
-                  va=model.va_head, last=model.decoder[-1])  # fmt: skip
+    cap = Capture(
+        au=head.au_graph,
+        g1=head.node_graph[0],
+        g2=head.node_graph[1],
+        expr=model.expr_head,
+        va=model.va_head,
+        last=model.decoder[-1],
+    )
     with torch.no_grad():
         out = model(tokens())
     assert cap.outputs["au"].shape == (6, 12, DIM)
@@ -165,8 +171,12 @@ def test_recipe1_published_adjacency_picks_the_top_k_with_the_node_itself_a_cand
     nodes = torch.tensor([[[3.0, 0.0], [2.9, 0.1], [0.0, 1.0], [0.1, 0.9]]])
     adj = topk_adjacency_with_self(nodes, 2)
     links = adj[0] > 0
-    assert links.tolist() == [[True, True, False, False], [True, True, False, False],
-                              [False, False, True, True], [False, False, True, True]]  # fmt: skip
+    assert links.tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [False, False, True, True],
+        [False, False, True, True],
+    ]
     torch.testing.assert_close(adj[0][links], torch.full((8,), 0.5))  # D^-1/2 A D^-1/2, degree 2
 
 
@@ -252,16 +262,26 @@ def test_recipe2_expr_branch_is_the_shared_attention_block_with_the_published_pa
     branch = PublishedExprBranch(in_dim, attn_dim)
     assert isinstance(branch, AdditiveAttention)
     shapes = {n: tuple(p.shape) for n, p in branch.named_parameters()}
-    assert shapes == {"head.weight": (NUM_EXPR, in_dim), "head.bias": (NUM_EXPR,),
-                      "Wq.weight": (attn_dim, 12), "Wk.weight": (attn_dim, 1), "w.weight": (1, attn_dim)}
+    assert shapes == {
+        "head.weight": (NUM_EXPR, in_dim),
+        "head.bias": (NUM_EXPR,),
+        "Wq.weight": (attn_dim, 12),
+        "Wk.weight": (attn_dim, 1),
+        "w.weight": (1, attn_dim),
+    }
     torch.manual_seed(7)  # the layers drawn in the published order: head first, then Wq, Wk, w
     head = nn.Linear(in_dim, NUM_EXPR)
     nn.init.normal_(head.weight, 0.0, (1.0 / NUM_EXPR) ** 0.5)
     wq = nn.Linear(NUM_AUS, attn_dim, bias=False)
     wk = nn.Linear(1, attn_dim, bias=False)
     w = nn.Linear(attn_dim, 1, bias=False)
-    drawn = {"head.weight": head.weight, "head.bias": head.bias, "Wq.weight": wq.weight,
-             "Wk.weight": wk.weight, "w.weight": w.weight}  # fmt: skip
+    drawn = {
+        "head.weight": head.weight,
+        "head.bias": head.bias,
+        "Wq.weight": wq.weight,
+        "Wk.weight": wk.weight,
+        "w.weight": w.weight,
+    }
     for name, value in branch.state_dict().items():
         torch.testing.assert_close(value, drawn[name], rtol=0, atol=0)
     other = PublishedExprBranch(in_dim, attn_dim)
@@ -283,11 +303,13 @@ def test_recipe2_va_is_tanh_of_batchnorm_and_trains_as_three_task_stages():
         torch.testing.assert_close(va, torch.tanh(model.va_branch.norm(model.va_branch.head(x))))
     stages = model.stages()
     assert [(s.name, s.tasks, s.train_modules) for s in stages] == [
-        ("au", ("au",), ("au_branch",)), ("expr", ("expr",), ("expr_branch",)),
+        ("au", ("au",), ("au_branch",)),
+        ("expr", ("expr",), ("expr_branch",)),
         ("va", ("va",), ("va_branch",)),
-    ]  # fmt: skip
-    covered = {f"{m}.{n}" for s in stages for m in s.train_modules
-               for n, _ in getattr(model, m).named_parameters()}  # fmt: skip
+    ]
+    covered = {
+        f"{m}.{n}" for s in stages for m in s.train_modules for n, _ in getattr(model, m).named_parameters()
+    }
     assert covered == {n for n, _ in model.named_parameters()}  # every parameter trains in one stage
     assert [s.name for s in recipe2(joint=True).stages()] == ["joint"]
     config = yaml.safe_load(yaml.safe_dump(model.config()))
@@ -301,8 +323,14 @@ def test_recipe2_va_is_tanh_of_batchnorm_and_trains_as_three_task_stages():
 # ---- the published configs through the CLI ------------------------------------------------------------
 def _labels(names: list[str], rng: np.random.Generator) -> pd.DataFrame:
     n = len(names)
-    df = pd.DataFrame({"image": names, "valence": rng.uniform(-1, 1, n), "arousal": rng.uniform(-1, 1, n),
-                       "expression": rng.integers(0, NUM_EXPR, n)})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "image": names,
+            "valence": rng.uniform(-1, 1, n),
+            "arousal": rng.uniform(-1, 1, n),
+            "expression": rng.integers(0, NUM_EXPR, n),
+        }
+    )
     aus = rng.integers(0, 2, (n, NUM_AUS))
     aus[0] = 1  # every AU positive at least once, every class present
     df["expression"] = np.arange(n) % NUM_EXPR
@@ -319,14 +347,28 @@ def test_au_graph_published_config_trains_its_three_task_stages_through_the_cli(
     train = [f"v{v}/{f:05d}.jpg" for v in range(3) for f in range(1, 25)]
     val = [f"w{v}/{f:05d}.jpg" for v in range(2) for f in range(1, 17)]
     names = train + val
-    write_store_by_hand(tmp_path / "store", names, rng.normal(size=(len(names), D)),
-                        logits=rng.normal(size=(len(names), K)))  # fmt: skip
+    write_store_by_hand(
+        tmp_path / "store", names, rng.normal(size=(len(names), D)), logits=rng.normal(size=(len(names), K))
+    )
     root = tmp_path / "root"
     write_annotations(LabelTable.from_frame(_labels(train, rng)), root / "training_set_annotations.txt")
     write_annotations(LabelTable.from_frame(_labels(val, rng)), root / "validation_set_annotations.txt")
-    out = run("train", "--config", CONFIGS / "au_graph_published.yaml", "--features", tmp_path / "store",
-              "--data", root, "--out", tmp_path / "run", "--no-progress", "-o", "trainer.epochs=1",
-              "-o", "data.batch_size=16")  # fmt: skip
+    out = run(
+        "train",
+        "--config",
+        CONFIGS / "au_graph_published.yaml",
+        "--features",
+        tmp_path / "store",
+        "--data",
+        root,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        "-o",
+        "trainer.epochs=1",
+        "-o",
+        "data.batch_size=16",
+    )
     assert "P = " in out
     stages = sorted(p.name for p in (tmp_path / "run" / "stages").iterdir())
     assert stages == ["0-au", "1-expr", "2-va"], stages
@@ -349,15 +391,31 @@ def synth_data(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_queries_gcn_published_config_trains_from_images_through_the_cli(synth_data: Path, tmp_path: Path):
     tiny = [
-        "backbone.weights=null", "backbone.image_size=56", "model.hparams.dim=16", "model.hparams.blocks=2",
-        "model.hparams.heads=2", "model.hparams.ffn_dim=32", "model.hparams.dropped_aus=[0, 5]",
+        "backbone.weights=null",
+        "backbone.image_size=56",
+        "model.hparams.dim=16",
+        "model.hparams.blocks=2",
+        "model.hparams.heads=2",
+        "model.hparams.ffn_dim=32",
+        "model.hparams.dropped_aus=[0, 5]",
         "backbone.options.config={hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2,"
         " mlp_ratio: 2, patch_size: 14, image_size: 518}",
-        "trainer.epochs=1", "data.workers=0", "data.batch_size=16",
-    ]  # fmt: skip
+        "trainer.epochs=1",
+        "data.workers=0",
+        "data.batch_size=16",
+    ]
     overrides = [x for o in tiny for x in ("--override", o)]
-    out = run("train", "--config", CONFIGS / "queries_gcn_published.yaml", "--data", synth_data,
-              "--out", tmp_path / "run", "--no-progress", *overrides)  # fmt: skip
+    out = run(
+        "train",
+        "--config",
+        CONFIGS / "queries_gcn_published.yaml",
+        "--data",
+        synth_data,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        *overrides,
+    )
     assert "P = " in out
     run_dir = tmp_path / "run"
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -24,18 +24,26 @@ CASES = {
     "au-graph-joint": ("au-graph", {"num_logits": K, "node_dim": 16, "hidden": 32, "joint": True}),
     "progressive": ("progressive", {"dim": 32, "task_dim": 24}),
     "progressive-av-transformer": (
-        "progressive", {"dim": 32, "fusion_tasks": ["au", "va"], "temporal": "transformer"},
+        "progressive",
+        {"dim": 32, "fusion_tasks": ["au", "va"], "temporal": "transformer"},
     ),
     "progressive-lstm": ("progressive", {"dim": 32, "temporal": "lstm"}),
     "progressive-endtoend": ("progressive", {"dim": 32, "task_dim": 24, "progressive": False}),
     "progressive-tcn-expr": ("progressive", {"dim": 32, "fusion_tasks": ["expr"], "temporal": "tcn"}),
-    "progressive-published": ("progressive", {
-        "dim": 32, "variant": "published", "fusion_tasks": ["au", "va"], "temporal": "lstm",
-        "input_dims": {"features@au": D, "features@va": 24}}),
+    "progressive-published": (
+        "progressive",
+        {
+            "dim": 32,
+            "variant": "published",
+            "fusion_tasks": ["au", "va"],
+            "temporal": "lstm",
+            "input_dims": {"features@au": D, "features@va": 24},
+        },
+    ),
     "progressive-task-model": ("progressive", {"dim": 32, "variant": "published", "fusion_tasks": []}),
     "emotinet": ("emotinet", {"num_logits": K}),
     "emotinet-nologits": ("emotinet", {}),
-}  # fmt: skip
+}
 
 
 def build(case: str, seed: int = 0) -> MTLModel:

@@ -38,8 +38,11 @@ def test_builtin_backbones_are_listed():
 def test_options_a_backbone_does_not_take_are_named_before_it_is_built():
     from mtaffect.features.registry import accepts_option, create_backbone
 
-    with pytest.raises(ValueError, match=r"'fer-minixception' does not take the options bogus, size; its "
-                       r"options: weights, fuse, channels_last, chunk"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"'fer-minixception' does not take the options bogus, size; its "
+        r"options: weights, fuse, channels_last, chunk",
+    ):
         create_backbone("fer-minixception", size=3, bogus=1)
     # hf:<model>: the factory's first parameter is the model, not an option (nothing is loaded here)
     with pytest.raises(ValueError, match=r"'hf:/no/such/vit' does not take the option model;"):

@@ -153,6 +153,4 @@ def test_temporal_windows_follow_the_person_across_a_late_merge(returning_clip, 
     assert got["face_id"].unique().tolist() == [0] and got["frame"].is_unique
     back = p.predict(returning_clip[RETURN_AT:], fps=25).query("success == 1")
     cols = [c for c in got.columns if c.endswith("_p")] + ["valence", "arousal"]
-    np.testing.assert_allclose(
-        got[got.frame >= RETURN_AT][cols].to_numpy(), back[cols].to_numpy(), atol=1e-5
-    )
+    np.testing.assert_allclose(got[got.frame >= RETURN_AT][cols].to_numpy(), back[cols].to_numpy(), atol=1e-5)

@@ -136,10 +136,12 @@ def test_stills_table_shows_pose_gaze_and_top_blendshapes_when_present(tmp_path)
     still = t[(t["frame"] == 0) & (t["success"] == 1)].assign(file="a.jpg", time=np.nan)
     old = _clip(geometry=False).iloc[[0]].assign(file="b.jpg", time=np.nan)
     page = render_report(
-        [ReportInput(SourceInfo("a.jpg", "image"), still, thumbs={}),
-         ReportInput(SourceInfo("b.jpg", "image"), old, thumbs={})],
+        [
+            ReportInput(SourceInfo("a.jpg", "image"), still, thumbs={}),
+            ReportInput(SourceInfo("b.jpg", "image"), old, thumbs={}),
+        ],
         {"m": "x"},
-    )  # fmt: skip
+    )
     assert "head pose (°)" in page and "28.6° / -11.5° / 5.7°" in page and "14.3° / -5.7°" in page
     assert "mouthSmileLeft 0.70" in page
     assert "– / – / –" in page  # b.jpg has no geometry: dashes, not an error

@@ -109,8 +109,13 @@ def test_extract_backbones_resolve_names_and_runs(tmp_path):
     spec = create_backbone("fer-minixception").spec
     recipe = create_model("emotinet", feature_dim=spec.feature_dim, num_logits=spec.num_logits)
     backbone = {"name": spec.name, "spec": {"name": spec.name}, "fingerprint": spec.fingerprint()}
-    save_checkpoint(tmp_path / "run" / "best", recipe, backbone=backbone, feature_dim=spec.feature_dim,
-                    num_logits=spec.num_logits)  # fmt: skip
+    save_checkpoint(
+        tmp_path / "run" / "best",
+        recipe,
+        backbone=backbone,
+        feature_dim=spec.feature_dim,
+        num_logits=spec.num_logits,
+    )
     bb = resolve_backbone(f"run:{tmp_path / 'run'}")
     assert bb.spec.fingerprint() == spec.fingerprint() == backbone_of(tmp_path / "run").spec.fingerprint()
     with pytest.raises(ValueError, match="--backbone-arg does not apply to run:RUN"):

@@ -22,8 +22,23 @@ from mtaffect.features.decode import resize_array
 from mtaffect.models.default import DefaultAffectModel
 
 #: What the runtime must not pull in (a minimal install has none of them).
-HEAVY = {"torch", "lightning", "pandas", "pyarrow", "matplotlib", "transformers", "onnx", "onnxscript",
-         "safetensors", "typer", "rich", "yaml", "scipy", "skimage", "av"}  # fmt: skip
+HEAVY = {
+    "torch",
+    "lightning",
+    "pandas",
+    "pyarrow",
+    "matplotlib",
+    "transformers",
+    "onnx",
+    "onnxscript",
+    "safetensors",
+    "typer",
+    "rich",
+    "yaml",
+    "scipy",
+    "skimage",
+    "av",
+}
 
 SCRIPT = BLOCK_TORCH + textwrap.dedent(
     """

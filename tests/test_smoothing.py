@@ -169,8 +169,10 @@ def test_causal_rows_of_the_same_frame_see_each_other():
     assert out[2] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("kernel", [Kernel("box", 3, unit="rows"), Kernel("gaussian", 2, unit="rows"),
-                                    Kernel("box", 2, True, unit="rows")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kernel",
+    [Kernel("box", 3, unit="rows"), Kernel("gaussian", 2, unit="rows"), Kernel("box", 2, True, unit="rows")],
+)
 def test_row_units_take_the_annotated_rows_within_reach_weighted_by_frame_distance(kernel: Kernel):
     """The published rule: +-reach annotated rows of the same video, box or Gaussian in frame distance."""
     rng = np.random.default_rng(2)

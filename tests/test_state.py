@@ -157,8 +157,18 @@ def test_resume_from_a_damaged_state_file_is_an_error_line_not_a_traceback(datas
     write_annotations(val, root / "validation_set_annotations.txt")
     conf = tmp_path / "tiny.yaml"
     conf.write_text("model: {recipe: tiny-test}\ntrainer: {epochs: 1, patience: 0}\ndata: {batch_size: 64}\n")
-    args = ["train", "--config", str(conf), "--features", str(store), "--data", str(root),
-            "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(conf),
+        "--features",
+        str(store),
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     state = tmp_path / "run" / "state" / "state.safetensors"

@@ -143,8 +143,16 @@ def test_label_statistics_follow_the_published_figures(medium):
     happy = labelled.expression == EXPR_NAMES.index("Happiness")
     assert labelled[happy].AU12.mean() > 0.7 > 0.3 > labelled[~happy].AU12.mean()
     # expression-consistent AUs (classes with enough rows; rare classes may have few segments)
-    pairs = [("Happiness", "AU6"), ("Surprise", "AU1"), ("Surprise", "AU2"), ("Surprise", "AU26"),
-             ("Anger", "AU4"), ("Anger", "AU24"), ("Sadness", "AU4"), ("Fear", "AU1")]  # fmt: skip
+    pairs = [
+        ("Happiness", "AU6"),
+        ("Surprise", "AU1"),
+        ("Surprise", "AU2"),
+        ("Surprise", "AU26"),
+        ("Anger", "AU4"),
+        ("Anger", "AU24"),
+        ("Sadness", "AU4"),
+        ("Fear", "AU1"),
+    ]
     checked = 0
     for expr, au_name in pairs:
         inside = labelled.expression == EXPR_NAMES.index(expr)

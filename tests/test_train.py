@@ -103,8 +103,9 @@ _register()
 
 
 # ---- tiny data -------------------------------------------------------------------------------------------
-def make_store(path: Path, names: list[str], dim: int = 12, logits: int = 0, seed: int = 0,
-               invalid: tuple[int, ...] = ()) -> np.ndarray:  # fmt: skip
+def make_store(
+    path: Path, names: list[str], dim: int = 12, logits: int = 0, seed: int = 0, invalid: tuple[int, ...] = ()
+) -> np.ndarray:
     """A finished store written as documented; rows in ``invalid`` failed extraction. Returns the features."""
     rng = np.random.default_rng(seed)
     feats = rng.normal(size=(len(names), dim)).astype(np.float16)
@@ -154,8 +155,12 @@ def dataset(tmp_path_factory):
 def cfg(recipe: str = "tiny-test", **sections):
     from mtaffect.train.config import config_from_dict
 
-    raw = {"model": {"recipe": recipe}, "trainer": {"epochs": 3, "progress": False, "patience": 0},
-           "data": {"batch_size": 32, "window": 8, "stride": 4}, "optim": {"lr": 0.01}}  # fmt: skip
+    raw = {
+        "model": {"recipe": recipe},
+        "trainer": {"epochs": 3, "progress": False, "patience": 0},
+        "data": {"batch_size": 32, "window": 8, "stride": 4},
+        "optim": {"lr": 0.01},
+    }
     for k, v in sections.items():
         raw.setdefault(k, {}).update(v)
     return config_from_dict(raw)
@@ -223,8 +228,14 @@ def test_first_epoch_changes_the_weights(dataset):
             self.lrs = trainer.optimizers[0].param_groups[0]["lr"]
 
     snap = Snap()
-    fit(cfg(trainer={"epochs": 1}, optim={"warmup_epochs": 1.0}), dataset[0], dataset[1], dataset[2],
-        callbacks=[snap], log=None)  # fmt: skip
+    fit(
+        cfg(trainer={"epochs": 1}, optim={"warmup_epochs": 1.0}),
+        dataset[0],
+        dataset[1],
+        dataset[2],
+        callbacks=[snap],
+        log=None,
+    )
     assert not torch.equal(snap.before, snap.after) and snap.lrs > 0
 
 
@@ -281,8 +292,14 @@ def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(d
 
     store, train, val = dataset
     logs: list[str] = []
-    res = fit(cfg("tiny-per-task", trainer={"epochs": 2}), store, _without(train, "va"), _without(val, "va"),
-              tmp_path / "run", log=logs.append)  # fmt: skip
+    res = fit(
+        cfg("tiny-per-task", trainer={"epochs": 2}),
+        store,
+        _without(train, "va"),
+        _without(val, "va"),
+        tmp_path / "run",
+        log=logs.append,
+    )
     assert any("stage va skipped" in m and "no va label" in m for m in logs), logs
     assert {h["stage"] for h in res.history} == {"expr", "au"}
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -294,8 +311,12 @@ def test_a_task_absent_from_the_data_is_skipped_and_p_counts_the_present_tasks(d
     from mtaffect.metrics import terms_row
     from mtaffect.train.pipeline import _scores
 
-    row = {"P": metrics["P_tasks"], "ccc_va": terms["va"]["mean"], "f1_expr": terms["expr"]["f1"],
-           "f1_au": terms["au"]["f1"]}  # fmt: skip
+    row = {
+        "P": metrics["P_tasks"],
+        "ccc_va": terms["va"]["mean"],
+        "f1_expr": terms["expr"]["f1"],
+        "f1_au": terms["au"]["f1"],
+    }
     assert res.terms() == row and {k: _scores(tmp_path / "run")[k] for k in row} == row
     assert all(np.isnan(v) for v in terms_row({}, ("au",)).values())
 
@@ -323,8 +344,9 @@ def test_a_nonfinite_validation_epoch_is_logged_never_selected_and_the_run_ends_
 
     poison = Poison()
     logs: list[str] = []
-    res = fit(cfg(trainer={"epochs": 6, "patience": 2}), store, train, val, out, callbacks=[poison],
-              log=logs.append)  # fmt: skip
+    res = fit(
+        cfg(trainer={"epochs": 6, "patience": 2}), store, train, val, out, callbacks=[poison], log=logs.append
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["finite"] for h in metrics["history"]] == [True, False, False]  # patience 2 stopped it
     assert metrics["history"][1]["nonfinite_rows"] == len(val) - 1 and metrics["history"][1]["P"] is None
@@ -409,8 +431,15 @@ def test_a_single_task_stage_selects_on_its_own_task(dataset, tmp_path):
             module.model.cheat = False
 
     cheat = Cheat()
-    res = fit(cfg("tiny-two-stage", trainer={"epochs": 4}), store, train, val, tmp_path / "run",
-              callbacks=[cheat], log=None)  # fmt: skip
+    res = fit(
+        cfg("tiny-two-stage", trainer={"epochs": 4}),
+        store,
+        train,
+        val,
+        tmp_path / "run",
+        callbacks=[cheat],
+        log=None,
+    )
     au_hist = [h for h in res.history if h["stage"] == "au"]
     assert au_hist[0]["P"] == max(h["P"] for h in au_hist) and au_hist[0]["f1_au"] == 0
     best = max(au_hist, key=lambda h: h["f1_au"])["epoch"]
@@ -438,13 +467,22 @@ def test_per_stage_epochs_lr_and_batch_size(dataset, tmp_path):
 
     seen = Seen()
     stages = {"au": {"epochs": 1, "lr": 0.05, "batch_size": 100}, "rest": {"batch_size": 64}}
-    res = fit(cfg("tiny-two-stage", trainer={"epochs": 2}, stages=stages), store, train, val,
-              tmp_path / "run", callbacks=[seen], log=None)  # fmt: skip
+    res = fit(
+        cfg("tiny-two-stage", trainer={"epochs": 2}, stages=stages),
+        store,
+        train,
+        val,
+        tmp_path / "run",
+        callbacks=[seen],
+        log=None,
+    )
     assert [h["stage"] for h in res.history] == ["au", "rest", "rest"]
     assert {lr for lr, _ in seen.seen["au"]} == {0.05} and max(b for _, b in seen.seen["au"]) == 100
     assert {lr for lr, _ in seen.seen["rest"]} == {0.01} and max(b for _, b in seen.seen["rest"]) == 64
     assert [(s["name"], s["epochs"], s["lr"], s["batch_size"]) for s in res.stages] == [
-        ("au", 1, 0.05, 100), ("rest", 2, 0.01, 64)]  # fmt: skip
+        ("au", 1, 0.05, 100),
+        ("rest", 2, 0.01, 64),
+    ]
     with pytest.raises(ConfigError, match=r"stages \['va'\] are not stages of recipe 'tiny-two-stage'"):
         fit(cfg("tiny-two-stage", stages={"va": {"epochs": 1}}), store, train, val, log=None)
 
@@ -461,8 +499,14 @@ def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_
     out = tmp_path / "run"
     c = cfg("tiny-two-stage", trainer={"epochs": 4})
     res = fit(c, store, train, val, out, log=None)
-    for name in ("best/model.safetensors", "best/config.json", "metrics.json", "val_predictions.parquet",
-                 "config.yaml", "stages/0-au/model.safetensors"):  # fmt: skip
+    for name in (
+        "best/model.safetensors",
+        "best/config.json",
+        "metrics.json",
+        "val_predictions.parquet",
+        "config.yaml",
+        "stages/0-au/model.safetensors",
+    ):
         assert (out / name).exists(), name
     preds = PredictionTable.read(out / "val_predictions.parquet")
     assert len(preds) == len(val) - 1 and preds.frame["image"].is_unique  # the failed image is excluded
@@ -482,12 +526,20 @@ def test_fit_writes_the_run_and_its_metric_matches_the_predictions(dataset, tmp_
     assert "stage au: finished in an earlier session" in logs  # finished stages are not trained again
     assert "stage rest: finished in an earlier session" in logs and again.P == res.P
     # a config.yaml written by an older mtaffect listed only what differed from the defaults: same run
-    (out / "config.yaml").write_text(yaml.safe_dump({
-        "model": {"recipe": "tiny-two-stage"}, "trainer": {"epochs": 4, "progress": False, "patience": 0},
-        "data": {"batch_size": 32, "window": 8, "stride": 4}, "optim": {"lr": 0.01}}))
+    (out / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"recipe": "tiny-two-stage"},
+                "trainer": {"epochs": 4, "progress": False, "patience": 0},
+                "data": {"batch_size": 32, "window": 8, "stride": 4},
+                "optim": {"lr": 0.01},
+            }
+        )
+    )
     assert fit(c, store, train, val, out, resume=True, log=None).P == res.P
-    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"recipe": "tiny-two-stage"}, "backbone": {
-        "kwargs": {}}}))  # a key this version renamed: refused, saying what to do
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"recipe": "tiny-two-stage"}, "backbone": {"kwargs": {}}})
+    )  # a key this version renamed: refused, saying what to do
     with pytest.raises(ValueError, match=r"renamed.*start over with --overwrite"):
         fit(c, store, train, val, out, resume=True, log=None)
 
@@ -544,8 +596,20 @@ def test_cli_train_then_infer(dataset, tmp_path):
     app = typer.Typer()
     register(app)
     runner = CliRunner()
-    args = ["train", "--config", str(conf), "--features", str(store), "--data", str(root),
-            "--out", str(tmp_path / "run"), "--no-progress", "--override", "trainer.epochs=1"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        str(conf),
+        "--features",
+        str(store),
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--override",
+        "trainer.epochs=1",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "P = " in r.output and "CCC_VA" in r.output and "F1_EXPR" in r.output and "F1_AU" in r.output
@@ -555,14 +619,35 @@ def test_cli_train_then_infer(dataset, tmp_path):
     assert r.exit_code == 2 and "unknown key 'epoch'" in r.output
     test_list = tmp_path / "test.txt"
     test_list.write_text("\n".join(val.images[:10]) + "\n")
-    r = runner.invoke(app, ["infer", "--model", str(tmp_path / "run" / "best"), "--features", str(store),
-                            "--images", str(test_list), "--out", str(tmp_path / "pred.parquet")])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "infer",
+            "--model",
+            str(tmp_path / "run" / "best"),
+            "--features",
+            str(store),
+            "--images",
+            str(test_list),
+            "--out",
+            str(tmp_path / "pred.parquet"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert PredictionTable.read(tmp_path / "pred.parquet").images.tolist() == list(val.images[:10])
     # Item 5: an image whose extraction failed is an error naming it, or a row with valid = 0 when allowed
     test_list.write_text("\n".join(val.images[:12]) + "\n")  # val.images[10] failed extraction
-    infer = ["infer", "--model", str(tmp_path / "run" / "best"), "--features", str(store),
-             "--images", str(test_list), "--out", str(tmp_path / "pred2.parquet")]  # fmt: skip
+    infer = [
+        "infer",
+        "--model",
+        str(tmp_path / "run" / "best"),
+        "--features",
+        str(store),
+        "--images",
+        str(test_list),
+        "--out",
+        str(tmp_path / "pred2.parquet"),
+    ]
     r = runner.invoke(app, infer)
     assert r.exit_code == 2 and not (tmp_path / "pred2.parquet").exists()
     assert "1 of 12 images failed extraction" in r.output and val.images[10] in r.output, r.output
@@ -665,10 +750,16 @@ def test_search_of_the_frozen_progressive_variant_trains_each_task_model_once(da
     from mtaffect.train.search import search
 
     store, train, val = dataset
-    c = cfg("progressive", model={"recipe": "progressive", "hparams": {"dim": 8, "task_dim": 8}},
-            trainer={"epochs": 1})  # fmt: skip
-    c.search.grid = [{"fusion_tasks": ["au", "va"]}, {"fusion_tasks": ["au", "expr", "va"]},
-                     {"fusion_tasks": ["va"], "temporal": "lstm"}]  # fmt: skip
+    c = cfg(
+        "progressive",
+        model={"recipe": "progressive", "hparams": {"dim": 8, "task_dim": 8}},
+        trainer={"epochs": 1},
+    )
+    c.search.grid = [
+        {"fusion_tasks": ["au", "va"]},
+        {"fusion_tasks": ["au", "expr", "va"]},
+        {"fusion_tasks": ["va"], "temporal": "lstm"},
+    ]
     out = tmp_path / "s"
     rows = search(c, store, train, val, out, log=None)
     shared = json.loads((out / "task_models" / "metrics.json").read_text())
@@ -714,9 +805,15 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
     write_annotations(val, val_file)
     conf = tmp_path / "published.yaml"
     hparams = {"variant": "published", "fusion_tasks": ["au"], "dim": 8}
-    conf.write_text(yaml.safe_dump({"model": {"recipe": "progressive", "hparams": hparams},
-                                    "trainer": {"epochs": 2, "progress": False, "patience": 0},
-                                    "data": {"batch_size": 64}}))  # fmt: skip
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"recipe": "progressive", "hparams": hparams},
+                "trainer": {"epochs": 2, "progress": False, "patience": 0},
+                "data": {"batch_size": 64},
+            }
+        )
+    )
     run, best, pred = tmp_path / "run", tmp_path / "run" / "best", tmp_path / "val.parquet"
     train_args = ("train", "--config", conf, "--data", data, "--out", run, "--features", store)
     cli(*train_args, "--features", f"au={tmp_path / 'au'}")
@@ -724,14 +821,37 @@ def test_named_stores_feed_features_at_name_and_resume_checks_them(dataset, tmp_
     assert set(run_json["store"]["stores"]) == {"au"}  # recorded: resume checks every store
     ck = json.loads((best / "config.json").read_text())
     assert ck["inputs"] == ["features", "features@au"] and ck["input_stores"]["au"]["fingerprint"] == "abc123"
-    cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
-        "--features", f"au={tmp_path / 'au'}", "--allow-missing")  # fmt: skip
+    cli(
+        "infer",
+        "--model",
+        best,
+        "--images",
+        val_file,
+        "--out",
+        pred,
+        "--features",
+        store,
+        "--features",
+        f"au={tmp_path / 'au'}",
+        "--allow-missing",
+    )
     saved = PredictionTable.read(run / "val_predictions.parquet")
     got = PredictionTable.read(pred).align_to(list(saved.images))
     np.testing.assert_allclose(got.expr_probs, saved.expr_probs, atol=1e-5)
     assert "store 'au'" in cli(*train_args, "--features", f"au={tmp_path / 'au2'}", "--resume", code=2)
-    output = cli("infer", "--model", best, "--images", val_file, "--out", pred, "--features", store,
-                 "--overwrite", code=2)  # fmt: skip
+    output = cli(
+        "infer",
+        "--model",
+        best,
+        "--images",
+        val_file,
+        "--out",
+        pred,
+        "--features",
+        store,
+        "--overwrite",
+        code=2,
+    )
     assert "au=STORE" in output
     from mtaffect.models.checkpoint import CheckpointError
     from mtaffect.models.ensemble import save_ensemble
@@ -769,8 +889,18 @@ def test_a_validation_file_with_no_row_to_score_is_an_error_unless_asked(dataset
         write_annotations(LabelTable.from_frame(frame), val_file)
     conf = tmp_path / "tiny.yaml"
     conf.write_text("model: {recipe: tiny-test}\ntrainer: {epochs: 1, patience: 0}\ndata: {batch_size: 64}\n")
-    args = ["train", "--config", conf, "--features", store, "--data", root, "--out", tmp_path / "run",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        conf,
+        "--features",
+        store,
+        "--data",
+        root,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(app, [str(a) for a in args])
     assert r.exit_code == 2, r.output
     assert str(val_file) in r.output and "no validation row to score" in r.output

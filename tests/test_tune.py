@@ -174,8 +174,18 @@ def test_tune_command_writes_yaml_and_prints_the_gain(data, tmp_path: Path):
     assert config.n_models == 2
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "overwrite" in again.output
-    bad = runner.invoke(app, ["tune", "--gt", str(tmp_path / "missing.txt"), "--pred", str(paths[0]),
-                              "--out", str(tmp_path / "x.yaml")])  # fmt: skip
+    bad = runner.invoke(
+        app,
+        [
+            "tune",
+            "--gt",
+            str(tmp_path / "missing.txt"),
+            "--pred",
+            str(paths[0]),
+            "--out",
+            str(tmp_path / "x.yaml"),
+        ],
+    )
     assert bad.exit_code == 2 and "missing.txt" in bad.output
 
 
@@ -212,8 +222,20 @@ def test_tune_on_ground_truth_without_labels_is_an_error(data, tmp_path: Path, n
     write_annotations(gt, tmp_path / "val.txt")
     tables[0].write(tmp_path / "m.parquet")
     out, report = tmp_path / "post.yaml", tmp_path / "r.json"
-    args = ["tune", "--gt", tmp_path / "val.txt", "--pred", tmp_path / "m.parquet", "--out", out,
-            "--json", report, "--widths", "2", *nested]  # fmt: skip
+    args = [
+        "tune",
+        "--gt",
+        tmp_path / "val.txt",
+        "--pred",
+        tmp_path / "m.parquet",
+        "--out",
+        out,
+        "--json",
+        report,
+        "--widths",
+        "2",
+        *nested,
+    ]
     result = CliRunner().invoke(_tune_app(), [str(a) for a in args])
     assert result.exit_code == 2, result.output
     assert f"val.txt: nothing to tune: it holds {len(gt)} rows but not one label (zero scored rows)" in (

@@ -46,8 +46,10 @@ def test_windows_stay_in_one_video_sorted_by_frame_and_pad_the_last():
         assert (w[~m] == w[m][-1]).all()  # padding repeats the last real frame
     # video a: frames 10, 20, 30 -> one padded window; video b: 1,3,5,7 then 5,7,9 (padded)
     assert sorted(tuple(frame[w[m]]) for w, m in zip(idx, mask, strict=True)) == [
-        (1, 3, 5, 7), (5, 7, 9), (10, 20, 30)
-    ]  # fmt: skip
+        (1, 3, 5, 7),
+        (5, 7, 9),
+        (10, 20, 30),
+    ]
     idx, mask = make_windows(video, frame, window=2, stride=2)  # stride == window: each frame once
     assert sorted(idx[mask].tolist()) == list(range(8))
 
@@ -74,8 +76,16 @@ def test_first_unsafe_name_finds_what_unsafe_name_reason_refuses():
 
     odd = ["a/00001.jpg", "a..b/00001.jpg", "a/..00001.jpg", "ab:/1.jpg", "a/b:c/1.jpg", "", "..."]
     assert first_unsafe_name(odd) is None  # '..' inside a part, a colon elsewhere: safe
-    for bad in ("../x/00001.jpg", "a/../../1.jpg", "a\\..\\1.jpg", "/etc/1.jpg", "\\\\srv\\1.jpg", "C:/1.jpg",
-                "c:x.jpg", ".."):  # fmt: skip
+    for bad in (
+        "../x/00001.jpg",
+        "a/../../1.jpg",
+        "a\\..\\1.jpg",
+        "/etc/1.jpg",
+        "\\\\srv\\1.jpg",
+        "C:/1.jpg",
+        "c:x.jpg",
+        "..",
+    ):
         names = [*odd, bad, "../second.jpg"]
         assert first_unsafe_name(names) == (len(odd), unsafe_name_reason(bad)), bad
     assert first_unsafe_name(np.array(["v/1.jpg", "/abs/2.jpg"], dtype=object)) == (1, "is an absolute path")

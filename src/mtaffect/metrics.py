@@ -445,8 +445,11 @@ class MetricResult:
 
 def terms_of(metrics: Mapping[str, Any]) -> dict[str, float]:
     """P's terms by task key from a :meth:`MetricResult.to_dict` dict (as saved in metrics.json)."""
-    return {"au": float(metrics["au"]["f1"]), "expr": float(metrics["expr"]["f1"]),
-            "va": float(metrics["va"]["mean"])}  # fmt: skip
+    return {
+        "au": float(metrics["au"]["f1"]),
+        "expr": float(metrics["expr"]["f1"]),
+        "va": float(metrics["va"]["mean"]),
+    }
 
 
 def P_of(terms: Mapping[str, float], tasks: Any) -> float:

@@ -77,9 +77,12 @@ class Format:
 
 
 FEATURE_STORE: Final = Format(
-    "mtaffect-feature-store", 1, "feature store", "meta.json",
+    "mtaffect-feature-store",
+    1,
+    "feature store",
+    "meta.json",
     ("meta.json", "images.txt", "failed.csv", "*.npy", ".mtaffect-extract"),
-)  # fmt: skip
+)
 CHECKPOINT: Final = Format(
     "mtaffect-checkpoint", 1, "checkpoint", "config.json", ("config.json", "model.safetensors", "backbone")
 )
@@ -101,15 +104,29 @@ PREDICT_JOB: Final = Format(
 JOB_RECORD: Final = Format("mtaffect-predict-record", 1, "per-file job record")
 POSTPROC: Final = Format("mtaffect-postproc", 1, "post-processing config")
 CONVERTED: Final = Format(
-    "mtaffect-converted-weights", 1, "converted weights folder", "mtaffect.json",
+    "mtaffect-converted-weights",
+    1,
+    "converted weights folder",
+    "mtaffect.json",
     ("mtaffect.json", "model.safetensors", "config.json", "preprocessor_config.json"),
-)  # fmt: skip
+)
 #: Every format mtaffect writes, by header name (docs/formats.md describes each).
 FORMATS: Final[dict[str, Format]] = {
     f.name: f
-    for f in (FEATURE_STORE, CHECKPOINT, ENSEMBLE, EXPORT, RUN, TRAIN_STATE, PIPELINE, PREDICT_JOB,
-              JOB_RECORD, POSTPROC, CONVERTED)
-}  # fmt: skip
+    for f in (
+        FEATURE_STORE,
+        CHECKPOINT,
+        ENSEMBLE,
+        EXPORT,
+        RUN,
+        TRAIN_STATE,
+        PIPELINE,
+        PREDICT_JOB,
+        JOB_RECORD,
+        POSTPROC,
+        CONVERTED,
+    )
+}
 
 
 # ---- the header -------------------------------------------------------------------------------------
@@ -130,8 +147,9 @@ def check_header(
     if not isinstance(obj, dict):
         raise error(f"{where}: not an mtaffect {fmt.what} (not a JSON object)")
     if obj.get("format") != fmt.name:
-        raise error(f"{where}: not an mtaffect {fmt.what} (format {_short(obj.get('format'))}, "
-                    f"expected {fmt.name!r})")  # fmt: skip
+        raise error(
+            f"{where}: not an mtaffect {fmt.what} (format {_short(obj.get('format'))}, expected {fmt.name!r})"
+        )
     # files written before the one header carried "version"
     version = obj.get("format_version", obj.get("version"))
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -244,9 +262,7 @@ def resolve_output(path: str | os.PathLike) -> Path:
     return p
 
 
-def check_replaceable(
-    path: str | os.PathLike, formats: Format | Sequence[Format], overwrite: bool
-) -> Path:
+def check_replaceable(path: str | os.PathLike, formats: Format | Sequence[Format], overwrite: bool) -> Path:
     """Check, before any work, that a folder output of ``formats`` may be written at ``path``; return
     the real path to write (a symbolic link resolved).
 
@@ -438,9 +454,34 @@ class Lock:
 
 
 __all__ = [
-    "CHECKPOINT", "CONVERTED", "ENSEMBLE", "EXPORT", "FEATURE_STORE", "FORMATS", "JOB_RECORD", "PIPELINE",
-    "POSTPROC", "PREDICT_JOB", "RUN", "TRAIN_STATE", "Format", "FormatError", "Lock", "LockBusy",
-    "NotOursError", "atomic_folder", "check_header", "check_replaceable", "folder_format", "foreign_entries",
-    "header", "previous_dir", "read_header_file", "read_json", "remove_ours", "replace_dir", "resolve_output",
+    "CHECKPOINT",
+    "CONVERTED",
+    "ENSEMBLE",
+    "EXPORT",
+    "FEATURE_STORE",
+    "FORMATS",
+    "JOB_RECORD",
+    "PIPELINE",
+    "POSTPROC",
+    "PREDICT_JOB",
+    "RUN",
+    "TRAIN_STATE",
+    "Format",
+    "FormatError",
+    "Lock",
+    "LockBusy",
+    "NotOursError",
+    "atomic_folder",
+    "check_header",
+    "check_replaceable",
+    "folder_format",
+    "foreign_entries",
+    "header",
+    "previous_dir",
+    "read_header_file",
+    "read_json",
+    "remove_ours",
+    "replace_dir",
+    "resolve_output",
     "write_json",
-]  # fmt: skip
+]

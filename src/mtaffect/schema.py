@@ -9,15 +9,33 @@ from typing import Final
 
 #: The 12 action units in the official (column) order of the annotation files.
 AU_NAMES: Final[tuple[str, ...]] = (
-    "AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26",
-)  # fmt: skip
+    "AU1",
+    "AU2",
+    "AU4",
+    "AU6",
+    "AU7",
+    "AU10",
+    "AU12",
+    "AU15",
+    "AU23",
+    "AU24",
+    "AU25",
+    "AU26",
+)
 #: OpenFace-style zero-padded names (``AU01``), used in application outputs.
 AU_OPENFACE_NAMES: Final[tuple[str, ...]] = tuple(f"AU{int(n[2:]):02d}" for n in AU_NAMES)
 
 #: The 8 expression classes; the position is the official class index.
 EXPR_NAMES: Final[tuple[str, ...]] = (
-    "Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other",
-)  # fmt: skip
+    "Neutral",
+    "Anger",
+    "Disgust",
+    "Fear",
+    "Happiness",
+    "Sadness",
+    "Surprise",
+    "Other",
+)
 
 NUM_AUS: Final[int] = len(AU_NAMES)
 NUM_EXPR: Final[int] = len(EXPR_NAMES)
@@ -35,8 +53,14 @@ NUM_FIELDS: Final[int] = 4 + NUM_AUS
 
 # ---- LabelTable columns (one row per annotated image) -------------------------------------------------
 LABEL_COLUMNS: Final[tuple[str, ...]] = (
-    "image", "video", "frame", "valence", "arousal", "expression", *AU_NAMES,
-)  # fmt: skip
+    "image",
+    "video",
+    "frame",
+    "valence",
+    "arousal",
+    "expression",
+    *AU_NAMES,
+)
 
 # ---- Probability and decision columns: one convention for every table ----------------------------------
 # ``<quantity>_p`` is a probability and ``<AU>_c`` a 0/1 decision, with OpenFace's zero-padded AU names
@@ -67,17 +91,59 @@ GAZE_COLUMNS: Final[tuple[str, str]] = ("gaze_angle_x", "gaze_angle_y")
 #: MediaPipe Face Landmarker's 52 blendshapes, in the model's output order (``_neutral`` first). Left and
 #: right are the subject's, not the viewer's.
 BLENDSHAPE_NAMES: Final[tuple[str, ...]] = (
-    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
-    "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft",
-    "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight",
-    "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight",
-    "jawForward", "jawLeft", "jawOpen", "jawRight", "mouthClose", "mouthDimpleLeft", "mouthDimpleRight",
-    "mouthFrownLeft", "mouthFrownRight", "mouthFunnel", "mouthLeft", "mouthLowerDownLeft",
-    "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker", "mouthRight",
-    "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
-    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
-    "noseSneerLeft", "noseSneerRight",
-)  # fmt: skip
+    "_neutral",
+    "browDownLeft",
+    "browDownRight",
+    "browInnerUp",
+    "browOuterUpLeft",
+    "browOuterUpRight",
+    "cheekPuff",
+    "cheekSquintLeft",
+    "cheekSquintRight",
+    "eyeBlinkLeft",
+    "eyeBlinkRight",
+    "eyeLookDownLeft",
+    "eyeLookDownRight",
+    "eyeLookInLeft",
+    "eyeLookInRight",
+    "eyeLookOutLeft",
+    "eyeLookOutRight",
+    "eyeLookUpLeft",
+    "eyeLookUpRight",
+    "eyeSquintLeft",
+    "eyeSquintRight",
+    "eyeWideLeft",
+    "eyeWideRight",
+    "jawForward",
+    "jawLeft",
+    "jawOpen",
+    "jawRight",
+    "mouthClose",
+    "mouthDimpleLeft",
+    "mouthDimpleRight",
+    "mouthFrownLeft",
+    "mouthFrownRight",
+    "mouthFunnel",
+    "mouthLeft",
+    "mouthLowerDownLeft",
+    "mouthLowerDownRight",
+    "mouthPressLeft",
+    "mouthPressRight",
+    "mouthPucker",
+    "mouthRight",
+    "mouthRollLower",
+    "mouthRollUpper",
+    "mouthShrugLower",
+    "mouthShrugUpper",
+    "mouthSmileLeft",
+    "mouthSmileRight",
+    "mouthStretchLeft",
+    "mouthStretchRight",
+    "mouthUpperUpLeft",
+    "mouthUpperUpRight",
+    "noseSneerLeft",
+    "noseSneerRight",
+)
 #: ``bs_<name>`` in [0, 1], one per blendshape.
 BLENDSHAPE_COLUMNS: Final[tuple[str, ...]] = tuple(f"bs_{n}" for n in BLENDSHAPE_NAMES)
 #: The AUs whose intensity the facial evidence supports (OpenFace's 0-5 scale, ``AUxx_r``).

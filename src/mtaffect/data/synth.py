@@ -749,9 +749,11 @@ def generate(
     _write_lines(out / TEST_LIST, "image", [ln for r in by_split["test"] for ln in r.listed], overwrite)
 
     counts = {s: _split_counts(by_split[s]) for s in SPLITS}
-    duplicates = {"train": sum(r.duplicates for r in by_split["train"]),
-                  "val": sum(r.duplicates for r in by_split["val"]),
-                  "test_list": sum(r.duplicates for r in by_split["test"])}  # fmt: skip
+    duplicates = {
+        "train": sum(r.duplicates for r in by_split["train"]),
+        "val": sum(r.duplicates for r in by_split["val"]),
+        "test_list": sum(r.duplicates for r in by_split["test"]),
+    }
     images = sum(len(r.lines) for r in results)
     info = {
         "generator": "mtaffect.data.synth",

@@ -30,13 +30,30 @@ _DARK = (28.0, 18.0, 14.0)
 
 # Real-world skin tones (light to dark), interpolated per identity.
 _SKIN_TONES = np.array(
-    [[255, 224, 196], [241, 194, 167], [224, 172, 138], [198, 134, 94], [161, 102, 70], [117, 74, 50],
-     [84, 52, 36]], dtype=float,
-)  # fmt: skip
+    [
+        [255, 224, 196],
+        [241, 194, 167],
+        [224, 172, 138],
+        [198, 134, 94],
+        [161, 102, 70],
+        [117, 74, 50],
+        [84, 52, 36],
+    ],
+    dtype=float,
+)
 _HAIR_COLOURS = np.array(
-    [[20, 16, 14], [45, 32, 24], [78, 52, 34], [120, 84, 52], [176, 140, 90], [150, 70, 38],
-     [150, 150, 150], [215, 200, 165]], dtype=float,
-)  # fmt: skip
+    [
+        [20, 16, 14],
+        [45, 32, 24],
+        [78, 52, 34],
+        [120, 84, 52],
+        [176, 140, 90],
+        [150, 70, 38],
+        [150, 150, 150],
+        [215, 200, 165],
+    ],
+    dtype=float,
+)
 _HAIR_P = np.array([0.28, 0.24, 0.16, 0.1, 0.07, 0.05, 0.06, 0.04])
 _IRIS_COLOURS = np.array(
     [[60, 38, 24], [92, 62, 38], [40, 28, 22], [70, 100, 130], [80, 110, 80]], dtype=float
@@ -277,15 +294,34 @@ def _static_layer(ident: FaceIdentity) -> Image.Image:
     cu, fw = 0.5, ident.face_w
     if ident.hair_style == 2:  # long hair behind the head and shoulders
         back = np.array(
-            [[cu - fw - 0.07, 1.3], [cu - fw - 0.09, 0.5], [cu - fw - 0.04, 0.05], [cu, -0.12],
-             [cu + fw + 0.04, 0.05], [cu + fw + 0.09, 0.5], [cu + fw + 0.07, 1.3]],
-        )  # fmt: skip
+            [
+                [cu - fw - 0.07, 1.3],
+                [cu - fw - 0.09, 0.5],
+                [cu - fw - 0.04, 0.05],
+                [cu, -0.12],
+                [cu + fw + 0.04, 0.05],
+                [cu + fw + 0.09, 0.5],
+                [cu + fw + 0.07, 1.3],
+            ],
+        )
         shape(back, hair * 0.85)
     # neck (in the shadow of the chin) and clothes
     shape(np.array([[cu - 0.16, 0.7], [cu + 0.16, 0.7], [cu + 0.18, 1.3], [cu - 0.18, 1.3]]), skin * 0.72)
     cloth = np.clip(rng.uniform(20, 220, 3), 0, 255)
-    shape(np.array([[cu - 0.7, 1.3], [cu - 0.6, 1.02], [cu - 0.17, 0.99], [cu, 1.06], [cu + 0.17, 0.99],
-                    [cu + 0.6, 1.02], [cu + 0.7, 1.3]]), cloth)  # fmt: skip
+    shape(
+        np.array(
+            [
+                [cu - 0.7, 1.3],
+                [cu - 0.6, 1.02],
+                [cu - 0.17, 0.99],
+                [cu, 1.06],
+                [cu + 0.17, 0.99],
+                [cu + 0.6, 1.02],
+                [cu + 0.7, 1.3],
+            ]
+        ),
+        cloth,
+    )
     # ears
     for side_sign in (-1, 1):
         shape(_ellipse(cu + side_sign * (fw + 0.005), 0.47, 0.04, 0.085), skin * 0.9)
@@ -298,17 +334,33 @@ def _static_layer(ident: FaceIdentity) -> Image.Image:
     # nose: bridge shadow on the side away from the light, tip, wings, nostrils
     ny, nw = ident.nose_y, ident.nose_w
     away = -1.0 if math.cos(ident.light_angle) > 0 else 1.0
-    bridge = np.array([[cu + away * 0.03, ident.eye_y + 0.03], [cu + away * 0.036, ny - 0.03],
-                       [cu + away * (nw + 0.004), ny + 0.005], [cu + away * nw * 0.6, ny + 0.014],
-                       [cu + away * 0.008, ny - 0.03], [cu + away * 0.006, ident.eye_y + 0.03]])  # fmt: skip
+    bridge = np.array(
+        [
+            [cu + away * 0.03, ident.eye_y + 0.03],
+            [cu + away * 0.036, ny - 0.03],
+            [cu + away * (nw + 0.004), ny + 0.005],
+            [cu + away * nw * 0.6, ny + 0.014],
+            [cu + away * 0.008, ny - 0.03],
+            [cu + away * 0.006, ident.eye_y + 0.03],
+        ]
+    )
     shape(bridge, skin * 0.88)
     shape(_ellipse(cu, ny + 0.004, nw * 0.75, 0.026), skin * 1.04)
     for sg in (-1, 1):
         shape(_ellipse(cu + sg * nw * 0.9, ny + 0.012, nw * 0.42, 0.02), skin * 0.86)
         shape(_ellipse(cu + sg * nw * 0.42, ny + 0.026, nw * 0.3, 0.0085), skin * 0.35)
     # philtrum shadow
-    shape(np.array([[cu - 0.012, ny + 0.04], [cu + 0.012, ny + 0.04], [cu + 0.016, ident.mouth_y - 0.03],
-                    [cu - 0.016, ident.mouth_y - 0.03]]), skin * 0.93)  # fmt: skip
+    shape(
+        np.array(
+            [
+                [cu - 0.012, ny + 0.04],
+                [cu + 0.012, ny + 0.04],
+                [cu + 0.016, ident.mouth_y - 0.03],
+                [cu - 0.016, ident.mouth_y - 0.03],
+            ]
+        ),
+        skin * 0.93,
+    )
     # hair in front (cap above the hairline)
     if ident.hair_style != 0:
         hl = ident.hairline + (0.07 if ident.hair_style == 3 else 0.0)
@@ -566,8 +618,11 @@ def _draw_dynamic(
     # AU4: vertical glabella furrows between the brows
     if a4 > 0.15:
         x = cu + 0.022
-        pair(np.array([complex(x, by - 0.01), complex(x + 0.004, by + 0.035)]),
-             _mix(pal["glabella"], pal["glabella_dark"], 0.5 * a4), width(0.006))  # fmt: skip
+        pair(
+            np.array([complex(x, by - 0.01), complex(x + 0.004, by + 0.035)]),
+            _mix(pal["glabella"], pal["glabella_dark"], 0.5 * a4),
+            width(0.006),
+        )
 
     # eyes: AU7 tightens the lids (mostly the lower one: a glare, not a sleepy look), AU6 pushes the
     # lower lid up, AU4's brows press the upper lid down; AU1/AU2 open the eyes wider
@@ -586,8 +641,14 @@ def _draw_dynamic(
     pair(np.concatenate([upper, lower[::-1]]), pal["sclera"])
     # iris and pupil of both eyes, clipped to the lids: rows are (right iris, right pupil, left ..)
     gaze = rng.normal(0, 0.006, 2)
-    centre_u = np.array([[ex + gaze[0] - 0.004], [ex + gaze[0] - 0.004], [1 - ex + gaze[0] + 0.004],
-                         [1 - ex + gaze[0] + 0.004]])  # fmt: skip
+    centre_u = np.array(
+        [
+            [ex + gaze[0] - 0.004],
+            [ex + gaze[0] - 0.004],
+            [1 - ex + gaze[0] + 0.004],
+            [1 - ex + gaze[0] + 0.004],
+        ]
+    )
     z = (centre_u + 1j * (ey + gaze[1] * 0.5)) + ident.eye_h * _IRIS_RADII * _RING[18]
     eye_u = np.where(_IRIS_SIDE > 0, ex, 1 - ex)
     tt = np.minimum(np.maximum(_IRIS_SIDE * (z.real - eye_u) / ew, -1.0), 1.0)  # in the right eye's frame

@@ -31,9 +31,15 @@ def export(
     from mtaffect.export.exporter import DEFAULT_OPSET, export_model
 
     manifest = export_model(
-        model, out, quantize=quantize, opset=opset or DEFAULT_OPSET, window=window, detector=detector,
-        overwrite=overwrite, log=lambda m: console.print(m, highlight=False),
-    )  # fmt: skip
+        model,
+        out,
+        quantize=quantize,
+        opset=opset or DEFAULT_OPSET,
+        window=window,
+        detector=detector,
+        overwrite=overwrite,
+        log=lambda m: console.print(m, highlight=False),
+    )
     sizes = ", ".join(f"{name} {rec['bytes'] / 1e6:.2f} MB" for name, rec in manifest["files"].items())
     console.print(f"files: {sizes}", highlight=False)
 

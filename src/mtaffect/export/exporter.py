@@ -117,9 +117,10 @@ def torch_reference(
     if graph.temporal:  # each window is one sequence (1, T, ...)
         parts = [model.predict(**{k: v[i : i + 1] for k, v in got.items()}) for i in range(lead[0])]
         probs = AffectOutputs(
-            np.stack([p.va for p in parts]), np.stack([p.expr_probs for p in parts]),
+            np.stack([p.va for p in parts]),
+            np.stack([p.expr_probs for p in parts]),
             np.stack([p.au_probs for p in parts]),
-        )  # fmt: skip
+        )
     else:
         probs = model.predict(**got)
     return probs, {k: v.float().numpy() for k, v in got.items()}
@@ -166,9 +167,17 @@ def onnx_export(
         shapes = (shapes,)
     with _quiet(), export_friendly(module):
         program = torch.onnx.export(
-            module, args, dynamo=True, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
-            opset_version=opset, optimize=True, verbose=False, custom_translation_table=CUSTOM_TRANSLATIONS,
-        )  # fmt: skip
+            module,
+            args,
+            dynamo=True,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+            custom_translation_table=CUSTOM_TRANSLATIONS,
+        )
         assert program is not None  # dynamo=True always gives a program (None: the legacy exporter)
         program.save(str(path))
     _check_graph(path, inputs, dynamic, opset)
@@ -221,8 +230,9 @@ def _refuse_if(diffs: dict[str, float], what: str, tolerance: float) -> None:
 # ---- the face model ------------------------------------------------------------------------------------
 
 
-def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opset: int, tolerance: float,
-                 check_faces: int) -> dict[str, Any]:  # fmt: skip
+def _export_face(
+    graph: FaceGraph, model, folder: Path, window: int | None, opset: int, tolerance: float, check_faces: int
+) -> dict[str, Any]:
     """face_model.onnx and head.onnx, checked; returns their manifest entries and the check figures."""
     s = graph.size
     t_check = window or CHECK_WINDOW
@@ -236,8 +246,15 @@ def _export_face(graph: FaceGraph, model, folder: Path, window: int | None, opse
         with torch.inference_mode():
             arrays = graph(example_pixels)[len(PROB_OUTPUTS) :]
         head_args = tuple(arrays[graph.outputs.index(k)].clone() for k in graph.reads)
-        onnx_export(graph.head, head_args, folder / HEAD, list(graph.reads), list(PROB_OUTPUTS),
-                    {k: dynamic["pixels"] for k in graph.reads}, opset)  # fmt: skip
+        onnx_export(
+            graph.head,
+            head_args,
+            folder / HEAD,
+            list(graph.reads),
+            list(PROB_OUTPUTS),
+            {k: dynamic["pixels"] for k in graph.reads},
+            opset,
+        )
         head_sess = make_session(folder / HEAD)
 
     # The check: a batch size and window the example did not have, and a single face.
@@ -422,13 +439,17 @@ def export_model(
             "face_model": _export_face(graph, loaded, tmp, window, opset, tolerance, check_faces)
         }
         d = checks["face_model"]["max_abs_diff"]
-        log(f"  onnxruntime vs torch on {checks['face_model']['faces']} synthetic faces: max |diff| "
-            f"{max(d[k] for k in PROB_OUTPUTS):.1e} (tolerance {tolerance:g})")  # fmt: skip
+        log(
+            f"  onnxruntime vs torch on {checks['face_model']['faces']} synthetic faces: max |diff| "
+            f"{max(d[k] for k in PROB_OUTPUTS):.1e} (tolerance {tolerance:g})"
+        )
         if quantize:
             checks["int8"] = _quantize(tmp, graph, loaded, window)
             q = checks["int8"]
-            log(f"  int8: expression agreement {q['expression_agreement']:.3f}, max |diff| "
-                f"{max(q['max_abs_diff'].values()):.3f} vs float32")  # fmt: skip
+            log(
+                f"  int8: expression agreement {q['expression_agreement']:.3f}, max |diff| "
+                f"{max(q['max_abs_diff'].values()):.3f} vs float32"
+            )
         if detector:
             log("exporting MTCNN (P-, R-, O-Net)")
             checks["mtcnn"] = _export_mtcnn(tmp, opset, tolerance)
@@ -466,8 +487,9 @@ def _load(
     if window is not None and (not temporal or window < 1):
         raise ValueError(
             f"--window {window}: only temporal models (recipe with a temporal module) take a window >= 1"
-            if temporal else f"--window is for temporal models; {model} predicts one frame at a time"
-        )  # fmt: skip
+            if temporal
+            else f"--window is for temporal models; {model} predicts one frame at a time"
+        )
     torch.manual_seed(0)
     graph = face_graph(loaded, loaded.create_backbone().eval()).eval()
     warm = synthetic_faces(1, graph.size, graph.colour, window=1 if graph.temporal else None, seed=2)

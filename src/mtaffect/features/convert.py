@@ -41,12 +41,17 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 _DROP = ("decoder", "mask_token", "head.", "head_dist.", "pre_logits.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _BLOCK_MAP = {
-    "norm1.weight": "layernorm_before.weight", "norm1.bias": "layernorm_before.bias",
-    "norm2.weight": "layernorm_after.weight", "norm2.bias": "layernorm_after.bias",
-    "attn.proj.weight": "attention.output.dense.weight", "attn.proj.bias": "attention.output.dense.bias",
-    "mlp.fc1.weight": "intermediate.dense.weight", "mlp.fc1.bias": "intermediate.dense.bias",
-    "mlp.fc2.weight": "output.dense.weight", "mlp.fc2.bias": "output.dense.bias",
-}  # fmt: skip
+    "norm1.weight": "layernorm_before.weight",
+    "norm1.bias": "layernorm_before.bias",
+    "norm2.weight": "layernorm_after.weight",
+    "norm2.bias": "layernorm_after.bias",
+    "attn.proj.weight": "attention.output.dense.weight",
+    "attn.proj.bias": "attention.output.dense.bias",
+    "mlp.fc1.weight": "intermediate.dense.weight",
+    "mlp.fc1.bias": "intermediate.dense.bias",
+    "mlp.fc2.weight": "output.dense.weight",
+    "mlp.fc2.bias": "output.dense.bias",
+}
 
 
 class ConversionError(ValueError):
@@ -186,12 +191,19 @@ def timm_vit_to_transformers(
     if not qkv_bias:
         notes.append("note: the attention has no qkv bias (qkv_bias=False)")
     config = {
-        "hidden_size": hidden, "num_hidden_layers": len(blocks), "num_attention_heads": int(heads),
-        "intermediate_size": int(state["blocks.0.mlp.fc1.weight"].shape[0]), "image_size": grid * patch,
-        "patch_size": patch, "num_channels": channels, "qkv_bias": qkv_bias,
+        "hidden_size": hidden,
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": int(heads),
+        "intermediate_size": int(state["blocks.0.mlp.fc1.weight"].shape[0]),
+        "image_size": grid * patch,
+        "patch_size": patch,
+        "num_channels": channels,
+        "qkv_bias": qkv_bias,
         "layer_norm_eps": 1e-6,  # timm's ViT and MAE (transformers' default is 1e-12)
-        "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-    }  # fmt: skip
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
     out = {k: v.detach().float().contiguous() for k, v in out.items()}
     return out, ConversionReport(config=config, mapped=len(out), dropped=dropped, notes=notes)
 
@@ -222,11 +234,15 @@ def convert_timm_vit(
     config.architectures = ["ViTModel"]
     size = report.config["image_size"]
     processor = {
-        "image_processor_type": "ViTImageProcessor", "do_resize": True,
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
         "size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(norm[0]), "image_std": list(norm[1]),
-    }  # fmt: skip
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(norm[0]),
+        "image_std": list(norm[1]),
+    }
     with atomic_folder(target, CONVERTED, overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "converted_from": "timm"})
         config.to_json_file(str(tmp / "config.json"))

@@ -91,8 +91,14 @@ OWNER_MARKER: Final[str] = ".mtaffect-extract"
 KILL_AFTER_ENV: Final[str] = "MTAFFECT_TEST_KILL_AFTER_CHUNKS"
 #: Keys of the plan that a resumed run must match exactly.
 _RESUME_KEYS: Final[tuple[str, ...]] = (
-    "format_version", "fingerprint", "images_sha256", "arrays", "chunk_size", "preprocessing_core", "dtype",
-)  # fmt: skip
+    "format_version",
+    "fingerprint",
+    "images_sha256",
+    "arrays",
+    "chunk_size",
+    "preprocessing_core",
+    "dtype",
+)
 DIST_TIMEOUT: Final = dt.timedelta(hours=12)
 
 
@@ -368,10 +374,12 @@ def _read_progress(partial: Path) -> dict[int, list]:
         for file in sorted(folder.glob("rank-*.json")):
             chunks = read_json(file, "progress file").get("chunks", {})
             ok = isinstance(chunks, dict) and all(
-                isinstance(k, str) and k.isdigit() and isinstance(v, list)
+                isinstance(k, str)
+                and k.isdigit()
+                and isinstance(v, list)
                 and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], int) for f in v)
                 for k, v in chunks.items()
-            )  # fmt: skip
+            )
             if not ok:
                 raise StoreError(
                     f"{file}: chunks must map chunk numbers to lists of [row, reason]; the unfinished "
@@ -547,9 +555,14 @@ class _Preprocess:
 
 
 def _infer(
-    bb: Backbone, pre: _Preprocess, pixels: np.ndarray, ok: np.ndarray, device: torch.device,
-    shapes: dict[str, tuple[int, ...]], names: np.ndarray,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    bb: Backbone,
+    pre: _Preprocess,
+    pixels: np.ndarray,
+    ok: np.ndarray,
+    device: torch.device,
+    shapes: dict[str, tuple[int, ...]],
+    names: np.ndarray,
+) -> dict[str, np.ndarray]:
     """float16 outputs of one batch (rows of failed images zeroed) plus ``valid``."""
     n = len(pixels)
     outs = {k: np.zeros((n, *shape[1:]), dtype=array_dtype(k)) for k, shape in shapes.items()}
@@ -596,17 +609,32 @@ def _progress_bar(enabled: bool, total: int, description: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), disable=not enabled, transient=False,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
     task = bar.add_task(description, total=total, rate="")
     return bar, task
 
 
 def _run_chunks(
-    bb: Backbone, partial: Path, plan: dict, folder: Path, names: np.ndarray, todo: list[int], *,
-    rank: int, batch_size: int, device: torch.device, workers: int, progress: bool,
-) -> int:  # fmt: skip
+    bb: Backbone,
+    partial: Path,
+    plan: dict,
+    folder: Path,
+    names: np.ndarray,
+    todo: list[int],
+    *,
+    rank: int,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    progress: bool,
+) -> int:
     """Extract the chunks ``todo`` of this rank into the partial store; return the images done."""
     n, cs = len(names), plan["chunk_size"]
     shapes = {k: tuple(v) for k, v in plan["arrays"].items()}
@@ -621,8 +649,11 @@ def _run_chunks(
     # BatchDecodeDataset is map-style without torch's Dataset base class (decode.py imports no torch)
     loader: DataLoader[dict] = DataLoader(
         dataset,  # type: ignore[arg-type]
-        batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=4 if workers else None,
-    )  # fmt: skip
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+    )
     writers = {k: RowWriter(partial / ARRAY_FILES[k], shapes[k], array_dtype(k)) for k in shapes}
     pre = _Preprocess(bb)
     total = sum(len(b) for b in batches)
@@ -767,9 +798,18 @@ def extract(
                 t0 = time.perf_counter()
                 with _shard_lock(partial, ranks.rank), _torch_threads(threads, dev, workers):
                     extracted = _run_chunks(
-                        bb, partial, plan, folder, names, todo, rank=ranks.rank, batch_size=batch_size,
-                        device=dev, workers=workers, progress=progress and ranks.rank == 0,
-                    )  # fmt: skip
+                        bb,
+                        partial,
+                        plan,
+                        folder,
+                        names,
+                        todo,
+                        rank=ranks.rank,
+                        batch_size=batch_size,
+                        device=dev,
+                        workers=workers,
+                        progress=progress and ranks.rank == 0,
+                    )
                 loop_s = time.perf_counter() - t0
             except Exception as exc:
                 if not ranks.dist:
@@ -780,16 +820,23 @@ def extract(
         if errors:
             raise StoreError("; ".join(errors)) from own_exc
         extra = {
-            "batch_size": batch_size, "device": dev.type, "world_size": ranks.world,
+            "batch_size": batch_size,
+            "device": dev.type,
+            "world_size": ranks.world,
             "torch_version": torch.__version__,
-        }  # fmt: skip
+        }
         counts = ranks.on_rank0(lambda: _finalise(out, partial, plan, names_list, extra))
     finally:
         ranks.close()
     extracted = sum(r[1] for r in reports)
     loop_s = max(r[2] for r in reports)
     return ExtractResult(
-        store=given, images=n, extracted=extracted, failed=int(counts["failed"]), resumed_from=resumed,
-        seconds=time.perf_counter() - t_start, images_per_s=extracted / loop_s if loop_s > 0 else 0.0,
+        store=given,
+        images=n,
+        extracted=extracted,
+        failed=int(counts["failed"]),
+        resumed_from=resumed,
+        seconds=time.perf_counter() - t_start,
+        images_per_s=extracted / loop_s if loop_s > 0 else 0.0,
         failed_report=given / FAILED,
-    )  # fmt: skip
+    )

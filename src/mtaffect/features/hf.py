@@ -143,8 +143,13 @@ def load_pretrained(
     offline = resolve_offline(src, local_files_only)
     config = kwargs.pop("config", None)
     if config is None:
-        config = load_config(model_cls, src, revision=revision, local_files_only=offline,
-                             trust_remote_code=kwargs.get("trust_remote_code"))  # fmt: skip
+        config = load_config(
+            model_cls,
+            src,
+            revision=revision,
+            local_files_only=offline,
+            trust_remote_code=kwargs.get("trust_remote_code"),
+        )
     try:
         model, info = model_cls.from_pretrained(
             src,
@@ -173,8 +178,12 @@ def load_pretrained(
 #: inconsistent config, beside OSError/ValueError: a zero head count divides by zero, a string size
 #: fails validation, an unknown activation is a KeyError.
 _CONFIG_ERRORS: tuple[type[BaseException], ...] = (
-    TypeError, ArithmeticError, KeyError, IndexError, AttributeError,
-)  # fmt: skip
+    TypeError,
+    ArithmeticError,
+    KeyError,
+    IndexError,
+    AttributeError,
+)
 try:  # huggingface_hub >= 1.0: configs are strict dataclasses validated field by field
     from huggingface_hub.errors import StrictDataclassError
 
@@ -184,9 +193,16 @@ except ImportError:  # pragma: no cover - older huggingface_hub
 
 #: Sizes a vision config must give as positive integers (when it has them).
 _POSITIVE_INTS = (
-    "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "patch_size",
-    "image_size", "num_channels", "embed_dim", "embedding_size",
-)  # fmt: skip
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "patch_size",
+    "image_size",
+    "num_channels",
+    "embed_dim",
+    "embedding_size",
+)
 
 
 def _config_name(src: str, local: bool) -> str:
@@ -384,8 +400,11 @@ class TransformersBackbone(Backbone):
         # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
         m = self.model
         if not enabled:
-            (m.activation_checkpointing_disable if hasattr(m, "activation_checkpointing_enable")
-             else m.gradient_checkpointing_disable)()  # fmt: skip
+            (
+                m.activation_checkpointing_disable
+                if hasattr(m, "activation_checkpointing_enable")
+                else m.gradient_checkpointing_disable
+            )()
         elif hasattr(m, "activation_checkpointing_enable"):  # non-reentrant: frozen inputs, DDP
             m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -472,8 +491,13 @@ class HFBackbone(TransformersBackbone):
         otherwise switch ``pooling="auto"`` from mean to pooler)."""
         out = super().save_weights(folder, kwargs)
         s = self.spec
-        return {**out, "pooling": self.pooling, "image_size": s.input_size, "mean": list(s.mean),
-                "std": list(s.std)}  # fmt: skip
+        return {
+            **out,
+            "pooling": self.pooling,
+            "image_size": s.input_size,
+            "mean": list(s.mean),
+            "std": list(s.std),
+        }
 
 
 @register_backbone("hf", prefix=True)

@@ -120,8 +120,21 @@ class StoreSet:
 
     # the main store's description (what build_model and the checkpoint read)
     def __getattr__(self, name: str) -> Any:
-        if name in ("path", "images", "meta", "spec", "backbone", "fingerprint", "feature_dim", "num_logits",
-                    "has_tokens", "token_shape", "num_failed", "check_compatible", "failures"):  # fmt: skip
+        if name in (
+            "path",
+            "images",
+            "meta",
+            "spec",
+            "backbone",
+            "fingerprint",
+            "feature_dim",
+            "num_logits",
+            "has_tokens",
+            "token_shape",
+            "num_failed",
+            "check_compatible",
+            "failures",
+        ):
             owner = self.reference if name in ("path", "images") else self.main
             return getattr(owner, name)
         raise AttributeError(name)
@@ -165,8 +178,10 @@ class StoreSet:
 
     def identity(self) -> dict[str, dict]:
         """What a run records of each store: path, images_sha256 and fingerprint."""
-        return {k: {"path": str(s.path), "images_sha256": store_images_sha256(s),
-                    "fingerprint": s.fingerprint} for k, s in self.stores.items()}  # fmt: skip
+        return {
+            k: {"path": str(s.path), "images_sha256": store_images_sha256(s), "fingerprint": s.fingerprint}
+            for k, s in self.stores.items()
+        }
 
     def paths(self) -> dict[str, str]:
         return {k: str(s.path) for k, s in self.stores.items()}
@@ -213,9 +228,14 @@ class InputSource:
     """
 
     def __init__(
-        self, store: FeatureStore | StoreSet, rows: np.ndarray, inputs: Sequence[str],
-        in_memory: bool | str = "auto", memory_limit_gb: float = 8.0, keep: np.ndarray | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        store: FeatureStore | StoreSet,
+        rows: np.ndarray,
+        inputs: Sequence[str],
+        in_memory: bool | str = "auto",
+        memory_limit_gb: float = 8.0,
+        keep: np.ndarray | None = None,
+    ) -> None:
         self.stores = StoreSet.of(store)
         self.rows = np.asarray(rows, dtype=np.int64)
         self.inputs = tuple(inputs)
@@ -322,5 +342,12 @@ class InputSource:
         self.__dict__.update(state)
 
 
-__all__ = ["STORE_ARRAYS", "FailedImagesError", "InputSource", "StoreSet", "check_valid", "split_input",
-           "store_images_sha256"]  # fmt: skip
+__all__ = [
+    "STORE_ARRAYS",
+    "FailedImagesError",
+    "InputSource",
+    "StoreSet",
+    "check_valid",
+    "split_input",
+    "store_images_sha256",
+]

@@ -109,8 +109,14 @@ class MTLModel(nn.Module):
         for name, params in members.items():
             if params:
                 s = self.group_settings.get(name, {})
-                groups.append({"name": name or "default", "params": params, "lr": float(s.get("lr", lr)),
-                               "weight_decay": float(s.get("weight_decay", weight_decay))})  # fmt: skip
+                groups.append(
+                    {
+                        "name": name or "default",
+                        "params": params,
+                        "lr": float(s.get("lr", lr)),
+                        "weight_decay": float(s.get("weight_decay", weight_decay)),
+                    }
+                )
         return groups
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
@@ -168,15 +174,26 @@ class AffectPredictor(Protocol):
     failures: list[tuple[str, str]]  # (image, why) of the last predict_images call's unreadable images
 
     def predict_store(
-        self, store: object, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
+        self,
+        store: object,
+        images: Sequence[str],
+        batch_size: int = 4096,
+        *,
+        allow_missing: bool = False,
         stores: Mapping[str, object] | None = None,
-    ) -> PredictionTable:  # fmt: skip
+    ) -> PredictionTable:
         """Predict ``images`` from a feature store (or its folder); ``stores``: named ones it fuses."""
         ...
 
     def predict_images(
-        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
-        allow_missing: bool = False, stores: Mapping[str, object] | None = None,
-    ) -> PredictionTable:  # fmt: skip
+        self,
+        folder: str | os.PathLike,
+        images: Sequence[str],
+        batch_size: int = 256,
+        workers: int = 0,
+        *,
+        allow_missing: bool = False,
+        stores: Mapping[str, object] | None = None,
+    ) -> PredictionTable:
         """Predict ``images`` (names relative to ``folder``) through the model's own backbone(s)."""
         ...

@@ -234,9 +234,14 @@ class TransformerTemporal(nn.Module):
     """Transformer encoder over a window with sinusoidal frame positions; ``causal`` masks the future."""
 
     def __init__(
-        self, dim: int, layers: int = 2, heads: int = 4, ffn_dim: int | None = None, dropout: float = 0.1,
+        self,
+        dim: int,
+        layers: int = 2,
+        heads: int = 4,
+        ffn_dim: int | None = None,
+        dropout: float = 0.1,
         causal: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"transformer temporal module: dim {dim} is not divisible by heads {heads}")

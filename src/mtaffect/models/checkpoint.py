@@ -196,9 +196,12 @@ def _audit(config: dict, where: str) -> None:
         raise fail("window_edge", "must be pad or shift")
     named = config.get("input_stores", {})
     if not isinstance(named, dict) or not all(
-        isinstance(k, str) and k.isidentifier() and isinstance(v, dict)
-        and isinstance(v.get("fingerprint"), str | None) for k, v in named.items()
-    ):  # fmt: skip
+        isinstance(k, str)
+        and k.isidentifier()
+        and isinstance(v, dict)
+        and isinstance(v.get("fingerprint"), str | None)
+        for k, v in named.items()
+    ):
         raise fail("input_stores", "must map store names to {fingerprint, backbone}")
     for key, low in (("feature_dim", 1), ("num_logits", 0)):
         if key in config and not is_int(config[key], low):
@@ -212,9 +215,11 @@ def _audit(config: dict, where: str) -> None:
     if not (
         isinstance(thr, list)
         and len(thr) == NUM_AUS
-        and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 <= t <= 1
-                for t in thr)
-    ):  # fmt: skip
+        and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 <= t <= 1
+            for t in thr
+        )
+    ):
         raise fail("au_thresholds", f"must be {NUM_AUS} numbers in [0, 1]")
     for key in ("metrics", "train_config"):
         if not isinstance(config.get(key, {}), dict):
@@ -282,5 +287,13 @@ def load_mtl_model(path: str | os.PathLike) -> tuple[MTLModel, dict]:
     return model.eval(), config
 
 
-__all__ = ["BACKBONE_DIR", "CONFIG", "WEIGHTS", "CheckpointError", "load_mtl_model", "load_weights",
-           "read_checkpoint_config", "save_checkpoint"]  # fmt: skip
+__all__ = [
+    "BACKBONE_DIR",
+    "CONFIG",
+    "WEIGHTS",
+    "CheckpointError",
+    "load_mtl_model",
+    "load_weights",
+    "read_checkpoint_config",
+    "save_checkpoint",
+]

@@ -80,10 +80,14 @@ def combine_tables(tables: Mapping[str, PredictionTable], images: Sequence[str])
 
 
 def save_ensemble(
-    path: str | os.PathLike, members: Mapping[str, str | os.PathLike], tasks: Mapping[str, str], *,
-    sources: Mapping[str, str | os.PathLike] | None = None, metrics: Mapping[str, Any] | None = None,
+    path: str | os.PathLike,
+    members: Mapping[str, str | os.PathLike],
+    tasks: Mapping[str, str],
+    *,
+    sources: Mapping[str, str | os.PathLike] | None = None,
+    metrics: Mapping[str, Any] | None = None,
     overwrite: bool = False,
-) -> Path:  # fmt: skip
+) -> Path:
     """Write an ensemble folder: ``members`` (name -> checkpoint folder), ``tasks`` (task -> member),
     ``sources`` (store name -> checkpoint whose backbone computes the members' ``features@<name>``)."""
     sources = dict(sources or {})
@@ -106,10 +110,12 @@ def save_ensemble(
     for folder in sources.values():
         read_checkpoint_config(folder)
     record = {
-        **header(ENSEMBLE), "tasks": {t: str(tasks[t]) for t in TASKS},
-        "members": {n: f"members/{n}" for n in members}, "sources": {k: f"sources/{k}" for k in sources},
+        **header(ENSEMBLE),
+        "tasks": {t: str(tasks[t]) for t in TASKS},
+        "members": {n: f"members/{n}" for n in members},
+        "sources": {k: f"sources/{k}" for k in sources},
         "metrics": dict(metrics or {}),
-    }  # fmt: skip
+    }
     with atomic_folder(path, ENSEMBLE, overwrite) as tmp:
         for name, folder in members.items():
             _link_tree(Path(folder), tmp / "members" / name)
@@ -143,8 +149,9 @@ class EnsembleAffectModel:
     """Each task from its own member model (see the module docstring): an
     :class:`~mtaffect.models.base.AffectPredictor`, never a face model (it has several backbones)."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                 trust_remote_code: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, path: str | os.PathLike, device: str | torch.device = "cpu", *, trust_remote_code: bool = False
+    ) -> None:
         self.path = Path(path)
         rec = _read_record(self.path)
         self.config = rec
@@ -152,11 +159,11 @@ class EnsembleAffectModel:
         self.members: dict[str, TrainedAffectModel] = {
             n: load_checkpoint(self.path / rel, device, trust_remote_code=trust_remote_code)
             for n, rel in rec["members"].items()
-        }  # fmt: skip
+        }
         self.sources: dict[str, TrainedAffectModel] = {
             k: load_checkpoint(self.path / rel, device, trust_remote_code=trust_remote_code)
             for k, rel in rec.get("sources", {}).items()
-        }  # fmt: skip
+        }
         self.metrics: dict = rec.get("metrics", {})
         self.au_thresholds = self.members[self.tasks["au"]].au_thresholds
         self.failures: list[tuple[str, str]] = []
@@ -171,9 +178,15 @@ class EnsembleAffectModel:
         return combine_tables({t: tables[self.tasks[t]] for t in TASKS}, images)
 
     def predict_images(
-        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0, *,
-        allow_missing: bool = False, stores: Mapping[str, Any] | None = None,
-    ) -> PredictionTable:  # fmt: skip
+        self,
+        folder: str | os.PathLike,
+        images: Sequence[str],
+        batch_size: int = 256,
+        workers: int = 0,
+        *,
+        allow_missing: bool = False,
+        stores: Mapping[str, Any] | None = None,
+    ) -> PredictionTable:
         """A PredictionTable for ``images`` under ``folder``: the sources' backbones run once each, then
         every member answers its tasks (temporal members over their own windows). ``stores``
         (``{name: store}``, e.g. a pipeline's exported ones) are read instead of running the sources."""
@@ -189,15 +202,21 @@ class EnsembleAffectModel:
         for name in self._used():
             m = self.members[name]
             inputs = {"stores": stores} if stores else {"extra": {i: extra[i] for i in m.store_inputs}}
-            tables[name] = m.predict_images(folder, names, batch_size, workers, allow_missing=allow_missing,
-                                            **inputs)  # fmt: skip
+            tables[name] = m.predict_images(
+                folder, names, batch_size, workers, allow_missing=allow_missing, **inputs
+            )
             self.failures.extend(m.failures)
         return self._combine(tables, images)
 
     def predict_store(
-        self, store: Any, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
+        self,
+        store: Any,
+        images: Sequence[str],
+        batch_size: int = 4096,
+        *,
+        allow_missing: bool = False,
         stores: Mapping[str, Any] | None = None,
-    ) -> PredictionTable:  # fmt: skip
+    ) -> PredictionTable:
         """A PredictionTable from feature stores (members trained on frozen features): ``store`` the
         main one, ``stores`` the named ones the members fuse."""
         tables = {}

@@ -61,10 +61,18 @@ class ImageMTLModel(MTLModel):
     inputs: tuple[str, ...] = ("pixels",)
 
     def __init__(
-        self, backbone: Backbone, head: MTLModel, *, mode: str = "frozen", frozen_blocks: int = 0,
-        lr: float | None = None, weight_decay: float | None = None, layer_decay: float = 1.0,
-        train_stages: Sequence[str] | None = None, grad_checkpointing: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        backbone: Backbone,
+        head: MTLModel,
+        *,
+        mode: str = "frozen",
+        frozen_blocks: int = 0,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        layer_decay: float = 1.0,
+        train_stages: Sequence[str] | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"backbone mode must be one of {MODES}, got {mode!r}")
@@ -191,11 +199,14 @@ class ImageMTLModel(MTLModel):
                 decay = p.ndim > 1 and not name.endswith(_NO_DECAY_SUFFIXES)
                 buckets.setdefault((self._layer_id(name), decay), []).append(p)
         for (layer, decay), params in sorted(buckets.items()):
-            groups.append({
-                "name": f"backbone/layer{layer}" + ("" if decay else "/no_decay"), "params": params,
-                "lr": b_lr * self.layer_decay ** (top - layer),
-                "weight_decay": b_wd if decay or self.decay_all else 0.0,
-            })  # fmt: skip
+            groups.append(
+                {
+                    "name": f"backbone/layer{layer}" + ("" if decay else "/no_decay"),
+                    "params": params,
+                    "lr": b_lr * self.layer_decay ** (top - layer),
+                    "weight_decay": b_wd if decay or self.decay_all else 0.0,
+                }
+            )
         return groups
 
 

@@ -156,9 +156,12 @@ def backbone_of(
 
 
 def resolve_backbone(
-    name: str, kwargs: Mapping[str, Any] | None = None, device: str | torch.device = "cpu", *,
+    name: str,
+    kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    *,
     trust_remote_code: bool = False,
-) -> str | Backbone:  # fmt: skip
+) -> str | Backbone:
     """What ``mtaffect extract --backbone NAME`` runs.
 
     Args:
@@ -178,5 +181,10 @@ def resolve_backbone(
 
 
 __all__ = [
-    "ModelRoleError", "backbone_of", "load_face_model", "load_model", "load_predictor", "resolve_backbone",
-]  # fmt: skip
+    "ModelRoleError",
+    "backbone_of",
+    "load_face_model",
+    "load_model",
+    "load_predictor",
+    "resolve_backbone",
+]

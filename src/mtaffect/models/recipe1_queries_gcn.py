@@ -180,11 +180,17 @@ class QueriesGCN(MTLModel):
 
     def config(self) -> dict:
         out = {
-            "feature_dim": self.feature_dim, "num_logits": self.num_logits,
+            "feature_dim": self.feature_dim,
+            "num_logits": self.num_logits,
             "token_shape": list(self.token_shape),
-            "dim": self.dim, "blocks": self.num_blocks, "heads": self.heads, "ffn_dim": self.ffn_dim,
-            "dropout": self.dropout, "topk": self.topk, "node_selection": self.node_selection,
-        }  # fmt: skip
+            "dim": self.dim,
+            "blocks": self.num_blocks,
+            "heads": self.heads,
+            "ffn_dim": self.ffn_dim,
+            "dropout": self.dropout,
+            "topk": self.topk,
+            "node_selection": self.node_selection,
+        }
         if self.published:  # configs of our variant read as before the key
             out.update(variant=self.variant, dropped_aus=list(self.dropped_aus or []))
         return out
@@ -222,5 +228,8 @@ class QueriesGCN(MTLModel):
             h = self.query_linear(ev_q + self.select(nodes))
             expr = self.expr_head(h[:, :NUM_EXPR].mean(1))
             va = torch.tanh(self.va_head(h[:, NUM_EXPR:].mean(1)))
-        return {"au": unflatten_leading(au, lead), "expr": unflatten_leading(expr, lead),
-                "va": unflatten_leading(va, lead)}  # fmt: skip
+        return {
+            "au": unflatten_leading(au, lead),
+            "expr": unflatten_leading(expr, lead),
+            "va": unflatten_leading(va, lead),
+        }

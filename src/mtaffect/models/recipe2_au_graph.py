@@ -217,10 +217,17 @@ class AUGraphMTL(MTLModel):
         # the backbone's logits are optional: without them the model reads features only
         self.inputs = ("features", "logits") if self.num_logits else ("features",)
         self.hp: dict[str, object] = {
-            "node_dim": node_dim, "graph_layers": graph_layers, "topk": topk, "hidden": hidden,
-            "key_dim": key_dim, "attn_dim": attn_dim, "dropout": dropout, "cos_scale": cos_scale,
-            "learn_scale": learn_scale, "joint": joint,
-        }  # fmt: skip
+            "node_dim": node_dim,
+            "graph_layers": graph_layers,
+            "topk": topk,
+            "hidden": hidden,
+            "key_dim": key_dim,
+            "attn_dim": attn_dim,
+            "dropout": dropout,
+            "cos_scale": cos_scale,
+            "learn_scale": learn_scale,
+            "joint": joint,
+        }
         self.published = variant == "published"
         if self.published:  # configs of our variant read as before the key
             self.hp["variant"] = variant
@@ -235,8 +242,12 @@ class AUGraphMTL(MTLModel):
 
     def config(self) -> dict:
         token_shape = list(self.token_shape) if self.token_shape is not None else None
-        return {"feature_dim": self.feature_dim, "num_logits": self.num_logits, "token_shape": token_shape,
-                **self.hp}  # fmt: skip
+        return {
+            "feature_dim": self.feature_dim,
+            "num_logits": self.num_logits,
+            "token_shape": token_shape,
+            **self.hp,
+        }
 
     def stages(self) -> list[Stage]:
         if self.hp["joint"]:
@@ -265,5 +276,8 @@ class AUGraphMTL(MTLModel):
         else:
             _, au = self.au_branch(x)
             expr, va = self.expr_va(x, torch.sigmoid(au))
-        return {"au": unflatten_leading(au, lead), "expr": unflatten_leading(expr, lead),
-                "va": unflatten_leading(va, lead)}  # fmt: skip
+        return {
+            "au": unflatten_leading(au, lead),
+            "expr": unflatten_leading(expr, lead),
+            "va": unflatten_leading(va, lead),
+        }

@@ -157,16 +157,24 @@ class ProgressiveMTL(MTLModel):
         self.input_dims = {n: int(input_dims[n]) for n in names}
         self.inputs = ("features", *names)
         d = self.feature_dim
-        self.proj = nn.ModuleDict({t: nn.Identity() if self.input_dims[f"features@{t}"] == d
-                                   else nn.Linear(self.input_dims[f"features@{t}"], d)
-                                   for t in self.fusion_tasks})  # fmt: skip
+        self.proj = nn.ModuleDict(
+            {
+                t: nn.Identity()
+                if self.input_dims[f"features@{t}"] == d
+                else nn.Linear(self.input_dims[f"features@{t}"], d)
+                for t in self.fusion_tasks
+            }
+        )
         if self.peer:
             self._build_peer(temporal_defaults)
             return
         self.fusion = nn.Sequential(
-            nn.Linear(d, self.dim), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.dim, self.dim),
+            nn.Linear(d, self.dim),
+            nn.ReLU(),
+            nn.Dropout(self.dropout),
+            nn.Linear(self.dim, self.dim),
             nn.LeakyReLU(0.1),
-        )  # fmt: skip
+        )
         self.temporal_net = create_temporal(
             self.temporal_kind, self.dim, **{**temporal_defaults, **self.temporal_kwargs}
         )
@@ -177,8 +185,9 @@ class ProgressiveMTL(MTLModel):
         activation only before a temporal module, a bare LSTM, linear heads (VA with tanh)."""
         d = self.feature_dim
         if self.fusion_tasks:
-            self.fusion = nn.Sequential(nn.Linear(d, self.dim), nn.ReLU(), nn.Dropout(self.dropout),
-                                        nn.Linear(self.dim, self.dim))  # fmt: skip
+            self.fusion = nn.Sequential(
+                nn.Linear(d, self.dim), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.dim, self.dim)
+            )
             width = self.dim
         else:  # a task model: the heads read the backbone feature
             self.fusion = nn.Identity()
@@ -195,12 +204,18 @@ class ProgressiveMTL(MTLModel):
 
     def config(self) -> dict:
         out = {
-            "feature_dim": self.feature_dim, "num_logits": self.num_logits,
+            "feature_dim": self.feature_dim,
+            "num_logits": self.num_logits,
             "token_shape": list(self.token_shape) if self.token_shape is not None else None,
-            "fusion_tasks": list(self.fusion_tasks), "temporal": self.temporal_kind, "dim": self.dim,
-            "task_dim": self.task_dim, "dropout": self.dropout, "task_dropout": self.task_dropout,
-            "temporal_kwargs": dict(self.temporal_kwargs), "progressive": self.progressive,
-        }  # fmt: skip
+            "fusion_tasks": list(self.fusion_tasks),
+            "temporal": self.temporal_kind,
+            "dim": self.dim,
+            "task_dim": self.task_dim,
+            "dropout": self.dropout,
+            "task_dropout": self.task_dropout,
+            "temporal_kwargs": dict(self.temporal_kwargs),
+            "progressive": self.progressive,
+        }
         if self.variant != "frozen":  # checkpoints of the frozen variant read as before
             out.update(variant=self.variant, input_dims=dict(self.input_dims))
             out.update({k: True for k in ("peer", "windowed") if getattr(self, k)})  # older: as before

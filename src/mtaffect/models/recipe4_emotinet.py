@@ -67,11 +67,14 @@ class EmotiNetHeads(MTLModel):
 
     def config(self) -> dict:
         return {
-            "feature_dim": self.feature_dim, "num_logits": self.num_logits,
+            "feature_dim": self.feature_dim,
+            "num_logits": self.num_logits,
             "token_shape": list(self.token_shape) if self.token_shape is not None else None,
-            "au_hidden": self.au_hidden, "dropout": self.dropout, "joint": self.joint,
+            "au_hidden": self.au_hidden,
+            "dropout": self.dropout,
+            "joint": self.joint,
             "head_input": self.head_input,
-        }  # fmt: skip
+        }
 
     def stages(self) -> list[Stage]:
         if self.joint:

@@ -50,10 +50,15 @@ class TrainedAffectModel:
     """
 
     def __init__(
-        self, model: MTLModel, config: dict, device: str | torch.device = "cpu", *,
-        path: str | os.PathLike | None = None, backbone_module: Backbone | None = None,
+        self,
+        model: MTLModel,
+        config: dict,
+        device: str | torch.device = "cpu",
+        *,
+        path: str | os.PathLike | None = None,
+        backbone_module: Backbone | None = None,
         trust_remote_code: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.model = model.to(device).eval()
         self.config = config
         self.device = torch.device(device)
@@ -171,9 +176,7 @@ class TrainedAffectModel:
             [str(x) for x in images], va[take, 0], va[take, 1], expr[take], au[take], **extra
         )
 
-    def _store_set(
-        self, store: StoreArg, stores: Mapping[str, NamedStore] | None
-    ) -> FeatureStore | StoreSet:
+    def _store_set(self, store: StoreArg, stores: Mapping[str, NamedStore] | None) -> FeatureStore | StoreSet:
         """``store`` (a store, its path or a StoreSet) with the named ``stores``, checked against the
         backbones this model was trained on."""
         from mtaffect.features.reader import StoreSet
@@ -212,9 +215,14 @@ class TrainedAffectModel:
                 stores.stores[key].check_compatible(rec["fingerprint"], rec.get("backbone"))
 
     def predict_store(
-        self, store: StoreArg, images: Sequence[str], batch_size: int = 4096, *, allow_missing: bool = False,
+        self,
+        store: StoreArg,
+        images: Sequence[str],
+        batch_size: int = 4096,
+        *,
+        allow_missing: bool = False,
         stores: Mapping[str, NamedStore] | None = None,
-    ) -> PredictionTable:  # fmt: skip
+    ) -> PredictionTable:
         """A PredictionTable for ``images`` (repeats allowed) from a FeatureStore (or its path).
 
         Temporal recipes see windows of ``window`` consecutive listed frames of one video (sorted by
@@ -243,8 +251,14 @@ class TrainedAffectModel:
             lambda batches: map(source.get, batches), images, batch_size, ok if allow_missing else None
         )
 
-    def _decoded(self, folder: str | os.PathLike, names: Sequence[str], batches: list[np.ndarray],
-                 spec: BackboneSpec, workers: int) -> Iterator[torch.Tensor]:  # fmt: skip
+    def _decoded(
+        self,
+        folder: str | os.PathLike,
+        names: Sequence[str],
+        batches: list[np.ndarray],
+        spec: BackboneSpec,
+        workers: int,
+    ) -> Iterator[torch.Tensor]:
         """Normalised pixels on the model's device for each array of positions (into ``names``) of
         ``batches``, decoded in ``workers`` processes exactly as extraction decodes; failures are added
         to :attr:`failures`."""
@@ -256,7 +270,9 @@ class TrainedAffectModel:
         reader = ImageReader(folder, list(names), spec.input_size, spec.colour)
         # ReaderBatches is map-style without torch's Dataset base class (decode.py imports no torch)
         decoded: DataLoader[tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]] = DataLoader(
-            ReaderBatches(reader, batches), batch_size=None, num_workers=workers  # type: ignore[arg-type]
+            ReaderBatches(reader, batches),  # type: ignore[arg-type]
+            batch_size=None,
+            num_workers=workers,
         )
         for pixels, _, failed in decoded:
             self.failures.extend(failed)
@@ -287,10 +303,16 @@ class TrainedAffectModel:
 
     @torch.no_grad()
     def predict_images(
-        self, folder: str | os.PathLike, images: Sequence[str], batch_size: int = 256, workers: int = 0,
-        *, allow_missing: bool = False, stores: Mapping[str, NamedStore] | StoreSet | None = None,
+        self,
+        folder: str | os.PathLike,
+        images: Sequence[str],
+        batch_size: int = 256,
+        workers: int = 0,
+        *,
+        allow_missing: bool = False,
+        stores: Mapping[str, NamedStore] | StoreSet | None = None,
         extra: Mapping[str, np.ndarray] | None = None,
-    ) -> PredictionTable:  # fmt: skip
+    ) -> PredictionTable:
         """A PredictionTable for ``images`` (names relative to ``folder``, e.g. a dataset's
         ``cropped_aligned``), decoded and normalised exactly as extraction does, through the backbone.
 
@@ -339,8 +361,13 @@ class TrainedAffectModel:
         table = self._predict_units(inputs, images, batch_size)
         failed = dict(self.failures)
         if named_valid is not None:
-            failed.update({n: "failed extraction in a named store" for n, ok in zip(names, named_valid,
-                           strict=True) if not ok})  # fmt: skip
+            failed.update(
+                {
+                    n: "failed extraction in a named store"
+                    for n, ok in zip(names, named_valid, strict=True)
+                    if not ok
+                }
+            )
         if failed and not allow_missing:
             first = [f"{n} ({why})" for n, why in list(failed.items())[:5]]
             raise FailedImagesError(

@@ -38,9 +38,16 @@ from mtaffect.textfiles import read_yaml
 FORMAT = POSTPROC.name
 VERSION = POSTPROC.version
 _KEYS = (
-    "format", "format_version", "mtaffect_version", "version", "kernels", "au_thresholds", "expr_bias",
-    "blend_weights", "info",
-)  # fmt: skip
+    "format",
+    "format_version",
+    "mtaffect_version",
+    "version",
+    "kernels",
+    "au_thresholds",
+    "expr_bias",
+    "blend_weights",
+    "info",
+)
 _KERNEL_KEYS = tuple(f.name for f in fields(Kernel))  # kind, width, causal, unit
 
 

@@ -100,8 +100,12 @@ class Step:
     after: MetricResult
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "detail": self.detail, "before": _terms(self.before),
-                "after": _terms(self.after)}  # fmt: skip
+        return {
+            "name": self.name,
+            "detail": self.detail,
+            "before": _terms(self.before),
+            "after": _terms(self.after),
+        }
 
 
 @dataclass
@@ -160,33 +164,61 @@ class TuneReport:
         from rich.table import Table
 
         out = []
-        blocks = [("tuning videos" if self.nested else "all videos", self.tune_steps, self.inputs_tune,
-                   len(self.tune_videos))]  # fmt: skip
+        blocks = [
+            (
+                "tuning videos" if self.nested else "all videos",
+                self.tune_steps,
+                self.inputs_tune,
+                len(self.tune_videos),
+            )
+        ]
         if self.report_steps:
             blocks.append(("held-out videos", self.report_steps, self.inputs_report, len(self.report_videos)))
         for label, steps, inputs, n_videos in blocks:
             note = (
                 " (not seen by the search)" if label == "held-out videos" else " (optimistic: tuned on them)"
             )
-            table = Table(title=f"P on {n_videos} {label}{note}", title_justify="left", box=box.SIMPLE_HEAD,
-                          pad_edge=False)  # fmt: skip
+            table = Table(
+                title=f"P on {n_videos} {label}{note}",
+                title_justify="left",
+                box=box.SIMPLE_HEAD,
+                pad_edge=False,
+            )
             for col in ("step", "before", "after", "gain", "VA", "EXPR", "AU"):
                 table.add_column(col, justify="left" if col == "step" else "right", no_wrap=col == "step")
             for name, res in zip(self.inputs, inputs, strict=False):
-                table.add_row(f"[dim]{_short(name)}[/dim]", "", f"{res.P:.4f}", "",
-                              f"{res.va_mean:.4f}", f"{res.expr_f1:.4f}", f"{res.au_f1:.4f}")  # fmt: skip
+                table.add_row(
+                    f"[dim]{_short(name)}[/dim]",
+                    "",
+                    f"{res.P:.4f}",
+                    "",
+                    f"{res.va_mean:.4f}",
+                    f"{res.expr_f1:.4f}",
+                    f"{res.au_f1:.4f}",
+                )
             table.add_section()
             for s in steps:
                 a, b = s.after, s.before
                 table.add_row(
-                    _STEP_LABELS.get(s.name, s.name), f"{b.P:.4f}", f"{a.P:.4f}", f"{a.P - b.P:+.4f}",
-                    _delta(b.va_mean, a.va_mean), _delta(b.expr_f1, a.expr_f1), _delta(b.au_f1, a.au_f1),
-                )  # fmt: skip
+                    _STEP_LABELS.get(s.name, s.name),
+                    f"{b.P:.4f}",
+                    f"{a.P:.4f}",
+                    f"{a.P - b.P:+.4f}",
+                    _delta(b.va_mean, a.va_mean),
+                    _delta(b.expr_f1, a.expr_f1),
+                    _delta(b.au_f1, a.au_f1),
+                )
             table.add_section()
             first, last = steps[0].before, steps[-1].after
-            table.add_row("[bold]total[/bold]", f"{first.P:.4f}", f"{last.P:.4f}",
-                          f"[bold]{last.P - first.P:+.4f}[/bold]", _delta(first.va_mean, last.va_mean),
-                          _delta(first.expr_f1, last.expr_f1), _delta(first.au_f1, last.au_f1))  # fmt: skip
+            table.add_row(
+                "[bold]total[/bold]",
+                f"{first.P:.4f}",
+                f"{last.P:.4f}",
+                f"[bold]{last.P - first.P:+.4f}[/bold]",
+                _delta(first.va_mean, last.va_mean),
+                _delta(first.expr_f1, last.expr_f1),
+                _delta(first.au_f1, last.au_f1),
+            )
             out.append(table)
         return out
 
@@ -225,8 +257,14 @@ def _delta(before: float, after: float) -> str:
 
 
 def _terms(r: MetricResult) -> dict:
-    return {"P": float(r.P), "va": float(r.va_mean), "ccc_v": float(r.ccc_v), "ccc_a": float(r.ccc_a),
-            "expr": float(r.expr_f1), "au": float(r.au_f1)}  # fmt: skip
+    return {
+        "P": float(r.P),
+        "va": float(r.va_mean),
+        "ccc_v": float(r.ccc_v),
+        "ccc_a": float(r.ccc_a),
+        "expr": float(r.expr_f1),
+        "au": float(r.au_f1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,9 +409,12 @@ def search(
     # 3. per-AU thresholds
     videos = gt.frame["video"].to_numpy(dtype=object)
     thr = tune_au_thresholds(
-        truth["aus"], smoothed.au_probs[pos], method=space.threshold_method, groups=videos,
+        truth["aus"],
+        smoothed.au_probs[pos],
+        method=space.threshold_method,
+        groups=videos,
         bootstrap=space.bootstrap,
-    ).thresholds  # fmt: skip
+    ).thresholds
     how = space.threshold_method
     if space.bootstrap and how == "exact":
         how += f", F1 averaged over {space.bootstrap} video resamples"

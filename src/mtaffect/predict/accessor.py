@@ -4,9 +4,9 @@ A prediction table (what ``Predictor.predict`` returns, what ``mtaffect predict`
 ``mtaffect.read_table`` reads) is a plain DataFrame; this accessor names its column groups (from
 :mod:`mtaffect.schema`, the one list of names) so a user need not spell 12 AU or 52 blendshape columns::
 
-    df.affect.aus            # AU01_p .. AU26_p          df.affect.expressions   # Neutral_p .. Other_p
-    df.affect.pose           # pose_Rx, pose_Ry, pose_Rz df.affect.blendshapes   # bs__neutral .. (52)
-    df.affect.summarize()    # mtaffect.summarize(df)   df.affect.plot_timeline(0)  # a Figure
+    df.affect.aus  # AU01_p .. AU26_p          df.affect.expressions   # Neutral_p .. Other_p
+    df.affect.pose  # pose_Rx, pose_Ry, pose_Rz df.affect.blendshapes   # bs__neutral .. (52)
+    df.affect.summarize()  # mtaffect.summarize(df)   df.affect.plot_timeline(0)  # a Figure
 
 Every group keeps the table's index, so ``df.loc[df.affect.aus["AU12_p"] > 0.5, "file"]`` works.
 

@@ -348,8 +348,10 @@ def _missing_extras(rec: dict, opts: UnitOptions) -> bool:
     """Whether a done file's record lacks extras this run asks for (``--plot``/``--video``/``--report``
     added on a rerun): they are made from its table, not by running it again."""
     had = rec.get("extras") or {}
-    return any(want and not had.get(k) for k, want in
-               (("plot", opts.plot), ("video", opts.video), ("report", opts.report)))  # fmt: skip
+    return any(
+        want and not had.get(k)
+        for k, want in (("plot", opts.plot), ("video", opts.video), ("report", opts.report))
+    )
 
 
 def file_state(
@@ -386,9 +388,13 @@ def run_unit(
     table = opts.out / unit.table_name(opts.fmt)
     signature = unit_signature(predictor, unit, opts)
     claim = JobRecords(opts.out).claim(
-        table.name, signature, opts.run_started, unit.source, replace=opts.overwrite,
+        table.name,
+        signature,
+        opts.run_started,
+        unit.source,
+        replace=opts.overwrite,
         incomplete=lambda rec: _missing_extras(rec, opts),
-    )  # fmt: skip
+    )
     if isinstance(claim, Skip):
         return _skipped(unit, claim, table)
     try:
@@ -400,13 +406,25 @@ def run_unit(
 def _skipped(unit: Unit, skip: Skip, table: Path) -> Outcome:
     holder = (skip.record or {}).get("path")
     if holder and holder != os.path.realpath(unit.source):  # two commands into one folder, one stem
-        return Outcome(unit.source, unit.stem, "failed", error=(
-            f"{unit.source}: its table name {table.name} is taken by {holder} (another command into the "
-            "same --out); give this one another --out"))  # fmt: skip
+        return Outcome(
+            unit.source,
+            unit.stem,
+            "failed",
+            error=(
+                f"{unit.source}: its table name {table.name} is taken by {holder} (another command into the "
+                "same --out); give this one another --out"
+            ),
+        )
     if skip.why == "settings":
-        return Outcome(unit.source, unit.stem, "failed", error=(
-            f"{table} was made with other settings by another run (its record says so); pass --overwrite "
-            "to replace it"))  # fmt: skip
+        return Outcome(
+            unit.source,
+            unit.stem,
+            "failed",
+            error=(
+                f"{table} was made with other settings by another run (its record says so); pass --overwrite "
+                "to replace it"
+            ),
+        )
     note = f"running in {describe_holder(skip.record)}" if skip.why == "running" else ""
     return Outcome(unit.source, unit.stem, "skipped", skip.why, notes=[note] if note else [])
 
@@ -436,10 +454,17 @@ def _run_claimed(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             (result,) = predict_to_file(
-                predictor, [unit.item], table, opts.fmt, overwrite=opts.overwrite or table.name in ours,
-                resume=opts.resume, fps=opts.fps, progress=progress, log=outcome.notes.append,
+                predictor,
+                [unit.item],
+                table,
+                opts.fmt,
+                overwrite=opts.overwrite or table.name in ours,
+                resume=opts.resume,
+                fps=opts.fps,
+                progress=progress,
+                log=outcome.notes.append,
                 identity=opts.model,
-            )  # fmt: skip
+            )
             outcome.seconds = result.seconds
             if result.ok:
                 written = _write_extras(predictor, unit, opts, result, table, ours)
@@ -450,8 +475,9 @@ def _run_claimed(
         return outcome
     if not result.ok:
         outcome.error = result.error
-        claim.finish("failed", error=result.error, seconds=result.seconds, kind=result.info.kind,
-                     outputs=sorted(ours))  # fmt: skip
+        claim.finish(
+            "failed", error=result.error, seconds=result.seconds, kind=result.info.kind, outputs=sorted(ours)
+        )
         return outcome
     outcome.status, outcome.outputs = "done", written
     outcome.frames, outcome.faces = result.analysed, face_tracks([result])
@@ -512,8 +538,13 @@ def _write_extras(
         from mtaffect.predict.report import write_report
 
         page = opts.out / f"{unit.stem}.html"
-        write_report(page, report_inputs, model_card(predictor), opts.report_settings,
-                     opts.overwrite or page.name in ours)  # fmt: skip
+        write_report(
+            page,
+            report_inputs,
+            model_card(predictor),
+            opts.report_settings,
+            opts.overwrite or page.name in ours,
+        )
         written.append(str(page))
     return written
 
@@ -524,12 +555,16 @@ def _done_fields(
     """A done record's fields: what the file gave, and every output of this stem that is ours."""
     asked = {"plot": opts.plot, "video": opts.video, "report": opts.report}
     return {
-        "frames": result.analysed, "faces": outcome.faces, "seconds": result.seconds,
-        "kind": result.info.kind, "info": info_to_dict(result.info), "extras_error": None,
+        "frames": result.analysed,
+        "faces": outcome.faces,
+        "seconds": result.seconds,
+        "kind": result.info.kind,
+        "info": info_to_dict(result.info),
+        "extras_error": None,
         "outputs": sorted(ours | {Path(p).name for p in written}),
         "extras": {k: bool(v or had.get(k)) for k, v in asked.items()},
         "report": f"{outcome.stem}.html" if opts.report or had.get("report") else None,
-    }  # fmt: skip
+    }
 
 
 def _reason(e: Exception) -> str:

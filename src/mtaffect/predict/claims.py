@@ -190,12 +190,20 @@ class JobRecords:
             return Skip(why, prev)
         now = time.time()
         record = {
-            **header(JOB_RECORD), "table": table_name, "source": source,
-            "path": os.path.realpath(source), "status": "running", "host": HOST, "pid": os.getpid(),
-            "started": now, "heartbeat": now, "finished": None, "signature": signature,
+            **header(JOB_RECORD),
+            "table": table_name,
+            "source": source,
+            "path": os.path.realpath(source),
+            "status": "running",
+            "host": HOST,
+            "pid": os.getpid(),
+            "started": now,
+            "heartbeat": now,
+            "finished": None,
+            "signature": signature,
             # the files earlier runs wrote for this stem stay listed as ours until this run says otherwise
             "outputs": list((prev or {}).get("outputs") or []),
-        }  # fmt: skip
+        }
         try:
             _write_record(rec_path, record)
         except BaseException:

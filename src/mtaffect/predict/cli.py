@@ -155,22 +155,59 @@ def run_predict(
         if model in (None, "default"):
             raise ValueError("--trust-remote-code needs --model: the embedded default model runs no code")
     kwargs = dict(
-        model=model, device=device, batch_size=batch_size, detect_every=detect_every, max_faces=max_faces,
-        min_face_size="auto" if min_face_size == "auto" else float(min_face_size), every=every, post=post,
-        smoothing=smoothing, aligned=aligned, temporal=temporal, engine=engine, precision=precision,
-        landmarks=landmarks, **detection,
-    )  # fmt: skip
-    settings = {"every": every, "detect_every": detect_every, "min_face_size": min_face_size,
-                "max_faces": max_faces, "smoothing": smoothing, "post": post or "none",
-                "aligned": aligned, "landmarks": landmarks}  # fmt: skip
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        detect_every=detect_every,
+        max_faces=max_faces,
+        min_face_size="auto" if min_face_size == "auto" else float(min_face_size),
+        every=every,
+        post=post,
+        smoothing=smoothing,
+        aligned=aligned,
+        temporal=temporal,
+        engine=engine,
+        precision=precision,
+        landmarks=landmarks,
+        **detection,
+    )
+    settings = {
+        "every": every,
+        "detect_every": detect_every,
+        "min_face_size": min_face_size,
+        "max_faces": max_faces,
+        "smoothing": smoothing,
+        "post": post or "none",
+        "aligned": aligned,
+        "landmarks": landmarks,
+    }
     layers = (*DEFAULT_DRAW, *draw) if draw else None  # the annotated copies' layers (None: the default)
     if per_file:
-        opts = UnitOptions(out, fmt, overwrite, resume, fps, plot, video, report,
-                           report_settings=settings, model=model_identity(model), draw=layers)  # fmt: skip
+        opts = UnitOptions(
+            out,
+            fmt,
+            overwrite,
+            resume,
+            fps,
+            plot,
+            video,
+            report,
+            report_settings=settings,
+            model=model_identity(model),
+            draw=layers,
+        )
         return _run_per_file(
-            inputs, opts, kwargs, workers=workers, shard=shard, combine=combine, progress=progress,
-            recursive=recursive, sequences=sequences, trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+            inputs,
+            opts,
+            kwargs,
+            workers=workers,
+            shard=shard,
+            combine=combine,
+            progress=progress,
+            recursive=recursive,
+            sequences=sequences,
+            trust_remote_code=trust_remote_code,
+        )
     groups = input_tables(inputs)
     tables = [out / f"{g.name}.{fmt}" for g in groups]
     report_path = out / "report.html"
@@ -178,11 +215,19 @@ def run_predict(
         for p in [*tables, *([report_path] if report else [])]:
             check_writable(p, overwrite)  # fail before any work, not after an hour of video
         if engine == "onnxruntime" and not is_export_folder(model):
-            _note(f"exporting {model or 'default'} for onnxruntime first (10-30 s; `mtaffect export --model "
-                  f"{model or 'default'} --out DIR` once, then --model DIR, skips this)")  # fmt: skip
+            _note(
+                f"exporting {model or 'default'} for onnxruntime first (10-30 s; `mtaffect export --model "
+                f"{model or 'default'} --out DIR` once, then --model DIR, skips this)"
+            )
         predictor = build_predictor(kwargs, streaming_threads(), trust_remote_code)
-        job = {"overwrite": overwrite, "resume": resume, "fps": fps, "recursive": recursive,
-               "sequences": sequences, "identity": model_identity(model)}  # fmt: skip
+        job = {
+            "overwrite": overwrite,
+            "resume": resume,
+            "fps": fps,
+            "recursive": recursive,
+            "sequences": sequences,
+            "identity": model_identity(model),
+        }
         report_inputs: list[ReportInput] = []
         ok_count = fail_count = 0
         said: set[str] = set()  # a note about many inputs, once
@@ -203,9 +248,15 @@ def run_predict(
                 ok_count, fail_count = ok_count + len(good), fail_count + len(results) - len(good)
                 if good:  # the stills' table: each photo's outputs keep its own name
                     entries, written = write_extras(
-                        good, "" if group.stills else group.name, table_path, plot=plot, video=video,
-                        report=report, overwrite=overwrite, draw=layers,
-                    )  # fmt: skip
+                        good,
+                        "" if group.stills else group.name,
+                        table_path,
+                        plot=plot,
+                        video=video,
+                        report=report,
+                        overwrite=overwrite,
+                        draw=layers,
+                    )
                     report_inputs += entries
                     _say(summary_line(group.label, good, written), bar)
         if report:
@@ -219,9 +270,12 @@ def run_predict(
 
 def _report_settings(settings: dict, predictor, temporal: str) -> dict:
     """The settings line of the report: the options given and what the predictor resolved."""
-    settings = {**settings, "min_confidence": predictor.min_confidence,
-                "nested_overlap": predictor.nested_overlap,
-                "reid_memory_s": predictor.reid_memory}  # fmt: skip
+    settings = {
+        **settings,
+        "min_confidence": predictor.min_confidence,
+        "nested_overlap": predictor.nested_overlap,
+        "reid_memory_s": predictor.reid_memory,
+    }
     if predictor.window > 1:
         settings["temporal"] = f"{temporal} (window {predictor.window})"
     return settings
@@ -241,8 +295,13 @@ def _note(msg: str) -> None:
 
 
 def _progress_bar(enabled: bool) -> Progress:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+    )
     return Progress(*columns, console=err_console, disable=not enabled, transient=False)
 
 
@@ -265,9 +324,15 @@ def _run_job(predictor, group: TableInputs, table_path: Path, fmt: str, bar: Pro
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results = predict_to_file(
-                predictor, arg, table_path, fmt, **job, log=_note, on_start=started,
+                predictor,
+                arg,
+                table_path,
+                fmt,
+                **job,
+                log=_note,
+                on_start=started,
                 progress=lambda n: bar.advance(task, n),
-            )  # fmt: skip
+            )
     except ValueError as e:  # e.g. an empty folder: this input fails, the others go on
         results = [FileResult(SourceInfo(group.label, "unknown"), empty_table(), error=str(e))]
     except KeyboardInterrupt:
@@ -290,8 +355,16 @@ class _ArchiveBar:
     overall rate and the time left; the expected total is corrected as each file ends."""
 
     def __init__(self, enabled: bool, files: int, frames: list[int]) -> None:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-                   _RateColumn(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn())  # fmt: skip
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("frames"),
+            _RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+        )
         self.progress = Progress(*columns, console=err_console, disable=not enabled, transient=False)
         self.files, self.done = files, 0
         self.expected = frames
@@ -400,24 +473,31 @@ def _run_per_file(
                     spec = WorkerSpec(kwargs, units, opts, trust_remote_code, threads)
                     del predictor
                     events: dict[str, Callable[..., None]] = {
-                        "progress": bar.advance, "done": ended, "warning": warn,
-                    }  # fmt: skip
+                        "progress": bar.advance,
+                        "done": ended,
+                        "warning": warn,
+                    }
                     run_pool(spec, order, used, lambda kind, *a: events.get(kind, lambda *_: None)(*a))
             except KeyboardInterrupt:
                 bar.progress.stop()
                 err_console.print(
                     f"interrupted: the rows so far are kept in {opts.out}; rerun the same command to resume",
-                    highlight=False, soft_wrap=True,
-                )  # fmt: skip
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 raise typer.Exit(130) from None
-        why = {"done": "done earlier with the same settings", "running": "running in another process",
-               "failed": "failed in another process during this run"}  # fmt: skip
+        why = {
+            "done": "done earlier with the same settings",
+            "running": "running in another process",
+            "failed": "failed in another process during this run",
+        }
         detail = "; ".join(f"{n} {why[k]}" for k, n in sorted(skipped.items()))
         console.print(
             f"this process: {tally['done']} file(s) done, {tally['failed']} failed, {tally['skipped']} "
             f"skipped{f' ({detail})' if detail else ''}",
-            highlight=False, soft_wrap=True,
-        )  # fmt: skip
+            highlight=False,
+            soft_wrap=True,
+        )
         if combine or opts.report:
             _finish_folder(plan, opts, JobRecords(opts.out), combine, collect)
     ok = tally["done"] + skipped.get("done", 0) + skipped.get("running", 0)
@@ -436,15 +516,22 @@ def _print_outcome(outcome, bar: Progress | None = None, said: set[str] | None =
         if said is not None:
             said.add(msg)
     if outcome.status == "failed":
-        err_console.print(f"[bold red]error:[/] {escape(outcome.error or 'failed')}", highlight=False,
-                          soft_wrap=True)  # fmt: skip
+        err_console.print(
+            f"[bold red]error:[/] {escape(outcome.error or 'failed')}", highlight=False, soft_wrap=True
+        )
     elif outcome.status == "done" and outcome.why == "extras":
-        _say(f"{outcome.source}: done earlier; outputs made from its table -> "
-             f"{', '.join(outcome.outputs[1:])}", bar)  # fmt: skip
+        _say(
+            f"{outcome.source}: done earlier; outputs made from its table -> "
+            f"{', '.join(outcome.outputs[1:])}",
+            bar,
+        )
     elif outcome.status == "done":
         rate = f", {outcome.fps:.1f} frames/s" if outcome.seconds > 0 else ""
-        _say(f"{outcome.source}: {outcome.frames} frames, {outcome.faces} face track(s){rate} -> "
-             f"{', '.join(outcome.outputs)}", bar)  # fmt: skip
+        _say(
+            f"{outcome.source}: {outcome.frames} frames, {outcome.faces} face track(s){rate} -> "
+            f"{', '.join(outcome.outputs)}",
+            bar,
+        )
 
 
 def _finish_folder(plan, opts, records, combine: bool, collect) -> None:
@@ -470,14 +557,19 @@ def _print_collected(found) -> None:
     console.print(
         f"combined {len(found.done)} file(s), {found.rows} row(s) -> "
         + ", ".join(str(p) for p in found.written),
-        highlight=False, soft_wrap=True,
-    )  # fmt: skip
+        highlight=False,
+        soft_wrap=True,
+    )
     if found.settings > 1:
-        warn(f"the combined files were made with {found.settings} different settings or models (several "
-             "runs into one folder); their job records in .mtaffect-jobs/ say which")  # fmt: skip
+        warn(
+            f"the combined files were made with {found.settings} different settings or models (several "
+            "runs into one folder); their job records in .mtaffect-jobs/ say which"
+        )
     if found.superseded:
-        warn(f"{len(found.superseded)} older table(s) of files combined from a newer one: "
-             + ", ".join(found.superseded[:5]))  # fmt: skip
+        warn(
+            f"{len(found.superseded)} older table(s) of files combined from a newer one: "
+            + ", ".join(found.superseded[:5])
+        )
     for name, error in found.failed.items():
         warn(f"{name}: failed: {error}")
     if found.running:
@@ -676,13 +768,42 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 raise ValueError(f"--min-face-size must be 'auto' or a number, got {min_face_size!r}") from e
         good, failed = run_predict(
-            inputs, out, model, post, every, detect_every, batch_size, device, max_faces, min_face_size,
-            smoothing, fmt, plot, video, report, overwrite, progress=not quiet, recursive=recursive,
-            aligned=aligned, sequences=not stills, fps=fps, temporal=temporal, resume=not no_resume,
-            trust_remote_code=trust_remote_code, min_confidence=min_confidence, keep_nested=keep_nested,
-            reid_memory=reid_memory, engine=engine, precision=precision, per_file=per_file,
-            workers=workers, shard=shard, combine=combine, landmarks=landmarks, draw=tuple(draw or ()),
-        )  # fmt: skip
+            inputs,
+            out,
+            model,
+            post,
+            every,
+            detect_every,
+            batch_size,
+            device,
+            max_faces,
+            min_face_size,
+            smoothing,
+            fmt,
+            plot,
+            video,
+            report,
+            overwrite,
+            progress=not quiet,
+            recursive=recursive,
+            aligned=aligned,
+            sequences=not stills,
+            fps=fps,
+            temporal=temporal,
+            resume=not no_resume,
+            trust_remote_code=trust_remote_code,
+            min_confidence=min_confidence,
+            keep_nested=keep_nested,
+            reid_memory=reid_memory,
+            engine=engine,
+            precision=precision,
+            per_file=per_file,
+            workers=workers,
+            shard=shard,
+            combine=combine,
+            landmarks=landmarks,
+            draw=tuple(draw or ()),
+        )
         if good == 0 and failed:  # a shard with no file, or all done earlier, is not a failure
             raise typer.Exit(1)
 

@@ -226,5 +226,10 @@ def render_index(done: Sequence[dict], tables: Sequence[pd.DataFrame], records: 
 
 
 __all__ = [
-    "COLLECT_RECORD", "Collected", "check_collect_outputs", "collect", "combined_names", "render_index",
+    "COLLECT_RECORD",
+    "Collected",
+    "check_collect_outputs",
+    "collect",
+    "combined_names",
+    "render_index",
 ]

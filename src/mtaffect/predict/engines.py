@@ -69,7 +69,7 @@ class Engine(Protocol):
 
     @property
     def au_source(self) -> str:
-        """"expression": the model's AUs are priors read off its expressions (combined with the face's
+        """ "expression": the model's AUs are priors read off its expressions (combined with the face's
         blendshape evidence when the landmarker runs); "model": its own AU outputs."""
         ...
 

@@ -125,8 +125,10 @@ def file_stems(name: str, files: Sequence[str], prefix_one: bool = False) -> lis
     base = [p.stem + (p.suffix.replace(".", "_") if in_folder[p.parent, p.stem] > 1 else "") for p in paths]
     depth = [0] * len(paths)
     while True:
-        stems = ["_".join((*p.parent.parts[len(p.parent.parts) - d :], b)) if d else b
-                 for p, b, d in zip(paths, base, depth, strict=True)]  # fmt: skip
+        stems = [
+            "_".join((*p.parent.parts[len(p.parent.parts) - d :], b)) if d else b
+            for p, b, d in zip(paths, base, depth, strict=True)
+        ]
         twice = {s for s, n in Counter(stems).items() if n > 1}
         grew = False
         for i, s in enumerate(stems):
@@ -228,6 +230,15 @@ def summary_line(arg: str, good: Sequence[FileResult], written: Sequence[str]) -
 
 
 __all__ = [
-    "STILLS_TABLE", "TableInputs", "face_tracks", "file_stems", "input_tables", "is_still", "model_card",
-    "output_names", "safe_name", "summary_line", "write_extras",
+    "STILLS_TABLE",
+    "TableInputs",
+    "face_tracks",
+    "file_stems",
+    "input_tables",
+    "is_still",
+    "model_card",
+    "output_names",
+    "safe_name",
+    "summary_line",
+    "write_extras",
 ]

@@ -158,8 +158,13 @@ class PartialTable:
         self.thresholds = np.full(NUM_AUS, DEFAULT_AU_THRESHOLD) if thresholds is None else thresholds
         self.signature = json.loads(json.dumps(signature, default=str))  # as it reads back from job.json
         self.log = log or (lambda _msg: None)
-        self.state = {**header(PREDICT_JOB), "signature": self.signature,
-                      "done": {}, "current": None, "rows_bytes": 0}  # fmt: skip
+        self.state = {
+            **header(PREDICT_JOB),
+            "signature": self.signature,
+            "done": {},
+            "current": None,
+            "rows_bytes": 0,
+        }
         old = self._load_existing()
         if old is not None and resume and old["signature"] == self.signature:
             self.state = old
@@ -275,9 +280,12 @@ class PartialTable:
         re-identification merged (applied to its rows when the table is built)."""
         self.flush()
         self.state["done"][str(index)] = {
-            "info": info_to_dict(info), "seconds": seconds, "analysed": analysed, "error": error,
+            "info": info_to_dict(info),
+            "seconds": seconds,
+            "analysed": analysed,
+            "error": error,
             "aliases": {str(k): int(v) for k, v in (aliases or {}).items()},
-        }  # fmt: skip
+        }
         self.state["current"] = None
         self._bytes = self._fh.tell()
         self._commit()

@@ -289,9 +289,14 @@ class Predictor:
         self.reid_memory = float(reid_memory)
         self.post = load_post(post)
         self.engine: Engine = create_engine(
-            engine, model, device=device, num_threads=num_threads, batch_size=int(batch_size),
-            precision=precision, detector=not aligned,
-        )  # fmt: skip
+            engine,
+            model,
+            device=device,
+            num_threads=num_threads,
+            batch_size=int(batch_size),
+            precision=precision,
+            detector=not aligned,
+        )
         self.model, self.device = self.engine.model, getattr(self.engine, "device", device)
         self.num_threads = self.engine.num_threads
         self._size, self._colour = self.engine.input_size, self.engine.colour
@@ -554,9 +559,7 @@ class Predictor:
         still = info.kind == "image"
         # A shot change gets a full detection, and the tracker is told (no id carries over by position).
         state.cuts = [False if still else state.cut_detector(fr.image) for fr in chunk]
-        det_idx = [
-            i for i in range(len(chunk)) if (state.step + i) % self.detect_every == 0 or state.cuts[i]
-        ]
+        det_idx = [i for i in range(len(chunk)) if (state.step + i) % self.detect_every == 0 or state.cuts[i]]
         by_frame: dict[int, FaceDetections] = {}
         if det_idx:
             h, w = chunk[0].image.shape[:2]
@@ -588,10 +591,15 @@ class Predictor:
             n = len(chunk)
             geo = self._measure([(f.image, _whole(f.image), None) for f in chunk], still=True)
             rows = FaceRows(
-                frame_no, times, np.zeros(n, np.int64), np.full(n, np.nan, np.float32),
-                np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32),
-                geo.points, geo.blendshapes,
-            )  # fmt: skip
+                frame_no,
+                times,
+                np.zeros(n, np.int64),
+                np.full(n, np.nan, np.float32),
+                np.full((n, 4), np.nan, np.float32),
+                np.full((n, 5, 2), np.nan, np.float32),
+                geo.points,
+                geo.blendshapes,
+            )
             return np.ones(n, np.int64), rows, np.stack([f.image for f in chunk]), None
         dets = self._locate(info, chunk, state)
         counts = np.array([len(d) for d in dets], np.int64)
@@ -610,12 +618,15 @@ class Predictor:
             still=info.kind == "image",
         )
         rows = FaceRows(
-            frame_no[rep], times[rep], np.full(len(rep), -1, np.int64),
+            frame_no[rep],
+            times[rep],
+            np.full(len(rep), -1, np.int64),
             np.concatenate([d.scores for d in dets]).astype(np.float32),
             np.concatenate([d.boxes for d in dets]).reshape(-1, 4),
             np.concatenate([d.landmarks for d in dets]).reshape(-1, 5, 2),
-            geo.points, geo.blendshapes,
-        )  # fmt: skip
+            geo.points,
+            geo.blendshapes,
+        )
         return counts, rows, (np.stack(crops) if crops else np.zeros((0,))), appearance
 
     def _measure(
@@ -689,9 +700,19 @@ class Predictor:
             r, o = e.rows, e.outputs
             pose, au, measures = self._measures(r, o)
             state.held.add(
-                info.file, r.frame, r.time, r.face_id, r.confidence, r.boxes, r.landmarks,
-                o.expr_probs, au, o.va, pose=pose, measures=measures,
-            )  # fmt: skip
+                info.file,
+                r.frame,
+                r.time,
+                r.face_id,
+                r.confidence,
+                r.boxes,
+                r.landmarks,
+                o.expr_probs,
+                au,
+                o.va,
+                pose=pose,
+                measures=measures,
+            )
             state.next_id = max(state.next_id, int(r.face_id.max()) + 1)
 
     def _measures(

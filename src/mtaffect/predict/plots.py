@@ -57,9 +57,19 @@ ANGLE_LINES: tuple[tuple[str, str, str, str], ...] = (
 ANGLE_COLUMNS: tuple[str, ...] = tuple(c for c, *_ in ANGLE_LINES)
 #: The columns a timeline reads.
 _TIMELINE_COLUMNS: tuple[str, ...] = (
-    "file", "frame", "time", "face_id", "success", "valence", "arousal", *EXPR_P_COLUMNS, *AU_P_COLUMNS,
-    *AU_INTENSITY_COLUMNS, *ANGLE_COLUMNS, *BLENDSHAPE_COLUMNS,
-)  # fmt: skip
+    "file",
+    "frame",
+    "time",
+    "face_id",
+    "success",
+    "valence",
+    "arousal",
+    *EXPR_P_COLUMNS,
+    *AU_P_COLUMNS,
+    *AU_INTENSITY_COLUMNS,
+    *ANGLE_COLUMNS,
+    *BLENDSHAPE_COLUMNS,
+)
 #: Relative height of each panel kind.
 _HEIGHTS = {"va": 1.1, "expr": 1.0, "au": 1.5, "au_r": 1.0, "angles": 1.1, "bs": 1.3}
 
@@ -188,8 +198,17 @@ def timeline_figure(table: pd.DataFrame, file: str, face_id: int):
     _heatmap(fig, ax["au"], edges, au, AU_OPENFACE_NAMES, 1.0, "action unit", "P(AU)")
     if "au_r" in ax:
         au_r = _values(face, AU_INTENSITY_COLUMNS).T  # (7, T)
-        _heatmap(fig, ax["au_r"], edges, au_r, AU_INTENSITY_NAMES, 5.0, "AU intensity", "intensity (0–5)",
-                 cmap="magma")  # fmt: skip
+        _heatmap(
+            fig,
+            ax["au_r"],
+            edges,
+            au_r,
+            AU_INTENSITY_NAMES,
+            5.0,
+            "AU intensity",
+            "intensity (0–5)",
+            cmap="magma",
+        )
     if "angles" in ax:
         ax_an = ax["angles"]
         ax_an.axhline(0, color="#888", lw=0.8)
@@ -203,8 +222,17 @@ def timeline_figure(table: pd.DataFrame, file: str, face_id: int):
         ax_an.grid(alpha=0.3)
     if "bs" in ax:
         cols = varying_blendshapes(face)
-        _heatmap(fig, ax["bs"], edges, _values(face, cols).T, [c[3:] for c in cols], 1.0,
-                 "blendshapes\n(most varying)", "blendshape", cmap="cividis")  # fmt: skip
+        _heatmap(
+            fig,
+            ax["bs"],
+            edges,
+            _values(face, cols).T,
+            [c[3:] for c in cols],
+            1.0,
+            "blendshapes\n(most varying)",
+            "blendshape",
+            cmap="cividis",
+        )
     axes[-1].set_xlabel(xlabel)
     axes[-1].set_xlim(edges[0], edges[-1])
     return fig

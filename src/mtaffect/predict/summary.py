@@ -67,14 +67,32 @@ GAZE_DEG_SD_COLUMNS: Final[tuple[str, ...]] = tuple(f"{c}_deg_sd" for c in GAZE_
 AU_INTENSITY_MEAN_COLUMNS: Final[tuple[str, ...]] = tuple(f"{c}_mean" for c in AU_INTENSITY_COLUMNS)
 BLENDSHAPE_MEAN_COLUMNS: Final[tuple[str, ...]] = tuple(f"{c}_mean" for c in BLENDSHAPE_COLUMNS)
 GEOMETRY_SUMMARY_COLUMNS: Final[tuple[str, ...]] = (
-    "geometry_frames", *ANGLE_DEG_COLUMNS, *AU_INTENSITY_MEAN_COLUMNS, *BLENDSHAPE_MEAN_COLUMNS,
-)  # fmt: skip
+    "geometry_frames",
+    *ANGLE_DEG_COLUMNS,
+    *AU_INTENSITY_MEAN_COLUMNS,
+    *BLENDSHAPE_MEAN_COLUMNS,
+)
 SUMMARY_COLUMNS: Final[tuple[str, ...]] = (
-    "file", "face_id", "frames", "first_frame", "last_frame", "first_time", "last_time", "confidence",
-    "valence_mean", "valence_sd", "arousal_mean", "arousal_sd", "expression",
-    *EXPR_SHARE_COLUMNS, *EXPR_MEAN_COLUMNS, *AU_ACTIVE_COLUMNS, *AU_MEAN_COLUMNS, *POSE_MEAN_COLUMNS,
+    "file",
+    "face_id",
+    "frames",
+    "first_frame",
+    "last_frame",
+    "first_time",
+    "last_time",
+    "confidence",
+    "valence_mean",
+    "valence_sd",
+    "arousal_mean",
+    "arousal_sd",
+    "expression",
+    *EXPR_SHARE_COLUMNS,
+    *EXPR_MEAN_COLUMNS,
+    *AU_ACTIVE_COLUMNS,
+    *AU_MEAN_COLUMNS,
+    *POSE_MEAN_COLUMNS,
     *GEOMETRY_SUMMARY_COLUMNS,
-)  # fmt: skip
+)
 
 
 def _numeric(ok: pd.DataFrame, columns) -> pd.DataFrame:
@@ -91,9 +109,23 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in ("file", "face_id", "success", "frame", "expression") if c not in table.columns]
     if missing:
         raise ValueError(f"not a prediction table (missing {missing}); pass what Predictor.predict returns")
-    read = ("file", "face_id", "frame", "time", "confidence", "valence", "arousal", "expression",
-            *AU_DECISION_COLUMNS, *EXPR_PROB_COLUMNS, *AU_PROB_COLUMNS, *POSE_COLUMNS, *GAZE_COLUMNS,
-            *AU_INTENSITY_COLUMNS, *BLENDSHAPE_COLUMNS)  # fmt: skip
+    read = (
+        "file",
+        "face_id",
+        "frame",
+        "time",
+        "confidence",
+        "valence",
+        "arousal",
+        "expression",
+        *AU_DECISION_COLUMNS,
+        *EXPR_PROB_COLUMNS,
+        *AU_PROB_COLUMNS,
+        *POSE_COLUMNS,
+        *GAZE_COLUMNS,
+        *AU_INTENSITY_COLUMNS,
+        *BLENDSHAPE_COLUMNS,
+    )
     ok = table.loc[table["success"] == 1, [c for c in read if c in table.columns]]  # no landmark columns
     if not len(ok):
         text = ("file", "expression")
@@ -112,8 +144,11 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
         arousal_sd=("arousal", lambda s: s.std(ddof=0)),
     )
     labels = ok["expression"].to_numpy(dtype=object)
-    onehot = pd.DataFrame((labels[:, None] == np.array(EXPR_NAMES, dtype=object)[None]).astype(np.float64),
-                          columns=list(EXPR_SHARE_COLUMNS), index=ok.index)  # fmt: skip
+    onehot = pd.DataFrame(
+        (labels[:, None] == np.array(EXPR_NAMES, dtype=object)[None]).astype(np.float64),
+        columns=list(EXPR_SHARE_COLUMNS),
+        index=ok.index,
+    )
     keys = [ok["file"], ok["face_id"]]
     shares = onehot.groupby(keys, sort=False).mean()
     # Most frequent label; ties go to the class listed first in the schema.

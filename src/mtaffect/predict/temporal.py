@@ -59,9 +59,15 @@ class FaceRows:
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
         return (
-            self.frame, self.time, self.face_id, self.confidence, self.boxes, self.landmarks, self.points,
+            self.frame,
+            self.time,
+            self.face_id,
+            self.confidence,
+            self.boxes,
+            self.landmarks,
+            self.points,
             self.blendshapes,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def concat(parts: list[FaceRows]) -> FaceRows:

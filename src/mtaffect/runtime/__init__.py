@@ -3,8 +3,9 @@
 Needs numpy, Pillow and onnxruntime only (see the README's "Deploying without torch")::
 
     from mtaffect.runtime import load
-    rt = load("export/")                       # checks every file's sha256
-    detections, probs = rt.analyse(image)       # uint8 RGB (H, W, 3) -> faces and AffectOutputs
+
+    rt = load("export/")  # checks every file's sha256
+    detections, probs = rt.analyse(image)  # uint8 RGB (H, W, 3) -> faces and AffectOutputs
 
 For video, ``rt.detector(...)`` is the MTCNN cascade (``detect``/``refine``), ``rt.faces(image,
 detections)`` the aligned, resized faces and ``rt.model.run(faces)`` / ``rt.model.predict(features)``

@@ -146,9 +146,13 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
 
 def _plain_name(name: Any) -> bool:
     return (
-        isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-        and "\0" not in name and not name.startswith(".")
-    )  # fmt: skip
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not name.startswith(".")
+    )
 
 
 def _is_sha256(value: Any) -> bool:

@@ -64,9 +64,14 @@ def named_stores(stores: Any) -> StoreSet | None:
 
 
 def build_training(
-    config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, *,
-    trust_remote_code: bool = False, stores: Any = None,
-) -> Training:  # fmt: skip
+    config: TrainConfig,
+    data: Any,
+    train: LabelTable,
+    val: LabelTable | None,
+    *,
+    trust_remote_code: bool = False,
+    stores: Any = None,
+) -> Training:
     """The model and data module of ``config`` over ``data``, store path and image path alike.
 
     Args:
@@ -83,24 +88,42 @@ def build_training(
     """
     data = open_training_data(config, data, stores)
     if config.from_images:
-        return build_image_training(config, data, train, val, trust_remote_code=trust_remote_code,
-                                    stores=named_stores(stores))  # fmt: skip
+        return build_image_training(
+            config, data, train, val, trust_remote_code=trust_remote_code, stores=named_stores(stores)
+        )
     model = build_model(config, data, data.input_dims() if isinstance(data, StoreSet) else None)
     dm = MTLDataModule(
-        data, train, val, inputs=model.inputs, temporal=bool(model.temporal),
+        data,
+        train,
+        val,
+        inputs=model.inputs,
+        temporal=bool(model.temporal),
         batch_size=config.data.batch_size,
-        eval_batch_size=config.data.eval_batch_size, window=config.data.window, stride=config.data.stride,
+        eval_batch_size=config.data.eval_batch_size,
+        window=config.data.window,
+        stride=config.data.stride,
         window_edge=config.data.window_edge,
-        in_memory=config.data.in_memory, memory_limit_gb=config.data.memory_limit_gb,
-        seed=config.trainer.seed, workers=config.data.workers, pin_memory=on_gpu(config),
-    )  # fmt: skip
+        in_memory=config.data.in_memory,
+        memory_limit_gb=config.data.memory_limit_gb,
+        seed=config.trainer.seed,
+        workers=config.data.workers,
+        pin_memory=on_gpu(config),
+    )
 
     record = {"name": data.backbone, "spec": data.spec, "fingerprint": data.fingerprint}
     input_stores = input_store_records(data if isinstance(data, StoreSet) else None, model.inputs)
 
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return save_model(path, model, config, metrics, backbone=record, sizes=data,
-                          input_stores=input_stores, overwrite=overwrite)  # fmt: skip
+        return save_model(
+            path,
+            model,
+            config,
+            metrics,
+            backbone=record,
+            sizes=data,
+            input_stores=input_stores,
+            overwrite=overwrite,
+        )
 
     return Training(model=model, datamodule=dm, save=save, weights=load_weights)
 

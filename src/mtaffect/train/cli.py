@@ -102,9 +102,7 @@ def split_features(items: list[str] | None) -> tuple[Path | None, dict[str, Path
                 raise ValueError(f"--features {key}=... is given twice")
             named[key] = Path(path)
         elif main is not None:
-            raise ValueError(
-                f"--features names two main stores ({main}, {item}); name the others NAME=STORE"
-            )
+            raise ValueError(f"--features names two main stores ({main}, {item}); name the others NAME=STORE")
         else:
             main = Path(item)
     return main, named
@@ -130,9 +128,12 @@ def _training_data(cfg, features: Path | None, data: Path) -> Path:
 
 
 def train(
-    config: Config, data: Data,
+    config: Config,
+    data: Data,
     out: Annotated[Path, typer.Option(help="Run folder: best/, metrics.json, val_predictions.parquet.")],
-    features: Features = None, override: Override = None, resume: Resume = False,
+    features: Features = None,
+    override: Override = None,
+    resume: Resume = False,
     trainval: Annotated[
         bool,
         typer.Option(
@@ -164,7 +165,8 @@ def train(
             "the split `mtaffect cv` uses for its foldK/.",
         ),
     ] = None,
-    folds: Folds = 5, split_seed: SplitSeed = None,
+    folds: Folds = 5,
+    split_seed: SplitSeed = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -173,8 +175,10 @@ def train(
             "every step's own settings) and exit without training or writing anything.",
         ),
     ] = False,
-    overwrite: Overwrite = False, progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
-) -> None:  # fmt: skip
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
     """Train a recipe on a feature store, or from images (configs with a backbone); keep the best val P.
 
     A config with a pipeline: section (configs/progressive_published.yaml) runs all its steps (task models,
@@ -204,12 +208,31 @@ def train(
         raise ValueError(f"--step applies to pipeline configs; {cfg.source} has no pipeline section")
     source = _training_data(cfg, main, data)
     if split is not None:
-        result = fit(cfg, source, *split, out, overwrite=overwrite, resume=resume, log=_log,
-                     trust_remote_code=trust_remote_code, stores=named or None)  # fmt: skip
+        result = fit(
+            cfg,
+            source,
+            *split,
+            out,
+            overwrite=overwrite,
+            resume=resume,
+            log=_log,
+            trust_remote_code=trust_remote_code,
+            stores=named or None,
+        )
     else:
-        result = fit_from_root(cfg, source, data, out, trainval=trainval, validation=not no_validation,
-                               overwrite=overwrite, resume=resume, log=_log,
-                               trust_remote_code=trust_remote_code, stores=named or None)  # fmt: skip
+        result = fit_from_root(
+            cfg,
+            source,
+            data,
+            out,
+            trainval=trainval,
+            validation=not no_validation,
+            overwrite=overwrite,
+            resume=resume,
+            log=_log,
+            trust_remote_code=trust_remote_code,
+            stores=named or None,
+        )
     if result.rank != 0:  # under DDP only rank 0 reports (and writes)
         return
     console.print(f"[bold]{result.summary()}[/bold]", highlight=False)
@@ -219,8 +242,9 @@ def train(
     console.print("wrote " + ", ".join(f"{out}/{w}" for w in written), highlight=False)
 
 
-def _fold_split(cfg, data: Path, fold: int | None, folds: int, seed: int | None, trainval: bool,
-                no_validation: bool) -> tuple[LabelTable, LabelTable] | None:  # fmt: skip
+def _fold_split(
+    cfg, data: Path, fold: int | None, folds: int, seed: int | None, trainval: bool, no_validation: bool
+) -> tuple[LabelTable, LabelTable] | None:
     """``train --fold K``: (training, validation) rows of cv's fold K over train + val (None without)."""
     from mtaffect.data.annotations import LabelTable, load_split
     from mtaffect.train.cv import fold_split
@@ -239,34 +263,54 @@ def _fold_split(cfg, data: Path, fold: int | None, folds: int, seed: int | None,
 
 def _train_pipeline(
     cfg, main, named, data, out, step, resume, trainval, overwrite, trust_remote_code, split=None
-) -> None:  # fmt: skip
+) -> None:
     from mtaffect.train.pipeline import check_no_features, run_pipeline
 
     check_no_features(cfg, main is not None or bool(named))
     train, val = split if split is not None else (None, None)
-    res = run_pipeline(cfg, data, out, steps=step, resume=resume, overwrite=overwrite, trainval=trainval,
-                       log=_log, trust_remote_code=trust_remote_code, train=train, val=val)  # fmt: skip
+    res = run_pipeline(
+        cfg,
+        data,
+        out,
+        steps=step,
+        resume=resume,
+        overwrite=overwrite,
+        trainval=trainval,
+        log=_log,
+        trust_remote_code=trust_remote_code,
+        train=train,
+        val=val,
+    )
     if res.rank != 0:
         return
     console.print(f"[bold]{res.summary()}[/bold]", highlight=False)
     if res.checkpoint is not None:
-        console.print(f"wrote {out}/best (the combined model: one model per task), {out}/pipeline.json"
-                      + (", metrics.json, val_predictions.parquet" if res.metrics else ""), highlight=False)
+        console.print(
+            f"wrote {out}/best (the combined model: one model per task), {out}/pipeline.json"
+            + (", metrics.json, val_predictions.parquet" if res.metrics else ""),
+            highlight=False,
+        )
 
 
 def cv(
-    config: Config, data: Data,
+    config: Config,
+    data: Data,
     out: Annotated[Path, typer.Option(help="Folder: fold<k>/ runs, cv.json, test_predictions.parquet.")],
-    features: Features = None, folds: Folds = 5, split_seed: SplitSeed = None,
+    features: Features = None,
+    folds: Folds = 5,
+    split_seed: SplitSeed = None,
     test_list: Annotated[
         Path | None, typer.Option(help="Test list for the fold ensemble (default: the one in --data).")
     ] = None,
-    override: Override = None, overwrite: Overwrite = False, progress: Progress = True,
+    override: Override = None,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
     resume: Annotated[
         bool, typer.Option("--resume", help="Pipeline configs: continue an interrupted step of a fold.")
     ] = False,
-    allow_missing: AllowMissing = False, trust_remote_code: TrustRemoteCode = False,
-) -> None:  # fmt: skip
+    allow_missing: AllowMissing = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
     """K-fold cross-validation over train + val by video: mean ± std of P and its terms.
 
     A config with a pipeline: section runs its whole pipeline in each fold (task models on the fold's
@@ -290,10 +334,20 @@ def cv(
     tl = test_list or find_test_list(data)
     test_images = list(dict.fromkeys(read_test_list(tl))) if tl is not None else None
     res = cross_validate(
-        cfg, source, labels, folds, out, test_images=test_images, seed=split_seed, overwrite=overwrite,
-        resume=resume, allow_missing=allow_missing, log=_log, trust_remote_code=trust_remote_code,
+        cfg,
+        source,
+        labels,
+        folds,
+        out,
+        test_images=test_images,
+        seed=split_seed,
+        overwrite=overwrite,
+        resume=resume,
+        allow_missing=allow_missing,
+        log=_log,
+        trust_remote_code=trust_remote_code,
         stores=named or None,
-    )  # fmt: skip
+    )
     if env_rank() != 0:
         return
     console.print(res.table())
@@ -301,11 +355,15 @@ def cv(
 
 
 def search(
-    config: Config, data: Data,
+    config: Config,
+    data: Data,
     out: Annotated[Path, typer.Option(help="Folder: run<i>/ per variant and search.json.")],
-    features: Features = None, override: Override = None, overwrite: Overwrite = False,
-    progress: Progress = True, trust_remote_code: TrustRemoteCode = False,
-) -> None:  # fmt: skip
+    features: Features = None,
+    override: Override = None,
+    overwrite: Overwrite = False,
+    progress: Progress = True,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
     """Strategy search: train every variant of the config's search.grid and rank them by validation P."""
     from mtaffect.data.annotations import load_split
     from mtaffect.train.pipeline import check_no_features
@@ -320,8 +378,15 @@ def search(
     else:
         source = _training_data(cfg, main, data)
     rows = run_search(
-        cfg, source, load_split(data, "train"), load_split(data, "val"), out, overwrite=overwrite, log=_log,
-        trust_remote_code=trust_remote_code, stores=named or None,
+        cfg,
+        source,
+        load_split(data, "train"),
+        load_split(data, "val"),
+        out,
+        overwrite=overwrite,
+        log=_log,
+        trust_remote_code=trust_remote_code,
+        stores=named or None,
     )
     from mtaffect.train.fit import env_rank
 
@@ -346,9 +411,10 @@ def infer(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per backbone batch (with --data).")] = 256,
     workers: Annotated[int, typer.Option(help="JPEG-decoding processes (with --data).")] = 1,
-    overwrite: Overwrite = False, allow_missing: AllowMissing = False,
+    overwrite: Overwrite = False,
+    allow_missing: AllowMissing = False,
     trust_remote_code: TrustRemoteCode = False,
-) -> None:  # fmt: skip
+) -> None:
     """Predict the listed images with a trained checkpoint, from a feature store or from the images."""
     from mtaffect.data.submission import read_image_names
     from mtaffect.io import check_writable
@@ -363,9 +429,13 @@ def infer(
     m = load_model(model, trust_remote_code=trust_remote_code)
     if data is not None:
         table = m.predict_images(
-            data / CROPPED_DIR, names, batch_size=batch_size, workers=workers,
-            allow_missing=allow_missing, stores=named or None,
-        )  # fmt: skip
+            data / CROPPED_DIR,
+            names,
+            batch_size=batch_size,
+            workers=workers,
+            allow_missing=allow_missing,
+            stores=named or None,
+        )
     else:
         assert main is not None  # exactly one of --features and --data (checked above)
         table = m.predict_store(main, names, allow_missing=allow_missing, stores=named or None)

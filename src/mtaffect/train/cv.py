@@ -189,12 +189,24 @@ def cross_validate(
 
             assert fold_out is not None
             result = Pipeline(
-                config, st, fold_out, resume=resume, overwrite=overwrite, log=log,
-                trust_remote_code=trust_remote_code, train=train, val=val,
-            ).run()  # fmt: skip
-            entry = {**result.terms(), "tasks": list(result.tasks), "val_rows": len(val),
-                     "val_videos": val.videos, "seconds": result.seconds,
-                     "steps": {n: r.get("status") for n, r in result.steps.items()}}  # fmt: skip
+                config,
+                st,
+                fold_out,
+                resume=resume,
+                overwrite=overwrite,
+                log=log,
+                trust_remote_code=trust_remote_code,
+                train=train,
+                val=val,
+            ).run()
+            entry = {
+                **result.terms(),
+                "tasks": list(result.tasks),
+                "val_rows": len(val),
+                "val_videos": val.videos,
+                "seconds": result.seconds,
+                "steps": {n: r.get("status") for n, r in result.steps.items()},
+            }
         else:
             result = fit(
                 config,
@@ -243,14 +255,22 @@ def cross_validate(
 
                 assert isinstance(result.model, ImageMTLModel)  # what image training builds
                 tm = image_affect_model(result.model, config)
-                preds.append(tm.predict_images(st / CROPPED_DIR, list(test_images),
-                                               allow_missing=allow_missing, stores=named))  # fmt: skip
+                preds.append(
+                    tm.predict_images(
+                        st / CROPPED_DIR, list(test_images), allow_missing=allow_missing, stores=named
+                    )
+                )
                 continue
             tm = TrainedAffectModel(
-                result.model, {"backbone": {"name": st.backbone, "fingerprint": st.fingerprint},
-                               "temporal": bool(result.model.temporal), "window": config.data.window,
-                               "window_edge": config.data.window_edge, "inputs": list(result.model.inputs)},
-            )  # fmt: skip
+                result.model,
+                {
+                    "backbone": {"name": st.backbone, "fingerprint": st.fingerprint},
+                    "temporal": bool(result.model.temporal),
+                    "window": config.data.window,
+                    "window_edge": config.data.window_edge,
+                    "inputs": list(result.model.inputs),
+                },
+            )
             preds.append(tm.predict_store(st, list(test_images), allow_missing=allow_missing))
         test_pred = ensemble(preds, list(test_images))
         if allow_missing:
@@ -260,9 +280,17 @@ def cross_validate(
         replace_ok = overwrite or pipeline  # a pipeline's rerun rewrites what it derives from its folds
         if test_pred is not None:
             test_pred.write(out_path / "test_predictions.parquet", overwrite=replace_ok)
-        write_json(out_path / "cv.json", {**res.to_dict(), "k": k, "seed": split_seed,
-                                          "recipe": config.model.recipe, "pipeline": pipeline},
-                   overwrite=replace_ok)  # fmt: skip
+        write_json(
+            out_path / "cv.json",
+            {
+                **res.to_dict(),
+                "k": k,
+                "seed": split_seed,
+                "recipe": config.model.recipe,
+                "pipeline": pipeline,
+            },
+            overwrite=replace_ok,
+        )
     return res
 
 

@@ -135,9 +135,13 @@ class UnitDataset(Dataset):
     """Units (rows (U,) or windows (U, T)) over an :class:`InputSource`, indexed by a whole batch of ids."""
 
     def __init__(
-        self, source: InputSource | None, units: np.ndarray, step_mask: np.ndarray | None = None,
-        labels: LabelArrays | None = None, offset: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        source: InputSource | None,
+        units: np.ndarray,
+        step_mask: np.ndarray | None = None,
+        labels: LabelArrays | None = None,
+        offset: int = 0,
+    ) -> None:
         self.source = source  # set (or replaced) when the data module loads this rank's share
         self.offset = offset  # labels index the split; input positions are shifted by ``offset``
         self.units = np.asarray(units, dtype=np.int64)
@@ -203,9 +207,15 @@ class ShardedBatches(Sampler):
     """
 
     def __init__(
-        self, ids: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0, length: int | None = None,
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        length: int | None = None,
         epoch_offset: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.length = len(self.ids) if length is None else int(length)
@@ -243,19 +253,28 @@ def cpus_per_process(local_world: int = 1) -> int:
 
 
 def loader(
-    dataset: UnitDataset, sampler: ShardedBatches, *, workers: int = 0, pin_memory: bool = False,
+    dataset: UnitDataset,
+    sampler: ShardedBatches,
+    *,
+    workers: int = 0,
+    pin_memory: bool = False,
     seed: int = 0,
-) -> DataLoader:  # fmt: skip
+) -> DataLoader:
     """A DataLoader that hands whole batches from the dataset through (no per-row work, no collate).
 
     With ``workers`` > 0 the batches are read in worker processes and prefetched. Its own generator
     keeps the global RNG (dropout) untouched by the loader, so a resumed run draws the same numbers.
     """
     return DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
-    )  # fmt: skip
+    )
 
 
 class MTLDataModule(L.LightningDataModule):
@@ -273,11 +292,24 @@ class MTLDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, store: FeatureStore | StoreSet | None, train: LabelTable, val: LabelTable | None, *,
-        inputs: Sequence[str], temporal: bool, batch_size: int = 256, eval_batch_size: int = 4096,
-        window: int = 32, stride: int = 16, window_edge: str = "pad", in_memory: bool | str = "auto",
-        memory_limit_gb: float = 8.0, seed: int = 0, workers: int | str = "auto", pin_memory: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        store: FeatureStore | StoreSet | None,
+        train: LabelTable,
+        val: LabelTable | None,
+        *,
+        inputs: Sequence[str],
+        temporal: bool,
+        batch_size: int = 256,
+        eval_batch_size: int = 4096,
+        window: int = 32,
+        stride: int = 16,
+        window_edge: str = "pad",
+        in_memory: bool | str = "auto",
+        memory_limit_gb: float = 8.0,
+        seed: int = 0,
+        workers: int | str = "auto",
+        pin_memory: bool = False,
+    ) -> None:
         super().__init__()
         self.store, self.temporal, self.inputs = store, temporal, tuple(inputs)
         # batch sizes count frames: temporal models get batch_size // window windows per batch
@@ -338,9 +370,13 @@ class MTLDataModule(L.LightningDataModule):
         return len(self.train_set)
 
     def set_stage(
-        self, tasks: Sequence[str], *, batch_size: int | None = None, seed: int | None = None,
+        self,
+        tasks: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        seed: int | None = None,
         epoch_offset: int = 0,
-    ) -> int:  # fmt: skip
+    ) -> int:
         """Units, batch size (frames), shuffling seed and first epoch of the stage about to train."""
         if batch_size is not None:
             self.batch_size = max(1, batch_size // self.per_unit)
@@ -393,8 +429,9 @@ class MTLDataModule(L.LightningDataModule):
     def _make_source(self, keep: np.ndarray | None) -> Any:
         """The reader of the inputs at every position of ``self.rows`` (only ``keep`` loaded into RAM)."""
         assert self.store is not None  # None only for subclasses that read no store (they override this)
-        return InputSource(self.store, self.rows, self.inputs, self.in_memory_option, self.memory_limit_gb,
-                           keep=keep)  # fmt: skip
+        return InputSource(
+            self.store, self.rows, self.inputs, self.in_memory_option, self.memory_limit_gb, keep=keep
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.load(*self._rank_world())
@@ -435,8 +472,9 @@ class MTLDataModule(L.LightningDataModule):
     # ---- loaders ---------------------------------------------------------------------------------------
     def train_sampler(self, rank: int = 0, world: int = 1) -> ShardedBatches:
         ids, length = self.train_ids(rank, world)
-        return ShardedBatches(ids, self.batch_size, shuffle=True, seed=self.seed, length=length,
-                              epoch_offset=self.epoch_offset)  # fmt: skip
+        return ShardedBatches(
+            ids, self.batch_size, shuffle=True, seed=self.seed, length=length, epoch_offset=self.epoch_offset
+        )
 
     def steps_per_epoch(self, world: int = 1) -> int:
         return len(self.train_sampler(0, world))
@@ -444,8 +482,13 @@ class MTLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         self.load(rank, world)
-        return loader(self.train_set, self.train_sampler(rank, world), workers=self.workers,
-                      pin_memory=self.pin_memory, seed=self.seed)  # fmt: skip
+        return loader(
+            self.train_set,
+            self.train_sampler(rank, world),
+            workers=self.workers,
+            pin_memory=self.pin_memory,
+            seed=self.seed,
+        )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_set is None:

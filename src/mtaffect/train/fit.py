@@ -152,8 +152,10 @@ class TrainResult:
         if not m:
             if self.trainval:
                 return f"trained on train + val without selection ({self.seconds:.1f}s): nothing scored"
-            return (f"trained without validation, as asked ({self.seconds:.1f}s): the last epoch's model, "
-                    "nothing scored")
+            return (
+                f"trained without validation, as asked ({self.seconds:.1f}s): the last epoch's model, "
+                "nothing scored"
+            )
         label = {"va": "CCC_VA", "expr": "F1_EXPR", "au": "F1_AU"}
         t = terms_of(m)
         parts = " + ".join(f"{label[k]} {t[k]:.4f}" for k in ("va", "expr", "au") if k in self.tasks)
@@ -223,11 +225,23 @@ def fit(
     world = resolve_world(config)
     with torch_threads(config, world):
         return StagedFit(
-            config, data, train, val, Path(out) if out is not None else None, world, t0, overwrite=overwrite,
-            resume=resume, callbacks=callbacks, log=log, trust_remote_code=trust_remote_code, stores=named,
-            only_stages=only_stages, reuse={k: Path(v) for k, v in (reuse or {}).items()},
+            config,
+            data,
+            train,
+            val,
+            Path(out) if out is not None else None,
+            world,
+            t0,
+            overwrite=overwrite,
+            resume=resume,
+            callbacks=callbacks,
+            log=log,
+            trust_remote_code=trust_remote_code,
+            stores=named,
+            only_stages=only_stages,
+            reuse={k: Path(v) for k, v in (reuse or {}).items()},
             trainval=val is None if trainval is None else trainval,
-        ).run()  # fmt: skip
+        ).run()
 
 
 class StagedFit:
@@ -253,12 +267,25 @@ class StagedFit:
     """
 
     def __init__(
-        self, config: TrainConfig, data: Any, train: LabelTable, val: LabelTable | None, out: Path | None,
-        world: World, t0: float, *, overwrite: bool = False, resume: bool = False, callbacks: Sequence = (),
-        log: Any = print, trust_remote_code: bool = False, stores: StoreSet | None = None,
-        only_stages: Sequence[str] | None = None, reuse: Mapping[str, Path] | None = None,
+        self,
+        config: TrainConfig,
+        data: Any,
+        train: LabelTable,
+        val: LabelTable | None,
+        out: Path | None,
+        world: World,
+        t0: float,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        callbacks: Sequence = (),
+        log: Any = print,
+        trust_remote_code: bool = False,
+        stores: StoreSet | None = None,
+        only_stages: Sequence[str] | None = None,
+        reuse: Mapping[str, Path] | None = None,
         trainval: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.config, self.data, self.train, self.val, self.out = config, data, train, val, out
         self.world, self.t0, self.rank0 = world, t0, world.rank == 0
         self.overwrite, self.resume, self.callbacks, self.log = overwrite, resume, callbacks, log
@@ -295,9 +322,13 @@ class StagedFit:
         self.saved = EpochState.load(out) if self.resume and out is not None else None
         L.seed_everything(config.trainer.seed, workers=True, verbose=False)
         self.training = build_training(
-            config, self.data, self.train, val, trust_remote_code=self.trust_remote_code,
+            config,
+            self.data,
+            self.train,
+            val,
+            trust_remote_code=self.trust_remote_code,
             stores=self.stores if config.from_images else None,
-        )  # fmt: skip
+        )
         self.model, self.dm = self.training.model, self.training.datamodule
         self.model.decay_all = config.optim.decay_all  # read by param_groups (a fine-tuned backbone's too)
         self.initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -356,8 +387,9 @@ class StagedFit:
         self.validate = dm.val_set is not None and len(dm.val_set) > 0
         if val is not None and not self.validate:  # e.g. every validation image failed or is missing
             r = dm.val_report
-            raise NoValidationError(_no_validation(val, len(val), r.labelled if r else 0,
-                                                   r.excluded_invalid if r else 0))  # fmt: skip
+            raise NoValidationError(
+                _no_validation(val, len(val), r.labelled if r else 0, r.excluded_invalid if r else 0)
+            )
 
     def _plan(self) -> None:
         """The tasks trained, the loss weighted on the training labels, and the stages to run."""
@@ -370,8 +402,9 @@ class StagedFit:
                 f"training rows have a label for (labelled: {list(labelled)})"
             )
         a = dm.train_labels
-        self.loss = MTLLoss.from_labels(config.loss, np.where(a.au_mask, a.au, -1),
-                                        np.where(a.expr_mask, a.expr, -1))  # fmt: skip
+        self.loss = MTLLoss.from_labels(
+            config.loss, np.where(a.au_mask, a.au, -1), np.where(a.expr_mask, a.expr, -1)
+        )
         plan = plan_stages(self.model, config, self.present, self.say, labelled)
         if self.only_stages is not None:
             plan = [ps for ps in plan if ps.stage.name in self.only_stages]
@@ -392,8 +425,16 @@ class StagedFit:
             folder = self.reuse[stage.name]
             reuse_stage(self.model, stage, self.training.weights(folder), folder)
             self.say(f"stage {stage.name}: taken from {folder} (trained once, reused)")
-            self.summaries = [*self.summaries, {"name": stage.name, "index": k, "tasks": list(stage.tasks),
-                                                "reused": str(folder), "best_metrics": None}]  # fmt: skip
+            self.summaries = [
+                *self.summaries,
+                {
+                    "name": stage.name,
+                    "index": k,
+                    "tasks": list(stage.tasks),
+                    "reused": str(folder),
+                    "best_metrics": None,
+                },
+            ]
             return
         mid = saved if saved is not None and k == saved.stage else None
         if mid is not None:
@@ -418,27 +459,41 @@ class StagedFit:
         k, stage, final = ps.index, ps.stage, i == len(self.plan) - 1
         done = mid.epoch if mid is not None else 0
         apply_stage(model, stage)
-        dm.set_stage(stage.tasks, batch_size=ps.settings.batch_size or config.data.batch_size,
-                     seed=stage_seed(config.trainer.seed, k), epoch_offset=done)  # fmt: skip
+        dm.set_stage(
+            stage.tasks,
+            batch_size=ps.settings.batch_size or config.data.batch_size,
+            seed=stage_seed(config.trainer.seed, k),
+            epoch_offset=done,
+        )
         remaining = 0 if mid is not None and mid.selection.get("stopped") else ps.epochs - done
-        recorder = RunRecorder(out, self.rank0, k, stage, final, self.training, self.history, self.summaries,
-                               self.say)  # fmt: skip
+        recorder = RunRecorder(
+            out, self.rank0, k, stage, final, self.training, self.history, self.summaries, self.say
+        )
         logs = out / "logs" if out is not None and self.rank0 else None
         with quiet_lightning():
-            trainer = stage_trainer(config, max(remaining, 0), logs, stage.name, self.callbacks,
-                                    self.validate)  # fmt: skip
+            trainer = stage_trainer(
+                config, max(remaining, 0), logs, stage.name, self.callbacks, self.validate
+            )
         steps = dm.steps_per_epoch(trainer.world_size)
         module = MTLModule(
-            model, self.loss, stage, lr=ps.settings.lr or config.optim.lr,
+            model,
+            self.loss,
+            stage,
+            lr=ps.settings.lr or config.optim.lr,
             weight_decay=config.optim.weight_decay,
-            warmup_steps=round(config.optim.warmup_epochs * steps), total_steps=steps * ps.epochs,
-            min_lr_ratio=config.optim.min_lr_ratio, au_threshold=config.trainer.au_threshold,
+            warmup_steps=round(config.optim.warmup_epochs * steps),
+            total_steps=steps * ps.epochs,
+            min_lr_ratio=config.optim.min_lr_ratio,
+            au_threshold=config.trainer.au_threshold,
             select_tasks=select_tasks(config, stage.tasks),
-            patience=config.trainer.patience if self.validate else 0, epoch_offset=done,
-            resume=mid, recorder=recorder, log_every_n_steps=config.trainer.log_every_n_steps,
+            patience=config.trainer.patience if self.validate else 0,
+            epoch_offset=done,
+            resume=mid,
+            recorder=recorder,
+            log_every_n_steps=config.trainer.log_every_n_steps,
             schedule=config.optim.schedule,
             per_task=stage.tasks if final and self.validate and config.trainer.checkpoint_per_task else (),
-        )  # fmt: skip
+        )
         if mid is not None and module.best_epoch >= 0 and out is not None:
             saved_best = self.training.weights(stage_dir(out, k, stage))
             module.best_state = with_counters(saved_best, module.best_counters)
@@ -467,38 +522,58 @@ class StagedFit:
             note = "no finite validation epoch: weights left as before the stage"
             self.say(f"stage {stage.name}: {note} (lower optim.lr, or train in 32-true precision)")
         if module.diverged:
-            self.say(f"stage {stage.name}: the weights became NaN/inf at epoch {module.epoch}; the stage "
-                     "ended there")  # fmt: skip
+            self.say(
+                f"stage {stage.name}: the weights became NaN/inf at epoch {module.epoch}; the stage "
+                "ended there"
+            )
         summary = {
-            "name": stage.name, "index": k, "tasks": list(stage.tasks), "epochs": ps.epochs,
+            "name": stage.name,
+            "index": k,
+            "tasks": list(stage.tasks),
+            "epochs": ps.epochs,
             "lr": ps.settings.lr or config.optim.lr,
             "batch_size": ps.settings.batch_size or config.data.batch_size,
-            "epochs_run": done + len(module.history), "best_epoch": module.best_epoch,
-            "best_score": module.selection()["best_score"], "best_metrics": module.best_metrics,
-            "stopped_early": module.stopped_early, "diverged": module.diverged, "note": note,
-        }  # fmt: skip
+            "epochs_run": done + len(module.history),
+            "best_epoch": module.best_epoch,
+            "best_score": module.selection()["best_score"],
+            "best_metrics": module.best_metrics,
+            "stopped_early": module.stopped_early,
+            "diverged": module.diverged,
+            "note": note,
+        }
         if module.per_task:  # checkpoint_per_task: each task's best epoch of the final stage
             summary["per_task"] = module.task_best
         self.summaries = [*self.summaries, summary]
         if module.best_metrics is not None:
             self.selected = {
-                "stage": stage.name, "metrics": module.best_metrics, "epoch": module.best_epoch,
-                "predictions": module.best_predictions, "final": final,
+                "stage": stage.name,
+                "metrics": module.best_metrics,
+                "epoch": module.best_epoch,
+                "predictions": module.best_predictions,
+                "final": final,
                 "written": module.recorder.best_written == module.best_epoch,
                 "task_predictions": module.task_predictions,
-            }  # fmt: skip
+            }
         if self.validate and module.best_metrics is not None:
-            self.say(f"stage {stage.name}: best {'+'.join(module.select_tasks)} score "
-                     f"{module.best_score:.4f} (P {module.best_metrics['P']:.4f}) at epoch "
-                     f"{module.best_epoch}")  # fmt: skip
+            self.say(
+                f"stage {stage.name}: best {'+'.join(module.select_tasks)} score "
+                f"{module.best_score:.4f} (P {module.best_metrics['P']:.4f}) at epoch "
+                f"{module.best_epoch}"
+            )
         if out is not None and self.rank0:
             if not self.validate or module.best_state is None:
                 self.training.save(stage_dir(out, k, stage), module.best_metrics, True)
             EpochState(
-                stage=k, stage_name=stage.name, epoch=summary["epochs_run"], stage_done=True,
-                model=model.state_dict(), selection=module.selection(), history=self.history,
-                stages=self.summaries, rng=capture_rng(),
-            ).save(out)  # fmt: skip
+                stage=k,
+                stage_name=stage.name,
+                epoch=summary["epochs_run"],
+                stage_done=True,
+                model=model.state_dict(),
+                selection=module.selection(),
+                history=self.history,
+                stages=self.summaries,
+                rng=capture_rng(),
+            ).save(out)
 
 
 def image_set(root: Path, train: LabelTable, val: LabelTable | None) -> Any:
@@ -532,15 +607,25 @@ def _finish(fitting: StagedFit) -> TrainResult:
     elif selected and out is not None and (out / "val_predictions.parquet").is_file():
         preds = PredictionTable.read(out / "val_predictions.parquet")  # written in an earlier session
     result = TrainResult(
-        model=model, metrics=metrics, best_epoch=selected["epoch"] if selected else -1, history=history,
-        val_predictions=preds, seconds=time.perf_counter() - t0,
-        rows={"train": vars(dm.train_report), "val": vars(dm.val_report) if dm.val_report else None,
-              "train_units": len(dm._all_train),
-              "in_memory": bool(dm.source.in_memory) if dm.source else None,
-              **_decode_failures(dm)},
-        tasks=present, stages=summaries, rank=world.rank, trainval=trainval,
+        model=model,
+        metrics=metrics,
+        best_epoch=selected["epoch"] if selected else -1,
+        history=history,
+        val_predictions=preds,
+        seconds=time.perf_counter() - t0,
+        rows={
+            "train": vars(dm.train_report),
+            "val": vars(dm.val_report) if dm.val_report else None,
+            "train_units": len(dm._all_train),
+            "in_memory": bool(dm.source.in_memory) if dm.source else None,
+            **_decode_failures(dm),
+        },
+        tasks=present,
+        stages=summaries,
+        rank=world.rank,
+        trainval=trainval,
         not_selected=tuple(t for t in TASKS if t not in config.trainer.tasks),
-    )  # fmt: skip
+    )
     # with validation a diverged stage falls back to its best (or starting) weights; without, nothing can
     diverged = selected is None if validate else any(s["diverged"] for s in summaries)
     per_task = summaries[-1].get("per_task") if summaries and validate and not diverged else None
@@ -564,17 +649,34 @@ def _finish(fitting: StagedFit) -> TrainResult:
                 preds.write(out / "val_predictions.parquet", overwrite=True)
         write_json(
             out / "metrics.json",
-            {"best": metrics, "P_tasks": result.P if metrics else None, "tasks": list(present),
-             "absent_tasks": list(result.absent_tasks), "not_trained": list(result.not_selected),
-             "best_epoch": result.best_epoch,
-             "selected_stage": selected["stage"] if selected else None, "stages": summaries,
-             "history": history, "rows": result.rows, "seconds": result.seconds, "world_size": world.size,
-             "recipe": config.model.recipe, "trainval": result.trainval,
-             "diverged": diverged,
-             **({"checkpoint_per_task": {t: {"epoch": v["epoch"], "score": v["score"],
-                                             "member": _answering(per_task)[t]}
-                                         for t, v in per_task.items()}} if per_task else {})},
-        )  # fmt: skip
+            {
+                "best": metrics,
+                "P_tasks": result.P if metrics else None,
+                "tasks": list(present),
+                "absent_tasks": list(result.absent_tasks),
+                "not_trained": list(result.not_selected),
+                "best_epoch": result.best_epoch,
+                "selected_stage": selected["stage"] if selected else None,
+                "stages": summaries,
+                "history": history,
+                "rows": result.rows,
+                "seconds": result.seconds,
+                "world_size": world.size,
+                "recipe": config.model.recipe,
+                "trainval": result.trainval,
+                "diverged": diverged,
+                **(
+                    {
+                        "checkpoint_per_task": {
+                            t: {"epoch": v["epoch"], "score": v["score"], "member": _answering(per_task)[t]}
+                            for t, v in per_task.items()
+                        }
+                    }
+                    if per_task
+                    else {}
+                ),
+            },
+        )
     if diverged:
         what = "no validation epoch was finite" if validate else "the weights became NaN/inf"
         raise TrainingDivergedError(
@@ -614,8 +716,9 @@ def _save_per_task(out: Path, per_task: Mapping[str, dict], metrics: dict) -> Pa
     return save_ensemble(out / "best", members, tasks, metrics=metrics, overwrite=True)
 
 
-def _per_task_predictions(out: Path | None, per_task: Mapping[str, dict], selected: dict | None,
-                          dm: Any) -> PredictionTable | None:  # fmt: skip
+def _per_task_predictions(
+    out: Path | None, per_task: Mapping[str, dict], selected: dict | None, dm: Any
+) -> PredictionTable | None:
     """The validation predictions of the per-task ensemble: each task's columns from its own epoch
     (``per_task/<task>.parquet``, written each time that task improved)."""
     from mtaffect.models.ensemble import combine_tables
@@ -638,10 +741,15 @@ def _per_task_predictions(out: Path | None, per_task: Mapping[str, dict], select
 
 
 def fit_from_root(
-    config: TrainConfig, features: str | os.PathLike, data: str | os.PathLike,
-    out: str | os.PathLike | None = None, *, trainval: bool = False, validation: bool = True,
+    config: TrainConfig,
+    features: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    trainval: bool = False,
+    validation: bool = True,
     **kw: Any,
-) -> TrainResult:  # fmt: skip
+) -> TrainResult:
     """:func:`fit` on the official train/val splits of a dataset root.
 
     ``trainval``: refit on train + val for the configured epochs with no selection (no validation, no
@@ -665,6 +773,11 @@ def fit_from_root(
 
 
 __all__ = [
-    "NoValidationError", "StagedFit", "TrainResult", "TrainingDivergedError", "env_rank", "fit",
+    "NoValidationError",
+    "StagedFit",
+    "TrainResult",
+    "TrainingDivergedError",
+    "env_rank",
+    "fit",
     "fit_from_root",
-]  # fmt: skip
+]

@@ -140,12 +140,26 @@ class MTLModule(L.LightningModule):
     """Trains one :class:`Stage` of ``model``; selects its best epoch on the stage's tasks."""
 
     def __init__(
-        self, model: MTLModel, loss: MTLLoss, stage: Stage, *, lr: float = 1e-3, weight_decay: float = 1e-2,
-        warmup_steps: int = 0, total_steps: int = 1, min_lr_ratio: float = 0.01, au_threshold: float = 0.5,
-        select_tasks: tuple[str, ...] | None = None, patience: int = 0, epoch_offset: int = 0,
-        resume: Any = None, recorder: Any = None, log_every_n_steps: int = 50, schedule: str = "cosine",
+        self,
+        model: MTLModel,
+        loss: MTLLoss,
+        stage: Stage,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        min_lr_ratio: float = 0.01,
+        au_threshold: float = 0.5,
+        select_tasks: tuple[str, ...] | None = None,
+        patience: int = 0,
+        epoch_offset: int = 0,
+        resume: Any = None,
+        recorder: Any = None,
+        log_every_n_steps: int = 50,
+        schedule: str = "cosine",
         per_task: tuple[str, ...] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.model, self.loss_fn, self.stage = model, loss, stage
         self.lr, self.weight_decay = lr, weight_decay
@@ -340,14 +354,27 @@ class MTLModule(L.LightningModule):
         improved = False
         self.improved_tasks = ()
         if nonfinite:
-            entry.update(P=None, ccc_va=None, f1_expr=None, f1_au=None, score=None, finite=False,
-                         nonfinite_rows=nonfinite)  # fmt: skip
+            entry.update(
+                P=None,
+                ccc_va=None,
+                f1_expr=None,
+                f1_au=None,
+                score=None,
+                finite=False,
+                nonfinite_rows=nonfinite,
+            )
             self.wait += 1
         else:
             result = MTLMetric.merge_states([s for s, _ in gathered]).compute()
             score = select_score(result, self.select_tasks)
-            entry.update(P=result.P, ccc_va=result.va_mean, f1_expr=result.expr_f1, f1_au=result.au_f1,
-                         score=score, finite=True)  # fmt: skip
+            entry.update(
+                P=result.P,
+                ccc_va=result.va_mean,
+                f1_expr=result.expr_f1,
+                f1_au=result.au_f1,
+                score=score,
+                finite=True,
+            )
             self.log("val/P", result.P, prog_bar=True)
             self.log("val/score", score)
             self.log("val/ccc_va", result.va_mean)
@@ -358,8 +385,9 @@ class MTLModule(L.LightningModule):
                 self.best_score, self.best_epoch = score, self.epoch
                 self.best_metrics = result.to_dict()
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                self.best_counters = {k: int(v) for k, v in self.best_state.items()
-                                      if k.endswith("num_batches_tracked")}  # fmt: skip
+                self.best_counters = {
+                    k: int(v) for k, v in self.best_state.items() if k.endswith("num_batches_tracked")
+                }
                 self.best_predictions = _concat(_gather(_concat(self._preds)))
                 self.wait = 0
             else:
@@ -393,19 +421,27 @@ class MTLModule(L.LightningModule):
 
     def selection(self) -> dict:
         """What a resumed run needs to continue this stage's selection (JSON-able)."""
-        return {"best_score": _finite(self.best_score) if self.best_epoch >= 0 else None,
-                "best_epoch": self.best_epoch, "wait": self.wait, "best_metrics": self.best_metrics,
-                "select_tasks": list(self.select_tasks), "best_counters": self.best_counters,
-                **({"per_task": self.task_best} if self.per_task else {})}  # fmt: skip
+        return {
+            "best_score": _finite(self.best_score) if self.best_epoch >= 0 else None,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "best_metrics": self.best_metrics,
+            "select_tasks": list(self.select_tasks),
+            "best_counters": self.best_counters,
+            **({"per_task": self.task_best} if self.per_task else {}),
+        }
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     parts = [p for p in parts if p and len(p["index"])]
     if not parts:
-        return {"index": np.zeros(0, np.int64), "va": np.zeros((0, 2)), "expr": np.zeros((0, 8)),
-                "au": np.zeros((0, 12))}  # fmt: skip
+        return {
+            "index": np.zeros(0, np.int64),
+            "va": np.zeros((0, 2)),
+            "expr": np.zeros((0, 8)),
+            "au": np.zeros((0, 12)),
+        }
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "select_score",
-           "set_frozen_eval"]  # fmt: skip
+__all__ = ["MTLModule", "apply_stage", "lr_lambda", "make_optimizer", "select_score", "set_frozen_eval"]

@@ -124,8 +124,15 @@ def plan_pipeline(config: TrainConfig) -> list[Step]:
     for name in config.pipeline.enhanced:
         cfg = configs[f"enhanced_{name}"]
         fused = fused_tasks(cfg)
-        steps.append(Step(f"enhanced_{name}", "train", needs=tuple(f"export_{t}" for t in fused), config=cfg,
-                          stores=fused))  # fmt: skip
+        steps.append(
+            Step(
+                f"enhanced_{name}",
+                "train",
+                needs=tuple(f"export_{t}" for t in fused),
+                config=cfg,
+                stores=fused,
+            )
+        )
     used = dict.fromkeys(combine_map(config).values())
     steps.append(Step("combine", "combine", needs=tuple(f"enhanced_{n}" for n in used)))
     return steps
@@ -158,18 +165,29 @@ class PipelineResult:
                 " (trained on train + val)" if self.trainval else ""
             )
         t = self.terms()
-        return (f"combined P = {self.P:.4f}  (CCC_VA {t['ccc_va']:.4f} + F1_EXPR {t['f1_expr']:.4f} + F1_AU "
-                f"{t['f1_au']:.4f})  {self.seconds:.1f}s")  # fmt: skip
+        return (
+            f"combined P = {self.P:.4f}  (CCC_VA {t['ccc_va']:.4f} + F1_EXPR {t['f1_expr']:.4f} + F1_AU "
+            f"{t['f1_au']:.4f})  {self.seconds:.1f}s"
+        )
 
 
 class Pipeline:
     """Runs the steps of a pipeline config over a dataset root into ``out`` (see the module docstring)."""
 
     def __init__(
-        self, config: TrainConfig, root: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False,
-        overwrite: bool = False, trainval: bool = False, log: Callable | None = print,
-        trust_remote_code: bool = False, train: LabelTable | None = None, val: LabelTable | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        config: TrainConfig,
+        root: str | os.PathLike,
+        out: str | os.PathLike,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        trainval: bool = False,
+        log: Callable | None = print,
+        trust_remote_code: bool = False,
+        train: LabelTable | None = None,
+        val: LabelTable | None = None,
+    ) -> None:
         self.config, self.root, self.out = config, Path(root), Path(out)
         self.resume, self.overwrite, self.trainval = resume, overwrite, trainval
         self.log, self.trust_remote_code = log, trust_remote_code
@@ -202,8 +220,9 @@ class Pipeline:
         elif ours:  # what earlier sessions recorded of the steps they ran
             before = read_json(marker, PIPELINE.what).get("steps", {})
             before = before if isinstance(before, dict) else {}
-            self.record = {n: r for n, r in before.items()
-                           if n in self.by_name and isinstance(r, dict) and "status" in r}  # fmt: skip
+            self.record = {
+                n: r for n, r in before.items() if n in self.by_name and isinstance(r, dict) and "status" in r
+            }
         if self.rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_open(self.out / "config.yaml", "w", overwrite=True, encoding="utf-8") as fh:
@@ -218,8 +237,10 @@ class Pipeline:
         old = read_json(marker, PIPELINE.what).get("steps", {})
         old = old if isinstance(old, dict) else {}
         # run folders of steps (a search's variants included)
-        steps = sorted({p.name for p in self.out.iterdir() if p.name.startswith(("task_", "enhanced_"))}
-                       | {n for n in old if str(n).startswith(("task_", "enhanced_"))})  # fmt: skip
+        steps = sorted(
+            {p.name for p in self.out.iterdir() if p.name.startswith(("task_", "enhanced_"))}
+            | {n for n in old if str(n).startswith(("task_", "enhanced_"))}
+        )
         runs = [self.out / n for n in steps if (self.out / n).is_dir() and not (self.out / n).is_symlink()]
         stores = self.out / STORES_DIR
         store_folders = sorted(stores.iterdir()) if stores.is_dir() and not stores.is_symlink() else []
@@ -253,11 +274,18 @@ class Pipeline:
     def _write_record(self) -> None:
         if not self.rank0:
             return
-        write_json(self.out / PIPELINE_FILE, {
-            **header(PIPELINE), "recipe": self.config.model.recipe,
-            "combine": self.combine, "steps": {s.name: {"kind": s.kind, "needs": list(s.needs),
-                                                      **self.record.get(s.name, {})} for s in self.steps},
-        })  # fmt: skip
+        write_json(
+            self.out / PIPELINE_FILE,
+            {
+                **header(PIPELINE),
+                "recipe": self.config.model.recipe,
+                "combine": self.combine,
+                "steps": {
+                    s.name: {"kind": s.kind, "needs": list(s.needs), **self.record.get(s.name, {})}
+                    for s in self.steps
+                },
+            },
+        )
 
     def _stores(self, tasks: Sequence[str]) -> dict[str, Path]:
         return {t: self.out / STORES_DIR / t for t in tasks}
@@ -293,8 +321,11 @@ class Pipeline:
                 info = self._export(step)
             else:
                 info = self._combine_step()
-            self.record[step.name] = {**self.record.get(step.name, {}), **info,
-                                      "seconds": round(time.perf_counter() - s0, 3)}  # fmt: skip
+            self.record[step.name] = {
+                **self.record.get(step.name, {}),
+                **info,
+                "seconds": round(time.perf_counter() - s0, 3),
+            }
             self._write_record()
         return self._result(time.perf_counter() - t0)
 
@@ -316,9 +347,16 @@ class Pipeline:
                 "epoch, or remove that folder to train it anew"
             )
         result = fit(
-            step.config, self.root, self.train, self.val, folder, resume=status == "started", log=self.log,
-            trust_remote_code=self.trust_remote_code, stores=stores or None,
-        )  # fmt: skip
+            step.config,
+            self.root,
+            self.train,
+            self.val,
+            folder,
+            resume=status == "started",
+            log=self.log,
+            trust_remote_code=self.trust_remote_code,
+            stores=stores or None,
+        )
         self.trained.append(step.name)
         self.say(f"step {step.name}: {result.summary()}")
         return {"status": "trained", **_scores(folder)}
@@ -347,9 +385,15 @@ class Pipeline:
             return {"status": "kept", "store": str(store), "images": len(st)}
         splits = opts.get("splits") or _splits(self.root)
         res = extract(
-            self.root, bb, store, splits=tuple(splits), batch_size=int(opts.get("batch_size", 64)),
-            device=device, workers=int(opts.get("workers", 1)), progress=bool(self.config.trainer.progress),
-        )  # fmt: skip
+            self.root,
+            bb,
+            store,
+            splits=tuple(splits),
+            batch_size=int(opts.get("batch_size", 64)),
+            device=device,
+            workers=int(opts.get("workers", 1)),
+            progress=bool(self.config.trainer.progress),
+        )
         self.say(f"step {step.name}: store {res.summary()}")
         return {"status": "exported", "store": str(store), "images": res.images, "failed": res.failed}
 
@@ -368,8 +412,9 @@ class Pipeline:
             self._check_validated_on(folders.values(), self.val)
             preds, metrics = combine_predictions(folders, self.val)
         if self.rank0:
-            save_ensemble(self.out / "best", members, self.combine, sources=sources, metrics=metrics,
-                          overwrite=True)  # fmt: skip
+            save_ensemble(
+                self.out / "best", members, self.combine, sources=sources, metrics=metrics, overwrite=True
+            )
             if preds is not None:
                 preds.write(self.out / "val_predictions.parquet", overwrite=True)
         self._combined = (metrics, preds)
@@ -396,16 +441,31 @@ class Pipeline:
         metrics, preds = getattr(self, "_combined", ({}, None))
         tasks = _trained_tasks(self.record, self.combine)
         result = PipelineResult(
-            metrics=metrics, steps=dict(self.record), val_predictions=preds,
-            checkpoint=self.out / "best" if (self.out / "best").is_dir() else None, seconds=seconds,
-            tasks=tasks, rank=env_rank(), trainval=self.trainval,
-        )  # fmt: skip
+            metrics=metrics,
+            steps=dict(self.record),
+            val_predictions=preds,
+            checkpoint=self.out / "best" if (self.out / "best").is_dir() else None,
+            seconds=seconds,
+            tasks=tasks,
+            rank=env_rank(),
+            trainval=self.trainval,
+        )
         if metrics and self.rank0:
-            write_json(self.out / "metrics.json", {
-                "best": metrics, "P_tasks": result.P, "tasks": list(tasks), "combine": self.combine,
-                "steps": {n: {k: v for k, v in r.items() if k != "status"} for n, r in self.record.items()},
-                "seconds": seconds, "recipe": self.config.model.recipe, "trainval": self.trainval,
-            })  # fmt: skip
+            write_json(
+                self.out / "metrics.json",
+                {
+                    "best": metrics,
+                    "P_tasks": result.P,
+                    "tasks": list(tasks),
+                    "combine": self.combine,
+                    "steps": {
+                        n: {k: v for k, v in r.items() if k != "status"} for n, r in self.record.items()
+                    },
+                    "seconds": seconds,
+                    "recipe": self.config.model.recipe,
+                    "trainval": self.trainval,
+                },
+            )
         return result
 
 
@@ -468,12 +528,24 @@ def _splits(root: Path) -> tuple[str, ...]:
 
 
 def run_pipeline(
-    config: TrainConfig, root: str | os.PathLike, out: str | os.PathLike, *,
-    steps: Sequence[str] | None = None, **kwargs: Any,
-) -> PipelineResult:  # fmt: skip
+    config: TrainConfig,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    steps: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> PipelineResult:
     """Run (or continue) ``config``'s pipeline over the dataset ``root`` into ``out`` (:class:`Pipeline`)."""
     return Pipeline(config, root, out, **kwargs).run(steps)
 
 
-__all__ = ["PIPELINE_FILE", "Pipeline", "PipelineResult", "Step", "check_no_features", "combine_predictions",
-           "plan_pipeline", "run_pipeline"]  # fmt: skip
+__all__ = [
+    "PIPELINE_FILE",
+    "Pipeline",
+    "PipelineResult",
+    "Step",
+    "check_no_features",
+    "combine_predictions",
+    "plan_pipeline",
+    "run_pipeline",
+]

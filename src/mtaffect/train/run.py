@@ -40,9 +40,17 @@ if TYPE_CHECKING:
 
 #: Files and folders of a run directory (what ``overwrite`` removes; nothing else is touched).
 RUN_ENTRIES = (
-    "config.yaml", "run.json", "best", "metrics.json", "val_predictions.parquet", "stages", "state", "logs",
-    "images.sha256", "per_task",
-)  # fmt: skip
+    "config.yaml",
+    "run.json",
+    "best",
+    "metrics.json",
+    "val_predictions.parquet",
+    "stages",
+    "state",
+    "logs",
+    "images.sha256",
+    "per_task",
+)
 PER_TASK = "per_task"
 
 
@@ -153,22 +161,37 @@ def stage_dir(out: Path, k: int, stage: Stage) -> Path:
 
 
 def save_model(
-    path: Path, model: MTLModel, config: TrainConfig, metrics: dict | None, *, backbone: Mapping[str, Any],
-    sizes: Any, input_stores: Mapping[str, dict] | None = None, backbone_weights: Any = None,
+    path: Path,
+    model: MTLModel,
+    config: TrainConfig,
+    metrics: dict | None,
+    *,
+    backbone: Mapping[str, Any],
+    sizes: Any,
+    input_stores: Mapping[str, dict] | None = None,
+    backbone_weights: Any = None,
     overwrite: bool = True,
-) -> Path:  # fmt: skip
+) -> Path:
     """A trained ``model``'s checkpoint as training writes it (both paths): ``backbone`` the record of
     what it reads, ``sizes`` anything with its input sizes (a store, or a backbone's spec), the config's
     window, window edge and AU threshold; ``backbone_weights``: a fine-tuned backbone (see
     :func:`~mtaffect.models.checkpoint.save_checkpoint`)."""
     return save_checkpoint(
-        path, model, backbone=backbone,
-        feature_dim=sizes.feature_dim, num_logits=sizes.num_logits, token_shape=sizes.token_shape,
+        path,
+        model,
+        backbone=backbone,
+        feature_dim=sizes.feature_dim,
+        num_logits=sizes.num_logits,
+        token_shape=sizes.token_shape,
         window=config.data.window if model.temporal else 1,
-        au_thresholds=[config.trainer.au_threshold] * NUM_AUS, metrics=metrics, train_config=config.to_dict(),
-        overwrite=overwrite, backbone_weights=backbone_weights,
-        window_edge=config.data.window_edge if model.temporal else "pad", input_stores=input_stores,
-    )  # fmt: skip
+        au_thresholds=[config.trainer.au_threshold] * NUM_AUS,
+        metrics=metrics,
+        train_config=config.to_dict(),
+        overwrite=overwrite,
+        backbone_weights=backbone_weights,
+        window_edge=config.data.window_edge if model.temporal else "pad",
+        input_stores=input_stores,
+    )
 
 
 def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dict[str, dict]:
@@ -177,8 +200,9 @@ def input_store_records(stores: StoreSet | None, inputs: tuple[str, ...]) -> dic
     if stores is None:
         return {}
     keys = store_names(inputs)
-    return {k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint}
-            for k in keys}  # fmt: skip
+    return {
+        k: {"backbone": stores.stores[k].backbone, "fingerprint": stores.stores[k].fingerprint} for k in keys
+    }
 
 
 def prediction_table(preds: dict[str, np.ndarray], images: np.ndarray) -> PredictionTable:
@@ -199,9 +223,17 @@ class RunRecorder:
     stage's also as ``best/`` with the validation predictions) and the resumable state after each epoch."""
 
     def __init__(
-        self, out: Path | None, rank0: bool, k: int, stage: Stage, final: bool, training: Training,
-        earlier: list[dict], summaries: list[dict], say: Callable,
-    ) -> None:  # fmt: skip
+        self,
+        out: Path | None,
+        rank0: bool,
+        k: int,
+        stage: Stage,
+        final: bool,
+        training: Training,
+        earlier: list[dict],
+        summaries: list[dict],
+        say: Callable,
+    ) -> None:
         self.out, self.rank0, self.k, self.stage, self.final = out, rank0, k, stage, final
         self.training, self.dm = training, training.datamodule
         self.earlier, self.summaries, self.say = earlier, summaries, say
@@ -241,13 +273,30 @@ class RunRecorder:
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
         selection = {**module.selection(), "stopped": bool(module.stopped_early or module.diverged)}
         EpochState(
-            stage=self.k, stage_name=self.stage.name, epoch=module.epoch + 1, stage_done=False,
-            model=module.model.state_dict(), optimizer=trainer.optimizers[0].state_dict(),
-            scheduler=None if sched is None else sched.state_dict(), selection=selection,
-            history=self.earlier + module.history, stages=self.summaries, rng=capture_rng(),
-        ).save(self.out)  # fmt: skip
+            stage=self.k,
+            stage_name=self.stage.name,
+            epoch=module.epoch + 1,
+            stage_done=False,
+            model=module.model.state_dict(),
+            optimizer=trainer.optimizers[0].state_dict(),
+            scheduler=None if sched is None else sched.state_dict(),
+            selection=selection,
+            history=self.earlier + module.history,
+            stages=self.summaries,
+            rng=capture_rng(),
+        ).save(self.out)
 
 
-__all__ = ["PER_TASK", "RUN_ENTRIES", "RunRecorder", "check_same_run", "input_store_records", "per_task_dir",
-           "prediction_table", "prepare_out", "run_status", "save_model",
-           "stage_dir"]  # fmt: skip
+__all__ = [
+    "PER_TASK",
+    "RUN_ENTRIES",
+    "RunRecorder",
+    "check_same_run",
+    "input_store_records",
+    "per_task_dir",
+    "prediction_table",
+    "prepare_out",
+    "run_status",
+    "save_model",
+    "stage_dir",
+]

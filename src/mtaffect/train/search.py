@@ -57,11 +57,19 @@ class SearchRow:
         return {k: v for k, v in vars(self).items() if v is not None}
 
     @classmethod
-    def scored(cls, variant: dict[str, Any], terms: Mapping[str, float], seconds: float,
-               run: str | None) -> SearchRow:  # fmt: skip
+    def scored(
+        cls, variant: dict[str, Any], terms: Mapping[str, float], seconds: float, run: str | None
+    ) -> SearchRow:
         """A row from ``terms_row``'s terms (P, ccc_va, f1_expr, f1_au)."""
-        return cls(variant=variant, P=terms["P"], ccc_va=terms["ccc_va"], f1_expr=terms["f1_expr"],
-                   f1_au=terms["f1_au"], seconds=seconds, run=run)  # fmt: skip
+        return cls(
+            variant=variant,
+            P=terms["P"],
+            ccc_va=terms["ccc_va"],
+            f1_expr=terms["f1_expr"],
+            f1_au=terms["f1_au"],
+            seconds=seconds,
+            run=run,
+        )
 
 
 def _label(variant: dict[str, Any]) -> str:
@@ -96,16 +104,34 @@ def search(
             f"{config.source or 'the config'}: search.grid is empty; list model.hparams variants to compare"
         )
     if config.pipeline.enabled:
-        return search_pipeline(config, pipeline_root(store), train, val, out, variants, overwrite=overwrite,
-                               log=log, trust_remote_code=trust_remote_code)  # fmt: skip
+        return search_pipeline(
+            config,
+            pipeline_root(store),
+            train,
+            val,
+            out,
+            variants,
+            overwrite=overwrite,
+            log=log,
+            trust_remote_code=trust_remote_code,
+        )
     named = named_stores(stores)
     st = open_training_data(config, store, named)  # a store, or the dataset root for image configs
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_writable(out_path / "search.json", overwrite)
     say = log if log and env_rank() == 0 else (lambda _msg: None)
-    reuse = _train_task_models_once(config, st, train, val, out_path, variants, overwrite=overwrite, log=log,
-                                    trust_remote_code=trust_remote_code)  # fmt: skip
+    reuse = _train_task_models_once(
+        config,
+        st,
+        train,
+        val,
+        out_path,
+        variants,
+        overwrite=overwrite,
+        log=log,
+        trust_remote_code=trust_remote_code,
+    )
     rows: list[SearchRow] = []
     for i, variant in enumerate(variants):
         cfg = config.copy()
@@ -114,13 +140,24 @@ def search(
         run = out_path / f"run{i}" if out_path is not None else None
         tasks = cfg.model.hparams.get("fusion_tasks", TASKS)
         result = fit(
-            cfg, st, train, val, run, overwrite=overwrite, log=log, trust_remote_code=trust_remote_code,
+            cfg,
+            st,
+            train,
+            val,
+            run,
+            overwrite=overwrite,
+            log=log,
+            trust_remote_code=trust_remote_code,
             stores=named if config.from_images else None,
             reuse={f"task_{t}": reuse[t] for t in ([tasks] if isinstance(tasks, str) else tasks)}
-            if reuse else None,
-        )  # fmt: skip
-        rows.append(SearchRow.scored(dict(variant), result.terms(), seconds=result.seconds,
-                                     run=None if run is None else str(run)))  # fmt: skip
+            if reuse
+            else None,
+        )
+        rows.append(
+            SearchRow.scored(
+                dict(variant), result.terms(), seconds=result.seconds, run=None if run is None else str(run)
+            )
+        )
     per_task = _choose(rows)
     ranked = sorted(rows, key=lambda r: -r.P)
     if out_path is not None and env_rank() == 0:
@@ -136,10 +173,17 @@ def search(
         save_ensemble(out_path / "best", members, {t: f"run{k}" for t, k in per_task.items()}, overwrite=True)
         best_of = [f"{t} best in run{k} ({_label(rows[k].variant)})" for t, k in per_task.items()]
         say(f"per task: {', '.join(best_of)}; {out_path / 'best'} combines them (one model per task)")
-        write_json(out_path / "search.json",
-                   {"recipe": config.model.recipe, "ranked": [r.to_dict() for r in ranked],
-                    "per_task": _per_task_report(rows), "chosen_config": str(out_path / "chosen.yaml"),
-                    "task_models_reused": bool(reuse)}, overwrite=overwrite)  # fmt: skip
+        write_json(
+            out_path / "search.json",
+            {
+                "recipe": config.model.recipe,
+                "ranked": [r.to_dict() for r in ranked],
+                "per_task": _per_task_report(rows),
+                "chosen_config": str(out_path / "chosen.yaml"),
+                "task_models_reused": bool(reuse),
+            },
+            overwrite=overwrite,
+        )
     return ranked
 
 
@@ -148,9 +192,14 @@ _JOINT_HPARAMS = {"fusion_tasks", "temporal", "temporal_kwargs", "dim", "dropout
 
 
 def _train_task_models_once(
-    config: TrainConfig, st: Any, train: LabelTable, val: LabelTable, out: Path | None,
-    variants: list[dict[str, Any]], **kw: Any,
-) -> dict[str, Path] | None:  # fmt: skip
+    config: TrainConfig,
+    st: Any,
+    train: LabelTable,
+    val: LabelTable,
+    out: Path | None,
+    variants: list[dict[str, Any]],
+    **kw: Any,
+) -> dict[str, Path] | None:
     """Recipe 3's frozen variant: when the variants differ only in the joint stage, train every task
     model once (``out/task_models/``, on single frames) and return ``{task: its stage checkpoint}`` for
     the variants to reuse; None when that does not apply (each variant then trains its own)."""
@@ -193,8 +242,9 @@ def _per_task_report(rows: list[SearchRow]) -> dict[str, list[dict]]:
     for task in TASKS:
         term = TERM_COLUMNS[task]
         order = sorted(range(len(rows)), key=lambda i: -getattr(rows[i], term))
-        out[task] = [{"variant": rows[i].variant, term: getattr(rows[i], term), "run": rows[i].run}
-                     for i in order]  # fmt: skip
+        out[task] = [
+            {"variant": rows[i].variant, term: getattr(rows[i], term), "run": rows[i].run} for i in order
+        ]
     return out
 
 
@@ -207,17 +257,25 @@ def _variant_pipeline(config: TrainConfig, variants: list[dict[str, Any]]) -> Tr
     cfg = config.copy()
     cfg.pipeline.enhanced = {
         f"v{i}_{name}": merge_config(o or {}, {"model": {"hparams": dict(v)}})
-        for i, v in enumerate(variants) for name, o in config.pipeline.enhanced.items()
-    }  # fmt: skip
+        for i, v in enumerate(variants)
+        for name, o in config.pipeline.enhanced.items()
+    }
     cfg.pipeline.combine = {t: f"v0_{n}" for t, n in combine_map(config).items()}  # a placeholder
     return cfg
 
 
 def search_pipeline(
-    config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable,
-    out: str | os.PathLike | None, variants: list[dict[str, Any]], *, overwrite: bool = False, log=print,
+    config: TrainConfig,
+    root: str | os.PathLike,
+    train: LabelTable,
+    val: LabelTable,
+    out: str | os.PathLike | None,
+    variants: list[dict[str, Any]],
+    *,
+    overwrite: bool = False,
+    log=print,
     trust_remote_code: bool = False,
-) -> list[SearchRow]:  # fmt: skip
+) -> list[SearchRow]:
     """The strategy search of a pipeline config (see the module docstring); rows sorted by combined P."""
     from mtaffect.train.pipeline import Pipeline, combine_predictions
 
@@ -227,45 +285,76 @@ def search_pipeline(
     base = combine_map(config)
     big = _variant_pipeline(config, variants)
     say = log if log and env_rank() == 0 else (lambda _msg: None)
-    say(f"strategy search: {len(variants)} variants x {len(config.pipeline.enhanced)} enhanced models; the "
-        f"{len(config.pipeline.task_models)} task models are trained and exported once")  # fmt: skip
-    pipe = Pipeline(big, root, out_path, resume=True, overwrite=overwrite, log=log,
-                    trust_remote_code=trust_remote_code, train=train, val=val)  # fmt: skip
+    say(
+        f"strategy search: {len(variants)} variants x {len(config.pipeline.enhanced)} enhanced models; the "
+        f"{len(config.pipeline.task_models)} task models are trained and exported once"
+    )
+    pipe = Pipeline(
+        big,
+        root,
+        out_path,
+        resume=True,
+        overwrite=overwrite,
+        log=log,
+        trust_remote_code=trust_remote_code,
+        train=train,
+        val=val,
+    )
     pipe.run([s.name for s in pipe.steps if s.kind != "combine"])
     rows: list[SearchRow] = []
     for i, variant in enumerate(variants):
         runs = {task: out_path / f"enhanced_v{i}_{name}" for task, name in base.items()}
         _, metrics = combine_predictions(runs, val)
-        seconds = sum(pipe.record.get(f"enhanced_v{i}_{n}", {}).get("train_seconds") or 0.0
-                      for n in config.pipeline.enhanced)  # fmt: skip
-        rows.append(SearchRow.scored(dict(variant), terms_row(metrics, tuple(base)), seconds=seconds,
-                                     run=f"{out_path}/enhanced_v{i}_*"))  # fmt: skip
+        seconds = sum(
+            pipe.record.get(f"enhanced_v{i}_{n}", {}).get("train_seconds") or 0.0
+            for n in config.pipeline.enhanced
+        )
+        rows.append(
+            SearchRow.scored(
+                dict(variant),
+                terms_row(metrics, tuple(base)),
+                seconds=seconds,
+                run=f"{out_path}/enhanced_v{i}_*",
+            )
+        )
     chosen = _choose(rows)
     pick = config.copy()
     pick.search.grid = []
     pick.pipeline.enhanced = {
         f"v{i}_{name}": big.pipeline.enhanced[f"v{i}_{name}"]
         for i, name in dict.fromkeys((chosen[t], base[t]) for t in base)
-    }  # fmt: skip
+    }
     pick.pipeline.combine = {task: f"v{chosen[task]}_{base[task]}" for task in base}
     if env_rank() == 0:
         with atomic_open(out_path / "chosen.yaml", "w", overwrite=True, encoding="utf-8") as fh:
             fh.write("# written by mtaffect search: each task from the variant that scored best on it\n")
             yaml.safe_dump(pick.to_dict(), fh, sort_keys=False)
-    result = Pipeline(pick, root, out_path, resume=True, log=log, trust_remote_code=trust_remote_code,
-                      train=train, val=val).run()  # fmt: skip
-    say("chosen: " + ", ".join(f"{t} from v{chosen[t]} ({_label(variants[chosen[t]])})" for t in base)
-        + f"; combined P {result.P:.4f}; runnable config {out_path / 'chosen.yaml'}")  # fmt: skip
+    result = Pipeline(
+        pick, root, out_path, resume=True, log=log, trust_remote_code=trust_remote_code, train=train, val=val
+    ).run()
+    say(
+        "chosen: "
+        + ", ".join(f"{t} from v{chosen[t]} ({_label(variants[chosen[t]])})" for t in base)
+        + f"; combined P {result.P:.4f}; runnable config {out_path / 'chosen.yaml'}"
+    )
     ranked = sorted(rows, key=lambda r: -r.P)
     if env_rank() == 0:
-        write_json(out_path / "search.json", {
-            "recipe": config.model.recipe, "pipeline": True, "ranked": [r.to_dict() for r in ranked],
-            "per_task": _per_task_report(rows),
-            "chosen": {task: {"variant": rows[chosen[task]].variant, "model": pick.pipeline.combine[task]}
-                       for task in base},
-            "chosen_P": result.P, "chosen_config": str(out_path / "chosen.yaml"),
-            "trained": pipe.trained,
-        })  # fmt: skip
+        write_json(
+            out_path / "search.json",
+            {
+                "recipe": config.model.recipe,
+                "pipeline": True,
+                "ranked": [r.to_dict() for r in ranked],
+                "per_task": _per_task_report(rows),
+                "chosen": {
+                    task: {"variant": rows[chosen[task]].variant, "model": pick.pipeline.combine[task]}
+                    for task in base
+                },
+                "chosen_P": result.P,
+                "chosen_config": str(out_path / "chosen.yaml"),
+                "trained": pipe.trained,
+            },
+        )
     return ranked
 
 
@@ -285,7 +374,14 @@ def search_table(rows: list[SearchRow]):  # -> rich.table.Table
         return f"[bold]{text}[/bold]" if chosen and getattr(r, k) == best[k] else text
 
     for i, r in enumerate(rows, 1):
-        t.add_row(str(i), _label(r.variant), f"{r.P:.4f}", cell(r, "ccc_va"), cell(r, "f1_expr"),
-                  cell(r, "f1_au"), f"{r.seconds:.1f}",
-                  *([", ".join(r.chosen_for or [])] if chosen else []))  # fmt: skip
+        t.add_row(
+            str(i),
+            _label(r.variant),
+            f"{r.P:.4f}",
+            cell(r, "ccc_va"),
+            cell(r, "f1_expr"),
+            cell(r, "f1_au"),
+            f"{r.seconds:.1f}",
+            *([", ".join(r.chosen_for or [])] if chosen else []),
+        )
     return t

@@ -25,9 +25,12 @@ class PlannedStage:
 
 
 def plan_stages(
-    model: MTLModel, config: TrainConfig, present: Sequence[str], say: Callable,
+    model: MTLModel,
+    config: TrainConfig,
+    present: Sequence[str],
+    say: Callable,
     labelled: Sequence[str] | None = None,
-) -> list[PlannedStage]:  # fmt: skip
+) -> list[PlannedStage]:
     """The recipe's stages with their settings; stages of absent tasks dropped (and said so).
 
     ``present``: the tasks trained; ``labelled``: those with training labels (a task labelled but not
@@ -113,8 +116,14 @@ def selected_from_summary(summaries: list[dict], name: str, before: dict | None)
     """
     for s in summaries:
         if s["name"] == name and s.get("best_metrics") is not None:
-            return {"stage": name, "metrics": s["best_metrics"], "epoch": s["best_epoch"],
-                    "predictions": None, "final": False, "written": False}  # fmt: skip
+            return {
+                "stage": name,
+                "metrics": s["best_metrics"],
+                "epoch": s["best_epoch"],
+                "predictions": None,
+                "final": False,
+                "written": False,
+            }
     return before
 
 
@@ -127,5 +136,12 @@ def with_counters(state: dict[str, torch.Tensor], counters: Mapping[str, int]) -
     return state
 
 
-__all__ = ["PlannedStage", "plan_stages", "present_tasks", "reuse_stage", "select_tasks",
-           "selected_from_summary", "with_counters"]  # fmt: skip
+__all__ = [
+    "PlannedStage",
+    "plan_stages",
+    "present_tasks",
+    "reuse_stage",
+    "select_tasks",
+    "selected_from_summary",
+    "with_counters",
+]

@@ -75,8 +75,11 @@ def _labels_identity(table: LabelTable | None) -> dict | None:
     if table is None:
         return None
     src = table.source
-    out: dict[str, Any] = {"source": str(src) if src else None, "rows": len(table),
-                           "content_sha256": labels_digest(table)}  # fmt: skip
+    out: dict[str, Any] = {
+        "source": str(src) if src else None,
+        "rows": len(table),
+        "content_sha256": labels_digest(table),
+    }
     if src and Path(src).is_file():
         from mtaffect.features.hf import file_sha256  # memoised per (path, size, mtime)
 
@@ -97,8 +100,11 @@ def data_source(data: FeatureStore | StoreSet | Path, stores: StoreSet | None = 
         named.update({k: v for k, v in stores.identity().items() if k})
     out: dict[str, Any]
     if isinstance(data, FeatureStore):
-        out = {"path": str(data.path), "images_sha256": store_images_sha256(data),
-               "fingerprint": data.fingerprint}  # fmt: skip
+        out = {
+            "path": str(data.path),
+            "images_sha256": store_images_sha256(data),
+            "fingerprint": data.fingerprint,
+        }
     else:
         out = {"path": str(data), "images_sha256": None, "fingerprint": None}
     if named:
@@ -186,8 +192,12 @@ def restore_rng(scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     name, keys, pos, has_gauss, cached = scalars["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                                       key=lambda k: int(k.rsplit(".", 1)[1]))]  # fmt: skip
+    cuda = [
+        tensors[k]
+        for k in sorted(
+            (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1])
+        )
+    ]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
@@ -243,11 +253,18 @@ class EpochState:
             rng_scalars, rng_tensors = self.rng
             tensors.update(rng_tensors)
         meta = {
-            **header(TRAIN_STATE), "stage": self.stage, "stage_name": self.stage_name,
-            "epoch": self.epoch, "stage_done": self.stage_done, "selection": self.selection,
-            "history": self.history, "stages": self.stages, "optimizer": optim_meta,
-            "scheduler": self.scheduler, "rng": rng_scalars,
-        }  # fmt: skip
+            **header(TRAIN_STATE),
+            "stage": self.stage,
+            "stage_name": self.stage_name,
+            "epoch": self.epoch,
+            "stage_done": self.stage_done,
+            "selection": self.selection,
+            "history": self.history,
+            "stages": self.stages,
+            "optimizer": optim_meta,
+            "scheduler": self.scheduler,
+            "rng": rng_scalars,
+        }
         with atomic_folder(out / STATE_DIR, TRAIN_STATE, overwrite=True) as tmp:
             save_file(tensors, str(tmp / STATE_TENSORS), metadata={"format": TRAIN_STATE.name})
             write_json(tmp / STATE_JSON, meta)
@@ -274,14 +291,30 @@ class EpochState:
         if meta["rng"] is not None:
             rng = (meta["rng"], {k: v for k, v in tensors.items() if k.startswith("rng.")})
         return cls(
-            stage=int(meta["stage"]), stage_name=meta["stage_name"], epoch=int(meta["epoch"]),
-            stage_done=bool(meta["stage_done"]), model=model, optimizer=optimizer,
+            stage=int(meta["stage"]),
+            stage_name=meta["stage_name"],
+            epoch=int(meta["epoch"]),
+            stage_done=bool(meta["stage_done"]),
+            model=model,
+            optimizer=optimizer,
             scheduler=meta["scheduler"],
-            selection=meta["selection"], history=meta["history"], stages=meta.get("stages", []), rng=rng,
-        )  # fmt: skip
+            selection=meta["selection"],
+            history=meta["history"],
+            stages=meta.get("stages", []),
+            rng=rng,
+        )
 
 
 __all__ = [
-    "EpochState", "ResumeError", "capture_rng", "check_identity", "data_source",
-    "labels_digest", "read_run", "restore_rng", "run_identity", "stage_seed", "write_run",
-]  # fmt: skip
+    "EpochState",
+    "ResumeError",
+    "capture_rng",
+    "check_identity",
+    "data_source",
+    "labels_digest",
+    "read_run",
+    "restore_rng",
+    "run_identity",
+    "stage_seed",
+    "write_run",
+]

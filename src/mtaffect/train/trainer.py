@@ -121,10 +121,15 @@ def resolve_world(config: TrainConfig) -> World:
     """Rank and world size as the configured Trainer sees them (launcher environment included)."""
     with quiet_lightning():
         probe = L.Trainer(
-            accelerator=config.trainer.accelerator, devices=config.trainer.devices,
-            num_nodes=config.trainer.num_nodes, strategy=_strategy(config), logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
+            accelerator=config.trainer.accelerator,
+            devices=config.trainer.devices,
+            num_nodes=config.trainer.num_nodes,
+            strategy=_strategy(config),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
     return World(probe.global_rank, probe.world_size, max(1, probe.num_devices))
 
 
@@ -151,10 +156,15 @@ def quiet_lightning() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             for pattern in (
-                r".*module\(s\) in eval mode.*", r".*number of training batches.*", r".*LeafSpec.*",
-                r".*does not have many workers.*", r".*sync_dist.*", r".*limit_val_batches.*",
-                r".*max_epochs=0.*", r".*You have overridden `.*` in `LightningModule`.*",
-            ):  # fmt: skip
+                r".*module\(s\) in eval mode.*",
+                r".*number of training batches.*",
+                r".*LeafSpec.*",
+                r".*does not have many workers.*",
+                r".*sync_dist.*",
+                r".*limit_val_batches.*",
+                r".*max_epochs=0.*",
+                r".*You have overridden `.*` in `LightningModule`.*",
+            ):
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:

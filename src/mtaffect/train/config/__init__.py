@@ -52,11 +52,30 @@ from mtaffect.train.config.schema import (
 from mtaffect.train.images.augment import AugmentError, resolve_ops
 
 __all__ = [
-    "ACCELERATORS", "MAX_EPOCHS", "PRECISIONS", "SCHEDULES", "SELECT_TERMS", "STRATEGIES", "AugmentSection",
-    "BackboneSection", "ConfigError", "DataSection", "LossSection", "ModelSection", "OptimSection",
-    "PipelineSection", "SearchSection", "StageSettings", "TrainConfig", "TrainerSection", "apply_overrides",
-    "config_from_dict", "load_config", "schema_table", "validate",
-]  # fmt: skip
+    "ACCELERATORS",
+    "MAX_EPOCHS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "SELECT_TERMS",
+    "STRATEGIES",
+    "AugmentSection",
+    "BackboneSection",
+    "ConfigError",
+    "DataSection",
+    "LossSection",
+    "ModelSection",
+    "OptimSection",
+    "PipelineSection",
+    "SearchSection",
+    "StageSettings",
+    "TrainConfig",
+    "TrainerSection",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "schema_table",
+    "validate",
+]
 
 
 class ConfigError(ValueError):
@@ -87,8 +106,11 @@ def _message(err: Mapping[str, Any], errors: Sequence[Mapping[str, Any]]) -> str
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         parent = loc[:-1]
-        unknown = [str(e["loc"][-1]) for e in errors
-                   if e["type"] == "extra_forbidden" and [str(x) for x in e["loc"][:-1]] == parent]
+        unknown = [
+            str(e["loc"][-1])
+            for e in errors
+            if e["type"] == "extra_forbidden" and [str(x) for x in e["loc"][:-1]] == parent
+        ]
         model: Any = TrainConfig
         for part in parent:
             model = SECTIONS.get(part) if model is TrainConfig else StageSettings
@@ -155,15 +177,23 @@ def config_from_dict(raw: dict, where: str = "<config>") -> TrainConfig:
 def _check_relations(cfg: TrainConfig, where: str) -> None:
     """What one field cannot say alone: required keys and settings that go together."""
     checks = [
-        (bool(cfg.model.recipe),
-         "model.recipe is required (e.g. emotinet, au-graph, progressive, queries-gcn)"),
-        (any(w > 0 for w in cfg.loss.weights.values()),
-         "loss.weights are all 0: nothing would be trained; give at least one task a weight > 0"),
-        ((cfg.backbone.mean is None) == (cfg.backbone.std is None),
-         "backbone.mean and backbone.std go together (per channel)"),
-        (cfg.from_images or cfg.augment == AugmentSection(),
-         "augment applies to training from images; add a backbone section (or drop augment)"),
-    ]  # fmt: skip
+        (
+            bool(cfg.model.recipe),
+            "model.recipe is required (e.g. emotinet, au-graph, progressive, queries-gcn)",
+        ),
+        (
+            any(w > 0 for w in cfg.loss.weights.values()),
+            "loss.weights are all 0: nothing would be trained; give at least one task a weight > 0",
+        ),
+        (
+            (cfg.backbone.mean is None) == (cfg.backbone.std is None),
+            "backbone.mean and backbone.std go together (per channel)",
+        ),
+        (
+            cfg.from_images or cfg.augment == AugmentSection(),
+            "augment applies to training from images; add a backbone section (or drop augment)",
+        ),
+    ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{where}: {msg}")
@@ -264,5 +294,3 @@ def apply_overrides(raw: dict, overrides: Sequence[str], where: str = "<config>"
             node = node[part]
         node[parts[-1]] = value
     return out
-
-

@@ -204,8 +204,11 @@ def optional(rule: Rule, meaning: str) -> Rule:
     Returns:
         The rule.
     """
-    return Rule(f"{rule.kind} or null", f"{rule.allowed}; null: {meaning}".lstrip("; "),
-                lambda v: None if v is None else rule.check(v))  # fmt: skip
+    return Rule(
+        f"{rule.kind} or null",
+        f"{rule.allowed}; null: {meaning}".lstrip("; "),
+        lambda v: None if v is None else rule.check(v),
+    )
 
 
 def auto_or(rule: Rule) -> Rule:

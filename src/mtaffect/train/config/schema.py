@@ -72,123 +72,165 @@ LOSS = LossConfig()  # the losses' defaults live with the losses
 
 class ModelSection(Section):
     recipe: Annotated[str, text()] = Field(
-        "", description="the recipe (required): emotinet, au-graph, progressive, queries-gcn, ...")
+        "", description="the recipe (required): emotinet, au-graph, progressive, queries-gcn, ..."
+    )
     hparams: Annotated[dict[str, Any], HPARAMS] = Field(
-        default_factory=dict, description="create_model(recipe, **hparams): what differs from its defaults")
+        default_factory=dict, description="create_model(recipe, **hparams): what differs from its defaults"
+    )
 
 
 class DataSection(Section):
     batch_size: Annotated[int, integer(1)] = Field(
-        256, description="rows (frames) per batch; temporal models: batch_size // window windows")
+        256, description="rows (frames) per batch; temporal models: batch_size // window windows"
+    )
     eval_batch_size: Annotated[int, integer(1)] = Field(
-        4096, description="rows per validation/prediction batch")
+        4096, description="rows per validation/prediction batch"
+    )
     window: Annotated[int, integer(1)] = Field(32, description="temporal models: frames per window")
     stride: Annotated[int, integer(1)] = Field(
-        16, description="temporal models: training window step (validation/prediction use window)")
+        16, description="temporal models: training window step (validation/prediction use window)"
+    )
     window_edge: Annotated[str, choice(*WINDOW_EDGES)] = Field(
-        "pad", description="a video's last window: pad (repeat, masked) or shift (end on its last frame)")
+        "pad", description="a video's last window: pad (repeat, masked) or shift (end on its last frame)"
+    )
     in_memory: Annotated[str | bool, choice("auto", True, False)] = Field(
-        "auto", description="load the needed arrays into RAM (auto: when they fit memory_limit_gb)")
+        "auto", description="load the needed arrays into RAM (auto: when they fit memory_limit_gb)"
+    )
     memory_limit_gb: Annotated[float, number(0)] = Field(
-        8.0, description="per process (under DDP each rank holds only its share)")
+        8.0, description="per process (under DDP each rank holds only its share)"
+    )
     workers: Annotated[int | str, auto_or(integer(0))] = Field(
-        "auto", description="DataLoader processes per rank (auto: images 2; store 0 in RAM, else up to 4)")
+        "auto", description="DataLoader processes per rank (auto: images 2; store 0 in RAM, else up to 4)"
+    )
 
 
 class OptimSection(Section):
     lr: Annotated[float, number(0, lo_open=True)] = Field(1e-3, description="AdamW learning rate")
     weight_decay: Annotated[float, number(0)] = Field(1e-2, description="AdamW weight decay")
     warmup_epochs: Annotated[float, number(0)] = Field(
-        1.0, description="linear warm-up length (may be fractional)")
+        1.0, description="linear warm-up length (may be fractional)"
+    )
     min_lr_ratio: Annotated[float, number(0, 1)] = Field(0.01, description="cosine floor as a fraction of lr")
     grad_clip: Annotated[float, number(0, hint=" (0: no clipping)")] = Field(
-        0.0, description="gradient norm clip")
+        0.0, description="gradient norm clip"
+    )
     schedule: Annotated[str, choice(*SCHEDULES)] = Field(
-        "cosine", description="warm-up then cosine to min_lr_ratio; lr all along; warm-up then lr")
+        "cosine", description="warm-up then cosine to min_lr_ratio; lr all along; warm-up then lr"
+    )
     decay_all: Annotated[bool, flag()] = Field(
-        False, description="true: weight decay on every parameter (backbone biases, norms, tokens too)")
+        False, description="true: weight decay on every parameter (backbone biases, norms, tokens too)"
+    )
     groups: Annotated[dict[str, Any], GROUPS] = Field(
-        default_factory=dict, description="a recipe submodule's own AdamW group")
+        default_factory=dict, description="a recipe submodule's own AdamW group"
+    )
 
 
 class LossSection(Section):
     weights: Annotated[dict[str, float], mapping(number(0), keys=TASKS, defaults=LOSS.weights)] = Field(
-        default_factory=lambda: dict(LOSS.weights), description="each task's weight in the loss (one > 0)")
+        default_factory=lambda: dict(LOSS.weights), description="each task's weight in the loss (one > 0)"
+    )
     au_loss: Annotated[str, choice("bce", "wal")] = Field(
-        LOSS.au_loss, description="per-AU BCE or the weighted asymmetric loss")
+        LOSS.au_loss, description="per-AU BCE or the weighted asymmetric loss"
+    )
     au_pos_weight: Annotated[bool, flag()] = Field(
-        LOSS.au_pos_weight, description="bce: negatives/positives per AU; wal: occurrence weights")
+        LOSS.au_pos_weight, description="bce: negatives/positives per AU; wal: occurrence weights"
+    )
     expr_class_weights: Annotated[bool, flag()] = Field(
-        LOSS.expr_class_weights, description="class-weighted cross-entropy")
-    va_weights: Annotated[dict[str, float], mapping(number(0), keys=("valence", "arousal"),
-                                                    defaults=LOSS.va_weights)] = Field(
-        default_factory=lambda: dict(LOSS.va_weights), description="the two CCC terms of the VA loss")
+        LOSS.expr_class_weights, description="class-weighted cross-entropy"
+    )
+    va_weights: Annotated[
+        dict[str, float], mapping(number(0), keys=("valence", "arousal"), defaults=LOSS.va_weights)
+    ] = Field(default_factory=lambda: dict(LOSS.va_weights), description="the two CCC terms of the VA loss")
 
 
 class TrainerSection(Section):
     epochs: Annotated[int, integer(1, MAX_EPOCHS)] = Field(20, description="epochs per stage")
     patience: Annotated[int, integer(0, MAX_EPOCHS)] = Field(
-        5, description="early stopping on val P (0: off)")
+        5, description="early stopping on val P (0: off)"
+    )
     seed: Annotated[int, integer(0, 2**32 - 1, hint=" (numpy's seed range)")] = Field(
-        0, description="the run's seed")
+        0, description="the run's seed"
+    )
     accelerator: Annotated[str, choice(*ACCELERATORS)] = Field("auto", description="Lightning accelerator")
     devices: Annotated[int | str, Rule("count or list", ">= 1 | -1 | auto | '0,1'", devices_check)] = Field(
-        1, description="devices per node")
+        1, description="devices per node"
+    )
     strategy: Annotated[str, choice(*STRATEGIES)] = Field("auto", description="Lightning strategy")
     num_nodes: Annotated[int, integer(1)] = Field(1, description="nodes (DDP)")
     precision: Annotated[str, choice(*PRECISIONS)] = Field(
-        "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true")
+        "auto", description="auto: bf16-mixed on a GPU that supports it, else 32-true"
+    )
     progress: Annotated[bool, flag()] = Field(True, description="progress bars")
     log_every_n_steps: Annotated[int, integer(1)] = Field(50, description="Lightning logging interval")
     au_threshold: Annotated[float, number(0, 1, lo_open=True, hi_open=True)] = Field(
-        0.5, description="AU threshold stored in checkpoints and used for validation F1")
+        0.5, description="AU threshold stored in checkpoints and used for validation F1"
+    )
     num_threads: Annotated[int, integer(0, hint=" (0: automatic)")] = Field(
-        0, description="torch threads per process (0: the CPUs divided by the processes)")
+        0, description="torch threads per process (0: the CPUs divided by the processes)"
+    )
     tasks: Annotated[list[str], listing(choice(*TASKS), distinct=True, non_empty=True, what="tasks")] = Field(
-        default_factory=lambda: list(TASKS), description="the tasks this run trains")
+        default_factory=lambda: list(TASKS), description="the tasks this run trains"
+    )
     select: Annotated[list[str], listing(choice(*SELECT_TERMS), distinct=True, what="tasks")] = Field(
-        default_factory=list, description="tasks whose terms choose each stage's epoch ([]: the stage's)")
+        default_factory=list, description="tasks whose terms choose each stage's epoch ([]: the stage's)"
+    )
     checkpoint_per_task: Annotated[bool, flag()] = Field(
-        False, description="each task from its own best epoch; best/ an ensemble (not in pipelines)")
+        False, description="each task from its own best epoch; best/ an ensemble (not in pipelines)"
+    )
 
 
 class StageSettings(Section):
     """One stage's settings; ``None`` keeps ``trainer.epochs``, ``optim.lr``, ``data.batch_size``."""
 
     epochs: Annotated[int | None, optional(integer(1, MAX_EPOCHS), "trainer.epochs")] = Field(
-        None, description="this stage's epochs")
+        None, description="this stage's epochs"
+    )
     lr: Annotated[float | None, optional(number(0, lo_open=True), "optim.lr")] = Field(
-        None, description="this stage's lr")
+        None, description="this stage's lr"
+    )
     batch_size: Annotated[int | None, optional(integer(1), "data.batch_size")] = Field(
-        None, description="this stage's batch size")
+        None, description="this stage's batch size"
+    )
 
 
 class BackboneSection(Section):
     name: Annotated[str, text()] = Field(
-        "", description="a backbone (`mtaffect backbones`), hf:<id or folder>; empty: feature store")
+        "", description="a backbone (`mtaffect backbones`), hf:<id or folder>; empty: feature store"
+    )
     weights: Annotated[str | None, optional(text(), "the backbone's default")] = Field(
-        None, description="hub id or local folder (passed as weights=)")
+        None, description="hub id or local folder (passed as weights=)"
+    )
     image_size: Annotated[int | None, optional(integer(1), "the backbone's")] = Field(
-        None, description="input side in pixels (DINOv2: a multiple of 14)")
+        None, description="input side in pixels (DINOv2: a multiple of 14)"
+    )
     mean: Annotated[list[float] | None, CHANNELS] = Field(
-        None, description="normalisation of [0, 1] pixels, per channel (with std)")
+        None, description="normalisation of [0, 1] pixels, per channel (with std)"
+    )
     std: Annotated[list[float] | None, CHANNELS] = Field(None, description="per channel (with mean)")
     options: Annotated[dict[str, Any], OPTIONS] = Field(
-        default_factory=dict, description="other create_backbone options (`--backbone-arg` on the CLI)")
+        default_factory=dict, description="other create_backbone options (`--backbone-arg` on the CLI)"
+    )
     mode: Annotated[str, choice(*MODES)] = Field(
-        "frozen", description="frozen (run on the fly, never trained) or finetune")
+        "frozen", description="frozen (run on the fly, never trained) or finetune"
+    )
     lr: Annotated[float | None, optional(number(0, lo_open=True), "optim.lr")] = Field(
-        None, description="finetune: the backbone's lr")
+        None, description="finetune: the backbone's lr"
+    )
     weight_decay: Annotated[float | None, optional(number(0), "optim.weight_decay")] = Field(
-        None, description="finetune: the backbone's weight decay (never on biases/norms/tokens)")
+        None, description="finetune: the backbone's weight decay (never on biases/norms/tokens)"
+    )
     layer_decay: Annotated[float, number(0, 1, lo_open=True)] = Field(
-        1.0, description="finetune: lr x layer_decay^(depth from the top)")
+        1.0, description="finetune: lr x layer_decay^(depth from the top)"
+    )
     frozen_blocks: Annotated[int, integer(0)] = Field(
-        0, description="finetune: keep the stem and the first N blocks frozen")
+        0, description="finetune: keep the stem and the first N blocks frozen"
+    )
     grad_checkpointing: Annotated[bool, flag()] = Field(
-        False, description="finetune: recompute activations in backward (ViTs)")
+        False, description="finetune: recompute activations in backward (ViTs)"
+    )
     train_stages: Annotated[list[str] | None, optional(listing(text(), what="stage names"), "all")] = Field(
-        None, description="finetune: the recipe stages in which the backbone trains")
+        None, description="finetune: the recipe stages in which the backbone trains"
+    )
 
     def factory_kwargs(self) -> dict[str, Any]:
         """``create_backbone(name, **factory_kwargs())``: the options plus the set shortcuts.
@@ -206,16 +248,20 @@ class BackboneSection(Section):
 
 class AugmentSection(Section):
     preset: Annotated[str, choice(*PRESETS)] = Field(
-        "none", description="augmentation preset (mtaffect.train.images.augment)")
+        "none", description="augmentation preset (mtaffect.train.images.augment)"
+    )
     ops: Annotated[dict[str, Any], mapping()] = Field(
-        default_factory=dict, description="per-op overrides: {op: {param: value}} or {op: false}")
+        default_factory=dict, description="per-op overrides: {op: {param: value}} or {op: false}"
+    )
     per_frame: Annotated[bool, flag()] = Field(
-        False, description="true: each frame of a window gets its own transform")
+        False, description="true: each frame of a window gets its own transform"
+    )
 
 
 class SearchSection(Section):
     grid: Annotated[list[dict[str, Any]], Rule("list of mappings", "{hparam: value}", grid_check)] = Field(
-        default_factory=list, description="mtaffect search: one variant per entry")
+        default_factory=list, description="mtaffect search: one variant per entry"
+    )
 
 
 class PipelineSection(Section):
@@ -223,17 +269,23 @@ class PipelineSection(Section):
     config (:func:`mtaffect.train.pipeline_steps.step_config`)."""
 
     task_models: Annotated[dict[str, Any], PARTIALS] = Field(
-        default_factory=dict, description="task -> its model's partial config (it trains that task alone)")
+        default_factory=dict, description="task -> its model's partial config (it trains that task alone)"
+    )
     task_defaults: Annotated[dict[str, Any], PARTIAL] = Field(
-        default_factory=dict, description="merged into every task model")
+        default_factory=dict, description="merged into every task model"
+    )
     export: Annotated[dict[str, Any], mapping(keys=EXPORT_KEYS)] = Field(
-        default_factory=dict, description="the task models' export to stores")
+        default_factory=dict, description="the task models' export to stores"
+    )
     enhanced: Annotated[dict[str, Any], PARTIALS] = Field(
-        default_factory=dict, description="the enhanced models, by name")
+        default_factory=dict, description="the enhanced models, by name"
+    )
     enhanced_defaults: Annotated[dict[str, Any], PARTIAL] = Field(
-        default_factory=dict, description="merged into every enhanced model")
+        default_factory=dict, description="merged into every enhanced model"
+    )
     combine: Annotated[dict[str, str], mapping(text(), keys=TASKS)] = Field(
-        default_factory=dict, description="task -> the enhanced model answering it")
+        default_factory=dict, description="task -> the enhanced model answering it"
+    )
 
     @property
     def enabled(self) -> bool:
@@ -288,10 +340,15 @@ class TrainConfig(Section):
 
 SECTIONS: dict[str, type[BaseModel] | None] = {
     name: (f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None)
-    for name, f in TrainConfig.model_fields.items() if name != "source"
-}  # fmt: skip
+    for name, f in TrainConfig.model_fields.items()
+    if name != "source"
+}
 #: Mapping-valued fields whose keys are free (an override may name one entry: ``model.hparams.dim=8``).
 FREE_KEYS = {
-    ("model", "hparams"), ("loss", "weights"), ("loss", "va_weights"), ("backbone", "options"),
-    ("augment", "ops"), ("optim", "groups"),
-}  # fmt: skip
+    ("model", "hparams"),
+    ("loss", "weights"),
+    ("loss", "va_weights"),
+    ("backbone", "options"),
+    ("augment", "ops"),
+    ("optim", "groups"),
+}

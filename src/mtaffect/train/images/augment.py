@@ -190,9 +190,13 @@ class Augmenter:
 
     @classmethod
     def from_config(
-        cls, preset: str, overrides: Mapping[str, Any] | None, size: int, channels: int,
+        cls,
+        preset: str,
+        overrides: Mapping[str, Any] | None,
+        size: int,
+        channels: int,
         per_frame: bool = False,
-    ) -> Augmenter:  # fmt: skip
+    ) -> Augmenter:
         return cls(resolve_ops(preset, overrides), size, channels, per_frame)
 
     @property

@@ -46,9 +46,14 @@ def build_backbone(config: TrainConfig, trust_remote_code: bool = False) -> Back
 
 
 def build_image_training(
-    config: TrainConfig, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *,
-    trust_remote_code: bool = False, stores: StoreSet | None = None,
-) -> Training:  # fmt: skip
+    config: TrainConfig,
+    root: str | os.PathLike,
+    train: LabelTable,
+    val: LabelTable | None,
+    *,
+    trust_remote_code: bool = False,
+    stores: StoreSet | None = None,
+) -> Training:
     """Backbone in the loop + recipe + image data module + checkpoint I/O for ``config``.
 
     ``stores``: named feature stores read beside the images (a recipe's ``features@<name>`` inputs,
@@ -61,9 +66,16 @@ def build_image_training(
     head = build_model(config, spec, stores.input_dims() if stores is not None else None)
     store_inputs = tuple(i for i in head.inputs if "@" in i)
     model = ImageMTLModel(
-        backbone, head, mode=b.mode, frozen_blocks=b.frozen_blocks, lr=b.lr, weight_decay=b.weight_decay,
-        layer_decay=b.layer_decay, train_stages=b.train_stages, grad_checkpointing=b.grad_checkpointing,
-    )  # fmt: skip
+        backbone,
+        head,
+        mode=b.mode,
+        frozen_blocks=b.frozen_blocks,
+        lr=b.lr,
+        weight_decay=b.weight_decay,
+        layer_decay=b.layer_decay,
+        train_stages=b.train_stages,
+        grad_checkpointing=b.grad_checkpointing,
+    )
     d = config.data
     if d.eval_batch_size > 4 * max(d.batch_size, 64):
         warnings.warn(
@@ -75,22 +87,50 @@ def build_image_training(
         config.augment.preset, config.augment.ops, spec.input_size, len(spec.mean), config.augment.per_frame
     )
     dm = ImageDataModule(
-        root, train, val, size=spec.input_size, colour=spec.colour, mean=spec.mean, std=spec.std,
-        temporal=bool(head.temporal), augment=augment, batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size, window=d.window, stride=d.stride, window_edge=d.window_edge,
-        seed=config.trainer.seed, workers=d.workers, pin_memory=on_gpu(config), stores=stores,
-        store_inputs=store_inputs, in_memory=d.in_memory, memory_limit_gb=d.memory_limit_gb,
-    )  # fmt: skip
+        root,
+        train,
+        val,
+        size=spec.input_size,
+        colour=spec.colour,
+        mean=spec.mean,
+        std=spec.std,
+        temporal=bool(head.temporal),
+        augment=augment,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        window=d.window,
+        stride=d.stride,
+        window_edge=d.window_edge,
+        seed=config.trainer.seed,
+        workers=d.workers,
+        pin_memory=on_gpu(config),
+        stores=stores,
+        store_inputs=store_inputs,
+        in_memory=d.in_memory,
+        memory_limit_gb=d.memory_limit_gb,
+    )
     record = {
-        "name": b.name, "kwargs": b.factory_kwargs(), "spec": asdict(spec), "fingerprint": spec.fingerprint(),
+        "name": b.name,
+        "kwargs": b.factory_kwargs(),
+        "spec": asdict(spec),
+        "fingerprint": spec.fingerprint(),
         "mode": b.mode,
-    }  # fmt: skip
+    }
     finetune = b.mode == "finetune"
     input_stores = input_store_records(stores, store_inputs)
 
     def save(path: Path, metrics: dict | None, overwrite: bool) -> Path:
-        return save_model(path, head, config, metrics, backbone=record, sizes=spec, input_stores=input_stores,
-                          backbone_weights=backbone if finetune else None, overwrite=overwrite)  # fmt: skip
+        return save_model(
+            path,
+            head,
+            config,
+            metrics,
+            backbone=record,
+            sizes=spec,
+            input_stores=input_stores,
+            backbone_weights=backbone if finetune else None,
+            overwrite=overwrite,
+        )
 
     def weights(path: Path) -> dict[str, torch.Tensor]:
         """The model's full state dict in a checkpoint: the head, and the stage's fine-tuned backbone
@@ -113,11 +153,16 @@ def image_affect_model(model: ImageMTLModel, config: TrainConfig) -> TrainedAffe
     """A trained image model in memory as a :class:`TrainedAffectModel` (e.g. to predict test images)."""
     spec = model.backbone.spec
     info = {
-        "backbone": {"name": config.backbone.name, "kwargs": config.backbone.factory_kwargs(),
-                     "fingerprint": spec.fingerprint() if model.mode == "frozen" else None},
-        "temporal": bool(model.head.temporal), "window": config.data.window,
-        "window_edge": config.data.window_edge, "inputs": list(model.head.inputs),
-    }  # fmt: skip
+        "backbone": {
+            "name": config.backbone.name,
+            "kwargs": config.backbone.factory_kwargs(),
+            "fingerprint": spec.fingerprint() if model.mode == "frozen" else None,
+        },
+        "temporal": bool(model.head.temporal),
+        "window": config.data.window,
+        "window_edge": config.data.window_edge,
+        "inputs": list(model.head.inputs),
+    }
     return TrainedAffectModel(model.head, info, backbone_module=model.backbone)
 
 

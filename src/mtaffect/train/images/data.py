@@ -102,13 +102,30 @@ class ImageDataModule(MTLDataModule):
     """
 
     def __init__(
-        self, root: str | os.PathLike, train: LabelTable, val: LabelTable | None, *, size: int, colour: str,
-        mean: Sequence[float], std: Sequence[float], temporal: bool, augment: Augmenter | None = None,
-        batch_size: int = 64, eval_batch_size: int = 128, window: int = 32, stride: int = 16,
-        window_edge: str = "pad", seed: int = 0, workers: int | str = "auto", pin_memory: bool = False,
-        stores: StoreSet | None = None, store_inputs: Sequence[str] = (), in_memory: bool | str = "auto",
+        self,
+        root: str | os.PathLike,
+        train: LabelTable,
+        val: LabelTable | None,
+        *,
+        size: int,
+        colour: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        temporal: bool,
+        augment: Augmenter | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int = 128,
+        window: int = 32,
+        stride: int = 16,
+        window_edge: str = "pad",
+        seed: int = 0,
+        workers: int | str = "auto",
+        pin_memory: bool = False,
+        stores: StoreSet | None = None,
+        store_inputs: Sequence[str] = (),
+        in_memory: bool | str = "auto",
         memory_limit_gb: float = 8.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.folder = Path(root) / CROPPED_DIR
         if not self.folder.is_dir():
             raise FileNotFoundError(
@@ -130,11 +147,22 @@ class ImageDataModule(MTLDataModule):
             raise ValueError(f"the model reads {list(self.store_inputs)}: give the named stores holding them")
         self._store_rows: list[np.ndarray] = []  # row of each position in the named stores
         super().__init__(
-            None, train, val, inputs=("pixels", *self.store_inputs), temporal=temporal,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, window=window, stride=stride,
-            window_edge=window_edge, seed=seed, workers=workers, pin_memory=pin_memory, in_memory=in_memory,
+            None,
+            train,
+            val,
+            inputs=("pixels", *self.store_inputs),
+            temporal=temporal,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            window=window,
+            stride=stride,
+            window_edge=window_edge,
+            seed=seed,
+            workers=workers,
+            pin_memory=pin_memory,
+            in_memory=in_memory,
             memory_limit_gb=memory_limit_gb,
-        )  # fmt: skip
+        )
 
     # ---- the source hooks of MTLDataModule ------------------------------------------------------------
     def _join(self, labels: LabelTable, what: str) -> tuple[LabelArrays, JoinReport]:
@@ -178,8 +206,9 @@ class ImageDataModule(MTLDataModule):
         extra = None
         if self.store_inputs and self.stores is not None:
             rows = np.concatenate(self._store_rows)[self.rows]
-            extra = InputSource(self.stores, rows, self.store_inputs, self.in_memory_option,
-                                self.memory_limit_gb, keep=keep)  # fmt: skip
+            extra = InputSource(
+                self.stores, rows, self.store_inputs, self.in_memory_option, self.memory_limit_gb, keep=keep
+            )
         return ImageSource(ImageReader(self.folder, names[self.rows], self.size, self.colour), extra)
 
     @property

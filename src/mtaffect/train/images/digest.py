@@ -143,9 +143,14 @@ class ImageSet:
     def summary(self) -> dict:
         """What run.json records of the images (``store.images``): the digest, counts, the list's file."""
         present = [f for f in self.files if f.size >= 0]
-        return {"sha256": self.digest, "folder": str(self.folder), "count": len(self.files),
-                "missing": len(self.files) - len(present), "bytes": sum(f.size for f in present),
-                "list": IMAGES_FILE}  # fmt: skip
+        return {
+            "sha256": self.digest,
+            "folder": str(self.folder),
+            "count": len(self.files),
+            "missing": len(self.files) - len(present),
+            "bytes": sum(f.size for f in present),
+            "list": IMAGES_FILE,
+        }
 
     def write(self, out: Path) -> None:
         """``out/images.sha256``: one line per image (atomic)."""
@@ -196,9 +201,13 @@ class ImageSet:
                 f"{self.digest[:16]}…; its {IMAGES_FILE} cannot be read to say which); {hint}"
             )
         now = {f.name: f for f in self.files}
-        changed = sorted(n for n in set(before) | set(now)
-                         if (a := before.get(n)) is None or (b := now.get(n)) is None
-                         or (a.size, a.sha256) != (b.size, b.sha256))  # fmt: skip
+        changed = sorted(
+            n
+            for n in set(before) | set(now)
+            if (a := before.get(n)) is None
+            or (b := now.get(n)) is None
+            or (a.size, a.sha256) != (b.size, b.sha256)
+        )
         if not changed:  # the list and the digest disagree: the list was edited
             raise ResumeError(f"{out / IMAGES_FILE} does not match {out / 'run.json'}; {hint}")
         first = changed[0]
