@@ -6,12 +6,18 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from mtaffect.cli import app
+from mtaffect.clikit import console, err_console
 
 
 def invoke(*args) -> Result:
     """``mtaffect ARGS`` (each argument ``str()``-ed), whatever its exit: typer's result. The terminal is
     wide, so rich never wraps a message (a long temporary path would otherwise break inside a word)."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "2000"})
+    widths = console.width, err_console.width
+    console.width = err_console.width = 2000
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        console.width, err_console.width = widths
 
 
 def run(*args, code: int = 0) -> str:
